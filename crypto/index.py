@@ -1,0 +1,133 @@
+"""The repository's search key: one secure-kNN space per bound level plus the full one.
+
+Encrypting a vector produces its full ciphertext and one ciphertext per level of the
+bound cascade (DESIGN.md §4); a query produces one token per level, all with the same
+random scale r, so that on the server a level's score is always >= the full score.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from crypto.bounds import bound_vectors, fit_basis
+from crypto.errors import FormatError
+from crypto.sknn import MIN_EXTRA, SknnKey, query_scales
+from crypto.tokens import EncryptedVectors, QueryToken
+
+F64 = NDArray[np.float64]
+DEFAULT_LEVELS = (1, 8, 32)
+_MAGIC = b"RCIK"
+_VERSION = 1
+_HEAD = struct.Struct(">4sBIB")
+
+
+def default_levels(dim: int) -> tuple[int, ...]:
+    """The bound levels that make sense for a dimension: each strictly below it."""
+    return tuple(m for m in DEFAULT_LEVELS if m < dim) or (1,)
+
+
+@dataclass(frozen=True, eq=False)
+class IndexKey:
+    """Secret key material that encrypts feature vectors and makes query tokens."""
+
+    dim: int
+    levels: tuple[int, ...]
+    basis: F64
+    full: SknnKey
+    level_keys: tuple[SknnKey, ...]
+
+    def __post_init__(self) -> None:
+        if list(self.levels) != sorted(set(self.levels)) or not self.levels:
+            raise ValueError("bound levels must be increasing and non-empty")
+        if self.basis.shape != (max(self.levels), self.dim):
+            raise ValueError("bound basis has the wrong shape")
+        if len(self.level_keys) != len(self.levels) or self.full.dim != self.dim:
+            raise ValueError("index key parts are inconsistent")
+        for m, key in zip(self.levels, self.level_keys):
+            if key.dim != m + 1:
+                raise ValueError("a level key does not match its level")
+
+    def __repr__(self) -> str:
+        return f"IndexKey(dim={self.dim}, levels={self.levels}, <secret>)"
+
+    @classmethod
+    def generate(
+        cls,
+        dim: int,
+        sample: F64 | None = None,
+        levels: tuple[int, ...] | None = None,
+        extra: int = MIN_EXTRA,
+    ) -> IndexKey:
+        """Fresh secrets; ``sample`` (plaintext features) lets the basis follow the data."""
+        chosen = default_levels(dim) if levels is None else tuple(levels)
+        if not chosen or max(chosen) > dim:
+            raise ValueError(f"bound levels must lie in 1..{dim}")
+        return cls(
+            dim=dim,
+            levels=chosen,
+            basis=fit_basis(sample, dim, max(chosen)),
+            full=SknnKey.generate(dim, extra),
+            level_keys=tuple(SknnKey.generate(m + 1, extra) for m in chosen),
+        )
+
+    def encrypt(self, vectors: F64) -> EncryptedVectors:
+        x = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+        if x.shape[1] != self.dim:
+            raise ValueError(f"expected vectors of dimension {self.dim}, got {x.shape[1]}")
+        sq_norms = np.einsum("ij,ij->i", x, x)
+        levels = tuple(
+            key.encrypt(bound_vectors(x, self.basis[:m]), sq_norms)
+            for m, key in zip(self.levels, self.level_keys)
+        )
+        return EncryptedVectors(full=self.full.encrypt(x, sq_norms), levels=levels)
+
+    def query(self, queries: F64) -> QueryToken:
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float64))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"expected queries of dimension {self.dim}, got {q.shape[1]}")
+        scales = query_scales(q.shape[0])
+        levels = tuple(
+            key.token(bound_vectors(q, self.basis[:m]), scales)
+            for m, key in zip(self.levels, self.level_keys)
+        )
+        return QueryToken(full=self.full.token(q, scales), levels=levels)
+
+    def to_bytes(self) -> bytes:
+        parts = [_HEAD.pack(_MAGIC, _VERSION, self.dim, len(self.levels))]
+        parts.append(struct.pack(f">{len(self.levels)}I", *self.levels))
+        parts.append(np.ascontiguousarray(self.basis, dtype="<f8").tobytes())
+        for key in (self.full, *self.level_keys):
+            blob = key.to_bytes()
+            parts.append(struct.pack(">I", len(blob)) + blob)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> IndexKey:
+        try:
+            magic, version, dim, n_levels = _HEAD.unpack_from(data)
+            if magic != _MAGIC or version != _VERSION:
+                raise FormatError("not an index key of a supported version")
+            offset = _HEAD.size
+            levels = struct.unpack_from(f">{n_levels}I", data, offset)
+            offset += 4 * n_levels
+            rows = max(levels) if levels else 0
+            basis = np.frombuffer(data, "<f8", rows * dim, offset).reshape(rows, dim)
+            offset += 8 * rows * dim
+            keys = []
+            for _ in range(n_levels + 1):
+                (size,) = struct.unpack_from(">I", data, offset)
+                offset += 4
+                if offset + size > len(data):
+                    raise FormatError("index key is truncated")
+                keys.append(SknnKey.from_bytes(data[offset : offset + size]))
+                offset += size
+            if offset != len(data):
+                raise FormatError("index key has trailing bytes")
+            return cls(dim=dim, levels=tuple(levels), basis=basis.astype(np.float64),
+                       full=keys[0], level_keys=tuple(keys[1:]))
+        except (struct.error, ValueError):
+            raise FormatError("index key is malformed") from None
