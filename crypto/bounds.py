@@ -85,11 +85,14 @@ def bound_sq_distance(p: F64, q: F64, basis: F64) -> F64:
     """Plaintext lower bound of ||p - q||^2 (for tests and for measuring tightness)."""
     bp, bq = bound_vectors(p, basis), bound_vectors(q, basis)
     diff = bp - bq
-    return np.einsum("ij,ij->i", diff, diff)
+    result: F64 = np.einsum("ij,ij->i", diff, diff)
+    return result
 
 
 def ms_distance_bound(p: F64, q: F64) -> F64:
     """Hwang and Ahn's bound d((mu_p - mu_q)^2 + (sigma_p - sigma_q)^2), per row."""
     p2, q2 = np.atleast_2d(p), np.atleast_2d(q)
     dim = p2.shape[1]
-    return dim * ((p2.mean(axis=1) - q2.mean(axis=1)) ** 2 + (p2.std(axis=1) - q2.std(axis=1)) ** 2)
+    spread = (p2.mean(axis=1) - q2.mean(axis=1)) ** 2 + (p2.std(axis=1) - q2.std(axis=1)) ** 2
+    result: F64 = dim * spread
+    return result

@@ -49,7 +49,8 @@ def _random_orthogonal(n: int) -> F64:
 def random_invertible(n: int, cond_bound: float = COND_BOUND) -> F64:
     """A random n x n matrix whose 2-norm condition number is at most ``cond_bound``."""
     singular = np.exp(csprng.uniform(n) * np.log(cond_bound))
-    return (_random_orthogonal(n) * singular) @ _random_orthogonal(n).T
+    matrix: F64 = (_random_orthogonal(n) * singular) @ _random_orthogonal(n).T
+    return matrix
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,4 +174,5 @@ class SknnKey:
 def query_scales(count: int) -> F64:
     """Fresh random positive scales r, one per query (log-uniform over QUERY_SCALE_RANGE)."""
     low, high = QUERY_SCALE_RANGE
-    return np.exp(np.log(low) + csprng.uniform(count) * (np.log(high) - np.log(low)))
+    scales: F64 = np.exp(np.log(low) + csprng.uniform(count) * (np.log(high) - np.log(low)))
+    return scales
