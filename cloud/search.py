@@ -30,6 +30,7 @@ from crypto.tokens import EncryptedVectors, QueryToken
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
 SAFETY_EPS = 1e-10
+FLOAT32_UNIT = 2.0**-24
 FIRST_BLOCK = 256
 BLOCK_GROWTH = 2
 MAX_BLOCK = 65536
@@ -79,6 +80,8 @@ class EncryptedIndex:
         self.levels = [np.ascontiguousarray(a, dtype=np.float64) for a in vectors.levels]
         self.full_norm = _max_row_norm(self.full)
         self.level_norms = [_max_row_norm(a) for a in self.levels]
+        # The first level scans every vector: in float32 it reads half the memory.
+        self.first32 = self.levels[0].astype(np.float32) if self.levels else None
 
     def __len__(self) -> int:
         return int(self.full.shape[0])
@@ -157,13 +160,15 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
         SAFETY_EPS * norm * float(np.linalg.norm(t)) + full_err
         for norm, t in zip(index.level_norms, t_levels)
     ]
-    first = index.levels[0] @ t_levels[0]
+    first = _first_level_scores(index, t_levels[0])
+    margins[0] += _float32_error(index.levels[0].shape[1], index.level_norms[0], t_levels[0])
     scored = [n] + [0] * (len(index.levels) - 1)
     top = _TopK(k)
     full_scored = 0
 
     def refine(block: I64) -> None:
         nonlocal full_scored
+        first[block] = np.nan  # never visited twice: NaN fails every comparison
         candidates = block
         threshold = top.threshold
         for level in range(1, len(index.levels)):
@@ -176,24 +181,70 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
             top.merge(candidates, index.full[candidates] @ t_full)
             full_scored += int(candidates.size)
 
-    remaining = np.arange(n, dtype=np.int64)
-    block_size = k  # the k best first-level candidates set a threshold; then bigger blocks
-    while remaining.size:
-        threshold = top.threshold
-        if threshold > -np.inf:
-            remaining = remaining[first[remaining] >= threshold - margins[0]]
-            if remaining.size == 0:
-                break
-        if remaining.size <= block_size:
-            refine(remaining)
+    # The k best first-level candidates set a threshold; then blocks of growing size,
+    # best first, each cut by the threshold the blocks before them raised.
+    refine(_seed_positions(first, k))
+    block_size = FIRST_BLOCK
+    while True:
+        remaining = np.flatnonzero(first >= top.threshold - margins[0])
+        if remaining.size == 0:
             break
-        part = np.argpartition(-first[remaining], block_size - 1)
-        refine(remaining[part[:block_size]])
-        remaining = remaining[part[block_size:]]
-        block_size = min(MAX_BLOCK, max(FIRST_BLOCK, block_size * BLOCK_GROWTH))
+        if remaining.size > block_size:
+            remaining = _top_positions(first, remaining, block_size)
+        refine(remaining)
+        block_size = min(MAX_BLOCK, block_size * BLOCK_GROWTH)
     positions, scores = top.ranked()
     stats = SearchStats(n, scored, full_scored, 0.0)
     return _timed(SearchResult(positions, scores, stats), start)
+
+
+def _first_level_scores(index: EncryptedIndex, token: F64) -> F64:
+    assert index.first32 is not None
+    scores: F64 = (index.first32 @ token.astype(np.float32)).astype(np.float64)
+    return scores
+
+
+def _float32_error(width: int, row_norm: float, token: F64) -> float:
+    """A bound on |float32 score - float64 score| for any row of the index.
+
+    Rounding the row and the token to float32 and a float32 dot product of ``width``
+    terms, in any summation order, err by at most (width + 2) u |row| |token| with
+    u = 2^-24 (to first order); the factor 4 absorbs the second-order terms.
+    """
+    return 4.0 * (width + 2) * FLOAT32_UNIT * row_norm * float(np.linalg.norm(token))
+
+
+def _seed_positions(scores: F64, k: int) -> I64:
+    """k positions with high first-level scores, to give the threshold a start.
+
+    Any k fully scored vectors give a valid threshold (the true k-th best is at least
+    as good), so this only needs to be cheap and good, not exact: repeated argmax for
+    small k (a full argpartition over n costs more than the whole scan), the top k of
+    an evenly strided sample otherwise.
+    """
+    n = scores.shape[0]
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    if k <= 16:
+        picked: list[int] = []
+        saved = []
+        for _ in range(k):
+            best = int(np.argmax(scores))
+            picked.append(best)
+            saved.append(scores[best])
+            scores[best] = -np.inf
+        scores[picked] = saved
+        return np.array(picked, dtype=np.int64)
+    stride = max(1, n // max(4096, 64 * k))
+    return _top_positions(scores, np.arange(0, n, stride, dtype=np.int64), k)
+
+
+def _top_positions(scores: F64, positions: I64, count: int) -> I64:
+    """The ``count`` positions with the highest scores (unordered)."""
+    if positions.size <= count:
+        return positions
+    part = np.argpartition(scores[positions], positions.size - count)[positions.size - count :]
+    return positions[part]
 
 
 def linear_scan(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult:
