@@ -112,7 +112,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        faiss_ms = f"{r['faiss_flat_l2']['median_ms']:10.2f}" if r["faiss_flat_l2"] else f"{'-':>10}"
+        faiss = r["faiss_flat_l2"]
+        faiss_ms = f"{faiss['median_ms']:10.2f}" if faiss else f"{'-':>10}"
         print(f"{r['kind']:<10}{r['n']:>9}{r['d']:>5} {r['plain_f32']['median_ms']:10.2f}"
               f"{r['plain_f64']['median_ms']:10.2f}{faiss_ms}{r['enc_linear']['median_ms']:10.2f}"
               f"{r['enc_filter_refine']['median_ms']:10.2f}{r['enc_filter_refine']['p95_ms']:10.2f}"
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=_ints, default=[100000], help="sizes, comma separated")
     parser.add_argument("--d", type=_ints, default=[128], help="dimensions, comma separated")
-    parser.add_argument("--kinds", default="gaussian,realistic", help="gaussian,clustered,realistic")
+    parser.add_argument("--kinds", default="gaussian,realistic",
+                        help="comma separated: gaussian, clustered, realistic")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

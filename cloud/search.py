@@ -88,7 +88,7 @@ class EncryptedIndex:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        return tuple(int(a.shape[1]) for a in self.levels) + (int(self.full.shape[1]),)
+        return (*tuple(int(a.shape[1]) for a in self.levels), int(self.full.shape[1]))
 
     @classmethod
     def concat(cls, parts: list[EncryptedVectors]) -> EncryptedIndex:
@@ -158,7 +158,7 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
     full_err = SAFETY_EPS * index.full_norm * float(np.linalg.norm(t_full))
     margins = [
         SAFETY_EPS * norm * float(np.linalg.norm(t)) + full_err
-        for norm, t in zip(index.level_norms, t_levels)
+        for norm, t in zip(index.level_norms, t_levels, strict=True)
     ]
     first = _first_level_scores(index, t_levels[0])
     margins[0] += _float32_error(index.levels[0].shape[1], index.level_norms[0], t_levels[0])

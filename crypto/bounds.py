@@ -47,7 +47,7 @@ def fit_basis(sample: F64 | None, dim: int, rows: int) -> F64:
         _, singular, vt = np.linalg.svd(centred, full_matrices=False)
         useful = vt[singular > 1e-9 * max(float(singular[0]), 1e-300)] if singular.size else vt
         columns.append(useful[: rows - 1].T)
-    stacked = np.hstack(columns + [np.eye(dim)])
+    stacked = np.hstack([*columns, np.eye(dim)])
     basis = _orthonormal_prefix(stacked, rows)
     basis[0] = u  # exactly the constant direction, as the first candidate it is kept as is
     return basis

@@ -50,7 +50,7 @@ class IndexKey:
             raise ValueError("bound basis has the wrong shape")
         if len(self.level_keys) != len(self.levels) or self.full.dim != self.dim:
             raise ValueError("index key parts are inconsistent")
-        for m, key in zip(self.levels, self.level_keys):
+        for m, key in zip(self.levels, self.level_keys, strict=True):
             if key.dim != m + 1:
                 raise ValueError("a level key does not match its level")
 
@@ -84,7 +84,7 @@ class IndexKey:
         sq_norms = np.einsum("ij,ij->i", x, x)
         levels = tuple(
             key.encrypt(bound_vectors(x, self.basis[:m]), sq_norms)
-            for m, key in zip(self.levels, self.level_keys)
+            for m, key in zip(self.levels, self.level_keys, strict=True)
         )
         return EncryptedVectors(full=self.full.encrypt(x, sq_norms), levels=levels)
 
@@ -95,7 +95,7 @@ class IndexKey:
         scales = query_scales(q.shape[0])
         levels = tuple(
             key.token(bound_vectors(q, self.basis[:m]), scales)
-            for m, key in zip(self.levels, self.level_keys)
+            for m, key in zip(self.levels, self.level_keys, strict=True)
         )
         return QueryToken(full=self.full.token(q, scales), levels=levels)
 

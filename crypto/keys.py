@@ -84,7 +84,7 @@ class KeyRing:
     def rotated(self, index_key: IndexKey) -> KeyRing:
         """A ring with one more version of fresh keys (after a revocation)."""
         new = VersionKeys.generate(self.current.version + 1, index_key)
-        return KeyRing(self.repo_id, self.versions + (new,))
+        return KeyRing(self.repo_id, (*self.versions, new))
 
     def to_bytes(self) -> bytes:
         repo = self.repo_id.encode()

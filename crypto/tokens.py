@@ -47,7 +47,7 @@ class EncryptedVectors:
     @property
     def widths(self) -> tuple[int, ...]:
         """Widths of the level arrays, then of the full array."""
-        return tuple(int(level.shape[1]) for level in self.levels) + (int(self.full.shape[1]),)
+        return (*tuple(int(level.shape[1]) for level in self.levels), int(self.full.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class QueryToken:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        return tuple(int(level.shape[1]) for level in self.levels) + (int(self.full.shape[1]),)
+        return (*tuple(int(level.shape[1]) for level in self.levels), int(self.full.shape[1]))
 
     def select(self, index: int) -> QueryToken:
         """The token of query ``index`` alone."""

@@ -70,5 +70,5 @@ def test_encrypted_bound_score_never_below_full_score() -> None:
     token = key.query(rng.standard_normal((20, 48)))
     full = enc.full @ token.full.T
     scale = np.abs(full).max()
-    for level, level_token in zip(enc.levels, token.levels):
+    for level, level_token in zip(enc.levels, token.levels, strict=True):
         assert np.all(level @ level_token.T >= full - 1e-9 * scale)
