@@ -1,0 +1,150 @@
+"""Search by image: features and token here, the match on the server, names here again.
+
+The server answers with image ids only. The client then fetches each hit's encrypted
+metadata, decrypts it, and recomputes the true distance from the stored features, so
+what the radiologist sees (name, distance) never came from the server in clear, and a
+server that returned hits out of order would be noticed (``order_verified``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.core import objects
+from app.core.errors import IntegrityError, RadcryptError
+from app.core.repository import Repository
+from app.core.session import Session
+from app.imaging.decode import decode_image
+from app.imaging.features import get_extractor
+from cloud.store import ObjectNotFound, ObjectStore
+
+ORDER_RTOL = 1e-9
+
+
+@dataclass
+class Hit:
+    rank: int
+    image_id: str
+    name: str
+    distance: float
+    score: float
+    key_version: int
+    meta: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+@dataclass
+class QueryResult:
+    query: str
+    hits: list[Hit]
+    stats: dict[str, Any]
+    timings_ms: dict[str, float]
+    order_verified: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "results": [{"image_id": h.image_id, "name": h.name, "distance": h.distance,
+                         "rank": h.rank} for h in self.hits],
+            "stats": {**self.stats, "timings_ms": self.timings_ms,
+                      "order_verified": self.order_verified},
+        }
+
+
+def read_meta(store: ObjectStore, repo: Repository, image_id: str,
+              version: int | None = None) -> tuple[dict[str, Any], int]:
+    """Decrypted metadata of one image and the key version that opened it."""
+    try:
+        plain, used = objects.get_decrypted(store, repo.ring, repo.repo_id, "meta", image_id,
+                                            version)
+    except ObjectNotFound:
+        raise IntegrityError(f"image {image_id} is in the index but its metadata is missing"
+                             ) from None
+    try:
+        meta = json.loads(plain)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise IntegrityError(f"metadata of image {image_id} is not valid JSON") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("features"), list):
+        raise IntegrityError(f"metadata of image {image_id} lacks its features")
+    return meta, used
+
+
+def features_of_files(repo: Repository, paths: list[Path]) -> np.ndarray:
+    extract = get_extractor(repo.manifest.extractor)
+    return np.stack([np.asarray(extract(decode_image(p)), dtype=np.float64) for p in paths])
+
+
+def search_files(session: Session, repo: Repository, paths: list[str | Path], k: int = 1
+                 ) -> list[QueryResult]:
+    """Nearest archived images of each query file."""
+    start = time.perf_counter()
+    files = [Path(p) for p in paths]
+    features = features_of_files(repo, files)
+    features_ms = (time.perf_counter() - start) * 1000 / max(1, len(files))
+    results = search_features(session, repo, features, [str(p) for p in files], k)
+    for result in results:
+        result.timings_ms["features"] = features_ms
+    return results
+
+
+def search_features(session: Session, repo: Repository, features: np.ndarray,
+                    labels: list[str], k: int = 1) -> list[QueryResult]:
+    """Nearest archived images of each feature vector (one encrypted request for all)."""
+    if not 1 <= k <= 100:
+        raise RadcryptError("k must be between 1 and 100")
+    queries = np.atleast_2d(np.asarray(features, dtype=np.float64))
+    results: list[QueryResult] = []
+    for start in range(0, len(queries), 64):  # the service takes 64 queries per request
+        chunk = queries[start : start + 64]
+        results += _search_chunk(session, repo, chunk, labels[start : start + 64], k)
+    return results
+
+
+def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, labels: list[str],
+                  k: int) -> list[QueryResult]:
+    t0 = time.perf_counter()
+    token = repo.keys.index_key.query(queries)
+    t1 = time.perf_counter()
+    answer = session.service.search(repo.repo_id, token, k, repo.keys.version)
+    t2 = time.perf_counter()
+    n = len(queries)
+    out = []
+    for qi, (label, result) in enumerate(zip(labels, answer["results"], strict=True)):
+        f0 = time.perf_counter()
+        hits = _resolve(session.store, repo, queries[qi], result["hits"])
+        f1 = time.perf_counter()
+        distances = [h.distance for h in hits]
+        verified = all(b >= a - ORDER_RTOL * (abs(a) + float(queries[qi] @ queries[qi]))
+                       for a, b in itertools.pairwise(distances))
+        timings = {"token": (t1 - t0) * 1000 / n, "server": (t2 - t1) * 1000 / n,
+                   "fetch_decrypt": (f1 - f0) * 1000}
+        out.append(QueryResult(label, hits, dict(result["stats"]), timings, verified))
+    return out
+
+
+def _resolve(store: ObjectStore, repo: Repository, query: np.ndarray,
+             raw_hits: list[dict[str, Any]]) -> list[Hit]:
+    """Fetch and decrypt each hit's metadata (in parallel) and compute its true distance."""
+
+    def one(raw: dict[str, Any]) -> Hit:
+        meta, version = read_meta(store, repo, str(raw["image_id"]))
+        vector = np.asarray(meta["features"], dtype=np.float64)
+        if vector.shape != query.shape:
+            raise IntegrityError(f"metadata of image {raw['image_id']} has features of the "
+                                 "wrong dimension")
+        diff = vector - query
+        return Hit(rank=int(raw["rank"]), image_id=str(raw["image_id"]),
+                   name=str(meta.get("name", "")), distance=float(diff @ diff),
+                   score=float(raw["score"]), key_version=version, meta=meta)
+
+    if not raw_hits:
+        return []
+    with ThreadPoolExecutor(min(8, len(raw_hits))) as pool:
+        return list(pool.map(one, raw_hits))

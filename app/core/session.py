@@ -1,0 +1,100 @@
+"""One open connection to storage and search, for a command or a GUI run.
+
+With the default settings nothing has to be started by hand: the session uses the
+embedded store already running for the data directory (``radcrypt store start``) or
+starts one for its own duration, and starts a search service only when a search needs
+one. Whatever it started, it stops by PID on close.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+from app.core.errors import RadcryptError
+from app.core.service_client import EmbeddedService, RequestSigner, ServiceClient
+from app.core.settings import LOCAL, Settings
+from cloud.local import EmbeddedStoreHandle, find_running, start_embedded_store
+from cloud.store import ObjectStore, StoreConfig, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """Storage and search for one run; use as a context manager."""
+
+    def __init__(self, settings: Settings, signer: RequestSigner | None = None) -> None:
+        self.settings = settings
+        self.signer = signer
+        self._started_store: EmbeddedStoreHandle | None = None
+        self._embedded_service: EmbeddedService | None = None
+        self._service: ServiceClient | None = None
+        self._store: ObjectStore | None = None
+        self.store_config: StoreConfig | None = None
+
+    def __enter__(self) -> Session:
+        self.open()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def open(self) -> Session:
+        if self._store is not None:
+            return self
+        self.store_config = self._store_config()
+        store = ObjectStore(self.store_config)
+        try:
+            store.ensure_bucket()
+        except StoreError as exc:
+            self.close()
+            raise RadcryptError(str(exc)) from None
+        self._store = store
+        return self
+
+    def _store_config(self) -> StoreConfig:
+        s = self.settings
+        if s.store != LOCAL:
+            return StoreConfig(endpoint_url=s.endpoint_url, bucket=s.bucket, region=s.region,
+                               profile=s.profile)
+        running = find_running(s.store_dir)
+        if running is not None:
+            return running.config()
+        self._started_store = start_embedded_store(s.store_dir)
+        return self._started_store.config()
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            raise RadcryptError("the session is not open")
+        return self._store
+
+    @property
+    def service(self) -> ServiceClient:
+        """The search service, started on first use when none is configured."""
+        if self._service is None:
+            url = self.settings.service_url
+            if not url:
+                assert self.store_config is not None
+                self._embedded_service = EmbeddedService(self.store_config,
+                                                         self.settings.data_path)
+                url = self._embedded_service.url
+            self._service = ServiceClient(url, self.signer)
+        return self._service
+
+    @property
+    def service_started(self) -> bool:
+        return self._service is not None
+
+    def close(self) -> None:
+        if self._service is not None:
+            self._service.close()
+            self._service = None
+        if self._embedded_service is not None:
+            self._embedded_service.stop()
+            self._embedded_service = None
+        if self._started_store is not None:
+            self._started_store.stop()
+            self._started_store = None
+        self._store = None

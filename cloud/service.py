@@ -1,0 +1,281 @@
+"""The HTTP search service: encrypted nearest-neighbour queries over a repository's segments.
+
+It holds no key. It reads index segments from the bucket, keeps them in memory, and
+answers a query token with image ids and encrypted-domain scores; it never sees an
+image, a feature, a distance or a name. Authentication is one pluggable verifier
+(the identity issue plugs Ed25519 request signatures in there).
+
+    python -m cloud.service --host 127.0.0.1 --port 8765
+
+The store is configured from the environment (RADCRYPT_S3_ENDPOINT, RADCRYPT_S3_BUCKET,
+RADCRYPT_S3_REGION, and the usual AWS credential variables or RADCRYPT_S3_ACCESS_KEY /
+RADCRYPT_S3_SECRET_KEY), never from the command line, so credentials do not show in
+process listings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from cloud import layout
+from cloud.repo_index import RepoIndex, Snapshot
+from cloud.search import search
+from cloud.store import ObjectStore, StoreConfig, StoreError
+from crypto.errors import FormatError
+from crypto.tokens import QueryToken
+
+log = logging.getLogger("radcrypt.service")
+
+MAX_BODY_BYTES = 1 << 20
+MAX_K = 100
+MAX_QUERIES = 64
+REFRESH_INTERVAL = 5.0
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class RequestVerifier(Protocol):
+    """Decides who sent a request; raises HTTPException(401/403) to refuse it."""
+
+    def verify(self, request: Request, body: bytes, repo_id: str | None) -> str: ...
+
+
+class AllowAnyone:
+    """No authentication: for the single-workstation embedded service until identities."""
+
+    def verify(self, request: Request, body: bytes, repo_id: str | None) -> str:
+        return "anonymous"
+
+
+class BodyLimit:
+    """Refuses request bodies over a size before they are buffered (413)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _plain_error(send, 413, "request body too large")
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _plain_error(send, 413, "request body too large")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _plain_error(send: Send, status: int, text: str) -> None:
+    body = ('{"detail":"' + text + '"}').encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class SearchRequest(BaseModel):
+    token: str = Field(description="base64 of a QueryToken (crypto/tokens.py) of 1..64 queries")
+    k: int = Field(default=1, ge=1, le=MAX_K)
+    key_version: int = Field(ge=1, description="key version the token was made with")
+
+
+class Hit(BaseModel):
+    image_id: str
+    score: float
+    rank: int
+
+
+class QueryAnswer(BaseModel):
+    hits: list[Hit]
+    stats: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    results: list[QueryAnswer]
+    images: int
+    segments: int
+
+
+class RefreshResponse(BaseModel):
+    images: int
+    segments: int
+    key_versions: list[int]
+    rejected_segments: dict[str, str]
+
+
+class ServiceState:
+    """The repositories this process serves, each loaded on first use."""
+
+    def __init__(self, store: ObjectStore, refresh_interval: float = REFRESH_INTERVAL) -> None:
+        self.store = store
+        self.refresh_interval = refresh_interval
+        self._repos: dict[str, RepoIndex] = {}
+        self._lock = threading.Lock()
+
+    def repo(self, repo_id: str) -> RepoIndex:
+        with self._lock:
+            if repo_id not in self._repos:
+                self._repos[repo_id] = RepoIndex(self.store, repo_id)
+            return self._repos[repo_id]
+
+    def current(self, repo_id: str) -> Snapshot:
+        """The repository's snapshot, re-listed when older than the refresh interval."""
+        index = self.repo(repo_id)
+        if time.time() - index.snapshot.loaded_at > self.refresh_interval:
+            return index.refresh()
+        return index.snapshot
+
+
+def _store_down(exc: StoreError) -> HTTPException:
+    return HTTPException(status_code=503, detail=f"object store unavailable: {exc}")
+
+
+def _repo_id(repo: str) -> str:
+    try:
+        return layout.validate_repo_id(repo)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+
+
+def create_app(
+    store: ObjectStore,
+    verifier: RequestVerifier | None = None,
+    refresh_interval: float = REFRESH_INTERVAL,
+) -> FastAPI:
+    """The ASGI application; ``verifier`` authenticates every repository request."""
+    app = FastAPI(title="Radcrypt search service", version="1",
+                  description="Encrypted exact nearest-neighbour search. Holds no key.")
+    state = ServiceState(store, refresh_interval)
+    checker: RequestVerifier = verifier or AllowAnyone()
+    app.state.radcrypt = state
+
+    async def principal(request: Request, repo: str) -> str:
+        body = await request.body()
+        return checker.verify(request, body, _repo_id(repo))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "repositories_loaded": len(state._repos)}
+
+    @app.post("/v1/repos/{repo}/refresh", response_model=RefreshResponse)
+    async def refresh(repo: str, who: str = Depends(principal)) -> RefreshResponse:
+        try:
+            snap = await run_in_threadpool(state.repo(_repo_id(repo)).refresh)
+        except StoreError as exc:
+            raise _store_down(exc) from None
+        return RefreshResponse(images=snap.images, segments=snap.segments,
+                               key_versions=sorted(snap.versions),
+                               rejected_segments=snap.rejected)
+
+    @app.post("/v1/repos/{repo}/search", response_model=SearchResponse)
+    async def search_route(repo: str, body: SearchRequest,
+                           who: str = Depends(principal)) -> SearchResponse:
+        repo_id = _repo_id(repo)
+        try:
+            raw = base64.b64decode(body.token, validate=True)
+            token = QueryToken.from_bytes(raw, max_queries=MAX_QUERIES)
+        except (binascii.Error, ValueError):
+            raise HTTPException(status_code=422, detail="token: not valid base64") from None
+        except FormatError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        try:
+            snap = await run_in_threadpool(state.current, repo_id)
+        except StoreError as exc:
+            raise _store_down(exc) from None
+        version = snap.versions.get(body.key_version)
+        if version is None:
+            return SearchResponse(results=[QueryAnswer(hits=[], stats={"vectors": 0})
+                                           for _ in range(len(token))],
+                                  images=snap.images, segments=snap.segments)
+        if token.widths != version.index.widths:
+            raise HTTPException(status_code=422,
+                                detail="token does not match this repository's key version")
+
+        def run() -> list[QueryAnswer]:
+            answers = []
+            for qi in range(len(token)):
+                result = search(version.index, token.select(qi), body.k)
+                hits = [Hit(image_id=version.image_ids[int(p)], score=float(s), rank=r + 1)
+                        for r, (p, s) in enumerate(zip(result.positions, result.scores,
+                                                       strict=True))]
+                answers.append(QueryAnswer(hits=hits, stats=result.stats.as_dict()))
+            return answers
+
+        answers = await run_in_threadpool(run)
+        log.info("search repo=%s user=%s queries=%d k=%d", repo_id, who, len(token), body.k)
+        return SearchResponse(results=answers, images=snap.images, segments=snap.segments)
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # type: ignore[arg-type]
+    return app
+
+
+def store_config_from_env() -> StoreConfig:
+    """The store this service reads, from RADCRYPT_S3_* and the usual AWS variables."""
+    env = os.environ
+    return StoreConfig(
+        endpoint_url=env.get("RADCRYPT_S3_ENDPOINT") or None,
+        bucket=env.get("RADCRYPT_S3_BUCKET", "radcrypt"),
+        region=env.get("RADCRYPT_S3_REGION", "us-east-1"),
+        access_key=env.get("RADCRYPT_S3_ACCESS_KEY") or None,
+        secret_key=env.get("RADCRYPT_S3_SECRET_KEY") or None,
+        profile=env.get("RADCRYPT_S3_PROFILE") or None,
+    )
+
+
+def serve(host: str, port: int, store: ObjectStore,
+          verifier: RequestVerifier | None = None) -> None:
+    """Run the service until interrupted (blocking)."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(store, verifier), host=host, port=port,
+                            log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    server.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Radcrypt search service (holds no key)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    store = ObjectStore(store_config_from_env())
+    serve(args.host, args.port, store)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

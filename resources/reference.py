@@ -1,0 +1,46 @@
+"""Reference feature samples that seed a new repository's bound basis.
+
+A repository's pruning basis is the principal directions of its features (DESIGN.md
+§4), but a new repository has none yet. We ship the radcrypt-v1 features of the public
+offline sample images (pydicom's test files; no patient data) as a starting sample; the
+owner can pass the department's own images instead, and a key rotation refits it on the
+repository's own features. Regenerate with ``python -m resources.reference``.
+"""
+
+from __future__ import annotations
+
+import io
+from importlib import resources
+
+import numpy as np
+from numpy.typing import NDArray
+
+_FILES = {"radcrypt-v1": "reference-radcrypt-v1.npy"}
+
+
+def reference_features(extractor: str) -> NDArray[np.float64] | None:
+    """The shipped feature sample of ``extractor``, or None when we ship none."""
+    name = _FILES.get(extractor)
+    if name is None:
+        return None
+    path = resources.files("resources").joinpath(name)
+    if not path.is_file():
+        return None
+    array: NDArray[np.float64] = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    return array
+
+
+def _regenerate() -> None:
+    from pathlib import Path
+
+    from app.imaging.features import EXTRACTOR_NAME, features_of_file
+    from resources.samples import decodable_dicom_files
+
+    rows = [features_of_file(p) for p in decodable_dicom_files()]
+    target = Path(__file__).with_name(_FILES[EXTRACTOR_NAME])
+    np.save(target, np.array(rows, dtype=np.float64))
+    print(f"wrote {len(rows)} reference vectors to {target}")
+
+
+if __name__ == "__main__":
+    _regenerate()
