@@ -1,0 +1,358 @@
+"""The command-line front: parses, asks for passwords, shows progress, calls app/core.
+
+Exit codes: 0 success, 2 usage error (argparse), 1 any other failure, with one clear
+line on stderr and no traceback (set RADCRYPT_DEBUG=1 for one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from app.core.errors import RadcryptError
+from app.core.progress import ProgressEvent
+from app.core.settings import Settings, load_settings
+
+log = logging.getLogger("radcrypt")
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(store=args.store, endpoint_url=args.endpoint, bucket=args.bucket,
+                         service_url=args.service_url, data_dir=args.data_dir,
+                         workers=args.workers)
+
+
+def _password(args: argparse.Namespace, confirm: bool = False) -> str:
+    """--password-file, else RADCRYPT_PASSWORD, else a prompt (twice when creating)."""
+    if args.password_file:
+        try:
+            text = Path(args.password_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RadcryptError(f"cannot read password file {args.password_file}: "
+                                f"{exc.strerror}") from None
+        password = text.rstrip("\r\n")
+    elif os.environ.get("RADCRYPT_PASSWORD"):
+        password = os.environ["RADCRYPT_PASSWORD"]
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Password again: ") != password:
+            raise RadcryptError("the two passwords differ")
+    else:
+        raise RadcryptError("a password is needed: use --password-file, RADCRYPT_PASSWORD "
+                            "or run in a terminal")
+    if not password:
+        raise RadcryptError("the password is empty")
+    return password
+
+
+def _emit(args: argparse.Namespace, data: Any, text: Callable[[], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2))
+    else:
+        text()
+
+
+@contextmanager
+def _progress(enabled: bool, description: str) -> Iterator[Callable[[ProgressEvent], None]]:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda event: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(event: ProgressEvent) -> None:
+            bar.update(task, completed=event.done, total=event.total or None,
+                       description=f"{description} {Path(event.item).name}"[:60])
+
+        yield update
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from cloud.local import find_running, start_embedded_store, stop_background
+
+    settings = _settings(args)
+    data_dir = settings.store_dir
+    if args.action == "start":
+        handle = find_running(data_dir) or start_embedded_store(data_dir, background=True)
+    elif args.action == "stop":
+        stopped = stop_background(data_dir)
+        _emit(args, {"stopped": stopped},
+              lambda: print("embedded store stopped" if stopped else "no embedded store running"))
+        return 0
+    else:
+        handle = find_running(data_dir)
+        if handle is None:
+            _emit(args, {"running": False, "data_dir": str(data_dir)},
+                  lambda: print(f"no embedded store running for {data_dir}"))
+            return 0
+    info = {"running": True, "kind": handle.kind, "pid": handle.pid,
+            "endpoint": handle.endpoint_url, "bucket": handle.bucket,
+            "access_key": handle.access_key, "secret_key": handle.secret_key,
+            "data_dir": str(handle.data_dir)}
+    _emit(args, info, lambda: print(f"embedded store ({handle.kind}) at {handle.endpoint_url}, "
+                                    f"bucket {handle.bucket}, pid {handle.pid}, "
+                                    f"data in {handle.data_dir}"))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.core.session import Session
+    from cloud.service import serve
+
+    with Session(_settings(args)) as session:
+        print(f"search service on http://{args.host}:{args.port} "
+              f"(store {session.store_config.endpoint_url if session.store_config else ''})",
+              file=sys.stderr)
+        serve(args.host, args.port, session.store)
+    return 0
+
+
+def cmd_repo(args: argparse.Namespace) -> int:
+    from app.core.repository import create_repository, list_repositories
+    from app.core.session import Session
+
+    with Session(_settings(args)) as session:
+        if args.action == "create":
+            password = _password(args, confirm=True)
+            repo = create_repository(session.store, args.name, password, args.extractor)
+            m = repo.manifest
+            _emit(args, m.__dict__, lambda: print(f"created repository {m.repo_id} "
+                                                  f"(extractor {m.extractor}, key version "
+                                                  f"{m.key_version})"))
+        else:
+            manifests = list_repositories(session.store)
+            _emit(args, [m.__dict__ for m in manifests],
+                  lambda: [print(f"{m.repo_id}\t{m.extractor}\tkey v{m.key_version}\t"
+                                 f"{m.created}") for m in manifests])
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from app.core.importer import Importer
+    from app.core.repository import open_repository
+    from app.core.session import Session
+
+    settings = _settings(args)
+    with Session(settings) as session:
+        repo = open_repository(session.store, args.repo, _password(args))
+        with _progress(not args.json, "importing") as progress:
+            report = Importer(session.store, repo, workers=settings.workers,
+                              progress=progress).run(args.paths)
+        if settings.service_url:
+            try:
+                session.service.refresh(repo.repo_id)
+            except RadcryptError as exc:
+                log.warning("imported, but the search service was not told: %s", exc)
+
+        def text() -> None:
+            print(f"imported {len(report.imported)}, already present "
+                  f"{len(report.already_present)}, failed {len(report.failed)} "
+                  f"in {report.seconds:.1f} s")
+            for path, reason in report.failed:
+                print(f"  failed: {reason}", file=sys.stderr)
+
+        _emit(args, report.as_dict(), text)
+    return 1 if report.failed and not report.imported and not report.already_present else 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from app.core.repository import open_repository
+    from app.core.searcher import search_files
+    from app.core.session import Session
+
+    with Session(_settings(args)) as session:
+        repo = open_repository(session.store, args.repo, _password(args))
+        results = search_files(session, repo, args.images, k=args.k)
+
+        def text() -> None:
+            for result in results:
+                print(f"{result.query}:")
+                for hit in result.hits:
+                    print(f"  {hit.rank:>3}. {hit.name}  distance {hit.distance:.6g}  "
+                          f"id {hit.image_id}")
+                server = result.stats.get("milliseconds", 0.0)
+                print(f"     searched {result.stats.get('vectors', 0)} images, "
+                      f"{result.stats.get('full_scored', 0)} fully scored, "
+                      f"engine {server:.2f} ms")
+
+        _emit(args, {"queries": [r.as_dict() for r in results]}, text)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from app.core.objects import fetch_original
+    from app.core.repository import open_repository
+    from app.core.session import Session
+    from cloud import layout
+
+    try:
+        image_id = layout.validate_image_id(args.image_id)
+    except ValueError as exc:
+        raise RadcryptError(str(exc)) from None
+    with Session(_settings(args)) as session:
+        repo = open_repository(session.store, args.repo, _password(args))
+        size = fetch_original(session.store, repo.ring, repo.repo_id, image_id, Path(args.output))
+    print(f"wrote {args.output} ({size} bytes, integrity verified)", file=sys.stderr)
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from app.imaging.decode import decode_image
+    from app.imaging.features import get_extractor
+
+    extract = get_extractor(args.extractor)
+    rows = [{"path": p, "vector": [float(x) for x in extract(decode_image(p))]}
+            for p in args.images]
+    _emit(args, {"extractor": args.extractor, "features": rows},
+          lambda: [print(r["path"], " ".join(f"{x:.5g}" for x in r["vector"])) for r in rows])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.core.demo import run_demo
+
+    settings = _settings(args)
+    with tempfile.TemporaryDirectory(prefix="radcrypt-demo-") as tmp:
+        work = Path(tmp)
+        if not args.data_dir:  # a throw-away store unless the user chose one
+            settings = settings.with_overrides(data_dir=str(work / "data"), store="local",
+                                               service_url="")
+        print("Radcrypt demo: embedded S3 store, search service, fresh repository, "
+              f"{args.images} sample images, {args.queries} perturbed queries", file=sys.stderr)
+        with _progress(True, "importing") as progress:
+            report = run_demo(settings, work, count=args.images, queries=args.queries,
+                              progress=progress)
+    print(f"imported {report.images} images in {report.import_seconds:.1f} s")
+    print(f"{'query':<34} {'expected':<28} {'returned':<28} {'distance':>10} {'ms':>8}  ok")
+    for row in report.rows:
+        print(f"{row.query[:34]:<34} {row.expected[:28]:<28} {row.returned[:28]:<28} "
+              f"{row.distance:10.4g} {row.milliseconds:8.1f}  {'yes' if row.matched else 'NO'}")
+    matched = sum(r.matched for r in report.rows)
+    print(f"matched {matched}/{len(report.rows)}; agreement with plaintext search over the "
+          f"same features: {report.agreement:.3f}")
+    if args.json_file:
+        Path(args.json_file).write_text(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.all_matched and report.agreement == 1.0 else 1
+
+
+# --- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", choices=["local", "s3"], help="embedded store or S3")
+    common.add_argument("--endpoint", help="S3 endpoint URL (with --store s3)")
+    common.add_argument("--bucket", help="bucket name")
+    common.add_argument("--service-url", help="search service URL (default: start one)")
+    common.add_argument("--data-dir", help="data directory (default: the user data dir)")
+    common.add_argument("--workers", type=int, help="parallel workers for import")
+    common.add_argument("--password-file", help="read the password from this file")
+    common.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+    parser = argparse.ArgumentParser(prog="radcrypt", description="Encrypted image archive "
+                                     "search: the cloud stores and matches only ciphertext.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("store", parents=[common], help="the embedded S3 store")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser("serve", parents=[common], help="run the search service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("repo", parents=[common], help="create or list repositories")
+    repo_sub = p.add_subparsers(dest="action", required=True)
+    c = repo_sub.add_parser("create", parents=[common], help="a new repository (new keys)")
+    c.add_argument("name")
+    c.add_argument("--extractor", default="radcrypt-v1")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_repo)
+    c = repo_sub.add_parser("list", parents=[common], help="list repositories")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_repo)
+
+    p = sub.add_parser("import", parents=[common], help="import files or folders")
+    p.add_argument("--repo", required=True)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("search", parents=[common], help="nearest archived images")
+    p.add_argument("--repo", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("-k", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("get", parents=[common], help="download and decrypt an original")
+    p.add_argument("--repo", required=True)
+    p.add_argument("image_id")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("features", parents=[common], help="plaintext features, locally")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--extractor", default="radcrypt-v1")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("demo", parents=[common], help="end-to-end demonstration")
+    p.add_argument("--json", dest="json_file", metavar="FILE", help="write the report here")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--queries", type=int, default=20)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # pydicom narrates every quirk of a file it still decodes
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="pydicom")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("radcrypt: interrupted; finished work is kept, run the command again to resume",
+              file=sys.stderr)
+        return 1
+    except (RadcryptError, ValueError, OSError) as exc:
+        if os.environ.get("RADCRYPT_DEBUG"):
+            raise
+        print(f"radcrypt: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the one line promised, whatever failed
+        if os.environ.get("RADCRYPT_DEBUG"):
+            raise
+        print(f"radcrypt: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
