@@ -168,7 +168,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             print(f"imported {len(report.imported)}, already present "
                   f"{len(report.already_present)}, failed {len(report.failed)} "
                   f"in {report.seconds:.1f} s")
-            for path, reason in report.failed:
+            for _, reason in report.failed:
                 print(f"  failed: {reason}", file=sys.stderr)
 
         _emit(args, report.as_dict(), text)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from app.core.errors import RadcryptError
-from app.core.importer import ImportReport, Importer
+from app.core.importer import Importer, ImportReport
 from app.core.progress import ProgressCallback, no_progress
 from app.core.repository import Repository, create_repository
 from app.core.searcher import features_of_files, search_features
