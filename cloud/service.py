@@ -22,7 +22,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -30,6 +31,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from cloud import layout
+from cloud.audit import AuditLog
+from cloud.auth import SignatureVerifier, parse_owner_keys
 from cloud.repo_index import RepoIndex, Snapshot
 from cloud.search import search
 from cloud.store import ObjectStore, StoreConfig, StoreError
@@ -151,10 +154,14 @@ class ServiceState:
                 self._repos[repo_id] = RepoIndex(self.store, repo_id)
             return self._repos[repo_id]
 
-    def current(self, repo_id: str) -> Snapshot:
-        """The repository's snapshot, re-listed when older than the refresh interval."""
+    def current(self, repo_id: str, key_version: int | None = None) -> Snapshot:
+        """The repository's snapshot, re-listed when older than the refresh interval, or
+        (at most once a second) when a client asks for a key version it has not seen:
+        a key rotation must not leave searches empty until the next interval."""
         index = self.repo(repo_id)
-        if time.time() - index.snapshot.loaded_at > self.refresh_interval:
+        age = time.time() - index.snapshot.loaded_at
+        unseen = key_version is not None and key_version not in index.snapshot.versions
+        if age > self.refresh_interval or (unseen and age > 1.0):
             return index.refresh()
         return index.snapshot
 
@@ -174,13 +181,22 @@ def create_app(
     store: ObjectStore,
     verifier: RequestVerifier | None = None,
     refresh_interval: float = REFRESH_INTERVAL,
+    audit: AuditLog | None = None,
 ) -> FastAPI:
     """The ASGI application; ``verifier`` authenticates every repository request."""
-    app = FastAPI(title="Radcrypt search service", version="1",
+    trail = audit or AuditLog(store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        trail.close()
+
+    app = FastAPI(title="Radcrypt search service", version="1", lifespan=lifespan,
                   description="Encrypted exact nearest-neighbour search. Holds no key.")
     state = ServiceState(store, refresh_interval)
     checker: RequestVerifier = verifier or AllowAnyone()
     app.state.radcrypt = state
+    app.state.audit = trail
 
     async def principal(request: Request, repo: str) -> str:
         body = await request.body()
@@ -212,11 +228,12 @@ def create_app(
         except FormatError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
         try:
-            snap = await run_in_threadpool(state.current, repo_id)
+            snap = await run_in_threadpool(state.current, repo_id, body.key_version)
         except StoreError as exc:
             raise _store_down(exc) from None
         version = snap.versions.get(body.key_version)
         if version is None:
+            trail.record(who, repo_id, "search", 0, 0.0)
             return SearchResponse(results=[QueryAnswer(hits=[], stats={"vectors": 0})
                                            for _ in range(len(token))],
                                   images=snap.images, segments=snap.segments)
@@ -234,7 +251,10 @@ def create_app(
                 answers.append(QueryAnswer(hits=hits, stats=result.stats.as_dict()))
             return answers
 
+        started = time.perf_counter()
         answers = await run_in_threadpool(run)
+        elapsed = (time.perf_counter() - started) * 1000
+        trail.record(who, repo_id, "search", sum(len(a.hits) for a in answers), elapsed)
         log.info("search repo=%s user=%s queries=%d k=%d", repo_id, who, len(token), body.k)
         return SearchResponse(results=answers, images=snap.images, segments=snap.segments)
 
@@ -266,14 +286,27 @@ def serve(host: str, port: int, store: ObjectStore,
     server.run()
 
 
+def verifier_from_keys(store: ObjectStore, owner_keys: str) -> RequestVerifier:
+    """Signed requests checked against these owner keys; none given: anyone (with a warning)."""
+    keys = parse_owner_keys(owner_keys)
+    if not keys:
+        log.warning("no owner key configured: the service answers anyone who can reach it")
+        return AllowAnyone()
+    return SignatureVerifier(store, keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Radcrypt search service (holds no key)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--owner-key", action="append", default=[],
+                        help="base64 Ed25519 public key of a data owner (repeatable); "
+                             "also RADCRYPT_OWNER_KEYS, comma separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     store = ObjectStore(store_config_from_env())
-    serve(args.host, args.port, store)
+    keys = ",".join([*args.owner_key, os.environ.get("RADCRYPT_OWNER_KEYS", "")])
+    serve(args.host, args.port, store, verifier_from_keys(store, keys))
     return 0
 
 

@@ -131,10 +131,25 @@ def read_manifest(store: ObjectStore, name: str) -> Manifest:
         data = store.get(key)
     except ObjectNotFound:
         raise RepositoryNotFound(f"no repository named {repo_id!r} in this store") from None
-    manifest = Manifest.from_json(data, f"manifest of repository {repo_id!r}")
+    manifest = Manifest.from_json(manifest_payload(data), f"manifest of repository {repo_id!r}")
     if manifest.repo_id != repo_id:
         raise RadcryptError(f"manifest of repository {repo_id!r} names another repository")
     return manifest
+
+
+def manifest_payload(data: bytes) -> bytes:
+    """The manifest's own JSON, whether stored plain or inside an owner's signed document.
+
+    Reading parameters needs no trust; opening a repository checks the signature
+    (app/core/access.py) before any key is used with it.
+    """
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return data  # Manifest.from_json reports the error with the repository's name
+    if isinstance(doc, dict) and "signature" in doc and isinstance(doc.get("payload"), dict):
+        return json.dumps(doc["payload"]).encode()
+    return data
 
 
 def list_repositories(store: ObjectStore) -> list[Manifest]:

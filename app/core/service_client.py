@@ -104,7 +104,8 @@ class EmbeddedService:
     through its environment, never its command line.
     """
 
-    def __init__(self, store: StoreConfig, log_dir: Path) -> None:
+    def __init__(self, store: StoreConfig, log_dir: Path,
+                 owner_keys: list[bytes] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -115,6 +116,8 @@ class EmbeddedService:
             "RADCRYPT_S3_ACCESS_KEY": store.access_key or "",
             "RADCRYPT_S3_SECRET_KEY": store.secret_key or "",
             "RADCRYPT_S3_PROFILE": store.profile or "",
+            "RADCRYPT_OWNER_KEYS": ",".join(base64.b64encode(k).decode()
+                                            for k in owner_keys or []),
         })
         log_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(log_dir / "service.log", "ab")  # closed in stop()

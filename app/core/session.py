@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 class Session:
     """Storage and search for one run; use as a context manager."""
 
-    def __init__(self, settings: Settings, signer: RequestSigner | None = None) -> None:
+    def __init__(self, settings: Settings, signer: RequestSigner | None = None,
+                 owner_keys: list[bytes] | None = None) -> None:
         self.settings = settings
         self.signer = signer
+        self.owner_keys = list(owner_keys or [])
         self._started_store: EmbeddedStoreHandle | None = None
         self._embedded_service: EmbeddedService | None = None
         self._service: ServiceClient | None = None
@@ -78,7 +80,8 @@ class Session:
             if not url:
                 assert self.store_config is not None
                 self._embedded_service = EmbeddedService(self.store_config,
-                                                         self.settings.data_path)
+                                                         self.settings.data_path,
+                                                         self.owner_keys)
                 url = self._embedded_service.url
             self._service = ServiceClient(url, self.signer)
         return self._service
