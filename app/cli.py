@@ -84,6 +84,43 @@ def _progress(enabled: bool, description: str) -> Iterator[Callable[[ProgressEve
         yield update
 
 
+def _identity_store(settings: Settings) -> Any:
+    from app.core.identity import IdentityStore
+
+    return IdentityStore(settings.data_path)
+
+
+@contextmanager
+def _open_session(args: argparse.Namespace, need_identity: bool = False
+                  ) -> Iterator[tuple[Any, Any]]:
+    """(session, identity or None). With an identity on this workstation, requests are
+    signed and repositories open through grants; without one, repositories are the
+    password-locked kind (before identities), unless ``need_identity``."""
+    from app.core.access import session_for
+    from app.core.session import Session
+
+    settings = _settings(args)
+    store = _identity_store(settings)
+    if store.exists():
+        identity = store.unlock(_password(args))
+        with session_for(settings, identity) as session:
+            yield session, identity
+    elif need_identity:
+        raise RadcryptError("no identity on this workstation: run 'radcrypt identity create'")
+    else:
+        with Session(settings) as session:
+            yield session, None
+
+
+def _open_repo(args: argparse.Namespace, session: Any, identity: Any, name: str) -> Any:
+    from app.core.access import open_repository_as
+    from app.core.repository import open_repository
+
+    if identity is not None:
+        return open_repository_as(session, identity, name)
+    return open_repository(session.store, name, _password(args))
+
+
 # --- commands ---------------------------------------------------------------------------
 
 
@@ -128,33 +165,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
+    from app.core.access import create_repository_as
     from app.core.repository import create_repository, list_repositories
-    from app.core.session import Session
 
-    with Session(_settings(args)) as session:
+    if args.action == "list":
+        from app.core.session import Session
+
+        with Session(_settings(args)) as session:
+            manifests = list_repositories(session.store)
+        _emit(args, [m.__dict__ for m in manifests],
+              lambda: [print(f"{m.repo_id}\t{m.extractor}\tkey v{m.key_version}\t"
+                             f"{m.created}") for m in manifests])
+        return 0
+    with _open_session(args) as (session, identity):
         if args.action == "create":
-            password = _password(args, confirm=True)
-            repo = create_repository(session.store, args.name, password, args.extractor)
+            if identity is not None:
+                repo = create_repository_as(session, identity, args.name, args.extractor)
+            else:
+                password = _password(args, confirm=True)
+                repo = create_repository(session.store, args.name, password, args.extractor)
             m = repo.manifest
             _emit(args, m.__dict__, lambda: print(f"created repository {m.repo_id} "
                                                   f"(extractor {m.extractor}, key version "
                                                   f"{m.key_version})"))
-        else:
-            manifests = list_repositories(session.store)
-            _emit(args, [m.__dict__ for m in manifests],
-                  lambda: [print(f"{m.repo_id}\t{m.extractor}\tkey v{m.key_version}\t"
-                                 f"{m.created}") for m in manifests])
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from app.core.importer import Importer
-    from app.core.repository import open_repository
-    from app.core.session import Session
 
     settings = _settings(args)
-    with Session(settings) as session:
-        repo = open_repository(session.store, args.repo, _password(args))
+    with _open_session(args) as (session, identity):
+        repo = _open_repo(args, session, identity, args.repo)
         with _progress(not args.json, "importing") as progress:
             report = Importer(session.store, repo, workers=settings.workers,
                               progress=progress).run(args.paths)
@@ -176,12 +218,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from app.core.repository import open_repository
     from app.core.searcher import search_files
-    from app.core.session import Session
 
-    with Session(_settings(args)) as session:
-        repo = open_repository(session.store, args.repo, _password(args))
+    with _open_session(args) as (session, identity):
+        repo = _open_repo(args, session, identity, args.repo)
         results = search_files(session, repo, args.images, k=args.k)
 
         def text() -> None:
@@ -201,18 +241,108 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     from app.core.objects import fetch_original
-    from app.core.repository import open_repository
-    from app.core.session import Session
     from cloud import layout
 
     try:
         image_id = layout.validate_image_id(args.image_id)
     except ValueError as exc:
         raise RadcryptError(str(exc)) from None
-    with Session(_settings(args)) as session:
-        repo = open_repository(session.store, args.repo, _password(args))
+    with _open_session(args) as (session, identity):
+        repo = _open_repo(args, session, identity, args.repo)
         size = fetch_original(session.store, repo.ring, repo.repo_id, image_id, Path(args.output))
     print(f"wrote {args.output} ({size} bytes, integrity verified)", file=sys.stderr)
+    return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    store = _identity_store(settings)
+    if args.action == "create":
+        from app.core.identity import password_strength
+
+        if not args.name:
+            raise RadcryptError("identity create needs --name")
+        password = _password(args, confirm=True)
+        _, words = password_strength(password)
+        identity = store.create(args.name, password)
+        card = identity.card()
+        print(f"created identity {identity.user_id} (password {words}); "
+              f"fingerprint {card.fingerprint}", file=sys.stderr)
+    card = store.card()
+    if args.action == "export":
+        if args.output:
+            Path(args.output).write_text(card.to_json(), encoding="utf-8")
+            print(f"wrote your public card to {args.output}; give it to the data owner",
+                  file=sys.stderr)
+        else:
+            print(card.to_json())
+        return 0
+    info = {"user_id": card.user_id, "name": card.name, "fingerprint": card.fingerprint,
+            "identity_file": str(store.path)}
+    _emit(args, info, lambda: print(f"{card.name} ({card.user_id}), fingerprint "
+                                    f"{card.fingerprint}"))
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from app.core.access import register_user
+
+    try:
+        text = Path(args.card).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RadcryptError(f"cannot read card {args.card}: {exc.strerror}") from None
+    with _open_session(args, need_identity=True) as (session, identity):
+        record = register_user(session, identity, text)
+    _emit(args, record.__dict__, lambda: print(f"registered {record.name} ({record.user_id}), "
+                                               f"fingerprint {record.fingerprint}"))
+    return 0
+
+
+def cmd_access(args: argparse.Namespace) -> int:
+    from app.core.access import (
+        grant_access,
+        list_access,
+        migrate_password_repository,
+        revoke_access,
+    )
+
+    with _open_session(args, need_identity=True) as (session, identity):
+        if args.action == "migrate":
+            old = os.environ.get("RADCRYPT_OLD_PASSWORD")
+            if args.old_password_file:
+                old = Path(args.old_password_file).read_text(encoding="utf-8").rstrip("\r\n")
+            if not old:
+                raise RadcryptError("migrate needs the repository's old password "
+                                    "(--old-password-file or RADCRYPT_OLD_PASSWORD)")
+            repo = migrate_password_repository(session, identity, args.name, old)
+            print(f"repository {repo.repo_id} now belongs to {identity.user_id}")
+            return 0
+        repo = _open_repo(args, session, identity, args.name)
+        if args.action == "grant":
+            grant_access(session, identity, repo, args.user)
+            print(f"granted {args.user} access to {repo.repo_id} "
+                  f"(key version {repo.manifest.key_version})")
+        elif args.action == "revoke":
+            repo = revoke_access(session, identity, repo, args.user)
+            print(f"revoked {args.user}; {repo.repo_id} is now at key version "
+                  f"{repo.manifest.key_version}")
+        entries = list_access(session, repo.repo_id)
+        if args.action == "access":
+            _emit(args, [e.__dict__ for e in entries],
+                  lambda: [print(f"{e.user_id}\t{e.name}\tkey v{e.key_version}")
+                           for e in entries])
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from cloud.audit import read_audit
+
+    with _open_session(args) as (session, identity):
+        repo = _open_repo(args, session, identity, args.repo)
+        entries = read_audit(session.store, repo.repo_id)
+    _emit(args, entries, lambda: [print(f"{e.get('time')}  {e.get('user')}  {e.get('action')}"
+                                        f"  results={e.get('results')}  "
+                                        f"{e.get('duration_ms')} ms") for e in entries])
     return 0
 
 
@@ -293,6 +423,40 @@ def build_parser() -> argparse.ArgumentParser:
     c = repo_sub.add_parser("list", parents=[common], help="list repositories")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_repo)
+
+    for action in ("grant", "revoke"):
+        c = repo_sub.add_parser(action, parents=[common], help=f"{action} a user's access")
+        c.add_argument("name")
+        c.add_argument("user")
+        c.set_defaults(func=cmd_access)
+    c = repo_sub.add_parser("access", parents=[common], help="who has access")
+    c.add_argument("name")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_access)
+    c = repo_sub.add_parser("migrate", parents=[common],
+                            help="make a password-locked repository owner-signed")
+    c.add_argument("name")
+    c.add_argument("--old-password-file")
+    c.set_defaults(func=cmd_access)
+
+    p = sub.add_parser("identity", parents=[common], help="your identity on this workstation")
+    p.add_argument("action", choices=["create", "show", "export"])
+    p.add_argument("--name", help="your name (create)")
+    p.add_argument("-o", "--output", help="write the public card here (export)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_identity)
+
+    p = sub.add_parser("user", parents=[common], help="users of your repositories")
+    user_sub = p.add_subparsers(dest="action", required=True)
+    c = user_sub.add_parser("register", parents=[common], help="register a public card")
+    c.add_argument("card")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_user)
+
+    p = sub.add_parser("audit", parents=[common], help="the search service's audit trail")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("import", parents=[common], help="import files or folders")
     p.add_argument("--repo", required=True)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from app.core.errors import AccessDenied, RadcryptError
 from crypto.errors import FormatError
-from crypto.identity import Identity, open_identity, seal_identity
+from crypto.identity import Identity, PublicCard, open_identity, seal_identity
 from crypto.keys import DEFAULT_SCRYPT_LOG2_N, WrongPassword
 
 IDENTITY_FILE = "identity.rcid"
+CARD_FILE = "identity.card.json"
 MIN_PASSWORD_LENGTH = 8
 
 
@@ -77,7 +78,21 @@ class IdentityStore:
         except ValueError as exc:
             raise RadcryptError(str(exc)) from None
         self._write(seal_identity(identity, password, self.scrypt_log2_n))
+        self.card_path.write_text(identity.card().to_json(), encoding="utf-8")
         return identity
+
+    @property
+    def card_path(self) -> Path:
+        return self.path.with_name(CARD_FILE)
+
+    def card(self) -> PublicCard:
+        """The public card, readable without the password."""
+        try:
+            return PublicCard.from_json(self.card_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RadcryptError("no identity on this workstation: create one first") from None
+        except FormatError as exc:
+            raise RadcryptError(f"the public card {self.card_path} is damaged: {exc}") from None
 
     def _write(self, blob: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
