@@ -5,7 +5,9 @@ Sections: environment isolation (autouse), S3 servers and stores.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +97,76 @@ def s3_store(s3_config: StoreConfig) -> ObjectStore:
     store = ObjectStore(s3_config)
     store.ensure_bucket()
     return store
+
+
+# --- secrets never logged (whole suite) ----------------------------------------------------
+#
+# Every key and password the suite creates is remembered (by wrapping the functions that
+# create or use them), every log record of the suite is kept, and at the end no secret
+# may appear in any record in hex, base64 or raw form. A leak fails the run at teardown.
+
+
+class _LogKeeper(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a broken record must not break the suite
+            self.lines.append(repr(record.msg))
+
+
+def _secret_forms(secret: bytes | str) -> list[str]:
+    if isinstance(secret, str):
+        return [secret] if len(secret) >= 6 else []
+    return [secret.hex(), base64.b64encode(secret).decode()[:40],
+            secret.decode("latin-1")] if len(secret) >= 16 else []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secrets_never_logged() -> Iterator[list[bytes | str]]:
+    from crypto import identity as identity_module
+    from crypto import keys as keys_module
+
+    remembered: list[bytes | str] = []
+    patch = pytest.MonkeyPatch()
+    original_generate = keys_module.VersionKeys.generate.__func__  # type: ignore[attr-defined]
+    original_derive = keys_module._derive
+    original_identity = identity_module.Identity.generate.__func__  # type: ignore[attr-defined]
+
+    def generate_keys(cls: type, version: int, index_key: object) -> object:
+        keys = original_generate(cls, version, index_key)
+        remembered.extend([keys.data_key, keys.keyword_key])
+        return keys
+
+    def derive(password: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
+        remembered.append(password)  # every password that wraps or unwraps a key
+        key = original_derive(password, salt, log2_n, r, p)
+        remembered.append(key)
+        return key
+
+    def generate_identity(cls: type, name: str, user_id: str | None = None) -> object:
+        made = original_identity(cls, name, user_id)
+        remembered.extend([made.enc_private, made.sign_private])
+        return made
+
+    patch.setattr(keys_module.VersionKeys, "generate", classmethod(generate_keys))
+    patch.setattr(keys_module, "_derive", derive)
+    patch.setattr(identity_module.Identity, "generate", classmethod(generate_identity))
+    keeper = _LogKeeper()
+    keeper.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(keeper)
+    ours = [logging.getLogger(n) for n in ("app", "cloud", "crypto", "radcrypt")]
+    for logger in ours:
+        logger.setLevel(logging.DEBUG)
+    yield remembered
+    root.removeHandler(keeper)
+    patch.undo()
+    text = "\n".join(keeper.lines)
+    leaks = [form[:12] + "..." for secret in remembered for form in _secret_forms(secret)
+             if form and form in text]
+    assert not leaks, f"secrets found in the suite's logs: {leaks[:5]}"
+    assert remembered, "the secret registry saw no key: the wrapping broke"
