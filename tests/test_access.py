@@ -128,7 +128,7 @@ def test_grant_copied_to_another_name_opens_nothing(world: World) -> None:
     bob_name = layout.grant_key(world.repo.repo_id, world.bob.user_id)
     store.put(bob_name, alice_grant)
     try:
-        with pytest.raises(AccessDenied, match="does not open|not signed"):
+        with pytest.raises(AccessDenied, match=r"does not open|not signed"):
             open_repository_as(world.session, world.bob, world.repo.repo_id)
     finally:
         store.delete(bob_name)
@@ -236,7 +236,7 @@ def test_changed_owner_key_is_refused(world: World) -> None:
     payload = json.loads(original)["payload"]
     store.put(name, sign_json(forger, "manifest", name, payload))
     try:
-        with pytest.raises(AccessDenied, match="owner key .* changed"):
+        with pytest.raises(AccessDenied, match=r"owner key .* changed"):
             open_repository_as(world.session, world.owner, world.repo.repo_id)
     finally:
         store.put(name, original)
