@@ -75,13 +75,21 @@ class EncryptedIndex:
     rounding margin and reveal nothing a server could not compute itself.
     """
 
-    def __init__(self, vectors: EncryptedVectors) -> None:
+    def __init__(self, vectors: EncryptedVectors, *, full_norm: float | None = None,
+                 level_norms: list[float] | None = None,
+                 first32: NDArray[np.float32] | None = None) -> None:
+        """Arrays may be memory-mapped files (cloud/repo_index.py): then pass the norms
+        and the float32 first level, computed while the data was in memory anyway, so
+        that nothing here has to read every page."""
         self.full = np.ascontiguousarray(vectors.full, dtype=np.float64)
         self.levels = [np.ascontiguousarray(a, dtype=np.float64) for a in vectors.levels]
-        self.full_norm = _max_row_norm(self.full)
-        self.level_norms = [_max_row_norm(a) for a in self.levels]
+        self.full_norm = _max_row_norm(self.full) if full_norm is None else full_norm
+        self.level_norms = ([_max_row_norm(a) for a in self.levels] if level_norms is None
+                            else list(level_norms))
         # The first level scans every vector: in float32 it reads half the memory.
-        self.first32 = self.levels[0].astype(np.float32) if self.levels else None
+        if first32 is None and self.levels:
+            first32 = self.levels[0].astype(np.float32)
+        self.first32 = first32
 
     def __len__(self) -> int:
         return int(self.full.shape[0])
@@ -150,17 +158,44 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
     if len(token) != 1:
         raise ValueError("search() takes one query; use search_batch() for several")
     start = time.perf_counter()
-    n = len(index)
-    if n == 0 or not index.levels:
+    if len(index) == 0 or not index.levels:
         return _timed(linear_scan(index, token, k), start)
-    t_levels = [t[0] for t in token.levels]
-    t_full = token.full[0]
+    first = _first_level_scores(index, token.levels[0])[0]
+    return _timed(_refine_query(index, token, 0, first, k), start)
+
+
+def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[SearchResult]:
+    """Exact top-k for every query of a token.
+
+    The first level, the only part that reads every vector, is one matrix product for
+    the whole batch, so the index is streamed from memory once instead of once a query.
+    """
+    _check(index, token, k)
+    if len(token) == 1 or len(index) == 0 or not index.levels:
+        return [search(index, token.select(i), k) for i in range(len(token))]
+    start = time.perf_counter()
+    firsts = _first_level_scores(index, token.levels[0])
+    shared_ms = (time.perf_counter() - start) * 1000.0 / len(token)
+    results = []
+    for qi in range(len(token)):
+        begin = time.perf_counter()
+        result = _refine_query(index, token, qi, firsts[qi], k)
+        result.stats.milliseconds = shared_ms + (time.perf_counter() - begin) * 1000.0
+        results.append(result)
+    return results
+
+
+def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
+                  first: NDArray[np.float32], k: int) -> SearchResult:
+    """Filter and refine one query whose first-level scores are known (and ours to mark)."""
+    n = len(index)
+    t_levels = [t[qi] for t in token.levels]
+    t_full = token.full[qi]
     full_err = SAFETY_EPS * index.full_norm * float(np.linalg.norm(t_full))
     margins = [
         SAFETY_EPS * norm * float(np.linalg.norm(t)) + full_err
         for norm, t in zip(index.level_norms, t_levels, strict=True)
     ]
-    first = _first_level_scores(index, t_levels[0])
     margins[0] += _float32_error(index.levels[0].shape[1], index.level_norms[0], t_levels[0])
     scored = [n] + [0] * (len(index.levels) - 1)
     top = _TopK(k)
@@ -186,7 +221,7 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
     refine(_seed_positions(first, k))
     block_size = FIRST_BLOCK
     while True:
-        remaining = np.flatnonzero(first >= top.threshold - margins[0])
+        remaining = np.flatnonzero(first >= _float32_floor(top.threshold - margins[0]))
         if remaining.size == 0:
             break
         if remaining.size > block_size:
@@ -194,13 +229,22 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
         refine(remaining)
         block_size = min(MAX_BLOCK, block_size * BLOCK_GROWTH)
     positions, scores = top.ranked()
-    stats = SearchStats(n, scored, full_scored, 0.0)
-    return _timed(SearchResult(positions, scores, stats), start)
+    return SearchResult(positions, scores, SearchStats(n, scored, full_scored, 0.0))
 
 
-def _first_level_scores(index: EncryptedIndex, token: F64) -> F64:
+def _float32_floor(value: float) -> np.float32:
+    """The largest float32 <= value: comparing float32 scores against it never prunes a
+    vector that the float64 threshold would keep."""
+    rounded = np.float32(value)
+    if float(rounded) > value:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return rounded
+
+
+def _first_level_scores(index: EncryptedIndex, tokens: F64) -> NDArray[np.float32]:
+    """(Q, n) float32 first-level scores; rows are fresh arrays the caller may mark."""
     assert index.first32 is not None
-    scores: F64 = (index.first32 @ token.astype(np.float32)).astype(np.float64)
+    scores: NDArray[np.float32] = np.atleast_2d(tokens).astype(np.float32) @ index.first32.T
     return scores
 
 
@@ -257,11 +301,6 @@ def linear_scan(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchR
     positions, best = top.ranked()
     stats = SearchStats(len(index), [0] * len(index.levels), len(index), 0.0)
     return _timed(SearchResult(positions, best, stats), start)
-
-
-def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[SearchResult]:
-    """Exact top-k for every query of a token."""
-    return [search(index, token.select(i), k) for i in range(len(token))]
 
 
 def _timed(result: SearchResult, start: float) -> SearchResult:
