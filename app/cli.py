@@ -199,7 +199,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         repo = _open_repo(args, session, identity, args.repo)
         with _progress(not args.json, "importing") as progress:
             report = Importer(session.store, repo, workers=settings.workers,
-                              progress=progress).run(args.paths)
+                              batch_size=args.batch_size, progress=progress).run(args.paths)
         if settings.service_url:
             try:
                 session.service.refresh(repo.repo_id)
@@ -387,6 +387,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------
 
+DEFAULT_BATCH = 64  # app.core.importer.DEFAULT_BATCH, without importing numpy for --help
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -461,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", parents=[common], help="import files or folders")
     p.add_argument("--repo", required=True)
     p.add_argument("paths", nargs="+")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
+                   help=f"images per index segment, the unit of commit and resume "
+                        f"(default {DEFAULT_BATCH})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_import)
 
@@ -497,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # pydicom narrates every quirk of a file it still decodes
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        import pydicom  # its import sets its own logger's level: quieten it afterwards
+
+        logging.getLogger(pydicom.__name__).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="pydicom")
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -65,6 +65,30 @@ class DemoReport:
                 "queries": [r.as_dict() for r in self.rows]}
 
 
+NEAR_DUPLICATE_FRACTION = 0.1
+
+
+def distinct_images(features: np.ndarray, count: int) -> np.ndarray:
+    """Positions of ``count`` images, evenly spread, that have no near-duplicate.
+
+    The sample set holds neighbouring frames of cine loops and lossy copies of one
+    picture, which are closer to each other than a shifted or re-windowed copy is to its
+    original: for those, "expected" is ambiguous and the true nearest neighbour may be the
+    neighbouring frame. An image qualifies when its nearest other image is farther than
+    a tenth of the median distance between images. The choice depends on the archive
+    alone, never on search results.
+    """
+    sq = np.einsum("ij,ij->i", features, features)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * features @ features.T, 0.0)
+    np.fill_diagonal(dist, np.inf)
+    finite = dist[np.isfinite(dist)]
+    threshold = NEAR_DUPLICATE_FRACTION * float(np.median(finite)) if finite.size else 0.0
+    candidates = np.flatnonzero(dist.min(axis=1) >= threshold)
+    if candidates.size < count:
+        candidates = np.arange(len(features))
+    return candidates[np.linspace(0, candidates.size - 1, count).astype(int)]
+
+
 def sample_files(workdir: Path, count: int) -> list[Path]:
     """Real images to import: the offline sample set (needs the ``samples`` extra)."""
     try:
@@ -102,7 +126,7 @@ def run_demo(settings: Settings, workdir: Path, count: int = 300, queries: int =
                             store_endpoint=endpoint or "")
         session.service.health()  # start the service before anything is timed
         archive = features_of_files(repo, files)
-        picks = np.linspace(0, len(files) - 1, queries).astype(int)
+        picks = distinct_images(archive, queries)
         query_dir = workdir / "queries"
         for n, index in enumerate(picks):
             kind = PERTURBATIONS[n % len(PERTURBATIONS)]
