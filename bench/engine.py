@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,10 +71,14 @@ def run_case(kind: str, n: int, d: int, queries: int, batch: int, seed: int) -> 
     except ImportError:
         row["faiss_flat_l2"] = None
 
+    row["index_mb"] = None
     key = IndexKey.generate(d, sample=data[: min(n, 5000)])
     start = time.perf_counter()
     index = EncryptedIndex(key.encrypt(data))
     row["encrypt_s"] = time.perf_counter() - start
+    row["index_mb"] = (sum(a.nbytes for a in (*index.levels, index.full))
+                       + (index.first32.nbytes if index.first32 is not None else 0)) / 2**20
+    row["plaintext_f32_mb"] = data32.nbytes / 2**20
     token = key.query(qs)
     singles = [token.select(i) for i in range(queries)]
     scan_count = min(queries, 30)
@@ -90,12 +95,21 @@ def run_case(kind: str, n: int, d: int, queries: int, batch: int, seed: int) -> 
         datasets.agrees(r.positions, data, qs[i], truth_dist[i]) for i, r in enumerate(results)
     ]
     row["agreement"] = float(np.mean(agree))
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if batch > 1:
         size = min(batch, queries)
         sub = type(token)(full=token.full[:size], levels=tuple(a[:size] for a in token.levels))
         start = time.perf_counter()
-        search_batch(index, sub, 1)
-        row["batch"] = {"size": size, "ms_per_query": (time.perf_counter() - start) * 1000 / size}
+        batched = search_batch(index, sub, 1)
+        batch_s = time.perf_counter() - start
+        start = time.perf_counter()
+        singles_out = [search(index, singles[i], 1) for i in range(size)]
+        singles_s = time.perf_counter() - start
+        same = all(a.positions.tolist() == b.positions.tolist()
+                   for a, b in zip(batched, singles_out, strict=True))
+        row["batch"] = {"size": size, "batch_qps": size / batch_s,
+                        "single_qps": size / singles_s,
+                        "speedup": singles_s / batch_s, "same_results": same}
     base = row["plain_f32"]["median_ms"]
     row["ratio_filter_refine_vs_f32"] = row["enc_filter_refine"]["median_ms"] / base
     row["ratio_linear_vs_f32"] = row["enc_linear"]["median_ms"] / base
@@ -121,6 +135,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['agreement']:7.3f}")
     print("times: median ms per single query; ratio = encrypted filter-and-refine / plaintext"
           " float32 brute force, same vectors, same run; full% = vectors fully scored")
+    if any(r.get("batch") for r in rows):
+        print(f"\n{'kind':<10}{'n':>9}{'d':>5} {'batch q/s':>10}{'single q/s':>11}{'speedup':>8}"
+              f"{'same':>6}{'index MB':>10}{'plain MB':>10}")
+        for r in rows:
+            b = r.get("batch")
+            if b:
+                print(f"{r['kind']:<10}{r['n']:>9}{r['d']:>5} {b['batch_qps']:10.0f}"
+                      f"{b['single_qps']:11.0f}{b['speedup']:8.1f}{str(b['same_results']):>6}"
+                      f"{r['index_mb']:10.0f}{r['plaintext_f32_mb']:10.0f}")
 
 
 def _ints(text: str) -> list[int]:

@@ -44,8 +44,10 @@ _HEX_RULE = "32 lowercase hexadecimal characters (a 128-bit id from new_id())"
 def new_id() -> str:
     """A fresh random 128-bit id as 32 lowercase hex characters.
 
-    Image, segment and batch ids are random rather than counters so that concurrent
-    importers never collide and an id reveals nothing about order or volume.
+    Segment and batch ids are random rather than counters so that concurrent importers
+    never collide and an id reveals nothing about order or volume. Image ids have the
+    same form but are derived from the content under the repository key
+    (app/core/importer.py: image_id_for), so that an interrupted import resumes.
     """
     return secrets.token_hex(16)
 

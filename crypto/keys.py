@@ -7,7 +7,7 @@ them stay readable to those who are granted the repository.
 
 Password wrapping follows age's scrypt stanza and Cryptomator's masterkey file: a
 random salt and the work factor are stored beside the ciphertext, the scrypt output
-is the AES-256-GCM key, and the header is associated data so that lowering the work
+keys the AEAD envelope (which derives its per-object GCM key from it), and the header is associated data so that lowering the work
 factor or swapping the salt makes unwrapping fail. Layout (docs/FORMAT.md)::
 
     "RCPW" | version u8 (1) | log2 N u8 | r u8 | p u8 | salt (16) | AEAD envelope
@@ -143,6 +143,8 @@ def wrap_with_password(
         raise ValueError("an empty password cannot protect keys")
     if not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
         raise ValueError(f"scrypt log2 N must be in {MIN_SCRYPT_LOG2_N}..{MAX_SCRYPT_LOG2_N}")
+    if not 1 <= r <= 32 or not 1 <= p <= 16:
+        raise ValueError("scrypt r must be in 1..32 and p in 1..16 (what unwrapping accepts)")
     header = _PW_HEAD.pack(_PW_MAGIC, _PW_VERSION, log2_n, r, p, random_bytes(16))
     key = _derive(password, header[-16:], log2_n, r, p)
     return header + aead.seal(key, secret, header)

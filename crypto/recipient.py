@@ -3,7 +3,7 @@
 An ephemeral X25519 key agrees a shared secret with the recipient's static key; HKDF-
 SHA256 turns it into an AES-256 key, salted with both public keys and bound by its info
 string to the context (the repository id and the recipient's user id), and AES-256-GCM
-encrypts the secret with the header as associated data. Layout (docs/FORMAT.md)::
+encrypts the secret with the header followed by the context as associated data. Layout (docs/FORMAT.md)::
 
     "RCGR" | version u8 (1) | ephemeral X25519 public key (32) | AEAD envelope
 """
@@ -59,6 +59,10 @@ def unwrap_for_recipient(blob: bytes, recipient_private: bytes, context: bytes) 
     eph_public = blob[5:37]
     private = DH.import_x25519_private_key(recipient_private)
     recipient_public = bytes(private.public_key().export_key(format="raw"))
-    shared = _agree(private, DH.import_x25519_public_key(eph_public))
+    try:
+        ephemeral = DH.import_x25519_public_key(eph_public)
+    except ValueError:  # all-zero or low-order point: not a grant anyone could have made
+        raise DecryptionError("grant carries an invalid ephemeral key") from None
+    shared = _agree(private, ephemeral)
     key = _key(shared, eph_public, recipient_public, context)
     return aead.open_sealed(key, blob[_HEAD:], blob[:_HEAD] + context)

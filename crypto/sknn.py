@@ -167,8 +167,11 @@ class SknnKey:
         m2 = m2.reshape(lifted, lifted)
         if not (np.all(np.isfinite(m1)) and np.all(np.isfinite(m2))):
             raise FormatError("secure-kNN key contains non-finite numbers")
-        return cls(dim=dim, extra=extra, split=split, m1=m1.astype(np.float64),
-                   m2=m2.astype(np.float64))
+        try:
+            return cls(dim=dim, extra=extra, split=split, m1=m1.astype(np.float64),
+                       m2=m2.astype(np.float64))
+        except np.linalg.LinAlgError:
+            raise FormatError("secure-kNN key matrices are singular") from None
 
 
 def query_scales(count: int) -> F64:

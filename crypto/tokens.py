@@ -90,11 +90,13 @@ class QueryToken:
         """Parse and validate a token; every inconsistency is a FormatError naming the field."""
         if len(data) < _TOKEN_HEAD.size:
             raise FormatError("query token is truncated (header)")
-        magic, version, n_levels, n_queries, _ = _TOKEN_HEAD.unpack_from(data)
+        magic, version, n_levels, n_queries, reserved = _TOKEN_HEAD.unpack_from(data)
         if magic != _TOKEN_MAGIC:
             raise FormatError("query token: bad magic bytes")
         if version != _TOKEN_VERSION:
             raise FormatError(f"query token: unsupported version {version}")
+        if reserved != 0:
+            raise FormatError("query token: reserved field must be zero")
         if n_levels > MAX_LEVELS:
             raise FormatError(f"query token: too many levels ({n_levels} > {MAX_LEVELS})")
         if not 1 <= n_queries <= max_queries:

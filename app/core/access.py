@@ -220,7 +220,7 @@ def open_repository_as(session: Session, identity: Identity, name: str) -> Repos
     except (FormatError, DecryptionError):
         raise AccessDenied(f"your grant for {manifest.repo_id!r} does not open with your "
                            "keys or is not signed by the owner") from None
-    if ring.repo_id != manifest.repo_id or ring.current.version != manifest.key_version:
+    if ring.repo_id != manifest.repo_id or ring.current.version < manifest.key_version:
         raise AccessDenied(f"your grant for {manifest.repo_id!r} is outdated (key version "
                            f"{ring.current.version}, repository at {manifest.key_version})")
     return Repository(manifest, ring)
@@ -269,18 +269,20 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
     ring = repo.ring.rotated(IndexKey.generate(manifest.dim, sample=sample))
     new_repo = Repository(
         Manifest(**{**manifest.__dict__, "key_version": ring.current.version}), ring)
+    # Order matters for a crash half-way: the new keys are stored (grants) before any
+    # object depends on them; readers accept a ring newer than the manifest.
     for start in range(0, len(ids), SEGMENT_ROWS):
         chunk = ids[start : start + SEGMENT_ROWS]
         vectors = ring.current.index_key.encrypt(features[start : start + SEGMENT_ROWS])
         store.put(layout.segment_key(repo.repo_id, layout.new_id()),
                   encode_segment(chunk, vectors, ring.current.version), if_absent=True)
+    for entry in list_access(session, repo.repo_id):
+        _write_grant(store, owner, ring, _user_card(store, entry.user_id, [owner_key]))
+    _write_manifest(store, owner, new_repo.manifest)
     for image_id in ids:
         meta, _ = read_meta(store, repo, image_id)
         objects.put_encrypted(store, ring.current, repo.repo_id, "meta", image_id,
                               json.dumps(meta, separators=(",", ":")).encode())
-    _write_manifest(store, owner, new_repo.manifest)
-    for entry in list_access(session, repo.repo_id):
-        _write_grant(store, owner, ring, _user_card(store, entry.user_id, [owner_key]))
     for key in old_segments:
         store.delete(key)
     return new_repo
