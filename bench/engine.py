@@ -142,7 +142,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             b = r.get("batch")
             if b:
                 print(f"{r['kind']:<10}{r['n']:>9}{r['d']:>5} {b['batch_qps']:10.0f}"
-                      f"{b['single_qps']:11.0f}{b['speedup']:8.1f}{str(b['same_results']):>6}"
+                      f"{b['single_qps']:11.0f}{b['speedup']:8.1f}{b['same_results']!s:>6}"
                       f"{r['index_mb']:10.0f}{r['plaintext_f32_mb']:10.0f}")
 
 

@@ -7,8 +7,9 @@ them stay readable to those who are granted the repository.
 
 Password wrapping follows age's scrypt stanza and Cryptomator's masterkey file: a
 random salt and the work factor are stored beside the ciphertext, the scrypt output
-keys the AEAD envelope (which derives its per-object GCM key from it), and the header is associated data so that lowering the work
-factor or swapping the salt makes unwrapping fail. Layout (docs/FORMAT.md)::
+keys the AEAD envelope (which derives its per-object GCM key from it), and the header
+is associated data so that lowering the work factor or swapping the salt makes
+unwrapping fail. Layout (docs/FORMAT.md)::
 
     "RCPW" | version u8 (1) | log2 N u8 | r u8 | p u8 | salt (16) | AEAD envelope
 """

@@ -3,7 +3,8 @@
 An ephemeral X25519 key agrees a shared secret with the recipient's static key; HKDF-
 SHA256 turns it into an AES-256 key, salted with both public keys and bound by its info
 string to the context (the repository id and the recipient's user id), and AES-256-GCM
-encrypts the secret with the header followed by the context as associated data. Layout (docs/FORMAT.md)::
+encrypts the secret with the header followed by the context as associated data.
+Layout (docs/FORMAT.md)::
 
     "RCGR" | version u8 (1) | ephemeral X25519 public key (32) | AEAD envelope
 """
