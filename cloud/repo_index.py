@@ -1,20 +1,32 @@
-"""The search service's in-memory view of one repository: its segments, loaded once.
+"""The search service's view of one repository: its segments, loaded once, appended to.
 
 Segments are immutable once written (the commit point of an import batch), so the view
-only ever adds the segments it has not seen and drops those that disappeared (garbage
-collection, re-keying). A segment that fails validation is reported and skipped; the
-others keep serving. Segments are grouped by key version: a query token only matches
-ciphertexts made with the same key version.
+only ever appends the rows of segments it has not seen; when a segment disappears
+(garbage collection, a key rotation) the view is rebuilt from the bucket. A segment that
+fails validation, or whose vector widths differ from those of the first segment of its
+key version, is reported and skipped; the others keep serving. Rows are grouped by key
+version, because a query token only matches ciphertexts made with the same keys, and an
+image already present (imported twice, by two workstations at once) is kept once.
+
+Memory. With a cache directory, each key version's arrays are appended to files there
+and memory-mapped read-only: only the float32 copy of the first bound level (the one
+level every query scans) lives in RAM, the finer levels and the full vectors are paged
+in for the few candidates that reach them. Without one (tests, small repositories) the
+arrays live in memory.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cloud import layout
 from cloud.search import EncryptedIndex
@@ -23,6 +35,7 @@ from cloud.store import ObjectNotFound, ObjectStore
 from crypto.tokens import EncryptedVectors
 
 log = logging.getLogger(__name__)
+LOAD_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -45,63 +58,149 @@ class Snapshot:
     loaded_at: float
 
 
+def _max_norm(a: NDArray[np.float64]) -> float:
+    return float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a)))) if a.shape[0] else 0.0
+
+
+@dataclass
+class _VersionRows:
+    """The rows of one key version, appended segment by segment."""
+
+    version: int
+    widths: tuple[int, ...]
+    directory: Path | None
+    rows: int = 0
+    ids: list[NDArray[np.void]] = field(default_factory=list)
+    seen: set[bytes] = field(default_factory=set)
+    first32: list[NDArray[np.float32]] = field(default_factory=list)
+    chunks: list[EncryptedVectors] = field(default_factory=list)  # memory mode only
+    norms: list[float] = field(default_factory=list)  # per level, then full
+
+    def __post_init__(self) -> None:
+        self.norms = [0.0] * len(self.widths)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for path in self._files():
+                path.write_bytes(b"")
+
+    def _files(self) -> list[Path]:
+        assert self.directory is not None
+        count = len(self.widths) - 1
+        return [self.directory / f"level{i}.f64" for i in range(count)] + [
+            self.directory / "full.f64"]
+
+    def add(self, segment: Segment) -> int:
+        """Append the segment's images not seen before; returns how many."""
+        raw_ids = [bytes(i) for i in segment.ids]
+        keep = np.fromiter((i not in self.seen for i in raw_ids), dtype=bool, count=len(raw_ids))
+        if not keep.any():
+            return 0
+        self.seen.update(i for i, k in zip(raw_ids, keep, strict=True) if k)
+        vectors = segment.vectors
+        arrays = [a[keep] if not keep.all() else a for a in (*vectors.levels, vectors.full)]
+        self.ids.append(segment.ids[keep])
+        self.norms = [max(old, _max_norm(a)) for old, a in zip(self.norms, arrays, strict=True)]
+        if len(arrays) > 1:
+            self.first32.append(arrays[0].astype(np.float32))
+        if self.directory is None:
+            self.chunks.append(EncryptedVectors(full=np.ascontiguousarray(arrays[-1]),
+                                                levels=tuple(arrays[:-1])))
+        else:
+            for path, array in zip(self._files(), arrays, strict=True):
+                with path.open("ab") as out:
+                    out.write(np.ascontiguousarray(array, dtype="<f8").tobytes())
+        added = int(keep.sum())
+        self.rows += added
+        return added
+
+    def build(self) -> VersionIndex:
+        if self.directory is None:
+            vectors = EncryptedVectors(
+                full=np.concatenate([c.full for c in self.chunks]),
+                levels=tuple(np.concatenate([c.levels[i] for c in self.chunks])
+                             for i in range(len(self.widths) - 1)))
+        else:
+            mapped = [np.memmap(path, dtype="<f8", mode="r", shape=(self.rows, width))
+                      for path, width in zip(self._files(), self.widths, strict=True)]
+            vectors = EncryptedVectors(full=mapped[-1], levels=tuple(mapped[:-1]))
+        first32 = np.concatenate(self.first32) if self.first32 else None
+        index = EncryptedIndex(vectors, full_norm=self.norms[-1], level_norms=self.norms[:-1],
+                               first32=first32)
+        ids = np.concatenate(self.ids)
+        return VersionIndex(self.version, index, [bytes(i).hex() for i in ids])
+
+
 @dataclass
 class RepoIndex:
     """Loads and caches the segments of one repository from the store."""
 
     store: ObjectStore
     repo_id: str
-    _segments: dict[str, Segment] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    _known: dict[str, int] = field(default_factory=dict)  # segment key -> key version
     _rejected: dict[str, str] = field(default_factory=dict)
+    _versions: dict[int, _VersionRows] = field(default_factory=dict)
+    _generation: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    snapshot: Snapshot = field(
-        default_factory=lambda: Snapshot({}, 0, 0, {}, 0.0)
-    )
+    snapshot: Snapshot = field(default_factory=lambda: Snapshot({}, 0, 0, {}, 0.0))
 
     def refresh(self) -> Snapshot:
-        """List the segments, load new ones, forget vanished ones, rebuild if changed."""
+        """List the segments, load the new ones, rebuild if any vanished."""
         with self._lock:
             prefix = layout.segments_prefix(self.repo_id)
             keys = sorted(k for k in self.store.list_keys(prefix) if _is_segment(k))
             changed = False
-            for gone in set(self._segments) - set(keys):
-                del self._segments[gone]
+            if set(self._known) - set(keys):
+                self._reset()
                 changed = True
-            for key in keys:
-                if key in self._segments or key in self._rejected:
-                    continue
-                try:
-                    self._segments[key] = decode_segment(self.store.get(key), key)
-                    changed = True
-                except SegmentError as exc:
-                    self._rejected[key] = exc.reason
-                    log.error("rejected %s", exc)
-                except ObjectNotFound:
-                    continue  # deleted between listing and reading
             self._rejected = {k: v for k, v in self._rejected.items() if k in keys}
+            new = [k for k in keys if k not in self._known and k not in self._rejected]
+            for key, segment in _load(self.store, new):
+                if segment is not None:
+                    changed |= self._add(key, segment)
             if changed or not self.snapshot.loaded_at:
-                self.snapshot = self._build()
+                versions = {v: rows.build() for v, rows in self._versions.items() if rows.rows}
+                images = sum(len(v.image_ids) for v in versions.values())
+                self.snapshot = Snapshot(versions, len(self._known), images,
+                                         dict(self._rejected), time.time())
             else:
                 self.snapshot = Snapshot(self.snapshot.versions, self.snapshot.segments,
                                          self.snapshot.images, dict(self._rejected), time.time())
             return self.snapshot
 
-    def _build(self) -> Snapshot:
-        by_version: dict[int, list[Segment]] = {}
-        for key in sorted(self._segments):
-            segment = self._segments[key]
-            by_version.setdefault(segment.key_version, []).append(segment)
-        versions: dict[int, VersionIndex] = {}
-        images = 0
-        for version, segments in by_version.items():
-            try:
-                built = _build_version(version, segments)
-            except ValueError as exc:  # widths differ inside one version: a broken writer
-                log.error("key version %d of %s cannot be indexed: %s", version, self.repo_id, exc)
-                continue
-            versions[version] = built
-            images += len(built.image_ids)
-        return Snapshot(versions, len(self._segments), images, dict(self._rejected), time.time())
+    def _add(self, key: str, segment: Segment | SegmentError) -> bool:
+        if isinstance(segment, SegmentError):
+            self._rejected[key] = segment.reason
+            log.error("rejected %s", segment)
+            return True
+        rows = self._versions.get(segment.key_version)
+        if rows is None:
+            directory = None
+            if self.cache_dir is not None:
+                directory = (self.cache_dir / self.repo_id /
+                             f"g{self._generation}-v{segment.key_version}")
+            rows = _VersionRows(segment.key_version, segment.vectors.widths, directory)
+            self._versions[segment.key_version] = rows
+        if segment.vectors.widths != rows.widths:
+            self._rejected[key] = (f"vector widths {list(segment.vectors.widths)} differ from "
+                                   f"{list(rows.widths)}, those of the other segments of key "
+                                   f"version {segment.key_version}")
+            log.error("rejected segment %s: %s", key, self._rejected[key])
+            return True
+        rows.add(segment)
+        self._known[key] = segment.key_version
+        return True
+
+    def _reset(self) -> None:
+        """Forget everything (a segment vanished): the next load starts from the bucket.
+        Old cache files stay until the snapshot that maps them is gone; a new generation
+        directory keeps the two apart."""
+        self._known.clear()
+        self._versions.clear()
+        self._generation += 1
+        if self.cache_dir is not None:
+            for old in (self.cache_dir / self.repo_id).glob(f"g{self._generation - 2}-*"):
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_segment(key: str) -> bool:
@@ -112,20 +211,19 @@ def _is_segment(key: str) -> bool:
     return True
 
 
-def _build_version(version: int, segments: list[Segment]) -> VersionIndex:
-    """Concatenate segments, keeping the first copy of an image imported twice."""
-    all_ids = np.concatenate([segment.ids for segment in segments])
-    _, first = np.unique(all_ids, return_index=True)
-    keep = np.zeros(all_ids.shape[0], dtype=bool)
-    keep[first] = True
-    parts, start = [], 0
-    for segment in segments:
-        mask = keep[start : start + len(segment)]
-        start += len(segment)
-        vectors = segment.vectors
-        if not mask.all():
-            vectors = EncryptedVectors(full=vectors.full[mask],
-                                       levels=tuple(a[mask] for a in vectors.levels))
-        parts.append(vectors)
-    ids = [bytes(i).hex() for i in all_ids[keep]]
-    return VersionIndex(version, EncryptedIndex.concat(parts), ids)
+def _load(store: ObjectStore, keys: list[str]
+          ) -> list[tuple[str, Segment | SegmentError | None]]:
+    """Download and validate segments in parallel, in key order (None: vanished)."""
+
+    def one(key: str) -> Segment | SegmentError | None:
+        try:
+            return decode_segment(store.get(key), key)
+        except SegmentError as exc:
+            return exc
+        except ObjectNotFound:
+            return None
+
+    if not keys:
+        return []
+    with ThreadPoolExecutor(min(LOAD_THREADS, len(keys))) as pool:
+        return list(zip(keys, pool.map(one, keys), strict=True))

@@ -20,12 +20,16 @@ import base64
 import binascii
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
+import platformdirs
 from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -67,7 +71,7 @@ class AllowAnyone:
 
 
 class BodyLimit:
-    """Refuses request bodies over a size before they are buffered (413)."""
+    """Refuses request bodies over a size (413) or not UTF-8 (400) before any parser."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -81,24 +85,37 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             await _plain_error(send, 413, "request body too large")
             return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
+        # Read the body here, up to the limit, so that an oversized chunked body is
+        # refused with 413 before any parser sees it; then replay it to the app.
+        parts: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise _TooLarge
-            return message
-
+            if message["type"] != "http.request":
+                break
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limit:
+                await _plain_error(send, 413, "request body too large")
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _plain_error(send, 413, "request body too large")
+            body.decode("utf-8")
+        except UnicodeDecodeError:  # FastAPI would fail on it with a 500 while parsing JSON
+            await _plain_error(send, 400, "request body is not UTF-8 JSON")
+            return
+        replayed = False
 
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _plain_error(send: Send, status: int, text: str) -> None:
@@ -142,16 +159,18 @@ class RefreshResponse(BaseModel):
 class ServiceState:
     """The repositories this process serves, each loaded on first use."""
 
-    def __init__(self, store: ObjectStore, refresh_interval: float = REFRESH_INTERVAL) -> None:
+    def __init__(self, store: ObjectStore, refresh_interval: float = REFRESH_INTERVAL,
+                 cache_dir: Path | None = None) -> None:
         self.store = store
         self.refresh_interval = refresh_interval
+        self.cache_dir = cache_dir
         self._repos: dict[str, RepoIndex] = {}
         self._lock = threading.Lock()
 
     def repo(self, repo_id: str) -> RepoIndex:
         with self._lock:
             if repo_id not in self._repos:
-                self._repos[repo_id] = RepoIndex(self.store, repo_id)
+                self._repos[repo_id] = RepoIndex(self.store, repo_id, self.cache_dir)
             return self._repos[repo_id]
 
     def current(self, repo_id: str, key_version: int | None = None) -> Snapshot:
@@ -182,6 +201,7 @@ def create_app(
     verifier: RequestVerifier | None = None,
     refresh_interval: float = REFRESH_INTERVAL,
     audit: AuditLog | None = None,
+    cache_dir: Path | None = None,
 ) -> FastAPI:
     """The ASGI application; ``verifier`` authenticates every repository request."""
     trail = audit or AuditLog(store)
@@ -193,7 +213,7 @@ def create_app(
 
     app = FastAPI(title="Radcrypt search service", version="1", lifespan=lifespan,
                   description="Encrypted exact nearest-neighbour search. Holds no key.")
-    state = ServiceState(store, refresh_interval)
+    state = ServiceState(store, refresh_interval, cache_dir)
     checker: RequestVerifier = verifier or AllowAnyone()
     app.state.radcrypt = state
     app.state.audit = trail
@@ -276,14 +296,23 @@ def store_config_from_env() -> StoreConfig:
 
 
 def serve(host: str, port: int, store: ObjectStore,
-          verifier: RequestVerifier | None = None) -> None:
-    """Run the service until interrupted (blocking)."""
+          verifier: RequestVerifier | None = None, cache_dir: Path | None = None) -> None:
+    """Run the service until interrupted (blocking).
+
+    Index arrays are memory-mapped from a private directory under ``cache_dir`` (the
+    user cache directory by default), removed when the service stops.
+    """
     import uvicorn
 
-    config = uvicorn.Config(create_app(store, verifier), host=host, port=port,
-                            log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    server.run()
+    root = cache_dir or Path(platformdirs.user_cache_dir("radcrypt")) / "service"
+    root.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f"index-{os.getpid()}-", dir=root))
+    try:
+        config = uvicorn.Config(create_app(store, verifier, cache_dir=private), host=host,
+                                port=port, log_level="warning", access_log=False)
+        uvicorn.Server(config).run()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def verifier_from_keys(store: ObjectStore, owner_keys: str) -> RequestVerifier:
@@ -299,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Radcrypt search service (holds no key)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where index arrays are memory-mapped (default: user cache dir)")
     parser.add_argument("--owner-key", action="append", default=[],
                         help="base64 Ed25519 public key of a data owner (repeatable); "
                              "also RADCRYPT_OWNER_KEYS, comma separated")
@@ -306,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     store = ObjectStore(store_config_from_env())
     keys = ",".join([*args.owner_key, os.environ.get("RADCRYPT_OWNER_KEYS", "")])
-    serve(args.host, args.port, store, verifier_from_keys(store, keys))
+    serve(args.host, args.port, store, verifier_from_keys(store, keys), args.cache_dir)
     return 0
 
 
