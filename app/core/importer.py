@@ -23,7 +23,7 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,10 +39,11 @@ from app.imaging.errors import ImageDecodeError
 from app.imaging.features import get_extractor
 from app.imaging.thumbnail import make_thumbnail_png
 from cloud import layout
-from cloud.segments import encode_segment, read_header
+from cloud.segments import DIGEST_SIZE, encode_segment, expected_size, read_header
 from cloud.store import ObjectStore, StoreError
 
 DEFAULT_BATCH = 64
+UPLOAD_THREADS = 8  # uploads wait on the network, not the CPU: more of them than workers
 META_FORMAT = "radcrypt-meta-v1"
 _ID_CONTEXT = b"radcrypt/image-id/v1"
 
@@ -75,6 +76,7 @@ class _Prepared:
     image_id: str
     features: np.ndarray | None  # None: already committed
     error: str = ""
+    uploads: tuple[Future[None], ...] = ()  # this image's objects, in flight
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -100,15 +102,25 @@ def image_id_for(repo: Repository, content_digest: bytes) -> str:
 
 
 def committed_ids(store: ObjectStore, repo_id: str) -> set[str]:
-    """Ids named by the repository's segments: two small range reads per segment."""
+    """Ids named by the repository's segments: two small range reads per segment.
+
+    A segment whose header is damaged, or whose size is not the one its header implies
+    (truncated, extended), commits nothing, so a re-run imports its images again. Damage
+    that keeps the size (flipped bits) is only found by the service's checksum, which
+    reports the segment on refresh; reading every segment whole here would cost the whole
+    index at every import.
+    """
     ids: set[str] = set()
-    for key in store.list_keys(layout.segments_prefix(repo_id)):
+    for key, size in store.list_objects(layout.segments_prefix(repo_id)):
         head = store.get_range(key, 0, 64)
         try:
-            _, count, _ = read_header(head, key)
+            _, count, widths = read_header(head, key)
         except ValueError:
             continue  # a damaged segment commits nothing; the service reports it
-        raw = store.get_range(key, 64, 16 * count)
+        if size != expected_size(count, widths):
+            continue
+        header = expected_size(0, widths) - DIGEST_SIZE
+        raw = store.get_range(key, header, 16 * count)
         ids.update(raw[i : i + 16].hex() for i in range(0, len(raw) - 15, 16))
     return ids
 
@@ -138,7 +150,9 @@ class Importer:
         self._committed = committed_ids(self.store, self.repo.repo_id)
         self._uploaded = objects.existing_image_ids(self.store, self.repo.repo_id, "meta")
         done = 0
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="radcrypt-import") as pool:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="radcrypt-import") as pool, \
+                ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="radcrypt-upload") as up:
+            self._upload_pool = up
             for batch in _chunks(files, self.batch_size):
                 finished: list[_Prepared] = []
                 try:
@@ -161,7 +175,7 @@ class Importer:
             futures.append(pool.submit(self._prepare_checked, path))
         try:
             for future in futures:
-                yield future.result()
+                yield _uploaded(future.result())
                 self.cancel.check()
         finally:
             for future in futures:
@@ -190,17 +204,24 @@ class Importer:
         image: DecodedImage = (decode_bytes(data, str(path)) if data is not None
                                else decode_image(path))
         features = np.asarray(self.extract(image), dtype=np.float64)
-        if image_id not in self._uploaded:
-            keys, repo_id = self.repo.keys, self.repo.repo_id
+        if image_id in self._uploaded:
+            return _Prepared(str(path), image_id, features)
+        keys, repo_id = self.repo.keys, self.repo.repo_id
+        thumb = make_thumbnail_png(image)
+        meta = _metadata(path, size, digest, image, self.repo.manifest.extractor, features)
+
+        def upload() -> None:
+            # The meta object goes last: its presence tells a resumed import that the
+            # original and the preview are stored too.
             if data is not None:
                 objects.put_encrypted(self.store, keys, repo_id, "objects", image_id, data)
             else:
                 objects.put_encrypted_file(self.store, keys, repo_id, image_id, path)
-            objects.put_encrypted(self.store, keys, repo_id, "thumbs", image_id,
-                                  make_thumbnail_png(image))
-            meta = _metadata(path, size, digest, image, self.repo.manifest.extractor, features)
+            objects.put_encrypted(self.store, keys, repo_id, "thumbs", image_id, thumb)
             objects.put_encrypted(self.store, keys, repo_id, "meta", image_id, meta)
-        return _Prepared(str(path), image_id, features)
+
+        return _Prepared(str(path), image_id, features,
+                         uploads=(self._upload_pool.submit(upload),))
 
     def _record(self, report: ImportReport, prepared: _Prepared, done: int, total: int) -> None:
         if prepared.error:
@@ -218,9 +239,13 @@ class Importer:
     def _commit(self, finished: list[_Prepared], report: ImportReport) -> None:
         """Write the segment for this batch's new images: the commit point."""
         new: dict[str, _Prepared] = {}
+        twins: list[tuple[str, str]] = []  # the same content twice in one batch: once
         for p in finished:
             if p.features is not None and p.image_id not in self._committed:
-                new.setdefault(p.image_id, p)  # the same file twice in one batch: once
+                if p.image_id in new:
+                    twins.append((p.path, p.image_id))
+                else:
+                    new[p.image_id] = p
         if not new:
             return
         ids = list(new)
@@ -231,8 +256,20 @@ class Importer:
         self._committed.update(ids)
         report.segments.append(seg_id)
         report.imported += [(new[i].path, i) for i in ids]
+        report.already_present += twins
         self.progress(ProgressEvent("commit", len(report.imported), len(report.imported),
                                     message=f"segment {seg_id[:8]} committed ({len(ids)} images)"))
+
+
+def _uploaded(prepared: _Prepared) -> _Prepared:
+    """Wait for an image's uploads; a failed upload makes the image a failure."""
+    try:
+        for upload in prepared.uploads:
+            upload.result()
+    except StoreError as exc:
+        name = Path(prepared.path).name
+        return _Prepared(prepared.path, "", None, error=f"upload of {name} failed: {exc}")
+    return prepared
 
 
 def _metadata(path: Path, size: int, digest: bytes, image: DecodedImage, extractor: str,

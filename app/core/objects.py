@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.core.errors import IntegrityError
+from app.core.errors import IntegrityError, RadcryptError
 from cloud import layout
 from cloud.store import ObjectNotFound, ObjectStore
 from crypto import aead
@@ -87,6 +87,7 @@ def fetch_original(store: ObjectStore, ring: KeyRing, repo_id: str, image_id: st
 
     Written to a temporary file beside ``dest`` and renamed only once every chunk and
     the final flag verified, so a tampered object never leaves a partial file behind.
+    IntegrityError when the object does not open; RadcryptError when there is none.
     """
     key = layout.object_key(repo_id, image_id)
     dest = Path(dest)
@@ -103,6 +104,11 @@ def fetch_original(store: ObjectStore, ring: KeyRing, repo_id: str, image_id: st
             return dest.stat().st_size
         except DecryptionError:
             continue
+        except ObjectNotFound:
+            raise RadcryptError(
+                f"repository {repo_id!r} has no stored original for image {image_id}: "
+                "the id is unknown, or the object was deleted"
+            ) from None
         finally:
             if tmp.exists():
                 tmp.unlink()
