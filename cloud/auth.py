@@ -27,6 +27,7 @@ from crypto.signed import json_signer, open_json, open_record
 
 WINDOW_SECONDS = 300
 USER_CACHE_SECONDS = 30.0
+GRANT_CACHE_SECONDS = 2.0  # a revocation reaches a running service within this delay
 
 
 def request_message(method: str, path: str, body_sha256: str, stamp: str, nonce: str,
@@ -75,6 +76,7 @@ class SignatureVerifier:
         self.window = window
         self._nonces: dict[str, float] = {}
         self._users: dict[str, tuple[float, bytes]] = {}
+        self._grants: dict[tuple[str, str], float] = {}  # (repo, user) -> valid until
         self._lock = threading.Lock()
 
     def verify(self, request: Request, body: bytes, repo_id: str | None) -> str:
@@ -133,7 +135,23 @@ class SignatureVerifier:
         return card.sign_public
 
     def _granted(self, repo_id: str, user: str) -> bool:
-        """A grant for the user exists, signed by the key that signed the manifest."""
+        """A grant for the user exists, signed by the key that signed the manifest.
+
+        Checking costs two object reads and two signatures (about 15 ms), so a positive
+        answer is remembered for GRANT_CACHE_SECONDS; a refusal is never remembered, so
+        a new grant works at once and a revocation within that delay.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._grants.get((repo_id, user), 0.0) > now:
+                return True
+        if not self._check_grant(repo_id, user):
+            return False
+        with self._lock:
+            self._grants[(repo_id, user)] = now + GRANT_CACHE_SECONDS
+        return True
+
+    def _check_grant(self, repo_id: str, user: str) -> bool:
         try:
             manifest_name = layout.manifest_key(repo_id)
             manifest = self.store.get(manifest_name)

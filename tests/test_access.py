@@ -187,7 +187,11 @@ def test_revocation_rotates_keys_and_locks_the_revoked_user_out(world: World) ->
     store = world.session.store
     old_ring_bytes = open_repository_as(world.session, world.alice,
                                         world.repo.repo_id).ring.to_bytes()
+    path = f"/v1/repos/{world.repo.repo_id}/refresh"
+    assert _signed_post(world, world.alice, path, b"{}").status_code == 200
     repo = revoke_access(world.session, world.owner, world.repo, world.alice.user_id)
+    time.sleep(2.1)  # the running service re-checks grants at least every 2 s
+    assert _signed_post(world, world.alice, path, b"{}").status_code == 403
     world.repo = repo
     assert repo.manifest.key_version == 2
     with pytest.raises(AccessDenied, match="no access"):
