@@ -3,10 +3,11 @@
 Segments are immutable once written (the commit point of an import batch), so the view
 only ever appends the rows of segments it has not seen; when a segment disappears
 (garbage collection, a key rotation) the view is rebuilt from the bucket. A segment that
-fails validation, or whose vector widths differ from those of the first segment of its
-key version, is reported and skipped; the others keep serving. Rows are grouped by key
-version, because a query token only matches ciphertexts made with the same keys, and an
-image already present (imported twice, by two workstations at once) is kept once.
+fails validation, or whose vector widths differ from those of its key version (those
+most of the version's images have when it is first loaded), is reported and skipped; the
+others keep serving. Rows are grouped by key version, because a query token only matches
+ciphertexts made with the same keys, and an image already present (imported twice, by two
+workstations at once) is kept once.
 
 Memory. With a cache directory, each key version's arrays are appended to files there
 and memory-mapped read-only: only the float32 copy of the first bound level (the one
@@ -21,6 +22,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from numpy.typing import NDArray
 
 from cloud import layout
 from cloud.search import EncryptedIndex
-from cloud.segments import Segment, SegmentError, decode_segment
+from cloud.segments import Segment, SegmentError, decode_segment, read_header
 from cloud.store import ObjectNotFound, ObjectStore
 from crypto.tokens import EncryptedVectors
 
@@ -107,8 +109,8 @@ class _VersionRows:
                                                 levels=tuple(arrays[:-1])))
         else:
             for path, array in zip(self._files(), arrays, strict=True):
-                with path.open("ab") as out:
-                    out.write(np.ascontiguousarray(array, dtype="<f8").tobytes())
+                with path.open("ab") as out:  # a view of the segment's bytes: no copy
+                    out.write(memoryview(np.ascontiguousarray(array, dtype="<f8")))
         added = int(keep.sum())
         self.rows += added
         return added
@@ -155,9 +157,10 @@ class RepoIndex:
                 changed = True
             self._rejected = {k: v for k, v in self._rejected.items() if k in keys}
             new = [k for k in keys if k not in self._known and k not in self._rejected]
+            widths = self._widths_to_serve(new)
             for key, segment in _load(self.store, new):
                 if segment is not None:
-                    changed |= self._add(key, segment)
+                    changed |= self._add(key, segment, widths)
             if changed or not self.snapshot.loaded_at:
                 versions = {v: rows.build() for v, rows in self._versions.items() if rows.rows}
                 images = sum(len(v.image_ids) for v in versions.values())
@@ -168,7 +171,23 @@ class RepoIndex:
                                          self.snapshot.images, dict(self._rejected), time.time())
             return self.snapshot
 
-    def _add(self, key: str, segment: Segment | SegmentError) -> bool:
+    def _widths_to_serve(self, new: list[str]) -> dict[int, tuple[int, ...]]:
+        """For each key version not served yet, the vector widths most of its new images
+        have (on a tie, those of the first segment in key order): one odd segment, from a
+        broken writer or another key, must not decide by the luck of its random name.
+        Read from the segments' headers (64 bytes each), so the segments themselves can
+        still be streamed one after the other."""
+        images: dict[int, dict[tuple[int, ...], int]] = {}
+        for header in _headers(self.store, new):
+            if header is not None and header[0] not in self._versions:
+                version, count, widths = header
+                by_widths = images.setdefault(version, {})
+                by_widths[widths] = by_widths.get(widths, 0) + count
+        return {version: max(by_widths, key=lambda w: by_widths[w])
+                for version, by_widths in images.items()}
+
+    def _add(self, key: str, segment: Segment | SegmentError,
+             widths: dict[int, tuple[int, ...]]) -> bool:
         if isinstance(segment, SegmentError):
             self._rejected[key] = segment.reason
             log.error("rejected %s", segment)
@@ -179,7 +198,9 @@ class RepoIndex:
             if self.cache_dir is not None:
                 directory = (self.cache_dir / self.repo_id /
                              f"g{self._generation}-v{segment.key_version}")
-            rows = _VersionRows(segment.key_version, segment.vectors.widths, directory)
+            rows = _VersionRows(segment.key_version,
+                                widths.get(segment.key_version, segment.vectors.widths),
+                                directory)
             self._versions[segment.key_version] = rows
         if segment.vectors.widths != rows.widths:
             self._rejected[key] = (f"vector widths {list(segment.vectors.widths)} differ from "
@@ -211,9 +232,26 @@ def _is_segment(key: str) -> bool:
     return True
 
 
+def _headers(store: ObjectStore, keys: list[str]
+             ) -> list[tuple[int, int, tuple[int, ...]] | None]:
+    """(key version, count, widths) of each segment, None where unreadable."""
+
+    def one(key: str) -> tuple[int, int, tuple[int, ...]] | None:
+        try:
+            return read_header(store.get_range(key, 0, 64), key)
+        except (SegmentError, ObjectNotFound):
+            return None
+
+    if not keys:
+        return []
+    with ThreadPoolExecutor(min(LOAD_THREADS, len(keys))) as pool:
+        return list(pool.map(one, keys))
+
+
 def _load(store: ObjectStore, keys: list[str]
-          ) -> list[tuple[str, Segment | SegmentError | None]]:
-    """Download and validate segments in parallel, in key order (None: vanished)."""
+          ) -> Iterator[tuple[str, Segment | SegmentError | None]]:
+    """Download and validate segments in parallel, yielded in key order (None: vanished)
+    as soon as each is ready, so that appending one overlaps downloading the next."""
 
     def one(key: str) -> Segment | SegmentError | None:
         try:
@@ -224,6 +262,6 @@ def _load(store: ObjectStore, keys: list[str]
             return None
 
     if not keys:
-        return []
+        return
     with ThreadPoolExecutor(min(LOAD_THREADS, len(keys))) as pool:
-        return list(zip(keys, pool.map(one, keys), strict=True))
+        yield from zip(keys, pool.map(one, keys), strict=True)
