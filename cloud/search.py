@@ -36,6 +36,8 @@ FIRST_BLOCK = 256
 BLOCK_GROWTH = 2
 MAX_BLOCK = 65536
 REFINE_THREADS = 2
+SCAN_FRACTION = 0.1  # above this share of survivors, a float32 full scan is cheaper
+PARALLEL_REFINE_ROWS = 200_000
 
 
 @dataclass
@@ -79,7 +81,8 @@ class EncryptedIndex:
 
     def __init__(self, vectors: EncryptedVectors, *, full_norm: float | None = None,
                  level_norms: list[float] | None = None,
-                 first32: NDArray[np.float32] | None = None) -> None:
+                 first32: NDArray[np.float32] | None = None,
+                 full32: NDArray[np.float32] | None = None) -> None:
         """Arrays may be memory-mapped files (cloud/repo_index.py): then pass the norms
         and the float32 first level, computed while the data was in memory anyway, so
         that nothing here has to read every page."""
@@ -92,6 +95,9 @@ class EncryptedIndex:
         if first32 is None and self.levels:
             first32 = self.levels[0].astype(np.float32)
         self.first32 = first32
+        # When the bounds cannot prune (queries far from everything, structureless data)
+        # the engine scans the full vectors in float32 and refines the few near the top.
+        self.full32 = self.full.astype(np.float32) if full32 is None else full32
 
     def __len__(self) -> int:
         return int(self.full.shape[0])
@@ -179,21 +185,41 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     firsts = _first_level_scores(index, token.levels[0])
     shared_ms = (time.perf_counter() - start) * 1000.0 / len(token)
 
-    def one(qi: int) -> SearchResult:
+    def one(qi: int) -> SearchResult | None:
         begin = time.perf_counter()
-        result = _refine_query(index, token, qi, firsts[qi], k)
-        result.stats.milliseconds = shared_ms + (time.perf_counter() - begin) * 1000.0
+        result = _refine_query(index, token, qi, firsts[qi], k, scan=False)
+        if result is not None:
+            result.stats.milliseconds = shared_ms + (time.perf_counter() - begin) * 1000.0
         return result
 
-    # Refining is numpy work on one query's row that mostly releases the GIL: two
-    # threads keep both cores busy while the other query's Python runs.
-    with ThreadPoolExecutor(REFINE_THREADS) as pool:
-        return list(pool.map(one, range(len(token))))
+    # Refining is numpy work on one query's row that mostly releases the GIL: on a
+    # large index two threads keep both cores busy; on a small one they only cost.
+    if len(index) >= PARALLEL_REFINE_ROWS:
+        with ThreadPoolExecutor(REFINE_THREADS) as pool:
+            results = list(pool.map(one, range(len(token))))
+    else:
+        results = [one(qi) for qi in range(len(token))]
+    # Queries the bounds could not prune share one float32 scan of the full vectors.
+    deferred = [qi for qi, r in enumerate(results) if r is None]
+    if deferred:
+        begin = time.perf_counter()
+        scanned = _scan_full32_batch(index, token.full[deferred], k)
+        each = (time.perf_counter() - begin) * 1000.0 / len(deferred)
+        for qi, result in zip(deferred, scanned, strict=True):
+            result.stats.milliseconds = shared_ms + each
+            results[qi] = result
+    return [r for r in results if r is not None]
 
 
 def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
-                  first: NDArray[np.float32], k: int) -> SearchResult:
-    """Filter and refine one query whose first-level scores are known (and ours to mark)."""
+                  first: NDArray[np.float32], k: int, scan: bool = True
+                  ) -> SearchResult | None:
+    """Filter and refine one query whose first-level scores are known (and ours to mark).
+
+    When too many vectors survive the first level for pruning to pay, the query is
+    answered by a float32 scan of the full vectors, or, with ``scan`` False, left to
+    the caller (None) to scan together with other such queries.
+    """
     n = len(index)
     t_levels = [t[qi] for t in token.levels]
     t_full = token.full[qi]
@@ -225,6 +251,9 @@ def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
     # The k best first-level candidates set a threshold; then blocks of growing size,
     # best first, each cut by the threshold the blocks before them raised.
     refine(_seed_positions(first, k))
+    survivors = int(np.count_nonzero(first >= _float32_floor(top.threshold - margins[0])))
+    if survivors > SCAN_FRACTION * n:
+        return _scan_full32_batch(index, t_full[None, :], k)[0] if scan else None
     block_size = FIRST_BLOCK
     while True:
         remaining = np.flatnonzero(first >= _float32_floor(top.threshold - margins[0]))
@@ -236,6 +265,31 @@ def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
         block_size = min(MAX_BLOCK, block_size * BLOCK_GROWTH)
     positions, scores = top.ranked()
     return SearchResult(positions, scores, SearchStats(n, scored, full_scored, 0.0))
+
+
+def _scan_full32_batch(index: EncryptedIndex, t_full: F64, k: int) -> list[SearchResult]:
+    """Exact top-k by a float32 scan of every full vector (one matrix product for all
+    the queries), then float64 on the few candidates float32 cannot tell apart.
+
+    With v the k-th best float32 score and e the float32 error bound, k vectors have a
+    float64 score >= v - e, so every member of the true top k has a float64 score
+    >= v - e and a float32 score >= v - 2e: those candidates are rescored in float64.
+    """
+    n = len(index)
+    approx_all = t_full.astype(np.float32) @ index.full32.T
+    results = []
+    for qi in range(t_full.shape[0]):
+        approx, token = approx_all[qi], t_full[qi]
+        kth = float(np.partition(approx, n - k)[n - k]) if k < n else float(approx.min())
+        err = (2.0 * _float32_error(index.full.shape[1], index.full_norm, token)
+               + SAFETY_EPS * index.full_norm * float(np.linalg.norm(token)))
+        candidates = np.flatnonzero(approx >= _float32_floor(kth - err))
+        top = _TopK(k)
+        top.merge(candidates, index.full[candidates] @ token)
+        positions, scores = top.ranked()
+        levels = [n] + [0] * (len(index.levels) - 1)
+        results.append(SearchResult(positions, scores, SearchStats(n, levels, n, 0.0)))
+    return results
 
 
 def _float32_floor(value: float) -> np.float32:

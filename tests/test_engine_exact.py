@@ -106,3 +106,22 @@ def test_rejects_mismatched_token_and_bad_k() -> None:
         search(index, key_b.query(rng.standard_normal(32)), 1)
     with pytest.raises(ValueError, match="k must be"):
         search(index, key_a.query(rng.standard_normal(16)), 0)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_unprunable_queries_fall_back_to_an_exact_float32_scan(k: int) -> None:
+    """Fresh queries on i.i.d. Gaussian data defeat every bound: the engine must then scan
+    the full vectors in float32 and refine in float64, single and batched, exactly."""
+    rng = np.random.default_rng(21)
+    data = datasets.gaussian(rng, 3000, 128)
+    queries = datasets.gaussian(rng, 40, 128)
+    key = IndexKey.generate(128, sample=data[:500])
+    index = EncryptedIndex(key.encrypt(data))
+    token = key.query(queries)
+    _, truth = datasets.plaintext_topk(data, queries, k)
+    batched = search_batch(index, token, k)
+    singles = [search(index, token.select(i), k) for i in range(40)]
+    assert sum(r.stats.full_scored == 3000 for r in singles) >= 30  # the scan path ran
+    for qi in range(40):
+        assert datasets.agrees(batched[qi].positions, data, queries[qi], truth[qi])
+        assert datasets.agrees(singles[qi].positions, data, queries[qi], truth[qi])
