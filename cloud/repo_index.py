@@ -10,9 +10,9 @@ ciphertexts made with the same keys, and an image already present (imported twic
 workstations at once) is kept once.
 
 Memory. With a cache directory, each key version's arrays are appended to files there
-and memory-mapped read-only: only the float32 copy of the first bound level (the one
-level every query scans) lives in RAM, the finer levels and the full vectors are paged
-in for the few candidates that reach them. Without one (tests, small repositories) the
+and memory-mapped read-only: only float32 copies live in RAM, of the first bound level
+(the one level every query scans) and of the full vectors (scanned when the bounds
+cannot prune); the float64 arrays are paged in for the few candidates that reach them. Without one (tests, small repositories) the
 arrays live in memory.
 """
 
@@ -75,6 +75,7 @@ class _VersionRows:
     ids: list[NDArray[np.void]] = field(default_factory=list)
     seen: set[bytes] = field(default_factory=set)
     first32: list[NDArray[np.float32]] = field(default_factory=list)
+    full32: list[NDArray[np.float32]] = field(default_factory=list)
     chunks: list[EncryptedVectors] = field(default_factory=list)  # memory mode only
     norms: list[float] = field(default_factory=list)  # per level, then full
 
@@ -104,6 +105,7 @@ class _VersionRows:
         self.norms = [max(old, _max_norm(a)) for old, a in zip(self.norms, arrays, strict=True)]
         if len(arrays) > 1:
             self.first32.append(arrays[0].astype(np.float32))
+        self.full32.append(arrays[-1].astype(np.float32))
         if self.directory is None:
             self.chunks.append(EncryptedVectors(full=np.ascontiguousarray(arrays[-1]),
                                                 levels=tuple(arrays[:-1])))
@@ -127,7 +129,7 @@ class _VersionRows:
             vectors = EncryptedVectors(full=mapped[-1], levels=tuple(mapped[:-1]))
         first32 = np.concatenate(self.first32) if self.first32 else None
         index = EncryptedIndex(vectors, full_norm=self.norms[-1], level_norms=self.norms[:-1],
-                               first32=first32)
+                               first32=first32, full32=np.concatenate(self.full32))
         ids = np.concatenate(self.ids)
         return VersionIndex(self.version, index, [bytes(i).hex() for i in ids])
 
