@@ -35,8 +35,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python main.py demo
 
+# The quick set (< 10 min on 2 cores); see README for the 1,000,000-vector run.
 bench: $(STAMP)
-	$(BIN)/python -m bench.engine --n 100000 --d 128 --queries 200 --json bench/results/engine.json
+	$(BIN)/python -m bench.engine --n 10000,100000 --d 64,128 --kinds gaussian,realistic \
+	  --query-modes near,fresh --queries 100 --json bench/results/engine.json
+	$(BIN)/python -m bench.ingest --images 200 --workers 2 --json bench/results/ingest.json
+	$(BIN)/python -m bench.e2e --n 100000 --queries 30 --json bench/results/e2e.json
 
 screenshots: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m app.gui.screenshots docs/screenshots
