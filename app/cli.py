@@ -22,6 +22,7 @@ from typing import Any
 from app.core.errors import RadcryptError
 from app.core.progress import ProgressEvent
 from app.core.settings import Settings, load_settings
+from cloud.store import StoreError
 
 log = logging.getLogger("radcrypt")
 
@@ -524,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         print("radcrypt: interrupted; finished work is kept, run the command again to resume",
               file=sys.stderr)
         return 1
-    except (RadcryptError, ValueError, OSError) as exc:
+    except (RadcryptError, StoreError, ValueError, OSError) as exc:
         if os.environ.get("RADCRYPT_DEBUG"):
             raise
         print(f"radcrypt: {exc}", file=sys.stderr)

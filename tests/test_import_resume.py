@@ -1,0 +1,282 @@
+"""An import killed with SIGKILL resumes: nothing lost, nothing doubled, nothing re-uploaded.
+
+`python main.py import ... --store s3` runs as a subprocess against SeaweedFS (real
+credential checks; boto3 gets them from the environment, as in production), with small
+batches. The test watches the bucket, kills the command once the first segment (the commit
+point of a batch) is there, runs it again to the end, and checks the segments, the objects
+and the answers of the search service.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.core.importer import Importer, committed_ids, image_id_for
+from app.core.repository import Repository, create_repository
+from app.core.searcher import read_meta, search_features, search_files
+from app.core.session import Session
+from app.core.settings import load_settings
+from cloud import layout
+from cloud.segments import decode_segment
+from cloud.store import ObjectStore, StoreConfig
+
+try:
+    import e2e_support as support
+    import s3servers
+except ImportError:  # pragma: no cover
+    from tests import e2e_support as support
+    from tests import s3servers
+
+COUNT = 120
+BATCH = 8
+PASSWORD = "resume me"
+
+
+@pytest.fixture
+def bucket(seaweed_store_config: StoreConfig) -> Iterator[StoreConfig]:
+    config = dataclasses.replace(seaweed_store_config, bucket=s3servers.unique_bucket("resume"))
+    ObjectStore(config).ensure_bucket()
+    yield config
+    s3servers.drop_bucket(config)
+
+
+def _etags(config: StoreConfig, prefix: str) -> dict[str, str]:
+    """key -> ETag of every object under prefix, read with a plain boto3 client."""
+    client = s3servers.raw_client(config)
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=config.bucket,
+                                                                  Prefix=prefix):
+        for item in page.get("Contents", []):
+            out[item["Key"]] = item["ETag"]
+    return out
+
+
+def _segment_ids(store: ObjectStore, repo_id: str) -> collections.Counter[str]:
+    """How often each image id appears across all segments (each fully validated)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for key in store.list_keys(layout.segments_prefix(repo_id)):
+        counts.update(decode_segment(store.get(key), key).id_strings())
+    return counts
+
+
+class Command:
+    def __init__(self, config: StoreConfig, repo: Repository, folder: Path, tmp: Path) -> None:
+        password_file = tmp / "password.txt"
+        password_file.write_text(PASSWORD + "\n")
+        self.args = [support.PYTHON, "main.py", "import", "--repo", repo.repo_id, str(folder),
+                     "--password-file", str(password_file), "--store", "s3",
+                     "--endpoint", str(config.endpoint_url), "--bucket", config.bucket,
+                     "--batch-size", str(BATCH), "--workers", "2", "--json"]
+        self.env = support.store_env(config)
+        self.env.pop("RADCRYPT_PASSWORD", None)
+        for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME"):
+            self.env[var] = str(tmp / var.lower())
+
+    def start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.args, cwd=support.PROJECT, env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def run(self) -> dict[str, Any]:
+        done = subprocess.run(self.args, cwd=support.PROJECT, env=self.env,
+                              capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
+
+
+def test_killed_import_resumes_without_loss_or_duplicates(
+    bucket: StoreConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ObjectStore(bucket)
+    folder = tmp_path / "archive"
+    files = support.copy_images(support.sample_images(COUNT), folder)
+    repo = create_repository(store, "resume", PASSWORD, scrypt_log2_n=10)
+    expected = {image_id_for(repo, hashlib.sha256(p.read_bytes()).digest()): p for p in files}
+    assert len(expected) == COUNT
+    command = Command(bucket, repo, folder, tmp_path)
+    segments = layout.segments_prefix(repo.repo_id)
+
+    # -- run 1: SIGKILL once the first batch is committed and the next one has begun
+    # uploading (so that the resumed run finds objects no segment names yet)
+    process = command.start()
+    deadline = time.monotonic() + 120
+    metas = layout.image_prefix("meta", repo.repo_id)
+
+    def mid_batch() -> bool:
+        committed = len(list(store.list_keys(segments)))
+        return committed > 0 and len(list(store.list_keys(metas))) > BATCH * committed
+
+    try:
+        while True:
+            assert process.poll() is None, (
+                f"the import ended before it could be killed: {process.communicate()}")
+            assert time.monotonic() < deadline, "no segment appeared within 120 s"
+            if mid_batch():  # freeze the command, then look again without a race
+                os.kill(process.pid, signal.SIGSTOP)
+                time.sleep(0.2)  # requests already sent may still land
+                if mid_batch():
+                    break
+                os.kill(process.pid, signal.SIGCONT)
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert support.processes_with_env("RADCRYPT_S3_BUCKET", bucket.bucket) == []
+    after_kill = committed_ids(store, repo.repo_id)
+    assert 0 < len(after_kill) < COUNT and len(after_kill) % BATCH == 0
+    assert after_kill <= set(expected)
+    metas_after_kill = _etags(bucket, metas)
+    assert len(metas_after_kill) > len(after_kill)  # uploaded, not committed: invisible
+    objects_after_kill = _etags(bucket, layout.objects_prefix(repo.repo_id))
+    print(f"\nkilled after {len(after_kill)} committed images; {len(metas_after_kill)} images "
+          "had their objects uploaded")
+
+    # -- run 2: to the end
+    report = command.run()
+    assert report["failed"] == [] and not report["cancelled"]
+    assert {i["image_id"] for i in report["already_present"]} == after_kill
+    imported = {i["image_id"] for i in report["imported"]}
+    assert imported == set(expected) - after_kill
+    assert len(report["imported"]) + len(report["already_present"]) == COUNT
+    counts = _segment_ids(store, repo.repo_id)
+    assert set(counts) == set(expected)
+    assert set(counts.values()) == {1}, [i for i, n in counts.items() if n > 1][:5]
+    assert committed_ids(store, repo.repo_id) == set(expected)
+    # objects the killed run had finished were not uploaded again
+    meta_tags = _etags(bucket, metas)
+    originals = _etags(bucket, layout.objects_prefix(repo.repo_id))
+    assert {k: meta_tags[k] for k in metas_after_kill} == metas_after_kill
+    assert {k: originals[k] for k in metas_after_kill
+            if k in objects_after_kill} == {k: objects_after_kill[k] for k in metas_after_kill
+                                            if k in objects_after_kill}
+    assert len(meta_tags) == len(originals) == COUNT
+
+    # -- every image searchable once: 10 originals find themselves at distance 0
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", str(bucket.access_key))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", str(bucket.secret_key))
+    settings = load_settings(store="s3", endpoint_url=bucket.endpoint_url, bucket=bucket.bucket)
+    probes = files[:: COUNT // 10][:10]
+    with Session(settings) as session:
+        results = search_files(session, repo, probes, k=2)
+    for probe, result in zip(probes, results, strict=True):
+        first = result.hits[0]
+        assert first.name == probe.name and expected[first.image_id] == probe
+        assert first.distance <= 1e-12
+        assert result.hits[1].image_id != first.image_id
+        assert result.stats["vectors"] == COUNT
+
+    # -- run 3: nothing left to do, nothing uploaded
+    before = _etags(bucket, layout.repo_prefix(repo.repo_id))
+    again = command.run()
+    assert again["imported"] == [] and again["segments"] == [] and again["failed"] == []
+    assert len(again["already_present"]) == COUNT
+    assert _etags(bucket, layout.repo_prefix(repo.repo_id)) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header"])
+def test_images_of_a_damaged_segment_are_committed_again(
+    moto_store_config: StoreConfig, damage: str
+) -> None:
+    """A segment the service must reject (wrong size, bad header) commits nothing: a re-run
+    of the import commits its images again, and the search serves each image once."""
+    config = dataclasses.replace(moto_store_config, bucket=s3servers.unique_bucket("damage"))
+    store = ObjectStore(config)
+    store.ensure_bucket()
+    try:
+        files = support.sample_images(24)
+        repo = create_repository(store, "damaged", PASSWORD, scrypt_log2_n=10)
+        first = Importer(store, repo, workers=2, batch_size=8).run(files)
+        assert len(first.segments) == 3
+        key = layout.segment_key(repo.repo_id, first.segments[1])
+        blob = store.get(key)
+        lost = set(decode_segment(blob, key).id_strings())
+        store.put(key, {"truncated": blob[:-1], "header": b"XXXX" + blob[4:]}[damage])
+        assert committed_ids(store, repo.repo_id) == {i for _, i in first.imported} - lost
+
+        again = Importer(store, repo, workers=2, batch_size=8).run(files)
+        assert {i for _, i in again.imported} == lost and len(again.segments) == 1
+        assert len(again.already_present) == 16
+        with Session(load_settings(store="s3", endpoint_url=config.endpoint_url,
+                                   bucket=config.bucket)) as session:
+            state = session.service.refresh(repo.repo_id)
+            assert list(state["rejected_segments"]) == [key]
+            assert state["images"] == 24
+            features = np.array([read_meta(store, repo, i)[0]["features"] for i in sorted(lost)])
+            results = search_features(session, repo, features, sorted(lost), k=3)
+        for image_id, result in zip(sorted(lost), results, strict=True):
+            assert result.hits[0].image_id == image_id and result.hits[0].distance == 0.0
+            assert len({h.image_id for h in result.hits}) == 3
+    finally:
+        s3servers.drop_bucket(config)
+
+
+@pytest.fixture
+def moto_store(moto_store_config: StoreConfig) -> Iterator[ObjectStore]:
+    config = dataclasses.replace(moto_store_config, bucket=s3servers.unique_bucket("imp"))
+    store = ObjectStore(config)
+    store.ensure_bucket()
+    yield store
+    s3servers.drop_bucket(config)
+
+
+def test_same_picture_twice_is_stored_once_and_every_path_reported(
+    moto_store: ObjectStore, tmp_path: Path
+) -> None:
+    """Copies of one file under other names, in the same batch and in a later one: one
+    image id, one segment entry, and every path accounted for in the report."""
+    originals = support.sample_images(6)
+    folder = tmp_path / "dups"
+    files = support.copy_images(originals, folder)
+    twin = folder / ("twin-" + originals[1].name)  # sorts after the originals: batch 2
+    twin.write_bytes(originals[1].read_bytes())
+    same_batch = folder / ("001b-" + originals[1].name)  # next to the original: batch 1
+    same_batch.write_bytes(originals[1].read_bytes())
+    repo = create_repository(moto_store, "dups", PASSWORD, scrypt_log2_n=10)
+    report = Importer(moto_store, repo, workers=2, batch_size=4).run([folder])
+    paths = [p for p, _ in report.imported] + [p for p, _ in report.already_present]
+    assert sorted(paths) == sorted(map(str, [*files, twin, same_batch])), report.as_dict()
+    assert report.failed == []
+    assert len({i for _, i in report.imported}) == len(report.imported) == 6
+    counts = _segment_ids(moto_store, repo.repo_id)
+    assert len(counts) == 6 and set(counts.values()) == {1}
+
+
+def test_cancel_keeps_the_finished_files_and_a_rerun_completes(
+    moto_store: ObjectStore
+) -> None:
+    from app.core.progress import CancelToken, ProgressEvent
+
+    files = support.sample_images(20)
+    repo = create_repository(moto_store, "cancel", PASSWORD, scrypt_log2_n=10)
+    cancel = CancelToken()
+
+    def progress(event: ProgressEvent) -> None:
+        if event.stage == "import" and event.done == 6:
+            cancel.cancel()
+
+    report = Importer(moto_store, repo, workers=2, batch_size=4, progress=progress,
+                      cancel=cancel).run(files)
+    assert report.cancelled and report.failed == []
+    kept = {i for _, i in report.imported}
+    assert 6 <= len(kept) < 20  # the finished files of the cancelled batch are committed
+    assert committed_ids(moto_store, repo.repo_id) == kept
+    rest = Importer(moto_store, repo, workers=2, batch_size=4).run(files)
+    assert not rest.cancelled and {i for _, i in rest.already_present} == kept
+    counts = _segment_ids(moto_store, repo.repo_id)
+    assert len(counts) == 20 and set(counts.values()) == {1}
