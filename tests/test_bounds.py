@@ -31,10 +31,13 @@ def test_bound_never_exceeds_distance(pair: tuple[np.ndarray, np.ndarray, int], 
     basis = fit_basis(sample, d, rows)
     true = float(((p - q) ** 2).sum())
     bound = float(bound_sq_distance(p[None], q[None], basis)[0])
+    # Relative tolerance, plus an absolute floor far below any real feature value:
+    # subnormal inputs (hypothesis finds them) carry too few bits for a relative one.
     scale = float((p * p).sum() + (q * q).sum())
-    assert bound <= true + 1e-9 * scale
+    slack = 1e-9 * scale + 1e-250
+    assert bound <= true + slack
     ms = float(ms_distance_bound(p[None], q[None])[0])
-    assert ms <= true + 1e-9 * scale
+    assert ms <= true + slack
 
 
 @settings(max_examples=200, deadline=None)
