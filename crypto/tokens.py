@@ -23,23 +23,19 @@ MAX_TOKEN_WIDTH = 1 << 16
 MAX_LEVELS = 8
 
 
-def _check_stack(full: F64, levels: tuple[F64, ...]) -> None:
-    if full.ndim != 2:
-        raise ValueError("full part must be a 2-D array")
-    for level in levels:
-        if level.ndim != 2 or level.shape[0] != full.shape[0]:
-            raise ValueError("every level must have one row per full row")
-
-
 @dataclass(frozen=True)
-class EncryptedVectors:
-    """Ciphertexts of n stored vectors: the full vectors and one array per bound level."""
+class _LevelStack:
+    """Rows of a full array and of one array per bound level, cheapest level first."""
 
     full: F64
     levels: tuple[F64, ...]
 
     def __post_init__(self) -> None:
-        _check_stack(self.full, self.levels)
+        if self.full.ndim != 2:
+            raise ValueError("full part must be a 2-D array")
+        for level in self.levels:
+            if level.ndim != 2 or level.shape[0] != self.full.shape[0]:
+                raise ValueError("every level must have one row per full row")
 
     def __len__(self) -> int:
         return int(self.full.shape[0])
@@ -51,25 +47,17 @@ class EncryptedVectors:
 
 
 @dataclass(frozen=True)
-class QueryToken:
+class EncryptedVectors(_LevelStack):
+    """Ciphertexts of n stored vectors: the full vectors and one array per bound level."""
+
+
+@dataclass(frozen=True)
+class QueryToken(_LevelStack):
     """Tokens of Q queries: one row per query for each level and for the full vectors.
 
     All rows of one query share its random scale r, which is what makes a level's
     score comparable with (and never below) the full score.
     """
-
-    full: F64
-    levels: tuple[F64, ...]
-
-    def __post_init__(self) -> None:
-        _check_stack(self.full, self.levels)
-
-    def __len__(self) -> int:
-        return int(self.full.shape[0])
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        return (*tuple(int(level.shape[1]) for level in self.levels), int(self.full.shape[1]))
 
     def select(self, index: int) -> QueryToken:
         """The token of query ``index`` alone."""

@@ -28,20 +28,20 @@ from app.core.repository import (
     PASSWORD_OWNER,
     Manifest,
     Repository,
+    new_repository,
     open_repository,
     read_manifest,
 )
 from app.core.searcher import read_meta
 from app.core.session import Session
 from app.core.settings import Settings
-from app.imaging.features import FEATURE_DIM, get_extractor
 from cloud import layout
 from cloud.segments import decode_segment, encode_segment
 from cloud.store import ObjectExists, ObjectNotFound, ObjectStore
 from crypto.errors import DecryptionError, FormatError
 from crypto.identity import Identity, PublicCard
 from crypto.index import IndexKey
-from crypto.keys import KeyRing, VersionKeys
+from crypto.keys import KeyRing
 from crypto.recipient import unwrap_for_recipient, wrap_to_recipient
 from crypto.signed import json_signer, open_json, open_record, sign_json, sign_record
 from resources.reference import reference_features
@@ -182,19 +182,9 @@ def create_repository_as(session: Session, owner: Identity, name: str,
                          extractor: str = "radcrypt-v1",
                          basis_sample: np.ndarray | None = None) -> Repository:
     """A new repository owned by ``owner``: signed manifest, owner registered and granted."""
-    try:
-        repo_id = layout.validate_repo_id(name)
-        get_extractor(extractor)
-    except ValueError as exc:
-        raise RadcryptError(str(exc)) from None
     store = session.store
-    if store.exists(layout.manifest_key(repo_id)):
-        raise RepositoryExists(f"a repository named {repo_id!r} already exists")
-    sample = basis_sample if basis_sample is not None else reference_features(extractor)
-    index_key = IndexKey.generate(FEATURE_DIM, sample=sample)
-    ring = KeyRing(repo_id, (VersionKeys.generate(1, index_key),))
-    manifest = Manifest(repo_id=repo_id, extractor=extractor, dim=FEATURE_DIM,
-                        levels=list(index_key.levels), key_version=1, created=_now())
+    repo = new_repository(store, name, extractor, basis_sample)
+    repo_id, ring, manifest = repo.repo_id, repo.ring, repo.manifest
     register_user(session, owner, owner.card().to_json())
     _write_grant(store, owner, ring, owner.card())
     try:
@@ -202,7 +192,7 @@ def create_repository_as(session: Session, owner: Identity, name: str,
     except ObjectExists:
         raise RepositoryExists(f"a repository named {repo_id!r} already exists") from None
     _pin(session.settings, repo_id, owner.sign_public)
-    return Repository(manifest, ring)
+    return repo
 
 
 def open_repository_as(session: Session, identity: Identity, name: str) -> Repository:

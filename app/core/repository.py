@@ -91,15 +91,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def create_repository(
-    store: ObjectStore,
-    name: str,
-    password: str,
-    extractor: str = "radcrypt-v1",
-    basis_sample: np.ndarray | None = None,
-    scrypt_log2_n: int = DEFAULT_SCRYPT_LOG2_N,
-) -> Repository:
-    """A new repository: fresh keys, the manifest, the owner's password-wrapped grant."""
+def new_repository(store: ObjectStore, name: str, extractor: str,
+                   basis_sample: np.ndarray | None) -> Repository:
+    """Fresh keys and the manifest of a repository not yet in the store (nothing written).
+
+    The bound basis follows ``basis_sample`` (the department's own features) or, without
+    one, the extractor's shipped reference features.
+    """
     try:
         repo_id = layout.validate_repo_id(name)
         get_extractor(extractor)
@@ -112,13 +110,27 @@ def create_repository(
     ring = KeyRing(repo_id, (VersionKeys.generate(1, index_key),))
     manifest = Manifest(repo_id=repo_id, extractor=extractor, dim=FEATURE_DIM,
                         levels=list(index_key.levels), key_version=1, created=_now())
+    return Repository(manifest, ring)
+
+
+def create_repository(
+    store: ObjectStore,
+    name: str,
+    password: str,
+    extractor: str = "radcrypt-v1",
+    basis_sample: np.ndarray | None = None,
+    scrypt_log2_n: int = DEFAULT_SCRYPT_LOG2_N,
+) -> Repository:
+    """A new repository: fresh keys, the manifest, the owner's password-wrapped grant."""
+    repo = new_repository(store, name, extractor, basis_sample)
+    repo_id, ring, manifest = repo.repo_id, repo.ring, repo.manifest
     grant = wrap_with_password(ring.to_bytes(), password, log2_n=scrypt_log2_n)
     store.put(layout.grant_key(repo_id, PASSWORD_OWNER), grant)
     try:
         store.put(layout.manifest_key(repo_id), manifest.to_json(), if_absent=True)
     except ObjectExists:
         raise RepositoryExists(f"a repository named {repo_id!r} already exists") from None
-    return Repository(manifest, ring)
+    return repo
 
 
 def read_manifest(store: ObjectStore, name: str) -> Manifest:
