@@ -127,11 +127,15 @@ class _VersionRows:
             mapped = [np.memmap(path, dtype="<f8", mode="r", shape=(self.rows, width))
                       for path, width in zip(self._files(), self.widths, strict=True)]
             vectors = EncryptedVectors(full=mapped[-1], levels=tuple(mapped[:-1]))
-        first32 = np.concatenate(self.first32) if self.first32 else None
+        # Concatenate once and keep only the result: holding the chunks too would double
+        # the largest arrays of the service (the float32 copies).
+        self.first32 = [np.concatenate(self.first32)] if self.first32 else []
+        self.full32 = [np.concatenate(self.full32)]
+        self.ids = [np.concatenate(self.ids)]
         index = EncryptedIndex(vectors, full_norm=self.norms[-1], level_norms=self.norms[:-1],
-                               first32=first32, full32=np.concatenate(self.full32))
-        ids = np.concatenate(self.ids)
-        return VersionIndex(self.version, index, [bytes(i).hex() for i in ids])
+                               first32=self.first32[0] if self.first32 else None,
+                               full32=self.full32[0])
+        return VersionIndex(self.version, index, [bytes(i).hex() for i in self.ids[0]])
 
 
 @dataclass
