@@ -12,8 +12,8 @@ workstations at once) is kept once.
 Memory. With a cache directory, each key version's arrays are appended to files there
 and memory-mapped read-only: only float32 copies live in RAM, of the first bound level
 (the one level every query scans) and of the full vectors (scanned when the bounds
-cannot prune); the float64 arrays are paged in for the few candidates that reach them. Without one (tests, small repositories) the
-arrays live in memory.
+cannot prune); the float64 arrays are paged in for the few candidates that reach them.
+Without one (tests, small repositories) the arrays live in memory.
 """
 
 from __future__ import annotations
