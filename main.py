@@ -1,4 +1,4 @@
-"""Radcrypt: ``python main.py`` opens the desktop client, ``python main.py <command>`` is the CLI."""
+"""Radcrypt: ``python main.py`` opens the desktop client; ``python main.py <command>``, the CLI."""
 
 from __future__ import annotations
 

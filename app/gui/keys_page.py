@@ -1,0 +1,512 @@
+"""Repository key: create a repository, see its key version and who has access; register
+users from their public card, grant and revoke (which rotates the key version).
+
+Every change asks first, in words that say what it does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from PyQt6.QtCore import Qt, pyqtSignal
+from PyQt6.QtGui import QGuiApplication
+from PyQt6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.core.repository import Repository
+from app.gui import theme
+from app.gui.backend import MIN_PASSWORD_SCORE, AccessRow, password_strength
+from app.gui.context import AppContext
+from app.gui.tasks import TaskContext, TaskError
+from app.gui.widgets import (
+    PageHeader,
+    StrengthMeter,
+    card,
+    left_headers,
+    muted_label,
+    primary,
+    set_prop,
+)
+
+if TYPE_CHECKING:
+    from app.gui.context import Dialogs
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+class NewRepositoryDialog(QDialog):
+    """Name (and, without identities, a password typed twice with its strength)."""
+
+    def __init__(self, needs_password: bool, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("New repository")
+        self.setMinimumWidth(460)
+        self.needs_password = needs_password
+        layout = QVBoxLayout(self)
+        layout.setSpacing(10)
+        intro = QLabel(
+            "A new repository gets a new repository key, made on this workstation. Images "
+            "imported into it are encrypted with that key; the cloud never sees it."
+            + ("" if needs_password else " The key is wrapped to your identity."))
+        intro.setWordWrap(True)
+        layout.addWidget(intro)
+        form = QFormLayout()
+        self.name = QLineEdit()
+        self.name.setPlaceholderText("for example ct-chest-2024")
+        self.name.setMaxLength(63)
+        self.name.textChanged.connect(self._validate)
+        form.addRow("Name:", self.name)
+        self.password = QLineEdit()
+        self.password.setEchoMode(QLineEdit.EchoMode.Password)
+        self.password.textChanged.connect(self._validate)
+        self.again = QLineEdit()
+        self.again.setEchoMode(QLineEdit.EchoMode.Password)
+        self.again.textChanged.connect(self._validate)
+        self.strength = StrengthMeter()
+        if needs_password:
+            form.addRow("Password:", self.password)
+            form.addRow("Password again:", self.again)
+            form.addRow("", self.strength)
+        layout.addLayout(form)
+        self.problem = QLabel("")
+        self.problem.setObjectName("ErrorText")
+        self.problem.setWordWrap(True)
+        layout.addWidget(self.problem)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
+        self.create_button = primary(self.buttons.addButton(
+            "Create repository", QDialogButtonBox.ButtonRole.AcceptRole))
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        layout.addWidget(self.buttons)
+        self._validate()
+
+    def problems(self) -> str:
+        name = self.name.text().strip()
+        if not name:
+            return ""
+        if not NAME_RE.fullmatch(name):
+            return ("Use 1 to 63 characters: lowercase letters a-z, digits and '-', not "
+                    "starting with '-'.")
+        if self.needs_password:
+            if not self.password.text():
+                return ""
+            score, _ = password_strength(self.password.text())
+            if score < MIN_PASSWORD_SCORE:
+                return "Choose a stronger password: this one would be easy to guess."
+            if self.again.text() and self.again.text() != self.password.text():
+                return "The two passwords differ."
+        return ""
+
+    def complete(self) -> bool:
+        if not self.name.text().strip() or self.problems():
+            return False
+        return not self.needs_password or (bool(self.password.text())
+                                           and self.again.text() == self.password.text())
+
+    def _validate(self) -> None:
+        if self.needs_password:
+            self.strength.set_strength(*(password_strength(self.password.text())
+                                         if self.password.text() else (0, "empty")))
+        problem = self.problems()
+        self.problem.setText(problem)
+        set_prop(self.name, "invalid", bool(problem) and "characters" in problem)
+        self.create_button.setEnabled(self.complete())
+
+    def values(self) -> tuple[str, str | None]:
+        return self.name.text().strip(), (self.password.text() if self.needs_password
+                                          else None)
+
+
+class CardDialog(QDialog):
+    """Paste a user's public identity card, or load it from the file they sent."""
+
+    def __init__(self, dialogs: Dialogs, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.dialogs = dialogs
+        self.setWindowTitle("Register a user")
+        self.setMinimumSize(520, 340)
+        layout = QVBoxLayout(self)
+        text = QLabel("Paste the identity card the user gave you (it contains only public "
+                      "keys), or load the file they sent.")
+        text.setWordWrap(True)
+        layout.addWidget(text)
+        self.edit = QPlainTextEdit()
+        self.edit.setPlaceholderText('{"user_id": "…", "name": "…", …}')
+        layout.addWidget(self.edit, 1)
+        row = QHBoxLayout()
+        load = theme.themed(QPushButton("Load from file…"), "folder")
+        load.clicked.connect(self._load)
+        row.addWidget(load)
+        row.addStretch(1)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
+        primary(buttons.addButton("Register", QDialogButtonBox.ButtonRole.AcceptRole))
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        row.addWidget(buttons)
+        layout.addLayout(row)
+
+    def _load(self) -> None:
+        path = self.dialogs.open_text_file(self, "Load an identity card")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    self.edit.setPlainText(handle.read(256 * 1024))
+            except (OSError, UnicodeDecodeError) as exc:
+                self.edit.setPlainText(f"(could not read {path}: {exc})")
+
+    def card(self) -> str:
+        return self.edit.toPlainText().strip()
+
+
+class KeysPage(QWidget):
+    """Repository keys and access."""
+
+    repositoryCreated = pyqtSignal(object)  # Repository
+
+    def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.ctx = ctx
+        self.repo: Repository | None = None
+        self.rows: list[AccessRow] = []
+        self.known_users: dict[str, str] = {}
+        self.dialog: NewRepositoryDialog | None = None
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(20, 16, 20, 16)
+        layout.setSpacing(12)
+        layout.addWidget(PageHeader(
+            "Repository key", "Each repository has its own key, made on this workstation. "
+            "The cloud stores it only wrapped for the people allowed in."))
+
+        top = QHBoxLayout()
+        top.setSpacing(12)
+        info = card()
+        info_layout = QVBoxLayout(info)
+        info_layout.setContentsMargins(14, 12, 14, 12)
+        head = QHBoxLayout()
+        title = QLabel("Open repository")
+        title.setObjectName("CardTitle")
+        head.addWidget(title)
+        head.addStretch(1)
+        self.new_button = primary(QPushButton(theme.icon("plus", "#ffffff"), "New repository…"))
+        self.new_button.clicked.connect(self.open_new_repository)
+        head.addWidget(self.new_button)
+        info_layout.addLayout(head)
+        form = QFormLayout()
+        form.setVerticalSpacing(6)
+        self.fields: dict[str, QLabel] = {}
+        for key, label in (("name", "Name"), ("version", "Key version"),
+                           ("created", "Created"), ("scheme", "Encryption"),
+                           ("features", "Features"), ("levels", "Index levels")):
+            value = QLabel("—")
+            value.setWordWrap(True)
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            self.fields[key] = value
+            form.addRow(QLabel(label + ":"), value)
+        info_layout.addLayout(form)
+        info_layout.addStretch(1)
+        top.addWidget(info, 3)
+
+        self.identity_card = card()
+        id_layout = QVBoxLayout(self.identity_card)
+        id_layout.setContentsMargins(14, 12, 14, 12)
+        id_title = QLabel("Your identity card")
+        id_title.setObjectName("CardTitle")
+        id_layout.addWidget(id_title)
+        self.identity_text = muted_label(
+            "Give this card to a repository's owner so they can grant you access. It holds "
+            "only public keys.")
+        id_layout.addWidget(self.identity_text)
+        self.identity_fields = QLabel("")
+        self.identity_fields.setWordWrap(True)
+        self.identity_fields.setTextInteractionFlags(
+            Qt.TextInteractionFlag.TextSelectableByMouse)
+        id_layout.addWidget(self.identity_fields)
+        id_layout.addStretch(1)
+        id_buttons = QHBoxLayout()
+        self.copy_card_button = theme.themed(QPushButton("Copy card"), "copy")
+        self.copy_card_button.clicked.connect(self.copy_card)
+        self.save_card_button = theme.themed(QPushButton("Save card…"), "save")
+        self.save_card_button.clicked.connect(self.save_card)
+        id_buttons.addWidget(self.copy_card_button)
+        id_buttons.addWidget(self.save_card_button)
+        id_buttons.addStretch(1)
+        id_layout.addLayout(id_buttons)
+        top.addWidget(self.identity_card, 2)
+        layout.addLayout(top)
+
+        access = card()
+        access_layout = QVBoxLayout(access)
+        access_layout.setContentsMargins(14, 12, 14, 12)
+        access_head = QHBoxLayout()
+        access_title = QLabel("Who has access")
+        access_title.setObjectName("CardTitle")
+        access_head.addWidget(access_title)
+        access_head.addStretch(1)
+        self.register_button = theme.themed(QPushButton("Register user…"), "user")
+        self.register_button.setToolTip("Add a user from their public identity card")
+        self.register_button.clicked.connect(self.register_user)
+        self.grant_button = theme.themed(QPushButton("Grant access…"), "unlock")
+        self.grant_button.clicked.connect(self.grant)
+        self.revoke_button = theme.themed(QPushButton("Revoke access"), "lock")
+        set_prop(self.revoke_button, "danger", True)
+        self.revoke_button.clicked.connect(self.revoke)
+        for button in (self.register_button, self.grant_button, self.revoke_button):
+            access_head.addWidget(button)
+        access_layout.addLayout(access_head)
+        self.access_note = muted_label("")
+        access_layout.addWidget(self.access_note)
+        self.table = QTableWidget(0, 3)
+        self.table.setHorizontalHeaderLabels(["User", "Name", "Key version"])
+        self.table.verticalHeader().setVisible(False)
+        left_headers(self.table)
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
+        self.table.setAlternatingRowColors(True)
+        self.table.setShowGrid(False)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        self.table.itemSelectionChanged.connect(self._update)
+        access_layout.addWidget(self.table, 1)
+        layout.addWidget(access, 1)
+
+        ctx.repositoryChanged.connect(self.set_repository)
+        self.refresh_identity()
+        self.set_repository(None)
+
+    # --- display --------------------------------------------------------------------------
+
+    def refresh_identity(self) -> None:
+        backend = self.ctx.backend
+        show = backend.identity_mode and backend.identity is not None
+        self.identity_card.setVisible(show)
+        if show:
+            text = (f"<b>{_escape(backend.user_name)}</b><br>"
+                    f"User id: <tt>{_escape(backend.user_id)}</tt>")
+            if backend.fingerprint:
+                text += f"<br>Fingerprint: <tt>{_escape(backend.fingerprint)}</tt>"
+            self.identity_fields.setText(text)
+
+    def set_repository(self, repo: Repository | None) -> None:
+        self.repo = repo
+        if repo is None:
+            for label in self.fields.values():
+                label.setText("—")
+            self.fields["name"].setText("No repository open")
+            self.rows = []
+            self._fill_table()
+        else:
+            m = repo.manifest
+            self.fields["name"].setText(m.repo_id)
+            self.fields["version"].setText(str(repo.keys.version))
+            self.fields["created"].setText(m.created.replace("T", " ")[:19] + " UTC")
+            self.fields["scheme"].setText(m.scheme)
+            self.fields["features"].setText(f"{m.extractor}, {m.dim} dimensions")
+            self.fields["levels"].setText(", ".join(str(v) for v in m.levels) or "—")
+            self.load_access()
+        if self.ctx.backend.identity_mode:
+            self.access_note.setText("Users registered by you can be granted this "
+                                     "repository's key. Revoking rotates the key version.")
+        else:
+            self.access_note.setText("This repository is locked by a password: anyone who "
+                                     "knows it has access. Per-user access (register, grant, "
+                                     "revoke) needs identities.")
+        self._update()
+
+    def load_access(self) -> None:
+        repo = self.repo
+        if repo is None:
+            return
+        backend = self.ctx.backend
+        self.ctx.runner.run("Reading who has access", lambda _: backend.access_list(repo),
+                            kind="access", tracked=False,
+                            on_done=lambda rows: self._access_loaded(repo, rows),
+                            on_error=self.ctx.error)
+
+    def _access_loaded(self, repo: Repository, rows: list[AccessRow]) -> None:
+        if repo is not self.repo:
+            return
+        self.rows = rows
+        for row in rows:
+            self.known_users.setdefault(row.user_id, row.name)
+        self._fill_table()
+
+    def _fill_table(self) -> None:
+        self.table.setRowCount(len(self.rows))
+        for i, row in enumerate(self.rows):
+            name = row.name + (" (you)" if row.user_id == self.ctx.backend.user_id else "")
+            for j, value in enumerate((row.user_id, name, str(row.key_version))):
+                item = QTableWidgetItem(value)
+                if j == 2:
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
+                self.table.setItem(i, j, item)
+        self._update()
+
+    def _update(self) -> None:
+        identity = self.ctx.backend.identity_mode
+        connected = self.ctx.backend.connected
+        self.new_button.setEnabled(connected)
+        self.register_button.setEnabled(identity and connected)
+        self.grant_button.setEnabled(identity and self.repo is not None)
+        selected = self.selected_user()
+        self.revoke_button.setEnabled(identity and self.repo is not None and bool(selected)
+                                      and selected != self.ctx.backend.user_id)
+
+    def selected_user(self) -> str:
+        rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
+        if not rows:
+            return ""
+        item = self.table.item(rows[0].row(), 0)
+        return item.text() if item is not None else ""
+
+    # --- actions --------------------------------------------------------------------------
+
+    def open_new_repository(self) -> NewRepositoryDialog:
+        dialog = NewRepositoryDialog(self.ctx.backend.needs_password(), self)
+        dialog.accepted.connect(lambda: self.create_repository(*dialog.values()))
+        dialog.finished.connect(lambda _: setattr(self, "dialog", None))
+        self.dialog = dialog
+        dialog.open()
+        return dialog
+
+    def create_repository(self, name: str, password: str | None) -> None:
+        backend = self.ctx.backend
+
+        def done(repo: Repository) -> None:
+            self.ctx.activity.record("repository", f"Created repository {repo.repo_id} "
+                                     f"(key version {repo.keys.version})",
+                                     repository=repo.repo_id)
+            self.ctx.info(f"Repository {repo.repo_id} created; it is now open.", "success")
+            self.repositoryCreated.emit(repo)
+
+        self.ctx.runner.run(f"Creating repository {name}",
+                            lambda _: backend.create_repository(name, password),
+                            kind="repository", on_done=done, on_error=self.ctx.error)
+
+    def register_user(self) -> None:
+        card_json = self.ctx.dialogs.card_text(self)
+        if not card_json:
+            return
+        backend = self.ctx.backend
+
+        def done(record: Any) -> None:
+            user_id = str(getattr(record, "user_id", ""))
+            name = str(getattr(record, "name", ""))
+            fingerprint = str(getattr(record, "fingerprint", ""))
+            self.known_users[user_id] = name
+            self.ctx.activity.record("access", f"Registered user {name} ({user_id}), "
+                                     f"key fingerprint {fingerprint}")
+            self.ctx.info(f"{name} is registered (fingerprint {fingerprint}). You can now "
+                          "grant them access to a repository.", "success")
+
+        if not self.ctx.dialogs.confirm(
+                self, "Register user",
+                "Register the user on this card? Registration lets you grant them access "
+                "later; it gives them no access by itself. Check the card's fingerprint with "
+                "them by phone or in person.", "Register"):
+            return
+        self.ctx.runner.run("Registering a user", lambda _: backend.register_user(card_json),
+                            kind="access", on_done=done, on_error=self.ctx.error)
+
+    def grant(self) -> None:
+        repo = self.repo
+        if repo is None:
+            return
+        granted = {r.user_id for r in self.rows}
+        choices = [u for u in self.known_users if u not in granted]
+        user_id = self.ctx.dialogs.choose(self, "Grant access", "User id to grant access "
+                                          f"to {repo.repo_id}:", choices)
+        if not user_id:
+            return
+        name = self.known_users.get(user_id, user_id)
+        if not self.ctx.dialogs.confirm(
+                self, "Grant access",
+                f"Give {name} the key of repository {repo.repo_id} (key version "
+                f"{repo.keys.version})? They will be able to search it and decrypt every "
+                "image in it.", "Grant access"):
+            return
+        backend = self.ctx.backend
+
+        def done(_: object) -> None:
+            self.ctx.activity.record("access", f"Granted {name} access to {repo.repo_id}",
+                                     repository=repo.repo_id)
+            self.ctx.info(f"{name} now has access to {repo.repo_id}.", "success")
+            self.load_access()
+
+        self.ctx.runner.run(f"Granting access to {name}",
+                            lambda _: backend.grant(repo, user_id), kind="access",
+                            on_done=done, on_error=self.ctx.error)
+
+    def revoke(self) -> None:
+        repo, user_id = self.repo, self.selected_user()
+        if repo is None or not user_id:
+            return
+        name = self.known_users.get(user_id, user_id)
+        new_version = repo.keys.version + 1
+        if not self.ctx.dialogs.confirm(
+                self, "Revoke access",
+                f"Revoke {name}'s access to {repo.repo_id}? A new key version "
+                f"({new_version}) is made: new images use it and the search service stops "
+                f"answering {name}. What they already downloaded cannot be taken back.",
+                "Revoke access"):
+            return
+        backend = self.ctx.backend
+
+        def done(new: Repository) -> None:
+            self.ctx.activity.record("access", f"Revoked {name}'s access to {repo.repo_id}; "
+                                     f"key version is now {new.keys.version}",
+                                     repository=repo.repo_id)
+            self.ctx.info(f"{name} no longer has access to {repo.repo_id}; key version "
+                          f"{new.keys.version}.", "success")
+            self.ctx.set_repository(new)
+
+        self.ctx.runner.run(f"Revoking access of {name}", lambda _: backend.revoke(repo, user_id),
+                            kind="access", on_done=done, on_error=self.ctx.error)
+
+    def copy_card(self) -> None:
+        clipboard = QGuiApplication.clipboard()
+        if clipboard is not None:
+            try:
+                clipboard.setText(self.ctx.backend.card_json())
+            except Exception as exc:
+                self.ctx.error(TaskError(str(exc), ""))
+                return
+            self.ctx.info("Your identity card is on the clipboard.", "success")
+
+    def save_card(self) -> None:
+        path = self.ctx.dialogs.save_file(self, "Save your identity card",
+                                          f"{self.ctx.backend.user_id or 'identity'}.json")
+        if not path:
+            return
+        card_json = self.ctx.backend.card_json()
+
+        def work(_: TaskContext) -> str:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(card_json)
+            return path
+
+        self.ctx.runner.run("Saving your identity card", work, kind="access",
+                            on_done=lambda p: self.ctx.info(f"Identity card saved to {p}.",
+                                                            "success"),
+                            on_error=self.ctx.error)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

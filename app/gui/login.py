@@ -1,0 +1,229 @@
+"""The first screen: register an identity on first run, unlock it on later runs.
+
+The password is stretched with scrypt (app/core/identity.py) in a worker; a wrong
+password is refused in plain words and nothing is unlocked.
+"""
+
+from __future__ import annotations
+
+from PyQt6.QtCore import Qt, pyqtSignal
+from PyQt6.QtWidgets import (
+    QFormLayout,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.core.errors import AccessDenied
+from app.gui import theme
+from app.gui.backend import MIN_PASSWORD_SCORE, password_strength
+from app.gui.context import AppContext
+from app.gui.tasks import TaskError
+from app.gui.widgets import StrengthMeter, muted_label, primary
+
+REGISTER = "register"
+UNLOCK = "unlock"
+WRONG_PASSWORD = "Wrong password. Nothing was unlocked; please try again."
+
+
+class GatePage(QWidget):
+    """Emits ``unlocked`` once an identity is created or unlocked."""
+
+    unlocked = pyqtSignal()
+
+    def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.ctx = ctx
+        self.mode = UNLOCK
+        self.busy = False
+        self.attempts = 0
+
+        outer = QVBoxLayout(self)
+        outer.addStretch(1)
+        row = QHBoxLayout()
+        row.addStretch(1)
+        self.card = QFrame()
+        self.card.setObjectName("GateCard")
+        self.card.setFixedWidth(460)
+        row.addWidget(self.card)
+        row.addStretch(1)
+        outer.addLayout(row)
+        outer.addStretch(2)
+
+        layout = QVBoxLayout(self.card)
+        layout.setContentsMargins(32, 28, 32, 28)
+        layout.setSpacing(12)
+        logo = QLabel()
+        logo.setPixmap(theme.logo_pixmap(56))
+        logo.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(logo)
+        title = QLabel("Radcrypt")
+        title.setObjectName("PageTitle")
+        title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(title)
+        self.heading = QLabel("")
+        self.heading.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.heading.setWordWrap(True)
+        self.heading.setObjectName("CardTitle")
+        layout.addWidget(self.heading)
+        self.explain = muted_label("")
+        self.explain.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(self.explain)
+
+        form = QFormLayout()
+        form.setVerticalSpacing(8)
+        self.name = QLineEdit()
+        self.name.setPlaceholderText("e.g. Dr. Ana Silva, Radiology")
+        self.name.setMaxLength(80)
+        self.password = QLineEdit()
+        self.password.setEchoMode(QLineEdit.EchoMode.Password)
+        self.password.setPlaceholderText("Password")
+        self.again = QLineEdit()
+        self.again.setEchoMode(QLineEdit.EchoMode.Password)
+        self.again.setPlaceholderText("The same password again")
+        self.strength = StrengthMeter()
+        self.name_label = QLabel("Your name:")
+        self.password_label = QLabel("Password:")
+        self.again_label = QLabel("Again:")
+        form.addRow(self.name_label, self.name)
+        form.addRow(self.password_label, self.password)
+        form.addRow(self.again_label, self.again)
+        form.addRow("", self.strength)
+        layout.addLayout(form)
+        for edit in (self.name, self.password, self.again):
+            edit.textChanged.connect(self._validate)
+            edit.returnPressed.connect(self.submit)
+
+        self.error = QLabel("")
+        self.error.setObjectName("ErrorText")
+        self.error.setWordWrap(True)
+        self.error.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(self.error)
+        self.busy_bar = QProgressBar()
+        self.busy_bar.setRange(0, 0)
+        self.busy_bar.setFixedHeight(6)
+        self.busy_bar.setTextVisible(False)
+        self.busy_bar.hide()
+        layout.addWidget(self.busy_bar)
+        self.submit_button = primary(QPushButton(""))
+        self.submit_button.setDefault(True)
+        self.submit_button.clicked.connect(self.submit)
+        layout.addWidget(self.submit_button)
+        self.note = muted_label("")
+        self.note.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(self.note)
+        self.set_mode(UNLOCK)
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        register = mode == REGISTER
+        for widget in (self.name_label, self.name, self.again_label, self.again,
+                       self.strength):
+            widget.setVisible(register)
+        if register:
+            self.heading.setText("Welcome. Create your identity on this workstation.")
+            self.explain.setText("Your identity is a pair of keys that lets you open the "
+                                 "repositories you are granted. It is kept here, locked by "
+                                 "your password.")
+            self.submit_button.setText("Create identity")
+            self.submit_button.setIcon(theme.icon("user", "#ffffff"))
+            self.note.setText("Your password never leaves this computer and cannot be "
+                              "recovered. Choose one you will remember.")
+        else:
+            self.heading.setText("Unlock your identity")
+            self.explain.setText("Enter the password you chose when you registered on this "
+                                 "workstation.")
+            self.submit_button.setText("Unlock")
+            self.submit_button.setIcon(theme.icon("unlock", "#ffffff"))
+            self.note.setText("")
+        self.note.setVisible(register)
+        self.error.setText("")
+        self._validate()
+
+    def focus(self) -> None:
+        (self.name if self.mode == REGISTER else self.password).setFocus()
+
+    # --- validation ---------------------------------------------------------------------------
+
+    def problem(self) -> str:
+        if self.mode != REGISTER:
+            return ""
+        password = self.password.text()
+        if password:
+            score, _ = password_strength(password)
+            if score < MIN_PASSWORD_SCORE:
+                return "Choose a stronger password: this one would be easy to guess."
+        if self.again.text() and self.again.text() != password:
+            return "The two passwords differ."
+        return ""
+
+    def ready(self) -> bool:
+        if self.busy or not self.password.text():
+            return False
+        if self.mode == REGISTER:
+            return (bool(self.name.text().strip()) and not self.problem()
+                    and self.again.text() == self.password.text())
+        return True
+
+    def _validate(self) -> None:
+        if self.mode == REGISTER:
+            text = self.password.text()
+            self.strength.set_strength(*(password_strength(text) if text else (0, "empty")))
+            self.error.setText(self.problem())
+        self.submit_button.setEnabled(self.ready())
+
+    # --- submit ------------------------------------------------------------------------------
+
+    def submit(self) -> None:
+        if not self.ready():
+            return
+        password = self.password.text()
+        backend = self.ctx.backend
+        self._set_busy(True)
+        if self.mode == REGISTER:
+            name = self.name.text().strip()
+            self.ctx.runner.run("Creating your identity",
+                                lambda _: backend.register(name, password), kind="connect",
+                                on_done=lambda _: self._done(f"Identity created for {name}"),
+                                on_error=self._failed)
+        else:
+            self.ctx.runner.run("Unlocking your identity", lambda _: backend.unlock(password),
+                                kind="connect",
+                                on_done=lambda _: self._done(
+                                    f"Identity of {backend.user_name} unlocked"),
+                                on_error=self._failed)
+
+    def _done(self, text: str) -> None:
+        self._set_busy(False)
+        self.password.clear()
+        self.again.clear()
+        self.ctx.activity.record("connect", text)
+        self.unlocked.emit()
+
+    def _failed(self, error: TaskError) -> None:
+        self._set_busy(False)
+        if isinstance(error.exception, AccessDenied):
+            self.attempts += 1
+            self.error.setText(WRONG_PASSWORD)
+            self.ctx.activity.record("error", "Unlock refused: wrong password")
+        else:
+            self.error.setText(error.message)
+            self.ctx.activity.record("error", error.message, error.details)
+        self.password.selectAll()
+        self.password.setFocus()
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        self.busy_bar.setVisible(busy)
+        for edit in (self.name, self.password, self.again):
+            edit.setEnabled(not busy)
+        if busy:
+            self.submit_button.setText("Creating…" if self.mode == REGISTER else "Unlocking…")
+        else:
+            self.submit_button.setText("Create identity" if self.mode == REGISTER else "Unlock")
+        self._validate()

@@ -1,0 +1,385 @@
+"""Search by image: the query and its nearest archived neighbour side by side.
+
+The query's features and its encrypted token are made on this workstation; the search
+service ranks encrypted vectors and answers with image ids only; the hits' metadata and
+previews are fetched and decrypted here, and the distance shown is recomputed here
+from the decrypted features (app/core/searcher.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PyQt6.QtCore import QSize, Qt
+from PyQt6.QtGui import QIcon, QImage, QPixmap
+from PyQt6.QtWidgets import (
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.core.repository import Repository
+from app.core.searcher import Hit
+from app.gui import theme
+from app.gui.archive_page import square_tile
+from app.gui.backend import SearchOutcome
+from app.gui.context import AppContext
+from app.gui.tasks import Task, TaskContext, TaskError
+from app.gui.widgets import (
+    DropArea,
+    ElidedLabel,
+    ImagePanel,
+    PageHeader,
+    card,
+    muted_label,
+    primary,
+    qimage_from_array,
+    qimage_from_png,
+)
+
+STRIP_TILE = 88
+
+
+def format_ms(ms: float) -> str:
+    return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+class SearchPage(QWidget):
+    def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.ctx = ctx
+        self.repo: Repository | None = None
+        self.query_path: str = ""
+        self.outcome: SearchOutcome | None = None
+        self.selected: Hit | None = None
+        self.task: Task | None = None
+        self.total_ms = 0.0
+        self._hit_images: dict[str, QImage] = {}
+        self._originals: dict[str, QImage] = {}  # decrypted originals of viewed hits
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(20, 16, 20, 16)
+        layout.setSpacing(10)
+        layout.addWidget(PageHeader(
+            "Search by image", "The query becomes an encrypted token on this workstation; "
+            "the cloud compares encrypted features and returns only image references."))
+
+        self.drop = DropArea("Drop a query image here", "DICOM, PNG, JPEG or TIFF",
+                             icon_name="search", compact=True)
+        self.drop.dropped.connect(lambda paths: self.set_query(paths[0]))
+        self.open_button = theme.themed(QPushButton("Open image…"), "file")
+        self.open_button.setToolTip("Choose a query image (Ctrl+O)")
+        self.open_button.clicked.connect(self.choose_query)
+        self.k_spin = QSpinBox()
+        self.k_spin.setRange(1, 20)
+        self.k_spin.setValue(5)
+        self.k_spin.setPrefix("Top ")
+        self.k_spin.setToolTip("How many of the nearest images to show")
+        self.search_button = primary(QPushButton(theme.icon("search", "#ffffff"), "Search"))
+        self.search_button.clicked.connect(self.search)
+        self.drop.add_button(self.open_button)
+        self.drop.add_button(self.k_spin)
+        self.drop.add_button(self.search_button)
+        layout.addWidget(self.drop)
+
+        panels = QHBoxLayout()
+        panels.setSpacing(12)
+        self.query_panel = ImagePanel("No query yet.\nDrop an image above or press Ctrl+O.")
+        self.query_panel.doubleClicked.connect(self._open_query)
+        self.query_caption = QLabel("Query")
+        self.nearest_panel = ImagePanel("The nearest archived image appears here.")
+        self.nearest_panel.doubleClicked.connect(self._open_selected)
+        self.nearest_caption = QLabel("Nearest neighbour")
+        for caption, panel in ((self.query_caption, self.query_panel),
+                               (self.nearest_caption, self.nearest_panel)):
+            column = QVBoxLayout()
+            column.setSpacing(4)
+            caption.setObjectName("ImageCaption")
+            caption.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            column.addWidget(caption)
+            column.addWidget(panel, 1)
+            panels.addLayout(column, 1)
+
+        details = card()
+        details.setFixedWidth(300)
+        form_box = QVBoxLayout(details)
+        form_box.setContentsMargins(14, 12, 14, 12)
+        form_box.setSpacing(8)
+        title = QLabel("Result")
+        title.setObjectName("CardTitle")
+        form_box.addWidget(title)
+        form = QFormLayout()
+        form.setLabelAlignment(Qt.AlignmentFlag.AlignLeft)
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        form.setVerticalSpacing(7)
+        self.fields: dict[str, QLabel] = {}
+        for key, label in (("name", "Image"), ("rank", "Rank"), ("distance", "Distance"),
+                           ("verified", "Ranking"), ("version", "Key version"),
+                           ("searched", "Searched"), ("id", "Image id")):
+            value = ElidedLabel("—")
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            if key == "id":
+                value.setProperty("mono", True)
+            self.fields[key] = value
+            form.addRow(QLabel(label + ":"), value)
+        form_box.addLayout(form)
+        form_box.addStretch(1)
+        self.open_full_button = theme.themed(QPushButton("Open full image"), "zoom_in")
+        self.open_full_button.clicked.connect(self._open_selected)
+        form_box.addWidget(self.open_full_button)
+        panels.addWidget(details)
+        layout.addLayout(panels, 1)
+
+        strip_row = QHBoxLayout()
+        self.strip_label = QLabel("Nearest images")
+        self.strip_label.setObjectName("CardTitle")
+        strip_row.addWidget(self.strip_label)
+        strip_row.addStretch(1)
+        self.hint = muted_label("Click an image to compare it; double-click to open it.",
+                                wrap=False)
+        strip_row.addWidget(self.hint)
+        layout.addLayout(strip_row)
+        self.strip = QListWidget()
+        self.strip.setViewMode(QListView.ViewMode.IconMode)
+        self.strip.setFlow(QListView.Flow.LeftToRight)
+        self.strip.setWrapping(False)
+        self.strip.setMovement(QListView.Movement.Static)
+        self.strip.setIconSize(QSize(STRIP_TILE, STRIP_TILE))
+        self.strip.setGridSize(QSize(STRIP_TILE + 44, STRIP_TILE + 40))
+        self.strip.setFixedHeight(STRIP_TILE + 50)
+        self.strip.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.strip.currentRowChanged.connect(self._select_row)
+        self.strip.itemDoubleClicked.connect(lambda _item: self._open_selected())
+        layout.addWidget(self.strip)
+        timing_row = QHBoxLayout()
+        timing_row.setSpacing(14)
+        timing_title = QLabel("Time taken:")
+        timing_title.setObjectName("CardTitle")
+        timing_row.addWidget(timing_title)
+        self.timings: dict[str, QLabel] = {}
+        for key, label in (("features", "features"), ("token", "token"), ("server", "server"),
+                           ("fetch_decrypt", "fetch + decrypt"), ("previews", "previews"),
+                           ("total", "total")):
+            value = QLabel("—")
+            self.timings[key] = value
+            name = muted_label(label, wrap=False)
+            pair = QHBoxLayout()
+            pair.setSpacing(4)
+            pair.addWidget(name)
+            pair.addWidget(value)
+            timing_row.addLayout(pair)
+        timing_row.addStretch(1)
+        layout.addLayout(timing_row)
+
+        ctx.repositoryChanged.connect(self.set_repository)
+        self._update()
+
+    # --- query ---------------------------------------------------------------------------
+
+    def set_repository(self, repo: Repository | None) -> None:
+        self.repo = repo
+        self._clear_result()
+        self._update()
+
+    def choose_query(self) -> None:
+        start = str(self.ctx.demo_queries) if self.ctx.demo_queries else ""
+        path = self.ctx.dialogs.open_image(self, "Choose a query image", start)
+        if path:
+            self.set_query(path)
+
+    def set_query(self, path: str) -> None:
+        """Show the query (decoded in the background) and search at once."""
+        self.query_path = path
+        self.query_caption.setText(f"Query · {Path(path).name}")
+        self.query_panel.set_busy("Decoding…")
+        self._clear_result()
+
+        backend = self.ctx.backend
+
+        def decode(_: TaskContext) -> QImage:
+            return qimage_from_array(backend.display(path))
+
+        self.ctx.runner.run(f"Decoding {Path(path).name}", decode, kind="search",
+                            on_done=self.query_panel.set_image,
+                            on_error=self._query_failed)
+        self.search()
+
+    def _query_failed(self, error: TaskError) -> None:
+        self.query_panel.set_image(None)
+        self.query_panel.set_busy(error.message)
+
+    # --- search ----------------------------------------------------------------------------
+
+    def search(self) -> None:
+        repo = self.repo
+        if not self.query_path or self.task is not None:
+            return
+        if repo is None:
+            self.ctx.info("Open a repository first: the search runs in the repository "
+                          "chosen at the top.", "warning")
+            return
+        path, k = self.query_path, self.k_spin.value()
+        backend = self.ctx.backend
+        self._clear_result()
+        self.nearest_panel.set_busy("Searching the encrypted index…")
+        started = time.perf_counter()
+
+        def work(_: TaskContext) -> tuple[SearchOutcome, dict[str, QImage], dict[str, QImage]]:
+            outcome = backend.search(repo, path, k)
+            full = {i: qimage_from_png(png) for i, png in outcome.thumbnails.items()}
+            tiles = {i: square_tile(png, STRIP_TILE * 2) for i, png in
+                     outcome.thumbnails.items()}
+            return outcome, full, tiles
+
+        def done(result: tuple[SearchOutcome, dict[str, QImage], dict[str, QImage]]) -> None:
+            self.total_ms = (time.perf_counter() - started) * 1000
+            self._show(*result)
+
+        self.task = self.ctx.runner.run(
+            f"Searching {repo.repo_id}", work, kind="search", on_done=done,
+            on_error=self._failed, on_finish=self._finished)
+        self._update()
+
+    def _failed(self, error: TaskError) -> None:
+        self.nearest_panel.set_busy(error.message)
+        self.ctx.error(error)
+
+    def _finished(self) -> None:
+        self.task = None
+        self._update()
+
+    def _show(self, outcome: SearchOutcome, full: dict[str, QImage],
+              tiles: dict[str, QImage]) -> None:
+        self.outcome = outcome
+        self._hit_images = full
+        result = outcome.result
+        self.strip.clear()
+        for hit in result.hits:
+            tile = tiles.get(hit.image_id)
+            pixmap = QPixmap.fromImage(tile) if tile is not None else QPixmap()
+            pixmap.setDevicePixelRatio(2.0)
+            item = QListWidgetItem(QIcon(pixmap), f"#{hit.rank} · {hit.distance:.4g}")
+            item.setToolTip(f"{hit.name}\ndistance {hit.distance:.6g}")
+            item.setData(Qt.ItemDataRole.UserRole, hit.image_id)
+            self.strip.addItem(item)
+        self.strip_label.setText(f"Nearest {len(result.hits)} images")
+        t = result.timings_ms
+        self.timings["features"].setText(format_ms(t.get("features", 0.0)))
+        self.timings["token"].setText(format_ms(t.get("token", 0.0)))
+        self.timings["server"].setText(format_ms(t.get("server", 0.0)))
+        self.timings["fetch_decrypt"].setText(format_ms(t.get("fetch_decrypt", 0.0)))
+        self.timings["previews"].setText(format_ms(outcome.thumbnails_ms))
+        self.timings["total"].setText(format_ms(self.total_ms))
+        stats = result.stats
+        vectors = int(stats.get("vectors", 0))
+        full_scored = int(stats.get("full_scored", 0))
+        self.fields["searched"].setText(f"{vectors} images")
+        self.fields["searched"].setToolTip(f"{vectors} encrypted vectors in the index; "
+                                           f"{full_scored} needed a full score, the rest "
+                                           "were ruled out by their lower bounds")
+        self.fields["verified"].setText("verified here" if result.order_verified
+                                        else "NOT confirmed here")
+        self.fields["verified"].setToolTip(
+            "The server's order was checked against distances recomputed from the decrypted "
+            "features" if result.order_verified else "The distances recomputed from the "
+            "decrypted features do not follow the server's order")
+        if result.hits:
+            self.strip.setCurrentRow(0)
+            best = result.hits[0]
+            repo_id = self.repo.repo_id if self.repo else ""
+            self.ctx.activity.record(
+                "search", f"Searched {repo_id} with {Path(self.query_path).name}: nearest "
+                f"{best.name} (distance {best.distance:.4g}) in {format_ms(self.total_ms)}",
+                repository=repo_id)
+        else:
+            self.nearest_panel.set_busy("The repository has no images to compare with yet.")
+        self._update()
+
+    def _select_row(self, row: int) -> None:
+        if self.outcome is None or not 0 <= row < len(self.outcome.result.hits):
+            return
+        hit = self.outcome.result.hits[row]
+        self.selected = hit
+        self.nearest_panel.set_image(self._originals.get(hit.image_id)
+                                     or self._hit_images.get(hit.image_id))
+        if hit.image_id not in self._originals:
+            self._load_original(hit)
+        title = "Nearest neighbour" if hit.rank == 1 else f"Rank {hit.rank}"
+        self.nearest_caption.setText(f"{title} · {hit.name}")
+        total = len(self.outcome.result.hits)
+        self.fields["name"].setText(hit.name)
+        self.fields["rank"].setText(f"{hit.rank} of {total}")
+        self.fields["distance"].setText(f"{hit.distance:.6g}")
+        self.fields["distance"].setToolTip("Squared distance between the feature vectors, "
+                                           "recomputed from the decrypted features "
+                                           "(0 = identical features)")
+        self.fields["version"].setText(str(hit.key_version))
+        self.fields["id"].setText(hit.image_id)
+        self._update()
+
+    def _load_original(self, hit: Hit) -> None:
+        """Replace the preview with the decrypted original (sharper) once it arrives."""
+        repo = self.repo
+        if repo is None:
+            return
+        backend = self.ctx.backend
+
+        def work(_: TaskContext) -> QImage:
+            image = backend.fetch_image(repo, hit.image_id, hit.name, hit.key_version)
+            return qimage_from_array(image.display())
+
+        def done(image: QImage) -> None:
+            if len(self._originals) > 20:
+                self._originals.pop(next(iter(self._originals)))
+            self._originals[hit.image_id] = image
+            if self.selected is not None and self.selected.image_id == hit.image_id:
+                self.nearest_panel.set_image(image)
+
+        self.ctx.runner.run(f"Fetching {hit.name}", work, kind="search", tracked=False,
+                            light=True, on_done=done,
+                            on_error=lambda error: None)  # the preview stays; viewer retries
+
+    def _clear_result(self) -> None:
+        self.outcome = None
+        self.selected = None
+        self._hit_images = {}
+        self._originals = {}
+        self.strip.clear()
+        self.strip_label.setText("Nearest images")
+        self.nearest_panel.set_image(None)
+        self.nearest_caption.setText("Nearest neighbour")
+        for label in (*self.fields.values(), *self.timings.values()):
+            label.setText("—")
+
+    def _open_selected(self) -> None:
+        hit, repo = self.selected, self.repo
+        if hit is None or repo is None:
+            return
+        from app.gui.viewer import open_archived
+
+        open_archived(self.ctx, self, repo, hit.image_id, hit.name, hit.key_version)
+
+    def _open_query(self) -> None:
+        if self.query_path:
+            from app.gui.viewer import open_local
+
+            open_local(self.ctx, self, self.query_path)
+
+    def _update(self) -> None:
+        busy = self.task is not None
+        self.search_button.setEnabled(bool(self.query_path) and self.repo is not None
+                                      and not busy)
+        self.search_button.setText("Searching…" if busy else "Search")
+        self.open_full_button.setEnabled(self.selected is not None)
+
+    def result_names(self) -> list[str]:
+        return [h.name for h in self.outcome.result.hits] if self.outcome else []
+
