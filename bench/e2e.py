@@ -26,6 +26,7 @@ import numpy as np
 
 from bench import datasets
 from bench.realistic import realistic
+from bench.report import write_json
 
 OBJECT_BYTES = 512 * 1024
 SEGMENT_ROWS = 20000
@@ -143,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['service_rss_mb']:.0f} MB after load, "
           f"{report['rss_after_queries_mb']:.0f} MB after the queries")
     report["machine"] = platform.platform()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
     return 0
 
 

@@ -12,7 +12,6 @@ float32 measured in the same run. A benchmark, not a test: it never fails on a t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from bench import datasets
 from bench.realistic import real_feature_sample, realistic
+from bench.report import write_json
 from cloud.search import EncryptedIndex, linear_scan, search, search_batch
 from crypto.index import IndexKey
 
@@ -187,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "realistic_source": source,
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
     return 0
 
 

@@ -12,7 +12,6 @@ and reports images/s and the ratio. A benchmark: it never fails on a time.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -20,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from bench.report import write_json
 
 
 def make_ct_files(directory: Path, count: int, seed: int = 0) -> list[Path]:
@@ -109,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
           f"secure-kNN, upload to the embedded {full['store']} store, segment commit")
     report = {"machine": platform.platform(), "images": args.images, "workers": args.workers,
               "plaintext_images_per_s": plain, "import": full, "ratio": ratio}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
     return 0
 
 
