@@ -335,14 +335,14 @@ def _start_seaweedfs(binary: Path, data: Path, *, background: bool) -> EmbeddedS
                 _wait_ready(proc, config, data / LOG_FILE, log_offset)
                 break
             except _PortTaken:
-                _stop_process(proc)
+                stop_process(proc)
                 if attempt == _START_ATTEMPTS:
                     raise EmbeddedStoreError(
                         f"SeaweedFS could not bind its ports after {attempt} attempts; "
                         f"see {data / LOG_FILE}"
                     ) from None
             except BaseException:
-                _stop_process(proc)
+                stop_process(proc)
                 _cleanup_sockets(port_map)
                 raise
     finally:
@@ -469,7 +469,7 @@ class _ForegroundStopper:
         if not self._done.acquire(blocking=False):
             return
         _FOREGROUND.discard(self)
-        _stop_process(self.proc)
+        stop_process(self.proc)
         _remove_state(self.data, self.proc.pid)
         _cleanup_sockets(self.ports)
 
@@ -502,8 +502,11 @@ def _stop_detached(data: Path, proc: subprocess.Popen[bytes]) -> None:
         _DETACHED.remove(proc)
 
 
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, wait up to STOP_GRACE seconds, then SIGKILL; always reaps."""
+def stop_process(proc: subprocess.Popen[bytes], name: str = "SeaweedFS") -> None:
+    """SIGTERM, wait up to STOP_GRACE seconds, then SIGKILL; always reaps.
+
+    Every child server the project starts (the store, the search service) stops this way.
+    """
     if proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -511,7 +514,7 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
     try:
         proc.wait(timeout=STOP_GRACE)
     except subprocess.TimeoutExpired:
-        log.warning("SeaweedFS (pid %d) ignored SIGTERM for %.0f s; killing it", proc.pid,
+        log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, proc.pid,
                     STOP_GRACE)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from cloud.local import stop_process
 from cloud.store import StoreConfig
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -207,13 +208,7 @@ class ServiceProcess:
         return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, "the search service")
         self._log.close()
 
     def __enter__(self) -> ServiceProcess:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import httpx
 
 from app.core.errors import ServiceError
+from cloud.local import stop_process
 from cloud.store import StoreConfig
 from crypto.tokens import QueryToken
 
@@ -147,11 +148,5 @@ class EmbeddedService:
                            f"{START_TIMEOUT:.0f} s")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, "the search service")
         self._log.close()
