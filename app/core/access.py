@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -253,7 +254,9 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
     except ObjectNotFound:
         raise RadcryptError(f"user {user_id!r} has no access to {repo.repo_id!r}") from None
     old_segments = list(store.list_keys(layout.segments_prefix(repo.repo_id)))
-    ids, features = _all_features(store, repo, old_segments)
+    ids, metas = _all_metadata(store, repo, old_segments)
+    rows = [np.asarray(meta["features"], dtype=np.float64) for meta in metas]
+    features = np.array(rows) if rows else np.empty((0, manifest.dim))
     sample = features[:BASIS_SAMPLE] if len(features) >= 32 else reference_features(
         manifest.extractor)
     ring = repo.ring.rotated(IndexKey.generate(manifest.dim, sample=sample))
@@ -269,8 +272,7 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
     for entry in list_access(session, repo.repo_id):
         _write_grant(store, owner, ring, _user_card(store, entry.user_id, [owner_key]))
     _write_manifest(store, owner, new_repo.manifest)
-    for image_id in ids:
-        meta, _ = read_meta(store, repo, image_id)
+    for image_id, meta in zip(ids, metas, strict=True):
         objects.put_encrypted(store, ring.current, repo.repo_id, "meta", image_id,
                               json.dumps(meta, separators=(",", ":")).encode())
     for key in old_segments:
@@ -278,9 +280,10 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
     return new_repo
 
 
-def _all_features(store: ObjectStore, repo: Repository, segment_keys: list[str]
-                  ) -> tuple[list[str], np.ndarray]:
-    """Ids and plaintext features of every committed image, from the encrypted metadata."""
+def _all_metadata(store: ObjectStore, repo: Repository, segment_keys: list[str]
+                  ) -> tuple[list[str], list[dict[str, Any]]]:
+    """Ids and decrypted metadata (features included) of every committed image: read
+    once, used both to refit the basis and to re-encrypt the metadata."""
     ids: list[str] = []
     for key in segment_keys:
         try:
@@ -288,9 +291,7 @@ def _all_features(store: ObjectStore, repo: Repository, segment_keys: list[str]
         except ValueError:
             continue
     ids = list(dict.fromkeys(ids))
-    rows = [np.asarray(read_meta(store, repo, i)[0]["features"], dtype=np.float64) for i in ids]
-    features = np.array(rows) if rows else np.empty((0, repo.manifest.dim))
-    return ids, features
+    return ids, [read_meta(store, repo, i)[0] for i in ids]
 
 
 def migrate_password_repository(session: Session, owner: Identity, name: str,
