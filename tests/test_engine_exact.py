@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bench import datasets
+from cloud import search as search_module
 from cloud.search import EncryptedIndex, linear_scan, search, search_batch
 from crypto.index import IndexKey
 
@@ -125,3 +126,49 @@ def test_unprunable_queries_fall_back_to_an_exact_float32_scan(k: int) -> None:
     for qi in range(40):
         assert datasets.agrees(batched[qi].positions, data, queries[qi], truth[qi])
         assert datasets.agrees(singles[qi].positions, data, queries[qi], truth[qi])
+
+
+@pytest.mark.parametrize(("block", "chunk"), [(1, 4), (2, 6), (8, 64), (64, 64), (512, 16384)])
+@pytest.mark.parametrize("k", [1, 10, 70])
+def test_batches_stay_exact_for_any_block_and_chunk_size(
+    monkeypatch: pytest.MonkeyPatch, block: int, chunk: int, k: int
+) -> None:
+    """The batched first level keeps one maximum per block of rows; partial blocks and
+    chunks, k larger than a block, near and far queries must all stay exact."""
+    monkeypatch.setattr(search_module, "BATCH_BLOCK", block)
+    monkeypatch.setattr(search_module, "BATCH_CHUNK", chunk)
+    rng = np.random.default_rng(block * 100 + k)
+    data = datasets.clustered(rng, 1001, 32)
+    queries = np.vstack([datasets.perturbed_queries(rng, data, 30, 0.2),
+                         datasets.gaussian(rng, 10, 32) * 3.0])
+    key = IndexKey.generate(32, sample=data[:300])
+    index = EncryptedIndex(key.encrypt(data))
+    token = key.query(queries)
+    _, truth = datasets.plaintext_topk(data, queries, k)
+    batched = search_batch(index, token, k)
+    assert len(batched) == len(queries)
+    for qi, result in enumerate(batched):
+        assert result.positions.shape == (k,)
+        assert len(set(result.positions.tolist())) == k  # no vector counted twice
+        assert datasets.agrees(result.positions, data, queries[qi], truth[qi]), qi
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 512])
+def test_block_maxima_equal_the_maxima_of_every_block(block: int) -> None:
+    rng = np.random.default_rng(block)
+    scores = rng.standard_normal((block * 7, 5)).astype(np.float32)
+    expected = scores.reshape(7, block, 5).max(axis=1)
+    out = np.empty((7, 5), dtype=np.float32)
+    search_module._halving_max(scores.copy(), block, out)
+    assert np.array_equal(out, expected)
+
+
+def test_batch_of_near_queries_rescores_few_blocks() -> None:
+    """Near queries must be answered from a handful of blocks, not by rescoring all."""
+    rng = np.random.default_rng(4)
+    data = datasets.low_rank_varying(rng, 20000, 64)
+    queries = datasets.perturbed_queries(rng, data, 20, noise=0.05)
+    key = IndexKey.generate(64, sample=data[:2000])
+    index = EncryptedIndex(key.encrypt(data))
+    results = search_batch(index, key.query(queries), 1)
+    assert max(r.stats.full_scored for r in results) < 200
