@@ -383,7 +383,10 @@ def _scan_full32_batch(index: EncryptedIndex, t_full: F64, k: int) -> list[Searc
     results = []
     for qi in range(t_full.shape[0]):
         approx, token = approx_all[qi], t_full[qi]
-        kth = float(np.partition(approx, n - k)[n - k]) if k < n else float(approx.min())
+        if k == 1:
+            kth = float(approx.max())  # a selection over n costs several passes
+        else:
+            kth = float(np.partition(approx, n - k)[n - k]) if k < n else float(approx.min())
         err = (2.0 * _float32_error(index.full.shape[1], index.full_norm, token)
                + SAFETY_EPS * index.full_norm * float(np.linalg.norm(token)))
         candidates = np.flatnonzero(approx >= _float32_floor(kth - err))
