@@ -37,6 +37,7 @@ MAX_BLOCK = 65536
 SCAN_FRACTION = 0.1  # above this share of survivors, a float32 full scan is cheaper
 # Batches: the first level is computed chunk by chunk (a chunk's scores stay in cache)
 # and only the maximum of every block of rows is kept per query.
+BLOCKED_BATCH_ROWS = 65536
 BATCH_CHUNK = 16384  # rows per matrix product; a multiple of BATCH_BLOCK
 BATCH_BLOCK = 512  # rows per block maximum; a power of two
 BLOCK_SCAN_FRACTION = 0.3  # above this share of surviving blocks, scan the full vectors
@@ -171,7 +172,9 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
     if len(index) == 0 or not index.levels:
         return _timed(linear_scan(index, token, k), start)
     first = _first_level_scores(index, token.levels[0])[0]
-    return _timed(_refine_query(index, token, 0, first, k), start)
+    result = _refine_query(index, token, 0, first, k)
+    assert result is not None  # with scan=True the query is always answered
+    return _timed(result, start)
 
 
 def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[SearchResult]:
@@ -181,18 +184,26 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     the whole batch, computed a chunk of rows at a time so that its scores never leave
     the cache: of every block of BATCH_BLOCK rows only the maximum score is kept per
     query. A block whose maximum is below a query's threshold holds no candidate; the
-    few blocks that may are rescored for that query alone, best block first.
+    few blocks that may are rescored for that query alone, best block first. Below
+    BLOCKED_BATCH_ROWS the scores of the whole batch fit in cache: they are kept in full.
     """
     _check(index, token, k)
     if len(token) == 1 or len(index) == 0 or not index.levels:
         return [search(index, token.select(i), k) for i in range(len(token))]
     start = time.perf_counter()
-    maxima = _block_maxima(index, token.levels[0])
+    blocked = len(index) >= BLOCKED_BATCH_ROWS
+    if blocked:
+        first_level = _block_maxima(index, token.levels[0])
+    else:
+        first_level = _first_level_scores(index, token.levels[0])
     shared_ms = (time.perf_counter() - start) * 1000.0 / len(token)
 
     def one(qi: int) -> SearchResult | None:
         begin = time.perf_counter()
-        result = _refine_blocks(index, token, qi, maxima[qi], k)
+        if blocked:
+            result = _refine_blocks(index, token, qi, first_level[qi], k)
+        else:
+            result = _refine_query(index, token, qi, first_level[qi], k, scan=False)
         if result is not None:
             result.stats.milliseconds = shared_ms + (time.perf_counter() - begin) * 1000.0
         return result
@@ -296,11 +307,13 @@ class _Refiner:
 
 
 def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
-                  first: NDArray[np.float32], k: int) -> SearchResult:
+                  first: NDArray[np.float32], k: int, scan: bool = True
+                  ) -> SearchResult | None:
     """Filter and refine one query whose first-level scores are known (and ours to mark).
 
     When too many vectors survive the first level for pruning to pay, the query is
-    answered by a float32 scan of the full vectors instead.
+    answered by a float32 scan of the full vectors, or, with ``scan`` False, left to
+    the caller (None) to scan together with other such queries.
     """
     n = len(index)
     refiner = _Refiner(index, token, qi, k)
@@ -313,7 +326,7 @@ def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
     # best first, each cut by the threshold the blocks before them raised.
     refine(_seed_positions(first, k))
     if int(np.count_nonzero(first >= refiner.first_floor())) > SCAN_FRACTION * n:
-        return _scan_full32_batch(index, refiner.t_full[None, :], k)[0]
+        return _scan_full32_batch(index, refiner.t_full[None, :], k)[0] if scan else None
     block_size = FIRST_BLOCK
     while True:
         remaining = np.flatnonzero(first >= refiner.first_floor())
@@ -345,9 +358,11 @@ def _refine_blocks(index: EncryptedIndex, token: QueryToken, qi: int,
         rows = (blocks[:, None] * block + offsets[None, :]).ravel()
         return rows[rows < n]
 
-    # Seed: the best blocks until they hold k rows; their k best rows set a threshold.
+    # Seed: the k blocks with the highest maxima hold the k best first-level rows
+    # (a block holds one of them exactly when its maximum is at least the k-th best
+    # score), the rows a single query seeds with; their full scores set a threshold.
     seed_blocks = _top_positions(maxima, np.arange(maxima.size, dtype=np.int64),
-                                 min(maxima.size, -(-k // block) + 1))
+                                 min(maxima.size, k))
     group = seed_blocks
     first_pass = True
     group_size = 1

@@ -110,9 +110,14 @@ def test_rejects_mismatched_token_and_bad_k() -> None:
 
 
 @pytest.mark.parametrize("k", [1, 10])
-def test_unprunable_queries_fall_back_to_an_exact_float32_scan(k: int) -> None:
+@pytest.mark.parametrize("blocked_from", [0, 10**9])
+def test_unprunable_queries_fall_back_to_an_exact_float32_scan(
+    monkeypatch: pytest.MonkeyPatch, k: int, blocked_from: int
+) -> None:
     """Fresh queries on i.i.d. Gaussian data defeat every bound: the engine must then scan
-    the full vectors in float32 and refine in float64, single and batched, exactly."""
+    the full vectors in float32 and refine in float64, single and batched (with block
+    maxima or full first-level scores), exactly."""
+    monkeypatch.setattr(search_module, "BLOCKED_BATCH_ROWS", blocked_from)
     rng = np.random.default_rng(21)
     data = datasets.gaussian(rng, 3000, 128)
     queries = datasets.gaussian(rng, 40, 128)
@@ -123,6 +128,7 @@ def test_unprunable_queries_fall_back_to_an_exact_float32_scan(k: int) -> None:
     batched = search_batch(index, token, k)
     singles = [search(index, token.select(i), k) for i in range(40)]
     assert sum(r.stats.full_scored == 3000 for r in singles) >= 30  # the scan path ran
+    assert sum(r.stats.full_scored == 3000 for r in batched) >= 30  # batched scan too
     for qi in range(40):
         assert datasets.agrees(batched[qi].positions, data, queries[qi], truth[qi])
         assert datasets.agrees(singles[qi].positions, data, queries[qi], truth[qi])
@@ -135,11 +141,14 @@ def test_batches_stay_exact_for_any_block_and_chunk_size(
 ) -> None:
     """The batched first level keeps one maximum per block of rows; partial blocks and
     chunks, k larger than a block, near and far queries must all stay exact."""
+    monkeypatch.setattr(search_module, "BLOCKED_BATCH_ROWS", 0)
     monkeypatch.setattr(search_module, "BATCH_BLOCK", block)
     monkeypatch.setattr(search_module, "BATCH_CHUNK", chunk)
     rng = np.random.default_rng(block * 100 + k)
-    data = datasets.clustered(rng, 1001, 32)
-    queries = np.vstack([datasets.perturbed_queries(rng, data, 30, 0.2),
+    data = datasets.low_rank_varying(rng, 3001, 32)
+    queries = np.vstack([datasets.perturbed_queries(rng, data, 20, 0.1),
+                         datasets.perturbed_queries(rng, data, 20, 0.5),
+                         datasets.low_rank_varying(rng, 20, 32),
                          datasets.gaussian(rng, 10, 32) * 3.0])
     key = IndexKey.generate(32, sample=data[:300])
     index = EncryptedIndex(key.encrypt(data))
@@ -151,6 +160,7 @@ def test_batches_stay_exact_for_any_block_and_chunk_size(
         assert result.positions.shape == (k,)
         assert len(set(result.positions.tolist())) == k  # no vector counted twice
         assert datasets.agrees(result.positions, data, queries[qi], truth[qi]), qi
+    assert any(r.stats.full_scored < len(data) for r in batched)  # blocks were refined
 
 
 @pytest.mark.parametrize("block", [1, 2, 4, 512])
@@ -163,8 +173,9 @@ def test_block_maxima_equal_the_maxima_of_every_block(block: int) -> None:
     assert np.array_equal(out, expected)
 
 
-def test_batch_of_near_queries_rescores_few_blocks() -> None:
+def test_batch_of_near_queries_rescores_few_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Near queries must be answered from a handful of blocks, not by rescoring all."""
+    monkeypatch.setattr(search_module, "BLOCKED_BATCH_ROWS", 0)
     rng = np.random.default_rng(4)
     data = datasets.low_rank_varying(rng, 20000, 64)
     queries = datasets.perturbed_queries(rng, data, 20, noise=0.05)
