@@ -20,6 +20,7 @@ first-level score first, so the threshold rises fast and the loop stops early.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,7 @@ from crypto.tokens import EncryptedVectors, QueryToken
 
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
+Scores = NDArray[np.float32] | NDArray[np.float64]
 SAFETY_EPS = 1e-10
 FLOAT32_UNIT = 2.0**-24
 FIRST_BLOCK = 256
@@ -38,9 +40,10 @@ SCAN_FRACTION = 0.1  # above this share of survivors, a float32 full scan is che
 # Batches: the first level is computed chunk by chunk (a chunk's scores stay in cache)
 # and only the maximum of every block of rows is kept per query.
 BLOCKED_BATCH_ROWS = 65536
+ROW_SCORE_GROUP = 16  # queries whose first-level scores are kept at once (16 x n floats)
 BATCH_CHUNK = 16384  # rows per matrix product; a multiple of BATCH_BLOCK
 BATCH_BLOCK = 512  # rows per block maximum; a power of two
-BLOCK_SCAN_FRACTION = 0.3  # above this share of surviving blocks, scan the full vectors
+BLOCK_SCAN_FRACTION = 0.3  # above this share of passing blocks, score rows one by one
 
 
 @dataclass
@@ -184,43 +187,58 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     the whole batch, computed a chunk of rows at a time so that its scores never leave
     the cache: of every block of BATCH_BLOCK rows only the maximum score is kept per
     query. A block whose maximum is below a query's threshold holds no candidate; the
-    few blocks that may are rescored for that query alone, best block first. Below
-    BLOCKED_BATCH_ROWS the scores of the whole batch fit in cache: they are kept in full.
+    few blocks that may are rescored for that query alone, best block first.
+
+    Below BLOCKED_BATCH_ROWS the scores of the whole batch fit in cache and are kept
+    for every row; so are they for queries whose candidates are spread over too many
+    blocks (fresh queries: few rows pass but most blocks hold one). Queries that not
+    even single rows prune share one float32 scan of the full vectors.
     """
     _check(index, token, k)
     if len(token) == 1 or len(index) == 0 or not index.levels:
         return [search(index, token.select(i), k) for i in range(len(token))]
-    start = time.perf_counter()
-    blocked = len(index) >= BLOCKED_BATCH_ROWS
-    if blocked:
-        first_level = _block_maxima(index, token.levels[0])
-    else:
-        first_level = _first_level_scores(index, token.levels[0])
-    shared_ms = (time.perf_counter() - start) * 1000.0 / len(token)
+    results: list[SearchResult | None] = [None] * len(token)
+    spent_ms = [0.0] * len(token)  # each query's share of the batch's time
 
-    def one(qi: int) -> SearchResult | None:
-        begin = time.perf_counter()
-        if blocked:
-            result = _refine_blocks(index, token, qi, first_level[qi], k)
-        else:
-            result = _refine_query(index, token, qi, first_level[qi], k, scan=False)
-        if result is not None:
-            result.stats.milliseconds = shared_ms + (time.perf_counter() - begin) * 1000.0
-        return result
+    def answer(queries: list[int], shared_since: float,
+               refine: Callable[[int, int], SearchResult | None]) -> list[int]:
+        """Refine each query, book its time; the queries left unanswered."""
+        shared = (time.perf_counter() - shared_since) * 1000.0 / len(queries)
+        for row, qi in enumerate(queries):
+            begin = time.perf_counter()
+            results[qi] = refine(row, qi)
+            spent_ms[qi] += shared + (time.perf_counter() - begin) * 1000.0
+        return [qi for qi in queries if results[qi] is None]
 
-    # Refining a query touches a few blocks: short numpy calls that threads would only
-    # slow down by contending for the GIL.
-    results = [one(qi) for qi in range(len(token))]
+    pending = list(range(len(token)))
+    if len(index) >= BLOCKED_BATCH_ROWS:
+        start = time.perf_counter()
+        maxima = _block_maxima(index, token.levels[0])
+        pending = answer(pending, start,
+                         lambda row, qi: _refine_blocks(index, token, qi, maxima[row], k))
+    # Small indexes, and queries whose candidates are spread over too many blocks: every
+    # row's first-level score, for a group of queries at a time (bounded memory).
+    unprunable: list[int] = []
+    for group_start in range(0, len(pending), ROW_SCORE_GROUP):
+        group = pending[group_start : group_start + ROW_SCORE_GROUP]
+        start = time.perf_counter()
+        firsts = _first_level_scores(index, token.levels[0][group])
+
+        def from_rows(row: int, qi: int, firsts: NDArray[np.float32] = firsts
+                      ) -> SearchResult | None:
+            return _refine_query(index, token, qi, firsts[row], k, scan=False)
+
+        unprunable += answer(group, start, from_rows)
     # Queries the bounds could not prune share one float32 scan of the full vectors.
-    deferred = [qi for qi, r in enumerate(results) if r is None]
-    if deferred:
-        begin = time.perf_counter()
-        scanned = _scan_full32_batch(index, token.full[deferred], k)
-        each = (time.perf_counter() - begin) * 1000.0 / len(deferred)
-        for qi, result in zip(deferred, scanned, strict=True):
-            result.stats.milliseconds = shared_ms + each
-            results[qi] = result
-    return [r for r in results if r is not None]
+    if unprunable:
+        start = time.perf_counter()
+        scanned = _scan_full32_batch(index, token.full[unprunable], k)
+        answer(unprunable, start, lambda row, _: scanned[row])
+    answered = [r for r in results if r is not None]
+    assert len(answered) == len(results)  # the scan answers every query left
+    for result, ms in zip(answered, spent_ms, strict=True):
+        result.stats.milliseconds = ms
+    return answered
 
 
 def _block_maxima(index: EncryptedIndex, tokens: F64) -> NDArray[np.float32]:
@@ -439,7 +457,7 @@ def _float32_error(width: int, row_norm: float, token: F64) -> float:
     return 4.0 * (width + 2) * FLOAT32_UNIT * row_norm * float(np.linalg.norm(token))
 
 
-def _seed_positions(scores: F64, k: int) -> I64:
+def _seed_positions(scores: Scores, k: int) -> I64:
     """k positions with high first-level scores, to give the threshold a start.
 
     Any k fully scored vectors give a valid threshold (the true k-th best is at least
@@ -464,7 +482,7 @@ def _seed_positions(scores: F64, k: int) -> I64:
     return _top_positions(scores, np.arange(0, n, stride, dtype=np.int64), k)
 
 
-def _top_positions(scores: F64, positions: I64, count: int) -> I64:
+def _top_positions(scores: Scores, positions: I64, count: int) -> I64:
     """The ``count`` positions with the highest scores (unordered)."""
     if positions.size <= count:
         return positions
