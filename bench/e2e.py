@@ -32,9 +32,10 @@ OBJECT_BYTES = 512 * 1024
 SEGMENT_ROWS = 20000
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory (VmRSS), or its peak so far (VmHWM), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -83,6 +84,7 @@ def run(n: int, queries: int, work: Path) -> dict[str, object]:
         report["segment_load_s"] = load_s
         report["segment_load_mb_s"] = segment_bytes / 2**20 / load_s
         report["service_rss_mb"] = _rss_mb(session._embedded_service.process.pid)
+        report["service_peak_rss_mb"] = _rss_mb(session._embedded_service.process.pid, "VmHWM")
         report["images_served"] = refreshed["images"]
         qs = datasets.perturbed_queries(rng, data[picks], queries, noise=0.05)
         data32 = data.astype(np.float32)
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<34}{med[key]:10.2f}{p95[key]:10.2f}")
     print(f"segments {report['segments_mb']:.0f} MB loaded in {report['segment_load_s']:.2f} s "
           f"({report['segment_load_mb_s']:.0f} MB/s); service RSS "
-          f"{report['service_rss_mb']:.0f} MB after load, "
+          f"{report['service_rss_mb']:.0f} MB after load (peak "
+          f"{report['service_peak_rss_mb']:.0f} MB), "
           f"{report['rss_after_queries_mb']:.0f} MB after the queries")
     report["machine"] = platform.platform()
     write_json(args.json, report)

@@ -25,7 +25,9 @@ allocates anything, so a hostile or damaged segment cannot make it use unbounded
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,12 +35,15 @@ from numpy.typing import NDArray
 
 from crypto.tokens import EncryptedVectors
 
+Buffer = bytes | bytearray | memoryview
+
 MAGIC = b"RCSG"
 VERSION = 1
 DTYPE_FLOAT64 = 1
 ALIGN = 64
 ID_SIZE = 16
 DIGEST_SIZE = 32
+HEADER_SIZE = 64  # 20 fixed bytes, at most 4 (8 + 1) of widths, zero padding
 MAX_COUNT = 10_000_000
 MAX_LEVELS = 8
 MAX_WIDTH = 1 << 16
@@ -135,26 +140,98 @@ def read_header(data: bytes, name: str) -> tuple[int, int, tuple[int, ...]]:
 def decode_segment(data: bytes, name: str = "<segment>") -> Segment:
     """Parse and validate a segment; the arrays are views into ``data`` (no copy)."""
     key_version, count, widths = read_header(data, name)
+    size = _checked_size(name, count, widths)
+    if len(data) != size:
+        raise _length_error(name, len(data), size)
+    body = memoryview(data)[: size - DIGEST_SIZE]
+    return _decode_checked(data, name, key_version, count, widths,
+                           hashlib.sha256(body).digest())
+
+
+def read_segment(chunks: Iterable[bytes], name: str,
+                 buffer: Callable[[int], memoryview], length: int | None = None) -> Segment:
+    """Parse and validate a segment arriving as a stream of chunks (a download).
+
+    The same checks, in the same order and with the same errors, as ``decode_segment``;
+    the checksum is computed while the chunks arrive, so every byte is read once, while
+    it is still in the processor's cache. ``buffer(size)`` is called once the header is
+    valid and must return a writable memoryview of ``size`` bytes (the caller may reuse
+    its memory from one segment to the next); the arrays of the result are views into
+    it. ``length``, the object's size if known (from a listing), is checked against the
+    declared size before anything is allocated; without it, the buffer (of the declared
+    size, at most MAX_SEGMENT_BYTES) is asked for before the exact length is known.
+    """
+    stream = iter(chunks)
+    try:
+        head, got = bytearray(), []
+        for chunk in stream:
+            got.append(chunk)
+            head += chunk[: HEADER_SIZE - len(head)]
+            if len(head) >= HEADER_SIZE:
+                break
+        key_version, count, widths = read_header(bytes(head), name)
+        size = _checked_size(name, count, widths)
+        if length is not None and length != size:
+            raise _length_error(name, length, size)
+        out = buffer(size)
+        digest, position, body_end = hashlib.sha256(), 0, size - DIGEST_SIZE
+        for chunk in itertools.chain(got, stream):
+            end = position + len(chunk)
+            if end > size:
+                raise _length_error(name, end, size, exact=False)
+            out[position:end] = chunk
+            if position < body_end:
+                digest.update(out[position:min(end, body_end)])
+            position = end
+        if position != size:
+            raise _length_error(name, position, size)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # a download not read to its end must not keep its connection busy
+    return _decode_checked(out, name, key_version, count, widths, digest.digest())
+
+
+def _checked_size(name: str, count: int, widths: tuple[int, ...]) -> int:
     size = expected_size(count, widths)
     if size > MAX_SEGMENT_BYTES:
         raise SegmentError(name, f"declared size {size} bytes exceeds the limit")
-    if len(data) != size:
-        what = "truncated" if len(data) < size else "has trailing bytes"
-        raise SegmentError(name, f"{what}: {len(data)} bytes, expected {size}")
-    body = memoryview(data)[: size - DIGEST_SIZE]
-    if hashlib.sha256(body).digest() != bytes(data[size - DIGEST_SIZE :]):
+    return size
+
+
+def _length_error(name: str, length: int, size: int, exact: bool = True) -> SegmentError:
+    if length < size:
+        return SegmentError(name, f"truncated: {length} bytes, expected {size}")
+    at_least = "" if exact else "at least "
+    return SegmentError(name, f"has trailing bytes: {at_least}{length} bytes, expected {size}")
+
+
+def _decode_checked(data: Buffer, name: str, key_version: int, count: int,
+                    widths: tuple[int, ...], digest: bytes) -> Segment:
+    """The checks after the length: checksum (``digest`` is that of the body), ids, numbers."""
+    size = expected_size(count, widths)
+    if digest != bytes(data[size - DIGEST_SIZE : size]):
         raise SegmentError(name, "checksum mismatch: the segment is corrupted")
-    offset = len(_header(key_version, count, widths))
+    offset = HEADER_SIZE
     ids = np.frombuffer(data, dtype="V16", count=count, offset=offset)
-    if len({bytes(i) for i in ids}) != count:
+    if _has_duplicates(ids):
         raise SegmentError(name, "duplicate image ids")
     offset += ID_SIZE * count + _pad(ID_SIZE * count)
     arrays = []
     for width in widths:
         array = np.frombuffer(data, dtype="<f8", count=count * width, offset=offset)
-        if not np.all(np.isfinite(array)):
+        if not np.isfinite(array).all():
             raise SegmentError(name, "contains non-finite numbers")
         arrays.append(array.reshape(count, width))
         offset += 8 * count * width + _pad(8 * count * width)
     vectors = EncryptedVectors(full=arrays[-1], levels=tuple(arrays[:-1]))
     return Segment(key_version=key_version, ids=ids, vectors=vectors)
+
+
+def _has_duplicates(ids: NDArray[np.void]) -> bool:
+    """Whether two ids are equal. Sorting their first 8 bytes settles it for random ids;
+    only when two of those agree are the whole ids compared."""
+    first = np.sort(ids.view("<u8")[0::2])
+    if not (first[1:] == first[:-1]).any():
+        return False
+    return len({bytes(i) for i in ids}) != len(ids)
