@@ -1,26 +1,36 @@
 """Ingest throughput: decode, features, encryption and upload of 512x512 16-bit images.
 
-    python -m bench.ingest --images 200 --workers 2
+    python -m bench.ingest --images 400 --workers 2 --repeat 3
 
 Writes distinct 512x512 16-bit CT DICOM files (a real CT slice from the offline sample
-data, resampled, shifted and noised per file), then measures in the same run:
-  plaintext work only  decode + radcrypt-v1 features, on the same worker threads
-  full import          app.core.importer.Importer into the embedded SeaweedFS store
-and reports images/s and the ratio. A benchmark: it never fails on a time.
+data, resampled, shifted and noised per file), then, --repeat times, measures in turn:
+  plaintext work only  decode + radcrypt-v1 features, on the same number of threads
+  full import          app.core.importer.Importer into the embedded SeaweedFS store (a new
+                       repository each time), decoding in child processes ("processes",
+                       the default for this many files) and on threads ("threads")
+and reports images/s (median, min-max), the ratio import/plaintext of each repetition,
+and where the CPU went: this process with its decoding children, the store's server, and
+everything else on the machine (other people's jobs: on a shared machine the absolute
+rates move with them, the CPU per image much less). A benchmark: it never fails on a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bench.report import write_json
+
+MODES = {"processes": True, "threads": False}
 
 
 def make_ct_files(directory: Path, count: int, seed: int = 0) -> list[Path]:
@@ -62,54 +72,188 @@ def make_ct_files(directory: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def plaintext_rate(paths: list[Path], workers: int) -> float:
+# --- CPU accounting (Linux /proc; elsewhere only this process is counted) -------------------
+
+
+def _clock_ticks() -> float:
+    try:
+        return float(os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, ValueError, OSError):
+        return 100.0
+
+
+def _pid_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) of another live process, or None if unknown."""
+    if not pid:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _clock_ticks()
+
+
+def _machine_busy() -> float | None:
+    """CPU seconds all cores spent not idle, since boot."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(values[:8]) - values[3] - values[4]) / _clock_ticks()
+
+
+class CpuMeter:
+    """CPU used during a block: this process and its reaped children (the importer's
+    decoding children), one other process (the store's server), and the whole machine."""
+
+    def __init__(self, other_pid: int | None = None) -> None:
+        self.other_pid = other_pid
+
+    def __enter__(self) -> CpuMeter:
+        self._wall = time.perf_counter()
+        self._own = self._own_cpu()
+        self._other = _pid_cpu(self.other_pid)
+        self._busy = _machine_busy()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        self.own = self._own_cpu() - self._own
+        other = _pid_cpu(self.other_pid)
+        self.other = other - self._other if other is not None and self._other is not None \
+            else None
+        busy = _machine_busy()
+        self.busy = busy - self._busy if busy is not None and self._busy is not None else None
+
+    @staticmethod
+    def _own_cpu() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def report(self, images: int) -> dict[str, Any]:
+        """ms of CPU per image, and cores in use on average (others: everything else)."""
+        out: dict[str, Any] = {"seconds": self.seconds,
+                               "images_per_s": images / self.seconds,
+                               "cpu_ms_per_image": 1000 * self.own / images,
+                               "cores": self.own / self.seconds}
+        if self.other is not None:
+            out["store_cpu_ms_per_image"] = 1000 * self.other / images
+            out["store_cores"] = self.other / self.seconds
+        if self.busy is not None:
+            others = self.busy - self.own - (self.other or 0.0)
+            out["others_cores"] = max(0.0, others / self.seconds)
+        return out
+
+
+# --- the measurements -----------------------------------------------------------------------
+
+
+def plaintext_rate(paths: list[Path], workers: int) -> dict[str, Any]:
     from app.imaging.features import features_of_file
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
+    features_of_file(paths[0])  # imports and caches, as a running importer has them
+    with CpuMeter() as meter, ThreadPoolExecutor(workers) as pool:
         list(pool.map(features_of_file, paths))
-    return len(paths) / (time.perf_counter() - start)
+    return meter.report(len(paths))
 
 
-def import_rate(paths: list[Path], workers: int, work: Path) -> dict[str, float]:
+def import_rate(store: Any, store_pid: int | None, paths: list[Path], workers: int,
+                processes: bool, name: str) -> dict[str, Any]:
     from app.core.importer import Importer
     from app.core.repository import create_repository
-    from cloud.local import start_embedded_store
-    from cloud.store import ObjectStore
 
-    with start_embedded_store(work / "store") as handle:
-        store = ObjectStore(handle.config())
-        repo = create_repository(store, "ingest-bench", "bench password", scrypt_log2_n=10)
-        start = time.perf_counter()
-        report = Importer(store, repo, workers=workers).run(paths)
-        seconds = time.perf_counter() - start
-        if report.failed or len(report.imported) != len(paths):
-            raise SystemExit(f"import failed: {report.failed[:3]}")
-        stored = sum(size for _, size in store.list_objects(f"radcrypt/v1/repos/{repo.repo_id}/"))
-    return {"images_per_s": len(paths) / seconds, "seconds": seconds,
-            "stored_mb": stored / 2**20, "store": handle.kind}
+    repo = create_repository(store, name, "bench password", scrypt_log2_n=10)
+    importer = Importer(store, repo, workers=workers, processes=processes)
+    with CpuMeter(store_pid) as meter:
+        report = importer.run(paths)
+    if report.failed or len(report.imported) != len(paths):
+        raise SystemExit(f"import failed: {report.failed[:3]}")
+    result = meter.report(len(paths))
+    result["stored_mb"] = sum(
+        size for _, size in store.list_objects(f"radcrypt/v1/repos/{repo.repo_id}/")) / 2**20
+    result["segments"] = len(report.segments)
+    return result
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "plaintext_images_per_s": _spread([r["plaintext"]["images_per_s"] for r in runs])}
+    for mode in modes:
+        imports = [r[mode] for r in runs]
+        summary[mode] = {
+            "images_per_s": _spread([i["images_per_s"] for i in imports]),
+            "ratio_to_plaintext": _spread(
+                [r[mode]["images_per_s"] / r["plaintext"]["images_per_s"] for r in runs]),
+            "cpu_ms_per_image": _spread([i["cpu_ms_per_image"] for i in imports]),
+        }
+        for key in ("store_cpu_ms_per_image", "others_cores"):
+            if all(key in i for i in imports):
+                summary[mode][key] = _spread([i[key] for i in imports])
+    return summary
+
+
+def print_table(summary: dict[str, Any], args: argparse.Namespace, modes: list[str]) -> None:
+    def fmt(s: dict[str, float], digits: int = 1) -> str:
+        return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+    plain = summary["plaintext_images_per_s"]
+    print(f"{args.images} images, {args.workers} workers, {args.repeat} repetitions: "
+          "median [min-max]")
+    print(f"{'':<22}{'images/s':>22}{'import/plain':>20}{'CPU ms/img':>20}"
+          f"{'store ms/img':>20}{'others (cores)':>20}")
+    print(f"{'decode+features only':<22}{fmt(plain):>22}")
+    for mode in modes:
+        s = summary[mode]
+        store = fmt(s["store_cpu_ms_per_image"]) if "store_cpu_ms_per_image" in s else "-"
+        others = fmt(s["others_cores"], 2) if "others_cores" in s else "-"
+        print(f"{'import, ' + mode:<22}{fmt(s['images_per_s']):>22}"
+              f"{fmt(s['ratio_to_plaintext'], 2):>20}{fmt(s['cpu_ms_per_image']):>20}"
+              f"{store:>20}{others:>20}")
+    print("512x512 16-bit CT DICOM; import = decode, features, preview, AES-GCM, secure-kNN, "
+          "three uploads per image to the embedded store, a segment per 64 images. "
+          "CPU ms/img: this process and its decoding children; store: the store's server; "
+          "others: the rest of the machine, in cores.")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--mode", choices=[*MODES, "both"], default="both")
     parser.add_argument("--json", type=Path, default=Path("bench/results/ingest.json"))
     args = parser.parse_args(argv)
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+
+    from cloud.local import start_embedded_store
+    from cloud.store import ObjectStore
+
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="radcrypt-ingest-") as tmp:
         work = Path(tmp)
         paths = make_ct_files(work / "files", args.images)
-        plain = plaintext_rate(paths, args.workers)
-        full = import_rate(paths, args.workers, work)
-    ratio = full["images_per_s"] / plain
-    print(f"{'images':>7}{'workers':>8}{'decode+features/s':>19}{'full import/s':>15}"
-          f"{'import/plain':>13}{'stored MB':>10}")
-    print(f"{args.images:>7}{args.workers:>8}{plain:19.1f}{full['images_per_s']:15.1f}"
-          f"{ratio:13.2f}{full['stored_mb']:10.1f}")
-    print("512x512 16-bit CT DICOM; full import = decode, features, thumbnail, AES-GCM, "
-          f"secure-kNN, upload to the embedded {full['store']} store, segment commit")
-    report = {"machine": platform.platform(), "images": args.images, "workers": args.workers,
-              "plaintext_images_per_s": plain, "import": full, "ratio": ratio}
+        with start_embedded_store(work / "store") as handle:
+            store = ObjectStore(handle.config())
+            store_pid = handle.pid if handle.kind == "seaweedfs" else None
+            for i in range(args.repeat):
+                run: dict[str, Any] = {"plaintext": plaintext_rate(paths, args.workers)}
+                for mode in modes:
+                    run[mode] = import_rate(store, store_pid, paths, args.workers,
+                                            MODES[mode], f"ingest-{mode}-{i}")
+                runs.append(run)
+                print(f"repetition {i + 1}: plaintext {run['plaintext']['images_per_s']:.1f}/s, "
+                      + ", ".join(f"{m} {run[m]['images_per_s']:.1f}/s" for m in modes),
+                      flush=True)
+            kind = handle.kind
+    summary = summarise(runs, modes)
+    print_table(summary, args, modes)
+    report = {"machine": platform.platform(), "cpus": os.cpu_count(), "store": kind,
+              "images": args.images, "workers": args.workers, "repeat": args.repeat,
+              "summary": summary, "runs": runs}
     write_json(args.json, report)
     return 0
 
