@@ -50,7 +50,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloud import layout
-from cloud.search import EncryptedIndex
+from cloud.search import EncryptedIndex, max_row_norm
 from cloud.segments import HEADER_SIZE, Segment, SegmentError, read_header, read_segment
 from cloud.store import ObjectNotFound, ObjectStore
 from crypto.tokens import EncryptedVectors
@@ -109,10 +109,6 @@ class ImageIds(Sequence[str]):
         if isinstance(index, slice):
             return [bytes(i).hex() for i in self._raw[index]]
         return bytes(self._raw[index]).hex()
-
-
-def _max_norm(a: NDArray[np.float64]) -> float:
-    return float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a)))) if a.shape[0] else 0.0
 
 
 class _Rows:
@@ -389,7 +385,7 @@ class _VersionRows:
                  if isinstance(r, _FileRows)]
 
         def fill() -> None:
-            norms = [_max_norm(a) for a in arrays]
+            norms = [max_row_norm(a) for a in arrays]
             for target, array in fills:
                 np.copyto(target, array, casting="same_kind")
             with self._norms_lock:

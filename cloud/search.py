@@ -99,8 +99,8 @@ class EncryptedIndex:
         that nothing here has to read every page."""
         self.full = np.ascontiguousarray(vectors.full, dtype=np.float64)
         self.levels = [np.ascontiguousarray(a, dtype=np.float64) for a in vectors.levels]
-        self.full_norm = _max_row_norm(self.full) if full_norm is None else full_norm
-        self.level_norms = ([_max_row_norm(a) for a in self.levels] if level_norms is None
+        self.full_norm = max_row_norm(self.full) if full_norm is None else full_norm
+        self.level_norms = ([max_row_norm(a) for a in self.levels] if level_norms is None
                             else list(level_norms))
         # The first level scans every vector: in float32 it reads half the memory.
         if first32 is None and self.levels:
@@ -131,7 +131,9 @@ class EncryptedIndex:
         return cls(EncryptedVectors(full=np.concatenate([p.full for p in parts]), levels=levels))
 
 
-def _max_row_norm(a: F64) -> float:
+def max_row_norm(a: F64) -> float:
+    """The largest row norm: it sizes the rounding margins, so whoever hands an index
+    precomputed norms (cloud/repo_index.py) must compute them this way."""
     if a.shape[0] == 0:
         return 0.0
     return float(np.sqrt(np.max(np.einsum("ij,ij->i", a, a))))
