@@ -92,6 +92,16 @@ def s3_config(request: pytest.FixtureRequest) -> Iterator[StoreConfig]:
 
 
 @pytest.fixture
+def moto_store(moto_store_config: StoreConfig) -> Iterator[ObjectStore]:
+    """An ObjectStore on the shared moto server, its own fresh bucket, dropped after."""
+    config = dataclasses.replace(moto_store_config, bucket=s3servers.unique_bucket("moto"))
+    store = ObjectStore(config)
+    store.ensure_bucket()
+    yield store
+    s3servers.drop_bucket(config)
+
+
+@pytest.fixture
 def s3_store(s3_config: StoreConfig) -> ObjectStore:
     """An ObjectStore on each server in turn, its fresh bucket created."""
     store = ObjectStore(s3_config)

@@ -226,15 +226,6 @@ def test_images_of_a_damaged_segment_are_committed_again(
         s3servers.drop_bucket(config)
 
 
-@pytest.fixture
-def moto_store(moto_store_config: StoreConfig) -> Iterator[ObjectStore]:
-    config = dataclasses.replace(moto_store_config, bucket=s3servers.unique_bucket("imp"))
-    store = ObjectStore(config)
-    store.ensure_bucket()
-    yield store
-    s3servers.drop_bucket(config)
-
-
 def test_same_picture_twice_is_stored_once_and_every_path_reported(
     moto_store: ObjectStore, tmp_path: Path
 ) -> None:

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,21 +35,10 @@ from cloud.store import ObjectStore, StoreConfig, StoreUnavailable
 
 try:
     import e2e_support as support
-    import s3servers
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
-    from tests import s3servers
 
 PASSWORD = "pipeline password"
-
-
-@pytest.fixture
-def moto_store(moto_store_config: StoreConfig) -> Iterator[ObjectStore]:
-    config = dataclasses.replace(moto_store_config, bucket=s3servers.unique_bucket("pipe"))
-    store = ObjectStore(config)
-    store.ensure_bucket()
-    yield store
-    s3servers.drop_bucket(config)
 
 
 def _repo(store: ObjectStore, name: str) -> Repository:
