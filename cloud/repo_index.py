@@ -11,17 +11,18 @@ workstations at once) is kept once.
 
 Memory. With a cache directory, each key version's float64 arrays are appended to files
 there (unlinked as soon as they are open, so that nothing outlives the process) and
-memory-mapped read-only: only float32 copies live in RAM, of the first bound level (the
-one level every query scans) and of the full vectors (scanned when the bounds cannot
-prune); the float64 arrays are paged in for the few candidates that reach them. Without
-one (tests, small repositories) the arrays live in memory.
+memory-mapped read-only: in RAM live only a float32 copy of the first bound level (the
+one level every query scans) and eight-bit codes of the full vectors (scanned when the
+bounds cannot prune, cloud/codes.py); the float64 arrays are paged in for the few
+candidates that reach them. Without one (tests, small repositories) the arrays live in
+memory.
 
 Loading speed (the goal: a repository of a million images, 3 GB of segments, loaded at
 200 MB/s or more on two cores). Every byte is touched as few times as possible: it
 arrives in 1 MiB chunks that are hashed while still in the processor's cache and copied
 into a download buffer reused from one segment to the next (fresh memory costs a page
 fault per 4 KiB, more than the copy). The arrays are then views of that buffer:
-converted once to float32 straight into arrays with room for all the rows the segments'
+converted once to float32 (and codes) straight into arrays with room for all the rows the segments'
 headers announce (untouched room costs no resident memory; nothing is concatenated
 afterwards), and written once to the cache files with O_DIRECT, which bypasses the page
 cache and its dirty-page throttling (see _FileRows). Downloads run in threads, a bounded
@@ -50,6 +51,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloud import layout
+from cloud.codes import RowCodes, quantize_rows
 from cloud.search import EncryptedIndex, max_row_norm
 from cloud.segments import HEADER_SIZE, Segment, SegmentError, read_header, read_segment
 from cloud.store import ObjectNotFound, ObjectStore
@@ -61,7 +63,7 @@ LOAD_THREADS = 8  # small segments: request latency; large ones: AHEAD_BYTES bou
 CHUNK_BYTES = 1 << 20  # hashed while in cache, then copied into the download buffer
 AHEAD_BYTES = 128 << 20  # downloading, or downloaded and not yet appended, at most
 AHEAD_SEGMENTS = 4 * LOAD_THREADS  # segments downloading or ready, at most
-APPEND_THREADS = 2  # float32 conversions of segments at once (they release the GIL)
+APPEND_THREADS = 2  # conversions of segments at once (they release the GIL)
 DIRECT_IO = True  # cache files written with O_DIRECT where available
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset multiples of this
 STAGE_BYTES = 8 << 20  # per cache file, while loading
@@ -339,7 +341,8 @@ class _VersionRows:
         self.ids = _Rows(1, np.dtype("V16"))
         self.seen = _SeenIds()
         self.first32 = _Rows(widths[0], np.float32) if len(widths) > 1 else None
-        self.full32 = _Rows(widths[-1], np.float32)
+        # The full vectors' eight-bit codes and their per-row offset, step and slack.
+        self.codes = [_Rows(widths[-1], np.uint8), *(_Rows(1, np.float32) for _ in range(3))]
         self.arrays: list[_Rows | _FileRows]
         if directory is None:
             self.arrays = [_Rows(width, np.float64) for width in widths]
@@ -352,7 +355,7 @@ class _VersionRows:
 
     def reserve(self, more: int) -> None:
         """Room for ``more`` rows (announced by segment headers) before they arrive."""
-        for rows in (self.ids, self.first32, self.full32, *self.arrays):
+        for rows in (self.ids, self.first32, *self.codes, *self.arrays):
             if rows is not None:
                 rows.reserve(more)
 
@@ -369,7 +372,8 @@ class _VersionRows:
                 return 0
             ids, arrays = ids[keep], [a[keep] for a in arrays]
         count = len(ids)
-        in_memory = [r for r in (self.first32, self.full32, *self.arrays) if isinstance(r, _Rows)]
+        in_memory = [r for r in (self.first32, *self.codes, *self.arrays)
+                     if isinstance(r, _Rows)]
         if any(r.room() < count for r in in_memory):
             appends.wait()  # no job may still be filling the arrays that growing replaces
             self.reserve(count)
@@ -380,7 +384,7 @@ class _VersionRows:
                  if isinstance(r, _Rows)]
         if self.first32 is not None:
             fills.append((self.first32.claim(count), arrays[0]))
-        fills.append((self.full32.claim(count), arrays[-1]))
+        coded = RowCodes(*(rows.claim(count) for rows in self.codes))
         files = [(r, a) for r, a in zip(self.arrays, arrays, strict=True)
                  if isinstance(r, _FileRows)]
 
@@ -388,6 +392,7 @@ class _VersionRows:
             norms = [max_row_norm(a) for a in arrays]
             for target, array in fills:
                 np.copyto(target, array, casting="same_kind")
+            quantize_rows(arrays[-1], coded)
             with self._norms_lock:
                 self.norms = [max(a, b) for a, b in zip(self.norms, norms, strict=True)]
 
@@ -403,13 +408,13 @@ class _VersionRows:
         vectors = EncryptedVectors(full=mapped[-1], levels=tuple(mapped[:-1]))
         index = EncryptedIndex(vectors, full_norm=self.norms[-1], level_norms=self.norms[:-1],
                                first32=None if self.first32 is None else self.first32.view(),
-                               full32=self.full32.view())
+                               full_codes=RowCodes(*(rows.view() for rows in self.codes)))
         return VersionIndex(self.version, index, ImageIds(self.ids.view()[:, 0]))
 
 
 class _Appends:
     """The copying of segments into the version arrays, in threads, off the path that
-    downloads and orders them: the float32 conversions of several segments run at once
+    downloads and orders them: the conversions of several segments run at once
     (each fills rows reserved for it beforehand), the cache-file writes one segment
     after the other, in key order."""
 

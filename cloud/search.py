@@ -30,6 +30,8 @@ import numpy as np
 from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
+from cloud import codes
+from cloud.codes import RowCodes
 from crypto.tokens import EncryptedVectors, QueryToken
 
 F64 = NDArray[np.float64]
@@ -40,7 +42,7 @@ FLOAT32_UNIT = 2.0**-24
 FIRST_BLOCK = 256
 BLOCK_GROWTH = 2
 MAX_BLOCK = 65536
-SCAN_FRACTION = 0.1  # above this share of survivors, a float32 full scan is cheaper
+SCAN_FRACTION = 0.1  # above this share of survivors, a scan of the codes is cheaper
 # Batches: the first level is computed chunk by chunk (a chunk's scores stay in cache)
 # and only the maximum of every block of rows is kept per query.
 BLOCKED_BATCH_ROWS = 65536
@@ -49,6 +51,7 @@ ROW_SCORE_GROUP = 16  # queries whose first-level scores are kept at once (16 x 
 BATCH_CHUNK = 16384  # rows per matrix product; a multiple of BATCH_BLOCK
 BATCH_BLOCK = 512  # rows per block maximum; a power of two
 BLOCK_SCAN_FRACTION = 0.02  # above this share of passing blocks, score rows one by one
+SCAN_ROWS_STEP = 4096  # the threads' shares of a codes scan are multiples of this
 
 
 @dataclass
@@ -93,7 +96,7 @@ class EncryptedIndex:
     def __init__(self, vectors: EncryptedVectors, *, full_norm: float | None = None,
                  level_norms: list[float] | None = None,
                  first32: NDArray[np.float32] | None = None,
-                 full32: NDArray[np.float32] | None = None) -> None:
+                 full_codes: RowCodes | None = None) -> None:
         """Arrays may be memory-mapped files (cloud/repo_index.py): then pass the norms
         and the float32 first level, computed while the data was in memory anyway, so
         that nothing here has to read every page."""
@@ -107,8 +110,9 @@ class EncryptedIndex:
             first32 = self.levels[0].astype(np.float32)
         self.first32 = first32
         # When the bounds cannot prune (queries far from everything, structureless data)
-        # the engine scans the full vectors in float32 and refines the few near the top.
-        self.full32 = self.full.astype(np.float32) if full32 is None else full32
+        # the engine scans eight-bit codes of the full vectors and rescores the few
+        # near the top (cloud/codes.py).
+        self.full_codes = RowCodes.of(self.full) if full_codes is None else full_codes
 
     def __len__(self) -> int:
         return int(self.full.shape[0])
@@ -199,7 +203,7 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     Below BLOCKED_BATCH_ROWS the scores of the whole batch fit in cache and are kept
     for every row; so are they for queries whose candidates are spread over too many
     blocks (fresh queries: few rows pass but most blocks hold one). Queries that not
-    even single rows prune share one float32 scan of the full vectors.
+    even single rows prune share one scan of the full vectors' eight-bit codes.
     """
     _check(index, token, k)
     if len(token) == 1 or len(index) == 0 or not index.levels:
@@ -236,10 +240,10 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
             return _refine_query(index, token, qi, firsts[row], k, scan=False)
 
         unprunable += answer(group, start, from_rows)
-    # Queries the bounds could not prune share one float32 scan of the full vectors.
+    # Queries the bounds could not prune share one scan of the full vectors' codes.
     if unprunable:
         start = time.perf_counter()
-        scanned = _scan_full32_batch(index, token.full[unprunable], k)
+        scanned = _scan_codes(index, token.full[unprunable], k)
         answer(unprunable, start, lambda row, _: scanned[row])
     answered = [r for r in results if r is not None]
     assert len(answered) == len(results)  # the scan answers every query left
@@ -328,9 +332,9 @@ class _Refiner:
         self.index = index
         self.t_levels = [t[qi] for t in token.levels]
         self.t_full = token.full[qi]
-        full_err = SAFETY_EPS * index.full_norm * float(np.linalg.norm(self.t_full))
+        self.full_err = SAFETY_EPS * index.full_norm * float(np.linalg.norm(self.t_full))
         self.margins = [
-            SAFETY_EPS * norm * float(np.linalg.norm(t)) + full_err
+            SAFETY_EPS * norm * float(np.linalg.norm(t)) + self.full_err
             for norm, t in zip(index.level_norms, self.t_levels, strict=True)
         ]
         self.margins[0] += _float32_error(index.levels[0].shape[1], index.level_norms[0],
@@ -338,6 +342,10 @@ class _Refiner:
         self.scored = [len(index)] + [0] * (len(index.levels) - 1)
         self.full_scored = 0
         self.top = _TopK(k)
+
+    def full_floor(self) -> float:
+        """A lower bound on the k-th best full score (of the vectors scored so far)."""
+        return self.top.threshold - self.full_err
 
     def first_floor(self) -> np.float32:
         """First-level float32 scores below this cannot reach the top k."""
@@ -367,7 +375,7 @@ def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
     """Filter and refine one query whose first-level scores are known (and ours to mark).
 
     When too many vectors survive the first level for pruning to pay, the query is
-    answered by a float32 scan of the full vectors, or, with ``scan`` False, left to
+    answered by a scan of the full vectors' codes, or, with ``scan`` False, left to
     the caller (None) to scan together with other such queries.
     """
     n = len(index)
@@ -381,7 +389,9 @@ def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
     # best first, each cut by the threshold the blocks before them raised.
     refine(_seed_positions(first, k))
     if int(np.count_nonzero(first >= refiner.first_floor())) > SCAN_FRACTION * n:
-        return _scan_full32_batch(index, refiner.t_full[None, :], k)[0] if scan else None
+        if not scan:
+            return None
+        return _scan_codes(index, refiner.t_full[None, :], k, [refiner.full_floor()])[0]
     block_size = FIRST_BLOCK
     while True:
         remaining = np.flatnonzero(first >= refiner.first_floor())
@@ -439,32 +449,33 @@ def _refine_blocks(index: EncryptedIndex, token: QueryToken, qi: int,
     return refiner.result()
 
 
-def _scan_full32_batch(index: EncryptedIndex, t_full: F64, k: int) -> list[SearchResult]:
-    """Exact top-k by a float32 scan of every full vector (one matrix product for all
-    the queries), then float64 on the few candidates float32 cannot tell apart.
-
-    With v the k-th best float32 score and e the float32 error bound, k vectors have a
-    float64 score >= v - e, so every member of the true top k has a float64 score
-    >= v - e and a float32 score >= v - 2e: those candidates are rescored in float64.
-    """
+def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
+                floors: list[float] | None = None) -> list[SearchResult]:
+    """Exact top-k of every query by a scan of the full vectors' eight-bit codes (two
+    threads over halves of the rows), then float64 on the candidates the codes cannot
+    tell apart: every row whose score may reach the k-th best (cloud/codes.py).
+    ``floors``: known lower bounds on each query's k-th best score."""
     n = len(index)
-    approx_all = t_full.astype(np.float32) @ index.full32.T
+    known = np.full(t_full.shape[0], -np.inf) if floors is None else np.asarray(floors)
+    found = codes.scan(index.full_codes, t_full, k, known,
+                       _split_rows(n, SCAN_ROWS_STEP, BATCH_THREADS), _threaded)
     results = []
-    for qi in range(t_full.shape[0]):
-        approx, token = approx_all[qi], t_full[qi]
-        if k == 1:
-            kth = float(approx.max())  # a selection over n costs several passes
-        else:
-            kth = float(np.partition(approx, n - k)[n - k]) if k < n else float(approx.min())
-        err = (2.0 * _float32_error(index.full.shape[1], index.full_norm, token)
-               + SAFETY_EPS * index.full_norm * float(np.linalg.norm(token)))
-        candidates = np.flatnonzero(approx >= _float32_floor(kth - err))
+    for qi, candidates in enumerate(found.rows):
         top = _TopK(k)
-        top.merge(candidates, index.full[candidates] @ token)
+        for begin in range(0, candidates.size, MAX_BLOCK):
+            rows = candidates[begin : begin + MAX_BLOCK]
+            top.merge(rows, index.full[rows] @ t_full[qi])
         positions, scores = top.ranked()
         levels = [n] + [0] * (len(index.levels) - 1)
         results.append(SearchResult(positions, scores, SearchStats(n, levels, n, 0.0)))
     return results
+
+
+def _threaded(fn: Callable[[codes.Span], codes.Part], spans: list[codes.Span]
+              ) -> list[codes.Part]:
+    """Spans of rows in the engine's threads, each with a one-thread BLAS."""
+    with _blas().limit(limits=1, user_api="blas"):
+        return list(_pool().map(fn, spans))
 
 
 def _float32_floor(value: float) -> np.float32:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from cloud import layout, repo_index
+from cloud.codes import RowCodes
 from cloud.repo_index import RepoIndex, Snapshot, _FileRows, _SeenIds
 from cloud.segments import SegmentError, decode_segment, encode_segment, read_segment
 from cloud.store import ObjectNotFound
@@ -253,7 +254,9 @@ def test_seen_ids_compare_whole_ids_and_survive_merges() -> None:
 def _arrays(snapshot: Snapshot, version: int = 1) -> dict[str, np.ndarray]:
     served = snapshot.versions[version]
     index = served.index
-    out = {"full": np.array(index.full), "full32": np.array(index.full32)}
+    coded = index.full_codes
+    out = {"full": np.array(index.full), "codes": np.array(coded.codes),
+           "code_scales": np.hstack([coded.offset, coded.step, coded.slack])}
     for i, level in enumerate(index.levels):
         out[f"level{i}"] = np.array(level)
     out["first32"] = np.array(index.first32)
@@ -263,7 +266,9 @@ def _arrays(snapshot: Snapshot, version: int = 1) -> dict[str, np.ndarray]:
 
 def _expected(vectors: list[EncryptedVectors], ids: list[str]) -> dict[str, np.ndarray]:
     full = np.concatenate([v.full for v in vectors])
-    out = {"full": full, "full32": full.astype(np.float32), "ids": np.array(ids)}
+    coded = RowCodes.of(full)
+    out = {"full": full, "codes": coded.codes, "ids": np.array(ids),
+           "code_scales": np.hstack([coded.offset, coded.step, coded.slack])}
     for i in range(len(vectors[0].levels)):
         out[f"level{i}"] = np.concatenate([v.levels[i] for v in vectors])
     out["first32"] = out["level0"].astype(np.float32)
