@@ -1,23 +1,29 @@
-"""Eight-bit codes of the full ciphertexts, for the scans the bounds cannot prune.
+"""Sixteen-bit codes of the full ciphertexts, for the scans the bounds cannot prune.
 
 When a query is far from everything (a fresh query, i.i.d. data) the bounds prune little
-and every full ciphertext must be scored. Reading them in float32 costs 4 bytes per
-column; the scan is bound by memory bandwidth, so reading one byte instead is what makes
-it fast. Each row x is stored as codes c (uint8) with its own offset a and step b:
+and every full ciphertext must be scored. The scan is bound by memory bandwidth, so it
+reads two bytes per column instead of the four of float32 (or eight of float64). Each
+row x is stored as codes c (uint16) with its own offset a and step b:
 
     x_j = a + b c_j + e_j,    |e| known exactly per row (computed when the codes are made),
 
 so that for a token t,  t.x = a sum(t) + b (t.c) + t.e,  with  |t.e| <= |e| |t|.  The
-float32 product t.c and the float32 arithmetic around it add a rounding error that is
-bounded the same way (see _ROUNDING), and every bound is folded into one number per row,
-its slack s: the exact score lies within s |t| of the estimate. The scan keeps, per
-query, a lower bound L on the k-th best exact score (the k-th best of estimate - s|t|),
-and returns the rows whose estimate + s|t| reaches L: a superset of the exact top k,
-rescored in float64 by the caller. Nothing about exactness depends on how good the codes
-are; coarse codes only return more candidates.
+arithmetic of the estimate a sum(t) + b (t.c) adds a rounding error bounded by
+rho (|a| sqrt(width) + b |c|) |t|, rho depending on the precision the scan computes in
+(_rounding). So the exact score lies within (slack + rho size) |t| of the estimate, with
+the per-row slack = |e| (+ the engine's float64 margin) and size = |a| sqrt(width) + b |c|
+stored with the codes. The scan keeps, per query, a lower bound L on the k-th best exact
+score (the k-th best of the lower bounds) and returns the rows whose upper bound reaches
+L: a superset of the exact top k, rescored in float64 by the caller. Exactness never
+depends on how good the codes are; coarse codes only return more candidates.
 
-The offset, step and slack are computed from ciphertexts alone: like the row norms, they
-tell the server nothing it could not compute itself.
+Why sixteen bits: a ciphertext's entries are dominated by its random shares, which
+cancel only in the product with a token, so the scores of near-identical images differ
+by about 1e-3 |x| |t|. Eight-bit codes (|e| about 7e-3 |x|) let 5-30% of a million
+realistic vectors through; sixteen-bit ones about 3e-5 |x|.
+
+The offset, step, slack and size are computed from ciphertexts alone: like the row
+norms, they tell the server nothing it could not compute itself.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from numpy.typing import NDArray
 F64 = NDArray[np.float64]
 F32 = NDArray[np.float32]
 I64 = NDArray[np.int64]
-U8 = NDArray[np.uint8]
-CODE_MAX = 255
+Codes = NDArray[np.uint16]
+CODE_MAX = 65535
 FLOAT32_UNIT = 2.0**-24
-SCALE_COLUMNS = 3  # offset, step, slack
+FLOAT64_UNIT = 2.0**-53
+SCALE_COLUMNS = 4  # offset, step, slack, size
 QUANTIZE_ROWS = 2048  # rows quantized at a time: the float64 temporaries stay in cache
 # Converted to float32 a chunk at a time; the chunk (rows x width x 4 bytes) stays in the
 # 2 MiB second-level cache of this machine's cores for widths up to about 500.
@@ -45,17 +52,18 @@ SCAN_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class RowCodes:
-    """Codes (n, width) and per-row offset, step and slack of a set of full ciphertexts.
+    """Codes (n, width) and per-row offset, step, slack and size of full ciphertexts.
 
     The arrays may be views of larger arrays rows are appended to (cloud/repo_index.py);
     the per-row numbers are (n, 1) columns, each contiguous, so the scan reads them
     as vectors.
     """
 
-    codes: U8
+    codes: Codes
     offset: F32
     step: F32
     slack: F32
+    size: F32
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
@@ -63,7 +71,7 @@ class RowCodes:
     @classmethod
     def of(cls, rows: F64) -> RowCodes:
         n = rows.shape[0]
-        coded = cls(np.empty(rows.shape, dtype=np.uint8), *(
+        coded = cls(np.empty(rows.shape, dtype=np.uint16), *(
             np.empty((n, 1), dtype=np.float32) for _ in range(SCALE_COLUMNS)))
         quantize_rows(rows, coded)
         return coded
@@ -72,13 +80,11 @@ class RowCodes:
 def quantize_rows(rows: F64, into: RowCodes, safety: float = 1e-10) -> None:
     """Fill ``into`` (as many rows as ``rows``) with the codes of float64 ``rows``.
 
-    The slack bounds, per row and per unit of token norm: the coding residual |e|; the
-    float32 rounding of the token, of t.c and of a sum(t) + b (t.c) (_ROUNDING); and
-    ``safety`` |x|, the margin the search engine keeps for float64 rounding, so that the
-    candidates include every row whose float64 score could be among the top k.
+    The slack is the coding residual |e| plus ``safety`` |x|, the margin the search
+    engine keeps for float64 rounding, so that the candidates include every row whose
+    float64 score could be among the top k. Both numbers are rounded up into float32.
     """
     width = rows.shape[1]
-    rounding = _ROUNDING(width)
     for start in range(0, rows.shape[0], QUANTIZE_ROWS):
         x = np.asarray(rows[start : start + QUANTIZE_ROWS], dtype=np.float64)
         low, high = x.min(axis=1), x.max(axis=1)
@@ -91,33 +97,38 @@ def quantize_rows(rows: F64, into: RowCodes, safety: float = 1e-10) -> None:
         residual = x - (a + b * c)
         residual_norm = np.sqrt(np.einsum("ij,ij->i", residual, residual))
         row_norm = np.sqrt(np.einsum("ij,ij->i", x, x))
-        # |sum(t)| <= sqrt(width) |t|, and |t.c| <= |c| |t|.
+        # |sum(t)| <= sqrt(width) |t| and |t.c| <= |c| |t|: the estimate's magnitude.
         code_norm = np.sqrt(np.einsum("ij,ij->i", c, c))
-        terms = np.abs(a[:, 0]) * math.sqrt(width) + b[:, 0] * code_norm
-        slack = residual_norm + rounding * terms + safety * row_norm
-        # Rounded up into float32 so that the stored slack is never below the bound.
-        stored = slack.astype(np.float32)
-        low_side = stored.astype(np.float64) < slack
-        stored[low_side] = np.nextafter(stored[low_side], np.float32(np.inf))
+        size = np.abs(a[:, 0]) * math.sqrt(width) + b[:, 0] * code_norm
         end = start + x.shape[0]
         into.codes[start:end] = c
         into.offset[start:end, 0], into.step[start:end, 0] = offset, step
-        into.slack[start:end, 0] = stored
+        into.slack[start:end, 0] = _up32(residual_norm + safety * row_norm)
+        into.size[start:end, 0] = _up32(size)
 
 
-def _ROUNDING(width: int) -> float:
-    """Relative rounding of the scan, per unit of |a| sqrt(width) + b |c|, times |t|.
+def _up32(values: F64) -> F32:
+    """The smallest float32 values >= ``values``."""
+    rounded = values.astype(np.float32)
+    below = rounded.astype(np.float64) < values
+    rounded[below] = np.nextafter(rounded[below], np.float32(np.inf))
+    return rounded
 
-    Rounding t to float32 (u), a float32 dot product of ``width`` exact integer codes in
-    any order ((width + 1) u), sum(t) rounded to float32 and the estimate
-    a sum(t) + b (t.c) in float32 (4 u), then adding and subtracting the slack (2 u), all
-    to first order (|x| <= |a| sqrt(width) + b |c| + |e| bounds every intermediate); the
-    factor 4 absorbs the second-order terms, as for the engine's own float32 bound.
+
+def _rounding(width: int, unit: float) -> float:
+    """Rounding of the scan's arithmetic, per unit of size |t|, at precision ``unit``.
+
+    Rounding t (u), a dot product of ``width`` exact integer codes in any order
+    ((width + 1) u), sum(t) and the estimate a sum(t) + b (t.c) (4 u), then adding and
+    subtracting the margin (2 u), all to first order (size + |e| bounds every
+    intermediate); the factor 4 absorbs the second-order terms and the rounding of the
+    margin itself, as for the engine's own float32 bound.
     """
-    return 4.0 * (width + 8) * FLOAT32_UNIT
+    return 4.0 * (width + 8) * unit
 
 
 def chunk_rows(width: int) -> int:
+    """Rows converted to float32 at a time by the scan of several queries."""
     return max(64, SCAN_BYTES // (4 * max(1, width)))
 
 
@@ -148,15 +159,16 @@ def scan(coded: RowCodes, tokens: F64, k: int, floors: F64,
     (all of them by default), which ``mapper`` may hand to threads.
     """
     n = len(coded)
-    scaled, sums, norms = _prepared(tokens)
-    queries = scaled.shape[1]
+    t = np.atleast_2d(np.asarray(tokens, dtype=np.float64))
+    queries = t.shape[0]
     # Lower bounds are compared with float32 estimates: one step down keeps them valid.
     start_floor = _down32(np.asarray(floors, dtype=np.float64))
+    prepared = _prepared(t)
 
     def part(span: Span) -> Part:
         if queries == 1:
-            return _part_one(coded, span, k, scaled[:, 0], sums[0], norms[0], start_floor)
-        return _part_many(coded, span, k, scaled, sums, norms, start_floor)
+            return _part_one(coded, span, k, t[0], start_floor)
+        return _part_many(coded, span, k, prepared, start_floor)
 
     parts = mapper(part, spans if spans is not None else [(0, n)])
     floor = start_floor.copy()
@@ -186,24 +198,37 @@ def scan(coded: RowCodes, tokens: F64, k: int, floors: F64,
     return Candidates(result, floor.astype(np.float64))
 
 
-def _part_one(coded: RowCodes, span: Span, k: int, token: F32, token_sum: np.float32,
-              token_norm: np.float32, start_floor: F32) -> Part:
-    """One query: a compiled loop reads each row's codes once (memory-bound, a quarter
-    of the bytes of a float32 scan), then the candidates are picked in one pass."""
+def _part_one(coded: RowCodes, span: Span, k: int, token: F64, start_floor: F32) -> Part:
+    """One query: a compiled loop reads each row's codes once, in float64 (memory-bound:
+    the arithmetic is free, and its rounding negligible), then the candidates are
+    picked in one pass."""
     begin, end = span
-    upper = np.empty(end - begin, dtype=np.float32)
-    lower = np.empty(end - begin, dtype=np.float32)
-    _kernel()(coded.codes[begin:end], token, coded.offset[begin:end], coded.step[begin:end],
-              coded.slack[begin:end], token_sum, token_norm, upper, lower)
+    lower, upper = _bounds_one(coded, begin, end, token)
     floor = start_floor.copy()
     if upper.size >= k:
-        np.maximum(floor, _kth_lower(lower[:, None], k), out=floor)
+        np.maximum(floor, _down32(np.asarray(_kth_lower(lower[:, None], k), np.float64)),
+                   out=floor)
     hits = np.flatnonzero(upper >= floor[0])
-    found: Found = [(hits + begin, np.zeros(hits.size, dtype=np.int64), lower[hits], upper[hits])]
+    found: Found = [(hits + begin, np.zeros(hits.size, dtype=np.int64),
+                     _down32(lower[hits]), _up32(upper[hits]))]
     return floor, found
 
 
-def _part_many(coded: RowCodes, span: Span, k: int, scaled: F32, sums: F32, norms: F32,
+def _bounds_one(coded: RowCodes, begin: int, end: int, token: F64) -> tuple[F64, F64]:
+    lower = np.empty(end - begin)
+    upper = np.empty(end - begin)
+    width = coded.codes.shape[1]
+    _kernel()(coded.codes[begin:end], token, coded.offset[begin:end], coded.step[begin:end],
+              coded.slack[begin:end], coded.size[begin:end], float(token.sum()),
+              float(np.linalg.norm(token)) * (1.0 + 1e-12),
+              _rounding(width, FLOAT64_UNIT), upper, lower)
+    return lower, upper
+
+
+Prepared = tuple[F32, F32, F32, float]  # tokens (width, Q), sums, norms, rounding
+
+
+def _part_many(coded: RowCodes, span: Span, k: int, prepared: Prepared,
                start_floor: F32) -> Part:
     """Several queries: a chunk of codes at a time is converted to float32 (in cache)
     and scored for all of them by one matrix product, which is compute-bound: the
@@ -215,7 +240,7 @@ def _part_many(coded: RowCodes, span: Span, k: int, scaled: F32, sums: F32, norm
     found: Found = []
     for first in range(begin, end, chunk):
         count = min(chunk, end - first)
-        lower, upper = _chunk_bounds(coded, first, buffer[:count], scaled, sums, norms)
+        lower, upper = _chunk_bounds(coded, first, buffer[:count], prepared)
         if count >= k:
             np.maximum(floor, _kth_lower(lower, k), out=floor)
         hit_rows, hit_queries = np.nonzero(upper >= floor)
@@ -225,46 +250,51 @@ def _part_many(coded: RowCodes, span: Span, k: int, scaled: F32, sums: F32, norm
     return floor, found
 
 
-def _chunk_bounds(coded: RowCodes, first: int, buffer: F32, scaled: F32, sums: F32,
-                  norms: F32) -> tuple[F32, F32]:
+def _chunk_bounds(coded: RowCodes, first: int, buffer: F32, prepared: Prepared
+                  ) -> tuple[F32, F32]:
     """(rows, Q) lower and upper bounds on the exact scores of the rows from ``first``."""
+    scaled, sums, norms, rounding = prepared
     rows = slice(first, first + buffer.shape[0])
-    np.copyto(buffer, coded.codes[rows])
+    np.copyto(buffer, coded.codes[rows])  # sixteen-bit integers: exact in float32
     upper: F32 = buffer @ scaled  # t.c
     upper *= coded.step[rows]
     upper += coded.offset[rows] * sums  # the estimate
-    slack = coded.slack[rows] * norms
-    upper += slack
-    lower: F32 = upper - 2 * slack  # rounding of both: in _ROUNDING
+    margin = (coded.slack[rows] + np.float32(rounding) * coded.size[rows]) * norms
+    upper += margin
+    lower: F32 = upper - 2 * margin
     return lower, upper
 
 
-def bounds(coded: RowCodes, tokens: F64) -> tuple[F32, F32]:
+def bounds(coded: RowCodes, tokens: F64) -> tuple[NDArray[np.floating], NDArray[np.floating]]:
     """(n, Q) lower and upper bounds on every exact score, as the scan computes them
     (one query: the compiled loop; several: the matrix products). For tests."""
-    scaled, sums, norms = _prepared(tokens)
-    n, queries = len(coded), scaled.shape[1]
-    if queries == 1:
-        upper = np.empty(n, dtype=np.float32)
-        lower = np.empty(n, dtype=np.float32)
-        _kernel()(coded.codes, scaled[:, 0], coded.offset, coded.step, coded.slack,
-                  sums[0], norms[0], upper, lower)
+    t = np.atleast_2d(np.asarray(tokens, dtype=np.float64))
+    n = len(coded)
+    if t.shape[0] == 1:
+        lower, upper = _bounds_one(coded, 0, n, t[0])
         return lower[:, None], upper[:, None]
+    prepared = _prepared(t)
     chunk = chunk_rows(coded.codes.shape[1])
     buffer = np.empty((chunk, coded.codes.shape[1]), dtype=np.float32)
-    parts = [_chunk_bounds(coded, first, buffer[: min(chunk, n - first)], scaled, sums, norms)
+    parts = [_chunk_bounds(coded, first, buffer[: min(chunk, n - first)], prepared)
              for first in range(0, n, chunk)]
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
-def _prepared(tokens: F64) -> tuple[F32, F32, F32]:
-    """The tokens as the scan uses them: (width, Q) float32, their sums and norms."""
-    t = np.atleast_2d(np.asarray(tokens, dtype=np.float64))
+def _prepared(t: F64) -> Prepared:
+    """The tokens as the float32 scan uses them: (width, Q), their sums and norms (rounded
+    up, with room for the float32 rounding of margin x norm), and its rounding factor."""
     scaled = np.ascontiguousarray(t.T.astype(np.float32))
     sums = t.sum(axis=1).astype(np.float32)
-    # Rounded up, with room for the rounding of slack x norm in float32.
     norms = (np.linalg.norm(t, axis=1) * (1.0 + 2.0**-20)).astype(np.float32)
-    return scaled, sums, norms
+    return scaled, sums, norms, _rounding(t.shape[1], FLOAT32_UNIT)
+
+
+def warm_up() -> None:
+    """Compile the one-query scan now (about 0.5 s, once per process), so that the
+    first query after a load does not pay for it."""
+    tiny = RowCodes.of(np.zeros((1, 2)))
+    _bounds_one(tiny, 0, 1, np.zeros(2))
 
 
 @functools.cache
@@ -273,34 +303,32 @@ def _kernel() -> Callable[..., None]:
     import numba
 
     # reassoc and contract let the compiler vectorise the sum (any order, fused
-    # multiply-adds): the rounding bound in _ROUNDING holds for every order.
+    # multiply-adds): the rounding bound of _rounding holds for every order.
     @numba.njit(nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False)
-    def bounds_one(codes: U8, token: F32, offset: F32, step: F32, slack: F32,
-                   token_sum: np.float32, token_norm: np.float32, upper: F32,
-                   lower: F32) -> None:  # pragma: no cover - compiled
+    def bounds_one(codes: Codes, token: F64, offset: F32, step: F32, slack: F32, size: F32,
+                   token_sum: float, token_norm: float, rounding: float, upper: F64,
+                   lower: F64) -> None:  # pragma: no cover - compiled
         rows, width = codes.shape
         for i in range(rows):
-            acc = np.float32(0.0)
+            acc = 0.0
             for j in range(width):
-                acc += np.float32(codes[i, j]) * token[j]
-            estimate = offset[i, 0] * token_sum + step[i, 0] * acc
-            margin = slack[i, 0] * token_norm
+                acc += np.float64(codes[i, j]) * token[j]
+            estimate = np.float64(offset[i, 0]) * token_sum + np.float64(step[i, 0]) * acc
+            margin = (np.float64(slack[i, 0]) + rounding * np.float64(size[i, 0])) * token_norm
             upper[i] = estimate + margin
             lower[i] = estimate - margin
 
     return bounds_one
 
 
-def _kth_lower(lower: F32, k: int) -> F32:
+def _kth_lower(lower: NDArray[np.floating], k: int) -> NDArray[np.floating]:
     """Per column, a value that at least k rows reach: the maximum for k = 1; for
     larger k the least of the maxima of k disjoint groups of rows (a full selection
     per chunk would cost more than the scan)."""
     if k == 1:
-        result: F32 = lower.max(axis=0)
-        return result
+        return lower.max(axis=0)  # type: ignore[no-any-return]
     groups = lower.shape[0] // k
-    result = lower[: groups * k].reshape(groups, k, -1).max(axis=0).min(axis=0)
-    return result
+    return lower[: groups * k].reshape(groups, k, -1).max(axis=0).min(axis=0)  # type: ignore[no-any-return]
 
 
 def _down32(values: F64) -> F32:

@@ -12,7 +12,7 @@ workstations at once) is kept once.
 Memory. With a cache directory, each key version's float64 arrays are appended to files
 there (unlinked as soon as they are open, so that nothing outlives the process) and
 memory-mapped read-only: in RAM live only a float32 copy of the first bound level (the
-one level every query scans) and eight-bit codes of the full vectors (scanned when the
+one level every query scans) and sixteen-bit codes of the full vectors (scanned when the
 bounds cannot prune, cloud/codes.py); the float64 arrays are paged in for the few
 candidates that reach them. Without one (tests, small repositories) the arrays live in
 memory.
@@ -50,8 +50,8 @@ from typing import overload
 import numpy as np
 from numpy.typing import NDArray
 
-from cloud import layout
-from cloud.codes import RowCodes, quantize_rows
+from cloud import codes, layout
+from cloud.codes import SCALE_COLUMNS, RowCodes, quantize_rows
 from cloud.search import EncryptedIndex, max_row_norm
 from cloud.segments import HEADER_SIZE, Segment, SegmentError, read_header, read_segment
 from cloud.store import ObjectNotFound, ObjectStore
@@ -341,8 +341,9 @@ class _VersionRows:
         self.ids = _Rows(1, np.dtype("V16"))
         self.seen = _SeenIds()
         self.first32 = _Rows(widths[0], np.float32) if len(widths) > 1 else None
-        # The full vectors' eight-bit codes and their per-row offset, step and slack.
-        self.codes = [_Rows(widths[-1], np.uint8), *(_Rows(1, np.float32) for _ in range(3))]
+        # The full vectors' codes and their per-row offset, step, slack and size.
+        self.codes = [_Rows(widths[-1], np.uint16),
+                      *(_Rows(1, np.float32) for _ in range(SCALE_COLUMNS))]
         self.arrays: list[_Rows | _FileRows]
         if directory is None:
             self.arrays = [_Rows(width, np.float64) for width in widths]
@@ -404,6 +405,7 @@ class _VersionRows:
         return count
 
     def build(self) -> VersionIndex:
+        codes.warm_up()
         mapped = [rows.view() for rows in self.arrays]
         vectors = EncryptedVectors(full=mapped[-1], levels=tuple(mapped[:-1]))
         index = EncryptedIndex(vectors, full_norm=self.norms[-1], level_norms=self.norms[:-1],

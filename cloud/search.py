@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,6 +38,8 @@ from crypto.tokens import EncryptedVectors, QueryToken
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
 Scores = NDArray[np.float32] | NDArray[np.float64]
+Result = TypeVar("Result")
+P = ParamSpec("P")
 SAFETY_EPS = 1e-10
 FLOAT32_UNIT = 2.0**-24
 FIRST_BLOCK = 256
@@ -110,7 +113,7 @@ class EncryptedIndex:
             first32 = self.levels[0].astype(np.float32)
         self.first32 = first32
         # When the bounds cannot prune (queries far from everything, structureless data)
-        # the engine scans eight-bit codes of the full vectors and rescores the few
+        # the engine scans sixteen-bit codes of the full vectors and rescores the few
         # near the top (cloud/codes.py).
         self.full_codes = RowCodes.of(self.full) if full_codes is None else full_codes
 
@@ -177,6 +180,20 @@ class _TopK:
         return self.positions[order], self.scores[order]
 
 
+def _own_threads(fn: Callable[P, Result]) -> Callable[P, Result]:
+    """Run with a one-thread BLAS: the engine brings its own threads (_threaded), and
+    a multi-threaded BLAS leaves its threads spinning after each call, competing with
+    them (see _first_level_scores)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> Result:
+        with _blas().limit(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@_own_threads
 def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult:
     """Exact top-k of one query by filter and refine."""
     _check(index, token, k)
@@ -191,6 +208,7 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
     return _timed(result, start)
 
 
+@_own_threads
 def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[SearchResult]:
     """Exact top-k for every query of a token.
 
@@ -203,7 +221,7 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     Below BLOCKED_BATCH_ROWS the scores of the whole batch fit in cache and are kept
     for every row; so are they for queries whose candidates are spread over too many
     blocks (fresh queries: few rows pass but most blocks hold one). Queries that not
-    even single rows prune share one scan of the full vectors' eight-bit codes.
+    even single rows prune share one scan of the full vectors' sixteen-bit codes.
     """
     _check(index, token, k)
     if len(token) == 1 or len(index) == 0 or not index.levels:
@@ -451,7 +469,7 @@ def _refine_blocks(index: EncryptedIndex, token: QueryToken, qi: int,
 
 def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
                 floors: list[float] | None = None) -> list[SearchResult]:
-    """Exact top-k of every query by a scan of the full vectors' eight-bit codes (two
+    """Exact top-k of every query by a scan of the full vectors' sixteen-bit codes (two
     threads over halves of the rows), then float64 on the candidates the codes cannot
     tell apart: every row whose score may reach the k-th best (cloud/codes.py).
     ``floors``: known lower bounds on each query's k-th best score."""
@@ -471,8 +489,8 @@ def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
     return results
 
 
-def _threaded(fn: Callable[[codes.Span], codes.Part], spans: list[codes.Span]
-              ) -> list[codes.Part]:
+def _threaded(fn: Callable[[tuple[int, int]], Result], spans: list[tuple[int, int]]
+              ) -> list[Result]:
     """Spans of rows in the engine's threads, each with a one-thread BLAS."""
     with _blas().limit(limits=1, user_api="blas"):
         return list(_pool().map(fn, spans))
@@ -488,9 +506,26 @@ def _float32_floor(value: float) -> np.float32:
 
 
 def _first_level_scores(index: EncryptedIndex, tokens: F64) -> NDArray[np.float32]:
-    """(Q, n) float32 first-level scores; rows are fresh arrays the caller may mark."""
+    """(Q, n) float32 first-level scores; rows are fresh arrays the caller may mark.
+
+    Computed by the engine's threads over halves of the rows, each with a one-thread
+    BLAS, like every other product of the engine: a multi-threaded BLAS leaves its
+    threads spinning after each call (measured: a codes scan right after a two-thread
+    product took 35 ms instead of 20), and they would compete with the engine's own.
+    """
     assert index.first32 is not None
-    scores: NDArray[np.float32] = np.atleast_2d(tokens).astype(np.float32) @ index.first32.T
+    first32 = index.first32
+    queries = np.atleast_2d(tokens).astype(np.float32)
+    scores: NDArray[np.float32] = np.empty((queries.shape[0], len(index)), dtype=np.float32)
+
+    def rows(span: tuple[int, int]) -> None:
+        begin, end = span
+        if queries.shape[0] == 1:
+            np.matmul(first32[begin:end], queries[0], out=scores[0, begin:end])
+        else:
+            scores[:, begin:end] = queries @ first32[begin:end].T
+
+    _threaded(rows, _split_rows(len(index), SCAN_ROWS_STEP, BATCH_THREADS))
     return scores
 
 

@@ -256,7 +256,7 @@ def _arrays(snapshot: Snapshot, version: int = 1) -> dict[str, np.ndarray]:
     index = served.index
     coded = index.full_codes
     out = {"full": np.array(index.full), "codes": np.array(coded.codes),
-           "code_scales": np.hstack([coded.offset, coded.step, coded.slack])}
+           "code_scales": np.hstack([coded.offset, coded.step, coded.slack, coded.size])}
     for i, level in enumerate(index.levels):
         out[f"level{i}"] = np.array(level)
     out["first32"] = np.array(index.first32)
@@ -268,7 +268,7 @@ def _expected(vectors: list[EncryptedVectors], ids: list[str]) -> dict[str, np.n
     full = np.concatenate([v.full for v in vectors])
     coded = RowCodes.of(full)
     out = {"full": full, "codes": coded.codes, "ids": np.array(ids),
-           "code_scales": np.hstack([coded.offset, coded.step, coded.slack])}
+           "code_scales": np.hstack([coded.offset, coded.step, coded.slack, coded.size])}
     for i in range(len(vectors[0].levels)):
         out[f"level{i}"] = np.concatenate([v.levels[i] for v in vectors])
     out["first32"] = out["level0"].astype(np.float32)
