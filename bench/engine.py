@@ -84,8 +84,11 @@ def run_case(kind: str, n: int, d: int, queries: int, batch: int, seed: int,
     start = time.perf_counter()
     index = EncryptedIndex(key.encrypt(data))
     row["encrypt_s"] = time.perf_counter() - start
+    coded = index.full_codes
     row["index_mb"] = (sum(a.nbytes for a in (*index.levels, index.full))
-                       + (index.first32.nbytes if index.first32 is not None else 0)) / 2**20
+                       + (index.first32.nbytes if index.first32 is not None else 0)
+                       + sum(a.nbytes for a in (coded.codes, coded.offset, coded.step,
+                                                coded.slack, coded.size))) / 2**20
     row["plaintext_f32_mb"] = data32.nbytes / 2**20
     token = key.query(qs)
     singles = [token.select(i) for i in range(queries)]
@@ -139,11 +142,12 @@ def _batch_speedup(index: EncryptedIndex, token: Any, singles: list[Any], size: 
 
 def estimated_gb(n: int, d: int) -> float:
     """Memory one case needs: plaintext copies (float64, float32, faiss) and the
-    encrypted index (float64 levels and full vectors, float32 copies), with the
-    default levels (8, 32) and 8 artificial dimensions."""
+    encrypted index (float64 levels and full vectors, a float32 copy of the first
+    level, sixteen-bit codes of the full vectors), with the default levels (8, 32)
+    and 8 artificial dimensions."""
     full = 2 * (d + 9)
     levels = sum(2 * (m + 2 + 8) for m in (8, 32))
-    per_row = d * 16 + full * 12 + levels * 8 + 2 * (8 + 2 + 8) * 4
+    per_row = d * 16 + full * 10 + levels * 8 + 2 * (8 + 2 + 8) * 4 + 16
     return n * per_row * 1.6 / 2**30  # encryption temporaries: measured ~1.6x
 
 

@@ -54,7 +54,7 @@ ROW_SCORE_GROUP = 16  # queries whose first-level scores are kept at once (16 x 
 BATCH_CHUNK = 16384  # rows per matrix product; a multiple of BATCH_BLOCK
 BATCH_BLOCK = 512  # rows per block maximum; a power of two
 BLOCK_SCAN_FRACTION = 0.02  # above this share of passing blocks, score rows one by one
-SCAN_ROWS_STEP = 4096  # the threads' shares of a codes scan are multiples of this
+SCAN_ROWS_STEP = 32768  # rows per thread are a multiple of this: smaller indexes, one thread
 
 
 @dataclass
@@ -491,8 +491,11 @@ def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
 
 def _threaded(fn: Callable[[tuple[int, int]], Result], spans: list[tuple[int, int]]
               ) -> list[Result]:
-    """Spans of rows in the engine's threads, each with a one-thread BLAS."""
+    """Spans of rows in the engine's threads, each with a one-thread BLAS; one span in
+    this thread (handing it over costs more than small indexes take)."""
     with _blas().limit(limits=1, user_api="blas"):
+        if len(spans) == 1:
+            return [fn(spans[0])]
         return list(_pool().map(fn, spans))
 
 

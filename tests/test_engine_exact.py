@@ -111,13 +111,15 @@ def test_rejects_mismatched_token_and_bad_k() -> None:
 
 @pytest.mark.parametrize("k", [1, 10])
 @pytest.mark.parametrize("blocked_from", [0, 10**9])
-def test_unprunable_queries_fall_back_to_an_exact_float32_scan(
-    monkeypatch: pytest.MonkeyPatch, k: int, blocked_from: int
+@pytest.mark.parametrize("thread_rows", [32768, 64])
+def test_unprunable_queries_fall_back_to_an_exact_scan_of_the_codes(
+    monkeypatch: pytest.MonkeyPatch, k: int, blocked_from: int, thread_rows: int
 ) -> None:
     """Fresh queries on i.i.d. Gaussian data defeat every bound: the engine must then scan
-    the full vectors in float32 and refine in float64, single and batched (with block
-    maxima or full first-level scores), exactly."""
+    the full vectors' codes and refine in float64, single and batched (with block
+    maxima or full first-level scores), in one thread or two, exactly."""
     monkeypatch.setattr(search_module, "BLOCKED_BATCH_ROWS", blocked_from)
+    monkeypatch.setattr(search_module, "SCAN_ROWS_STEP", thread_rows)
     rng = np.random.default_rng(21)
     data = datasets.gaussian(rng, 3000, 128)
     queries = datasets.gaussian(rng, 40, 128)
