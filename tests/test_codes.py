@@ -109,7 +109,7 @@ def test_scan_in_spans_and_threads_matches_one_span(queries: int) -> None:
     _check_scan(x, tokens, 5, found)
     alone = scan(coded, tokens, 5, np.full(queries, -np.inf))
     for q in range(queries):
-        kth = np.sort((x @ tokens[q]))[-5]
+        kth = np.sort(x @ tokens[q])[-5]
         assert set(found.rows[q][x[found.rows[q]] @ tokens[q] >= kth]) == set(
             alone.rows[q][x[alone.rows[q]] @ tokens[q] >= kth])
 
@@ -122,7 +122,7 @@ def test_a_known_floor_drops_rows_below_it() -> None:
     kth = np.sort(exact)[-3]
     found = scan(RowCodes.of(x), token, 3, np.array([kth]))
     _check_scan(x, token, 3, found)
-    lower, upper = codes.bounds(RowCodes.of(x), token)
+    _, upper = codes.bounds(RowCodes.of(x), token)
     assert not np.any(upper[found.rows[0], 0] < kth)
 
 
