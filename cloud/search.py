@@ -14,7 +14,10 @@ orders of magnitude above that error. A larger margin costs pruning, never exact
 
 No Python loop touches individual vectors: the first level is one matrix-vector
 product over all n, then candidates are refined in blocks of increasing size, highest
-first-level score first, so the threshold rises fast and the loop stops early.
+first-level score first, so the threshold rises fast and the loop stops early. When
+the bounds let too many through, every vector is scored from sixteen-bit codes of its
+full ciphertext with a proven error bound, and the few it cannot tell apart in float64
+(cloud/codes.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -54,7 +57,12 @@ ROW_SCORE_GROUP = 16  # queries whose first-level scores are kept at once (16 x 
 BATCH_CHUNK = 16384  # rows per matrix product; a multiple of BATCH_BLOCK
 BATCH_BLOCK = 512  # rows per block maximum; a power of two
 BLOCK_SCAN_FRACTION = 0.02  # above this share of passing blocks, score rows one by one
-SCAN_ROWS_STEP = 32768  # rows per thread are a multiple of this: smaller indexes, one thread
+# From this many rows on, the engine runs its products in its own threads (each with a
+# one-thread BLAS); below, the first level fits in cache, and BLAS's own threads, which
+# spin between calls, hand work over faster than a thread pool (0.18 ms against 0.38 ms
+# for the first level of 100k vectors).
+OWN_THREADS_ROWS = 262144
+SCAN_ROWS_STEP = 32768  # the threads' shares of rows are multiples of this
 
 
 @dataclass
@@ -180,15 +188,19 @@ class _TopK:
         return self.positions[order], self.scores[order]
 
 
-def _own_threads(fn: Callable[P, Result]) -> Callable[P, Result]:
-    """Run with a one-thread BLAS: the engine brings its own threads (_threaded), and
-    a multi-threaded BLAS leaves its threads spinning after each call, competing with
-    them (see _first_level_scores)."""
+def _own_threads(fn: Callable[Concatenate[EncryptedIndex, P], Result]
+                 ) -> Callable[Concatenate[EncryptedIndex, P], Result]:
+    """From OWN_THREADS_ROWS on, run with a one-thread BLAS: the engine brings its own
+    threads (_threaded), and a multi-threaded BLAS leaves its threads spinning after
+    each call, competing with them (measured: a codes scan right after a two-thread
+    product took 35 ms instead of 20)."""
 
     @functools.wraps(fn)
-    def wrapped(*args: P.args, **kwargs: P.kwargs) -> Result:
+    def wrapped(index: EncryptedIndex, /, *args: P.args, **kwargs: P.kwargs) -> Result:
+        if len(index) < OWN_THREADS_ROWS:
+            return fn(index, *args, **kwargs)
         with _blas().limit(limits=1, user_api="blas"):
-            return fn(*args, **kwargs)
+            return fn(index, *args, **kwargs)
 
     return wrapped
 
@@ -476,7 +488,7 @@ def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
     n = len(index)
     known = np.full(t_full.shape[0], -np.inf) if floors is None else np.asarray(floors)
     found = codes.scan(index.full_codes, t_full, k, known,
-                       _split_rows(n, SCAN_ROWS_STEP, BATCH_THREADS), _threaded)
+                       _row_spans(n), _threaded)
     results = []
     for qi, candidates in enumerate(found.rows):
         top = _TopK(k)
@@ -491,12 +503,19 @@ def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
 
 def _threaded(fn: Callable[[tuple[int, int]], Result], spans: list[tuple[int, int]]
               ) -> list[Result]:
-    """Spans of rows in the engine's threads, each with a one-thread BLAS; one span in
-    this thread (handing it over costs more than small indexes take)."""
+    """Spans of rows in the engine's threads, each with a one-thread BLAS; a single
+    span in this thread, as it is."""
+    if len(spans) == 1:
+        return [fn(spans[0])]
     with _blas().limit(limits=1, user_api="blas"):
-        if len(spans) == 1:
-            return [fn(spans[0])]
         return list(_pool().map(fn, spans))
+
+
+def _row_spans(n: int) -> list[tuple[int, int]]:
+    """How the engine's threads share n rows: not at all below OWN_THREADS_ROWS."""
+    if n < OWN_THREADS_ROWS:
+        return [(0, n)]
+    return _split_rows(n, SCAN_ROWS_STEP, BATCH_THREADS)
 
 
 def _float32_floor(value: float) -> np.float32:
@@ -511,10 +530,8 @@ def _float32_floor(value: float) -> np.float32:
 def _first_level_scores(index: EncryptedIndex, tokens: F64) -> NDArray[np.float32]:
     """(Q, n) float32 first-level scores; rows are fresh arrays the caller may mark.
 
-    Computed by the engine's threads over halves of the rows, each with a one-thread
-    BLAS, like every other product of the engine: a multi-threaded BLAS leaves its
-    threads spinning after each call (measured: a codes scan right after a two-thread
-    product took 35 ms instead of 20), and they would compete with the engine's own.
+    From OWN_THREADS_ROWS on, computed by the engine's threads over halves of the rows
+    (see _own_threads); below, by one product.
     """
     assert index.first32 is not None
     first32 = index.first32
@@ -528,7 +545,7 @@ def _first_level_scores(index: EncryptedIndex, tokens: F64) -> NDArray[np.float3
         else:
             scores[:, begin:end] = queries @ first32[begin:end].T
 
-    _threaded(rows, _split_rows(len(index), SCAN_ROWS_STEP, BATCH_THREADS))
+    _threaded(rows, _row_spans(len(index)))
     return scores
 
 

@@ -111,15 +111,16 @@ def test_rejects_mismatched_token_and_bad_k() -> None:
 
 @pytest.mark.parametrize("k", [1, 10])
 @pytest.mark.parametrize("blocked_from", [0, 10**9])
-@pytest.mark.parametrize("thread_rows", [32768, 64])
+@pytest.mark.parametrize("own_threads_from", [10**9, 0])
 def test_unprunable_queries_fall_back_to_an_exact_scan_of_the_codes(
-    monkeypatch: pytest.MonkeyPatch, k: int, blocked_from: int, thread_rows: int
+    monkeypatch: pytest.MonkeyPatch, k: int, blocked_from: int, own_threads_from: int
 ) -> None:
     """Fresh queries on i.i.d. Gaussian data defeat every bound: the engine must then scan
     the full vectors' codes and refine in float64, single and batched (with block
     maxima or full first-level scores), in one thread or two, exactly."""
     monkeypatch.setattr(search_module, "BLOCKED_BATCH_ROWS", blocked_from)
-    monkeypatch.setattr(search_module, "SCAN_ROWS_STEP", thread_rows)
+    monkeypatch.setattr(search_module, "OWN_THREADS_ROWS", own_threads_from)
+    monkeypatch.setattr(search_module, "SCAN_ROWS_STEP", 64)
     rng = np.random.default_rng(21)
     data = datasets.gaussian(rng, 3000, 128)
     queries = datasets.gaussian(rng, 40, 128)
