@@ -116,6 +116,7 @@ def run(n: int, queries: int, work: Path) -> dict[str, object]:
     report["agreement"] = agree / queries
     report["median"] = {key: float(np.median([r[key] for r in rows])) for key in rows[0]}
     report["p95"] = {key: float(np.percentile([r[key] for r in rows], 95)) for key in rows[0]}
+    report["in_order"] = [{key: round(value, 2) for key, value in r.items()} for r in rows]
     return report
 
 

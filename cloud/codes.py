@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,7 +46,6 @@ CODE_MAX = 65535
 FLOAT32_UNIT = 2.0**-24
 FLOAT64_UNIT = 2.0**-53
 SCALE_COLUMNS = 4  # offset, step, slack, size
-QUANTIZE_ROWS = 2048  # rows quantized at a time: the float64 temporaries stay in cache
 # Converted to float32 a chunk at a time; the chunk (rows x width x 4 bytes) stays in the
 # 2 MiB second-level cache of this machine's cores for widths up to about 500.
 SCAN_BYTES = 1 << 20
@@ -82,29 +83,13 @@ def quantize_rows(rows: F64, into: RowCodes, safety: float = 1e-10) -> None:
 
     The slack is the coding residual |e| plus ``safety`` |x|, the margin the search
     engine keeps for float64 rounding, so that the candidates include every row whose
-    float64 score could be among the top k. Both numbers are rounded up into float32.
+    float64 score could be among the top k (|x| <= size + |e|, by the triangle
+    inequality). Slack and size are rounded up into float32. One compiled pass per row
+    (the service quantizes while it loads, in several threads).
     """
-    width = rows.shape[1]
-    for start in range(0, rows.shape[0], QUANTIZE_ROWS):
-        x = np.asarray(rows[start : start + QUANTIZE_ROWS], dtype=np.float64)
-        low, high = x.min(axis=1), x.max(axis=1)
-        offset = low.astype(np.float32)
-        step = ((high - low) / CODE_MAX).astype(np.float32)
-        step[~(step > 0)] = 1.0  # constant rows: every code 0, the residual is exact
-        a, b = offset.astype(np.float64)[:, None], step.astype(np.float64)[:, None]
-        c = np.rint((x - a) / b)
-        np.clip(c, 0, CODE_MAX, out=c)
-        residual = x - (a + b * c)
-        residual_norm = np.sqrt(np.einsum("ij,ij->i", residual, residual))
-        row_norm = np.sqrt(np.einsum("ij,ij->i", x, x))
-        # |sum(t)| <= sqrt(width) |t| and |t.c| <= |c| |t|: the estimate's magnitude.
-        code_norm = np.sqrt(np.einsum("ij,ij->i", c, c))
-        size = np.abs(a[:, 0]) * math.sqrt(width) + b[:, 0] * code_norm
-        end = start + x.shape[0]
-        into.codes[start:end] = c
-        into.offset[start:end, 0], into.step[start:end, 0] = offset, step
-        into.slack[start:end, 0] = _up32(residual_norm + safety * row_norm)
-        into.size[start:end, 0] = _up32(size)
+    x = np.ascontiguousarray(rows, dtype=np.float64)
+    _quantizer()(x, into.codes, into.offset, into.step, into.slack, into.size, safety,
+                 math.sqrt(x.shape[1]))
 
 
 def _up32(values: F64) -> F32:
@@ -290,21 +275,38 @@ def _prepared(t: F64) -> Prepared:
     return scaled, sums, norms, _rounding(t.shape[1], FLOAT32_UNIT)
 
 
-def warm_up() -> None:
-    """Compile the one-query scan now (about 0.5 s, once per process), so that the
-    first query after a load does not pay for it."""
-    tiny = RowCodes.of(np.zeros((1, 2)))
-    _bounds_one(tiny, 0, 1, np.zeros(2))
+@functools.cache
+def warm_up() -> threading.Thread:
+    """Compile (about 0.5 s) or load from numba's cache the one-query scan, in the
+    background, so that neither a load nor the first query after it waits for it."""
+
+    def compile_now() -> None:
+        tiny = RowCodes.of(np.zeros((1, 2)))  # the quantizer
+        _bounds_one(tiny, 0, 1, np.zeros(2))  # and the scan
+
+    thread = threading.Thread(target=compile_now, name="radcrypt-compile", daemon=True)
+    thread.start()
+    return thread
+
+
+def _jit(fn: Callable[..., None], fastmath: set[str] | None = None) -> Callable[..., None]:
+    """Compiled with numba, once per machine (its cache, in __pycache__ or the user's
+    cache directory) or, where no cache directory is writable, once per process."""
+    import numba
+
+    options: dict[str, object] = {"nogil": True, "boundscheck": False,
+                                  "fastmath": fastmath or False}
+    try:
+        compiled: object = numba.njit(cache=True, **options)(fn)  # type: ignore[call-overload]
+    except RuntimeError:
+        compiled = numba.njit(**options)(fn)  # type: ignore[call-overload]
+    return cast(Callable[..., None], compiled)
 
 
 @functools.cache
 def _kernel() -> Callable[..., None]:
-    """Compiled on first use (about 0.3 s), not on import: the client never scans."""
-    import numba
+    """Made on first use, not on import: the client never scans."""
 
-    # reassoc and contract let the compiler vectorise the sum (any order, fused
-    # multiply-adds): the rounding bound of _rounding holds for every order.
-    @numba.njit(nogil=True, fastmath={"reassoc", "contract"}, boundscheck=False)
     def bounds_one(codes: Codes, token: F64, offset: F32, step: F32, slack: F32, size: F32,
                    token_sum: float, token_norm: float, rounding: float, upper: F64,
                    lower: F64) -> None:  # pragma: no cover - compiled
@@ -318,7 +320,48 @@ def _kernel() -> Callable[..., None]:
             upper[i] = estimate + margin
             lower[i] = estimate - margin
 
-    return bounds_one
+    # reassoc and contract let the compiler vectorise the sum (any order, fused
+    # multiply-adds): the rounding bound of _rounding holds for every order.
+    return _jit(bounds_one, {"reassoc", "contract"})
+
+
+@functools.cache
+def _quantizer() -> Callable[..., None]:
+    """The codes of rows, in strict IEEE arithmetic (no fastmath)."""
+    code_max = float(CODE_MAX)
+    up = 1.0 + 2.0**-22  # float32(v * up) >= v: a float32 conversion errs by 2^-24 at most
+
+    def quantize(x: F64, codes: Codes, offset: F32, step: F32, slack: F32, size: F32,
+                 safety: float, sqrt_width: float) -> None:  # pragma: no cover - compiled
+        rows, width = x.shape
+        for i in range(rows):
+            low = x[i, 0]
+            high = x[i, 0]
+            for j in range(width):
+                low = min(low, x[i, j])
+                high = max(high, x[i, j])
+            a32 = np.float32(low)
+            b32 = np.float32((high - low) / code_max)
+            if not b32 > 0:
+                b32 = np.float32(1.0)  # constant rows: every code 0, the residual is exact
+            a, b = np.float64(a32), np.float64(b32)
+            residual_sq = 0.0
+            code_sq = 0.0
+            for j in range(width):
+                c = min(max(np.rint((x[i, j] - a) / b), 0.0), code_max)
+                codes[i, j] = np.uint16(c)
+                e = x[i, j] - (a + b * c)
+                residual_sq += e * e
+                code_sq += c * c
+            residual = np.sqrt(residual_sq)
+            # |sum(t)| <= sqrt(width) |t| and |t.c| <= |c| |t|: the estimate's magnitude.
+            magnitude = abs(a) * sqrt_width + b * np.sqrt(code_sq)
+            offset[i, 0] = a32
+            step[i, 0] = b32
+            slack[i, 0] = np.float32((residual + safety * (magnitude + residual)) * up)
+            size[i, 0] = np.float32(magnitude * up)
+
+    return _jit(quantize)
 
 
 def _kth_lower(lower: NDArray[np.floating], k: int) -> NDArray[np.floating]:

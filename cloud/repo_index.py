@@ -333,6 +333,7 @@ class _VersionRows:
     """The rows of one key version, appended segment by segment."""
 
     def __init__(self, version: int, widths: tuple[int, ...], directory: Path | None) -> None:
+        codes.warm_up()  # compiles while the segments download
         self.version = version
         self.widths = widths
         self.rows = 0
@@ -405,7 +406,6 @@ class _VersionRows:
         return count
 
     def build(self) -> VersionIndex:
-        codes.warm_up()
         mapped = [rows.view() for rows in self.arrays]
         vectors = EncryptedVectors(full=mapped[-1], levels=tuple(mapped[:-1]))
         index = EncryptedIndex(vectors, full_norm=self.norms[-1], level_norms=self.norms[:-1],

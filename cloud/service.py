@@ -34,7 +34,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from cloud import layout
+from cloud import codes, layout
 from cloud.audit import AuditLog
 from cloud.auth import SignatureVerifier, parse_owner_keys
 from cloud.repo_index import RepoIndex, Snapshot
@@ -208,6 +208,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The scan's compiled loops load (numba: about 0.4 s, much of it holding the
+        # GIL) now, in the background, rather than during the first segment load.
+        codes.warm_up()
         yield
         trail.close()
 
