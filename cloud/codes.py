@@ -371,7 +371,8 @@ def _kth_lower(lower: NDArray[np.floating], k: int) -> NDArray[np.floating]:
     if k == 1:
         return lower.max(axis=0)  # type: ignore[no-any-return]
     groups = lower.shape[0] // k
-    return lower[: groups * k].reshape(groups, k, -1).max(axis=0).min(axis=0)  # type: ignore[no-any-return]
+    maxima = lower[: groups * k].reshape(groups, k, -1).max(axis=0)
+    return maxima.min(axis=0)  # type: ignore[no-any-return]
 
 
 def _down32(values: F64) -> F32:
