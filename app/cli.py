@@ -91,45 +91,58 @@ def _identity_store(settings: Settings) -> Any:
     return IdentityStore(settings.data_path)
 
 
+NO_IDENTITY = ("no identity on this workstation: run 'radcrypt identity create' first "
+               "(repositories belong to identities; password-only repositories are no longer "
+               "created or opened, 'radcrypt repo migrate' converts an old one)")
+
+
 @contextmanager
-def _open_session(args: argparse.Namespace, need_identity: bool = False
-                  ) -> Iterator[tuple[Any, Any]]:
-    """(session, identity or None). With an identity on this workstation, requests are
-    signed and repositories open through grants; without one, repositories are the
-    password-locked kind (before identities), unless ``need_identity``."""
+def _open_session(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+    """(session, identity): the identity on this workstation, unlocked with the password;
+    requests are signed and repositories open through the owner-signed grants only."""
     from app.core.access import session_for
-    from app.core.session import Session
 
     settings = _settings(args)
     store = _identity_store(settings)
-    if store.exists():
-        identity = store.unlock(_password(args))
-        with session_for(settings, identity) as session:
-            yield session, identity
-    elif need_identity:
-        raise RadcryptError("no identity on this workstation: run 'radcrypt identity create'")
-    else:
-        with Session(settings) as session:
-            yield session, None
+    if not store.exists():
+        raise RadcryptError(NO_IDENTITY)
+    identity = store.unlock(_password(args))
+    with session_for(settings, identity) as session:
+        yield session, identity
 
 
 def _open_repo(args: argparse.Namespace, session: Any, identity: Any, name: str) -> Any:
     from app.core.access import open_repository_as
-    from app.core.repository import open_repository
 
-    if identity is not None:
-        return open_repository_as(session, identity, name)
-    return open_repository(session.store, name, _password(args))
+    return open_repository_as(session, identity, name)
 
 
 # --- commands ---------------------------------------------------------------------------
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from cloud.local import find_running, start_embedded_store, stop_background
+    from cloud.local import EmbeddedStoreError
+
+    try:
+        return _store_action(args)
+    except EmbeddedStoreError as exc:  # e.g. SeaweedFS cannot run here: one clear line
+        raise RadcryptError(str(exc)) from None
+
+
+def _store_action(args: argparse.Namespace) -> int:
+    from app.core.settings import MEMORY
+    from cloud.local import CREDENTIALS_FILE, find_running, start_embedded_store, stop_background
 
     settings = _settings(args)
     data_dir = settings.store_dir
+    if settings.store == MEMORY:  # nothing to start or find: it lives inside one command
+        if args.action == "start":
+            raise RadcryptError("the in-memory store cannot be started in the background: it "
+                                "lives inside the command that uses it and keeps nothing; "
+                                "use --store embedded (SeaweedFS) or --store s3")
+        _emit(args, {"running": False, "kind": MEMORY, "kept": False},
+              lambda: print("in-memory store: each command has its own, and nothing is kept"))
+        return 0
     if args.action == "start":
         handle = find_running(data_dir) or start_embedded_store(data_dir, background=True)
     elif args.action == "stop":
@@ -143,52 +156,61 @@ def cmd_store(args: argparse.Namespace) -> int:
             _emit(args, {"running": False, "data_dir": str(data_dir)},
                   lambda: print(f"no embedded store running for {data_dir}"))
             return 0
+    # The access key names the credentials; the secret key is printed only when asked.
     info = {"running": True, "kind": handle.kind, "pid": handle.pid,
             "endpoint": handle.endpoint_url, "bucket": handle.bucket,
-            "access_key": handle.access_key, "secret_key": handle.secret_key,
-            "data_dir": str(handle.data_dir)}
-    _emit(args, info, lambda: print(f"embedded store ({handle.kind}) at {handle.endpoint_url}, "
-                                    f"bucket {handle.bucket}, pid {handle.pid}, "
-                                    f"data in {handle.data_dir}"))
+            "access_key": handle.access_key, "data_dir": str(handle.data_dir),
+            "credentials_file": str(handle.data_dir / CREDENTIALS_FILE)}
+    if args.show_credentials:
+        info["secret_key"] = handle.secret_key
+
+    def text() -> None:
+        print(f"embedded store ({handle.kind}) at {handle.endpoint_url}, bucket "
+              f"{handle.bucket}, pid {handle.pid}, data in {handle.data_dir}")
+        if args.show_credentials:
+            print(f"access key {handle.access_key}\nsecret key {handle.secret_key}")
+
+    _emit(args, info, text)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """The same function as `python -m cloud.service` (cloud/service.py run_service), with
+    the store of this command's settings instead of RADCRYPT_S3_*."""
     from app.core.session import Session
-    from cloud.service import serve
+    from cloud.service import run_service
 
-    with Session(_settings(args)) as session:
-        print(f"search service on http://{args.host}:{args.port} "
-              f"(store {session.store_config.endpoint_url if session.store_config else ''})",
-              file=sys.stderr)
-        serve(args.host, args.port, session.store)
-    return 0
+    @contextmanager
+    def open_store() -> Iterator[Any]:
+        with Session(_settings(args)) as session:
+            print(f"store {session.store_config.endpoint_url if session.store_config else ''}",
+                  file=sys.stderr)
+            yield session.store
+
+    return run_service(args, open_store)
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
     from app.core.access import create_repository_as
-    from app.core.repository import create_repository, list_repositories
+    from app.core.repository import list_repositories
 
     if args.action == "list":
         from app.core.session import Session
 
         with Session(_settings(args)) as session:
             manifests = list_repositories(session.store)
-        _emit(args, [m.__dict__ for m in manifests],
+        _emit(args, [json.loads(m.to_json()) for m in manifests],
               lambda: [print(f"{m.repo_id}\t{m.extractor}\tkey v{m.key_version}\t"
                              f"{m.created}") for m in manifests])
         return 0
     with _open_session(args) as (session, identity):
         if args.action == "create":
-            if identity is not None:
-                repo = create_repository_as(session, identity, args.name, args.extractor)
-            else:
-                password = _password(args, confirm=True)
-                repo = create_repository(session.store, args.name, password, args.extractor)
+            repo = create_repository_as(session, identity, args.name, args.extractor,
+                                        bound_levels=args.bound_levels)
             m = repo.manifest
-            _emit(args, m.__dict__, lambda: print(f"created repository {m.repo_id} "
-                                                  f"(extractor {m.extractor}, key version "
-                                                  f"{m.key_version})"))
+            _emit(args, json.loads(m.to_json()),
+                  lambda: print(f"created repository {m.repo_id} (extractor {m.extractor}, "
+                                f"key version {m.key_version})"))
     return 0
 
 
@@ -259,12 +281,12 @@ def cmd_identity(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = _identity_store(settings)
     if args.action == "create":
-        from app.core.identity import password_strength
+        from app.core.identity import check_new_password
 
         if not args.name:
             raise RadcryptError("identity create needs --name")
         password = _password(args, confirm=True)
-        _, words = password_strength(password)
+        words = check_new_password(password, args.name)  # zxcvbn score >= 3, or why not
         identity = store.create(args.name, password)
         card = identity.card()
         print(f"created identity {identity.user_id} (password {words}); "
@@ -292,7 +314,7 @@ def cmd_user(args: argparse.Namespace) -> int:
         text = Path(args.card).read_text(encoding="utf-8")
     except OSError as exc:
         raise RadcryptError(f"cannot read card {args.card}: {exc.strerror}") from None
-    with _open_session(args, need_identity=True) as (session, identity):
+    with _open_session(args) as (session, identity):
         record = register_user(session, identity, text)
     _emit(args, record.__dict__, lambda: print(f"registered {record.name} ({record.user_id}), "
                                                f"fingerprint {record.fingerprint}"))
@@ -307,16 +329,16 @@ def cmd_access(args: argparse.Namespace) -> int:
         revoke_access,
     )
 
-    with _open_session(args, need_identity=True) as (session, identity):
+    with _open_session(args) as (session, identity):
         if args.action == "migrate":
             old = os.environ.get("RADCRYPT_OLD_PASSWORD")
             if args.old_password_file:
                 old = Path(args.old_password_file).read_text(encoding="utf-8").rstrip("\r\n")
-            if not old:
-                raise RadcryptError("migrate needs the repository's old password "
-                                    "(--old-password-file or RADCRYPT_OLD_PASSWORD)")
-            repo = migrate_password_repository(session, identity, args.name, old)
-            print(f"repository {repo.repo_id} now belongs to {identity.user_id}")
+            # a password repository needs its old password (--old-password-file or
+            # RADCRYPT_OLD_PASSWORD); an owner-signed one without members needs none
+            repo = migrate_password_repository(session, identity, args.name, old or None)
+            print(f"repository {repo.repo_id} now belongs to {identity.user_id} "
+                  f"(members: {', '.join(m.user_id for m in repo.manifest.members)})")
             return 0
         repo = _open_repo(args, session, identity, args.name)
         if args.action == "grant":
@@ -330,8 +352,12 @@ def cmd_access(args: argparse.Namespace) -> int:
         entries = list_access(session, repo.repo_id)
         if args.action == "access":
             _emit(args, [e.__dict__ for e in entries],
-                  lambda: [print(f"{e.user_id}\t{e.name}\tkey v{e.key_version}")
+                  lambda: [print(f"{e.user_id}\t{e.name}\tkey v{e.key_version}"
+                                 + ("" if e.status == "ok" else f"\t({e.status})"))
                            for e in entries])
+            if entries.ignored:
+                print(f"ignored under grants/ (not members, or not signed by the owner): "
+                      f"{', '.join(map(repr, entries.ignored))}", file=sys.stderr)
     return 0
 
 
@@ -348,12 +374,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from app.imaging.decode import decode_image
     from app.imaging.features import get_extractor
+    from app.imaging.worker import DecoderPool
 
-    extract = get_extractor(args.extractor)
-    rows = [{"path": p, "vector": [float(x) for x in extract(decode_image(p))]}
-            for p in args.images]
+    get_extractor(args.extractor)  # an unknown name fails before any child starts
+    with DecoderPool(1) as pool:  # untrusted files: decoded in a memory-limited child
+        rows = [{"path": p, "vector": [float(x) for x in pool.features(p, args.extractor)]}
+                for p in args.images]
     _emit(args, {"extractor": args.extractor, "features": rows},
           lambda: [print(r["path"], " ".join(f"{x:.5g}" for x in r["vector"])) for r in rows])
     return 0
@@ -366,9 +393,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="radcrypt-demo-") as tmp:
         work = Path(tmp)
         if not args.data_dir:  # a throw-away store unless the user chose one
-            settings = settings.with_overrides(data_dir=str(work / "data"), store="local",
-                                               service_url="")
-        print("Radcrypt demo: embedded S3 store, search service, fresh repository, "
+            settings = settings.with_overrides(data_dir=str(work / "data"),
+                                               store=args.store or "embedded", service_url="")
+        where = {"embedded": "embedded S3 store (SeaweedFS)", "s3": "S3 store",
+                 "memory": "in-memory store (nothing is kept)"}.get(settings.store, "store")
+        print(f"Radcrypt demo: {where}, search service, fresh repository, "
               f"{args.images} sample images, {args.queries} perturbed queries", file=sys.stderr)
         with _progress(True, "importing") as progress:
             report = run_demo(settings, work, count=args.images, queries=args.queries,
@@ -404,7 +433,10 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", choices=["local", "s3"], help="embedded store or S3")
+    common.add_argument("--store", choices=["embedded", "memory", "s3", "local"],
+                        help="embedded: SeaweedFS on this workstation (default; 'local' is its "
+                        "old name); s3: an S3 endpoint (--endpoint URL); memory: nothing is "
+                        "kept (tests; needs the dev extra)")
     common.add_argument("--endpoint", help="S3 endpoint URL (with --store s3)")
     common.add_argument("--bucket", help="bucket name")
     common.add_argument("--service-url", help="search service URL (default: start one)")
@@ -420,11 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("store", parents=[common], help="the embedded S3 store")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--show-credentials", action="store_true",
+                   help="also print the S3 secret key (never printed otherwise)")
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("serve", parents=[common], help="run the search service")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    from cloud.service_options import add_service_arguments
+
+    add_service_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("repo", parents=[common], help="create or list repositories")
@@ -432,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = repo_sub.add_parser("create", parents=[common], help="a new repository (new keys)")
     c.add_argument("name")
     c.add_argument("--extractor", default="radcrypt-v1")
+    c.add_argument("--bound-levels", choices=("auto", "off"), default="auto",
+                   help="off: no bound levels (searches scan every full vector, slower; a "
+                        "known-plaintext attacker then needs d + 1 known images, see "
+                        "SECURITY.md)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_repo)
     c = repo_sub.add_parser("list", parents=[common], help="list repositories")
@@ -448,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_access)
     c = repo_sub.add_parser("migrate", parents=[common],
-                            help="make a password-locked repository owner-signed")
+                            help="give an old repository (password-locked, or signed "
+                                 "without members) an owner-signed membership list")
     c.add_argument("name")
     c.add_argument("--old-password-file")
     c.set_defaults(func=cmd_access)

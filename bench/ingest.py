@@ -159,10 +159,18 @@ def plaintext_rate(paths: list[Path], workers: int) -> dict[str, Any]:
 
 def import_rate(store: Any, store_pid: int | None, paths: list[Path], workers: int,
                 processes: bool, name: str) -> dict[str, Any]:
-    from app.core.importer import Importer
-    from app.core.repository import create_repository
+    import tempfile
+    from types import SimpleNamespace
 
-    repo = create_repository(store, name, "bench password", scrypt_log2_n=10)
+    from app.core.access import create_repository_as
+    from app.core.importer import Importer
+    from app.core.settings import Settings
+    from crypto.identity import Identity
+
+    # Repositories belong to identities: a throw-away owner, its pins in a temporary dir.
+    with tempfile.TemporaryDirectory(prefix="radcrypt-bench-") as data_dir:
+        session = SimpleNamespace(store=store, settings=Settings(data_dir=data_dir))
+        repo = create_repository_as(session, Identity.generate("Bench Owner"), name)  # type: ignore[arg-type]
     importer = Importer(store, repo, workers=workers, processes=processes)
     with CpuMeter(store_pid) as meter:
         report = importer.run(paths)

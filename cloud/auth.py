@@ -1,11 +1,24 @@
-"""Who may ask the search service anything: signed requests from granted users.
+"""Who may ask the search service anything: signed requests from current members.
 
 Every request carries the user id, a timestamp, a random nonce and an Ed25519 signature
-over the method, path, body hash, timestamp, nonce and user id. The service believes
-only what the owner keys it was configured with signed: the user records in ``users/``
-(which give each user's signing key) and the grants in each repository (which say who
-may search it; revocation deletes the grant). Stale timestamps and replayed nonces are
-refused; refusals are a bare 401 (who are you?) or 403 (not allowed here), no detail.
+over the service id (the audience), the method, path, body hash, timestamp, nonce and user
+id. The service believes only what its configured owner keys signed:
+
+* authentication (else 401): the user record ``users/<id>.json`` (which gives the user's
+  signing key) is signed by one of the configured owner keys, the request signature
+  verifies under that key, the timestamp is within the window and the nonce is new;
+* authorisation for a repository (else 403): the repository's manifest is signed by a
+  configured owner key, the *same* key signed the user record (a user record is believed
+  only when signed by the owner of the repository in question), the manifest is not older
+  (by its ``sequence``) than one this process has already seen (no rollback), and the user
+  is listed in its ``members`` with the manifest's current ``key_version``. Grant objects do
+  not matter here: the service never opens them, and a grant restored after a revocation
+  gives nothing. A legacy manifest without members serves nobody.
+
+Refusals are a bare 401 (who are you?) or 403 (not allowed here), no detail; 429 for the
+per-user rate limit and 503 (with Retry-After) when the replay cache is full of nonces that
+may not be forgotten yet. There is no authenticated request without a repository; one
+would be refused (403), since no repository owner vouches for the user there.
 """
 
 from __future__ import annotations
@@ -13,28 +26,41 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
+import hmac
+import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
 
 from cloud import layout
+from cloud.service_options import (  # noqa: F401  (re-exported)
+    MAX_NONCES,
+    parse_owner_keys,
+    validate_service_id,
+)
 from cloud.store import ObjectNotFound, ObjectStore
 from crypto.errors import FormatError
 from crypto.identity import PublicCard, SignatureError, verify
-from crypto.signed import json_signer, open_json, open_record
+from crypto.signed import json_signer, open_json
 
 WINDOW_SECONDS = 300
 USER_CACHE_SECONDS = 30.0
-GRANT_CACHE_SECONDS = 2.0  # a revocation reaches a running service within this delay
+UNKNOWN_USER_CACHE_SECONDS = 10.0  # a flood of unknown ids costs one store read each per 10 s
+MEMBER_CACHE_SECONDS = 2.0  # a revocation reaches a running service within this delay
+MAX_CACHED_USERS = 20_000
+MAX_STAMP_DIGITS = 12  # Unix seconds until the year 33658
+REQUEST_VERSION = "radcrypt-request-v2"
 
 
 def request_message(method: str, path: str, body_sha256: str, stamp: str, nonce: str,
-                    user_id: str) -> bytes:
-    """The exact bytes a client signs and the service verifies."""
-    return "\n".join(["radcrypt-request-v1", method.upper(), path, body_sha256, stamp, nonce,
-                      user_id]).encode()
+                    user_id: str, service_id: str) -> bytes:
+    """The exact bytes a client signs and the service verifies (docs/FORMAT.md 16.2)."""
+    return "\n".join([REQUEST_VERSION, method.upper(), path, body_sha256, stamp, nonce,
+                      user_id, service_id]).encode()
 
 
 def _deny(status: int) -> HTTPException:
@@ -42,139 +68,246 @@ def _deny(status: int) -> HTTPException:
                          detail="unauthorized" if status == 401 else "forbidden")
 
 
+def strict_stamp(text: str) -> int | None:
+    """The x-radcrypt-time value as an int: ASCII digits only, at most 12 of them."""
+    if not (0 < len(text) <= MAX_STAMP_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 @dataclass
 class RateLimiter:
-    """A token bucket per user: ``rate`` requests a second, bursts up to ``burst``."""
+    """A token bucket per key (user or client address): ``rate`` requests a second, bursts
+    up to ``burst``. Full buckets are forgotten when the table grows past ``max_keys``."""
 
     rate: float = 50.0
     burst: float = 100.0
+    max_keys: int = 100_000
     _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def allow(self, user: str) -> bool:
+    def allow(self, key: str) -> bool:
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.get(user, (self.burst, now))
+            if len(self._buckets) >= self.max_keys and key not in self._buckets:
+                self._forget_full(now)
+            tokens, last = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             if tokens < 1.0:
-                self._buckets[user] = (tokens, now)
+                self._buckets[key] = (tokens, now)
                 return False
-            self._buckets[user] = (tokens - 1.0, now)
+            self._buckets[key] = (tokens - 1.0, now)
+            return True
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(1.0 / self.rate)) if self.rate > 0 else 60
+
+    def _forget_full(self, now: float) -> None:
+        """Buckets that have refilled are the same as no bucket: drop them."""
+        self._buckets = {k: (t, last) for k, (t, last) in self._buckets.items()
+                         if t + (now - last) * self.rate < self.burst}
+        if len(self._buckets) >= self.max_keys:  # all busy: forget the oldest half
+            oldest = sorted(self._buckets.items(), key=lambda kv: kv[1][1])
+            self._buckets = dict(oldest[len(oldest) // 2:])
+
+
+class NonceCacheFull(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the replay cache is full")
+        self.retry_after = retry_after
+
+
+class NonceCache:
+    """Nonces seen, each kept until its timestamp leaves the window (a replay after that
+    is refused as stale). Bounded: when full of unexpired nonces, ``add`` raises
+    NonceCacheFull rather than forgetting one (which would let its request be replayed)."""
+
+    def __init__(self, capacity: int = MAX_NONCES) -> None:
+        self.capacity = capacity
+        self._expiry: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def add(self, key: str, expires: float) -> bool:
+        """False when ``key`` was seen and has not expired (a replay)."""
+        now = time.time()
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                when, old = heapq.heappop(self._heap)
+                if self._expiry.get(old) == when:
+                    del self._expiry[old]
+            if self._expiry.get(key, 0.0) > now:
+                return False
+            if len(self._expiry) >= self.capacity:
+                raise NonceCacheFull(max(1, math.ceil(self._heap[0][0] - now)))
+            self._expiry[key] = expires
+            heapq.heappush(self._heap, (expires, key))
             return True
 
 
-class SignatureVerifier:
-    """The service's RequestVerifier for multi-user deployments."""
+@dataclass(frozen=True)
+class _UserKey:
+    owner: bytes  # the owner key that signed the user record
+    sign_public: bytes
 
-    def __init__(self, store: ObjectStore, owner_keys: list[bytes],
-                 limiter: RateLimiter | None = None, window: int = WINDOW_SECONDS) -> None:
+
+class SignatureVerifier:
+    """The service's RequestVerifier: signed requests from members of signed manifests."""
+
+    def __init__(self, store: ObjectStore, owner_keys: list[bytes], service_id: str,
+                 limiter: RateLimiter | None = None, window: int = WINDOW_SECONDS,
+                 max_nonces: int = MAX_NONCES) -> None:
         if not owner_keys:
             raise ValueError("the service needs at least one trusted owner key")
         self.store = store
         self.owner_keys = list(owner_keys)
+        self.service_id = validate_service_id(service_id)
         self.limiter = limiter or RateLimiter()
         self.window = window
-        self._nonces: dict[str, float] = {}
-        self._users: dict[str, tuple[float, bytes]] = {}
-        self._grants: dict[tuple[str, str], float] = {}  # (repo, user) -> valid until
+        self.nonces = NonceCache(max_nonces)
+        self._users: dict[str, tuple[float, _UserKey | None]] = {}
+        self._members: dict[tuple[str, str], float] = {}  # (repo, user) -> valid until
+        self._sequence: dict[str, int] = {}  # highest manifest sequence seen per repository
         self._lock = threading.Lock()
 
-    def verify(self, request: Request, body: bytes, repo_id: str | None) -> str:
-        h = request.headers
-        user, stamp = h.get("x-radcrypt-user", ""), h.get("x-radcrypt-time", "")
-        nonce, signature = h.get("x-radcrypt-nonce", ""), h.get("x-radcrypt-signature", "")
-        if not (user and stamp.isdigit() and 16 <= len(nonce) <= 64 and signature):
+    # --- authentication (401) ----------------------------------------------------------
+
+    def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+               repo: str | None) -> str:
+        """The user id, or HTTPException 401/403/422/429/503."""
+        user, stamp = headers.get("x-radcrypt-user", ""), headers.get("x-radcrypt-time", "")
+        nonce, signature = headers.get("x-radcrypt-nonce", ""), headers.get(
+            "x-radcrypt-signature", "")
+        when = strict_stamp(stamp)
+        if not (user and when is not None and 16 <= len(nonce) <= 64 and nonce.isascii()
+                and "\n" not in nonce and 0 < len(signature) <= 128):
             raise _deny(401)
         try:
             layout.validate_user_id(user)
             raw_signature = base64.b64decode(signature, validate=True)
         except (ValueError, binascii.Error):
             raise _deny(401) from None
-        if abs(time.time() - int(stamp)) > self.window:
+        if abs(time.time() - when) > self.window:
             raise _deny(401)
-        sign_public = self._user_key(user)
-        message = request_message(request.method, request.url.path,
-                                  hashlib.sha256(body).hexdigest(), stamp, nonce, user)
+        key = self._user_key(user)
+        message = request_message(method, path, hashlib.sha256(body).hexdigest(), stamp,
+                                  nonce, user, self.service_id)
         try:
-            verify(sign_public, message, raw_signature)
+            verify(key.sign_public, message, raw_signature)
         except SignatureError:
             raise _deny(401) from None
-        self._fresh_nonce(user, nonce)
+        try:
+            fresh = self.nonces.add(f"{user}/{nonce}", when + self.window + 1)
+        except NonceCacheFull as full:
+            raise HTTPException(status_code=503, detail="busy, try again later",
+                                headers={"Retry-After": str(full.retry_after)}) from None
+        if not fresh:
+            raise _deny(401)  # a replay
         if not self.limiter.allow(user):
-            raise HTTPException(status_code=429, detail="too many requests")
-        if repo_id is not None and not self._granted(repo_id, user):
+            raise HTTPException(status_code=429, detail="too many requests",
+                                headers={"Retry-After": str(self.limiter.retry_after())})
+        if repo is None:
+            raise _deny(403)
+        try:
+            repo_id = layout.validate_repo_id(repo)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        if not self._is_member(repo_id, user, key.owner):
             raise _deny(403)
         return user
 
-    def _fresh_nonce(self, user: str, nonce: str) -> None:
-        now = time.time()
-        key = f"{user}/{nonce}"
-        with self._lock:
-            if len(self._nonces) > 100_000:
-                self._nonces = {k: t for k, t in self._nonces.items() if t > now}
-            if self._nonces.get(key, 0.0) > now:
-                raise _deny(401)  # a replay
-            self._nonces[key] = now + 2 * self.window
-
-    def _user_key(self, user: str) -> bytes:
+    def _user_key(self, user: str) -> _UserKey:
+        """The user's signing key from a record signed by a configured owner key; unknown
+        users are remembered as refusals for UNKNOWN_USER_CACHE_SECONDS."""
         now = time.monotonic()
         with self._lock:
             cached = self._users.get(user)
         if cached and cached[0] > now:
+            if cached[1] is None:
+                raise _deny(401)
             return cached[1]
         key_name = layout.user_key(user)
+        found: _UserKey | None = None
         try:
-            payload = open_json(self.store.get(key_name), "user", key_name, self.owner_keys)
-            card = PublicCard.from_json(str(payload.get("card", "")))
+            blob = self.store.get(key_name)
+            owner = json_signer(blob)
+            if owner is not None and any(hmac.compare_digest(owner, k)
+                                         for k in self.owner_keys):
+                payload = open_json(blob, "user", key_name, [owner])
+                card = PublicCard.from_json(str(payload.get("card", "")))
+                if card.user_id == user:
+                    found = _UserKey(owner, card.sign_public)
         except (ObjectNotFound, FormatError):
-            raise _deny(401) from None
-        if card.user_id != user:
-            raise _deny(401)
+            found = None
+        ttl = USER_CACHE_SECONDS if found is not None else UNKNOWN_USER_CACHE_SECONDS
         with self._lock:
-            self._users[user] = (now + USER_CACHE_SECONDS, card.sign_public)
-        return card.sign_public
+            if len(self._users) >= MAX_CACHED_USERS:
+                self._users = {u: c for u, c in self._users.items() if c[0] > now}
+                if len(self._users) >= MAX_CACHED_USERS:  # forgetting costs a read, no more
+                    self._users.clear()
+            self._users[user] = (now + ttl, found)
+        if found is None:
+            raise _deny(401)
+        return found
 
-    def _granted(self, repo_id: str, user: str) -> bool:
-        """A grant for the user exists, signed by the key that signed the manifest.
+    # --- authorisation (403) -----------------------------------------------------------
 
-        Checking costs two object reads and two signatures (about 15 ms), so a positive
-        answer is remembered for GRANT_CACHE_SECONDS; a refusal is never remembered, so
-        a new grant works at once and a revocation within that delay.
-        """
+    def _is_member(self, repo_id: str, user: str, record_owner: bytes) -> bool:
+        """The check costs a store read and a signature (a few ms), so a positive answer is
+        remembered for MEMBER_CACHE_SECONDS; a refusal is never remembered, so a new member
+        is served at once and a revocation within that delay."""
         now = time.monotonic()
         with self._lock:
-            if self._grants.get((repo_id, user), 0.0) > now:
+            if self._members.get((repo_id, user), 0.0) > now:
                 return True
-        if not self._check_grant(repo_id, user):
+        if not self._check_membership(repo_id, user, record_owner):
             return False
         with self._lock:
-            self._grants[(repo_id, user)] = now + GRANT_CACHE_SECONDS
+            self._members[(repo_id, user)] = now + MEMBER_CACHE_SECONDS
         return True
 
-    def _check_grant(self, repo_id: str, user: str) -> bool:
+    def _check_membership(self, repo_id: str, user: str, record_owner: bytes) -> bool:
         try:
-            manifest_name = layout.manifest_key(repo_id)
-            manifest = self.store.get(manifest_name)
-            owner = json_signer(manifest)
-            if owner is None or owner not in self.owner_keys:
+            name = layout.manifest_key(repo_id)
+            blob = self.store.get(name)
+            owner = json_signer(blob)
+            if owner is None or not any(hmac.compare_digest(owner, k) for k in self.owner_keys):
                 return False
-            open_json(manifest, "manifest", manifest_name, [owner])
-            grant_name = layout.grant_key(repo_id, user)
-            open_record(self.store.get(grant_name), "grant", grant_name, [owner])
+            payload = open_json(blob, "manifest", name, [owner])
         except (ObjectNotFound, FormatError):
             return False
-        return True
+        if not hmac.compare_digest(owner, record_owner):
+            return False  # the user record was signed by another owner than this repository's
+        membership = manifest_membership(payload)
+        if membership is None:
+            return False  # a legacy manifest (no members, no sequence): nobody is served
+        sequence, key_version, members = membership
+        with self._lock:
+            highest = self._sequence.get(repo_id, 0)
+            if sequence < highest:
+                return False  # a rollback to an older manifest
+            self._sequence[repo_id] = sequence
+        return members.get(user) == key_version
 
 
-def parse_owner_keys(text: str) -> list[bytes]:
-    """Comma-separated base64 Ed25519 public keys (RADCRYPT_OWNER_KEYS, --owner-key)."""
-    keys = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        try:
-            key = base64.b64decode(item, validate=True)
-        except (ValueError, binascii.Error):
-            raise ValueError(f"owner key {item[:12]}... is not base64") from None
-        if len(key) != 32:
-            raise ValueError("an owner key is a 32-byte Ed25519 public key")
-        keys.append(key)
-    return keys
+def manifest_membership(payload: Mapping[str, object]
+                        ) -> tuple[int, int, dict[str, int]] | None:
+    """(sequence, key_version, {user_id: key_version}) of a manifest payload, or None when
+    the fields are missing or malformed (the shared manifest contract, DESIGN §3)."""
+    sequence, key_version = payload.get("sequence"), payload.get("key_version")
+    members = payload.get("members")
+    if not (type(sequence) is int and sequence >= 1 and type(key_version) is int
+            and isinstance(members, list)):
+        return None
+    found: dict[str, int] = {}
+    for entry in members:
+        if not isinstance(entry, dict):
+            return None
+        user_id, version = entry.get("user_id"), entry.get("key_version")
+        if not isinstance(user_id, str) or type(version) is not int or user_id in found:
+            return None
+        found[user_id] = version
+    return sequence, key_version, found

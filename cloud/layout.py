@@ -16,6 +16,7 @@ Layout::
     radcrypt/v1/repos/<repo_id>/segments/<seg_id>
     radcrypt/v1/repos/<repo_id>/tombstones/<image_id>
     radcrypt/v1/repos/<repo_id>/audit/<batch_id>
+    radcrypt/v1/repos/<repo_id>/basis/<key_version>   (bound levels of a key version, encrypted)
     radcrypt/v1/probes/<probe_id>          (scratch objects of cloud.store's capability probe)
 """
 
@@ -130,6 +131,18 @@ def tombstones_prefix(repo_id: str) -> str:
     return image_prefix("tombstones", repo_id)
 
 
+def basis_prefix(repo_id: str) -> str:
+    """Prefix of one repository's encrypted bound bases (one per key version)."""
+    return repo_prefix(repo_id) + "basis/"
+
+
+def validate_key_version(version: object) -> int:
+    """A key version: an int from 1 to 2**32 - 1 (written in decimal in object names)."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**32:
+        raise ValueError(f"invalid key version {version!r}: must be an integer 1..2**32-1")
+    return version
+
+
 def audit_prefix(repo_id: str) -> str:
     """Prefix of one repository's audit batches."""
     return repo_prefix(repo_id) + "audit/"
@@ -183,6 +196,11 @@ def segment_key(repo_id: str, seg_id: str) -> str:
     return segments_prefix(repo_id) + validate_segment_id(seg_id)
 
 
+def basis_key(repo_id: str, key_version: int) -> str:
+    """Encrypted bound basis and level keys of one key version (app/core/basis.py)."""
+    return basis_prefix(repo_id) + str(validate_key_version(key_version))
+
+
 def audit_key(repo_id: str, batch_id: str) -> str:
     """One batch of the search service's audit records for a repository."""
     return audit_prefix(repo_id) + validate_batch_id(batch_id)
@@ -200,10 +218,10 @@ def probe_key(probe_id: str) -> str:
 class ParsedKey:
     """What a key names: its kind plus whichever ids that kind carries."""
 
-    kind: str  # 'user', 'manifest', 'grant', 'segment', 'audit', or an IMAGE_KINDS entry
+    kind: str  # 'user', 'manifest', 'grant', 'segment', 'audit', 'basis', or an IMAGE_KINDS entry
     repo_id: str | None = None
     user_id: str | None = None
-    item_id: str | None = None  # image id, segment id or audit batch id
+    item_id: str | None = None  # image id, segment id, audit batch id or key version
 
 
 def _foreign(key: object, expected: str) -> ValueError:
@@ -239,6 +257,12 @@ def _parse_repo_item(key: str, repo_id: str, folder: str, name: str) -> ParsedKe
     if folder == "segments":
         seg_id = _as_field(key, "segment", validate_segment_id, name)
         return ParsedKey("segment", repo_id, item_id=seg_id)
+    if folder == "basis":
+        if not name.isascii() or not name.isdigit() or name != str(int(name)):
+            raise _foreign(key, "basis")
+        version = _as_field(key, "basis", lambda v: str(validate_key_version(int(str(v)))),
+                            name)
+        return ParsedKey("basis", repo_id, item_id=version)
     if folder == "audit":
         batch_id = _as_field(key, "audit", validate_batch_id, name)
         return ParsedKey("audit", repo_id, item_id=batch_id)
@@ -312,3 +336,9 @@ def parse_segment_key(key: str) -> tuple[str, str]:
 def parse_audit_key(key: str) -> tuple[str, str]:
     """audit_key(repo_id, batch_id) -> (repo_id, batch_id)."""
     return _repo_item(key, "audit")
+
+
+def parse_basis_key(key: str) -> tuple[str, int]:
+    """basis_key(repo_id, key_version) -> (repo_id, key_version)."""
+    repo_id, version = _repo_item(key, "basis")
+    return repo_id, int(version)

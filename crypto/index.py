@@ -3,6 +3,12 @@
 Encrypting a vector produces its full ciphertext and one ciphertext per level of the
 bound cascade (DESIGN.md §4); a query produces one token per level, all with the same
 random scale r, so that on the server a level's score is always >= the full score.
+
+A key may have no levels: a repository that switched them off (its searches scan every
+full vector, and a known-plaintext attacker needs d + 1 pairs), or one whose basis is not
+fitted yet. The basis B is fitted on the repository's own features only (never on public
+data): app/core/basis.py keeps the levels of a key version, B with its level keys
+(:class:`BoundLevels`), in an encrypted object written by the version's first import batch.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ DEFAULT_LEVELS = (8, 32)
 _MAGIC = b"RCIK"
 _VERSION = 1
 _HEAD = struct.Struct(">4sBIB")
+_LEVELS_MAGIC = b"RCBL"
+_LEVELS_VERSION = 1
 
 
 def default_levels(dim: int) -> tuple[int, ...]:
@@ -44,9 +52,9 @@ class IndexKey:
     level_keys: tuple[SknnKey, ...]
 
     def __post_init__(self) -> None:
-        if list(self.levels) != sorted(set(self.levels)) or not self.levels:
-            raise ValueError("bound levels must be increasing and non-empty")
-        if self.basis.shape != (max(self.levels), self.dim):
+        if list(self.levels) != sorted(set(self.levels)):
+            raise ValueError("bound levels must be increasing")
+        if self.basis.shape != (max(self.levels, default=0), self.dim):
             raise ValueError("bound basis has the wrong shape")
         if len(self.level_keys) != len(self.levels) or self.full.dim != self.dim:
             raise ValueError("index key parts are inconsistent")
@@ -65,28 +73,51 @@ class IndexKey:
         levels: tuple[int, ...] | None = None,
         extra: int = MIN_EXTRA,
     ) -> IndexKey:
-        """Fresh secrets; ``sample`` (plaintext features) lets the basis follow the data."""
-        chosen = default_levels(dim) if levels is None else tuple(levels)
-        if not chosen or max(chosen) > dim:
-            raise ValueError(f"bound levels must lie in 1..{dim}")
-        return cls(
-            dim=dim,
-            levels=chosen,
-            basis=fit_basis(sample, dim, max(chosen)),
-            full=SknnKey.generate(dim, extra),
-            level_keys=tuple(SknnKey.generate(m + 1, extra) for m in chosen),
-        )
+        """Fresh secrets; ``sample`` (plaintext features) lets the basis follow the data.
 
-    def encrypt(self, vectors: F64) -> EncryptedVectors:
+        ``levels=()``: a key without bound levels (no basis).
+        """
+        chosen = default_levels(dim) if levels is None else tuple(levels)
+        full = SknnKey.generate(dim, extra)
+        if not chosen:
+            return cls(dim=dim, levels=(), basis=np.empty((0, dim)), full=full, level_keys=())
+        return cls._with(dim, full, BoundLevels.generate(dim, sample, chosen, extra))
+
+    @classmethod
+    def _with(cls, dim: int, full: SknnKey, bound: BoundLevels) -> IndexKey:
+        return cls(dim=dim, levels=bound.levels, basis=bound.basis, full=full,
+                   level_keys=bound.level_keys)
+
+    def without_levels(self) -> IndexKey:
+        """The same full-vector key with no bound levels."""
+        return IndexKey(dim=self.dim, levels=(), basis=np.empty((0, self.dim)), full=self.full,
+                        level_keys=())
+
+    def with_levels(self, bound: BoundLevels) -> IndexKey:
+        """The same full-vector key with these bound levels (basis and level keys)."""
+        if bound.dim != self.dim:
+            raise ValueError("bound levels of another dimension")
+        return IndexKey._with(self.dim, self.full, bound)
+
+    def bound_levels(self) -> BoundLevels | None:
+        """The key's levels (basis and level keys), None when it has none."""
+        if not self.levels:
+            return None
+        return BoundLevels(self.dim, self.levels, self.basis, self.level_keys)
+
+    def encrypt(self, vectors: F64, norm_bound: float = 0.0) -> EncryptedVectors:
+        """Ciphertexts of the full vectors and of every level. ``norm_bound``: the norm the
+        vectors do not usually exceed (the extractor's), so that ciphertext norms say
+        nothing about the plaintexts even for a batch of one (SknnKey.encrypt)."""
         x = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
         if x.shape[1] != self.dim:
             raise ValueError(f"expected vectors of dimension {self.dim}, got {x.shape[1]}")
         sq_norms = np.einsum("ij,ij->i", x, x)
         levels = tuple(
-            key.encrypt(bound_vectors(x, self.basis[:m]), sq_norms)
+            key.encrypt(bound_vectors(x, self.basis[:m]), sq_norms, norm_bound)
             for m, key in zip(self.levels, self.level_keys, strict=True)
         )
-        return EncryptedVectors(full=self.full.encrypt(x, sq_norms), levels=levels)
+        return EncryptedVectors(full=self.full.encrypt(x, sq_norms, norm_bound), levels=levels)
 
     def query(self, queries: F64) -> QueryToken:
         q = np.atleast_2d(np.asarray(queries, dtype=np.float64))
@@ -134,3 +165,86 @@ class IndexKey:
                        full=keys[0], level_keys=tuple(keys[1:]))
         except (struct.error, ValueError):
             raise FormatError("index key is malformed") from None
+
+
+@dataclass(frozen=True, eq=False)
+class BoundLevels:
+    """The bound levels of a key version: the basis B and one secure-kNN key per level.
+
+    Serialised (app/core/basis.py stores it encrypted, docs/FORMAT.md)::
+
+        "RCBL" | version u8 = 1 | dim u32 | n u8 (>= 1) | n x u32 levels (increasing)
+        | B: m_n x dim f64 little-endian | n x (u32 len | SknnKey of level j)
+    """
+
+    dim: int
+    levels: tuple[int, ...]
+    basis: F64
+    level_keys: tuple[SknnKey, ...]
+
+    def __post_init__(self) -> None:
+        if not self.levels or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError("bound levels must be increasing and non-empty")
+        if not 1 <= self.levels[0] or self.levels[-1] > self.dim:
+            raise ValueError(f"bound levels must lie in 1..{self.dim}")
+        if self.basis.shape != (self.levels[-1], self.dim):
+            raise ValueError("bound basis has the wrong shape")
+        if not np.all(np.isfinite(self.basis)):
+            raise ValueError("bound basis contains non-finite numbers")
+        if len(self.level_keys) != len(self.levels):
+            raise ValueError("bound levels and their keys are inconsistent")
+        for m, key in zip(self.levels, self.level_keys, strict=True):
+            if key.dim != m + 1:
+                raise ValueError("a level key does not match its level")
+
+    def __repr__(self) -> str:
+        return f"BoundLevels(dim={self.dim}, levels={self.levels}, <secret>)"
+
+    @classmethod
+    def generate(cls, dim: int, sample: F64 | None, levels: tuple[int, ...],
+                 extra: int = MIN_EXTRA) -> BoundLevels:
+        """Fresh level keys and a basis fitted on ``sample`` (the repository's features)."""
+        chosen = tuple(levels)
+        if not chosen or max(chosen) > dim or min(chosen) < 1:
+            raise ValueError(f"bound levels must lie in 1..{dim}")
+        return cls(dim, chosen, fit_basis(sample, dim, max(chosen)),
+                   tuple(SknnKey.generate(m + 1, extra) for m in chosen))
+
+    def to_bytes(self) -> bytes:
+        parts = [_HEAD.pack(_LEVELS_MAGIC, _LEVELS_VERSION, self.dim, len(self.levels)),
+                 struct.pack(f">{len(self.levels)}I", *self.levels),
+                 np.ascontiguousarray(self.basis, dtype="<f8").tobytes()]
+        for key in self.level_keys:
+            blob = key.to_bytes()
+            parts.append(struct.pack(">I", len(blob)) + blob)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> BoundLevels:
+        try:
+            magic, version, dim, n_levels = _HEAD.unpack_from(data)
+            if magic != _LEVELS_MAGIC or version != _LEVELS_VERSION:
+                raise FormatError("not bound levels of a supported version")
+            if not 1 <= dim <= 65536 or n_levels < 1:
+                raise FormatError("bound levels have implausible dimensions")
+            offset = _HEAD.size
+            levels = struct.unpack_from(f">{n_levels}I", data, offset)
+            offset += 4 * n_levels
+            rows = max(levels)
+            if rows > dim or offset + 8 * rows * dim > len(data):
+                raise FormatError("bound levels are truncated or implausible")
+            basis = np.frombuffer(data, "<f8", rows * dim, offset).reshape(rows, dim)
+            offset += 8 * rows * dim
+            keys = []
+            for _ in range(n_levels):
+                (size,) = struct.unpack_from(">I", data, offset)
+                offset += 4
+                if offset + size > len(data):
+                    raise FormatError("bound levels are truncated")
+                keys.append(SknnKey.from_bytes(data[offset : offset + size]))
+                offset += size
+            if offset != len(data):
+                raise FormatError("bound levels have trailing bytes")
+            return cls(dim, tuple(levels), basis.astype(np.float64), tuple(keys))
+        except (struct.error, ValueError):
+            raise FormatError("bound levels are malformed") from None

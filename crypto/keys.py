@@ -33,7 +33,25 @@ _PW_VERSION = 1
 _PW_HEAD = struct.Struct(">4sBBBB16s")
 DEFAULT_SCRYPT_LOG2_N = 17
 MIN_SCRYPT_LOG2_N = 10  # tests only; files written by the product use the default
-MAX_SCRYPT_LOG2_N = 22
+# The parameters come from the file, that is from the bucket or the disk: a hostile file
+# could ask for gigabytes of memory and minutes of work before the password is checked.
+# Only the product's own parameters (and one step above, for a future default) are
+# accepted: N * r * 128 <= 2^18 * 8 * 128 = 256 MiB.
+MAX_SCRYPT_LOG2_N = 18
+SCRYPT_R = 8
+SCRYPT_P = 1
+MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
+
+
+def check_scrypt_parameters(log2_n: int, r: int, p: int) -> str | None:
+    """Why these scrypt parameters are refused, or None when they are acceptable."""
+    if not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
+        return f"scrypt log2 N {log2_n} is outside {MIN_SCRYPT_LOG2_N}..{MAX_SCRYPT_LOG2_N}"
+    if r != SCRYPT_R or p != SCRYPT_P:
+        return f"scrypt r {r} and p {p} must be {SCRYPT_R} and {SCRYPT_P}"
+    if (1 << log2_n) * r * 128 > MAX_SCRYPT_MEMORY:  # implied by the above; kept explicit
+        return "scrypt parameters need more than 256 MiB of memory"
+    return None
 
 
 class WrongPassword(DecryptionError):
@@ -137,15 +155,15 @@ def _derive(password: str, salt: bytes, log2_n: int, r: int, p: int) -> bytes:
 
 
 def wrap_with_password(
-    secret: bytes, password: str, *, log2_n: int = DEFAULT_SCRYPT_LOG2_N, r: int = 8, p: int = 1
+    secret: bytes, password: str, *, log2_n: int = DEFAULT_SCRYPT_LOG2_N, r: int = SCRYPT_R,
+    p: int = SCRYPT_P
 ) -> bytes:
     """Encrypt ``secret`` under a key derived from ``password`` with scrypt."""
     if not password:
         raise ValueError("an empty password cannot protect keys")
-    if not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
-        raise ValueError(f"scrypt log2 N must be in {MIN_SCRYPT_LOG2_N}..{MAX_SCRYPT_LOG2_N}")
-    if not 1 <= r <= 32 or not 1 <= p <= 16:
-        raise ValueError("scrypt r must be in 1..32 and p in 1..16 (what unwrapping accepts)")
+    refused = check_scrypt_parameters(log2_n, r, p)
+    if refused is not None:  # never write what unwrapping would refuse
+        raise ValueError(refused)
     header = _PW_HEAD.pack(_PW_MAGIC, _PW_VERSION, log2_n, r, p, random_bytes(16))
     key = _derive(password, header[-16:], log2_n, r, p)
     return header + aead.seal(key, secret, header)
@@ -158,8 +176,9 @@ def unwrap_with_password(blob: bytes, password: str) -> bytes:
     magic, version, log2_n, r, p, salt = _PW_HEAD.unpack_from(blob)
     if magic != _PW_MAGIC or version != _PW_VERSION:
         raise FormatError("not a password-protected Radcrypt file of a known version")
-    if not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N or not 1 <= r <= 32 or not 1 <= p <= 16:
-        raise FormatError("password-protected file has implausible scrypt parameters")
+    refused = check_scrypt_parameters(log2_n, r, p)
+    if refused is not None:  # checked before any scrypt work
+        raise FormatError(f"password-protected file refused: {refused}")
     key = _derive(password, salt, log2_n, r, p)
     try:
         return aead.open_sealed(key, blob[_PW_HEAD.size :], blob[: _PW_HEAD.size])

@@ -33,6 +33,8 @@ from crypto.errors import FormatError
 COND_BOUND = 4.0
 MIN_EXTRA = 8
 QUERY_SCALE_RANGE = (1.0, 64.0)
+NOISE_RATIO = 1.1  # ciphertext norms >= 1.1 x the largest noise-free norm expected
+NORM_SPREAD = 0.05  # ... drawn uniformly over [1, 1.05) x a quarter octave above that
 _MAGIC = b"RCSK"
 _VERSION = 1
 _HEAD = struct.Struct(">4sBII")
@@ -64,6 +66,7 @@ class SknnKey:
     m2: F64
     _m1_inv_t: F64 = field(init=False, repr=False)
     _m2_inv_t: F64 = field(init=False, repr=False)
+    _gain: float = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         lifted = self.dim + 1 + self.extra
@@ -75,6 +78,11 @@ class SknnKey:
             raise ValueError("secure-kNN key parts have inconsistent shapes")
         object.__setattr__(self, "_m1_inv_t", np.linalg.inv(self.m1).T.copy())
         object.__setattr__(self, "_m2_inv_t", np.linalg.inv(self.m2).T.copy())
+        # The largest noise-free ciphertext norm per unit of lifted norm: the 2-norm of
+        # l -> (share_a M1, share_b M2) with the split positions halved.
+        half = np.where(self.split, 0.5, 1.0)[:, None]
+        gain = float(np.linalg.norm(np.hstack([half * self.m1, half * self.m2]), 2))
+        object.__setattr__(self, "_gain", gain)
 
     def __repr__(self) -> str:
         return f"SknnKey(dim={self.dim}, extra={self.extra}, <secret>)"
@@ -99,24 +107,47 @@ class SknnKey:
             m2=random_invertible(lifted),
         )
 
-    def encrypt(self, vectors: F64, sq_norms: F64 | None = None) -> F64:
+    def encrypt(self, vectors: F64, sq_norms: F64 | None = None,
+                norm_bound: float = 0.0) -> F64:
         """Encrypt stored vectors (n, dim) into (n, 2 * lifted_dim) ciphertexts.
 
         ``sq_norms`` overrides ||p||^2 in the lifted vector: a bound level passes the
         full vector's norm (equal in exact arithmetic) so that its score differs from
         the full score only by the dot products, which keeps the bound provable.
+        ``norm_bound``: the norm ||p|| that the caller's vectors do not usually exceed (0:
+        unknown). The ciphertext norms are then the same whatever the batch holds, even a
+        single vector, as long as no vector exceeds it (see _target_norms).
         """
         x = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
         if x.shape[1] != self.dim or not np.all(np.isfinite(x)):
             raise ValueError(f"expected finite vectors of dimension {self.dim}")
         n = x.shape[0]
         norms = np.einsum("ij,ij->i", x, x) if sq_norms is None else np.asarray(sq_norms)
-        spread = np.sqrt(np.mean(x * x, axis=1, keepdims=True)) + 1.0
-        lifted = np.empty((n, self.lifted_dim))
+        if n == 0:
+            return np.empty((0, self.encrypted_dim))
+        # The ciphertext is signal + t * noise: the signal is the lifted vector without
+        # noise, the noise the artificial dimensions and the split shares' randomness (its
+        # inner product with every token is exactly 0, so scores do not depend on it).
+        # Each row's t is chosen so that its ciphertext norm is a random target drawn
+        # independently of the plaintext (see _target_norms): the norm says nothing of
+        # ||p||, which the noise scale of earlier versions did (Spearman 0.57-0.69).
+        lifted = np.zeros((n, self.lifted_dim))
         lifted[:, : self.dim] = x
         lifted[:, self.dim] = -0.5 * norms
-        lifted[:, self.dim + 1 :] = csprng.normal((n, self.extra)) * spread
-        noise = csprng.normal((n, self.lifted_dim)) * spread
+        signal = self._shares(lifted, np.zeros((n, self.lifted_dim)))
+        hidden = np.zeros((n, self.lifted_dim))
+        hidden[:, self.dim + 1 :] = csprng.normal((n, self.extra))
+        noise = self._shares(hidden, csprng.normal((n, self.lifted_dim)))
+        a = np.einsum("ij,ij->i", noise, noise)
+        b = np.einsum("ij,ij->i", signal, noise)
+        s2 = np.einsum("ij,ij->i", signal, signal)
+        bound = norm_bound * np.sqrt(1.0 + 0.25 * norm_bound * norm_bound)  # ||lifted||
+        target = _target_norms(np.sqrt(s2), self._gain * bound)
+        t = (np.sqrt(b * b + a * (target * target - s2)) - b) / a  # ||signal + t noise|| = target
+        result: F64 = signal + t[:, None] * noise
+        return result
+
+    def _shares(self, lifted: F64, noise: F64) -> F64:
         share_a = np.where(self.split, 0.5 * lifted + noise, lifted)
         share_b = np.where(self.split, 0.5 * lifted - noise, lifted)
         return np.hstack([share_a @ self.m1, share_b @ self.m2])
@@ -172,6 +203,23 @@ class SknnKey:
                        m2=m2.astype(np.float64))
         except np.linalg.LinAlgError:
             raise FormatError("secure-kNN key matrices are singular") from None
+
+
+def _target_norms(signal_norms: F64, expected: float) -> F64:
+    """Ciphertext norms drawn independently of the plaintexts: uniform in [c, (1 +
+    NORM_SPREAD) c), with c the power of 2^(1/4) at or above NOISE_RATIO times the larger
+    of ``expected`` (the caller's bound on noise-free norms) and the largest noise-free
+    norm of the batch. What the norms can reveal is that quarter octave, one per
+    encryption call, and only when a vector of the batch exceeds the caller's bound.
+
+    Cost: every row's norm is about that of the batch's largest, which widens the
+    sixteen-bit codes' score bounds (cloud/codes.py) by the ratio of the largest to the
+    typical noise-free norm."""
+    largest = max(float(signal_norms.max()), expected)
+    floor = max(largest * NOISE_RATIO, np.finfo(np.float64).tiny)
+    scale = 2.0 ** (np.ceil(4.0 * np.log2(floor)) / 4.0)
+    targets: F64 = scale * (1.0 + NORM_SPREAD * csprng.uniform(signal_norms.shape[0]))
+    return targets
 
 
 def query_scales(count: int) -> F64:

@@ -1,10 +1,12 @@
-"""Reference feature samples that seed a new repository's bound basis.
+"""Reference feature sample: radcrypt-v1 features of the public offline sample images.
 
-A repository's pruning basis is the principal directions of its features (DESIGN.md
-§4), but a new repository has none yet. We ship the radcrypt-v1 features of the public
-offline sample images (pydicom's test files; no patient data) as a starting sample; the
-owner can pass the department's own images instead, and a key rotation refits it on the
-repository's own features. Regenerate with ``python -m resources.reference``.
+Public data (pydicom's test files; no patient data), so it must never define a
+repository's bound basis: anyone could recompute that basis and, with a few known images,
+the level coordinates of every query (issue 11; app/core/basis.py fits B on the
+repository's own first import batch instead). It is kept for measurements: the
+known-plaintext attacker's public estimate (bench/kpa.py), the ciphertext-norm leak
+(bench/norms.py), realistic benchmark vectors. Regenerate with
+``python -m resources.reference``.
 """
 
 from __future__ import annotations

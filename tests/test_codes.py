@@ -67,7 +67,10 @@ def test_bounds_are_tight_enough_to_prune_on_ciphertexts() -> None:
     lower, upper = codes.bounds(coded, token)
     exact = (full @ token.T)[:, 0]
     width = (upper - lower)[:, 0]
-    assert np.median(width) < 0.001 * (exact.max() - np.median(exact))
+    # 0.003: every ciphertext's norm is drawn near the batch's largest (crypto/sknn.py hides
+    # plaintext norms since issue 11), which widens the bounds 2-3.5x on these vectors
+    # (0.0004-0.0007 before); the scan below still keeps a single candidate.
+    assert np.median(width) < 0.003 * (exact.max() - np.median(exact))
     found = scan(coded, token, 1, np.array([-np.inf]))
     assert found.rows[0].size < 0.001 * len(full)
 

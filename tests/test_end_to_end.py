@@ -21,10 +21,9 @@ import pytest
 from PIL import Image
 
 from app.core import objects
+from app.core.access import open_repository_as, session_for
 from app.core.importer import Importer, committed_ids, image_id_for
-from app.core.repository import create_repository, open_repository
 from app.core.searcher import features_of_files, read_meta, search_features, search_files
-from app.core.session import Session
 from app.core.settings import config_file, default_config_dir, default_data_dir, load_settings
 from bench import datasets
 from cloud.store import StoreConfig
@@ -32,12 +31,12 @@ from resources.samples import perturb_file
 
 try:
     import e2e_support as support
+    import owned_repos
     import s3servers
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
-    from tests import s3servers
+    from tests import owned_repos, s3servers
 
-PASSWORD = "correct horse battery staple"
 KINDS = ("noise", "window", "shift", "jpeg")
 QUERIES = 50
 K = 5
@@ -67,7 +66,7 @@ def test_settings_are_isolated_by_the_autouse_fixture(isolated_env: Path) -> Non
         assert not (path.resolve().is_relative_to(home) and not
                     isolated_env.resolve().is_relative_to(home)), path
     assert not config_file().exists()
-    assert load_settings().store == "local"
+    assert load_settings().store == "embedded"
 
 
 @pytest.mark.parametrize(("backend", "count"), [("seaweed", 300), ("moto", 60)])
@@ -80,9 +79,10 @@ def test_import_search_fetch(backend: str, count: int, backend_config: StoreConf
     assert settings.data_path.resolve().is_relative_to(isolated_env.resolve())
     repo_name = f"e2e-{backend}"
 
-    with Session(settings) as session:
-        create_repository(session.store, repo_name, PASSWORD, scrypt_log2_n=12)
-        repo = open_repository(session.store, repo_name, PASSWORD)  # as a second user would
+    owner = owned_repos.owner_identity("E2E Owner")
+    with session_for(settings, owner) as session:
+        owned_repos.create_owned_repository(session, repo_name, owner)
+        repo = open_repository_as(session, owner, repo_name)  # from the grant, as a user would
 
         # -- import
         started = time.perf_counter()
@@ -195,8 +195,9 @@ def test_search_in_the_same_session_sees_an_import_at_once(
     files = support.sample_images(14)
     settings = load_settings(store="s3", endpoint_url=backend_config.endpoint_url,
                              bucket=backend_config.bucket)
-    with Session(settings) as session:
-        repo = create_repository(session.store, "same-session", PASSWORD, scrypt_log2_n=10)
+    owner = owned_repos.owner_identity()
+    with session_for(settings, owner) as session:
+        repo = owned_repos.create_owned_repository(session, "same-session", owner)
         Importer(session.store, repo).run(files[:10])
         first = search_files(session, repo, [files[3]], k=1)[0]
         assert first.hits[0].name == files[3].name and first.stats["vectors"] == 10

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from app.core.access import session_for
 from app.core.importer import Importer, committed_ids, image_id_for
-from app.core.repository import Repository, create_repository
+from app.core.repository import Repository
 from app.core.searcher import read_meta, search_features, search_files
-from app.core.session import Session
 from app.core.settings import load_settings
 from cloud import layout
 from cloud.segments import decode_segment
@@ -35,14 +35,14 @@ from cloud.store import ObjectStore, StoreConfig
 
 try:
     import e2e_support as support
+    import owned_repos
     import s3servers
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
-    from tests import s3servers
+    from tests import owned_repos, s3servers
 
 COUNT = 120
 BATCH = 8
-PASSWORD = "resume me"
 
 
 @pytest.fixture
@@ -73,11 +73,13 @@ def _segment_ids(store: ObjectStore, repo_id: str) -> collections.Counter[str]:
 
 
 class Command:
-    def __init__(self, config: StoreConfig, repo: Repository, folder: Path, tmp: Path) -> None:
-        password_file = tmp / "password.txt"
-        password_file.write_text(PASSWORD + "\n")
+    def __init__(self, config: StoreConfig, repo: Repository, folder: Path, tmp: Path,
+                 data_dir: Path) -> None:
+        password_file = tmp / "password.txt"  # unlocks the owner's identity in data_dir
+        password_file.write_text(owned_repos.STRONG_PASSWORD + "\n")
         self.args = [support.PYTHON, "main.py", "import", "--repo", repo.repo_id, str(folder),
-                     "--password-file", str(password_file), "--store", "s3",
+                     "--password-file", str(password_file), "--data-dir", str(data_dir),
+                     "--store", "s3",
                      "--endpoint", str(config.endpoint_url), "--bucket", config.bucket,
                      "--batch-size", str(BATCH), "--workers", "2", "--json"]
         self.env = support.store_env(config)
@@ -103,10 +105,12 @@ def test_killed_import_resumes_without_loss_or_duplicates(
     store = ObjectStore(bucket)
     folder = tmp_path / "archive"
     files = support.copy_images(support.sample_images(COUNT), folder)
-    repo = create_repository(store, "resume", PASSWORD, scrypt_log2_n=10)
+    data_dir = tmp_path / "data"
+    owner = owned_repos.identity_on_disk(data_dir, "Resume Owner")
+    repo = owned_repos.create_owned_repository(store, "resume", owner, data_dir=data_dir)
     expected = {image_id_for(repo, hashlib.sha256(p.read_bytes()).digest()): p for p in files}
     assert len(expected) == COUNT
-    command = Command(bucket, repo, folder, tmp_path)
+    command = Command(bucket, repo, folder, tmp_path, data_dir)
     segments = layout.segments_prefix(repo.repo_id)
 
     # -- run 1: SIGKILL once the first batch is committed and the next one has begun
@@ -172,7 +176,7 @@ def test_killed_import_resumes_without_loss_or_duplicates(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", str(bucket.secret_key))
     settings = load_settings(store="s3", endpoint_url=bucket.endpoint_url, bucket=bucket.bucket)
     probes = files[:: COUNT // 10][:10]
-    with Session(settings) as session:
+    with session_for(settings, owner) as session:
         results = search_files(session, repo, probes, k=2)
     for probe, result in zip(probes, results, strict=True):
         first = result.hits[0]
@@ -200,7 +204,8 @@ def test_images_of_a_damaged_segment_are_committed_again(
     store.ensure_bucket()
     try:
         files = support.sample_images(24)
-        repo = create_repository(store, "damaged", PASSWORD, scrypt_log2_n=10)
+        owner = owned_repos.owner_identity()
+        repo = owned_repos.create_owned_repository(store, "damaged", owner)
         first = Importer(store, repo, workers=2, batch_size=8).run(files)
         assert len(first.segments) == 3
         key = layout.segment_key(repo.repo_id, first.segments[1])
@@ -212,8 +217,8 @@ def test_images_of_a_damaged_segment_are_committed_again(
         again = Importer(store, repo, workers=2, batch_size=8).run(files)
         assert {i for _, i in again.imported} == lost and len(again.segments) == 1
         assert len(again.already_present) == 16
-        with Session(load_settings(store="s3", endpoint_url=config.endpoint_url,
-                                   bucket=config.bucket)) as session:
+        with session_for(load_settings(store="s3", endpoint_url=config.endpoint_url,
+                                       bucket=config.bucket), owner) as session:
             state = session.service.refresh(repo.repo_id)
             assert list(state["rejected_segments"]) == [key]
             assert state["images"] == 24
@@ -238,7 +243,7 @@ def test_same_picture_twice_is_stored_once_and_every_path_reported(
     twin.write_bytes(originals[1].read_bytes())
     same_batch = folder / ("001b-" + originals[1].name)  # next to the original: batch 1
     same_batch.write_bytes(originals[1].read_bytes())
-    repo = create_repository(moto_store, "dups", PASSWORD, scrypt_log2_n=10)
+    repo = owned_repos.create_owned_repository(moto_store, "dups")
     report = Importer(moto_store, repo, workers=2, batch_size=4).run([folder])
     paths = [p for p, _ in report.imported] + [p for p, _ in report.already_present]
     assert sorted(paths) == sorted(map(str, [*files, twin, same_batch])), report.as_dict()
@@ -254,7 +259,7 @@ def test_cancel_keeps_the_finished_files_and_a_rerun_completes(
     from app.core.progress import CancelToken, ProgressEvent
 
     files = support.sample_images(20)
-    repo = create_repository(moto_store, "cancel", PASSWORD, scrypt_log2_n=10)
+    repo = owned_repos.create_owned_repository(moto_store, "cancel")
     cancel = CancelToken()
 
     def progress(event: ProgressEvent) -> None:

@@ -3,8 +3,9 @@
 Decoding in child processes gives the same stored objects as decoding on threads; the
 workers run ahead while a batch commits; the same content is uploaded once even when its
 copies fall in different batches; cancel keeps what is done; children that cannot start
-leave the work to threads, a child that dies fails its file and not the import, and no
-child outlives its parent. Stores resolve credentials afresh while sharing the parsed
+stop the import before anything is written (decoding never falls back to the key-holding
+process), a child that dies fails its file and not the import, and no child outlives its
+parent. Stores resolve credentials afresh while sharing the parsed
 service models. Behaviour only: nothing here asserts a time.
 """
 
@@ -25,9 +26,11 @@ import pytest
 
 from app.core import importer as importer_module
 from app.core import objects
+from app.core.errors import RadcryptError
 from app.core.importer import Importer, committed_ids
 from app.core.progress import CancelToken, ProgressEvent
-from app.core.repository import Repository, create_repository
+from app.core.repository import Repository
+from app.imaging import worker as worker_module
 from cloud import layout
 from cloud import store as store_module
 from cloud.segments import decode_segment
@@ -35,14 +38,14 @@ from cloud.store import ObjectStore, StoreConfig, StoreUnavailable
 
 try:
     import e2e_support as support
+    import owned_repos
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
-
-PASSWORD = "pipeline password"
+    from tests import owned_repos
 
 
 def _repo(store: ObjectStore, name: str) -> Repository:
-    return create_repository(store, name, PASSWORD, scrypt_log2_n=10)
+    return owned_repos.create_owned_repository(store, name)
 
 
 def _segment_counts(store: ObjectStore, repo_id: str) -> dict[str, int]:
@@ -190,27 +193,28 @@ def test_cancel_with_children_keeps_the_finished_files(moto_store: ObjectStore) 
     assert len(_segment_counts(moto_store, repo.repo_id)) == 20
 
 
-def test_children_that_cannot_start_leave_the_work_to_threads(
-    moto_store: ObjectStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_children_that_cannot_start_stop_the_import(
+    moto_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(importer_module, "_child_command",
-                        lambda: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    """Untrusted files are never decoded in the key-holding process: without decoder
+    children the import refuses to start and writes nothing."""
+    monkeypatch.setattr(worker_module, "child_command",
+                        lambda *_: [sys.executable, "-c", "import sys; sys.exit(3)"])
     files = support.sample_images(6)
     repo = _repo(moto_store, "no-children")
-    with caplog.at_level(logging.WARNING, logger="app.core.importer"):
-        report = Importer(moto_store, repo, workers=2, batch_size=4,
-                          processes=True).run(files)
-    assert report.failed == [] and len(report.imported) == 6
-    assert "decoding on threads" in caplog.text
+    with pytest.raises(RadcryptError, match="cannot decode images here"):
+        Importer(moto_store, repo, workers=2, batch_size=4).run(files)
+    assert committed_ids(moto_store, repo.repo_id) == set()
+    assert _our_children() == []
 
 
 _DYING_CHILD = """
-import os, pickle, sys
+import os, sys
+from app.imaging.worker import read_frame, write_frame
 requests, answers = sys.stdin.buffer, sys.stdout.buffer
-pickle.load(requests)
-answers.write(pickle.dumps(("ready", None)))
-answers.flush()
-pickle.load(requests)
+read_frame(requests)
+write_frame(answers, {"ok": True, "ready": True})
+read_frame(requests)
 os._exit(9)
 """
 
@@ -220,8 +224,8 @@ def test_a_child_that_dies_fails_its_file_not_the_import(
 ) -> None:
     """Each file is tried in a second child; when that one dies too, the file is reported
     as failed, nothing of it is committed, and the import goes on to the end."""
-    monkeypatch.setattr(importer_module, "_child_command",
-                        lambda: [sys.executable, "-c", _DYING_CHILD])
+    monkeypatch.setattr(worker_module, "child_command",
+                        lambda *_: [sys.executable, "-c", _DYING_CHILD])
     files = support.sample_images(3)
     repo = _repo(moto_store, "dying")
     report = Importer(moto_store, repo, workers=2, processes=True).run(files)
@@ -236,9 +240,9 @@ def test_children_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
     script.write_text(
         "import sys, time\n"
         f"sys.path.insert(0, {str(Path(importer_module.__file__).parents[2])!r})\n"
-        "from app.core.importer import _Children\n"
-        "children = _Children(2)\n"
-        "print(' '.join(str(c.process.pid) for c in children._all), flush=True)\n"
+        "from app.core.importer import _decoder_pool\n"
+        "children = _decoder_pool(2, None)\n"
+        "print(' '.join(str(pid) for pid in children.pids), flush=True)\n"
         "time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
     try:
@@ -251,14 +255,12 @@ def test_children_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
     assert all(support.wait_gone(pid, timeout=15) for pid in pids)
 
 
-def test_processes_by_default_only_for_larger_imports(moto_store: ObjectStore) -> None:
+def test_processes_by_default_for_every_import(moto_store: ObjectStore) -> None:
     repo = _repo(moto_store, "threshold")
-    many = importer_module.PROCESS_MIN_FILES
-    assert not Importer(moto_store, repo).uses_processes(many - 1)
-    assert Importer(moto_store, repo).uses_processes(many)
-    assert not Importer(moto_store, repo, processes=False).uses_processes(10 * many)
-    assert Importer(moto_store, repo, processes=True).uses_processes(1)
-    assert not Importer(moto_store, repo, processes=True).uses_processes(0)
+    assert Importer(moto_store, repo).uses_processes(1)
+    assert Importer(moto_store, repo).uses_processes(1000)
+    assert not Importer(moto_store, repo, processes=False).uses_processes(1000)
+    assert not Importer(moto_store, repo).uses_processes(0)
 
 
 def test_the_connection_pool_serves_every_upload_thread(

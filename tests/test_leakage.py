@@ -24,7 +24,7 @@ from PIL import Image
 
 from app.core import objects
 from app.core.importer import Importer, image_id_for
-from app.core.repository import Repository, create_repository
+from app.core.repository import Repository, manifest_payload
 from app.core.searcher import features_of_files, read_meta
 from app.imaging.decode import decode_image
 from app.imaging.thumbnail import make_thumbnail_png
@@ -33,17 +33,17 @@ from cloud.store import ObjectStore, StoreConfig
 
 try:
     import e2e_support as support
+    import owned_repos
     import s3servers
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
-    from tests import s3servers
+    from tests import owned_repos, s3servers
 
 STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
               "UC", "UI", "UR", "UT"}
 MIN_STRING = 6
 PIXEL_WINDOW = 64
 FEATURE_WINDOW = 16
-PASSWORD = "leak-test password"
 
 
 @dataclasses.dataclass
@@ -54,6 +54,7 @@ class Bucket:
     files: list[Path]
     ids: list[str]
     contents: dict[str, bytes]  # every object of the bucket, by key
+    owner_id: str
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +66,13 @@ def bucket(moto_store_config: StoreConfig) -> Iterator[Bucket]:
     dicoms = [p for p in pool if p.suffix == ".dcm"][:25]
     renders = [p for p in pool if p.suffix in (".png", ".tif", ".jpg")][:15]
     files = dicoms + renders
-    repo = create_repository(store, "leak", PASSWORD, scrypt_log2_n=10)
+    owner = owned_repos.owner_identity("Leak Owner")
+    repo = owned_repos.create_owned_repository(store, "leak", owner)
     report = Importer(store, repo, workers=2, batch_size=16).run(files)
     assert len(report.imported) == len(files) and not report.failed
     ids = [image_id_for(repo, hashlib.sha256(p.read_bytes()).digest()) for p in files]
     contents = {key: store.get(key) for key, _ in store.list_objects("")}
-    yield Bucket(store, config, repo, files, ids, contents)
+    yield Bucket(store, config, repo, files, ids, contents, owner.user_id)
     s3servers.drop_bucket(config)
 
 
@@ -85,8 +87,9 @@ def test_the_import_is_what_we_think(bucket: Bucket) -> None:
     kinds = [layout.parse_key(key).kind for key in bucket.contents]
     assert kinds.count("objects") == kinds.count("thumbs") == kinds.count("meta") == 40
     assert kinds.count("manifest") == 1 and kinds.count("grant") == 1
+    assert kinds.count("user") == 1  # the owner's record (public card), signed by the owner
     assert kinds.count("segment") == 3
-    assert len(kinds) == 40 * 3 + 1 + 1 + 3
+    assert len(kinds) == 40 * 3 + 1 + 1 + 1 + 3 + kinds.count("basis")
     assert sum(map(len, bucket.contents.values())) > sum(p.stat().st_size
                                                          for p in bucket.files)
 
@@ -166,8 +169,9 @@ def test_no_tag_values_and_no_file_names(bucket: Bucket) -> None:
     hits = {key: index.find(blob) for key, blob in bucket.contents.items()}
     _assert_no_hits(bucket, hits, "DICOM tag values or file names")
     for key in bucket.contents:  # object names carry ids only
-        assert re.fullmatch(r"radcrypt/v1/repos/leak/(manifest\.json|grants/[a-z-]+|"
-                            r"(objects|thumbs|meta|segments)/[0-9a-f]{32})", key), key
+        assert re.fullmatch(r"radcrypt/v1/(users/[a-z0-9-]+\.json|repos/leak/(manifest\.json|"
+                            r"grants/[a-z0-9-]+|basis/[0-9]+|"
+                            r"(objects|thumbs|meta|segments)/[0-9a-f]{32}))", key), key
 
 
 def test_no_feature_vectors(bucket: Bucket) -> None:
@@ -192,13 +196,13 @@ def test_no_feature_vectors(bucket: Bucket) -> None:
 
 def test_manifest_is_public_parameters_only(bucket: Bucket) -> None:
     raw = bucket.contents[layout.manifest_key("leak")]
-    manifest = json.loads(raw)
-    assert set(manifest) == {"repo_id", "extractor", "dim", "levels", "key_version", "created",
-                             "scheme", "format"}
+    manifest = json.loads(manifest_payload(raw))  # inside the owner's signed document
+    public = {"repo_id", "extractor", "dim", "levels", "key_version", "created", "scheme",
+              "format"}
+    assert public <= set(manifest) <= public | {"sequence", "members", "owner"}
     assert manifest["repo_id"] == "leak" and manifest["dim"] == 128
     assert all(isinstance(v, (str, int, list)) for v in manifest.values())
-    assert len(raw) < 1024
-    assert PASSWORD.encode() not in raw
+    assert len(raw) < 4096
 
 
 def test_no_secret_in_object_metadata_or_grant(bucket: Bucket) -> None:
@@ -206,10 +210,12 @@ def test_no_secret_in_object_metadata_or_grant(bucket: Bucket) -> None:
     for key in bucket.contents:
         head = client.head_object(Bucket=bucket.config.bucket, Key=key)
         assert head.get("Metadata", {}) == {}, key  # no x-amz-meta-* with names or tags
-    grant = bucket.contents[layout.grant_key("leak", "password-owner")]
-    assert PASSWORD.encode() not in grant
+    assert layout.grant_key("leak", "password-owner") not in bucket.contents
+    assert layout.grant_key("leak", bucket.owner_id) in bucket.contents
     keys = bucket.repo.keys
     for secret in (keys.data_key, keys.keyword_key, keys.index_key.to_bytes()[:64]):
         for blob in bucket.contents.values():
             assert secret not in blob
-    assert struct.unpack(">4s", grant[:4])[0] == b"RCPW"  # password-wrapped, nothing else
+    # nothing in the bucket is wrapped under a password (identities wrap to X25519 keys)
+    assert not [k for k, blob in bucket.contents.items()
+                if struct.unpack_from(">4s", blob.ljust(4, b"\0"))[0] == b"RCPW"]

@@ -6,7 +6,6 @@ Only the environment is faked (a missing or broken `weed` binary); the servers a
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -14,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -238,44 +238,53 @@ def test_stale_state_files(tmp_path: Path) -> None:
     assert not (tmp_path / "store.json").exists()
 
 
-# --- moto fallback and start-up failures -----------------------------------------------
+# --- no fallback to memory; the memory store only when chosen; start-up failures ------
 
 
-def test_moto_fallback_when_weed_is_missing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_missing_weed_is_an_error_not_a_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(local, "find_weed_binary", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="cloud.local"):
-        handle = start_embedded_store(tmp_path)
+    monkeypatch.setenv("RADCRYPT_WEED", str(tmp_path / "no-such-weed"))
+    threads = threading.active_count()
+    with pytest.raises(EmbeddedStoreError) as excinfo:
+        start_embedded_store(tmp_path / "data")
+    message = str(excinfo.value)
+    assert "not a file" in message and "--store s3 --endpoint" in message
+    assert "RADCRYPT_ENDPOINT" in message
+    assert threading.active_count() == threads  # no in-memory server thread was started
+    assert not (tmp_path / "data" / "store.json").exists()
+
+
+def test_memory_store_only_when_chosen(tmp_path: Path) -> None:
+    handle = start_embedded_store(tmp_path, prefer="memory")
     try:
-        assert handle.kind == "moto" and handle.pid == os.getpid()
-        assert "nothing will be kept" in caplog.text
+        assert handle.kind == "memory" and handle.pid == os.getpid()
         store = ObjectStore(handle.config())
         store.put("radcrypt/v1/m", b"in memory")
         assert store.get("radcrypt/v1/m") == b"in memory"
     finally:
         handle.stop()
     assert _refused(handle.endpoint_url)
+    assert list(tmp_path.iterdir()) == []  # nothing written: its keys live in memory too
 
 
-def test_background_refuses_moto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(EmbeddedStoreError, match="moto"):
-        start_embedded_store(tmp_path, prefer="moto", background=True)
+def test_background_refuses_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(EmbeddedStoreError, match="memory"):
+        start_embedded_store(tmp_path, prefer="memory", background=True)
     monkeypatch.setattr(local, "find_weed_binary", lambda: None)
     with pytest.raises(EmbeddedStoreError, match="not found"):
         start_embedded_store(tmp_path, background=True)
 
 
-def test_unrunnable_weed_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unrunnable_weed_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "weed"
     fake.write_text("not a program")
     fake.chmod(0o644)  # exists, but the OS refuses to execute it
     monkeypatch.setattr(local, "find_weed_binary", lambda: fake)
-    handle = start_embedded_store(tmp_path / "data")
-    try:
-        assert handle.kind == "moto"
-    finally:
-        handle.stop()
+    with pytest.raises(EmbeddedStoreError, match="cannot be executed") as excinfo:
+        start_embedded_store(tmp_path / "data")
+    assert "--store s3 --endpoint" in str(excinfo.value)
+    assert not (tmp_path / "data" / "store.json").exists()
 
 
 def test_weed_that_dies_reports_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -295,3 +304,5 @@ def test_weed_that_dies_reports_its_log(tmp_path: Path, monkeypatch: pytest.Monk
 def test_prefer_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prefer"):
         start_embedded_store(tmp_path, prefer="minio")
+    with pytest.raises(ValueError, match="prefer"):
+        start_embedded_store(tmp_path, prefer="moto")  # the old name: say "memory"

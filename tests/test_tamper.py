@@ -19,7 +19,7 @@ import pytest
 from app.core import objects
 from app.core.errors import IntegrityError, RadcryptError
 from app.core.importer import Importer, image_id_for
-from app.core.repository import Repository, create_repository
+from app.core.repository import Repository
 from app.core.searcher import read_meta
 from cloud import layout
 from cloud.store import ObjectStore, StoreConfig
@@ -27,10 +27,11 @@ from crypto import aead
 
 try:
     import e2e_support as support
+    import owned_repos
     import s3servers
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
-    from tests import s3servers
+    from tests import owned_repos, s3servers
 
 KINDS = ("objects", "thumbs", "meta")
 CHUNK = (1 << aead.DEFAULT_CHUNK_LOG2) + aead.CHUNK_OVERHEAD
@@ -56,8 +57,8 @@ def archive(moto_store_config: StoreConfig) -> Iterator[Archive]:
     png = next(p for p in pool if p.suffix == ".png")
     tif = next(p for p in pool if p.suffix == ".tif")
     files = {"small": small, "large": large, "png": png, "tif": tif}
-    repo = create_repository(store, "tamper", "pw-one", scrypt_log2_n=10)
-    other = create_repository(store, "tamper-other", "pw-two", scrypt_log2_n=10)
+    repo = owned_repos.create_owned_repository(store, "tamper")
+    other = owned_repos.create_owned_repository(store, "tamper-other")
     for target in (repo, other):
         report = Importer(store, target, workers=2).run(list(files.values()))
         assert len(report.imported) == len(files) and not report.failed

@@ -32,7 +32,7 @@ from cloud.auth import request_message
 from cloud.segments import decode_segment, encode_segment
 from crypto import aead, recipient, signed
 from crypto.identity import Identity, PublicCard, fingerprint, open_identity, verify
-from crypto.index import IndexKey
+from crypto.index import BoundLevels, IndexKey
 from crypto.keys import KeyRing, unwrap_with_password
 from crypto.sknn import SknnKey
 from crypto.tokens import EncryptedVectors, QueryToken
@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "tests" / "vectors"
 FORMAT_MD = ROOT / "docs" / "FORMAT.md"
 FILES = ("aead", "associated_data", "password_wrap", "keyring", "identity", "card",
-         "signed_record", "signed_json", "grant", "segment", "token", "request_signature")
+         "signed_record", "signed_json", "grant", "segment", "token", "request_signature",
+         "basis")
 MAX_FILE_BYTES = 200_000
 spec_only = pytest.mark.skipif(not HAVE_CRYPTOGRAPHY,
                                reason="the independent reading uses the cryptography package")
@@ -129,6 +130,11 @@ def spec_hkdf(ikm: bytes, salt: bytes, info: bytes, size: int = 32) -> bytes:
     return out[:size]
 
 
+def spec_id_key(data_key: bytes) -> bytes:
+    """The image-id key of a key version (docs/FORMAT.md section 3): HKDF, no salt."""
+    return spec_hkdf(data_key, bytes(32), b"radcrypt/image-id-key/v1")
+
+
 def spec_ad(repo_id: str, kind: str, object_id: str, key_version: int) -> bytes:
     fields = [b"radcrypt/ad/v1", repo_id.encode(), kind.encode(), object_id.encode(),
               struct.pack(">Q", key_version)]
@@ -187,7 +193,7 @@ def spec_unwrap_password(blob: bytes, password: str) -> bytes:
     if len(blob) < 24 or blob[:5] != b"RCPW\x01":
         raise SpecError("not a password file")
     log2_n, r, p = blob[5], blob[6], blob[7]
-    if not (10 <= log2_n <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
+    if not (10 <= log2_n <= 18 and r == 8 and p == 1):
         raise SpecError("implausible scrypt parameters")
     key = hashlib.scrypt(password.encode("utf-8"), salt=blob[8:24], n=1 << log2_n, r=r, p=p,
                          maxmem=min(2**31 - 1, 256 * r * ((1 << log2_n) + p)), dklen=32)
@@ -365,7 +371,8 @@ def test_associated_data(entry: dict[str, Any]) -> None:
         assert aead.associated_data(*args) == raw(entry, "ad_hex")
         assert spec_ad(*args) == raw(entry, "ad_hex")
     elif entry["type"] == "image_id":
-        mac = hmac.new(raw(entry, "first_data_key_hex"),
+        assert spec_id_key(raw(entry, "data_key_hex")) == raw(entry, "id_key_hex")
+        mac = hmac.new(raw(entry, "id_key_hex"),
                        b"radcrypt/image-id/v1" + raw(entry, "content_sha256_hex"), hashlib.sha256)
         assert mac.hexdigest()[:32] == entry["image_id"]
         assert layout.validate_image_id(entry["image_id"]) == entry["image_id"]
@@ -392,11 +399,16 @@ def test_image_id_for_matches_the_vectors() -> None:
     ring = KeyRing.from_bytes(raw(vector("keyring", "ring-v1-v2"), "bytes_b64"))
     manifest = Manifest.from_json(json.dumps(vector("signed_json", "manifest")["payload"]).encode(),
                                   "vector")
-    repo = Repository(manifest, ring)
+    assert manifest.members and manifest.sequence == 2  # the documented manifest fields
+    seen = set()
     for entry in load("associated_data")["vectors"]:
-        if entry["type"] == "image_id":
-            assert raw(entry, "first_data_key_hex") == ring.versions[0].data_key
-            assert image_id_for(repo, raw(entry, "content_sha256_hex")) == entry["image_id"]
+        if entry["type"] == "image_id":  # under the ring's current version, as imported
+            version = entry["key_version"]
+            at_version = Repository(manifest, KeyRing(ring.repo_id, ring.versions[:version]))
+            assert raw(entry, "data_key_hex") == ring.version(version).data_key
+            assert image_id_for(at_version, raw(entry, "content_sha256_hex")) == entry["image_id"]
+            seen.add((entry["content_sha256_hex"], entry["image_id"]))
+    assert len({digest for digest, _ in seen}) < len(seen)  # one file, two versions, two ids
 
 
 def test_meta_object_is_the_documented_json() -> None:
@@ -518,6 +530,45 @@ def test_keyring_broken(entry: dict[str, Any]) -> None:
     parse = {"KeyRing.from_bytes": KeyRing.from_bytes, "IndexKey.from_bytes": IndexKey.from_bytes,
              "SknnKey.from_bytes": SknnKey.from_bytes}[entry["operation"]]
     expect_failure(entry, lambda: parse(raw(entry, "bytes_b64")))
+
+
+# --- basis.json -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", valid_cases("basis"))
+def test_basis(entry: dict[str, Any]) -> None:
+    if entry["type"] == "object":
+        assert layout.basis_key(entry["repo_id"], entry["key_version"]) == entry["object_name"]
+        ad = aead.associated_data(entry["repo_id"], "basis", str(entry["key_version"]),
+                                  entry["key_version"])
+        assert ad == raw(entry, "associated_data_hex")
+        plain = aead.open_sealed(raw(entry, "data_key_hex"), raw(entry, "envelope_b64"), ad)
+        assert plain == raw(vector("basis", "bound-levels"), "bytes_b64")
+        assert hashlib.sha256(plain).hexdigest() == entry["plaintext_sha256_hex"]
+        return
+    data, fields = raw(entry, "bytes_b64"), entry["fields"]
+    if entry["type"] == "IndexKey":
+        index = IndexKey.from_bytes(data)
+        assert index.to_bytes() == data and index.levels == () and index.basis.shape == (0, 4)
+        assert index.dim == fields["dim"] and fields["levels"] == [] == fields["level_keys"]
+        _sknn_matches(index.full, fields["full"])
+        return
+    levels = BoundLevels.from_bytes(data)
+    assert levels.to_bytes() == data
+    assert levels.dim == fields["dim"] and list(levels.levels) == fields["levels"]
+    assert np.array_equal(levels.basis, np.array(fields["basis"]))
+    for key, key_fields in zip(levels.level_keys, fields["level_keys"], strict=True):
+        _sknn_matches(key, key_fields)
+
+
+@pytest.mark.parametrize("entry", broken_cases("basis"))
+def test_basis_broken(entry: dict[str, Any]) -> None:
+    if entry["operation"] == "aead.open_sealed":
+        key = raw(vector("basis", "basis-object"), "data_key_hex")
+        expect_failure(entry, lambda: aead.open_sealed(key, raw(entry, "envelope_b64"),
+                                                       raw(entry, "associated_data_hex")))
+    else:
+        expect_failure(entry, lambda: BoundLevels.from_bytes(raw(entry, "bytes_b64")))
 
 
 # --- identity.json and card.json --------------------------------------------------------------
@@ -786,11 +837,11 @@ def test_request_signature(entry: dict[str, Any]) -> None:
     body = raw(entry, "body_b64")
     assert hashlib.sha256(body).hexdigest() == entry["body_sha256_hex"]
     fields = (entry["method"], entry["path"], entry["body_sha256_hex"], entry["stamp"],
-              entry["nonce"], entry["user_id"])
+              entry["nonce"], entry["user_id"], entry["service_id"])
     message = request_message(*fields)
     assert message == raw(entry, "message_utf8")
     assert request_message(entry["method"].lower(), *fields[1:]) == message
-    assert message == "\n".join(["radcrypt-request-v1", *fields]).encode()
+    assert message == "\n".join(["radcrypt-request-v2", *fields]).encode()
     signer = _signer(entry)
     assert signer.sign_public == raw(entry, "sign_public_hex")
     signature = signer.sign(message)
@@ -813,19 +864,20 @@ def test_request_signer_headers_verify() -> None:
     identity = Identity(zoe["user_id"], zoe["name_utf8"], raw(zoe, "enc_private_hex"),
                         raw(zoe, "sign_private_hex"))
     body = raw(entry, "body_b64")
-    headers = RequestSigner(identity).headers("POST", entry["path"], body)
+    headers = RequestSigner(identity).headers("POST", entry["path"], body, entry["service_id"])
     assert set(headers) == set(entry["headers"])
     assert headers["x-radcrypt-time"].isdigit() and len(headers["x-radcrypt-nonce"]) == 32
     message = request_message("POST", entry["path"], hashlib.sha256(body).hexdigest(),
                               headers["x-radcrypt-time"], headers["x-radcrypt-nonce"],
-                              headers["x-radcrypt-user"])
+                              headers["x-radcrypt-user"], entry["service_id"])
     verify(identity.sign_public, message, base64.b64decode(headers["x-radcrypt-signature"]))
 
 
 @pytest.mark.parametrize("entry", broken_cases("request_signature"))
 def test_request_signature_broken(entry: dict[str, Any]) -> None:
     message = request_message(entry["method"], entry["path"], entry["body_sha256_hex"],
-                              entry["stamp"], entry["nonce"], entry["user_id"])
+                              entry["stamp"], entry["nonce"], entry["user_id"],
+                              entry["service_id"])
     expect_failure(entry, lambda: verify(raw(entry, "sign_public_hex"), message,
                                          raw(entry, "signature_b64")))
 
@@ -856,7 +908,7 @@ def test_walk_through() -> None:
     original = aead.open_sealed(keys.data_key, raw(original_entry, "envelope_b64"),
                                 aead.associated_data(ring.repo_id, "objects", image, keys.version))
     assert hashlib.sha256(original).hexdigest() == meta["sha256"]
-    mac = hmac.new(ring.versions[0].data_key, b"radcrypt/image-id/v1"
+    mac = hmac.new(spec_id_key(keys.data_key), b"radcrypt/image-id/v1"
                    + hashlib.sha256(original).digest(), hashlib.sha256)
     assert mac.hexdigest()[:32] == image
     assert image in decode_segment(raw(vector("segment", "batch-3"), "segment_b64")).id_strings()

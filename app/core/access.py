@@ -1,13 +1,39 @@
-"""Users and access: registration, grants, revocation, and opening a repository as a user.
+"""Users and access: registration, membership, grants, revocation, opening as a user.
 
 Trust is rooted in the data owner's Ed25519 key: the owner signs the repository
 manifest, each user record (``users/<id>.json``, carrying the user's public card) and
 each grant (the key ring wrapped to the user's X25519 key). A client pins the owner key
 of a repository the first time it opens it and refuses a changed one afterwards, so a
-cloud that swaps manifests or grants is noticed. Revocation deletes the user's grant,
-adds a key version with fresh keys, re-encrypts the index segments and the metadata
-under it, re-wraps the ring for everyone still granted, then deletes the old segments:
-what is written after revocation cannot be opened with an old grant.
+cloud that swaps manifests or grants is noticed.
+
+Membership. Who may open a repository is the ``members`` list of its signed manifest
+(user id and key version), never the objects under ``grants/``: a grant opens the
+repository only for a member listed at the manifest's current key version, so a grant
+restored or copied by whoever can write to the bucket opens nothing, and nothing is ever
+wrapped to a name merely found there. The owner raises the manifest's ``sequence`` by one
+at every write; each client remembers the highest sequence it has seen per repository
+(``manifest-sequences.json`` beside the pinned owner keys) and refuses an older manifest.
+
+Revocation (DESIGN.md §7) writes, in this order, each step safe to repeat:
+
+1. a new key version N + 1 (fresh keys, the bound basis refitted on the repository's own
+   features), stored first in the owner's grant: a ring there newer than the manifest
+   means "a rotation is in progress";
+2. the manifest with the user removed (sequence + 1, still key version N): from here the
+   user is refused by clients and by the service;
+3. the new ring wrapped to every other member of that manifest;
+4. the metadata of every image re-encrypted under N + 1, then new segments naming them
+   (a segment is written after its images' metadata, so it proves them done);
+5. the manifest at key version N + 1, every member listed at N + 1: the commit point;
+6. the revoked user's grant deleted;
+7. the old segments deleted (images only they name, written meanwhile by a client that
+   did not know yet, are re-encrypted first).
+
+Running ``revoke_access`` again after a failure at any step finishes the work. A pending
+rotation found for a user no longer listed is this revocation's: steps 3 to 7 are
+completed. One found while the user is still listed may have reached that user (it can
+be an earlier revocation's, whose step 3 wrapped it to them), so it is completed for the
+members as listed and the revocation starts over with a fresh version.
 """
 
 from __future__ import annotations
@@ -15,41 +41,46 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-from dataclasses import dataclass
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from app.core import objects
-from app.core.errors import AccessDenied, RadcryptError, RepositoryExists
+from app.core import basis, objects
+from app.core.errors import AccessDenied, IntegrityError, RadcryptError, RepositoryExists
 from app.core.identity import RequestSigner
 from app.core.repository import (
     PASSWORD_OWNER,
     Manifest,
+    Member,
     Repository,
     new_repository,
     open_repository,
     read_manifest,
+    read_signed_manifest,
+    with_members,
 )
-from app.core.searcher import read_meta
 from app.core.session import Session
 from app.core.settings import Settings
 from cloud import layout
-from cloud.segments import decode_segment, encode_segment
+from cloud.segments import DIGEST_SIZE, encode_segment, expected_size, read_header
 from cloud.store import ObjectExists, ObjectNotFound, ObjectStore
 from crypto.errors import DecryptionError, FormatError
 from crypto.identity import Identity, PublicCard
-from crypto.index import IndexKey
 from crypto.keys import KeyRing
 from crypto.recipient import unwrap_for_recipient, wrap_to_recipient
 from crypto.signed import json_signer, open_json, open_record, sign_json, sign_record
-from resources.reference import reference_features
 
 PINS_FILE = "pinned-owners.json"
+SEQUENCES_FILE = "manifest-sequences.json"
 SEGMENT_ROWS = 4096
 BASIS_SAMPLE = 5000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +95,16 @@ class AccessEntry:
     user_id: str
     name: str
     key_version: int
+    status: str = "ok"  # otherwise what is wrong with this member's record or grant
+
+
+class AccessList(list[AccessEntry]):
+    """The members of a repository; ``ignored``: names under grants/ that were not used
+    (not a member, or a grant that does not verify), each already logged as a warning."""
+
+    def __init__(self, entries: list[AccessEntry], ignored: list[str]) -> None:
+        super().__init__(entries)
+        self.ignored = ignored
 
 
 def _now() -> str:
@@ -74,11 +115,31 @@ def _context(repo_id: str, user_id: str) -> bytes:
     return repo_id.encode() + b"\0" + user_id.encode()
 
 
-# --- pins (trust on first use) ------------------------------------------------------------
+# --- pins and sequences (trust on first use, no rollback) ----------------------------------
 
 
 def _pins_path(settings: Settings) -> Path:
     return settings.data_path / PINS_FILE
+
+
+def _sequences_path(settings: Settings) -> Path:
+    return settings.data_path / SEQUENCES_FILE
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically by a file only this user can read (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def pinned_owner_keys(settings: Settings) -> dict[str, bytes]:
@@ -101,10 +162,40 @@ def _pin(settings: Settings, repo_id: str, owner_key: bytes) -> None:
             "opened it: refusing (someone may have replaced the manifest)")
     if known is None:
         pins[repo_id] = owner_key
-        path = _pins_path(settings)
-        path.parent.mkdir(parents=True, exist_ok=True)
         encoded = {r: base64.b64encode(k).decode() for r, k in sorted(pins.items())}
-        path.write_text(json.dumps(encoded, indent=2), encoding="utf-8")
+        _write_private(_pins_path(settings), json.dumps(encoded, indent=2).encode())
+
+
+def seen_sequences(settings: Settings) -> dict[str, int]:
+    """The highest manifest sequence this workstation has seen, per repository."""
+    path = _sequences_path(settings)
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in raw.values()):
+            raise ValueError("not a map of integers")
+        return {str(repo): int(seq) for repo, seq in raw.items()}
+    except (ValueError, UnicodeDecodeError):
+        raise RadcryptError(f"the manifest sequences file {path} is damaged") from None
+
+
+def _remember(settings: Settings, manifest: Manifest) -> None:
+    """Refuse a manifest older than one seen before; remember a newer one."""
+    seen = seen_sequences(settings)
+    known = seen.get(manifest.repo_id, 0)
+    if manifest.sequence < known:
+        raise AccessDenied(
+            f"the manifest of repository {manifest.repo_id!r} has sequence "
+            f"{manifest.sequence}, older than sequence {known} seen before on this "
+            "workstation: refusing (the store may be serving an old copy, a rollback; only "
+            "if the repository was deleted and created anew, remove its entry from "
+            f"{_sequences_path(settings)})")
+    if manifest.sequence > known:
+        seen[manifest.repo_id] = manifest.sequence
+        _write_private(_sequences_path(settings),
+                       json.dumps(dict(sorted(seen.items())), indent=2).encode())
 
 
 def session_for(settings: Settings, identity: Identity) -> Session:
@@ -117,18 +208,14 @@ def session_for(settings: Settings, identity: Identity) -> Session:
 # --- manifest, users, grants ---------------------------------------------------------------
 
 
-def _signed_manifest(store: ObjectStore, repo_id: str) -> tuple[Manifest, bytes]:
-    manifest = read_manifest(store, repo_id)
-    name = layout.manifest_key(repo_id)
-    blob = store.get(name)
-    owner = json_signer(blob)
-    if owner is None:
-        raise AccessDenied(f"repository {repo_id!r} has an unsigned manifest: its owner must "
-                           "migrate it (radcrypt repo migrate)")
-    try:
-        open_json(blob, "manifest", name, [owner])
-    except FormatError:
-        raise AccessDenied(f"the manifest of {repo_id!r} has a bad signature") from None
+def _signed_manifest(session: Session, repo_id: str) -> tuple[Manifest, bytes]:
+    """The verified manifest and its signer, pinned, and refused if older than one seen."""
+    manifest, owner = read_signed_manifest(session.store, repo_id)
+    _pin(session.settings, manifest.repo_id, owner)
+    _remember(session.settings, manifest)
+    trusted = getattr(session, "owner_keys", None)  # the embedded search service's owners
+    if isinstance(trusted, list) and owner not in trusted:
+        trusted.append(owner)  # (Session.service restarts one started without this key)
     return manifest, owner
 
 
@@ -137,6 +224,12 @@ def _write_manifest(store: ObjectStore, owner: Identity, manifest: Manifest,
     name = layout.manifest_key(manifest.repo_id)
     payload = json.loads(manifest.to_json())
     store.put(name, sign_json(owner, "manifest", name, payload), if_absent=create)
+
+
+def _publish(session: Session, owner: Identity, manifest: Manifest) -> Manifest:
+    _write_manifest(session.store, owner, manifest)
+    _remember(session.settings, manifest)
+    return manifest
 
 
 def register_user(session: Session, owner: Identity, card_json: str) -> UserRecord:
@@ -153,15 +246,19 @@ def register_user(session: Session, owner: Identity, card_json: str) -> UserReco
 
 
 def _user_card(store: ObjectStore, user_id: str, trusted: list[bytes]) -> PublicCard:
-    name = layout.user_key(user_id)
+    """The card of a user record signed by one of ``trusted`` (this repository's owner)."""
     try:
+        name = layout.user_key(user_id)
         payload = open_json(store.get(name), "user", name, trusted)
-        return PublicCard.from_json(str(payload["card"]))
+        card = PublicCard.from_json(str(payload["card"]))
     except ObjectNotFound:
         raise RadcryptError(f"user {user_id!r} is not registered") from None
-    except (FormatError, KeyError):
+    except (FormatError, KeyError, ValueError):
         raise RadcryptError(f"the record of user {user_id!r} is not signed by this owner"
                             ) from None
+    if card.user_id != user_id:
+        raise RadcryptError(f"the record of user {user_id!r} holds another user's card")
+    return card
 
 
 def _write_grant(store: ObjectStore, owner: Identity, ring: KeyRing, card: PublicCard) -> None:
@@ -171,9 +268,35 @@ def _write_grant(store: ObjectStore, owner: Identity, ring: KeyRing, card: Publi
     store.put(name, sign_record(owner, "grant", name, wrapped))
 
 
+def _open_grant(store: ObjectStore, identity: Identity, repo_id: str, owner_key: bytes
+                ) -> KeyRing:
+    """The ring in ``identity``'s grant, if the owner signed it for this name."""
+    grant_name = layout.grant_key(repo_id, identity.user_id)
+    try:
+        wrapped = open_record(store.get(grant_name), "grant", grant_name, [owner_key])
+        ring = KeyRing.from_bytes(unwrap_for_recipient(
+            wrapped, identity.enc_private, _context(repo_id, identity.user_id)))
+    except ObjectNotFound:
+        raise AccessDenied(f"your grant for repository {repo_id!r} is missing from the "
+                           "store: ask its owner to grant access again") from None
+    except (FormatError, DecryptionError):
+        raise AccessDenied(f"your grant for {repo_id!r} does not open with your "
+                           "keys or is not signed by the owner") from None
+    if ring.repo_id != repo_id:
+        raise AccessDenied(f"your grant for {repo_id!r} holds another repository's keys")
+    return ring
+
+
 def _check_owner(owner: Identity, owner_key: bytes, repo_id: str) -> None:
     if not hmac.compare_digest(owner.sign_public, owner_key):
         raise AccessDenied(f"only the owner of {repo_id!r} can change who has access")
+
+
+def _check_upgraded(manifest: Manifest) -> None:
+    if manifest.legacy:
+        raise RadcryptError(
+            f"repository {manifest.repo_id!r} has a manifest without a membership list: its "
+            "owner must upgrade it first (radcrypt repo migrate)")
 
 
 # --- use cases -----------------------------------------------------------------------------
@@ -181,11 +304,15 @@ def _check_owner(owner: Identity, owner_key: bytes, repo_id: str) -> None:
 
 def create_repository_as(session: Session, owner: Identity, name: str,
                          extractor: str = "radcrypt-v1",
-                         basis_sample: np.ndarray | None = None) -> Repository:
-    """A new repository owned by ``owner``: signed manifest, owner registered and granted."""
+                         basis_sample: np.ndarray | None = None, *,
+                         bound_levels: str = "auto") -> Repository:
+    """A new repository owned by ``owner``: signed manifest (sequence 1, the owner its only
+    member), owner registered and granted."""
     store = session.store
-    repo = new_repository(store, name, extractor, basis_sample)
-    repo_id, ring, manifest = repo.repo_id, repo.ring, repo.manifest
+    repo = new_repository(store, name, extractor, basis_sample, bound_levels=bound_levels)
+    repo_id, ring = repo.repo_id, repo.ring
+    manifest = replace(repo.manifest, sequence=1, owner=owner.user_id,
+                       members=(Member(owner.user_id, ring.current.version),))
     register_user(session, owner, owner.card().to_json())
     _write_grant(store, owner, ring, owner.card())
     try:
@@ -193,114 +320,286 @@ def create_repository_as(session: Session, owner: Identity, name: str,
     except ObjectExists:
         raise RepositoryExists(f"a repository named {repo_id!r} already exists") from None
     _pin(session.settings, repo_id, owner.sign_public)
-    return repo
+    _remember(session.settings, manifest)
+    return Repository(manifest, ring, owner.sign_public)
 
 
 def open_repository_as(session: Session, identity: Identity, name: str) -> Repository:
-    """Unlock a repository with the user's grant, after checking the owner's signatures."""
-    manifest, owner_key = _signed_manifest(session.store, name)
-    _pin(session.settings, manifest.repo_id, owner_key)
-    grant_name = layout.grant_key(manifest.repo_id, identity.user_id)
-    try:
-        wrapped = open_record(session.store.get(grant_name), "grant", grant_name, [owner_key])
-        ring = KeyRing.from_bytes(unwrap_for_recipient(
-            wrapped, identity.enc_private, _context(manifest.repo_id, identity.user_id)))
-    except ObjectNotFound:
-        raise AccessDenied(f"you have no access to repository {manifest.repo_id!r} (never "
-                           "granted, or revoked)") from None
-    except (FormatError, DecryptionError):
-        raise AccessDenied(f"your grant for {manifest.repo_id!r} does not open with your "
-                           "keys or is not signed by the owner") from None
-    if ring.repo_id != manifest.repo_id or ring.current.version < manifest.key_version:
+    """Unlock a repository with the user's grant: only for a member listed in the signed
+    manifest at its current key version, after checking the owner's signatures."""
+    manifest, owner_key = _signed_manifest(session, name)
+    if manifest.legacy:
+        raise AccessDenied(
+            f"repository {manifest.repo_id!r} has no membership list yet: its owner must "
+            "upgrade it (radcrypt repo migrate)")
+    if not manifest.is_member(identity.user_id):
+        raise AccessDenied(
+            f"you have no access to repository {manifest.repo_id!r}: you are not a member "
+            f"at its current key version {manifest.key_version} (never granted, or revoked)")
+    ring = _open_grant(session.store, identity, manifest.repo_id, owner_key)
+    if ring.current.version < manifest.key_version:
         raise AccessDenied(f"your grant for {manifest.repo_id!r} is outdated (key version "
                            f"{ring.current.version}, repository at {manifest.key_version})")
-    return Repository(manifest, ring)
+    return basis.load(session.store, Repository(manifest, ring, owner_key))
 
 
 def grant_access(session: Session, owner: Identity, repo: Repository, user_id: str) -> None:
-    _, owner_key = _signed_manifest(session.store, repo.repo_id)
+    """Wrap the ring to a registered user, then list them in the manifest (sequence + 1).
+
+    The grant is written first: a failure in between leaves a grant that opens nothing
+    (its user is not a member), and granting again finishes it.
+    """
+    manifest, owner_key = _signed_manifest(session, repo.repo_id)
     _check_owner(owner, owner_key, repo.repo_id)
+    _check_upgraded(manifest)
     card = _user_card(session.store, user_id, [owner_key])
+    if repo.ring.current.version < manifest.key_version:
+        raise RadcryptError(
+            f"repository {repo.repo_id!r} is now at key version {manifest.key_version} and "
+            f"this session holds key version {repo.ring.current.version}: open it again")
     _write_grant(session.store, owner, repo.ring, card)
+    if not manifest.is_member(user_id):
+        others = [m for m in manifest.members if m.user_id != user_id]
+        _publish(session, owner, with_members(
+            manifest, [*others, Member(user_id, manifest.key_version)]))
 
 
-def list_access(session: Session, repo_id: str) -> list[AccessEntry]:
-    """Who holds a grant (names from the owner-signed user records)."""
-    manifest, owner_key = _signed_manifest(session.store, repo_id)
-    prefix = layout.grants_prefix(repo_id)
+def list_access(session: Session, repo_id: str) -> AccessList:
+    """The members of the signed manifest, each with its owner-signed user record and
+    grant checked. Anything else under grants/ (not a member, or not signed by this owner)
+    is ignored, logged as a warning and named in the result's ``ignored``."""
+    manifest, owner_key = _signed_manifest(session, repo_id)
+    store = session.store
+    prefix = layout.grants_prefix(manifest.repo_id)
+    members = {m.user_id for m in manifest.members}
+    ignored: list[str] = []
+    for key in store.list_keys(prefix):
+        found = key[len(prefix):]
+        if found not in members:
+            ignored.append(found)
+            log.warning("ignoring grants/%r of repository %r: not a member of its signed "
+                        "manifest", found, manifest.repo_id)
     entries = []
-    for key in session.store.list_keys(prefix):
-        user_id = key[len(prefix):]
-        if user_id == PASSWORD_OWNER:
-            continue
+    for member in manifest.members:
+        status = "ok"
         try:
-            name = _user_card(session.store, user_id, [owner_key]).name
-        except RadcryptError:
-            name = "(unregistered)"
-        entries.append(AccessEntry(user_id, name, manifest.key_version))
-    return sorted(entries, key=lambda e: e.user_id)
+            name = _user_card(store, member.user_id, [owner_key]).name
+        except RadcryptError as exc:
+            name, status = "(unregistered)", str(exc)
+        try:
+            grant_name = layout.grant_key(manifest.repo_id, member.user_id)
+            open_record(store.get(grant_name), "grant", grant_name, [owner_key])
+        except ObjectNotFound:
+            status = "no grant in the store"
+        except (FormatError, ValueError):
+            status = "the grant is not signed by the owner"
+            ignored.append(member.user_id)
+            log.warning("ignoring grants/%r of repository %r: not signed by its owner",
+                        member.user_id, manifest.repo_id)
+        if member.key_version != manifest.key_version:
+            status = f"listed at key version {member.key_version}, not the current one"
+        entries.append(AccessEntry(member.user_id, name, member.key_version, status))
+    return AccessList(sorted(entries, key=lambda e: e.user_id), ignored)
 
 
 def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: str,
                   ) -> Repository:
-    """Remove a user and rotate to a new key version (see the module docstring)."""
+    """Remove a user and rotate to a new key version, resumably (module docstring)."""
     store = session.store
-    manifest, owner_key = _signed_manifest(store, repo.repo_id)
+    manifest, owner_key = _signed_manifest(session, repo.repo_id)
     _check_owner(owner, owner_key, repo.repo_id)
+    _check_upgraded(manifest)
     if user_id == owner.user_id:
         raise RadcryptError("the owner cannot revoke their own access")
     try:
-        store.delete(layout.grant_key(repo.repo_id, user_id))
-    except ObjectNotFound:
-        raise RadcryptError(f"user {user_id!r} has no access to {repo.repo_id!r}") from None
-    old_segments = list(store.list_keys(layout.segments_prefix(repo.repo_id)))
-    ids, metas = _all_metadata(store, repo, old_segments)
-    rows = [np.asarray(meta["features"], dtype=np.float64) for meta in metas]
-    features = np.array(rows) if rows else np.empty((0, manifest.dim))
-    sample = features[:BASIS_SAMPLE] if len(features) >= 32 else reference_features(
-        manifest.extractor)
-    ring = repo.ring.rotated(IndexKey.generate(manifest.dim, sample=sample))
-    new_repo = Repository(
-        Manifest(**{**manifest.__dict__, "key_version": ring.current.version}), ring)
-    # Order matters for a crash half-way: the new keys are stored (grants) before any
-    # object depends on them; readers accept a ring newer than the manifest.
-    for start in range(0, len(ids), SEGMENT_ROWS):
-        chunk = ids[start : start + SEGMENT_ROWS]
-        vectors = ring.current.index_key.encrypt(features[start : start + SEGMENT_ROWS])
-        store.put(layout.segment_key(repo.repo_id, layout.new_id()),
-                  encode_segment(chunk, vectors, ring.current.version), if_absent=True)
-    for entry in list_access(session, repo.repo_id):
-        _write_grant(store, owner, ring, _user_card(store, entry.user_id, [owner_key]))
-    _write_manifest(store, owner, new_repo.manifest)
-    for image_id, meta in zip(ids, metas, strict=True):
-        objects.put_encrypted(store, ring.current, repo.repo_id, "meta", image_id,
-                              json.dumps(meta, separators=(",", ":")).encode())
-    for key in old_segments:
-        store.delete(key)
-    return new_repo
+        layout.validate_user_id(user_id)
+    except ValueError as exc:
+        raise RadcryptError(str(exc)) from None
+    ring = _owner_ring(store, owner, owner_key, manifest, repo)
+    pending = ring.current.version > manifest.key_version
+    grant_name = layout.grant_key(manifest.repo_id, user_id)
+    listed = manifest.member_version(user_id) is not None
+    if not listed and not store.exists(grant_name) and not store.exists(
+            layout.user_key(user_id)):
+        raise RadcryptError(f"user {user_id!r} is not registered and not a member of "
+                            f"{manifest.repo_id!r}")
+    # A user who is not (or no longer) a member: what is left of a revocation is finished.
+    metas: dict[str, tuple[bytes, np.ndarray]] = {}
+    if pending:  # an earlier run's rotation: finish it for the members as listed now
+        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, metas)
+    if manifest.member_version(user_id) is not None:
+        ring = _start_rotation(session, owner, manifest, ring, metas)
+        manifest = _publish(session, owner, with_members(
+            manifest, [m for m in manifest.members if m.user_id != user_id]))
+        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, metas)
+    store.delete(grant_name)  # deleting a missing object is no error
+    _retire_old_segments(store, ring, manifest, metas)
+    return basis.load(store, Repository(manifest, ring, owner_key))
 
 
-def _all_metadata(store: ObjectStore, repo: Repository, segment_keys: list[str]
-                  ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Ids and decrypted metadata (features included) of every committed image: read
-    once, used both to refit the basis and to re-encrypt the metadata."""
-    ids: list[str] = []
-    for key in segment_keys:
-        try:
-            ids += decode_segment(store.get(key), key).id_strings()
-        except ValueError:
+def _owner_ring(store: ObjectStore, owner: Identity, owner_key: bytes, manifest: Manifest,
+                repo: Repository) -> KeyRing:
+    """The owner's ring: from the owner's grant (which holds a rotation in progress), or
+    the session's when that grant is gone; it must hold the manifest's version."""
+    try:
+        ring = _open_grant(store, owner, manifest.repo_id, owner_key)
+    except AccessDenied:
+        ring = repo.ring
+    if ring.current.version < repo.ring.current.version:
+        ring = repo.ring
+    if not manifest.key_version <= ring.current.version <= manifest.key_version + 1:
+        raise RadcryptError(
+            f"the owner's keys of {manifest.repo_id!r} are at key version "
+            f"{ring.current.version} and its manifest at {manifest.key_version}: open the "
+            "repository again before changing who has access")
+    return ring
+
+
+def _start_rotation(session: Session, owner: Identity, manifest: Manifest, ring: KeyRing,
+                    metas: dict[str, tuple[bytes, np.ndarray]]) -> KeyRing:
+    """A new key version, its basis refitted on the repository's own features, stored in
+    the owner's grant before anything depends on it."""
+    store = session.store
+    for _, version, ids in _segments(store, manifest.repo_id):
+        for image_id in ids:
+            if version <= manifest.key_version and image_id not in metas:
+                found = _read_meta(store, ring, manifest.repo_id, image_id)
+                if found is not None:
+                    metas[image_id] = found
+    rows = [features for _, features in list(metas.values())[:BASIS_SAMPLE]]
+    sample = np.array(rows) if rows else np.empty((0, manifest.dim))
+    rotated = ring.rotated(basis.rotation_index_key(manifest, sample))
+    _write_grant(store, owner, rotated, owner.card())
+    return rotated
+
+
+def _finish_rotation(session: Session, owner: Identity, owner_key: bytes, manifest: Manifest,
+                     ring: KeyRing, metas: dict[str, tuple[bytes, np.ndarray]]) -> Manifest:
+    """Wrap the pending version to the manifest's members, re-encrypt, then publish."""
+    store, version = session.store, ring.current.version
+    for member in manifest.members:
+        if member.user_id == owner.user_id:
             continue
-    ids = list(dict.fromkeys(ids))
-    return ids, [read_meta(store, repo, i)[0] for i in ids]
+        try:
+            card = _user_card(store, member.user_id, [owner_key])
+        except RadcryptError as exc:  # they can be granted again once the record is fixed
+            log.warning("not wrapping key version %d of %r to member %r: %s", version,
+                        manifest.repo_id, member.user_id, exc)
+            continue
+        _write_grant(store, owner, ring, card)
+    _reencrypt(store, ring, manifest.repo_id, version, metas)
+    members = [Member(m.user_id, version) for m in manifest.members]
+    return _publish(session, owner, with_members(manifest, members, key_version=version))
+
+
+def _retire_old_segments(store: ObjectStore, ring: KeyRing, manifest: Manifest,
+                         metas: dict[str, tuple[bytes, np.ndarray]]) -> None:
+    """Delete segments of superseded versions, after re-encrypting any image only they
+    name (a client that had not seen the rotation yet may have committed one)."""
+    _reencrypt(store, ring, manifest.repo_id, manifest.key_version, metas)
+    for key, version, _ in _segments(store, manifest.repo_id):
+        if version < manifest.key_version:
+            store.delete(key)
+
+
+def _reencrypt(store: ObjectStore, ring: KeyRing, repo_id: str, version: int,
+               metas: dict[str, tuple[bytes, np.ndarray]]) -> None:
+    """Every image named by a segment of an older version and by none of ``version``:
+    metadata re-encrypted under ``version``, then a new segment naming them."""
+    keys = ring.version(version)
+    segments = _segments(store, repo_id)
+    done = {i for _, v, ids in segments if v == version for i in ids}
+    todo = list(dict.fromkeys(i for _, v, ids in segments if v < version
+                              for i in ids if i not in done))
+    for start in range(0, len(todo), SEGMENT_ROWS):
+        chunk, rows = [], []
+        for image_id in todo[start : start + SEGMENT_ROWS]:
+            found = metas.get(image_id) or _read_meta(store, ring, repo_id, image_id)
+            if found is None:
+                continue
+            plain, features = found
+            objects.put_encrypted(store, keys, repo_id, "meta", image_id, plain)
+            chunk.append(image_id)
+            rows.append(features)
+        if chunk:
+            vectors = keys.index_key.encrypt(np.array(rows))
+            store.put(layout.segment_key(repo_id, layout.new_id()),
+                      encode_segment(chunk, vectors, version), if_absent=True)
+
+
+def _read_meta(store: ObjectStore, ring: KeyRing, repo_id: str, image_id: str,
+               ) -> tuple[bytes, np.ndarray] | None:
+    """(plaintext, features) of an image's metadata, or None (logged) when it is missing or
+    does not open: that image then leaves the index, and nothing else stops."""
+    try:
+        plain, _ = objects.get_decrypted(store, ring, repo_id, "meta", image_id)
+        features = np.asarray(json.loads(plain)["features"], dtype=np.float64)
+        if features.ndim != 1:
+            raise ValueError("features are not a vector")
+    except (ObjectNotFound, IntegrityError, ValueError, KeyError, TypeError):
+        log.warning("image %s of %r: its metadata is missing or damaged; it is left out "
+                    "of the re-encrypted index", image_id, repo_id)
+        return None
+    return plain, features
+
+
+def _segments(store: ObjectStore, repo_id: str) -> list[tuple[str, int, list[str]]]:
+    """(name, key version, image ids) of every readable segment, from two small range
+    reads each; a damaged one is skipped (the service reports it)."""
+    found = []
+    for key, size in store.list_objects(layout.segments_prefix(repo_id)):
+        try:
+            version, count, widths = read_header(store.get_range(key, 0, 64), key)
+            if size != expected_size(count, widths):
+                continue
+            header = expected_size(0, widths) - DIGEST_SIZE
+            raw = store.get_range(key, header, 16 * count)
+        except (ValueError, ObjectNotFound):
+            continue
+        found.append((key, version, [raw[i : i + 16].hex() for i in range(0, 16 * count, 16)]))
+    return found
 
 
 def migrate_password_repository(session: Session, owner: Identity, name: str,
-                                password: str) -> Repository:
-    """Turn a password-locked repository (before identities) into an owner-signed one."""
-    repo = open_repository(session.store, name, password)
-    register_user(session, owner, owner.card().to_json())
-    _write_grant(session.store, owner, repo.ring, owner.card())
-    _write_manifest(session.store, owner, repo.manifest)
-    session.store.delete(layout.grant_key(repo.repo_id, PASSWORD_OWNER))
-    _pin(session.settings, repo.repo_id, owner.sign_public)
-    return repo
+                                password: str | None = None) -> Repository:
+    """Give a repository from before memberships an owner-signed manifest with a
+    membership list (sequence 1, the owner its only member).
+
+    A password-locked repository (before identities) needs its ``password``. A signed
+    manifest without members needs none: only its signer can upgrade it, and nobody else
+    is carried over (the names under grants/ prove nothing), so the owner grants the
+    others again; their names are logged. A repository already upgraded is opened as is.
+    """
+    store = session.store
+    read_manifest(store, name)  # a repository by that name, with a readable manifest
+    try:
+        signed = json_signer(store.get(layout.manifest_key(name)))
+    except FormatError:
+        raise RadcryptError(f"the signed manifest of {name!r} is damaged") from None
+    if signed is not None:
+        manifest, owner_key = _signed_manifest(session, name)
+        _check_owner(owner, owner_key, manifest.repo_id)
+        ring = _open_grant(store, owner, manifest.repo_id, owner_key)
+        if not manifest.legacy:
+            return basis.load(store, Repository(manifest, ring, owner_key))
+        prefix = layout.grants_prefix(manifest.repo_id)
+        others = [k[len(prefix):] for k in store.list_keys(prefix)
+                  if k[len(prefix):] != owner.user_id]
+        if others:
+            log.warning("repository %r upgraded with its owner as the only member: grant "
+                        "access again to %s", manifest.repo_id, ", ".join(map(repr, others)))
+    else:
+        if not password:
+            raise RadcryptError(f"repository {name!r} is locked by a password: migrating it "
+                                "needs that password")
+        old = open_repository(store, name, password)
+        manifest, ring = old.manifest, old.ring
+        register_user(session, owner, owner.card().to_json())
+        _write_grant(store, owner, ring, owner.card())
+    upgraded = replace(manifest, sequence=1, owner=owner.user_id,
+                       members=(Member(owner.user_id, manifest.key_version),))
+    _write_manifest(store, owner, upgraded)
+    store.delete(layout.grant_key(upgraded.repo_id, PASSWORD_OWNER))
+    _pin(session.settings, upgraded.repo_id, owner.sign_public)
+    _remember(session.settings, upgraded)
+    return basis.load(store, Repository(upgraded, ring, owner.sign_public))

@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from app.core.access import create_repository_as, session_for
 from app.core.errors import RadcryptError
 from app.core.importer import Importer, ImportReport
 from app.core.progress import ProgressCallback, no_progress
-from app.core.repository import Repository, create_repository
+from app.core.repository import Repository
 from app.core.searcher import features_of_files, search_features
 from app.core.session import Session
 from app.core.settings import Settings
+from crypto.identity import Identity
 
 PERTURBATIONS = ("noise", "window", "shift", "jpeg")
 DEMO_REPO = "demo"
@@ -99,12 +101,19 @@ def sample_files(workdir: Path, count: int) -> list[Path]:
     return export_sample_images(workdir / "archive", count)
 
 
+def demo_owner() -> Identity:
+    """The demo's throw-away owner identity (never written to disk)."""
+    return Identity.generate("Demo owner")
+
+
 def prepare_demo_repository(session: Session, workdir: Path, count: int = 300,
-                            progress: ProgressCallback = no_progress
-                            ) -> tuple[Repository, list[Path], ImportReport, str]:
-    """Create the demo repository with a random password and import the sample images."""
-    password = secrets.token_urlsafe(18)
-    repo = create_repository(session.store, DEMO_REPO + "-" + secrets.token_hex(3), password)
+                            progress: ProgressCallback = no_progress,
+                            owner: Identity | None = None
+                            ) -> tuple[Repository, list[Path], ImportReport, Identity]:
+    """Create the demo repository, owned by ``owner`` (a fresh identity without one), and
+    import the sample images. Returns the owner too: it opens and searches the repository."""
+    owner = owner if owner is not None else demo_owner()
+    repo = create_repository_as(session, owner, DEMO_REPO + "-" + secrets.token_hex(3))
     files = sample_files(workdir, count)
     report = Importer(session.store, repo, workers=session.settings.workers,
                       progress=progress).run(files)
@@ -112,15 +121,17 @@ def prepare_demo_repository(session: Session, workdir: Path, count: int = 300,
         first = report.failed[0]
         raise RadcryptError(f"demo import failed for {len(report.failed)} files, "
                             f"first {first[0]}: {first[1]}")
-    return repo, files, report, password
+    return repo, files, report, owner
 
 
 def run_demo(settings: Settings, workdir: Path, count: int = 300, queries: int = 20,
              progress: ProgressCallback = no_progress) -> DemoReport:
     from resources.samples import perturb_file
 
-    with Session(settings) as session:
-        repo, files, imported, _ = prepare_demo_repository(session, workdir, count, progress)
+    owner = demo_owner()
+    with session_for(settings, owner) as session:  # requests signed by the demo's owner
+        repo, files, imported, _ = prepare_demo_repository(session, workdir, count, progress,
+                                                           owner)
         endpoint = session.store_config.endpoint_url if session.store_config else None
         report = DemoReport(images=len(files), import_seconds=imported.seconds,
                             store_endpoint=endpoint or "")

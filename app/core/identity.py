@@ -1,12 +1,20 @@
 """This workstation's user identity: created once, unlocked with the password each run.
 
 The identity file holds the user's private keys under a scrypt-derived key
-(crypto/identity.py); it is written atomically with owner-only permissions. Nothing
-else about the user is stored in clear except the public card.
+(crypto/identity.py); it is written atomically with owner-only permissions from the
+moment it exists (never created readable and narrowed afterwards), and no link planted
+where it or its temporary file go is followed. Nothing else about the user is stored in
+clear except the public card.
+
+A new identity's password must score at least 3 of 4 with zxcvbn (Dropbox's estimator of
+guesses: dictionaries, names, keyboard patterns, dates, leetspeak) and be at least 12
+characters long; the identity file is the one thing protecting the user's private keys
+once it is copied off the workstation, so its password is what an offline guesser attacks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -20,21 +28,58 @@ from crypto.keys import DEFAULT_SCRYPT_LOG2_N, WrongPassword
 
 IDENTITY_FILE = "identity.rcid"
 CARD_FILE = "identity.card.json"
-MIN_PASSWORD_LENGTH = 8
+MIN_PASSWORD_LENGTH = 12
+MIN_PASSWORD_SCORE = 3  # zxcvbn 0..4; 3: >= 10^8 guesses, "moderate protection from an
+#                         offline slow-hash scenario" (scrypt is that slow hash)
+STRENGTH_WORDS = ("very weak", "weak", "fair", "good", "strong")
+_ZXCVBN_MAX_LENGTH = 72  # zxcvbn refuses longer input; the first 72 characters bound it
 
 
-def password_strength(password: str) -> tuple[int, str]:
-    """A 0..4 score and plain words; length and variety, not a promise of safety."""
+def _assess(password: str, user_inputs: list[str] | None = None) -> tuple[int, str]:
+    """zxcvbn's score (capped below MIN_PASSWORD_SCORE when too short) and its advice."""
+    from zxcvbn import zxcvbn
+
+    result = zxcvbn(password[:_ZXCVBN_MAX_LENGTH],
+                    user_inputs=[u for u in (user_inputs or []) if u])
+    score = max(0, min(4, int(result["score"])))
+    feedback = result.get("feedback") or {}
+    advice = [str(feedback.get("warning") or "").strip(),
+              *(str(s).strip() for s in feedback.get("suggestions") or [])]
+    if len(password) < MIN_PASSWORD_LENGTH:
+        score = min(score, MIN_PASSWORD_SCORE - 1)
+        advice.insert(0, f"Too short: use at least {MIN_PASSWORD_LENGTH} characters.")
+    if score < MIN_PASSWORD_SCORE and not any(advice):
+        advice.append("Add another word or two. Uncommon words are better.")
+    return score, " ".join(a if a.endswith(".") else a + "." for a in advice if a)
+
+
+def password_strength(password: str, user_inputs: list[str] | None = None
+                      ) -> tuple[int, str]:
+    """zxcvbn's 0..4 score and plain words (with its warning and suggestions when weak).
+
+    Shorter than MIN_PASSWORD_LENGTH scores at most 2 whatever zxcvbn thinks. A score
+    is an estimate of guessing work, not a promise of safety.
+    """
     if not password:
         return 0, "empty"
-    classes = sum(any(f(c) for c in password) for f in (str.islower, str.isupper, str.isdigit))
-    classes += any(not c.isalnum() for c in password)
-    length = len(password)
-    if length < MIN_PASSWORD_LENGTH:
-        return 0, f"too short: use at least {MIN_PASSWORD_LENGTH} characters"
-    score = 1 + (length >= 12) + (length >= 16) + (classes >= 3)
-    words = {1: "weak", 2: "fair", 3: "good", 4: "strong"}[min(score, 4)]
-    return min(score, 4), words
+    score, advice = _assess(password, user_inputs)
+    if score < MIN_PASSWORD_SCORE:
+        return score, f"{STRENGTH_WORDS[score]}: {advice}"
+    return score, STRENGTH_WORDS[score]
+
+
+def check_new_password(password: str, name: str = "") -> str:
+    """The strength in words when ``password`` may protect a new identity; else
+    RadcryptError saying why in plain words (zxcvbn's feedback, never the password)."""
+    if not password:
+        raise RadcryptError("the password is empty")
+    score, advice = _assess(password, [name])
+    if score < MIN_PASSWORD_SCORE:
+        raise RadcryptError(
+            f"this password is too easy to guess ({STRENGTH_WORDS[score]}, {score} of 4; "
+            f"{MIN_PASSWORD_SCORE} needed). {advice} A few unrelated words, "
+            f"{MIN_PASSWORD_LENGTH} characters or more, work well.")
+    return STRENGTH_WORDS[score]
 
 
 class RequestSigner:
@@ -43,13 +88,16 @@ class RequestSigner:
     def __init__(self, identity: Identity) -> None:
         self._identity = identity
 
-    def headers(self, method: str, path: str, body: bytes) -> dict[str, str]:
+    def headers(self, method: str, path: str, body: bytes, service_id: str
+                ) -> dict[str, str]:
+        """Headers for one request to the service ``service_id`` (its GET /v1/info): the
+        signature names that service, so the request is refused by any other one."""
         from cloud.auth import request_message
 
         stamp = str(int(time.time()))
         nonce = secrets.token_hex(16)
         message = request_message(method, path, hashlib.sha256(body).hexdigest(), stamp, nonce,
-                                  self._identity.user_id)
+                                  self._identity.user_id, service_id)
         import base64
 
         return {"x-radcrypt-user": self._identity.user_id, "x-radcrypt-time": stamp,
@@ -70,15 +118,13 @@ class IdentityStore:
     def create(self, name: str, password: str) -> Identity:
         if self.exists():
             raise RadcryptError(f"an identity already exists in {self.path.parent}")
-        score, words = password_strength(password)
-        if score == 0:
-            raise RadcryptError(f"password {words}")
+        check_new_password(password, name)
         try:
             identity = Identity.generate(name)
         except ValueError as exc:
             raise RadcryptError(str(exc)) from None
         self._write(seal_identity(identity, password, self.scrypt_log2_n))
-        self.card_path.write_text(identity.card().to_json(), encoding="utf-8")
+        _write_new_file(self.card_path, identity.card().to_json().encode("utf-8"), 0o644)
         return identity
 
     @property
@@ -95,12 +141,7 @@ class IdentityStore:
             raise RadcryptError(f"the public card {self.card_path} is damaged: {exc}") from None
 
     def _write(self, blob: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(blob)
-        tmp.replace(self.path)
+        _write_new_file(self.path, blob, 0o600)
 
     def unlock(self, password: str) -> Identity:
         try:
@@ -113,3 +154,50 @@ class IdentityStore:
             raise AccessDenied("wrong password: the identity stays locked") from None
         except FormatError as exc:
             raise RadcryptError(f"the identity file {self.path} is damaged: {exc}") from None
+
+
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` atomically through a temporary file that this call creates itself.
+
+    The temporary file is opened with O_CREAT|O_EXCL|O_NOFOLLOW and its final ``mode``
+    (0600 for the identity): it never exists with wider permissions, and a symbolic link
+    planted at its name is neither followed nor written through (O_EXCL fails on any
+    existing name, links included; the stale name is unlinked, which removes the link and
+    not its target, and the open is tried once more). The data is fsynced, then renamed
+    over ``path``; rename replaces a link at ``path`` itself and never writes through it.
+    On Windows there are no such modes or links: the file inherits the ACL of the user's
+    profile directory (the data directory lives in it), which other users cannot read.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_BINARY", 0))
+    try:
+        fd = os.open(tmp, flags, mode)
+    except FileExistsError:  # left by a crash, or planted: remove the name, never follow it
+        os.unlink(tmp)
+        try:
+            fd = os.open(tmp, flags, mode)
+        except FileExistsError:
+            raise RadcryptError(f"cannot write {path}: {tmp} keeps reappearing") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        try:
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)

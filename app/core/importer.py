@@ -4,20 +4,32 @@ Order of writes, per batch: every image's original, preview and metadata objects
 then the batch's index segment, the commit point. A reader (the search service) only
 sees images named by a segment, so a batch that died before its segment is invisible.
 
-Resuming. An image's id is an HMAC of its content under the repository's first data
-key: the same file always gets the same id in one repository, and the id says nothing
-about the content to anyone without the key. Re-running an import therefore skips every
-image some segment already names, does not re-upload objects a crashed run left behind,
-and commits the rest: nothing is lost, nothing doubled. (What this reveals to the cloud:
-that the same file was imported twice. SECURITY.md says so.)
+Resuming. An image's id is an HMAC of its content under an id key of the current key
+version (image_id_for): the same file always gets the same id within one key version of a
+repository, and the id says nothing about the content to anyone outside the current
+membership (a revoked user's old keys cannot compute the id of a later import). Re-running
+an import therefore skips every image some segment already names, does not re-upload
+objects a crashed run left behind, and commits the rest: nothing is lost, nothing doubled,
+as long as no revocation (a new key version) came in between; after one, a file imported
+before gets a new id and is stored again. (What this reveals to the cloud: that the same
+file was imported twice within a key version. SECURITY.md says so.)
+
+Key versions. Before every batch's commit the importer re-reads the signed manifest
+(repository.check_still_current) and stops with an error, writing nothing more, if the
+repository has moved to another key version since it was opened (a revocation): an
+importer opened before a revocation never commits under the superseded version.
 
 Cancelling stops between files and still commits the files of the current batch that
 were finished, so "Cancel" keeps what is done.
 
+Untrusted files are decoded in memory-limited child processes (app/imaging/worker.py:
+RLIMIT_AS, no pickle), never in this process, which holds the keys: a decompression bomb or
+a decoder exploit costs one child, and the file is reported as unreadable.
+
 Throughput (bench/ingest.py measures it). Each worker thread reads and hashes a file and
-has it decoded, its features extracted and its preview made, in a child process of its
-own for larger imports (on threads the GIL, not the cores, was the limit: see _Children),
-or on the thread itself; each image's three uploads (encrypted here, the keys never leave
+has it decoded, its features extracted and its preview made, in a decoder child of its
+own (on threads the GIL, not the cores, was the limit: see _decoder_pool); each image's
+three uploads (encrypted here, the keys never leave
 this process) go to a separate pool of threads, since they wait on the network. The
 workers run a window of files ahead of the commit, across batch boundaries, so a batch's
 last uploads and its segment never leave them idle. What remains is CPU: on a 2-core
@@ -28,36 +40,32 @@ about as much as decoding and features.
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import hmac
 import itertools
 import json
 import logging
 import os
-import pickle
-import subprocess
-import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from Cryptodome.Hash import SHA256
+from Cryptodome.Protocol.KDF import HKDF
 
-from app.core import objects
+from app.core import basis, objects
 from app.core.errors import Cancelled, RadcryptError
 from app.core.progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
-from app.core.repository import Repository
-from app.imaging.decode import DecodedImage, decode_bytes, decode_image
+from app.core.repository import Repository, check_still_current
+from app.imaging.decode import decode_bytes, decode_image
 from app.imaging.errors import ImageDecodeError
 from app.imaging.features import get_extractor
-from app.imaging.thumbnail import make_thumbnail_png
+from app.imaging.worker import Analysis, DecoderPool, DecoderUnavailable, analyse
 from cloud import layout
 from cloud.segments import DIGEST_SIZE, encode_segment, expected_size, read_header
 from cloud.store import ObjectStore, StoreError
@@ -65,9 +73,9 @@ from cloud.store import ObjectStore, StoreError
 DEFAULT_BATCH = 64
 UPLOAD_THREADS = 8  # uploads wait on the network, not the CPU: more of them than workers
 WINDOW = 32  # files being prepared or uploaded ahead of the commit, at least 4 per worker
-PROCESS_MIN_FILES = 48  # fewer files: threads (starting the children costs ~0.5 s)
 META_FORMAT = "radcrypt-meta-v1"
 _ID_CONTEXT = b"radcrypt/image-id/v1"
+_ID_KEY_INFO = b"radcrypt/image-id-key/v1"
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +128,22 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def image_id_for(repo: Repository, content_digest: bytes) -> str:
-    """The repository-keyed, content-derived id of an image (stable across key versions)."""
-    mac = hmac.new(repo.ring.versions[0].data_key, _ID_CONTEXT + content_digest, hashlib.sha256)
+    """The content-derived id of an image under the repository's current key version.
+
+    HMAC-SHA256 under the version's id key, itself HKDF-SHA256 of the version's data key
+    with its own info string (docs/FORMAT.md section 3): stable within a key version, so
+    a re-run import skips what is committed, and new after each rotation, so nobody
+    outside the current membership can compute the id of a file imported later.
+    """
+    mac = hmac.new(_id_key(repo.keys.data_key), _ID_CONTEXT + content_digest, hashlib.sha256)
     return mac.hexdigest()[:32]
+
+
+def _id_key(data_key: bytes) -> bytes:
+    """HKDF-SHA256(data key, no salt, info "radcrypt/image-id-key/v1", 32 bytes)."""
+    derived = HKDF(data_key, 32, b"", SHA256, context=_ID_KEY_INFO)
+    assert isinstance(derived, bytes)
+    return derived
 
 
 def committed_ids(store: ObjectStore, repo_id: str) -> set[str]:
@@ -154,9 +175,12 @@ class Importer:
 
     def __init__(self, store: ObjectStore, repo: Repository, *, workers: int = 2,
                  batch_size: int = DEFAULT_BATCH, progress: ProgressCallback = no_progress,
-                 cancel: CancelToken | None = None, processes: bool | None = None) -> None:
-        """``processes``: decode in child processes (True), on threads (False), or in
-        children when there are at least PROCESS_MIN_FILES files (None)."""
+                 cancel: CancelToken | None = None, processes: bool = True,
+                 memory_limit: int | None = None) -> None:
+        """``processes``: decode in memory-limited child processes (the default, and the
+        only choice for files from elsewhere); False decodes on this process's threads, for
+        trusted files only (the benchmark's comparison). ``memory_limit``: bytes per decoder
+        child (None: RADCRYPT_DECODER_MEMORY or 2 GiB)."""
         self.store = store
         self.repo = repo
         self.workers = max(1, workers)
@@ -168,8 +192,9 @@ class Importer:
         self._uploaded: set[str] = set()
         self._claims: dict[str, Future[None]] = {}  # image id -> its uploads, until committed
         self._claims_lock = threading.Lock()
-        self.processes = processes
-        self._children: _Children | None = None
+        self.processes = processes is not False
+        self.memory_limit = memory_limit
+        self._children: DecoderPool | None = None
 
     def run(self, paths: Iterable[str | Path]) -> ImportReport:
         start = time.perf_counter()
@@ -177,14 +202,20 @@ class Importer:
         files = expand_paths(paths)
         total = len(files)
         self.progress(ProgressEvent("scan", 0, total, message=f"{total} files to import"))
+        check_still_current(self.store, self.repo)  # and again before every commit
         self._committed = committed_ids(self.store, self.repo.repo_id)
         self._uploaded = objects.existing_image_ids(self.store, self.repo.repo_id, "meta")
         children = None
         if self.uses_processes(total):
             try:
-                children = self._children = _Children(self.workers)
-            except _NoChildren as exc:
-                log.warning("decoding on threads: %s", exc)
+                children = self._children = _decoder_pool(self.workers, self.memory_limit)
+                children.wait_ready()  # a first request would wait as long
+            except DecoderUnavailable as exc:
+                if children is not None:
+                    children.close()
+                self._children = None
+                raise RadcryptError(f"cannot decode images here: {exc}; nothing was imported"
+                                    ) from exc
         try:
             self._run(files, report)
         finally:
@@ -196,8 +227,7 @@ class Importer:
 
     def uses_processes(self, files: int) -> bool:
         """Whether an import of this many files decodes in child processes."""
-        wanted = files >= PROCESS_MIN_FILES if self.processes is None else self.processes
-        return wanted and files > 0
+        return self.processes and files > 0
 
     def _run(self, files: list[Path], report: ImportReport) -> None:
         done, total = 0, len(files)
@@ -257,6 +287,8 @@ class Importer:
             return self._prepare(path)
         except ImageDecodeError as exc:
             return _Prepared(str(path), "", None, error=str(exc))
+        except DecoderUnavailable as exc:  # a replacement child could not start
+            return _Prepared(str(path), "", None, error=f"cannot read {path}: {exc}")
         except OSError as exc:
             return _Prepared(str(path), "", None, error=f"cannot read {path}: {exc.strerror}")
         except StoreError as exc:
@@ -273,19 +305,15 @@ class Importer:
         # objects a crashed run left behind are kept: then only the features are needed
         preview = image_id not in self._uploaded
         extractor = self.repo.manifest.extractor
-        analysis = None
         children = self._children
         if children is not None:
-            try:
-                analysis = children.analyse(path, digest if data is not None else None,
-                                            extractor, preview)
-            except _NoChildren as exc:
-                if self._children is children:
-                    log.warning("decoding on threads: %s", exc)
-                    self._children = None
-        if analysis is None:
+            analysis = children.analyse(path, extractor=extractor, preview=preview,
+                                        digest=digest if data is not None else None)
+        elif self.processes:
+            raise Cancelled("the import is ending")  # its decoder pool is closed
+        else:  # trusted files only: see __init__
             image = decode_bytes(data, str(path)) if data is not None else decode_image(path)
-            analysis = _analyse(image, extractor, preview)
+            analysis = analyse(image, extractor, preview)
         features = analysis.features
         if not preview:
             return _Prepared(str(path), image_id, features)
@@ -342,7 +370,10 @@ class Importer:
             report.already_present += twins
             return
         ids = list(new)
-        vectors = self.repo.keys.index_key.encrypt(np.stack([new[i].features for i in ids]))
+        check_still_current(self.store, self.repo)  # never commit under a superseded version
+        batch = np.stack([new[i].features for i in ids])
+        self.repo = basis.ensure(self.store, self.repo, batch)  # a version's first batch fits B
+        vectors = self.repo.keys.index_key.encrypt(batch, basis.norm_bound(self.repo.manifest))
         segment = encode_segment(ids, vectors, self.repo.keys.version)
         seg_id = layout.new_id()
         self.store.put(layout.segment_key(self.repo.repo_id, seg_id), segment, if_absent=True)
@@ -374,7 +405,7 @@ def _uploaded(prepared: _Prepared) -> _Prepared:
     return prepared
 
 
-def _metadata(path: Path, size: int, digest: bytes, analysis: _Analysis,
+def _metadata(path: Path, size: int, digest: bytes, analysis: Analysis,
               extractor: str) -> bytes:
     """The encrypted metadata object: what the client needs to name and verify a result."""
     record = {
@@ -401,159 +432,11 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-# --- decoding, features and previews, in this process or in child processes ---------------
+# --- decoding, features and previews: in decoder children -----------------------------------
 
 
-@dataclass(frozen=True)
-class _Analysis:
-    """What the encrypting side needs of a decoded image (small: it crosses processes)."""
-
-    features: np.ndarray
-    thumbnail: bytes | None  # the preview PNG, when asked for
-    source_format: str
-    tags: dict[str, Any]
-    rows: int
-    columns: int
-
-
-def _analyse(image: DecodedImage, extractor: str, preview: bool) -> _Analysis:
-    features = np.asarray(get_extractor(extractor)(image), dtype=np.float64)
-    return _Analysis(features, make_thumbnail_png(image) if preview else None,
-                     image.source_format, image.metadata, int(image.pixels.shape[0]),
-                     int(image.pixels.shape[1]))
-
-
-# A child's program. It imports only the imaging package (not this module, which pulls in
-# boto3 and the crypto: a third of a second per child), reads the file the parent hashed,
-# checks that it is the same content, and answers with what _analyse returns, as a tuple.
-# It ends when its stdin ends: at _Child.close(), or when the parent dies, however it dies.
-_CHILD_PROGRAM = """
-import sys
-sys.path[:] = [ROOT] + [p for p in sys.path if p]  # not the working folder: -c puts it first
-import hashlib, logging, os, pickle, signal, warnings
-from pathlib import Path
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-requests = sys.stdin.buffer
-answers = os.fdopen(os.dup(1), "wb")
-os.dup2(2, 1)  # a stray print must not corrupt the answers
-pydicom_level, warning_filters = pickle.load(requests)
-for raw in reversed(warning_filters):  # quiet the way the parent is quiet
-    try:
-        warnings.filters.insert(0, pickle.loads(raw))
-    except Exception:  # a warning category this process cannot import
-        pass
-import numpy as np
-import pydicom  # its import sets its logger's level: set the parent's afterwards
-from app.imaging.decode import decode_bytes, decode_image
-from app.imaging.errors import ImageDecodeError
-from app.imaging.features import get_extractor
-from app.imaging.thumbnail import make_thumbnail_png
-if pydicom_level is not None:
-    logging.getLogger(pydicom.__name__).setLevel(pydicom_level)
-
-def analyse(path, digest, extractor, preview):
-    if digest is None:  # a large file: decoded from disk, as in the parent
-        image = decode_image(Path(path))
-    else:
-        data = Path(path).read_bytes()
-        if hashlib.sha256(data).digest() != digest:
-            raise ImageDecodeError(path, "the file changed while it was being imported")
-        image = decode_bytes(data, path)
-    features = np.asarray(get_extractor(extractor)(image), dtype=np.float64)
-    return (features, make_thumbnail_png(image) if preview else None, image.source_format,
-            image.metadata, int(image.pixels.shape[0]), int(image.pixels.shape[1]))
-
-try:
-    answers.write(pickle.dumps(("ready", None)))
-    answers.flush()
-except OSError:  # the parent is gone already
-    sys.exit(0)
-while True:
-    try:
-        request = pickle.load(requests)
-    except (EOFError, OSError):
-        break
-    try:
-        answer = ("ok", analyse(*request))
-    except Exception as exc:  # the parent decides what is the file's fault
-        answer = ("error", exc)
-    try:
-        blob = pickle.dumps(answer)
-    except Exception:
-        blob = pickle.dumps(("error", RuntimeError(str(answer[1]))))
-    try:
-        answers.write(blob)
-        answers.flush()
-    except OSError:
-        break
-"""
-
-
-def _child_command() -> list[str]:
-    """How a child starts: this interpreter, with the project where the parent found it on
-    its path (never the parent's __main__, so scripts need no main guard)."""
-    root = str(Path(__file__).resolve().parents[2])
-    return [sys.executable, "-c", f"ROOT = {root!r}\n" + _CHILD_PROGRAM]
-
-
-class _ChildDied(Exception):
-    """A child died while working on a file."""
-
-
-class _NoChildren(Exception):
-    """Children cannot start here (no interpreter to run, or they die while starting)."""
-
-
-class _Child:
-    """One child process, used by one worker thread at a time."""
-
-    def __init__(self, setup: bytes) -> None:
-        if not sys.executable:
-            raise _NoChildren("no Python interpreter to start")
-        try:
-            self.process = subprocess.Popen(_child_command(), stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, close_fds=True)
-        except OSError as exc:
-            raise _NoChildren(str(exc)) from exc
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self._requests, self._answers = self.process.stdin, self.process.stdout
-        self._ready = False
-        with contextlib.suppress(OSError):
-            self._requests.write(setup)
-            self._requests.flush()
-
-    def call(self, *request: object) -> _Analysis:
-        if not self._ready:  # the child says so once its imports are done
-            try:
-                kind, _ = pickle.load(self._answers)
-            except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-                raise _NoChildren("a child process died while starting") from exc
-            self._ready = kind == "ready"
-        try:
-            pickle.dump(request, self._requests)
-            self._requests.flush()
-            kind, value = pickle.load(self._answers)
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
-            raise _ChildDied() from exc
-        if kind == "ok":
-            return _Analysis(*value)
-        raise value
-
-    def close(self, timeout: float = 5.0) -> None:
-        """End of input: the child exits (closing its answers first means it can never
-        block writing one)."""
-        for stream in (self._requests, self._answers):
-            with contextlib.suppress(OSError):
-                stream.close()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-class _Children:
-    """A child process per worker for the CPU-heavy part of an import.
+def _decoder_pool(workers: int, memory_limit: int | None) -> DecoderPool:
+    """A decoder child per worker thread, for the whole import.
 
     A worker *thread* decoding, extracting features and making a preview holds the GIL in
     many short slices (pydicom's parsing, numpy's small operations; a JPEG 2000 decode
@@ -562,71 +445,7 @@ class _Children:
     hand the GIL to each other thousands of times per image. So decoding, features and
     the preview run in children: the parent keeps the keys, hashes, encrypts and uploads;
     a child gets a path and the digest of the content the parent read and returns the
-    features and the preview. Children start at once (about half a second, while the
+    features and the preview. Children start at once (about a third of a second, while the
     parent hashes) and end when their stdin closes: at close(), or when the parent dies.
     """
-
-    def __init__(self, workers: int) -> None:
-        level = logging.getLogger("pydicom").level if "pydicom" in sys.modules else None
-        filters = []
-        for item in warnings.filters:
-            with contextlib.suppress(Exception):
-                filters.append(pickle.dumps(item))
-        self._setup = pickle.dumps((level, filters))
-        self._lock = threading.Lock()
-        self._idle: list[_Child] = []
-        self._closed = False
-        try:
-            for _ in range(workers):
-                self._idle.append(_Child(self._setup))
-        except _NoChildren:
-            for child in self._idle:
-                child.close()
-            raise
-        self._all = list(self._idle)
-
-    def _take(self) -> _Child:
-        with self._lock:
-            if self._closed:
-                raise Cancelled("the import is ending")
-            if self._idle:
-                return self._idle.pop()
-            child = _Child(self._setup)
-            self._all.append(child)
-            return child
-
-    def _give_back(self, child: _Child) -> None:
-        with self._lock:
-            self._idle.append(child)
-
-    def analyse(self, path: Path, digest: bytes | None, extractor: str,
-                preview: bool) -> _Analysis:
-        """Decode, features and preview of one file in a child. A child that dies (a
-        decoder crash, the out-of-memory killer) is replaced and the file tried once more;
-        if that child dies too the file is reported as unreadable."""
-        for attempt in range(2):
-            child = self._take()
-            try:
-                result = child.call(str(path), digest, extractor, preview)
-            except _NoChildren:
-                child.close(timeout=1.0)
-                raise
-            except _ChildDied:
-                child.close(timeout=1.0)
-                if attempt:
-                    raise ImageDecodeError(
-                        str(path), "the decoder's process died while reading it") from None
-                continue
-            except BaseException:
-                self._give_back(child)
-                raise
-            self._give_back(child)
-            return result
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            children, self._all, self._idle = self._all, [], []
-        for child in children:
-            child.close()
+    return DecoderPool(workers, memory_limit=memory_limit)

@@ -4,32 +4,36 @@ A repository is a manifest (public parameters, plain JSON) and a key ring wrappe
 each user allowed in. Until identities exist (the identity issue), the owner's copy of
 the ring is wrapped under the owner's password with scrypt and stored as the grant of
 the pseudo-user ``password-owner``.
+
+The manifest of a repository with an owner is signed by the owner (app/core/access.py)
+and carries who may open it: ``members`` (user id and key version), the ``owner``'s user
+id and a ``sequence`` number the owner raises by one at every write, so a client can
+refuse an older manifest (rollback). A manifest without these fields is a legacy one: it
+has no members, and only the owner's ``radcrypt repo migrate`` upgrades it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
+from app.core import basis
 from app.core.errors import AccessDenied, RadcryptError, RepositoryExists, RepositoryNotFound
 from app.imaging.features import FEATURE_DIM, get_extractor
 from cloud import layout
-from cloud.store import ObjectExists, ObjectNotFound, ObjectStore
+from cloud.store import ObjectNotFound, ObjectStore
 from crypto.errors import FormatError
-from crypto.index import IndexKey
 from crypto.keys import (
-    DEFAULT_SCRYPT_LOG2_N,
     KeyRing,
     VersionKeys,
     WrongPassword,
     unwrap_with_password,
-    wrap_with_password,
 )
-from resources.reference import reference_features
+from crypto.signed import json_signer, open_json
 
 MANIFEST_FORMAT = "radcrypt-manifest-v1"
 SCHEME = "aspe-split-v1+aes-256-gcm-stream-v1"
@@ -37,8 +41,20 @@ PASSWORD_OWNER = "password-owner"
 
 
 @dataclass(frozen=True)
+class Member:
+    """A user who may open the repository, and the key version their grant holds."""
+
+    user_id: str
+    key_version: int
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """Public parameters of a repository; nothing in it is secret."""
+    """Public parameters of a repository and its membership; nothing in it is secret.
+
+    ``sequence`` 0 marks a legacy manifest (written before memberships): it has no owner
+    and no members, and its JSON has none of the three fields.
+    """
 
     repo_id: str
     extractor: str
@@ -48,9 +64,34 @@ class Manifest:
     created: str
     scheme: str = SCHEME
     format: str = MANIFEST_FORMAT
+    sequence: int = 0
+    owner: str = ""
+    members: tuple[Member, ...] = ()
+
+    @property
+    def legacy(self) -> bool:
+        return self.sequence == 0
+
+    def member_version(self, user_id: str) -> int | None:
+        """The key version ``user_id`` is listed with, or None for a non-member."""
+        for member in self.members:
+            if member.user_id == user_id:
+                return member.key_version
+        return None
+
+    def is_member(self, user_id: str) -> bool:
+        """Listed, at the current key version: the only users who may open it."""
+        return self.member_version(user_id) == self.key_version
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+        raw = asdict(self)
+        if self.legacy:
+            for name in ("sequence", "owner", "members"):
+                del raw[name]
+        else:
+            raw["members"] = [{"user_id": m.user_id, "key_version": m.key_version}
+                              for m in self.members]
+        return json.dumps(raw, indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
@@ -68,7 +109,46 @@ class Manifest:
         for name, kind in expected.items():
             if not isinstance(raw.get(name), kind):
                 raise RadcryptError(f"{where}: field {name!r} is missing or not a {kind.__name__}")
-        return cls(**{k: raw[k] for k in (*expected, "format")})
+        fields = {k: raw[k] for k in (*expected, "format")}
+        if any(name in raw for name in ("sequence", "owner", "members")):
+            fields.update(_membership(raw, where))
+        return cls(**fields)
+
+
+def _membership(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The checked ``sequence``, ``owner`` and ``members`` fields of a manifest."""
+    sequence, owner, members = raw.get("sequence"), raw.get("owner"), raw.get("members")
+    if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
+        raise RadcryptError(f"{where}: field 'sequence' must be an integer >= 1")
+    if not isinstance(owner, str) or not owner:
+        raise RadcryptError(f"{where}: field 'owner' must be a user id")
+    if not isinstance(members, list):
+        raise RadcryptError(f"{where}: field 'members' must be a list")
+    listed: list[Member] = []
+    for entry in members:
+        if (not isinstance(entry, dict) or set(entry) != {"user_id", "key_version"}
+                or not isinstance(entry["user_id"], str) or not entry["user_id"]
+                or not _is_int(entry["key_version"]) or entry["key_version"] < 1):
+            raise RadcryptError(f"{where}: field 'members' must hold objects "
+                                "{\"user_id\": text, \"key_version\": integer >= 1}")
+        listed.append(Member(entry["user_id"], entry["key_version"]))
+    ids = [m.user_id for m in listed]
+    if ids != sorted(set(ids)):
+        raise RadcryptError(f"{where}: field 'members' must be sorted by user_id, without "
+                            "duplicates")
+    if owner not in ids:
+        raise RadcryptError(f"{where}: the owner {owner!r} is not in field 'members'")
+    return {"sequence": sequence, "owner": owner, "members": tuple(listed)}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def with_members(manifest: Manifest, members: list[Member], **changes: Any) -> Manifest:
+    """The next manifest: ``sequence`` + 1, the members sorted by user id."""
+    ordered = tuple(sorted(members, key=lambda m: m.user_id))
+    return replace(manifest, sequence=manifest.sequence + 1, members=ordered, **changes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,6 +157,7 @@ class Repository:
 
     manifest: Manifest
     ring: KeyRing
+    owner_key: bytes | None = field(default=None, repr=False)  # who signed the manifest
 
     @property
     def repo_id(self) -> str:
@@ -92,11 +173,13 @@ def _now() -> str:
 
 
 def new_repository(store: ObjectStore, name: str, extractor: str,
-                   basis_sample: np.ndarray | None) -> Repository:
+                   basis_sample: np.ndarray | None, *, bound_levels: str = "auto"
+                   ) -> Repository:
     """Fresh keys and the manifest of a repository not yet in the store (nothing written).
 
-    The bound basis follows ``basis_sample`` (the department's own features) or, without
-    one, the extractor's shipped reference features.
+    The bound basis is fitted on ``basis_sample`` (the department's own features) or,
+    without one, on the first import batch (app/core/basis.py), never on public data;
+    ``bound_levels="off"``: no levels at all.
     """
     try:
         repo_id = layout.validate_repo_id(name)
@@ -105,32 +188,12 @@ def new_repository(store: ObjectStore, name: str, extractor: str,
         raise RadcryptError(str(exc)) from None
     if store.exists(layout.manifest_key(repo_id)):
         raise RepositoryExists(f"a repository named {repo_id!r} already exists")
-    sample = basis_sample if basis_sample is not None else reference_features(extractor)
-    index_key = IndexKey.generate(FEATURE_DIM, sample=sample)
+    index_key = basis.initial_index_key(FEATURE_DIM, bound_levels, basis_sample)
     ring = KeyRing(repo_id, (VersionKeys.generate(1, index_key),))
     manifest = Manifest(repo_id=repo_id, extractor=extractor, dim=FEATURE_DIM,
-                        levels=list(index_key.levels), key_version=1, created=_now())
+                        levels=basis.manifest_levels(FEATURE_DIM, bound_levels), key_version=1,
+                        created=_now())
     return Repository(manifest, ring)
-
-
-def create_repository(
-    store: ObjectStore,
-    name: str,
-    password: str,
-    extractor: str = "radcrypt-v1",
-    basis_sample: np.ndarray | None = None,
-    scrypt_log2_n: int = DEFAULT_SCRYPT_LOG2_N,
-) -> Repository:
-    """A new repository: fresh keys, the manifest, the owner's password-wrapped grant."""
-    repo = new_repository(store, name, extractor, basis_sample)
-    repo_id, ring, manifest = repo.repo_id, repo.ring, repo.manifest
-    grant = wrap_with_password(ring.to_bytes(), password, log2_n=scrypt_log2_n)
-    store.put(layout.grant_key(repo_id, PASSWORD_OWNER), grant)
-    try:
-        store.put(layout.manifest_key(repo_id), manifest.to_json(), if_absent=True)
-    except ObjectExists:
-        raise RepositoryExists(f"a repository named {repo_id!r} already exists") from None
-    return repo
 
 
 def read_manifest(store: ObjectStore, name: str) -> Manifest:
@@ -162,6 +225,68 @@ def manifest_payload(data: bytes) -> bytes:
     if isinstance(doc, dict) and "signature" in doc and isinstance(doc.get("payload"), dict):
         return json.dumps(doc["payload"]).encode()
     return data
+
+
+def read_signed_manifest(store: ObjectStore, name: str, owner_key: bytes | None = None,
+                         ) -> tuple[Manifest, bytes]:
+    """(manifest, signer key) of an owner-signed manifest, read once and checked.
+
+    With ``owner_key`` only that key is trusted; without, the document's own signer (the
+    caller pins it). An unsigned manifest or a bad signature: AccessDenied.
+    """
+    try:
+        repo_id = layout.validate_repo_id(name)
+    except ValueError as exc:
+        raise RadcryptError(str(exc)) from None
+    key = layout.manifest_key(repo_id)
+    try:
+        blob = store.get(key)
+    except ObjectNotFound:
+        raise RepositoryNotFound(f"no repository named {repo_id!r} in this store") from None
+    try:
+        signer = json_signer(blob)
+    except FormatError:
+        raise AccessDenied(f"the manifest of {repo_id!r} is not a valid signed document"
+                           ) from None
+    if signer is None:
+        raise AccessDenied(f"repository {repo_id!r} has an unsigned manifest: its owner must "
+                           "migrate it (radcrypt repo migrate)")
+    try:
+        payload = open_json(blob, "manifest", key, [owner_key or signer])
+    except FormatError:
+        raise AccessDenied(f"the manifest of {repo_id!r} has a bad signature or another "
+                           "signer than the repository's owner") from None
+    manifest = Manifest.from_json(json.dumps(payload).encode(),
+                                  f"manifest of repository {repo_id!r}")
+    if manifest.repo_id != repo_id:
+        raise RadcryptError(f"manifest of repository {repo_id!r} names another repository")
+    return manifest, signer
+
+
+def check_still_current(store: ObjectStore, repo: Repository) -> Manifest:
+    """Re-read the manifest before writing: RadcryptError if ``repo`` was opened under a
+    key version that is no longer current (a revocation happened since), or if the store
+    now shows an older manifest than the one ``repo`` was opened with (a rollback).
+
+    The key version alone decides: every change of membership that removes someone rotates
+    the keys, so a client of a removed user holds a superseded version. Repositories
+    opened with the owner's key (identities) have their signature checked with it.
+    """
+    if repo.owner_key is not None:
+        manifest, _ = read_signed_manifest(store, repo.repo_id, repo.owner_key)
+    else:  # a legacy password repository: unsigned, nothing to check a signature with
+        manifest = read_manifest(store, repo.repo_id)
+    if manifest.sequence < repo.manifest.sequence:
+        raise RadcryptError(
+            f"the manifest of repository {repo.repo_id!r} went back to sequence "
+            f"{manifest.sequence} (this session opened sequence {repo.manifest.sequence}): "
+            "refusing to write (someone may have replaced it with an old copy)")
+    if manifest.key_version != repo.keys.version:
+        raise RadcryptError(
+            f"repository {repo.repo_id!r} is now at key version {manifest.key_version}, and "
+            f"this session holds key version {repo.keys.version}: nothing was written "
+            "under the superseded version; open the repository again")
+    return manifest
 
 
 def list_repositories(store: ObjectStore) -> list[Manifest]:

@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from app.core import objects
+from app.core import basis, objects
 from app.core.errors import IntegrityError, RadcryptError
 from app.core.repository import Repository
 from app.core.session import Session
-from app.imaging.decode import decode_image
-from app.imaging.features import get_extractor
+from app.imaging.worker import DecoderPool, DecoderUnavailable
 from cloud.store import ObjectNotFound, ObjectStore
 
 ORDER_RTOL = 1e-9
@@ -76,9 +75,23 @@ def read_meta(store: ObjectStore, repo: Repository, image_id: str,
     return meta, used
 
 
-def features_of_files(repo: Repository, paths: list[Path]) -> np.ndarray:
-    extract = get_extractor(repo.manifest.extractor)
-    return np.stack([np.asarray(extract(decode_image(p)), dtype=np.float64) for p in paths])
+def features_of_files(repo: Repository, paths: list[Path], *,
+                      memory_limit: int | None = None) -> np.ndarray:
+    """Feature vectors of query files, decoded in memory-limited child processes (never in
+    this process, which holds the keys: app/imaging/worker.py). A file that cannot be read
+    raises ImageDecodeError naming it."""
+    if not paths:
+        return np.zeros((0, 0), dtype=np.float64)
+    extractor = repo.manifest.extractor
+    try:
+        pool = DecoderPool(min(len(paths), 2), memory_limit=memory_limit)
+    except DecoderUnavailable as exc:
+        raise RadcryptError(f"cannot decode images here: {exc}") from exc
+    with pool:
+        if len(paths) == 1:
+            return pool.features(paths[0], extractor)[None, :]
+        with ThreadPoolExecutor(pool.size, thread_name_prefix="radcrypt-query") as threads:
+            return np.stack(list(threads.map(lambda p: pool.features(p, extractor), paths)))
 
 
 def search_files(session: Session, repo: Repository, paths: list[str | Path], k: int = 1
@@ -110,6 +123,7 @@ def search_features(session: Session, repo: Repository, features: np.ndarray,
 def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, labels: list[str],
                   k: int) -> list[QueryResult]:
     t0 = time.perf_counter()
+    repo = basis.load(session.store, repo)  # levels fitted since the repository was opened
     token = repo.keys.index_key.query(queries)
     t1 = time.perf_counter()
     answer = session.service.search(repo.repo_id, token, k, repo.keys.version)

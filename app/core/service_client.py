@@ -1,14 +1,19 @@
 """HTTP client of the search service, and the embedded service a command can start.
 
-A request signer plugs in here (the identity issue signs every request with the user's
-Ed25519 key); without one, requests go unsigned to a service that allows anyone.
+Requests are signed by the user's identity (app/core/identity.py RequestSigner) for the
+service's id, learnt from its unauthenticated GET /v1/info (or given): a signed request
+names the deployment it is for. Without a signer, requests go unsigned, which only a
+service started with --insecure-no-auth on loopback answers.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
+import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,36 +31,82 @@ START_TIMEOUT = 60.0
 
 
 class RequestSigner(Protocol):
-    def headers(self, method: str, path: str, body: bytes) -> dict[str, str]: ...
+    def headers(self, method: str, path: str, body: bytes, service_id: str
+                ) -> dict[str, str]: ...
 
 
 class ServiceClient:
-    """Talks to one search service over HTTP; errors become ServiceError in plain words."""
+    """Talks to one search service over HTTP; errors become ServiceError in plain words.
+
+    ``service_id``: the deployment the requests are signed for; None asks the service
+    (GET /v1/info) on the first signed request, and again once if a request is refused
+    (the service restarted with another id)."""
 
     def __init__(self, base_url: str, signer: RequestSigner | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, service_id: str | None = None,
+                 verify: bool | str | ssl.SSLContext = True) -> None:
+        """``verify``: TLS certificate checks (a str: a CA bundle file to trust)."""
         self.base_url = base_url.rstrip("/")
         self.signer = signer
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._pinned = service_id is not None
+        self.service_id = service_id
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        import json
-
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        headers = {"content-type": "application/json"}
-        if self.signer is not None:
-            headers.update(self.signer.headers("POST", path, body))
+    def info(self) -> dict[str, Any]:
+        """The service's id and protocol (unauthenticated)."""
         try:
-            response = self._http.post(path, content=body, headers=headers)
+            response = self._http.get("/v1/info", timeout=10.0)
         except httpx.HTTPError as exc:
             raise ServiceError(f"search service at {self.base_url} is not reachable: "
                                f"{type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise ServiceError(f"search service at {self.base_url} does not say who it is "
+                               f"(GET /v1/info answered {response.status_code}): it may be "
+                               "too old for this client")
+        try:
+            result: dict[str, Any] = response.json()
+            from cloud.service_options import validate_service_id
+
+            validate_service_id(result.get("service_id"))
+        except (ValueError, AttributeError):
+            raise ServiceError(f"search service at {self.base_url} gave a malformed "
+                               "/v1/info answer") from None
+        return result
+
+    def _audience(self, refetch: bool = False) -> str:
+        if self.service_id is None or (refetch and not self._pinned):
+            self.service_id = str(self.info()["service_id"])
+        return self.service_id
+
+    def _send(self, path: str, body: bytes, refetch: bool = False) -> httpx.Response:
+        headers = {"content-type": "application/json"}
+        if self.signer is not None:
+            headers.update(self.signer.headers("POST", path, body, self._audience(refetch)))
+        try:
+            return self._http.post(path, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"search service at {self.base_url} is not reachable: "
+                               f"{type(exc).__name__}") from None
+
+    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        response = self._send(path, body)
+        if response.status_code == 401 and self.signer is not None and not self._pinned:
+            known = self.service_id
+            if self._audience(refetch=True) != known:  # the service restarted: a new id
+                response = self._send(path, body)
         if response.status_code in (401, 403):
             raise ServiceError("the search service refused this user (not registered, "
-                               "not granted, or access revoked)")
+                               "not a member of this repository, or access revoked)")
+        if response.status_code in (429, 503):
+            wait = response.headers.get("retry-after", "a few")
+            raise ServiceError(f"the search service is busy ({response.status_code}); try "
+                               f"again in {wait} seconds")
         if response.status_code != 200:
             detail = _detail(response)
             raise ServiceError(f"search service error {response.status_code}: {detail}")
@@ -109,6 +160,8 @@ class EmbeddedService:
                  owner_keys: list[bytes] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.service_id = "embedded-" + secrets.token_hex(8)
+        self.owner_keys = list(owner_keys or [])
         env = dict(os.environ)
         env.update({
             "RADCRYPT_S3_ENDPOINT": store.endpoint_url or "",
@@ -123,9 +176,15 @@ class EmbeddedService:
         log_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(log_dir / "service.log", "ab")  # closed in stop()
         root = Path(__file__).resolve().parents[2]
+        # It trusts the owner keys it is given (the identity's own and the owners this
+        # workstation pinned). With none (no identity: a password-locked repository of
+        # before identities), it answers only this machine, and says so in its log.
+        command = [sys.executable, "-m", "cloud.service", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--service-id", self.service_id]
+        if not owner_keys:
+            command.append("--insecure-no-auth")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cloud.service", "--host", "127.0.0.1",
-             "--port", str(self.port)],
+            command,
             env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -146,6 +205,10 @@ class EmbeddedService:
         self.stop()
         raise ServiceError("the embedded search service did not start within "
                            f"{START_TIMEOUT:.0f} s")
+
+    def trusts(self, owner_keys: list[bytes]) -> bool:
+        """Whether it was started trusting every one of these owner keys."""
+        return all(key in self.owner_keys for key in owner_keys)
 
     def stop(self) -> None:
         stop_process(self.process, "the search service")

@@ -4,6 +4,9 @@ With the default settings nothing has to be started by hand: the session uses th
 embedded store already running for the data directory (``radcrypt store start``) or
 starts one for its own duration, and starts a search service only when a search needs
 one. Whatever it started, it stops by PID on close.
+
+When SeaweedFS cannot run, opening fails with a message saying how to use an S3 endpoint
+instead; a store in memory (nothing kept) is used only when the settings choose "memory".
 """
 
 from __future__ import annotations
@@ -13,8 +16,14 @@ from types import TracebackType
 
 from app.core.errors import RadcryptError
 from app.core.service_client import EmbeddedService, RequestSigner, ServiceClient
-from app.core.settings import LOCAL, Settings
-from cloud.local import EmbeddedStoreHandle, find_running, start_embedded_store
+from app.core.settings import EMBEDDED, MEMORY, Settings
+from cloud.local import (
+    EmbeddedStoreError,
+    EmbeddedStoreHandle,
+    find_running,
+    start_embedded_store,
+    start_memory_store,
+)
 from cloud.store import ObjectStore, StoreConfig, StoreError
 
 log = logging.getLogger(__name__)
@@ -57,14 +66,38 @@ class Session:
 
     def _store_config(self) -> StoreConfig:
         s = self.settings
-        if s.store != LOCAL:
+        if s.store not in (EMBEDDED, MEMORY):
             return StoreConfig(endpoint_url=s.endpoint_url, bucket=s.bucket, region=s.region,
                                profile=s.profile)
-        running = find_running(s.store_dir)
-        if running is not None:
-            return running.config()
-        self._started_store = start_embedded_store(s.store_dir)
+        try:
+            if s.store == MEMORY:
+                self._started_store = start_memory_store()
+                log.warning("in-memory store: nothing is kept; everything stored in this "
+                            "session is lost when it ends (chosen by the 'memory' store "
+                            "setting)")
+                return self._started_store.config()
+            running = find_running(s.store_dir)
+            if running is not None:
+                return running.config()
+            self._started_store = start_embedded_store(s.store_dir)
+        except EmbeddedStoreError as exc:
+            raise RadcryptError(str(exc)) from None
         return self._started_store.config()
+
+    @property
+    def store_kind(self) -> str:
+        """What the open session stores into: "embedded" (SeaweedFS), "memory" (nothing
+        is kept) or "s3"; from the server actually started or found, not only the
+        settings."""
+        handle = self._started_store
+        if handle is not None:
+            return MEMORY if handle.kind == "memory" else EMBEDDED
+        return self.settings.store
+
+    @property
+    def kept(self) -> bool:
+        """False when everything stored in this session is lost when it closes."""
+        return self.store_kind != MEMORY
 
     @property
     def store(self) -> ObjectStore:
@@ -74,7 +107,15 @@ class Session:
 
     @property
     def service(self) -> ServiceClient:
-        """The search service, started on first use when none is configured."""
+        """The search service, started on first use when none is configured; an embedded
+        one is restarted when this session has since opened a repository of an owner it
+        does not trust (owner_keys grew)."""
+        if (self._embedded_service is not None and self._service is not None
+                and not self._embedded_service.trusts(self.owner_keys)):
+            self._service.close()
+            self._service = None
+            self._embedded_service.stop()
+            self._embedded_service = None
         if self._service is None:
             url = self.settings.service_url
             if not url:

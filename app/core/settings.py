@@ -19,7 +19,12 @@ import platformdirs
 from app.core.errors import RadcryptError
 
 APP_NAME = "radcrypt"
-LOCAL = "local"
+EMBEDDED = "embedded"  # SeaweedFS on this workstation, in the data directory (persistent)
+MEMORY = "memory"  # moto in this process: nothing is kept (tests; needs the dev extra)
+S3 = "s3"  # an S3 endpoint (endpoint_url; empty: AWS S3)
+STORES = (EMBEDDED, MEMORY, S3)
+STORE_ALIASES = {"local": EMBEDDED}  # the old name of the embedded store, still accepted
+LOCAL = EMBEDDED  # the old constant's name, for callers that compare with it
 _ENV = {
     "store": "RADCRYPT_STORE",
     "endpoint_url": "RADCRYPT_ENDPOINT",
@@ -36,7 +41,7 @@ _ENV = {
 class Settings:
     """Everything a session needs to find its storage and its search service."""
 
-    store: str = LOCAL  # "local" (embedded S3) or "s3"
+    store: str = EMBEDDED  # "embedded" (SeaweedFS), "memory" (nothing kept) or "s3"
     endpoint_url: str | None = None
     bucket: str = "radcrypt"
     region: str = "us-east-1"
@@ -44,6 +49,9 @@ class Settings:
     service_url: str | None = None  # None: start a service for the session's duration
     workers: int = 2
     data_dir: str = ""
+
+    def __post_init__(self) -> None:  # the old name "local" means the embedded store
+        object.__setattr__(self, "store", STORE_ALIASES.get(self.store, self.store))
 
     @property
     def data_path(self) -> Path:
@@ -80,8 +88,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return number
     if value is not None and not isinstance(value, str):
         raise RadcryptError(f"{source}: {name} must be a string")
-    if name == "store" and value not in (LOCAL, "s3"):
-        raise RadcryptError(f"{source}: store must be 'local' or 's3', not {value!r}")
+    if name == "store":
+        value = STORE_ALIASES.get(value, value) if isinstance(value, str) else value
+        if value not in STORES:
+            raise RadcryptError(f"{source}: store must be 'embedded', 'memory' or 's3', "
+                                f"not {value!r}")
     return value
 
 

@@ -5,9 +5,10 @@ worker thread, never from the UI thread; none touches a widget. The GUI gets its
 from here and only renders it.
 
 Identity: when ``app.core.identity`` and ``app.core.access`` are installed, the user
-registers or unlocks a personal identity and repositories are opened with it. Until
-then (and in demo mode) repositories are locked by a password each, as in
-``app/core/repository.py``; the same GUI works in both modes.
+registers or unlocks a personal identity and repositories are opened with it. Without
+one (demo mode), repositories made before identities still open with their password, but
+no repository is created that way any more: a new repository always belongs to an
+identity (the demo's to a throw-away one, app/core/demo.py).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from app.core.repository import (
 )
 from app.core.searcher import QueryResult, read_meta, search_features
 from app.core.session import Session
-from app.core.settings import LOCAL, Settings
+from app.core.settings import LOCAL, MEMORY, Settings
 from app.gui import processes
 from app.gui.processes import ProcessJobs
 from app.imaging.decode import DecodedImage
+from app.imaging.worker import DecoderPool
 
 try:  # the identity issue; until it lands, repositories are password-locked
     from app.core import access as _access
@@ -49,7 +51,7 @@ except ModuleNotFoundError as _exc:  # pragma: no cover - depends on the checkou
     _identity = None  # type: ignore[assignment]
 
 IDENTITY_AVAILABLE = _identity is not None and _access is not None
-MIN_PASSWORD_SCORE = 2
+MIN_PASSWORD_SCORE = 3  # app.core.identity.MIN_PASSWORD_SCORE (zxcvbn)
 STRENGTH_WORDS = ("very weak", "weak", "fair", "good", "strong")
 
 
@@ -143,6 +145,7 @@ class Backend:
         self._repos: dict[str, Repository] = {}
         self._lock = threading.RLock()
         self.jobs = ProcessJobs(workers=2)
+        self._decoder: DecoderPool | None = None  # untrusted files: decoded only there
 
     # --- identity ---------------------------------------------------------------------
 
@@ -217,6 +220,15 @@ class Backend:
         the owner keys pinned when it starts (app.core.access.session_for), so it is started
         by the first search, after the repository was opened (and its owner pinned)."""
         self.jobs.warm_up()
+        self.decoder()
+
+    def decoder(self) -> DecoderPool:
+        """The memory-limited decoder children (app/imaging/worker.py): every file from
+        elsewhere is decoded there, and its pixels come back as raw bytes, never pickled."""
+        with self._lock:
+            if self._decoder is None:
+                self._decoder = DecoderPool(2)
+            return self._decoder
 
     def where(self) -> str:
         session = self.session
@@ -224,9 +236,20 @@ class Backend:
             return "not connected"
         endpoint = session.store_config.endpoint_url or "AWS S3"
         endpoint = endpoint.removeprefix("http://").removeprefix("https://")
-        if self.settings.store == LOCAL:
+        if session.store_kind == MEMORY:
+            return f"in-memory store at {endpoint} (nothing is kept)"
+        if session.store_kind == LOCAL:
             return f"embedded store at {endpoint}"
         return f"{endpoint}, bucket {session.store_config.bucket}"
+
+    @property
+    def memory_store(self) -> bool:
+        """Whether this session's store (or, before connecting, the chosen one) keeps
+        nothing: everything is lost when Radcrypt closes."""
+        session = self.session
+        if session is not None and session.store_config is not None:
+            return not session.kept
+        return self.settings.store == MEMORY
 
     @property
     def connected(self) -> bool:
@@ -248,7 +271,10 @@ class Backend:
         service)."""
         self.jobs.shutdown()
         with self._lock:
+            decoder, self._decoder = self._decoder, None
             session, self.session = self.session, None
+        if decoder is not None:
+            decoder.close()
         if session is not None:
             session.close()
 
@@ -275,13 +301,13 @@ class Backend:
                                           self._store_config(), self.settings, *args)
         return self.remember(repo)
 
-    def create_repository(self, name: str, password: str | None = None) -> Repository:
-        """New keys are generated in a child process (see processes.repository_job)."""
-        if self.identity_mode:
-            return self._repository_job("create-as", self.identity, name)
-        if not password:
-            raise RadcryptError("a password is needed to lock the new repository")
-        return self._repository_job("create-password", name, password)
+    def create_repository(self, name: str) -> Repository:
+        """New keys are generated in a child process (see processes.repository_job). Only
+        an identity owns a new repository: none is locked by a password alone any more."""
+        if not self.identity_mode or self.identity is None:
+            raise RadcryptError("a new repository belongs to an identity: register or unlock "
+                                "your identity first")
+        return self._repository_job("create-as", self.identity, name)
 
     def open_repository(self, name: str, password: str | None = None) -> Repository:
         session = self._session()
@@ -359,17 +385,17 @@ class Backend:
             dest = Path(tmp) / f"original{suffix}"
             objects.fetch_original(self._session().store, repo.ring, repo.repo_id, image_id,
                                    dest, version)
-            image: DecodedImage = self.jobs.call(processes.decode_file, str(dest))
+            image: DecodedImage = self.decoder().decode(dest)
             return image
 
     def decode(self, path: str) -> DecodedImage:
         """Decode a local file (in a child process: decoders may hold the GIL)."""
-        image: DecodedImage = self.jobs.call(processes.decode_file, path)
+        image: DecodedImage = self.decoder().decode(path)
         return image
 
     def display(self, path: str) -> Any:
         """The 8-bit display image of a local file, decoded in a child process."""
-        return self.jobs.call(processes.display_of_file, path)
+        return self.decoder().display(path)
 
     # --- import and search ---------------------------------------------------------------
 
@@ -394,7 +420,7 @@ class Backend:
         session = self._session()
         self.service_client()
         start = time.perf_counter()
-        features = self.jobs.call(processes.features_of_file, path, repo.manifest.extractor)
+        features = self.decoder().features(path, repo.manifest.extractor)
         features_ms = (time.perf_counter() - start) * 1000
         result = search_features(session, repo, features[None, :], [path], k=k)[0]
         result.timings_ms["features"] = features_ms
@@ -479,6 +505,11 @@ def check_connection(settings: Settings, session: Session | None = None,
     if same:
         assert session is not None
         config = session.store_config
+    elif settings.store == MEMORY:
+        config = None
+        results.append(CheckResult(
+            "storage", False, "The in-memory store exists only while Radcrypt runs with it; "
+            "it keeps nothing."))
     elif settings.store == LOCAL:
         handle = find_running(settings.store_dir)
         config = handle.config() if handle is not None else None

@@ -29,12 +29,11 @@ from PyQt6.QtWidgets import (
 
 from app.core.repository import Repository
 from app.gui import theme
-from app.gui.backend import MIN_PASSWORD_SCORE, AccessRow, password_strength
+from app.gui.backend import AccessRow
 from app.gui.context import AppContext
 from app.gui.tasks import TaskContext, TaskError
 from app.gui.widgets import (
     PageHeader,
-    StrengthMeter,
     card,
     left_headers,
     muted_label,
@@ -49,19 +48,19 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 class NewRepositoryDialog(QDialog):
-    """Name (and, without identities, a password typed twice with its strength)."""
+    """The new repository's name; its key is wrapped to the user's identity (repositories
+    locked by a password alone are no longer created)."""
 
-    def __init__(self, needs_password: bool, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("New repository")
         self.setMinimumWidth(460)
-        self.needs_password = needs_password
         layout = QVBoxLayout(self)
         layout.setSpacing(10)
         intro = QLabel(
             "A new repository gets a new repository key, made on this workstation. Images "
-            "imported into it are encrypted with that key; the cloud never sees it."
-            + ("" if needs_password else " The key is wrapped to your identity."))
+            "imported into it are encrypted with that key; the cloud never sees it. The key "
+            "is wrapped to your identity.")
         intro.setWordWrap(True)
         layout.addWidget(intro)
         form = QFormLayout()
@@ -70,17 +69,6 @@ class NewRepositoryDialog(QDialog):
         self.name.setMaxLength(63)
         self.name.textChanged.connect(self._validate)
         form.addRow("Name:", self.name)
-        self.password = QLineEdit()
-        self.password.setEchoMode(QLineEdit.EchoMode.Password)
-        self.password.textChanged.connect(self._validate)
-        self.again = QLineEdit()
-        self.again.setEchoMode(QLineEdit.EchoMode.Password)
-        self.again.textChanged.connect(self._validate)
-        self.strength = StrengthMeter()
-        if needs_password:
-            form.addRow("Password:", self.password)
-            form.addRow("Password again:", self.again)
-            form.addRow("", self.strength)
         layout.addLayout(form)
         self.problem = QLabel("")
         self.problem.setObjectName("ErrorText")
@@ -101,34 +89,19 @@ class NewRepositoryDialog(QDialog):
         if not NAME_RE.fullmatch(name):
             return ("Use 1 to 63 characters: lowercase letters a-z, digits and '-', not "
                     "starting with '-'.")
-        if self.needs_password:
-            if not self.password.text():
-                return ""
-            score, _ = password_strength(self.password.text())
-            if score < MIN_PASSWORD_SCORE:
-                return "Choose a stronger password: this one would be easy to guess."
-            if self.again.text() and self.again.text() != self.password.text():
-                return "The two passwords differ."
         return ""
 
     def complete(self) -> bool:
-        if not self.name.text().strip() or self.problems():
-            return False
-        return not self.needs_password or (bool(self.password.text())
-                                           and self.again.text() == self.password.text())
+        return bool(self.name.text().strip()) and not self.problems()
 
     def _validate(self) -> None:
-        if self.needs_password:
-            self.strength.set_strength(*(password_strength(self.password.text())
-                                         if self.password.text() else (0, "empty")))
         problem = self.problems()
         self.problem.setText(problem)
         set_prop(self.name, "invalid", bool(problem) and "characters" in problem)
         self.create_button.setEnabled(self.complete())
 
-    def values(self) -> tuple[str, str | None]:
-        return self.name.text().strip(), (self.password.text() if self.needs_password
-                                          else None)
+    def values(self) -> tuple[str]:
+        return (self.name.text().strip(),)
 
 
 class CardDialog(QDialog):
@@ -362,7 +335,7 @@ class KeysPage(QWidget):
     def _update(self) -> None:
         identity = self.ctx.backend.identity_mode
         connected = self.ctx.backend.connected
-        self.new_button.setEnabled(connected)
+        self.new_button.setEnabled(identity and connected)  # repositories need an identity
         self.register_button.setEnabled(identity and connected)
         self.grant_button.setEnabled(identity and self.repo is not None)
         selected = self.selected_user()
@@ -379,14 +352,14 @@ class KeysPage(QWidget):
     # --- actions --------------------------------------------------------------------------
 
     def open_new_repository(self) -> NewRepositoryDialog:
-        dialog = NewRepositoryDialog(self.ctx.backend.needs_password(), self)
+        dialog = NewRepositoryDialog(self)
         dialog.accepted.connect(lambda: self.create_repository(*dialog.values()))
         dialog.finished.connect(lambda _: setattr(self, "dialog", None))
         self.dialog = dialog
         dialog.open()
         return dialog
 
-    def create_repository(self, name: str, password: str | None) -> None:
+    def create_repository(self, name: str) -> None:
         backend = self.ctx.backend
 
         def done(repo: Repository) -> None:
@@ -397,7 +370,7 @@ class KeysPage(QWidget):
             self.repositoryCreated.emit(repo)
 
         self.ctx.runner.run(f"Creating repository {name}",
-                            lambda _: backend.create_repository(name, password),
+                            lambda _: backend.create_repository(name),
                             kind="repository", on_done=done, on_error=self.ctx.error)
 
     def register_user(self) -> None:

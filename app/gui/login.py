@@ -155,9 +155,11 @@ class GatePage(QWidget):
             return ""
         password = self.password.text()
         if password:
-            score, _ = password_strength(password)
-            if score < MIN_PASSWORD_SCORE:
-                return "Choose a stronger password: this one would be easy to guess."
+            score, words = password_strength(password)
+            if score < MIN_PASSWORD_SCORE:  # zxcvbn's feedback, in its words
+                advice = words.partition(": ")[2]
+                return ("Choose a stronger password: this one would be easy to guess. "
+                        + advice).strip()
         if self.again.text() and self.again.text() != password:
             return "The two passwords differ."
         return ""

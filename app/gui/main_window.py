@@ -93,7 +93,15 @@ class MainWindow(QMainWindow):
         self.setMinimumSize(1024, 680)
 
         self.stack = QStackedWidget()
-        self.setCentralWidget(self.stack)
+        central = QWidget()
+        central_layout = QVBoxLayout(central)
+        central_layout.setContentsMargins(0, 0, 0, 0)
+        central_layout.setSpacing(0)
+        self.memory_banner = _memory_banner()
+        central_layout.addWidget(self.memory_banner)
+        central_layout.addWidget(self.stack, 1)
+        self.setCentralWidget(central)
+        self._update_memory_banner()
         self.gate = GatePage(self.ctx)
         self.gate.unlocked.connect(self._unlocked)
         self.stack.addWidget(self.gate)
@@ -296,6 +304,7 @@ class MainWindow(QMainWindow):
         self._set_connection("busy", "Connecting to the storage…")
 
         def done(where: str) -> None:
+            self._update_memory_banner()
             self._set_connection("on", f"Connected · {where}")
             self.ctx.connectionChanged.emit(True, where)
             self.ctx.activity.record("connect", f"Connected to the {where}")
@@ -545,6 +554,10 @@ class MainWindow(QMainWindow):
         self._set_connection(self._conn_state, self.conn_label.text())
         self._repository_changed(self.ctx.repo)
 
+    def _update_memory_banner(self) -> None:
+        """The red banner is shown whenever the store keeps nothing, and cannot be closed."""
+        self.memory_banner.setVisible(self.backend.memory_store)
+
     def _set_connection(self, state: str, text: str) -> None:
         self._conn_state = state
         c = theme.current_colors()
@@ -649,6 +662,23 @@ class MainWindow(QMainWindow):
         self.shutdown_done = True
         self.shutdownFinished.emit()
         self.close()
+
+
+MEMORY_BANNER = ("Nothing is kept: this session uses an in-memory store; everything is lost "
+                 "when Radcrypt closes")
+
+
+def _memory_banner() -> QLabel:
+    """A permanent red strip across the window (no close button)."""
+    banner = QLabel(MEMORY_BANNER)
+    banner.setObjectName("MemoryStoreBanner")
+    banner.setWordWrap(True)
+    banner.setAlignment(Qt.AlignmentFlag.AlignCenter)
+    banner.setStyleSheet("QLabel#MemoryStoreBanner { background: #b3261e; color: #ffffff; "
+                         "font-weight: 600; padding: 8px 14px; }")
+    banner.setAccessibleName("Warning: " + MEMORY_BANNER)
+    banner.setVisible(False)
+    return banner
 
 
 def _separator() -> QLabel:

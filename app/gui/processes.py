@@ -242,7 +242,7 @@ def demo_job(progress: ProgressCallback, cancel: CancelToken, store_config: Any,
 
     session = _StoreSession(ObjectStore(store_config), settings)
     progress(ProgressEvent("samples", 0, 0, message="Preparing sample images"))
-    repo, files, _report, _password = prepare_demo_repository(
+    repo, files, _report, _owner = prepare_demo_repository(
         session, workdir, count, progress)  # type: ignore[arg-type]
     progress(ProgressEvent("queries", 0, 0, message="Making query images"))
     make_demo_queries(files, workdir / "queries", queries)
@@ -251,15 +251,11 @@ def demo_job(progress: ProgressCallback, cancel: CancelToken, store_config: Any,
 
 def repository_job(action: str, store_config: Any, settings: Any, *args: Any) -> Any:
     """Key generation (secure-kNN matrices: numpy's QR holds the GIL for ~0.15 s) and key
-    rotation, in a child: create a repository (by password or as an identity) or revoke a
+    rotation, in a child: create a repository (owned by an identity) or revoke a
     user (which rotates the key version and re-encrypts the index)."""
     from cloud.store import ObjectStore
 
     store = ObjectStore(store_config)
-    if action == "create-password":
-        from app.core.repository import create_repository
-
-        return create_repository(store, *args)
     from app.core import access
 
     session = _StoreSession(store, settings)

@@ -130,9 +130,6 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
     window.show_page("keys")
     dialog = window.keys_page.open_new_repository()
     dialog.name.setText("ct-neuro-2024")
-    if dialog.needs_password:
-        dialog.password.setText(PASSWORD)
-        dialog.again.setText(PASSWORD)
     shoot(dialog, "08-new-repository")
     dialog.create_button.click()
     wait_until(lambda: window.ctx.repo is not None, what="the repository")

@@ -23,7 +23,7 @@ from PyQt6.QtWidgets import (
 )
 
 from app.core.errors import RadcryptError
-from app.core.settings import LOCAL, Settings, save_settings
+from app.core.settings import LOCAL, MEMORY, Settings, save_settings
 from app.gui import theme
 from app.gui.backend import CheckResult, check_connection
 from app.gui.context import AppContext
@@ -72,12 +72,17 @@ class SettingsPage(QWidget):
         form.setVerticalSpacing(8)
         self.local_radio = QRadioButton("Embedded store on this workstation (default)")
         self.s3_radio = QRadioButton("S3-compatible cloud storage")
+        # Shown only when chosen (--store memory, RADCRYPT_STORE=memory): never offered.
+        self.memory_radio = QRadioButton("In memory: nothing is kept when Radcrypt closes")
         group = QButtonGroup(self)
         group.addButton(self.local_radio)
         group.addButton(self.s3_radio)
+        group.addButton(self.memory_radio)
         self.local_radio.toggled.connect(self._kind_changed)
+        self.s3_radio.toggled.connect(self._kind_changed)
         form.addRow(self.local_radio)
         form.addRow(self.s3_radio)
+        form.addRow(self.memory_radio)
         self.endpoint = QLineEdit()
         self.endpoint.setPlaceholderText("https://s3.example.org (empty: AWS S3)")
         self.bucket = QLineEdit()
@@ -163,7 +168,9 @@ class SettingsPage(QWidget):
 
     def load(self, settings: Settings) -> None:
         self.local_radio.setChecked(settings.store == LOCAL)
-        self.s3_radio.setChecked(settings.store != LOCAL)
+        self.memory_radio.setChecked(settings.store == MEMORY)
+        self.memory_radio.setVisible(settings.store == MEMORY)
+        self.s3_radio.setChecked(settings.store not in (LOCAL, MEMORY))
         self.endpoint.setText(settings.endpoint_url or "")
         self.bucket.setText(settings.bucket)
         self.region.setText(settings.region)
@@ -176,7 +183,8 @@ class SettingsPage(QWidget):
     def form_settings(self) -> Settings:
         base = self.ctx.backend.settings
         return dataclasses.replace(
-            base, store=LOCAL if self.local_radio.isChecked() else "s3",
+            base, store=(LOCAL if self.local_radio.isChecked() else
+                         MEMORY if self.memory_radio.isChecked() else "s3"),
             endpoint_url=self.endpoint.text().strip() or None,
             bucket=self.bucket.text().strip() or "radcrypt",
             region=self.region.text().strip() or "us-east-1",

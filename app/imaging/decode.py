@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import re
 import struct
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,8 +33,23 @@ if TYPE_CHECKING:
 MAX_PIXELS = 100_000_000
 """Largest frame accepted (rows x columns), so one bad file cannot exhaust memory."""
 
+MAX_PIXEL_BYTES = 1024**3
+"""Largest pixel data accepted (rows x columns x samples per pixel x bits allocated / 8 x
+frames): a multi-frame file holds all its frames in memory, however few are shown."""
+
 MAX_FILE_BYTES = 4 * 1024**3
 """Largest file read at all; decoding holds the whole file in memory."""
+
+DEFLATED_HEADER_BYTES = 64 * 1024**2
+"""Most a deflated DICOM data set may inflate to before its pixel data starts."""
+
+DEFLATED_TRAILER_BYTES = 4 * 1024**2
+"""Most a deflated DICOM data set may inflate to after its pixel data (padding, signatures)."""
+
+DEFLATED_MAX_RATIO = 200
+"""Most a deflated DICOM data set may grow when inflated, beyond DEFLATED_HEADER_BYTES.
+Images deflate 2 to 20 times; zeros 1000 times: a file that declares a huge image and fills
+it with nothing is refused even though its size agrees with its header."""
 
 SUPPORTED = "not a supported image (PNG, JPEG, TIFF or DICOM)"
 METADATA_KEYS = (
@@ -300,6 +317,31 @@ def too_large(width: int, height: int) -> str:
     return f"image too large: {width}x{height} pixels (limit {MAX_PIXELS // 1_000_000} megapixels)"
 
 
+def pixel_data_bytes(rows: int, cols: int, samples: int, bits: int, frames: int) -> int:
+    """Bytes of native pixel data that these attributes declare (bits packed for 1-bit)."""
+    return (rows * cols * samples * bits * frames + 7) // 8
+
+
+def check_pixel_budget(name: str, rows: int, cols: int, samples: int, bits: int,
+                       frames: int) -> int:
+    """The declared pixel data size, or an ImageDecodeError if it is over the limits:
+    a frame over MAX_PIXELS, or all frames together over MAX_PIXEL_BYTES."""
+    if rows <= 0 or cols <= 0:
+        raise ImageDecodeError(name, f"image has no pixels ({cols}x{rows})")
+    if rows * cols > MAX_PIXELS:
+        raise ImageDecodeError(name, too_large(cols, rows))
+    if frames < 1 or frames > 1_000_000:
+        raise ImageDecodeError(name, f"invalid Number of Frames value {frames}")
+    size = pixel_data_bytes(rows, cols, samples, bits, frames)
+    if size > MAX_PIXEL_BYTES:
+        raise ImageDecodeError(
+            name,
+            f"image too large: {frames} frame(s) of {cols}x{rows} pixels, {samples} "
+            f"sample(s) of {bits} bits, are {size // 1024**2} MiB of pixel data "
+            f"(limit {MAX_PIXEL_BYTES // 1024**2} MiB)")
+    return size
+
+
 def _check_frame(name: str, frame: int, n_frames: int) -> None:
     if frame >= n_frames:
         raise ImageDecodeError(
@@ -425,7 +467,13 @@ def _decode_dicom(data: bytes, name: str, frame: int | None) -> DecodedImage:
     if data.startswith(b"DICM"):
         data = bytes(128) + data  # meta header without the preamble: give pydicom one
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+        ds = _read_deflated(data, name) if data[128:132] == b"DICM" else None
+        if ds is None:
+            ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+    except ImageDecodeError:
+        raise
+    except MemoryError:
+        raise
     except InvalidDicomError as exc:
         raise ImageDecodeError(name, f"not a valid DICOM file ({short(exc)})") from exc
     except Exception as exc:
@@ -479,20 +527,18 @@ def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
         raise ImageDecodeError(
             name, "DICOM file has no pixel data" + (detail + ")" if detail else "")
         )
-    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
-    if rows is None or cols is None:
-        raise ImageDecodeError(name, "DICOM image has no Rows or Columns attribute")
-    if rows <= 0 or cols <= 0:
-        raise ImageDecodeError(name, f"image has no pixels ({cols}x{rows})")
-    if rows * cols > MAX_PIXELS:
-        raise ImageDecodeError(name, too_large(cols, rows))
-    bits = _int_attr(ds, "BitsAllocated")
-    if bits not in (1, 8, 16, 32, 64):
-        raise ImageDecodeError(name, f"unsupported Bits Allocated value {bits}")
-    spp = _int_attr(ds, "SamplesPerPixel", 1)
-    if spp not in (1, 3):
-        raise ImageDecodeError(name, f"unsupported Samples per Pixel value {spp}")
-    n_frames = max(1, _int_attr(ds, "NumberOfFrames", 1) or 1)
+    rows, cols, spp, bits, n_frames = _pixel_attributes(ds, name)
+    element = ds[pixel_keyword]
+    if not element.is_undefined_length and rows * cols <= MAX_PIXELS:
+        have = len(element.value or b"")
+        need = pixel_data_bytes(rows, cols, spp, bits, n_frames)
+        if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
+            need = need * 2 // 3  # two samples per pixel stored: chroma shared by pairs
+        if have < need:  # native data: what the file lacks cannot be allocated
+            raise ImageDecodeError(
+                name, f"pixel data is truncated: {have} of the {need} bytes that its rows, "
+                "columns, frames and bits allocated require")
+    check_pixel_budget(name, rows, cols, spp, bits, n_frames)
     index = n_frames // 2 if frame is None else frame
     _check_frame(name, index, n_frames)
     _ensure_transfer_syntax(ds, name, pixel_keyword)
@@ -525,6 +571,129 @@ def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
         display_range=display_range,
         voi_lut_image=voi_lut_image,
     )
+
+
+def _pixel_attributes(ds: Dataset, name: str) -> tuple[int, int, int, int, int]:
+    """Rows, columns, samples per pixel, bits allocated and frames, checked for sense."""
+    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
+    if rows is None or cols is None:
+        raise ImageDecodeError(name, "DICOM image has no Rows or Columns attribute")
+    if rows <= 0 or cols <= 0:
+        raise ImageDecodeError(name, f"image has no pixels ({cols}x{rows})")
+    if rows * cols > MAX_PIXELS:
+        raise ImageDecodeError(name, too_large(cols, rows))
+    bits = _int_attr(ds, "BitsAllocated")
+    if bits not in (1, 8, 16, 32, 64):
+        raise ImageDecodeError(name, f"unsupported Bits Allocated value {bits}")
+    spp = _int_attr(ds, "SamplesPerPixel", 1)
+    if spp not in (1, 3):
+        raise ImageDecodeError(name, f"unsupported Samples per Pixel value {spp}")
+    n_frames = max(1, _int_attr(ds, "NumberOfFrames", 1) or 1)
+    return rows, cols, int(spp or 1), bits, n_frames
+
+
+# Deflated Explicit VR Little Endian (PS3.5 A.5): the whole data set after the meta header is
+# one raw deflate stream. pydicom inflates it whole, however large it says it is: 300 KB of
+# zeros inflate to gigabytes. So it is inflated here, in steps, to no more than its header
+# declares: the header is read from what has been inflated so far until the pixel data element
+# is reached, and the rest may be only that element (as large as its rows, columns, samples,
+# bits and frames require) and a small trailer.
+
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+
+
+def _read_deflated(data: bytes, name: str) -> Dataset | None:
+    """The data set of a deflated file, inflated within its declared size; None if the file
+    (with its 128-byte preamble and DICM marker) is not deflated."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    fp = DicomBytesIO(data)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    fp.seek(132)
+    meta = _read_file_meta_info(fp)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    inflated = _bounded_inflate(memoryview(data)[fp.tell():], name)
+    body = DicomBytesIO(inflated)
+    body.is_little_endian, body.is_implicit_VR = True, False
+    ds = read_dataset(body, is_implicit_VR=False, is_little_endian=True)
+    ds.file_meta = meta
+    ds.set_original_encoding(False, True, ds._character_set)
+    return ds
+
+
+def _declared_end(prefix: bytes, name: str) -> int | None:
+    """How far the whole data set may inflate, from the header found at the start of
+    ``prefix``; None while the prefix ends before the top-level pixel data element."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    fp = DicomBytesIO(prefix)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+        return tag in _PIXEL_TAGS
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a cut element warns before it fails
+            header = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                                  stop_when=at_pixels)
+    except Exception:
+        return None  # cut inside an element: more is needed
+    start = fp.tell()
+    if len(prefix) < start + 12:
+        return None
+    tag = int.from_bytes(prefix[start : start + 2], "little") << 16 | int.from_bytes(
+        prefix[start + 2 : start + 4], "little")
+    if tag not in _PIXEL_TAGS:
+        return None
+    rows, cols, spp, bits, frames = _pixel_attributes(header, name)
+    size = check_pixel_budget(name, rows, cols, spp, bits, frames)
+    return start + 12 + size + 1 + DEFLATED_TRAILER_BYTES
+
+
+def _bounded_inflate(compressed: memoryview, name: str) -> bytes:
+    """Inflate a raw deflate stream, refusing it once it grows past what its DICOM header
+    declares (or past DEFLATED_HEADER_BYTES before the pixel data element is reached)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pending: bytes | memoryview = compressed
+    limit: int | None = None  # unknown until the header is read
+    ratio_cap = max(DEFLATED_HEADER_BYTES, DEFLATED_MAX_RATIO * len(compressed))
+    next_look = 256 * 1024
+    while True:
+        cap = min(limit, ratio_cap + 1) if limit is not None else DEFLATED_HEADER_BYTES
+        room = cap - len(out)
+        try:
+            chunk = inflater.decompress(pending, max(1, min(room + 1, 16 * 1024**2)))
+        except zlib.error as exc:
+            raise ImageDecodeError(name, f"deflated DICOM data is corrupt ({short(exc)})"
+                                   ) from exc
+        pending = inflater.unconsumed_tail
+        out += chunk
+        ended = inflater.eof or (not chunk and not pending)
+        if limit is None and (len(out) >= next_look or ended):
+            limit = _declared_end(bytes(out), name)
+            next_look = len(out) * 4
+        if limit is not None and len(out) > limit:
+            raise ImageDecodeError(
+                name, "deflated DICOM data inflates to more than its header declares "
+                f"(over {limit // 1024**2 or 1} MiB): refused as a decompression bomb")
+        if len(out) > ratio_cap:
+            raise ImageDecodeError(
+                name, f"deflated DICOM data inflates more than {DEFLATED_MAX_RATIO} times "
+                f"its size ({len(compressed)} bytes to over {ratio_cap // 1024**2} MiB): "
+                "refused as a decompression bomb")
+        if limit is None and len(out) > DEFLATED_HEADER_BYTES:
+            raise ImageDecodeError(
+                name, "deflated DICOM header inflates to more than "
+                f"{DEFLATED_HEADER_BYTES // 1024**2} MiB before its pixel data: refused as "
+                "a decompression bomb")
+        if ended:
+            return bytes(out)
 
 
 def _rgb_white(ds: Dataset, arr: np.ndarray, pi: str) -> float:

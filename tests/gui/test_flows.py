@@ -9,6 +9,7 @@ from guitools import (
     TEST_PASSWORD,
     WAIT_MS,
     Heartbeat,
+    create_legacy_repository,
     create_repository,
     import_files,
     names,
@@ -53,6 +54,10 @@ def test_register_on_first_run(qtbot, make_window):
     gate.password.setText("short")
     assert not gate.submit_button.isEnabled()  # too weak
     assert "stronger" in gate.error.text()
+    gate.password.setText("password123")  # zxcvbn scores it 0: its advice is shown
+    gate.again.setText("password123")
+    assert not gate.submit_button.isEnabled()
+    assert "very common password" in gate.error.text()
     gate.password.setText(TEST_PASSWORD)
     gate.again.setText(TEST_PASSWORD + "x")
     assert not gate.submit_button.isEnabled()
@@ -121,9 +126,9 @@ def test_new_repository_dialog_refuses_bad_names(qtbot, make_window):
 
 
 def test_wrong_repository_password_keeps_it_locked(qtbot, make_window, dialogs):
-    """Password-locked repositories (before identities, and the demo)."""
+    """Password-locked repositories (made before identities) still open with theirs."""
     first = make_window(identity_mode=False)
-    create_repository(qtbot, first, "mr-brain")
+    create_legacy_repository(qtbot, first, "mr-brain")
     first.close()
     qtbot.waitUntil(lambda: first.shutdown_done, timeout=WAIT_MS)
 
@@ -141,6 +146,23 @@ def test_wrong_repository_password_keeps_it_locked(qtbot, make_window, dialogs):
     window.open_repository("mr-brain")
     qtbot.waitUntil(lambda: window.ctx.repo is not None, timeout=WAIT_MS)
     assert window.ctx.repo.repo_id == "mr-brain"
+
+
+def test_no_repository_is_created_without_an_identity(qtbot, make_window):
+    """Without an identity (the password-only mode) the GUI creates no repository: the
+    button is off and the backend refuses, writing nothing to the bucket."""
+    from app.core.errors import RadcryptError
+
+    window = make_window(identity_mode=False)
+    wait_connected(qtbot, window)
+    wait_idle(qtbot, window)
+    assert not window.keys_page.new_button.isEnabled()
+    store = window.backend.session.store
+    before = sorted(store.list_keys(""))
+    with pytest.raises(RadcryptError, match="belongs to an identity"):
+        window.backend.create_repository("no-owner")
+    assert sorted(store.list_keys("")) == before
+    assert not [k for k in before if k.endswith("/password-owner")]
 
 
 @needs_identity
@@ -182,7 +204,7 @@ def test_register_grant_and_revoke_a_user(qtbot, make_window, dialogs, tmp_path)
 @needs_identity
 def test_password_repository_moves_to_the_identity(qtbot, make_window, dialogs):
     old = make_window(identity_mode=False)
-    create_repository(qtbot, old, "legacy")
+    create_legacy_repository(qtbot, old, "legacy")
     old.close()
     qtbot.waitUntil(lambda: old.shutdown_done, timeout=WAIT_MS)
 

@@ -46,7 +46,7 @@ from cloud.auth import request_message
 from cloud.segments import decode_segment, encode_segment
 from crypto import aead, csprng, recipient, signed
 from crypto.identity import Identity, PublicCard, fingerprint, open_identity, verify
-from crypto.index import IndexKey
+from crypto.index import BoundLevels, IndexKey
 from crypto.keys import KeyRing, VersionKeys, unwrap_with_password, wrap_with_password
 from crypto.sknn import SknnKey
 from crypto.tokens import QueryToken
@@ -79,6 +79,8 @@ CREATED = "2025-01-15T09:00:00+00:00"
 REGISTERED = "2025-01-15T09:05:00+00:00"
 IMPORTED = "2025-01-15T09:20:00+00:00"
 STAMP = "1736933400"  # 2025-01-15T09:30:00Z
+SERVICE_ID = "svc-radiology-a1"  # the audience: the deployment a request is signed for
+OTHER_SERVICE_ID = "svc-cardiology-b2"
 SCHEME = "aspe-split-v1+aes-256-gcm-stream-v1"  # app/core/repository.py SCHEME
 DIM = 4
 LEVELS = (1, 2)
@@ -224,9 +226,16 @@ def originals() -> list[bytes]:
     return out
 
 
-def image_id(data_key_v1: bytes, content: bytes) -> str:
+def id_key(data_key: bytes) -> bytes:
+    """HKDF-SHA256(IKM = a key version's data key, no salt, info "radcrypt/image-id-key/v1")."""
+    prk = hmac.new(bytes(32), data_key, hashlib.sha256).digest()
+    return hmac.new(prk, b"radcrypt/image-id-key/v1" + b"\x01", hashlib.sha256).digest()
+
+
+def image_id(data_key: bytes, content: bytes) -> str:
+    """The id of ``content`` under the key version whose data key is ``data_key``."""
     digest = hashlib.sha256(content).digest()
-    mac = hmac.new(data_key_v1, b"radcrypt/image-id/v1" + digest, hashlib.sha256)
+    mac = hmac.new(id_key(data_key), b"radcrypt/image-id/v1" + digest, hashlib.sha256)
     return mac.hexdigest()[:32]
 
 
@@ -386,8 +395,9 @@ def make_associated_data(ring: KeyRing, ring2: KeyRing) -> None:
                  "the per-image objects of the bucket", "Associated data and per-image objects",
                  ["ad: aead.associated_data(repo_id, kind, object_id, key_version)",
                   "image_id: app.core.importer.image_id_for = first 32 hex digits of "
-                  "HMAC-SHA256(data key of the ring's FIRST version, 'radcrypt/image-id/v1' "
-                  "|| SHA-256(original file))",
+                  "HMAC-SHA256(id key, 'radcrypt/image-id/v1' || SHA-256(original file)), "
+                  "id key = HKDF-SHA256(data key of the CURRENT key version, no salt, info "
+                  "'radcrypt/image-id-key/v1', 32 bytes): ids change with each key version",
                   "objects: aead.open_sealed(data key of key_version, envelope, "
                   "associated_data(repo_id, kind, image_id, key_version)) == plaintext"])
     vectors: list[dict[str, Any]] = []
@@ -399,10 +409,15 @@ def make_associated_data(ring: KeyRing, ring2: KeyRing) -> None:
                         "repo_id": REPO, "kind": kind, "object_id": obj,
                         "key_version": version, "ad_hex": hx(ad)})
     for i, content in enumerate(docs):
-        vectors.append({"name": f"image-id-{i}", "type": "image_id",
-                        "first_data_key_hex": hx(data_key),
+        vectors.append({"name": f"image-id-{i}", "type": "image_id", "key_version": 1,
+                        "data_key_hex": hx(data_key), "id_key_hex": hx(id_key(data_key)),
                         "content_sha256_hex": hashlib.sha256(content).hexdigest(),
                         "image_id": ids[i]})
+    data_key_2 = ring2.versions[1].data_key  # the same file under key version 2
+    vectors.append({"name": "image-id-0-v2", "type": "image_id", "key_version": 2,
+                    "data_key_hex": hx(data_key_2), "id_key_hex": hx(id_key(data_key_2)),
+                    "content_sha256_hex": hashlib.sha256(docs[0]).hexdigest(),
+                    "image_id": image_id(data_key_2, docs[0])})
     objects: dict[str, tuple[bytes, bytes, bytes]] = {}
     meta = meta_json("ct-chest-0001.dcm", docs[0], FEATURES[0])
     plan = [("original", "objects", docs[0], ring.versions[0]),
@@ -494,15 +509,18 @@ def make_password_wrap() -> None:
          "WrongPassword"),
         ("log2n-11", "log2 N raised to 11 (the header is associated data)",
          put(blob, 5, b"\x0b"), pw, "WrongPassword"),
-        ("r-9", "r changed to 9", put(blob, 6, b"\x09"), pw, "WrongPassword"),
-        ("p-2", "p changed to 2", put(blob, 7, b"\x02"), pw, "WrongPassword"),
+        ("r-9", "r = 9: readers accept only r = 8", put(blob, 6, b"\x09"), pw, "FormatError"),
+        ("p-2", "p = 2: readers accept only p = 1", put(blob, 7, b"\x02"), pw, "FormatError"),
         ("log2n-9", "log2 N = 9, below the minimum 10", put(blob, 5, b"\x09"), pw, "FormatError"),
-        ("log2n-23", "log2 N = 23, above the maximum 22", put(blob, 5, b"\x17"), pw,
-         "FormatError"),
+        ("log2n-19", "log2 N = 19, above the maximum 18 (memory bound 256 MiB)",
+         put(blob, 5, b"\x13"), pw, "FormatError"),
+        ("log2n-22", "log2 N = 22 (4 GiB with r = 8): refused before any scrypt work",
+         put(blob, 5, b"\x16"), pw, "FormatError"),
         ("r-0", "r = 0", put(blob, 6, b"\x00"), pw, "FormatError"),
-        ("r-33", "r = 33, above 32", put(blob, 6, b"\x21"), pw, "FormatError"),
+        ("r-32", "r = 32 (with log2 N = 10: 4 MiB, but not the product's r)",
+         put(blob, 6, b"\x20"), pw, "FormatError"),
         ("p-0", "p = 0", put(blob, 7, b"\x00"), pw, "FormatError"),
-        ("p-17", "p = 17, above 16", put(blob, 7, b"\x11"), pw, "FormatError"),
+        ("p-16", "p = 16", put(blob, 7, b"\x10"), pw, "FormatError"),
         ("bad-magic", "magic 'RCPX'", put(blob, 0, b"RCPX"), pw, "FormatError"),
         ("version-2", "version byte 2", put(blob, 4, b"\x02"), pw, "FormatError"),
         ("truncated-header", "only 23 bytes", blob[:23], pw, "FormatError"),
@@ -956,9 +974,11 @@ def make_signed_json(people: dict[str, Identity]) -> None:
                   "the signature covers the canonical payload (sorted keys, no spaces, "
                   "ASCII with \\u escapes), so a reformatted document still verifies"])
     manifest_name = layout.manifest_key(REPO)
+    members = [{"user_id": OWNER_ID, "key_version": 1}, {"user_id": ZOE_ID, "key_version": 1}]
     manifest = {"created": CREATED, "dim": DIM, "extractor": "radcrypt-v1",
                 "format": "radcrypt-manifest-v1", "key_version": 1, "levels": list(LEVELS),
-                "repo_id": REPO, "scheme": SCHEME}
+                "repo_id": REPO, "scheme": SCHEME, "sequence": 2, "owner": OWNER_ID,
+                "members": members}
     card = zoe.card()
     user_name = layout.user_key(ZOE_ID)
     user = {"card": card.to_json(), "fingerprint": card.fingerprint, "registered": REGISTERED}
@@ -999,6 +1019,10 @@ def make_signed_json(people: dict[str, Identity]) -> None:
         ("payload-edited", "key_version changed to 2 in the payload",
          edit(payload={**manifest, "key_version": 2}), "manifest", manifest_name, trusted,
          "SignatureError"),
+        ("member-added", "mallory added to the members in the payload",
+         edit(payload={**manifest, "members": [*members,
+                                               {"user_id": MALLORY_ID, "key_version": 1}]}),
+         "manifest", manifest_name, trusted, "SignatureError"),
         ("payload-field-added", "an extra field in the payload",
          edit(payload={**manifest, "note": "x"}), "manifest", manifest_name, trusted,
          "SignatureError"),
@@ -1196,13 +1220,16 @@ def make_request_signature(people: dict[str, Identity], token: bytes) -> None:
                  "request_message, app/core/identity.py RequestSigner)",
                  "Search service requests",
                  ["cloud.auth.request_message(method, path, body_sha256_hex, stamp, nonce, "
-                  "user_id) == message; Ed25519 over it with the user's key == signature "
-                  "(deterministic); crypto.identity.verify(sign_public, message, signature) "
-                  "passes",
+                  "user_id, service_id) == message; Ed25519 over it with the user's key == "
+                  "signature (deterministic); crypto.identity.verify(sign_public, message, "
+                  "signature) passes",
+                  "service_id is the id the service gives at GET /v1/info: a request signed "
+                  "for one deployment does not verify at another",
                   "the service also checks |now - stamp| <= 300 s, refuses a nonce it saw "
-                  "from the same user within 600 s, and that the user record and the grant "
-                  "are signed by a trusted owner; those checks depend on time and the bucket "
-                  "and are not vectors"])
+                  "from the same user while its stamp is in the window, that the user record "
+                  "is signed by the owner who signed the repository's manifest, and that the "
+                  "user is a member of that manifest at its key version; those checks depend "
+                  "on time and the bucket and are not vectors"])
     search_body = json.dumps({"token": b64(token), "k": 1, "key_version": 1},
                              separators=(",", ":")).encode()
     plan = [("search", "POST", f"/v1/repos/{REPO}/search", search_body,
@@ -1212,12 +1239,13 @@ def make_request_signature(people: dict[str, Identity], token: bytes) -> None:
     vectors = []
     for name, method, path, body, nonce in plan:
         digest = hashlib.sha256(body).hexdigest()
-        message = request_message(method, path, digest, STAMP, nonce, ZOE_ID)
+        message = request_message(method, path, digest, STAMP, nonce, ZOE_ID, SERVICE_ID)
         signature = zoe.sign(message)
         verify(zoe.sign_public, message, signature)
         vectors.append({
             "name": name, "method": method, "path": path, "body_b64": b64(body),
             "body_sha256_hex": digest, "stamp": STAMP, "nonce": nonce, "user_id": ZOE_ID,
+            "service_id": SERVICE_ID,
             "signer_private_hex": hx(zoe.sign_private), "sign_public_hex": hx(zoe.sign_public),
             "message_utf8": message.decode(), "signature_b64": b64(signature),
             "headers": {"x-radcrypt-user": ZOE_ID, "x-radcrypt-time": STAMP,
@@ -1225,11 +1253,12 @@ def make_request_signature(people: dict[str, Identity], token: bytes) -> None:
     doc["vectors"] = vectors
     v = vectors[1]
     sig = zoe.sign(request_message("POST", v["path"], v["body_sha256_hex"], STAMP, v["nonce"],
-                                   ZOE_ID))
+                                   ZOE_ID, SERVICE_ID))
 
     def msg(**changes: str) -> dict[str, str]:
         fields = {"method": "POST", "path": v["path"], "body_sha256_hex": v["body_sha256_hex"],
-                  "stamp": STAMP, "nonce": v["nonce"], "user_id": ZOE_ID}
+                  "stamp": STAMP, "nonce": v["nonce"], "user_id": ZOE_ID,
+                  "service_id": SERVICE_ID}
         return {**fields, **changes}
 
     cases = [
@@ -1246,6 +1275,8 @@ def make_request_signature(people: dict[str, Identity], token: bytes) -> None:
         ("other-nonce", "checked for another nonce", msg(nonce="0" * 32), sig, zoe.sign_public),
         ("other-user", "checked as a request of ada-owner-0a1b2c", msg(user_id=OWNER_ID), sig,
          zoe.sign_public),
+        ("other-service", f"checked by another deployment, {OTHER_SERVICE_ID} (a replay "
+         "to another service)", msg(service_id=OTHER_SERVICE_ID), sig, zoe.sign_public),
         ("other-key", "checked against the owner's key", msg(), sig, owner.sign_public),
         ("signature-bit-flipped", "one bit of the signature flipped", msg(), flip(sig, 63, 0),
          zoe.sign_public),
@@ -1254,13 +1285,75 @@ def make_request_signature(people: dict[str, Identity], token: bytes) -> None:
     entries = []
     for name, text, fields, signature, public in cases:
         message = request_message(fields["method"], fields["path"], fields["body_sha256_hex"],
-                                  fields["stamp"], fields["nonce"], fields["user_id"])
+                                  fields["stamp"], fields["nonce"], fields["user_id"],
+                                  fields["service_id"])
         entries.append(broken(
             name, text, "SignatureError",
             lambda p=public, m=message, s=signature: verify(p, m, s),
             of="refresh", **fields, sign_public_hex=hx(public), signature_b64=b64(signature)))
     doc["broken"] = entries
     write("request_signature.json", doc)
+
+
+# --- basis.json (bound levels, the basis object, an index key without levels) ----------------
+
+
+def make_basis() -> None:
+    """Bound levels fitted on the owner's sample, their encrypted object basis/1, and an
+    IndexKey without levels (what a new repository's ring holds until its first batch)."""
+    doc = header("basis", "Bound levels (crypto/index.py BoundLevels), the encrypted object "
+                 "basis/<key_version> (app/core/basis.py) and an IndexKey with no levels",
+                 "Bound levels", ["BoundLevels.from_bytes(b).to_bytes() == b, likewise "
+                                  "IndexKey; the object opens under the data key with "
+                                  "associated_data(repo_id, 'basis', str(version), version)"])
+    with deterministic("basis/levels"):
+        levels = BoundLevels.generate(DIM, sample_features(), LEVELS)
+    with deterministic("basis/no-levels"):
+        bare = IndexKey.generate(DIM, levels=())
+    data_key = fixed("basis/v1/data")
+    ad = aead.associated_data(REPO, "basis", "1", 1)
+    with deterministic("basis/object"):
+        envelope = aead.seal(data_key, levels.to_bytes(), ad)
+    level_bytes = levels.to_bytes()
+    doc["vectors"] = [
+        {"name": "bound-levels", "type": "BoundLevels", "bytes_b64": b64(level_bytes),
+         "fields": {"dim": levels.dim, "levels": list(levels.levels),
+                    "basis": levels.basis.tolist(),
+                    "level_keys": [sknn_fields(k) for k in levels.level_keys]}},
+        {"name": "basis-object", "type": "object", "object_name": layout.basis_key(REPO, 1),
+         "repo_id": REPO, "key_version": 1, "data_key_hex": hx(data_key),
+         "associated_data_hex": hx(ad), "envelope_b64": b64(envelope),
+         "plaintext_sha256_hex": hashlib.sha256(level_bytes).hexdigest()},
+        {"name": "index-key-no-levels", "type": "IndexKey", "bytes_b64": b64(bare.to_bytes()),
+         "fields": index_fields(bare)},
+    ]
+    other_version = aead.associated_data(REPO, "basis", "2", 2)
+    other_repo = aead.associated_data(OTHER_REPO, "basis", "1", 1)
+    as_meta = aead.associated_data(REPO, "meta", "1", 1)
+    entries = [broken(name, text, "DecryptionError",
+                      lambda a=a: aead.open_sealed(data_key, envelope, a),
+                      operation="aead.open_sealed", associated_data_hex=hx(a),
+                      envelope_b64=b64(envelope))
+               for name, text, a in (
+                   ("object-other-version", "basis/1 opened as the basis of key version 2",
+                    other_version),
+                   ("object-other-repo", "basis/1 opened as the basis of another repository",
+                    other_repo),
+                   ("object-other-kind", "basis/1 opened with the kind 'meta'", as_meta))]
+    cases = [
+        ("levels-bad-magic", "magic 'RCBX'", put(level_bytes, 0, b"RCBX")),
+        ("levels-no-level", "n = 0 levels (bound levels need one)",
+         put(level_bytes, 9, b"\0")),
+        ("levels-above-dim", "the last level set to 5 (the dimension is 4)",
+         put(level_bytes, 14, struct.pack(">I", 5))),
+        ("levels-truncated", "the last byte removed", level_bytes[:-1]),
+        ("levels-trailing", "one zero byte appended", level_bytes + b"\0"),
+    ]
+    entries += [broken(name, text, "FormatError", lambda b=b: BoundLevels.from_bytes(b),
+                       operation="BoundLevels.from_bytes", bytes_b64=b64(b))
+                for name, text, b in cases]
+    doc["broken"] = entries
+    write("basis.json", doc)
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -1281,6 +1374,7 @@ def main() -> int:
     make_segment_and_token(ring)
     token = json.loads((OUT / "token.json").read_text(encoding="utf-8"))["vectors"][1]
     make_request_signature(people, base64.b64decode(token["token_b64"]))
+    make_basis()
     return 0
 
 

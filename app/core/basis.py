@@ -1,0 +1,191 @@
+"""The bound basis of a key version: fitted on the repository's own features, kept secret.
+
+The bound levels (DESIGN.md §4) project every vector on an orthonormal basis B whose rows
+are principal directions of the repository's features. Level scores reveal distances inside
+B's subspace, so B must never be computable from public data: it is fitted on the
+repository's own features only, never on a shipped or public sample.
+
+Where it lives. A new repository has no features, so its key ring carries the full-vector
+key only. The first import batch of a key version fits B on its own features, draws the
+level keys, and stores both (crypto.index.BoundLevels) in ``repos/<id>/basis/<version>``,
+AES-256-GCM encrypted under that version's data key, with associated data binding the
+repository, the kind "basis" and the version. It is written create-if-absent: of two
+importers racing on the first batch, the loser reads and uses the winner's. Opening a
+repository (and every import batch) loads it. A key rotation with features at hand fits the
+new version's basis on them and keeps it in the ring itself (rotation_index_key).
+
+Refusals. A basis object that does not open, or whose levels differ from the signed
+manifest's, is an IntegrityError. When the object is missing but segments of that version
+exist (the cloud deleted it), no new basis is written: an IntegrityError says so, because a
+new basis would mean new level keys that the stored segments do not match.
+
+A repository created with ``--bound-levels off`` has no levels at all (manifest levels []):
+its searches scan the codes of every full vector and a known-plaintext attacker needs
+d + 1 known pairs, as for the full vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from app.core.errors import IntegrityError, RadcryptError
+from cloud import layout
+from cloud.segments import read_header
+from cloud.store import ObjectExists, ObjectNotFound, ObjectStore
+from crypto import aead
+from crypto.errors import DecryptionError, FormatError
+from crypto.index import BoundLevels, IndexKey, default_levels
+from crypto.keys import KeyRing, VersionKeys
+
+if TYPE_CHECKING:
+    from app.core.repository import Manifest, Repository
+
+KIND = "basis"
+BOUND_LEVELS = ("auto", "off")  # the repository option (radcrypt repo create --bound-levels)
+# Feature norms an extractor's vectors stay below (radcrypt-v1: 1.2 to 2.8 on the sample
+# images): ciphertext norms are then drawn from one distribution whatever a batch holds
+# (crypto/sknn.py), so they reveal nothing of the plaintext norms, even for one image.
+NORM_BOUNDS = {"radcrypt-v1": 4.0}
+
+
+def norm_bound(manifest: Manifest) -> float:
+    """The feature norm to pass to IndexKey.encrypt for this repository (0: unknown)."""
+    return NORM_BOUNDS.get(manifest.extractor, 0.0)
+
+
+def manifest_levels(dim: int, bound_levels: str = "auto") -> list[int]:
+    """The levels a new repository's manifest announces: [] when switched off."""
+    if bound_levels not in BOUND_LEVELS:
+        raise RadcryptError(f"bound levels must be one of {', '.join(BOUND_LEVELS)}, "
+                            f"not {bound_levels!r}")
+    return [] if bound_levels == "off" else list(default_levels(dim))
+
+
+def initial_index_key(dim: int, bound_levels: str = "auto",
+                      own_sample: np.ndarray | None = None) -> IndexKey:
+    """The index key of a new repository.
+
+    Without ``own_sample`` (features of the department's own images) it has no levels yet:
+    the first import batch fits them (ensure). Public samples are never used.
+    """
+    levels = tuple(manifest_levels(dim, bound_levels))
+    if levels and own_sample is not None and len(own_sample):
+        return IndexKey.generate(dim, sample=np.asarray(own_sample, dtype=np.float64),
+                                 levels=levels)
+    return IndexKey.generate(dim, levels=())
+
+
+def rotation_index_key(manifest: Manifest, features: np.ndarray) -> IndexKey:
+    """Fresh index key of a new key version, B refitted on the repository's own features
+    (a repository with no features gets its basis from the new version's first batch)."""
+    return initial_index_key(manifest.dim, "auto" if manifest.levels else "off", features)
+
+
+def _ad(repo_id: str, version: int) -> bytes:
+    return aead.associated_data(repo_id, KIND, str(version), version)
+
+
+def _pending(levels: list[int], keys: VersionKeys) -> bool:
+    """Whether the manifest wants levels that the version's key does not have yet."""
+    return bool(levels) and not keys.index_key.levels
+
+
+def _with_levels(repo_id: str, levels: list[int], dim: int, keys: VersionKeys,
+                 bound: BoundLevels) -> VersionKeys:
+    if list(bound.levels) != list(levels) or bound.dim != dim:
+        raise IntegrityError(
+            f"the bound basis of repository {repo_id!r}, key version {keys.version}, "
+            "does not match the levels of its manifest")
+    return VersionKeys(keys.version, keys.data_key, keys.keyword_key,
+                       keys.index_key.with_levels(bound))
+
+
+def _read(store: ObjectStore, repo_id: str, keys: VersionKeys) -> BoundLevels | None:
+    name = layout.basis_key(repo_id, keys.version)
+    try:
+        envelope = store.get(name)
+    except ObjectNotFound:
+        return None
+    try:
+        return BoundLevels.from_bytes(
+            aead.open_sealed(keys.data_key, envelope, _ad(repo_id, keys.version)))
+    except (DecryptionError, FormatError):
+        raise IntegrityError(
+            f"the bound basis of repository {repo_id!r} ({name}) failed its integrity "
+            "check: it was altered, replaced or moved") from None
+
+
+def load_version(store: ObjectStore, repo_id: str, levels: list[int], dim: int,
+                 keys: VersionKeys) -> VersionKeys:
+    """The keys of one version with its basis, when one exists (else unchanged)."""
+    if not _pending(levels, keys):
+        return keys
+    bound = _read(store, repo_id, keys)
+    return keys if bound is None else _with_levels(repo_id, levels, dim, keys, bound)
+
+
+def ensure_version(store: ObjectStore, repo_id: str, levels: list[int], dim: int,
+                   keys: VersionKeys, features: np.ndarray) -> VersionKeys:
+    """The keys of one version with its basis; the version's first batch (``features``:
+    its plaintext features) fits and stores it. Whatever writes a segment of a version
+    (an import batch, a re-encryption after a rotation) encrypts with these keys."""
+    loaded = load_version(store, repo_id, levels, dim, keys)
+    if not _pending(levels, loaded):
+        return loaded
+    version = keys.version
+    if _has_segments(store, repo_id, version):
+        raise IntegrityError(
+            f"repository {repo_id!r} has index segments of key version {version} but "
+            f"its bound basis ({layout.basis_key(repo_id, version)}) is missing: it was "
+            "deleted from the store. Refusing to write a new one; restore the object from a "
+            "backup, or rotate the keys (revoke) to rebuild the index")
+    sample = np.atleast_2d(np.asarray(features, dtype=np.float64))
+    bound = BoundLevels.generate(dim, sample, tuple(levels))
+    envelope = aead.seal(keys.data_key, bound.to_bytes(), _ad(repo_id, version))
+    try:
+        store.put(layout.basis_key(repo_id, version), envelope, if_absent=True)
+    except ObjectExists:  # another importer's first batch won: use its basis
+        winner = _read(store, repo_id, keys)
+        if winner is None:
+            raise IntegrityError(f"the bound basis of repository {repo_id!r} vanished "
+                                 "while it was being written") from None
+        return _with_levels(repo_id, levels, dim, keys, winner)
+    return _with_levels(repo_id, levels, dim, keys, bound)
+
+
+def _replace_current(repo: Repository, keys: VersionKeys) -> Repository:
+    if keys is repo.keys:
+        return repo
+    ring = KeyRing(repo.ring.repo_id, (*repo.ring.versions[:-1], keys))
+    return dataclasses.replace(repo, ring=ring)
+
+
+def load(store: ObjectStore, repo: Repository) -> Repository:
+    """The repository with its current version's basis, when one exists (else unchanged:
+    its tokens then have no levels, which only matters before the first import)."""
+    m = repo.manifest
+    return _replace_current(repo, load_version(store, repo.repo_id, m.levels, m.dim,
+                                               repo.keys))
+
+
+def ensure(store: ObjectStore, repo: Repository, features: np.ndarray) -> Repository:
+    """The repository with a basis for its current key version; the first batch of that
+    version (``features``: its plaintext features) fits and stores it."""
+    m = repo.manifest
+    return _replace_current(repo, ensure_version(store, repo.repo_id, m.levels, m.dim,
+                                                 repo.keys, features))
+
+
+def _has_segments(store: ObjectStore, repo_id: str, version: int) -> bool:
+    """Whether some readable segment was written under ``version`` (two small reads each)."""
+    for key in store.list_keys(layout.segments_prefix(repo_id)):
+        try:
+            key_version, _, _ = read_header(store.get_range(key, 0, 64), key)
+        except (ValueError, ObjectNotFound):
+            continue
+        if key_version == version:
+            return True
+    return False
