@@ -487,7 +487,7 @@ def _finish_rotation(session: Session, owner: Identity, owner_key: bytes, manife
                         manifest.repo_id, member.user_id, exc)
             continue
         _write_grant(store, owner, ring, card)
-    _reencrypt(store, ring, manifest.repo_id, version, metas)
+    _reencrypt(store, ring, manifest, version, metas)
     members = [Member(m.user_id, version) for m in manifest.members]
     return _publish(session, owner, with_members(manifest, members, key_version=version))
 
@@ -496,16 +496,19 @@ def _retire_old_segments(store: ObjectStore, ring: KeyRing, manifest: Manifest,
                          metas: dict[str, tuple[bytes, np.ndarray]]) -> None:
     """Delete segments of superseded versions, after re-encrypting any image only they
     name (a client that had not seen the rotation yet may have committed one)."""
-    _reencrypt(store, ring, manifest.repo_id, manifest.key_version, metas)
+    _reencrypt(store, ring, manifest, manifest.key_version, metas)
     for key, version, _ in _segments(store, manifest.repo_id):
         if version < manifest.key_version:
             store.delete(key)
 
 
-def _reencrypt(store: ObjectStore, ring: KeyRing, repo_id: str, version: int,
+def _reencrypt(store: ObjectStore, ring: KeyRing, manifest: Manifest, version: int,
                metas: dict[str, tuple[bytes, np.ndarray]]) -> None:
     """Every image named by a segment of an older version and by none of ``version``:
-    metadata re-encrypted under ``version``, then a new segment naming them."""
+    metadata re-encrypted under ``version``, then a new segment naming them. The segment
+    is encrypted with the version's basis (fitted here if the version has none yet, as an
+    import batch would) and the extractor's norm bound, like every other segment."""
+    repo_id = manifest.repo_id
     keys = ring.version(version)
     segments = _segments(store, repo_id)
     done = {i for _, v, ids in segments if v == version for i in ids}
@@ -522,7 +525,10 @@ def _reencrypt(store: ObjectStore, ring: KeyRing, repo_id: str, version: int,
             chunk.append(image_id)
             rows.append(features)
         if chunk:
-            vectors = keys.index_key.encrypt(np.array(rows))
+            batch = np.array(rows)
+            keys = basis.ensure_version(store, repo_id, manifest.levels, manifest.dim, keys,
+                                        batch)
+            vectors = keys.index_key.encrypt(batch, basis.norm_bound(manifest))
             store.put(layout.segment_key(repo_id, layout.new_id()),
                       encode_segment(chunk, vectors, version), if_absent=True)
 
