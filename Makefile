@@ -16,17 +16,39 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	@$(MAKE) --no-print-directory system-deps
 	@touch $(STAMP)
 
-# Qt's offscreen platform still needs a few shared libraries that minimal images lack.
+# System libraries, installed through apt-get (Debian/Ubuntu) when one is missing: the few that
+# Qt's offscreen platform needs, the xcb platform's (the desktop client on an X display, and the
+# GUI test under Xvfb), Xvfb itself, and python3-venv. Each entry is "file:package": the file
+# (a library ldconfig knows, or a program on PATH) shows whether the package is there. Other
+# distributions: README.md, "System libraries".
+SYSTEM_DEPS := \
+  libEGL.so.1:libegl1 libGL.so.1:libgl1 libxkbcommon.so.0:libxkbcommon0 \
+  libfontconfig.so.1:libfontconfig1 libdbus-1.so.3:libdbus-1-3 libglib-2.0.so.0:libglib2.0-0 \
+  libxcb-cursor.so.0:libxcb-cursor0 libxkbcommon-x11.so.0:libxkbcommon-x11-0 \
+  libxcb-icccm.so.4:libxcb-icccm4 libxcb-image.so.0:libxcb-image0 \
+  libxcb-keysyms.so.1:libxcb-keysyms1 libxcb-randr.so.0:libxcb-randr0 \
+  libxcb-render-util.so.0:libxcb-render-util0 libxcb-shape.so.0:libxcb-shape0 \
+  libxcb-xinerama.so.0:libxcb-xinerama0 libxcb-xkb.so.1:libxcb-xkb1 Xvfb:xvfb
+
 system-deps:
 	@missing=""; \
-	for lib in libEGL.so.1 libGL.so.1 libxkbcommon.so.0 libfontconfig.so.1 libdbus-1.so.3 libglib-2.0.so.0; do \
-	  ldconfig -p | grep -q "$$lib" || missing="$$missing $$lib"; \
+	for entry in $(SYSTEM_DEPS); do \
+	  file=$${entry%%:*}; package=$${entry#*:}; \
+	  case "$$file" in \
+	    *.so.*) ldconfig -p | grep -q "$$file" || missing="$$missing $$package" ;; \
+	    *) command -v "$$file" >/dev/null 2>&1 || missing="$$missing $$package" ;; \
+	  esac; \
 	done; \
+	$(PYTHON) -c "import ensurepip" 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing system libraries for Qt:$$missing"; \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "missing system packages (Debian names):$$missing; see README.md, System libraries"; \
+	    exit 0; \
+	  fi; \
+	  echo "installing system packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    libegl1 libgl1 libxkbcommon0 libfontconfig1 libdbus-1-3 libglib2.0-0 python3-venv >/dev/null; \
+	    $$missing >/dev/null; \
 	fi
 
 test: $(STAMP)
@@ -48,6 +70,7 @@ screenshots: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check app crypto cloud bench tests main.py
 	$(BIN)/mypy --strict crypto
+	$(BIN)/lint-imports .importlinter
 
 clean:
 	rm -rf $(VENV) build *.egg-info

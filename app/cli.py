@@ -1,7 +1,23 @@
-"""The command-line front: parses, asks for passwords, shows progress, calls app/core.
+"""The command-line front: parses, asks for passwords, shows progress, calls the facade.
 
-Exit codes: 0 success, 2 usage error (argparse), 1 any other failure, with one clear
-line on stderr and no traceback (set RADCRYPT_DEBUG=1 for one).
+Every use case goes through app.core.client (the facade the GUI calls too); this module
+only turns options into calls and answers into text or JSON.
+
+Exit codes (one table for every command; README "Exit codes"):
+
+    0    success
+    1    error (one clear line on stderr, no traceback; RADCRYPT_DEBUG=1 shows one)
+    2    usage: unknown command or option, missing or invalid value (e.g. ``-k 0``)
+    3    partial import: some files failed, the others were imported
+    10   repository not found
+    12   wrong password: the identity does not unlock
+    130  interrupted (Ctrl-C); finished work is kept
+
+Global options (``--store``, ``--endpoint``, ``--bucket``, ``--data-dir``,
+``--service-url``, ``--workers``, ``--password-file``, ``--password-command``, ``-v``,
+``--json``) are accepted before and after the subcommand. ``--json`` output is one JSON
+object with ``"schema": 1``; it never holds a password or a key (the embedded store's S3
+secret key only with ``store ... --show-credentials``).
 """
 
 from __future__ import annotations
@@ -11,6 +27,8 @@ import getpass
 import json
 import logging
 import os
+import shlex
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -19,12 +37,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from app.core.errors import RadcryptError
+from app.core import client as facade
+from app.core.errors import RadcryptError, RepositoryNotFound, WrongPassword
 from app.core.progress import ProgressEvent
 from app.core.settings import Settings, load_settings
-from cloud.store import StoreError
 
 log = logging.getLogger("radcrypt")
+
+JSON_SCHEMA = 1
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_NOT_FOUND = 10
+EXIT_WRONG_PASSWORD = 12
+EXIT_INTERRUPTED = 130
+DEFAULT_BATCH = 64  # app.core.importer.DEFAULT_BATCH, without importing numpy for --help
+MAX_K = facade.MAX_K  # the service's limit, defined once in cloud/limits.py
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -36,8 +65,39 @@ def _settings(args: argparse.Namespace) -> Settings:
                          workers=args.workers)
 
 
-def _password(args: argparse.Namespace, confirm: bool = False) -> str:
-    """--password-file, else RADCRYPT_PASSWORD, else a prompt (twice when creating)."""
+def _password_from_command(command: str) -> str:
+    """The first line of a command's standard output (like restic's --password-command).
+    The command is split like a shell would (shlex) but run without one, unless the user
+    wrote one (e.g. ``sh -c '...'``); its stderr goes to ours, its output is never shown."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise RadcryptError(f"cannot parse --password-command: {exc}") from None
+    if not argv:
+        raise RadcryptError("--password-command is empty")
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              check=False, timeout=300)
+    except FileNotFoundError:
+        raise RadcryptError(f"--password-command: no such program {argv[0]!r}") from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RadcryptError(f"--password-command {argv[0]!r} failed: "
+                            f"{type(exc).__name__}") from None
+    if done.returncode != 0:
+        raise RadcryptError(f"--password-command {argv[0]!r} failed with exit status "
+                            f"{done.returncode}")
+    try:
+        text = done.stdout.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RadcryptError(f"--password-command {argv[0]!r} printed something that is not "
+                            "UTF-8 text") from None
+    return text.splitlines()[0] if text.splitlines() else ""
+
+
+def _password(args: argparse.Namespace, confirm: bool = False, prompt: str = "Password: "
+              ) -> str:
+    """--password-file, else --password-command, else RADCRYPT_PASSWORD, else a prompt
+    (twice when ``confirm``)."""
     if args.password_file:
         try:
             text = Path(args.password_file).read_text(encoding="utf-8")
@@ -45,189 +105,143 @@ def _password(args: argparse.Namespace, confirm: bool = False) -> str:
             raise RadcryptError(f"cannot read password file {args.password_file}: "
                                 f"{exc.strerror}") from None
         password = text.rstrip("\r\n")
+    elif args.password_command:
+        password = _password_from_command(args.password_command)
     elif os.environ.get("RADCRYPT_PASSWORD"):
         password = os.environ["RADCRYPT_PASSWORD"]
     elif sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if confirm and getpass.getpass("Password again: ") != password:
+        password = getpass.getpass(prompt)
+        if confirm and getpass.getpass("Again: ") != password:
             raise RadcryptError("the two passwords differ")
     else:
-        raise RadcryptError("a password is needed: use --password-file, RADCRYPT_PASSWORD "
-                            "or run in a terminal")
+        raise RadcryptError("a password is needed: use --password-file, --password-command, "
+                            "RADCRYPT_PASSWORD or run in a terminal")
     if not password:
         raise RadcryptError("the password is empty")
     return password
 
 
-def _emit(args: argparse.Namespace, data: Any, text: Callable[[], None]) -> None:
+def _emit(args: argparse.Namespace, data: dict[str, Any], text: Callable[[], object]
+          ) -> None:
+    """JSON (one object, "schema": 1 first) with --json, else the text."""
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2))
+        print(json.dumps({"schema": JSON_SCHEMA, **data}, indent=2))
     else:
         text()
 
 
 @contextmanager
-def _progress(enabled: bool, description: str) -> Iterator[Callable[[ProgressEvent], None]]:
+def _progress(enabled: bool, description: str, unit: str = "files"
+              ) -> Iterator[Callable[[ProgressEvent], None]]:
     """A rich progress bar on stderr when it is a terminal; silent otherwise."""
     if not enabled or not sys.stderr.isatty():
         yield lambda event: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+    )
 
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+    count = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
+    with Progress("[progress.description]{task.description}", BarColumn(), count,
+                  TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=True) as bar:
         task = bar.add_task(description, total=None)
 
         def update(event: ProgressEvent) -> None:
+            label = f"{description} {Path(event.item).name}" if unit == "files" else description
             bar.update(task, completed=event.done, total=event.total or None,
-                       description=f"{description} {Path(event.item).name}"[:60])
+                       description=label[:60])
 
         yield update
 
 
-def _identity_store(settings: Settings) -> Any:
-    from app.core.identity import IdentityStore
-
-    return IdentityStore(settings.data_path)
-
-
-NO_IDENTITY = ("no identity on this workstation: run 'radcrypt identity create' first "
-               "(repositories belong to identities; password-only repositories are no longer "
-               "created or opened, 'radcrypt repo migrate' converts an old one)")
-
-
 @contextmanager
-def _open_session(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
-    """(session, identity): the identity on this workstation, unlocked with the password;
-    requests are signed and repositories open through the owner-signed grants only."""
-    from app.core.access import session_for
-
+def _client(args: argparse.Namespace) -> Iterator[facade.Client]:
+    """The facade, with this workstation's identity unlocked by the password."""
     settings = _settings(args)
-    store = _identity_store(settings)
-    if not store.exists():
-        raise RadcryptError(NO_IDENTITY)
-    identity = store.unlock(_password(args))
-    with session_for(settings, identity) as session:
-        yield session, identity
+    if not facade.identity_exists(settings):
+        raise RadcryptError(facade.NO_IDENTITY)
+    with facade.Client.unlock(settings, _password(args)) as client:
+        yield client
 
 
-def _open_repo(args: argparse.Namespace, session: Any, identity: Any, name: str) -> Any:
-    from app.core.access import open_repository_as
-
-    return open_repository_as(session, identity, name)
+def _usage(args: argparse.Namespace, message: str) -> None:
+    """A usage error (exit 2) of the running subcommand, with its usage line."""
+    parser: argparse.ArgumentParser = args.parser
+    parser.error(message)
 
 
 # --- commands ---------------------------------------------------------------------------
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from cloud.local import EmbeddedStoreError
-
-    try:
-        return _store_action(args)
-    except EmbeddedStoreError as exc:  # e.g. SeaweedFS cannot run here: one clear line
-        raise RadcryptError(str(exc)) from None
-
-
-def _store_action(args: argparse.Namespace) -> int:
-    from app.core.settings import MEMORY
-    from cloud.local import CREDENTIALS_FILE, find_running, start_embedded_store, stop_background
-
     settings = _settings(args)
-    data_dir = settings.store_dir
-    if settings.store == MEMORY:  # nothing to start or find: it lives inside one command
-        if args.action == "start":
-            raise RadcryptError("the in-memory store cannot be started in the background: it "
-                                "lives inside the command that uses it and keeps nothing; "
-                                "use --store embedded (SeaweedFS) or --store s3")
-        _emit(args, {"running": False, "kind": MEMORY, "kept": False},
-              lambda: print("in-memory store: each command has its own, and nothing is kept"))
-        return 0
-    if args.action == "start":
-        handle = find_running(data_dir) or start_embedded_store(data_dir, background=True)
-    elif args.action == "stop":
-        stopped = stop_background(data_dir)
+    if args.action == "stop":
+        stopped = facade.stop_store(settings)
         _emit(args, {"stopped": stopped},
               lambda: print("embedded store stopped" if stopped else "no embedded store running"))
-        return 0
-    else:
-        handle = find_running(data_dir)
-        if handle is None:
-            _emit(args, {"running": False, "data_dir": str(data_dir)},
-                  lambda: print(f"no embedded store running for {data_dir}"))
-            return 0
-    # The access key names the credentials; the secret key is printed only when asked.
-    info = {"running": True, "kind": handle.kind, "pid": handle.pid,
-            "endpoint": handle.endpoint_url, "bucket": handle.bucket,
-            "access_key": handle.access_key, "data_dir": str(handle.data_dir),
-            "credentials_file": str(handle.data_dir / CREDENTIALS_FILE)}
-    if args.show_credentials:
-        info["secret_key"] = handle.secret_key
+        return EXIT_OK
+    status = facade.store_status(settings, start=args.action == "start",
+                                 credentials=args.show_credentials)
 
     def text() -> None:
-        print(f"embedded store ({handle.kind}) at {handle.endpoint_url}, bucket "
-              f"{handle.bucket}, pid {handle.pid}, data in {handle.data_dir}")
-        if args.show_credentials:
-            print(f"access key {handle.access_key}\nsecret key {handle.secret_key}")
+        if status.kind == "memory":
+            print("in-memory store: each command has its own, and nothing is kept")
+        elif status.kind == "directory":
+            print(f"directory store in {status.data_dir}: no server, nothing to start")
+        elif not status.running:
+            print(f"no embedded store running for {status.data_dir}")
+        else:
+            print(f"embedded store ({status.kind}) at {status.endpoint}, bucket "
+                  f"{status.bucket}, pid {status.pid}, data in {status.data_dir}")
+            if args.show_credentials:
+                print(f"access key {status.access_key}\nsecret key {status.secret_key}")
 
-    _emit(args, info, text)
-    return 0
+    _emit(args, status.as_dict(), text)
+    return EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The same function as `python -m cloud.service` (cloud/service.py run_service), with
-    the store of this command's settings instead of RADCRYPT_S3_*."""
-    from app.core.session import Session
-    from cloud.service import run_service
+    return facade.serve(args, _settings(args))
 
-    @contextmanager
-    def open_store() -> Iterator[Any]:
-        with Session(_settings(args)) as session:
-            print(f"store {session.store_config.endpoint_url if session.store_config else ''}",
-                  file=sys.stderr)
-            yield session.store
 
-    return run_service(args, open_store)
+def cmd_check(args: argparse.Namespace) -> int:
+    results = facade.check_connection(_settings(args))
+    failed = any(r.ok is False for r in results)
+    _emit(args, {"ok": not failed, "checks": [r.as_dict() for r in results]},
+          lambda: [print(f"{'ok' if r.ok else 'FAILED' if r.ok is False else '-':<7}"
+                         f"{r.part:<9}{r.text}") for r in results])
+    return EXIT_ERROR if failed else EXIT_OK
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
-    from app.core.access import create_repository_as
-    from app.core.repository import list_repositories
-
     if args.action == "list":
-        from app.core.session import Session
-
-        with Session(_settings(args)) as session:
-            manifests = list_repositories(session.store)
-        _emit(args, [json.loads(m.to_json()) for m in manifests],
+        manifests = facade.list_repositories(_settings(args))  # needs no identity
+        _emit(args, {"repositories": [facade.manifest_dict(m) for m in manifests]},
               lambda: [print(f"{m.repo_id}\t{m.extractor}\tkey v{m.key_version}\t"
                              f"{m.created}") for m in manifests])
-        return 0
-    with _open_session(args) as (session, identity):
-        if args.action == "create":
-            repo = create_repository_as(session, identity, args.name, args.extractor,
+        return EXIT_OK
+    with _client(args) as client:
+        repo = client.create_repository(args.name, args.extractor,
                                         bound_levels=args.bound_levels)
-            m = repo.manifest
-            _emit(args, json.loads(m.to_json()),
-                  lambda: print(f"created repository {m.repo_id} (extractor {m.extractor}, "
-                                f"key version {m.key_version})"))
-    return 0
+        m = repo.manifest
+        _emit(args, facade.manifest_dict(m),
+              lambda: print(f"created repository {m.repo_id} (extractor {m.extractor}, "
+                            f"key version {m.key_version})"))
+    return EXIT_OK
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from app.core.importer import Importer
-
-    settings = _settings(args)
-    with _open_session(args) as (session, identity):
-        repo = _open_repo(args, session, identity, args.repo)
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
         with _progress(not args.json, "importing") as progress:
-            report = Importer(session.store, repo, workers=settings.workers,
-                              batch_size=args.batch_size, progress=progress).run(args.paths)
-        if settings.service_url:
-            try:
-                session.service.refresh(repo.repo_id)
-            except RadcryptError as exc:
-                log.warning("imported, but the search service was not told: %s", exc)
+            report = client.import_files(repo, args.paths, progress=progress,
+                                         batch_size=args.batch_size)
 
         def text() -> None:
             print(f"imported {len(report.imported)}, already present "
@@ -237,15 +251,16 @@ def cmd_import(args: argparse.Namespace) -> int:
                 print(f"  failed: {reason}", file=sys.stderr)
 
         _emit(args, report.as_dict(), text)
-    return 1 if report.failed and not report.imported and not report.already_present else 0
+    if report.failed:
+        return EXIT_PARTIAL if report.imported or report.already_present else EXIT_ERROR
+    return EXIT_OK
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from app.core.searcher import search_files
-
-    with _open_session(args) as (session, identity):
-        repo = _open_repo(args, session, identity, args.repo)
-        results = search_files(session, repo, args.images, k=args.k)
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        with _progress(not args.json and len(args.images) > 1, "searching") as progress:
+            results = client.search_files(repo, args.images, k=args.k, progress=progress)
 
         def text() -> None:
             for result in results:
@@ -259,39 +274,101 @@ def cmd_search(args: argparse.Namespace) -> int:
                       f"engine {server:.2f} ms")
 
         _emit(args, {"queries": [r.as_dict() for r in results]}, text)
-    return 0
+    return EXIT_OK
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from app.core.objects import fetch_original
-    from cloud import layout
+    to_stdout = args.output == "-"
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        with _progress(True, "downloading", unit="bytes") as progress:
+            if to_stdout:
+                size = client.write_original(repo, args.image_id, sys.stdout.buffer,
+                                             progress=progress)
+            else:
+                size = client.get_original(repo, args.image_id, Path(args.output),
+                                           progress=progress)
+    where = "standard output" if to_stdout else args.output
+    if args.json and not to_stdout:
+        _emit(args, {"image_id": args.image_id, "path": args.output, "size": size,
+                     "verified": True}, lambda: None)
+    else:
+        print(f"wrote {where} ({size} bytes, integrity verified)", file=sys.stderr)
+    return EXIT_OK
 
-    try:
-        image_id = layout.validate_image_id(args.image_id)
-    except ValueError as exc:
-        raise RadcryptError(str(exc)) from None
-    with _open_session(args) as (session, identity):
-        repo = _open_repo(args, session, identity, args.repo)
-        size = fetch_original(session.store, repo.ring, repo.repo_id, image_id, Path(args.output))
-    print(f"wrote {args.output} ({size} bytes, integrity verified)", file=sys.stderr)
-    return 0
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        images = client.list_images(repo)
+    images.sort(key=lambda m: (m.imported_at, m.name, m.image_id))
+
+    def text() -> None:
+        for m in images:
+            if m.error:
+                print(f"{m.image_id}  (damaged: {m.error})")
+            else:
+                print(f"{m.image_id}  {m.imported_at.replace('T', ' ')[:19]:<19}  "
+                      f"{m.modality or '-':<4}  {m.name}")
+
+    _emit(args, {"repository": repo.repo_id,
+                 "images": [{"image_id": m.image_id, "name": m.name,
+                             "imported_at": m.imported_at, "modality": m.modality,
+                             "size": m.size, "source_format": m.source_format,
+                             **({"error": m.error} if m.error else {})} for m in images]},
+          text)
+    return EXIT_ERROR if any(m.error for m in images) else EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        meta = client.image_meta(repo, args.image_id)
+
+    def text() -> None:
+        print(f"# {meta.name}  ({meta.image_id})")
+        print(f"# imported {meta.imported_at}, {meta.size} bytes, "
+              f"{meta.source_format or 'unknown format'}, {meta.columns} x {meta.rows}, "
+              f"sha256 {meta.sha256}, key version {meta.key_version}")
+        width = max((len(k) for k in meta.tags), default=0)
+        for keyword in sorted(meta.tags):
+            print(f"{keyword:<{width}}  {meta.tags[keyword]}")
+        if args.features:
+            print(f"features ({meta.extractor}): "
+                  + " ".join(f"{x:.5g}" for x in meta.features))
+
+    _emit(args, meta.as_dict(features=args.features), text)
+    return EXIT_OK
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = _identity_store(settings)
     if args.action == "create":
-        from app.core.identity import check_new_password
-
         if not args.name:
-            raise RadcryptError("identity create needs --name")
-        password = _password(args, confirm=True)
-        words = check_new_password(password, args.name)  # zxcvbn score >= 3, or why not
-        identity = store.create(args.name, password)
-        card = identity.card()
+            _usage(args, "identity create needs --name")
+        password = _password(args, confirm=True, prompt="New password: ")
+        words = facade.check_new_password(password, args.name)  # zxcvbn >= 3, or why not
+        identity = facade.create_identity(settings, args.name, password)
         print(f"created identity {identity.user_id} (password {words}); "
-              f"fingerprint {card.fingerprint}", file=sys.stderr)
-    card = store.card()
+              f"fingerprint {identity.card().fingerprint}", file=sys.stderr)
+    elif args.action == "passwd":
+        old = _password(args, prompt="Current password: ")
+        if not args.new_password_file and not sys.stdin.isatty():
+            _usage(args, "identity passwd needs --new-password-file (or a terminal)")
+        if args.new_password_file:
+            try:
+                new = Path(args.new_password_file).read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise RadcryptError(f"cannot read new password file {args.new_password_file}: "
+                                    f"{exc.strerror}") from None
+        else:
+            new = getpass.getpass("New password: ")
+            if getpass.getpass("Again: ") != new:
+                raise RadcryptError("the two passwords differ")
+        identity = facade.change_identity_password(settings, old, new)
+        print(f"the identity {identity.user_id} is now encrypted under the new password",
+              file=sys.stderr)
+    card = facade.public_card(settings)
     if args.action == "export":
         if args.output:
             Path(args.output).write_text(card.to_json(), encoding="utf-8")
@@ -299,125 +376,128 @@ def cmd_identity(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         else:
             print(card.to_json())
-        return 0
+        return EXIT_OK
     info = {"user_id": card.user_id, "name": card.name, "fingerprint": card.fingerprint,
-            "identity_file": str(store.path)}
+            "identity_file": str(facade.identity_file(settings))}
     _emit(args, info, lambda: print(f"{card.name} ({card.user_id}), fingerprint "
                                     f"{card.fingerprint}"))
-    return 0
+    return EXIT_OK
 
 
 def cmd_user(args: argparse.Namespace) -> int:
-    from app.core.access import register_user
-
     try:
         text = Path(args.card).read_text(encoding="utf-8")
     except OSError as exc:
         raise RadcryptError(f"cannot read card {args.card}: {exc.strerror}") from None
-    with _open_session(args) as (session, identity):
-        record = register_user(session, identity, text)
-    _emit(args, record.__dict__, lambda: print(f"registered {record.name} ({record.user_id}), "
-                                               f"fingerprint {record.fingerprint}"))
-    return 0
+    with _client(args) as client:
+        record = client.register_user(text)
+    _emit(args, {"user_id": record.user_id, "name": record.name,
+                 "fingerprint": record.fingerprint},
+          lambda: print(f"registered {record.name} ({record.user_id}), fingerprint "
+                        f"{record.fingerprint}"))
+    return EXIT_OK
 
 
 def cmd_access(args: argparse.Namespace) -> int:
-    from app.core.access import (
-        grant_access,
-        list_access,
-        migrate_password_repository,
-        revoke_access,
-    )
-
-    with _open_session(args) as (session, identity):
+    with _client(args) as client:
         if args.action == "migrate":
             old = os.environ.get("RADCRYPT_OLD_PASSWORD")
             if args.old_password_file:
                 old = Path(args.old_password_file).read_text(encoding="utf-8").rstrip("\r\n")
             # a password repository needs its old password (--old-password-file or
             # RADCRYPT_OLD_PASSWORD); an owner-signed one without members needs none
-            repo = migrate_password_repository(session, identity, args.name, old or None)
-            print(f"repository {repo.repo_id} now belongs to {identity.user_id} "
-                  f"(members: {', '.join(m.user_id for m in repo.manifest.members)})")
-            return 0
-        repo = _open_repo(args, session, identity, args.name)
+            repo = client.migrate_repository(args.name, old or None)
+            members = [m.user_id for m in repo.manifest.members]
+            _emit(args, {"repo_id": repo.repo_id, "owner": client.user_id,
+                         "members": members},
+                  lambda: print(f"repository {repo.repo_id} now belongs to {client.user_id} "
+                                f"(members: {', '.join(members)})"))
+            return EXIT_OK
+        repo = client.open_repository(args.name)
         if args.action == "grant":
-            grant_access(session, identity, repo, args.user)
-            print(f"granted {args.user} access to {repo.repo_id} "
-                  f"(key version {repo.manifest.key_version})")
-        elif args.action == "revoke":
-            repo = revoke_access(session, identity, repo, args.user)
-            print(f"revoked {args.user}; {repo.repo_id} is now at key version "
-                  f"{repo.manifest.key_version}")
-        entries = list_access(session, repo.repo_id)
-        if args.action == "access":
-            _emit(args, [e.__dict__ for e in entries],
-                  lambda: [print(f"{e.user_id}\t{e.name}\tkey v{e.key_version}"
-                                 + ("" if e.status == "ok" else f"\t({e.status})"))
-                           for e in entries])
-            if entries.ignored:
-                print(f"ignored under grants/ (not members, or not signed by the owner): "
-                      f"{', '.join(map(repr, entries.ignored))}", file=sys.stderr)
-    return 0
+            client.grant(repo, args.user)
+            _emit(args, {"repo_id": repo.repo_id, "granted": args.user,
+                         "key_version": repo.manifest.key_version},
+                  lambda: print(f"granted {args.user} access to {repo.repo_id} "
+                                f"(key version {repo.manifest.key_version})"))
+            return EXIT_OK
+        if args.action == "revoke":
+            with _progress(not args.json, "re-encrypting", unit="images") as progress:
+                repo = client.revoke(repo, args.user, progress=progress)
+            _emit(args, {"repo_id": repo.repo_id, "revoked": args.user,
+                         "key_version": repo.manifest.key_version},
+                  lambda: print(f"revoked {args.user}; {repo.repo_id} is now at key version "
+                                f"{repo.manifest.key_version}"))
+            return EXIT_OK
+        entries = client.access_list(repo)
+        _emit(args, {"repo_id": repo.repo_id,
+                     "members": [{"user_id": e.user_id, "name": e.name,
+                                  "key_version": e.key_version, "status": e.status}
+                                 for e in entries],
+                     "ignored": list(entries.ignored)},
+              lambda: [print(f"{e.user_id}\t{e.name}\tkey v{e.key_version}"
+                             + ("" if e.status == "ok" else f"\t({e.status})"))
+                       for e in entries])
+        if entries.ignored and not args.json:
+            print(f"ignored under grants/ (not members, or not signed by the owner): "
+                  f"{', '.join(map(repr, entries.ignored))}", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from cloud.audit import read_audit
-
-    with _open_session(args) as (session, identity):
-        repo = _open_repo(args, session, identity, args.repo)
-        entries = read_audit(session.store, repo.repo_id)
-    _emit(args, entries, lambda: [print(f"{e.get('time')}  {e.get('user')}  {e.get('action')}"
-                                        f"  results={e.get('results')}  "
-                                        f"{e.get('duration_ms')} ms") for e in entries])
-    return 0
+    with _client(args) as client:
+        entries = client.audit(client.open_repository(args.repo))
+    _emit(args, {"entries": entries},
+          lambda: [print(f"{e.get('time')}  {e.get('user')}  {e.get('action')}"
+                         f"  results={e.get('results')}  {e.get('duration_ms')} ms")
+                   for e in entries])
+    return EXIT_OK
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from app.imaging.features import get_extractor
-    from app.imaging.worker import DecoderPool
-
-    get_extractor(args.extractor)  # an unknown name fails before any child starts
-    with DecoderPool(1) as pool:  # untrusted files: decoded in a memory-limited child
-        rows = [{"path": p, "vector": [float(x) for x in pool.features(p, args.extractor)]}
-                for p in args.images]
+    vectors = facade.local_features(args.images, args.extractor)
+    rows = [{"path": p, "vector": [float(x) for x in v]}
+            for p, v in zip(args.images, vectors, strict=True)]
     _emit(args, {"extractor": args.extractor, "features": rows},
           lambda: [print(r["path"], " ".join(f"{x:.5g}" for x in r["vector"])) for r in rows])
-    return 0
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from app.core.demo import run_demo
-
     settings = _settings(args)
+    to_stdout = args.json is True or args.json == "-"
     with tempfile.TemporaryDirectory(prefix="radcrypt-demo-") as tmp:
         work = Path(tmp)
         if not args.data_dir:  # a throw-away store unless the user chose one
             settings = settings.with_overrides(data_dir=str(work / "data"),
                                                store=args.store or "embedded", service_url="")
         where = {"embedded": "embedded S3 store (SeaweedFS)", "s3": "S3 store",
+                 "directory": "directory store",
                  "memory": "in-memory store (nothing is kept)"}.get(settings.store, "store")
         print(f"Radcrypt demo: {where}, search service, fresh repository, "
               f"{args.images} sample images, {args.queries} perturbed queries", file=sys.stderr)
         with _progress(True, "importing") as progress:
-            report = run_demo(settings, work, count=args.images, queries=args.queries,
-                              progress=progress)
-    print(f"imported {report.images} images in {report.import_seconds:.1f} s")
-    print(f"{'query':<34} {'expected':<28} {'returned':<28} {'distance':>10} {'ms':>8}  ok")
-    for row in report.rows:
-        print(f"{row.query[:34]:<34} {row.expected[:28]:<28} {row.returned[:28]:<28} "
-              f"{row.distance:10.4g} {row.milliseconds:8.1f}  {'yes' if row.matched else 'NO'}")
-    matched = sum(r.matched for r in report.rows)
-    print(f"matched {matched}/{len(report.rows)}; agreement with plaintext search over the "
-          f"same features: {report.agreement:.3f}")
-    if args.json_file:
-        Path(args.json_file).write_text(json.dumps(report.as_dict(), indent=2))
-    return 0 if report.all_matched and report.agreement == 1.0 else 1
+            report = facade.run_demo(settings, work, count=args.images, queries=args.queries,
+                                     progress=progress)
+    data = {"schema": JSON_SCHEMA, **report.as_dict()}
+    if to_stdout:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"imported {report.images} images in {report.import_seconds:.1f} s")
+        print(f"{'query':<34} {'expected':<28} {'returned':<28} {'distance':>10} {'ms':>8}  ok")
+        for row in report.rows:
+            print(f"{row.query[:34]:<34} {row.expected[:28]:<28} {row.returned[:28]:<28} "
+                  f"{row.distance:10.4g} {row.milliseconds:8.1f}  "
+                  f"{'yes' if row.matched else 'NO'}")
+        matched = sum(r.matched for r in report.rows)
+        print(f"matched {matched}/{len(report.rows)}; agreement with plaintext search over "
+              f"the same features: {report.agreement:.3f}")
+    if isinstance(args.json, str) and args.json != "-":
+        Path(args.json).write_text(json.dumps(data, indent=2))
+    return EXIT_OK if report.all_matched and report.agreement == 1.0 else EXIT_ERROR
 
 
 # --- parser -----------------------------------------------------------------------------
-
-DEFAULT_BATCH = 64  # app.core.importer.DEFAULT_BATCH, without importing numpy for --help
 
 
 def _positive_int(text: str) -> int:
@@ -430,122 +510,200 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _k(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_K:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_K}, not {value}")
+    return value
+
+
+_GLOBAL_HELP = {
+    "--store": "where the data lives: embedded (SeaweedFS on this workstation, the "
+               "default; 'local' is its old name), directory (files in the data directory, "
+               "no server), s3 (an S3 endpoint, see --endpoint) or memory (nothing is kept; "
+               "tests, needs the dev extra)",
+    "--endpoint": "S3 endpoint URL (with --store s3; empty: AWS S3)",
+    "--bucket": "bucket name (default radcrypt)",
+    "--service-url": "search service URL (default: start one on this workstation)",
+    "--data-dir": "data directory: identity, embedded store, pinned owners (default: the "
+                  "user data directory)",
+    "--workers": "parallel decoding workers for import (1 to 64)",
+    "--password-file": "read the identity password from the first line of this file",
+    "--password-command": "run this command and read the identity password from its "
+                          "standard output (split like a shell, run without one)",
+    "--verbose": "log more (to stderr)",
+    "--json": "print one JSON object (with \"schema\": 1) instead of text",
+}
+
+
+def _add_globals(parser: argparse.ArgumentParser, top: bool, json_flag: bool = True
+                 ) -> None:
+    """The global options, on the top parser (with defaults) and again on every
+    subcommand (defaults suppressed, so a value given before the subcommand is kept)."""
+    group = parser.add_argument_group("global options (before or after the command)")
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group.add_argument("--store", choices=["embedded", "directory", "memory", "s3", "local"],
+                       default=default(None), help=_GLOBAL_HELP["--store"])
+    group.add_argument("--endpoint", metavar="URL", default=default(None),
+                       help=_GLOBAL_HELP["--endpoint"])
+    group.add_argument("--bucket", metavar="NAME", default=default(None),
+                       help=_GLOBAL_HELP["--bucket"])
+    group.add_argument("--service-url", metavar="URL", default=default(None),
+                       help=_GLOBAL_HELP["--service-url"])
+    group.add_argument("--data-dir", metavar="DIR", default=default(None),
+                       help=_GLOBAL_HELP["--data-dir"])
+    group.add_argument("--workers", type=_positive_int, metavar="N", default=default(None),
+                       help=_GLOBAL_HELP["--workers"])
+    group.add_argument("--password-file", metavar="FILE", default=default(None),
+                       help=_GLOBAL_HELP["--password-file"])
+    group.add_argument("--password-command", metavar="CMD", default=default(None),
+                       help=_GLOBAL_HELP["--password-command"])
+    group.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                       help=_GLOBAL_HELP["--verbose"])
+    if json_flag:
+        group.add_argument("--json", action="store_true", default=default(False),
+                           help=_GLOBAL_HELP["--json"])
+
+
+def _command(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int],
+             json_flag: bool = True, **kwargs: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help,
+                                                     **kwargs)
+    _add_globals(parser, top=False, json_flag=json_flag)
+    parser.set_defaults(func=func, parser=parser)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    try:
+        return version("radcrypt")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+EPILOG = ("exit codes: 0 ok, 1 error, 2 usage, 3 partial import, 10 repository not found, "
+          "12 wrong password, 130 interrupted")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", choices=["embedded", "memory", "s3", "local"],
-                        help="embedded: SeaweedFS on this workstation (default; 'local' is its "
-                        "old name); s3: an S3 endpoint (--endpoint URL); memory: nothing is "
-                        "kept (tests; needs the dev extra)")
-    common.add_argument("--endpoint", help="S3 endpoint URL (with --store s3)")
-    common.add_argument("--bucket", help="bucket name")
-    common.add_argument("--service-url", help="search service URL (default: start one)")
-    common.add_argument("--data-dir", help="data directory (default: the user data dir)")
-    common.add_argument("--workers", type=int, help="parallel workers for import")
-    common.add_argument("--password-file", help="read the password from this file")
-    common.add_argument("-v", "--verbose", action="store_true", help="log more")
-
     parser = argparse.ArgumentParser(prog="radcrypt", description="Encrypted image archive "
-                                     "search: the cloud stores and matches only ciphertext.")
-    sub = parser.add_subparsers(dest="command", required=True)
+                                     "search: the cloud stores and matches only ciphertext.",
+                                     epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"radcrypt {_version()}",
+                        help="print the version and exit")
+    _add_globals(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("store", parents=[common], help="the embedded S3 store")
-    p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--json", action="store_true")
+    p = _command(sub, "store", "start, stop or show the embedded S3 store", cmd_store)
+    p.add_argument("action", choices=["start", "stop", "status"], help="what to do")
     p.add_argument("--show-credentials", action="store_true",
                    help="also print the S3 secret key (never printed otherwise)")
-    p.set_defaults(func=cmd_store)
 
-    p = sub.add_parser("serve", parents=[common], help="run the search service")
-    from cloud.service_options import add_service_arguments
+    p = _command(sub, "serve", "run the search service", cmd_serve, json_flag=False)
+    facade.add_service_arguments(p)
 
-    add_service_arguments(p)
-    p.set_defaults(func=cmd_serve)
+    _command(sub, "check", "test the connection: storage, bucket, search service", cmd_check)
 
-    p = sub.add_parser("repo", parents=[common], help="create or list repositories")
-    repo_sub = p.add_subparsers(dest="action", required=True)
-    c = repo_sub.add_parser("create", parents=[common], help="a new repository (new keys)")
-    c.add_argument("name")
-    c.add_argument("--extractor", default="radcrypt-v1")
+    p = _command(sub, "repo", "create, list and share repositories", cmd_repo)
+    repo_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = _command(repo_sub, "create", "a new repository owned by your identity (new keys)",
+                 cmd_repo)
+    c.add_argument("name", help="repository name (lower case letters, digits, -)")
+    c.add_argument("--extractor", default="radcrypt-v1",
+                   help="feature extractor (default radcrypt-v1)")
     c.add_argument("--bound-levels", choices=("auto", "off"), default="auto",
                    help="off: no bound levels (searches scan every full vector, slower; a "
                         "known-plaintext attacker then needs d + 1 known images, see "
                         "SECURITY.md)")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_repo)
-    c = repo_sub.add_parser("list", parents=[common], help="list repositories")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_repo)
+    _command(repo_sub, "list", "list the repositories in the store", cmd_repo)
+    for action, words in (("grant", "give a registered user access"),
+                          ("revoke", "remove a user's access (rotates the keys)")):
+        c = _command(repo_sub, action, words, cmd_access)
+        c.add_argument("name", help="repository name")
+        c.add_argument("user", help="the user's id (from their public card)")
+    c = _command(repo_sub, "access", "who has access", cmd_access)
+    c.add_argument("name", help="repository name")
+    c = _command(repo_sub, "migrate", "give an old repository (password-locked, or signed "
+                 "without members) an owner-signed membership list", cmd_access)
+    c.add_argument("name", help="repository name")
+    c.add_argument("--old-password-file", metavar="FILE",
+                   help="the old repository password (or RADCRYPT_OLD_PASSWORD)")
 
-    for action in ("grant", "revoke"):
-        c = repo_sub.add_parser(action, parents=[common], help=f"{action} a user's access")
-        c.add_argument("name")
-        c.add_argument("user")
-        c.set_defaults(func=cmd_access)
-    c = repo_sub.add_parser("access", parents=[common], help="who has access")
-    c.add_argument("name")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_access)
-    c = repo_sub.add_parser("migrate", parents=[common],
-                            help="give an old repository (password-locked, or signed "
-                                 "without members) an owner-signed membership list")
-    c.add_argument("name")
-    c.add_argument("--old-password-file")
-    c.set_defaults(func=cmd_access)
-
-    p = sub.add_parser("identity", parents=[common], help="your identity on this workstation")
-    p.add_argument("action", choices=["create", "show", "export"])
+    p = _command(sub, "identity", "your identity on this workstation", cmd_identity)
+    p.add_argument("action", choices=["create", "show", "export", "passwd"],
+                   help="create a new one, show it, export the public card, or change "
+                        "its password")
     p.add_argument("--name", help="your name (create)")
-    p.add_argument("-o", "--output", help="write the public card here (export)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_identity)
+    p.add_argument("-o", "--output", metavar="FILE", help="write the public card here "
+                   "(export; default: standard output)")
+    p.add_argument("--new-password-file", metavar="FILE",
+                   help="read the new password from this file (passwd; default: ask)")
 
-    p = sub.add_parser("user", parents=[common], help="users of your repositories")
-    user_sub = p.add_subparsers(dest="action", required=True)
-    c = user_sub.add_parser("register", parents=[common], help="register a public card")
-    c.add_argument("card")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_user)
+    p = _command(sub, "user", "users of your repositories", cmd_user)
+    user_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = _command(user_sub, "register", "register a user's public card", cmd_user)
+    c.add_argument("card", help="the card file the user exported")
 
-    p = sub.add_parser("audit", parents=[common], help="the search service's audit trail")
-    p.add_argument("--repo", required=True)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_audit)
+    p = _command(sub, "audit", "the search service's audit trail of a repository", cmd_audit)
+    p.add_argument("--repo", required=True, help="repository name")
 
-    p = sub.add_parser("import", parents=[common], help="import files or folders")
-    p.add_argument("--repo", required=True)
-    p.add_argument("paths", nargs="+")
+    p = _command(sub, "import", "import files or folders (recursive)", cmd_import)
+    p.add_argument("--repo", required=True, help="repository name")
+    p.add_argument("paths", nargs="+", help="files or folders")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
                    help=f"images per index segment, the unit of commit and resume "
                         f"(default {DEFAULT_BATCH})")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("search", parents=[common], help="nearest archived images")
-    p.add_argument("--repo", required=True)
-    p.add_argument("images", nargs="+")
-    p.add_argument("-k", type=int, default=1)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_search)
+    p = _command(sub, "search", "nearest archived images of query images", cmd_search)
+    p.add_argument("--repo", required=True, help="repository name")
+    p.add_argument("images", nargs="+", help="query image files")
+    p.add_argument("-k", type=_k, default=1, help=f"results per query, 1 to {MAX_K} "
+                                                  "(default 1)")
 
-    p = sub.add_parser("get", parents=[common], help="download and decrypt an original")
-    p.add_argument("--repo", required=True)
-    p.add_argument("image_id")
-    p.add_argument("-o", "--output", required=True)
-    p.set_defaults(func=cmd_get)
+    p = _command(sub, "get", "download, verify and decrypt an original", cmd_get)
+    p.add_argument("--repo", required=True, help="repository name")
+    p.add_argument("image_id", help="the image id (from search or ls)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="where to write it; - for standard output")
 
-    p = sub.add_parser("features", parents=[common], help="plaintext features, locally")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--extractor", default="radcrypt-v1")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_features)
+    p = _command(sub, "ls", "list the images of a repository", cmd_ls)
+    p.add_argument("--repo", required=True, help="repository name")
 
-    p = sub.add_parser("demo", parents=[common], help="end-to-end demonstration")
-    p.add_argument("--json", dest="json_file", metavar="FILE", help="write the report here")
-    p.add_argument("--images", type=int, default=300)
-    p.add_argument("--queries", type=int, default=20)
-    p.set_defaults(func=cmd_demo)
+    p = _command(sub, "show", "the decrypted tags of one image, like dcmdump", cmd_show)
+    p.add_argument("--repo", required=True, help="repository name")
+    p.add_argument("image_id", help="the image id (from search or ls)")
+    p.add_argument("--features", action="store_true", help="also print the feature vector")
+
+    p = _command(sub, "features", "plaintext features of local images", cmd_features)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--extractor", default="radcrypt-v1",
+                   help="feature extractor (default radcrypt-v1)")
+
+    p = _command(sub, "demo", "end-to-end demonstration on sample images", cmd_demo,
+                 json_flag=False)
+    p.add_argument("--json", nargs="?", const=True, default=argparse.SUPPRESS,
+                   metavar="FILE", help="the report as JSON (schema 1): on standard "
+                   "output, or written to FILE")
+    p.add_argument("--images", type=_positive_int, default=300,
+                   help="sample images to import (default 300)")
+    p.add_argument("--queries", type=_positive_int, default=20,
+                   help="perturbed queries (default 20)")
     return parser
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, WrongPassword):
+        return EXIT_WRONG_PASSWORD
+    if isinstance(exc, RepositoryNotFound):
+        return EXIT_NOT_FOUND
+    return EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,17 +722,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("radcrypt: interrupted; finished work is kept, run the command again to resume",
               file=sys.stderr)
-        return 1
-    except (RadcryptError, StoreError, ValueError, OSError) as exc:
+        return EXIT_INTERRUPTED
+    except facade.expected_errors() as exc:
         if os.environ.get("RADCRYPT_DEBUG"):
             raise
         print(f"radcrypt: {exc}", file=sys.stderr)
-        return 1
+        return _exit_code(exc)
     except Exception as exc:  # the one line promised, whatever failed
         if os.environ.get("RADCRYPT_DEBUG"):
             raise
         print(f"radcrypt: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

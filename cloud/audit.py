@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cloud import layout
-from cloud.store import ObjectStore, StoreError
+from cloud.backend import Store, StoreError
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 2.0
@@ -26,7 +26,7 @@ FLUSH_ENTRIES = 500
 class AuditLog:
     """Buffers entries and writes one object per repository per flush."""
 
-    def __init__(self, store: ObjectStore, flush_seconds: float = FLUSH_SECONDS) -> None:
+    def __init__(self, store: Store, flush_seconds: float = FLUSH_SECONDS) -> None:
         self.store = store
         self._entries: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
@@ -75,7 +75,7 @@ def _batch_id() -> str:
     return f"{int(time.time() * 1000):012x}{layout.new_id()[:20]}"
 
 
-def read_audit(store: ObjectStore, repo_id: str) -> list[dict[str, Any]]:
+def read_audit(store: Store, repo_id: str) -> list[dict[str, Any]]:
     """Every audit entry of a repository, oldest batch first."""
     entries: list[dict[str, Any]] = []
     for key in sorted(store.list_keys(layout.audit_prefix(repo_id))):

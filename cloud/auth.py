@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from fastapi import HTTPException
 
 from cloud import layout
+from cloud.backend import ObjectNotFound, Store
 from cloud.service_options import (  # noqa: F401  (re-exported)
     MAX_NONCES,
     parse_owner_keys,
     validate_service_id,
 )
-from cloud.store import ObjectNotFound, ObjectStore
 from crypto.errors import FormatError
 from crypto.identity import PublicCard, SignatureError, verify
 from crypto.signed import json_signer, open_json
@@ -157,7 +157,7 @@ class _UserKey:
 class SignatureVerifier:
     """The service's RequestVerifier: signed requests from members of signed manifests."""
 
-    def __init__(self, store: ObjectStore, owner_keys: list[bytes], service_id: str,
+    def __init__(self, store: Store, owner_keys: list[bytes], service_id: str,
                  limiter: RateLimiter | None = None, window: int = WINDOW_SECONDS,
                  max_nonces: int = MAX_NONCES) -> None:
         if not owner_keys:

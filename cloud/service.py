@@ -15,7 +15,9 @@ service refuses to start, unless --insecure-no-auth is given and it listens on l
 The store is configured from the environment (RADCRYPT_S3_ENDPOINT, RADCRYPT_S3_BUCKET,
 RADCRYPT_S3_REGION, and the usual AWS credential variables or RADCRYPT_S3_ACCESS_KEY /
 RADCRYPT_S3_SECRET_KEY), never from the command line, so credentials do not show in
-process listings.
+process listings. RADCRYPT_STORE=directory reads a local directory store instead
+(RADCRYPT_STORE_ROOT, else RADCRYPT_DATA_DIR/objects); every store is read through
+cloud.backend.Store.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ from starlette.datastructures import Headers
 from cloud import codes, layout
 from cloud.audit import AuditLog
 from cloud.auth import RateLimiter, SignatureVerifier
+from cloud.backend import DirectoryConfig, Store, StoreError
+from cloud.limits import MAX_BODY_BYTES, MAX_K, MAX_QUERIES
 from cloud.repo_index import RepoIndex, Snapshot
-from cloud.search import search
+from cloud.search import search_batch
 from cloud.service_options import (
     REFRESH_INTERVAL,
     ServiceConfig,
@@ -54,15 +58,13 @@ from cloud.service_options import (
     service_config,
     validate_service_id,
 )
-from cloud.store import ObjectStore, StoreConfig, StoreError
+from cloud.store import StoreConfig
+from cloud.stores import open_store
 from crypto.errors import FormatError
 from crypto.tokens import QueryToken
 
 log = logging.getLogger("radcrypt.service")
 
-MAX_BODY_BYTES = 1 << 20
-MAX_K = 100
-MAX_QUERIES = 64
 REPOS_PREFIX = "/v1/repos/"
 PROTOCOL = 1
 
@@ -189,7 +191,8 @@ async def _plain_error(send: Send, status: int, text: str,
 
 
 class SearchRequest(BaseModel):
-    token: str = Field(description="base64 of a QueryToken (crypto/tokens.py) of 1..64 queries")
+    token: str = Field(description="base64 of a QueryToken (crypto/tokens.py) of "
+                                   f"1..{MAX_QUERIES} queries")
     k: int = Field(default=1, ge=1, le=MAX_K)
     key_version: int = Field(ge=1, description="key version the token was made with")
 
@@ -221,7 +224,7 @@ class RefreshResponse(BaseModel):
 class ServiceState:
     """The repositories this process serves, each loaded on first use."""
 
-    def __init__(self, store: ObjectStore, refresh_interval: float = REFRESH_INTERVAL,
+    def __init__(self, store: Store, refresh_interval: float = REFRESH_INTERVAL,
                  cache_dir: Path | None = None) -> None:
         self.store = store
         self.refresh_interval = refresh_interval
@@ -259,7 +262,7 @@ def _repo_id(repo: str) -> str:
 
 
 def create_app(
-    store: ObjectStore,
+    store: Store,
     verifier: RequestVerifier,
     refresh_interval: float = REFRESH_INTERVAL,
     audit: AuditLog | None = None,
@@ -343,9 +346,10 @@ def create_app(
                                 detail="token does not match this repository's key version")
 
         def run() -> list[QueryAnswer]:
+            # Every query of the token in one engine call: the first level, which reads
+            # every vector, is one pass for the whole batch.
             answers = []
-            for qi in range(len(token)):
-                result = search(version.index, token.select(qi), body.k)
+            for result in search_batch(version.index, token, body.k):
                 hits = [Hit(image_id=version.image_ids[int(p)], score=float(s), rank=r + 1)
                         for r, (p, s) in enumerate(zip(result.positions, result.scores,
                                                        strict=True))]
@@ -377,10 +381,31 @@ def store_config_from_env() -> StoreConfig:
     )
 
 
+def store_from_env() -> Store:
+    """The store this service reads: RADCRYPT_STORE=directory reads a local directory
+    store (RADCRYPT_STORE_ROOT, else RADCRYPT_DATA_DIR/objects, else the user data
+    dir's radcrypt/objects: where the client's ``--store directory`` writes); anything
+    else an S3 store from RADCRYPT_S3_* (store_config_from_env)."""
+    env = os.environ
+    if env.get("RADCRYPT_STORE") == "directory":
+        return open_store(directory_config_from_env())
+    return open_store(store_config_from_env())
+
+
+def directory_config_from_env() -> DirectoryConfig:
+    env = os.environ
+    if env.get("RADCRYPT_STORE_ROOT"):
+        return DirectoryConfig(Path(env["RADCRYPT_STORE_ROOT"]))
+    import platformdirs
+
+    data = env.get("RADCRYPT_DATA_DIR") or platformdirs.user_data_dir("radcrypt")
+    return DirectoryConfig(Path(data) / "objects")
+
+
 # --- the one entry point: `python -m cloud.service` and `radcrypt serve` -----------------
 
 
-def serve(config: ServiceConfig, store: ObjectStore) -> None:
+def serve(config: ServiceConfig, store: Store) -> None:
     """Run the service until interrupted (blocking).
 
     Index arrays are memory-mapped from a private directory under the cache root,
@@ -417,18 +442,18 @@ def serve(config: ServiceConfig, store: ObjectStore) -> None:
 
 
 def run_service(args: argparse.Namespace,
-                open_store: Callable[[], AbstractContextManager[ObjectStore]] | None = None
+                open_store: Callable[[], AbstractContextManager[Store]] | None = None
                 ) -> int:
     """The service as a command: options checked first (exit 2 with one line when it must
-    not start), then the store opened (``open_store``, else from RADCRYPT_S3_*), then
-    served until interrupted."""
+    not start), then the store opened (``open_store``, else store_from_env: RADCRYPT_STORE
+    and RADCRYPT_S3_*), then served until interrupted."""
     try:
         config = service_config(args)
     except ValueError as exc:
         print(f"radcrypt serve: {exc}", file=sys.stderr)
         return 2
     if open_store is None:
-        with nullcontext(ObjectStore(store_config_from_env())) as store:
+        with nullcontext(store_from_env()) as store:
             serve(config, store)
     else:
         with open_store() as store:

@@ -93,7 +93,8 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     """The service's options, shared by `python -m cloud.service` and `radcrypt serve`."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default "
                         "127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=8765,
+                        help="TCP port to listen on (default 8765)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where index arrays are memory-mapped and the service id is "
                              "kept (default: the user cache dir)")

@@ -58,6 +58,18 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from cloud import layout
+from cloud.backend import (
+    BucketNotFound,
+    ObjectExists,
+    ObjectNotFound,
+    StoreError,
+    StoreUnavailable,
+)
+
+__all__ = [
+    "BucketNotFound", "ObjectExists", "ObjectNotFound", "ObjectStore", "StoreConfig",
+    "StoreError", "StoreUnavailable",
+]
 
 MiB = 1024 * 1024
 MULTIPART_THRESHOLD = 16 * MiB
@@ -113,28 +125,9 @@ class StoreConfig:
 # --- errors --------------------------------------------------------------------------
 
 
-class StoreError(Exception):
-    """Any failure of the object store; ``code`` is the S3 error code when there was one."""
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ObjectNotFound(StoreError):
-    """The key does not exist."""
-
-
-class ObjectExists(StoreError):
-    """A conditional create found the key already present."""
-
-
-class StoreUnavailable(StoreError):
-    """The store cannot be used at all: unreachable, timed out, credentials refused."""
-
-
-class BucketNotFound(StoreUnavailable):
-    """The endpoint answers but the bucket does not exist (ensure_bucket creates it)."""
+# StoreError, ObjectNotFound, ObjectExists, StoreUnavailable and BucketNotFound are defined
+# in cloud.backend (one family for every backend) and imported above, so
+# ``from cloud.store import ObjectNotFound`` keeps working.
 
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -217,6 +210,7 @@ def _new_session(config: StoreConfig) -> boto3.session.Session:
 
 class ObjectStore:
     """Bytes in, bytes out, under keys of one bucket; see the module docstring for why.
+    Implements cloud.backend.Store.
 
     Thread-safe: one boto3 client per store, created on first use under a lock, shared by
     all threads that use the store (up to POOL_CONNECTIONS connections at once).

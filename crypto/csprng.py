@@ -43,9 +43,3 @@ def bits(n: int) -> NDArray[np.bool_]:
     """``n`` independent fair random bits."""
     raw = np.frombuffer(secrets.token_bytes((n + 7) // 8), dtype=np.uint8)
     return np.unpackbits(raw)[:n].astype(bool)
-
-
-def log_uniform(low: float, high: float) -> float:
-    """One float whose logarithm is uniform in [log low, log high)."""
-    u = float(uniform(1)[0])
-    return float(np.exp(np.log(low) + u * (np.log(high) - np.log(low))))

@@ -88,11 +88,6 @@ class IndexKey:
         return cls(dim=dim, levels=bound.levels, basis=bound.basis, full=full,
                    level_keys=bound.level_keys)
 
-    def without_levels(self) -> IndexKey:
-        """The same full-vector key with no bound levels."""
-        return IndexKey(dim=self.dim, levels=(), basis=np.empty((0, self.dim)), full=self.full,
-                        level_keys=())
-
     def with_levels(self, bound: BoundLevels) -> IndexKey:
         """The same full-vector key with these bound levels (basis and level keys)."""
         if bound.dim != self.dim:

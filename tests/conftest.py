@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cloud.backend import Store
+from cloud.directory_store import DirectoryStore
 from cloud.store import ObjectStore, StoreConfig
 
 try:  # tests/ is a rootdir-less folder today; keep working if it becomes a package
@@ -107,6 +109,23 @@ def s3_store(s3_config: StoreConfig) -> ObjectStore:
     store = ObjectStore(s3_config)
     store.ensure_bucket()
     return store
+
+
+@pytest.fixture(params=["moto", "seaweed", "directory"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Every backend of cloud.backend.Store in turn, empty and ready: S3 on moto, S3 on
+    SeaweedFS (each a fresh bucket, dropped after) and a DirectoryStore in tmp_path."""
+    if request.param == "directory":
+        directory = DirectoryStore(tmp_path / "objects")
+        directory.ensure_bucket()
+        yield directory
+        return
+    base: StoreConfig = request.getfixturevalue(f"{request.param}_store_config")
+    config = dataclasses.replace(base, bucket=s3servers.unique_bucket())
+    store = ObjectStore(config)
+    store.ensure_bucket()
+    yield store
+    s3servers.drop_bucket(config)
 
 
 # --- secrets never logged (whole suite) ----------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from cloud.local import stop_process
+from cloud.processes import stop_process
 from cloud.store import StoreConfig
 
 PROJECT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from app.core.identity import IdentityStore
 from app.core.repository import Repository, new_repository
 from app.core.settings import Settings
 from cloud import layout
-from cloud.store import ObjectExists, ObjectStore
+from cloud.backend import ObjectExists, Store
 from crypto.identity import Identity
 from crypto.keys import MIN_SCRYPT_LOG2_N, wrap_with_password
 
@@ -50,7 +50,7 @@ def _remove_temp_dirs() -> None:
 class StoreSession:
     """What create_repository_as/open_repository_as use of a Session: store and settings."""
 
-    store: ObjectStore
+    store: Store
     settings: Settings
 
 
@@ -61,7 +61,7 @@ def private_data_dir() -> Path:
     return Path(path)
 
 
-def store_session(store: ObjectStore, data_dir: Path | None = None) -> StoreSession:
+def store_session(store: Store, data_dir: Path | None = None) -> StoreSession:
     return StoreSession(store, Settings(data_dir=str(data_dir or private_data_dir())))
 
 
@@ -70,14 +70,14 @@ def owner_identity(name: str = "Test Owner") -> Identity:
 
 
 def _session(where: Any, data_dir: Path | None = None) -> Any:
-    return store_session(where, data_dir) if isinstance(where, ObjectStore) else where
+    return store_session(where, data_dir) if isinstance(where, Store) else where
 
 
 def create_owned_repository(where: Any, name: str, owner: Identity | None = None, *,
                             data_dir: Path | None = None, extractor: str = "radcrypt-v1",
                             basis_sample: np.ndarray | None = None) -> Repository:
     """A new identity-owned repository. ``where`` is a session (``.store`` and
-    ``.settings``) or an ObjectStore (then the pins go to ``data_dir`` or a temporary
+    ``.settings``) or a Store (then the pins go to ``data_dir`` or a temporary
     directory). Without ``owner``, a fresh identity owns it."""
     owner = owner if owner is not None else owner_identity()
     return create_repository_as(_session(where, data_dir), owner, name, extractor=extractor,
@@ -96,7 +96,7 @@ def identity_on_disk(data_dir: Path, name: str = "Test Owner",
     return IdentityStore(data_dir, scrypt_log2_n=MIN_SCRYPT_LOG2_N).create(name, password)
 
 
-def create_legacy_password_repository(store: ObjectStore, name: str, password: str, *,
+def create_legacy_password_repository(store: Store, name: str, password: str, *,
                                       extractor: str = "radcrypt-v1",
                                       basis_sample: np.ndarray | None = None,
                                       scrypt_log2_n: int = MIN_SCRYPT_LOG2_N) -> Repository:

@@ -91,8 +91,8 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     assert pid is None or support.pid_gone(pid)
 
 
-def _one_error_line(done: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+def _one_error_line(done: subprocess.CompletedProcess[str], *words: str, code: int = 1) -> str:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("radcrypt: "), lines[0]
@@ -135,14 +135,14 @@ def test_store_start_and_status(cli: Cli) -> None:
 def test_repo_create_and_list(cli: Cli) -> None:
     # repositories belong to identities: none on this workstation yet, so none is created
     _one_error_line(cli.run("repo", "create", REPO), "radcrypt identity create")
-    assert cli.json("repo", "list", "--json") == []
+    assert cli.json("repo", "list", "--json") == {"schema": 1, "repositories": []}
     cli.ok("identity", "create", "--name", "CLI Tester")
     created = cli.json("repo", "create", REPO, "--json")
     assert created["repo_id"] == REPO and created["dim"] == FEATURE_DIM
     assert created["key_version"] == 1
-    listed = cli.json("repo", "list", "--json")  # a second process sees the first's data
+    listed = cli.json("repo", "list", "--json")["repositories"]  # a second process sees it
     assert [m["repo_id"] for m in listed] == [REPO]
-    assert listed[0] == created
+    assert {"schema": 1, **listed[0]} == created
     _one_error_line(cli.run("repo", "create", REPO), "already exists")
 
 
@@ -164,7 +164,7 @@ def test_search_json_shape(cli: Cli, tmp_path: Path) -> None:
     query = perturb_file(target, tmp_path, "noise", seed=1)
     done = cli.ok("search", "--repo", REPO, str(target), str(query), "-k", "3", "--json")
     answer = json.loads(done.stdout)
-    assert set(answer) == {"queries"} and len(answer["queries"]) == 2
+    assert set(answer) == {"schema", "queries"} and len(answer["queries"]) == 2
     for item, path in zip(answer["queries"], [target, query], strict=True):
         assert set(item) == {"query", "results", "stats"}
         assert item["query"] == str(path)
@@ -198,7 +198,8 @@ def test_get_returns_the_original_byte_for_byte(cli: Cli, tmp_path: Path) -> Non
 def test_features_json_shape(cli: Cli) -> None:
     paths = [cli.files[1], cli.files[-2]]
     data = cli.json("features", *map(str, paths), "--json")
-    assert set(data) == {"extractor", "features"} and data["extractor"] == "radcrypt-v1"
+    assert set(data) == {"schema", "extractor", "features"}
+    assert data["extractor"] == "radcrypt-v1"
     assert [f["path"] for f in data["features"]] == list(map(str, paths))
     for row, path in zip(data["features"], paths, strict=True):
         assert set(row) == {"path", "vector"} and len(row["vector"]) == 128
@@ -247,7 +248,8 @@ def test_wrong_password(cli: Cli, tmp_path: Path) -> None:
                  ("import", "--repo", REPO, str(cli.files[0])),
                  ("get", "--repo", REPO, cli.ids[cli.files[0].name], "-o",
                   str(tmp_path / "x"))):
-        _one_error_line(cli.run(*args, password="not the password"), "wrong password")
+        _one_error_line(cli.run(*args, password="not the password"), "wrong password",
+                        code=12)
     assert not (tmp_path / "x").exists()
 
 
@@ -266,7 +268,7 @@ def test_unknown_repository(cli: Cli, tmp_path: Path) -> None:
     for args in (("search", "--repo", "no-such-repo", str(cli.files[0])),
                  ("import", "--repo", "no-such-repo", str(cli.files[0])),
                  ("get", "--repo", "no-such-repo", "0" * 32, "-o", str(tmp_path / "x"))):
-        _one_error_line(cli.run(*args), "no-such-repo")
+        _one_error_line(cli.run(*args), "no-such-repo", code=10)
     _one_error_line(cli.run("search", "--repo", "Not_A_Name", str(cli.files[0])), "repo")
 
 
@@ -304,8 +306,10 @@ def test_unknown_image_id(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_bad_k(cli: Cli) -> None:
-    for k in ("0", "101"):
-        _one_error_line(cli.run("search", "--repo", REPO, str(cli.files[0]), "-k", k), "k")
+    for k in ("0", "101"):  # a usage error (exit 2), found before any password is asked
+        done = cli.run("search", "--repo", REPO, str(cli.files[0]), "-k", k)
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert "usage:" in done.stderr and "-k" in done.stderr
 
 
 # --- persistence across a store restart, then stop -------------------------------------------
@@ -313,7 +317,7 @@ def test_bad_k(cli: Cli) -> None:
 
 def test_data_survives_a_store_restart(cli: Cli) -> None:
     first_pid = cli.store["pid"]
-    assert cli.json("store", "stop", "--json") == {"stopped": True}
+    assert cli.json("store", "stop", "--json") == {"schema": 1, "stopped": True}
     assert support.wait_gone(first_pid)
     assert cli.json("store", "status", "--json")["running"] is False
     assert cli.survivors() == []
@@ -321,17 +325,18 @@ def test_data_survives_a_store_restart(cli: Cli) -> None:
     assert restarted["pid"] != first_pid
     assert restarted["secret_key"] == cli.store["secret_key"]  # credentials are kept
     cli.store = restarted
-    assert [m["repo_id"] for m in cli.json("repo", "list", "--json")] == ["cli-batches", REPO]
+    listed = cli.json("repo", "list", "--json")["repositories"]
+    assert [m["repo_id"] for m in listed] == ["cli-batches", REPO]
     answer = cli.json("search", "--repo", REPO, str(cli.files[7]), "--json")
     assert answer["queries"][0]["results"][0]["name"] == cli.files[7].name
 
 
 def test_store_stop(cli: Cli) -> None:
     pid = cli.store["pid"]
-    assert cli.json("store", "stop", "--json") == {"stopped": True}
+    assert cli.json("store", "stop", "--json") == {"schema": 1, "stopped": True}
     assert support.wait_gone(pid)
     assert cli.survivors() == []
-    assert cli.json("store", "stop", "--json") == {"stopped": False}
+    assert cli.json("store", "stop", "--json") == {"schema": 1, "stopped": False}
     assert "no embedded store running" in cli.ok("store", "status").stdout
 
 

@@ -1,6 +1,7 @@
-"""Loading segments into the search service's index (cloud/repo_index.py): the streaming
-reader, the cache files written with O_DIRECT, the reused download buffers, the id
-de-duplication and the arrays that snapshots keep while later refreshes append.
+"""Loading segments into the search service's index (cloud/repo_index.py, index_rows.py and
+segment_download.py): the streaming reader, the cache files written with O_DIRECT, the
+reused download buffers, the id de-duplication and the arrays that snapshots keep while
+later refreshes append.
 
 A small in-memory store stands in for S3 here, so that every chunking and every race
 can be set up exactly; tests/test_service.py covers the same index over real HTTP S3.
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud import layout, repo_index
+from cloud import index_rows, layout, segment_download
 from cloud.codes import RowCodes
-from cloud.repo_index import RepoIndex, Snapshot, _FileRows, _SeenIds
+from cloud.index_rows import FileRows, SeenIds
+from cloud.repo_index import RepoIndex, Snapshot
 from cloud.segments import SegmentError, decode_segment, encode_segment, read_segment
 from cloud.store import ObjectNotFound
 from crypto.index import IndexKey
@@ -186,10 +188,10 @@ def test_an_overlong_stream_is_not_read_to_its_end(blob: bytes) -> None:
 @pytest.mark.parametrize("direct", [True, False])
 def test_file_rows_views_stay_valid_while_rows_are_appended(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
-    monkeypatch.setattr(repo_index, "DIRECT_IO", direct)
-    monkeypatch.setattr(repo_index, "STAGE_BYTES", 3 * 4096)  # many spills, odd offsets
+    monkeypatch.setattr(index_rows, "DIRECT_IO", direct)
+    monkeypatch.setattr(index_rows, "STAGE_BYTES", 3 * 4096)  # many spills, odd offsets
     rng = np.random.default_rng(2)
-    rows = _FileRows(tmp_path / "a.f64", 7)
+    rows = FileRows(tmp_path / "a.f64", 7)
     written: list[np.ndarray] = []
     views: list[tuple[np.ndarray, np.ndarray]] = []
     for count in (1, 5, 300, 2, 1000, 3, 77):
@@ -206,9 +208,9 @@ def test_file_rows_views_stay_valid_while_rows_are_appended(
 
 def test_file_rows_fall_back_to_the_page_cache_when_direct_writes_are_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(repo_index, "STAGE_BYTES", 2 * 4096)
+    monkeypatch.setattr(index_rows, "STAGE_BYTES", 2 * 4096)
     rng = np.random.default_rng(3)
-    rows = _FileRows(tmp_path / "a.f64", 5)
+    rows = FileRows(tmp_path / "a.f64", 5)
     first = rng.normal(size=(300, 5))  # more than a stage: one direct write succeeds
     rows.append(first)
     real_pwrite = os.pwrite
@@ -218,7 +220,7 @@ def test_file_rows_fall_back_to_the_page_cache_when_direct_writes_are_refused(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(repo_index.os, "pwrite", refuse)
+    monkeypatch.setattr(index_rows.os, "pwrite", refuse)
     second = rng.normal(size=(400, 5))
     rows.append(second)
     assert not rows._direct
@@ -232,7 +234,7 @@ def test_file_rows_fall_back_to_the_page_cache_when_direct_writes_are_refused(
 
 def test_seen_ids_compare_whole_ids_and_survive_merges() -> None:
     rng = np.random.default_rng(4)
-    seen, rows, reference = _SeenIds(), np.empty(0, "V16"), set()
+    seen, rows, reference = SeenIds(), np.empty(0, "V16"), set()
     pool = [secrets.token_bytes(16) for _ in range(400)]
     twins = [pool[i][:8] + secrets.token_bytes(8) for i in range(0, 400, 7)]  # same 8 bytes
     pool += twins
@@ -286,8 +288,8 @@ def _same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
 def test_index_holds_every_image_once_and_old_snapshots_stay_intact(
         tmp_path: Path, key: IndexKey, cached: bool, chunk: int | None,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(repo_index, "STAGE_BYTES", 4 * 4096)
-    monkeypatch.setattr(repo_index, "AHEAD_BYTES", 1)  # one segment ahead: buffers reused
+    monkeypatch.setattr(index_rows, "STAGE_BYTES", 4 * 4096)
+    monkeypatch.setattr(segment_download, "AHEAD_BYTES", 1)  # one segment ahead: buffers reused
     store = MemoryStore(chunk)
     index = RepoIndex(store, REPO, tmp_path if cached else None)  # type: ignore[arg-type]
     rng = np.random.default_rng(5)

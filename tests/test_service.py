@@ -25,6 +25,7 @@ from cloud import layout
 from cloud.segments import encode_segment
 from cloud.store import ObjectStore, StoreConfig
 from crypto.index import IndexKey
+from crypto.tokens import QueryToken
 
 try:
     import e2e_support as support
@@ -174,6 +175,51 @@ def test_search_returns_plaintext_topk(store: ObjectStore, http: httpx.Client,
         assert answer["stats"]["vectors"] == 1500
         if qi < len(singles):
             assert _hit_ids(singles[qi]) == _hit_ids(answer)
+
+
+def test_a_token_of_16_queries_is_answered_by_one_batched_engine_call(
+        store: ObjectStore, http: httpx.Client, key: IndexKey) -> None:
+    """A 16-query token gets the answers of its 16 queries sent one per token (same ids
+    and ranks, scores equal to float64 rounding), all the plaintext top k; the stats say
+    one engine call answered the 16 (search_batch), and one call each the singles."""
+    repo = _new_repo()
+    rng = np.random.default_rng(7)
+    data = datasets.low_rank_varying(rng, 2000, DIM)
+    ids = _ids(len(data))
+    _put_segment(store, key, repo, ids[:1200], data[:1200])
+    _put_segment(store, key, repo, ids[1200:], data[1200:])
+    # near queries (the bounds prune) and fresh ones (far from everything: the codes scan)
+    queries = np.vstack([datasets.perturbed_queries(rng, data, 12, noise=0.2),
+                         datasets.low_rank_varying(rng, 4, DIM)])
+    k = 4
+    truth, _ = datasets.plaintext_topk(data, queries, k)
+    position = {image_id: i for i, image_id in enumerate(ids)}
+
+    # one token, and each of its queries as a token of its own (a token's queries carry
+    # random scales: tokens made separately would score differently)
+    token = key.query(queries)
+
+    def ask(one_or_many: QueryToken) -> list[dict[str, Any]]:
+        response = http.post(f"/v1/repos/{repo}/search", json={
+            "token": base64.b64encode(one_or_many.to_bytes()).decode(), "k": k,
+            "key_version": 1})
+        assert response.status_code == 200, response.text
+        answers: list[dict[str, Any]] = response.json()["results"]
+        return answers
+
+    batched = ask(token)
+    singles = [ask(token.select(i))[0] for i in range(len(queries))]
+    assert len(batched) == len(queries) == 16
+    for qi, (many, one) in enumerate(zip(batched, singles, strict=True)):
+        assert [(h["image_id"], h["rank"]) for h in many["hits"]] == \
+            [(h["image_id"], h["rank"]) for h in one["hits"]], qi
+        # float64 rescoring of a candidate is a product over whichever rows share its
+        # block, so scores may differ in the last bits (search.py: ~1e-12 |row| |token|)
+        np.testing.assert_allclose([h["score"] for h in many["hits"]],
+                                   [h["score"] for h in one["hits"]], rtol=1e-12, atol=0)
+        assert {position[i] for i in _hit_ids(many)} == set(truth[qi]), qi
+        assert many["stats"]["batch"] == 16 and one["stats"]["batch"] == 1
+        assert many["stats"]["vectors"] == one["stats"]["vectors"] == 2000
 
 
 def test_k_larger_than_the_repository(store: ObjectStore, http: httpx.Client,

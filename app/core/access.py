@@ -53,6 +53,7 @@ import numpy as np
 from app.core import basis, objects
 from app.core.errors import AccessDenied, IntegrityError, RadcryptError, RepositoryExists
 from app.core.identity import RequestSigner
+from app.core.progress import ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import (
     PASSWORD_OWNER,
     Manifest,
@@ -67,8 +68,14 @@ from app.core.repository import (
 from app.core.session import Session
 from app.core.settings import Settings
 from cloud import layout
-from cloud.segments import DIGEST_SIZE, encode_segment, expected_size, read_header
-from cloud.store import ObjectExists, ObjectNotFound, ObjectStore
+from cloud.backend import ObjectExists, ObjectNotFound, Store
+from cloud.segments import (
+    DIGEST_SIZE,
+    HEADER_SIZE,
+    encode_segment,
+    expected_size,
+    read_header,
+)
 from crypto.errors import DecryptionError, FormatError
 from crypto.identity import Identity, PublicCard
 from crypto.keys import KeyRing
@@ -219,7 +226,7 @@ def _signed_manifest(session: Session, repo_id: str) -> tuple[Manifest, bytes]:
     return manifest, owner
 
 
-def _write_manifest(store: ObjectStore, owner: Identity, manifest: Manifest,
+def _write_manifest(store: Store, owner: Identity, manifest: Manifest,
                     create: bool = False) -> None:
     name = layout.manifest_key(manifest.repo_id)
     payload = json.loads(manifest.to_json())
@@ -245,7 +252,7 @@ def register_user(session: Session, owner: Identity, card_json: str) -> UserReco
     return UserRecord(card.user_id, card.name, card.fingerprint)
 
 
-def _user_card(store: ObjectStore, user_id: str, trusted: list[bytes]) -> PublicCard:
+def _user_card(store: Store, user_id: str, trusted: list[bytes]) -> PublicCard:
     """The card of a user record signed by one of ``trusted`` (this repository's owner)."""
     try:
         name = layout.user_key(user_id)
@@ -261,14 +268,14 @@ def _user_card(store: ObjectStore, user_id: str, trusted: list[bytes]) -> Public
     return card
 
 
-def _write_grant(store: ObjectStore, owner: Identity, ring: KeyRing, card: PublicCard) -> None:
+def _write_grant(store: Store, owner: Identity, ring: KeyRing, card: PublicCard) -> None:
     name = layout.grant_key(ring.repo_id, card.user_id)
     wrapped = wrap_to_recipient(ring.to_bytes(), card.enc_public,
                                 _context(ring.repo_id, card.user_id))
     store.put(name, sign_record(owner, "grant", name, wrapped))
 
 
-def _open_grant(store: ObjectStore, identity: Identity, repo_id: str, owner_key: bytes
+def _open_grant(store: Store, identity: Identity, repo_id: str, owner_key: bytes
                 ) -> KeyRing:
     """The ring in ``identity``'s grant, if the owner signed it for this name."""
     grant_name = layout.grant_key(repo_id, identity.user_id)
@@ -403,8 +410,9 @@ def list_access(session: Session, repo_id: str) -> AccessList:
 
 
 def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: str,
-                  ) -> Repository:
-    """Remove a user and rotate to a new key version, resumably (module docstring)."""
+                  progress: ProgressCallback = no_progress) -> Repository:
+    """Remove a user and rotate to a new key version, resumably (module docstring).
+    ``progress``: "revoke" events, images re-encrypted of those to do."""
     store = session.store
     manifest, owner_key = _signed_manifest(session, repo.repo_id)
     _check_owner(owner, owner_key, repo.repo_id)
@@ -426,18 +434,20 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
     # A user who is not (or no longer) a member: what is left of a revocation is finished.
     metas: dict[str, tuple[bytes, np.ndarray]] = {}
     if pending:  # an earlier run's rotation: finish it for the members as listed now
-        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, metas)
+        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, metas,
+                                    progress)
     if manifest.member_version(user_id) is not None:
         ring = _start_rotation(session, owner, manifest, ring, metas)
         manifest = _publish(session, owner, with_members(
             manifest, [m for m in manifest.members if m.user_id != user_id]))
-        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, metas)
+        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, metas,
+                                    progress)
     store.delete(grant_name)  # deleting a missing object is no error
     _retire_old_segments(store, ring, manifest, metas)
     return basis.load(store, Repository(manifest, ring, owner_key))
 
 
-def _owner_ring(store: ObjectStore, owner: Identity, owner_key: bytes, manifest: Manifest,
+def _owner_ring(store: Store, owner: Identity, owner_key: bytes, manifest: Manifest,
                 repo: Repository) -> KeyRing:
     """The owner's ring: from the owner's grant (which holds a rotation in progress), or
     the session's when that grant is gone; it must hold the manifest's version."""
@@ -474,7 +484,8 @@ def _start_rotation(session: Session, owner: Identity, manifest: Manifest, ring:
 
 
 def _finish_rotation(session: Session, owner: Identity, owner_key: bytes, manifest: Manifest,
-                     ring: KeyRing, metas: dict[str, tuple[bytes, np.ndarray]]) -> Manifest:
+                     ring: KeyRing, metas: dict[str, tuple[bytes, np.ndarray]],
+                     progress: ProgressCallback = no_progress) -> Manifest:
     """Wrap the pending version to the manifest's members, re-encrypt, then publish."""
     store, version = session.store, ring.current.version
     for member in manifest.members:
@@ -487,12 +498,12 @@ def _finish_rotation(session: Session, owner: Identity, owner_key: bytes, manife
                         manifest.repo_id, member.user_id, exc)
             continue
         _write_grant(store, owner, ring, card)
-    _reencrypt(store, ring, manifest, version, metas)
+    _reencrypt(store, ring, manifest, version, metas, progress)
     members = [Member(m.user_id, version) for m in manifest.members]
     return _publish(session, owner, with_members(manifest, members, key_version=version))
 
 
-def _retire_old_segments(store: ObjectStore, ring: KeyRing, manifest: Manifest,
+def _retire_old_segments(store: Store, ring: KeyRing, manifest: Manifest,
                          metas: dict[str, tuple[bytes, np.ndarray]]) -> None:
     """Delete segments of superseded versions, after re-encrypting any image only they
     name (a client that had not seen the rotation yet may have committed one)."""
@@ -502,8 +513,9 @@ def _retire_old_segments(store: ObjectStore, ring: KeyRing, manifest: Manifest,
             store.delete(key)
 
 
-def _reencrypt(store: ObjectStore, ring: KeyRing, manifest: Manifest, version: int,
-               metas: dict[str, tuple[bytes, np.ndarray]]) -> None:
+def _reencrypt(store: Store, ring: KeyRing, manifest: Manifest, version: int,
+               metas: dict[str, tuple[bytes, np.ndarray]],
+               progress: ProgressCallback = no_progress) -> None:
     """Every image named by a segment of an older version and by none of ``version``:
     metadata re-encrypted under ``version``, then a new segment naming them. The segment
     is encrypted with the version's basis (fitted here if the version has none yet, as an
@@ -524,6 +536,7 @@ def _reencrypt(store: ObjectStore, ring: KeyRing, manifest: Manifest, version: i
             objects.put_encrypted(store, keys, repo_id, "meta", image_id, plain)
             chunk.append(image_id)
             rows.append(features)
+            progress(ProgressEvent("revoke", start + len(chunk), len(todo), item=image_id))
         if chunk:
             batch = np.array(rows)
             keys = basis.ensure_version(store, repo_id, manifest.levels, manifest.dim, keys,
@@ -533,7 +546,7 @@ def _reencrypt(store: ObjectStore, ring: KeyRing, manifest: Manifest, version: i
                       encode_segment(chunk, vectors, version), if_absent=True)
 
 
-def _read_meta(store: ObjectStore, ring: KeyRing, repo_id: str, image_id: str,
+def _read_meta(store: Store, ring: KeyRing, repo_id: str, image_id: str,
                ) -> tuple[bytes, np.ndarray] | None:
     """(plaintext, features) of an image's metadata, or None (logged) when it is missing or
     does not open: that image then leaves the index, and nothing else stops."""
@@ -549,13 +562,13 @@ def _read_meta(store: ObjectStore, ring: KeyRing, repo_id: str, image_id: str,
     return plain, features
 
 
-def _segments(store: ObjectStore, repo_id: str) -> list[tuple[str, int, list[str]]]:
+def _segments(store: Store, repo_id: str) -> list[tuple[str, int, list[str]]]:
     """(name, key version, image ids) of every readable segment, from two small range
     reads each; a damaged one is skipped (the service reports it)."""
     found = []
     for key, size in store.list_objects(layout.segments_prefix(repo_id)):
         try:
-            version, count, widths = read_header(store.get_range(key, 0, 64), key)
+            version, count, widths = read_header(store.get_range(key, 0, HEADER_SIZE), key)
             if size != expected_size(count, widths):
                 continue
             header = expected_size(0, widths) - DIGEST_SIZE

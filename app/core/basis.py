@@ -12,7 +12,9 @@ AES-256-GCM encrypted under that version's data key, with associated data bindin
 repository, the kind "basis" and the version. It is written create-if-absent: of two
 importers racing on the first batch, the loser reads and uses the winner's. Opening a
 repository (and every import batch) loads it. A key rotation with features at hand fits the
-new version's basis on them and keeps it in the ring itself (rotation_index_key).
+new version's basis on them and keeps it in the ring itself (rotation_index_key). A new
+repository's levels and first index key (manifest_levels, initial_index_key) are made by
+app/core/repository.py, which this module builds on (it imports nothing from here).
 
 Refusals. A basis object that does not open, or whose levels differ from the signed
 manifest's, is an IntegrityError. When the object is missing but segments of that version
@@ -27,24 +29,20 @@ d + 1 known pairs, as for the full vectors.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.core.errors import IntegrityError, RadcryptError
+from app.core.errors import IntegrityError
+from app.core.repository import Manifest, Repository, initial_index_key
 from cloud import layout
-from cloud.segments import read_header
-from cloud.store import ObjectExists, ObjectNotFound, ObjectStore
+from cloud.backend import ObjectExists, ObjectNotFound, Store
+from cloud.segments import HEADER_SIZE, read_header
 from crypto import aead
 from crypto.errors import DecryptionError, FormatError
-from crypto.index import BoundLevels, IndexKey, default_levels
+from crypto.index import BoundLevels, IndexKey
 from crypto.keys import KeyRing, VersionKeys
 
-if TYPE_CHECKING:
-    from app.core.repository import Manifest, Repository
-
 KIND = "basis"
-BOUND_LEVELS = ("auto", "off")  # the repository option (radcrypt repo create --bound-levels)
 # Feature norms an extractor's vectors stay below (radcrypt-v1: 1.2 to 2.8 on the sample
 # images): ciphertext norms are then drawn from one distribution whatever a batch holds
 # (crypto/sknn.py), so they reveal nothing of the plaintext norms, even for one image.
@@ -54,28 +52,6 @@ NORM_BOUNDS = {"radcrypt-v1": 4.0}
 def norm_bound(manifest: Manifest) -> float:
     """The feature norm to pass to IndexKey.encrypt for this repository (0: unknown)."""
     return NORM_BOUNDS.get(manifest.extractor, 0.0)
-
-
-def manifest_levels(dim: int, bound_levels: str = "auto") -> list[int]:
-    """The levels a new repository's manifest announces: [] when switched off."""
-    if bound_levels not in BOUND_LEVELS:
-        raise RadcryptError(f"bound levels must be one of {', '.join(BOUND_LEVELS)}, "
-                            f"not {bound_levels!r}")
-    return [] if bound_levels == "off" else list(default_levels(dim))
-
-
-def initial_index_key(dim: int, bound_levels: str = "auto",
-                      own_sample: np.ndarray | None = None) -> IndexKey:
-    """The index key of a new repository.
-
-    Without ``own_sample`` (features of the department's own images) it has no levels yet:
-    the first import batch fits them (ensure). Public samples are never used.
-    """
-    levels = tuple(manifest_levels(dim, bound_levels))
-    if levels and own_sample is not None and len(own_sample):
-        return IndexKey.generate(dim, sample=np.asarray(own_sample, dtype=np.float64),
-                                 levels=levels)
-    return IndexKey.generate(dim, levels=())
 
 
 def rotation_index_key(manifest: Manifest, features: np.ndarray) -> IndexKey:
@@ -103,7 +79,7 @@ def _with_levels(repo_id: str, levels: list[int], dim: int, keys: VersionKeys,
                        keys.index_key.with_levels(bound))
 
 
-def _read(store: ObjectStore, repo_id: str, keys: VersionKeys) -> BoundLevels | None:
+def _read(store: Store, repo_id: str, keys: VersionKeys) -> BoundLevels | None:
     name = layout.basis_key(repo_id, keys.version)
     try:
         envelope = store.get(name)
@@ -118,7 +94,7 @@ def _read(store: ObjectStore, repo_id: str, keys: VersionKeys) -> BoundLevels | 
             "check: it was altered, replaced or moved") from None
 
 
-def load_version(store: ObjectStore, repo_id: str, levels: list[int], dim: int,
+def load_version(store: Store, repo_id: str, levels: list[int], dim: int,
                  keys: VersionKeys) -> VersionKeys:
     """The keys of one version with its basis, when one exists (else unchanged)."""
     if not _pending(levels, keys):
@@ -127,7 +103,7 @@ def load_version(store: ObjectStore, repo_id: str, levels: list[int], dim: int,
     return keys if bound is None else _with_levels(repo_id, levels, dim, keys, bound)
 
 
-def ensure_version(store: ObjectStore, repo_id: str, levels: list[int], dim: int,
+def ensure_version(store: Store, repo_id: str, levels: list[int], dim: int,
                    keys: VersionKeys, features: np.ndarray) -> VersionKeys:
     """The keys of one version with its basis; the version's first batch (``features``:
     its plaintext features) fits and stores it. Whatever writes a segment of a version
@@ -163,7 +139,7 @@ def _replace_current(repo: Repository, keys: VersionKeys) -> Repository:
     return dataclasses.replace(repo, ring=ring)
 
 
-def load(store: ObjectStore, repo: Repository) -> Repository:
+def load(store: Store, repo: Repository) -> Repository:
     """The repository with its current version's basis, when one exists (else unchanged:
     its tokens then have no levels, which only matters before the first import)."""
     m = repo.manifest
@@ -171,7 +147,7 @@ def load(store: ObjectStore, repo: Repository) -> Repository:
                                                repo.keys))
 
 
-def ensure(store: ObjectStore, repo: Repository, features: np.ndarray) -> Repository:
+def ensure(store: Store, repo: Repository, features: np.ndarray) -> Repository:
     """The repository with a basis for its current key version; the first batch of that
     version (``features``: its plaintext features) fits and stores it."""
     m = repo.manifest
@@ -179,11 +155,11 @@ def ensure(store: ObjectStore, repo: Repository, features: np.ndarray) -> Reposi
                                                  repo.keys, features))
 
 
-def _has_segments(store: ObjectStore, repo_id: str, version: int) -> bool:
+def _has_segments(store: Store, repo_id: str, version: int) -> bool:
     """Whether some readable segment was written under ``version`` (two small reads each)."""
     for key in store.list_keys(layout.segments_prefix(repo_id)):
         try:
-            key_version, _, _ = read_header(store.get_range(key, 0, 64), key)
+            key_version, _, _ = read_header(store.get_range(key, 0, HEADER_SIZE), key)
         except (ValueError, ObjectNotFound):
             continue
         if key_version == version:

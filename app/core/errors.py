@@ -29,3 +29,7 @@ class ServiceError(RadcryptError):
 
 class Cancelled(RadcryptError):
     """The user cancelled a long operation; what was finished is kept."""
+
+
+class WrongPassword(AccessDenied):
+    """The password does not unlock the identity on this workstation."""

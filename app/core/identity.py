@@ -21,7 +21,8 @@ import secrets
 import time
 from pathlib import Path
 
-from app.core.errors import AccessDenied, RadcryptError
+from app.core.errors import RadcryptError
+from app.core.errors import WrongPassword as IdentityLocked
 from crypto.errors import FormatError
 from crypto.identity import Identity, PublicCard, open_identity, seal_identity
 from crypto.keys import DEFAULT_SCRYPT_LOG2_N, WrongPassword
@@ -143,6 +144,14 @@ class IdentityStore:
     def _write(self, blob: bytes) -> None:
         _write_new_file(self.path, blob, 0o600)
 
+    def change_password(self, old: str, new: str) -> Identity:
+        """Re-encrypt the identity under ``new`` (the same zxcvbn rule as a new identity);
+        the file is replaced atomically, so a crash leaves the old or the new one."""
+        identity = self.unlock(old)
+        check_new_password(new, identity.name)
+        self._write(seal_identity(identity, new, self.scrypt_log2_n))
+        return identity
+
     def unlock(self, password: str) -> Identity:
         try:
             blob = self.path.read_bytes()
@@ -151,7 +160,7 @@ class IdentityStore:
         try:
             return open_identity(blob, password)
         except WrongPassword:
-            raise AccessDenied("wrong password: the identity stays locked") from None
+            raise IdentityLocked("wrong password: the identity stays locked") from None
         except FormatError as exc:
             raise RadcryptError(f"the identity file {self.path} is damaged: {exc}") from None
 

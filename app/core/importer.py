@@ -67,8 +67,14 @@ from app.imaging.errors import ImageDecodeError
 from app.imaging.features import get_extractor
 from app.imaging.worker import Analysis, DecoderPool, DecoderUnavailable, analyse
 from cloud import layout
-from cloud.segments import DIGEST_SIZE, encode_segment, expected_size, read_header
-from cloud.store import ObjectStore, StoreError
+from cloud.backend import Store, StoreError
+from cloud.segments import (
+    DIGEST_SIZE,
+    HEADER_SIZE,
+    encode_segment,
+    expected_size,
+    read_header,
+)
 
 DEFAULT_BATCH = 64
 UPLOAD_THREADS = 8  # uploads wait on the network, not the CPU: more of them than workers
@@ -146,7 +152,7 @@ def _id_key(data_key: bytes) -> bytes:
     return derived
 
 
-def committed_ids(store: ObjectStore, repo_id: str) -> set[str]:
+def committed_ids(store: Store, repo_id: str) -> set[str]:
     """Ids named by the repository's segments: two small range reads per segment.
 
     A segment whose header is damaged, or whose size is not the one its header implies
@@ -157,7 +163,7 @@ def committed_ids(store: ObjectStore, repo_id: str) -> set[str]:
     """
     ids: set[str] = set()
     for key, size in store.list_objects(layout.segments_prefix(repo_id)):
-        head = store.get_range(key, 0, 64)
+        head = store.get_range(key, 0, HEADER_SIZE)
         try:
             _, count, widths = read_header(head, key)
         except ValueError:
@@ -173,7 +179,7 @@ def committed_ids(store: ObjectStore, repo_id: str) -> set[str]:
 class Importer:
     """Imports files into one repository; safe to re-run on the same files."""
 
-    def __init__(self, store: ObjectStore, repo: Repository, *, workers: int = 2,
+    def __init__(self, store: Store, repo: Repository, *, workers: int = 2,
                  batch_size: int = DEFAULT_BATCH, progress: ProgressCallback = no_progress,
                  cancel: CancelToken | None = None, processes: bool = True,
                  memory_limit: int | None = None) -> None:
@@ -417,7 +423,7 @@ def _metadata(path: Path, size: int, digest: bytes, analysis: Analysis,
         "tags": analysis.tags,
         "rows": analysis.rows,
         "columns": analysis.columns,
-        "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "imported_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "extractor": extractor,
         "features": [float(x) for x in analysis.features],
     }

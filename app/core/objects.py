@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from app.core.errors import IntegrityError, RadcryptError
+from app.core.progress import ProgressCallback, ProgressEvent, no_progress
 from cloud import layout
-from cloud.store import ObjectNotFound, ObjectStore
+from cloud.backend import ObjectNotFound, Store
 from crypto import aead
 from crypto.errors import DecryptionError
 from crypto.keys import KeyRing, VersionKeys
@@ -29,14 +30,14 @@ def _ad(repo_id: str, kind: str, image_id: str, version: int) -> bytes:
     return aead.associated_data(repo_id, kind, image_id, version)
 
 
-def put_encrypted(store: ObjectStore, keys: VersionKeys, repo_id: str, kind: str,
+def put_encrypted(store: Store, keys: VersionKeys, repo_id: str, kind: str,
                   image_id: str, data: bytes) -> None:
     """Encrypt and upload a small object (thumbnail, metadata) in one request."""
     envelope = aead.seal(keys.data_key, data, _ad(repo_id, kind, image_id, keys.version))
     store.put(layout.image_key(kind, repo_id, image_id), envelope)
 
 
-def put_encrypted_file(store: ObjectStore, keys: VersionKeys, repo_id: str, image_id: str,
+def put_encrypted_file(store: Store, keys: VersionKeys, repo_id: str, image_id: str,
                        path: Path) -> None:
     """Encrypt and upload an original file; large files stream, never whole in memory."""
     ad = _ad(repo_id, "objects", image_id, keys.version)
@@ -67,7 +68,7 @@ def _integrity_error(kind: str, image_id: str) -> IntegrityError:
 _KIND_WORDS = {"objects": "original", "thumbs": "preview", "meta": "metadata"}
 
 
-def get_decrypted(store: ObjectStore, ring: KeyRing, repo_id: str, kind: str, image_id: str,
+def get_decrypted(store: Store, ring: KeyRing, repo_id: str, kind: str, image_id: str,
                   version: int | None = None) -> tuple[bytes, int]:
     """(plaintext, key version) of a small object; IntegrityError if it does not open."""
     envelope = store.get(layout.image_key(kind, repo_id, image_id))
@@ -81,13 +82,15 @@ def get_decrypted(store: ObjectStore, ring: KeyRing, repo_id: str, kind: str, im
     raise _integrity_error(kind, image_id)
 
 
-def fetch_original(store: ObjectStore, ring: KeyRing, repo_id: str, image_id: str,
-                   dest: Path, version: int | None = None) -> int:
+def fetch_original(store: Store, ring: KeyRing, repo_id: str, image_id: str,
+                   dest: Path, version: int | None = None,
+                   progress: ProgressCallback = no_progress) -> int:
     """Stream, verify and decrypt an original into ``dest``; returns its size.
 
     Written to a temporary file beside ``dest`` and renamed only once every chunk and
     the final flag verified, so a tampered object never leaves a partial file behind.
     IntegrityError when the object does not open; RadcryptError when there is none.
+    ``progress``: "download" events, bytes of the stored object read of its size.
     """
     key = layout.object_key(repo_id, image_id)
     dest = Path(dest)
@@ -98,7 +101,8 @@ def fetch_original(store: ObjectStore, ring: KeyRing, repo_id: str, image_id: st
         try:
             with os.fdopen(fd, "wb") as out:
                 ad = _ad(repo_id, "objects", image_id, keys.version)
-                for piece in aead.decrypt_stream(keys.data_key, store.iter_chunks(key), ad):
+                chunks = _counted(store.iter_chunks(key), progress, _size(store, key))
+                for piece in aead.decrypt_stream(keys.data_key, chunks, ad):
                     out.write(piece)
             tmp.replace(dest)
             return dest.stat().st_size
@@ -115,13 +119,29 @@ def fetch_original(store: ObjectStore, ring: KeyRing, repo_id: str, image_id: st
     raise _integrity_error("objects", image_id)
 
 
-def existing_image_ids(store: ObjectStore, repo_id: str, kind: str) -> set[str]:
+def _size(store: Store, key: str) -> int:
+    try:
+        return store.size(key) or 0
+    except ObjectNotFound:
+        return 0
+
+
+def _counted(chunks: Iterator[bytes], progress: ProgressCallback, total: int
+             ) -> Iterator[bytes]:
+    done = 0
+    for chunk in chunks:
+        done += len(chunk)
+        progress(ProgressEvent("download", done, max(total, done)))
+        yield chunk
+
+
+def existing_image_ids(store: Store, repo_id: str, kind: str) -> set[str]:
     """Ids that already have an object of ``kind`` (what a resumed import can skip)."""
     prefix = layout.image_prefix(kind, repo_id)
     return {key[len(prefix):] for key in store.list_keys(prefix)}
 
 
-def exists(store: ObjectStore, repo_id: str, kind: str, image_id: str) -> bool:
+def exists(store: Store, repo_id: str, kind: str, image_id: str) -> bool:
     try:
         return store.exists(layout.image_key(kind, repo_id, image_id))
     except ObjectNotFound:

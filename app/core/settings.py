@@ -20,9 +20,10 @@ from app.core.errors import RadcryptError
 
 APP_NAME = "radcrypt"
 EMBEDDED = "embedded"  # SeaweedFS on this workstation, in the data directory (persistent)
+DIRECTORY = "directory"  # objects as files under <data dir>/objects (cloud/directory_store.py)
 MEMORY = "memory"  # moto in this process: nothing is kept (tests; needs the dev extra)
 S3 = "s3"  # an S3 endpoint (endpoint_url; empty: AWS S3)
-STORES = (EMBEDDED, MEMORY, S3)
+STORES = (EMBEDDED, DIRECTORY, MEMORY, S3)
 STORE_ALIASES = {"local": EMBEDDED}  # the old name of the embedded store, still accepted
 LOCAL = EMBEDDED  # the old constant's name, for callers that compare with it
 _ENV = {
@@ -41,7 +42,7 @@ _ENV = {
 class Settings:
     """Everything a session needs to find its storage and its search service."""
 
-    store: str = EMBEDDED  # "embedded" (SeaweedFS), "memory" (nothing kept) or "s3"
+    store: str = EMBEDDED  # "embedded" (SeaweedFS), "directory", "memory" (nothing kept), "s3"
     endpoint_url: str | None = None
     bucket: str = "radcrypt"
     region: str = "us-east-1"
@@ -60,6 +61,12 @@ class Settings:
     @property
     def store_dir(self) -> Path:
         return self.data_path / "store"
+
+    @property
+    def objects_dir(self) -> Path:
+        """Where the directory store keeps its objects (--store directory, and the
+        embedded store where SeaweedFS has no binary for the platform)."""
+        return self.data_path / "objects"
 
     def with_overrides(self, **values: Any) -> Settings:
         return replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -91,8 +98,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if name == "store":
         value = STORE_ALIASES.get(value, value) if isinstance(value, str) else value
         if value not in STORES:
-            raise RadcryptError(f"{source}: store must be 'embedded', 'memory' or 's3', "
-                                f"not {value!r}")
+            raise RadcryptError(f"{source}: store must be 'embedded', 'memory' or 's3' (or "
+                                f"'directory': files in the data directory), not {value!r}")
     return value
 
 

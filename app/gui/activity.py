@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 MAX_ENTRIES = 2000
+log = logging.getLogger("radcrypt.activity")
 KINDS = ("connect", "import", "search", "repository", "access", "settings", "error")
 
 
@@ -56,6 +58,8 @@ class ActivityLog:
                ) -> ActivityEntry:
         entry = ActivityEntry(datetime.now().astimezone().isoformat(timespec="seconds"),
                               kind, text, details, repository)
+        log.log(logging.WARNING if kind == "error" else logging.INFO, "%s: %s%s", kind, text,
+                f"\n{details}" if details else "")
         with self._lock:
             self._entries.append(entry)
             trim = len(self._entries) > MAX_ENTRIES

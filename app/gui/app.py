@@ -18,11 +18,18 @@ from PyQt6.QtWidgets import QApplication, QMessageBox
 
 from app.core.errors import RadcryptError
 from app.core.settings import LOCAL, Settings, load_settings
-from app.gui import theme
+from app.gui import logs, theme
 from app.gui.backend import Backend
-from app.gui.processes import quiet_libraries
 
 DEMO_IMAGES = 150
+
+
+def quiet_libraries() -> None:
+    """pydicom narrates every quirk of a file it still decodes; keep that out of sight."""
+    import warnings
+
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pydicom")
 __all__ = ["demo_settings", "make_application", "quiet_libraries", "run"]
 
 
@@ -56,6 +63,12 @@ def run(demo: bool = False) -> int:
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)  # the terminal: warnings; the log file: more
+    try:
+        logs.start_logging()
+    except OSError as exc:  # a read-only home: run without the file, and say so
+        logging.getLogger(__name__).warning("no log file in %s: %s", logs.log_dir(), exc)
     app = make_application()
     settings_problem = ""
     if demo:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any
 
-from PyQt6.QtCore import QAbstractListModel, QModelIndex, QRectF, QSize, Qt
+from PyQt6.QtCore import QAbstractListModel, QModelIndex, QRectF, QSize, Qt, pyqtSignal
 from PyQt6.QtGui import QColor, QImage, QPainter, QPixmap
 from PyQt6.QtWidgets import (
     QComboBox,
@@ -28,12 +29,12 @@ from PyQt6.QtWidgets import (
 )
 
 from app.core.progress import ProgressEvent
-from app.core.repository import Repository
+from app.core.types import Repository
 from app.gui import theme
 from app.gui.backend import ArchiveEntry
 from app.gui.context import AppContext
 from app.gui.tasks import TaskContext, TaskError
-from app.gui.widgets import PageHeader, muted_label, qimage_from_png
+from app.gui.widgets import PageHeader, TileDelegate, muted_label, primary, qimage_from_png
 
 PAGE_SIZE = 48
 TILE = 128
@@ -57,12 +58,24 @@ def square_tile(png: bytes, side: int) -> QImage:
     return tile
 
 
+def import_time(entry: ArchiveEntry) -> datetime:
+    """The full import time (microseconds; older archives recorded whole seconds); an
+    entry without a readable one sorts as the oldest."""
+    try:
+        when = datetime.fromisoformat(entry.imported_at)
+    except ValueError:
+        return _NEVER
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+_NEVER = datetime.min.replace(tzinfo=timezone.utc)
+
+
 def sort_entries(entries: list[ArchiveEntry], how: str) -> list[ArchiveEntry]:
-    if how == "Name":
-        return sorted(entries, key=lambda e: (e.name.lower(), e.image_id))
-    newest = how == "Newest first"
     by_name = sorted(entries, key=lambda e: (e.name.lower(), e.image_id))
-    return sorted(by_name, key=lambda e: e.imported_at, reverse=newest)
+    if how == "Name":
+        return by_name
+    return sorted(by_name, key=import_time, reverse=how == "Newest first")
 
 
 class ThumbModel(QAbstractListModel):
@@ -131,6 +144,9 @@ class ThumbModel(QAbstractListModel):
 
 
 class ArchivePage(QWidget):
+    createRequested = pyqtSignal()  # "Create a repository" in the empty archive
+    demoRequested = pyqtSignal()  # "Try the demo images"
+
     def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.ctx = ctx
@@ -183,8 +199,31 @@ class ArchivePage(QWidget):
         layout.addWidget(self.progress)
 
         self.stack = QStackedWidget()
+        self.empty_panel = QWidget()
+        empty_layout = QVBoxLayout(self.empty_panel)
+        empty_layout.addStretch(1)
         self.empty = muted_label("")
         self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        empty_layout.addWidget(self.empty)
+        self.start_buttons = QWidget()  # the first steps, while there is no repository
+        start_row = QHBoxLayout(self.start_buttons)
+        start_row.setContentsMargins(0, 8, 0, 0)
+        start_row.addStretch(1)
+        self.create_button = primary(QPushButton(theme.icon("plus", "#ffffff"),
+                                                 "Create a repository"))
+        self.create_button.setToolTip("A new, empty repository with its own key, owned by "
+                                      "your identity")
+        self.create_button.clicked.connect(self.createRequested)
+        self.demo_button = theme.themed(QPushButton("Try the demo images"), "import")
+        self.demo_button.setToolTip("A repository named demo-… with sample images (pydicom's "
+                                    "test files), and query images to search with")
+        self.demo_button.clicked.connect(self.demoRequested)
+        start_row.addWidget(self.create_button)
+        start_row.addWidget(self.demo_button)
+        start_row.addStretch(1)
+        empty_layout.addWidget(self.start_buttons)
+        empty_layout.addStretch(2)
+        self.start_buttons.hide()
         self.model = ThumbModel(self)
         self.model.set_dpr(max(1.0, self.devicePixelRatioF()))
         self.view = QListView()
@@ -199,16 +238,19 @@ class ArchivePage(QWidget):
         self.view.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.view.setSelectionMode(QListView.SelectionMode.SingleSelection)
         self.view.setModel(self.model)
+        self.view.setItemDelegate(TileDelegate(self.view))  # framed, never tinted
         self.view.doubleClicked.connect(self._open)
         self.view.activated.connect(self._open)
-        self.stack.addWidget(self.empty)
+        self.stack.addWidget(self.empty_panel)
         self.stack.addWidget(self.view)
         layout.addWidget(self.stack, 1)
 
+        self.repository_count: int | None = None  # listed in the store, once known
         ctx.repositoryChanged.connect(self.set_repository)
         ctx.archiveChanged.connect(self._archive_changed)
-        self._show_empty("No repository is open. Choose one at the top, or create one on "
-                         "the Repository key page.")
+        ctx.repositoriesListed.connect(self._repositories_listed)
+        ctx.connectionChanged.connect(lambda *_: self._show_no_repository())
+        self._show_no_repository()
         self._update_controls()
 
     # --- loading -----------------------------------------------------------------------
@@ -222,11 +264,34 @@ class ArchivePage(QWidget):
         self.model.set_entries([])
         self.model.clear_tiles()
         if repo is None:
-            self._show_empty("No repository is open. Choose one at the top, or create one "
-                             "on the Repository key page.")
+            self._show_no_repository()
         else:
             self.reload()
         self._update_controls()
+
+    def _repositories_listed(self, manifests: list[Any]) -> None:
+        self.repository_count = len(manifests)
+        self._show_no_repository()
+
+    def _show_no_repository(self) -> None:
+        """No repository open: after the first login (an empty store) the first steps are
+        offered right here, a new repository or the demo images."""
+        if self.repo is not None or (self._index_task is not None):
+            return
+        backend = self.ctx.backend
+        can_create = (backend.identity_mode and backend.identity is not None
+                      and backend.connected)
+        if not backend.connected:
+            text = "No repository is open yet: connecting to the storage…"
+        elif not can_create:
+            text = "No repository is open. Choose one at the top."
+        elif self.repository_count == 0:
+            text = ("Welcome. This storage holds no repository yet: create one for your "
+                    "images, or try Radcrypt first with its demo images.")
+        else:
+            text = ("No repository is open. Choose one at the top, create one, or try the "
+                    "demo images.")
+        self.show_start(text, create=can_create, demo=can_create)
 
     def reload(self) -> None:
         if self.repo is None:
@@ -259,7 +324,7 @@ class ArchivePage(QWidget):
             self.progress.show()
             self._show_empty("Reading the archive…")
         self._index_task = self.ctx.runner.run(
-            "Reading the archive", work, kind="archive", cancellable=True, tracked=False,
+            "Reading the archive", work, cancellable=True, tracked=False,
             on_progress=lambda e: self._index_progress(generation, e),
             on_done=lambda entries: self._index_done(generation, entries),
             on_error=lambda err: self._index_failed(generation, err),
@@ -343,7 +408,7 @@ class ArchivePage(QWidget):
             return len(wanted)
 
         self._thumb_task = self.ctx.runner.run(
-            "Loading previews", work, kind="archive", cancellable=True, tracked=False,
+            "Loading previews", work, cancellable=True, tracked=False,
             light=True, on_progress=lambda item: self._tile(generation, item),
             on_error=lambda err: self._tiles_failed(generation, err))
 
@@ -367,7 +432,15 @@ class ArchivePage(QWidget):
 
     def _show_empty(self, text: str) -> None:
         self.empty.setText(text)
-        self.stack.setCurrentWidget(self.empty)
+        self.start_buttons.hide()
+        self.stack.setCurrentWidget(self.empty_panel)
+
+    def show_start(self, text: str, create: bool, demo: bool) -> None:
+        """The empty archive with first steps: create a repository, try the demo."""
+        self._show_empty(text)
+        self.create_button.setVisible(create)
+        self.demo_button.setVisible(demo)
+        self.start_buttons.setVisible(create or demo)
 
     def _update_controls(self) -> None:
         has = bool(self.all_entries)

@@ -1,113 +1,66 @@
-"""What the desktop client needs from app/core, in one Qt-free place.
+"""What the desktop client needs from the core: the facade (app/core/client.py), held for
+one window, plus the little state only a window has (which identity is unlocked, the
+settings the Settings page last applied).
 
 Every method here may be slow (scrypt, decoding, crypto, network) and is called from a
-worker thread, never from the UI thread; none touches a widget. The GUI gets its data
-from here and only renders it.
+background task of app/gui/tasks.py, never from the UI thread; none touches a widget.
+The use cases themselves live in the facade: this module only picks the identity, keeps
+one ``Client`` per connection, and shapes results for the pages.
 
-Identity: when ``app.core.identity`` and ``app.core.access`` are installed, the user
-registers or unlocks a personal identity and repositories are opened with it. Without
-one (demo mode), repositories made before identities still open with their password, but
-no repository is created that way any more: a new repository always belongs to an
-identity (the demo's to a throw-away one, app/core/demo.py).
+Identity: the user registers or unlocks a personal identity and the client works as that
+identity. Without one (``identity_mode=False``: the demo), the client works as a
+throw-away identity that owns the demo repository and nothing else; nothing is opened
+with a password alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
+import dataclasses
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.core import objects
+from app.core import client as facade
+from app.core.client import CheckResult, Client
 from app.core.errors import AccessDenied, RadcryptError
-from app.core.importer import ImportReport, committed_ids
-from app.core.progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
-from app.core.repository import (
-    PASSWORD_OWNER,
-    Manifest,
-    Repository,
-    list_repositories,
-    open_repository,
-)
-from app.core.searcher import QueryResult, read_meta, search_features
-from app.core.session import Session
-from app.core.settings import LOCAL, MEMORY, Settings
-from app.gui import processes
-from app.gui.processes import ProcessJobs
-from app.imaging.decode import DecodedImage
-from app.imaging.worker import DecoderPool
+from app.core.meta import ImageMeta
+from app.core.progress import CancelToken, ProgressCallback, no_progress
+from app.core.settings import MEMORY, Settings
 
-try:  # the identity issue; until it lands, repositories are password-locked
-    from app.core import access as _access
-    from app.core import identity as _identity
-except ModuleNotFoundError as _exc:  # pragma: no cover - depends on the checkout
-    if _exc.name not in ("app.core.identity", "app.core.access"):
-        raise
-    _access = None  # type: ignore[assignment]
-    _identity = None  # type: ignore[assignment]
+if TYPE_CHECKING:
+    from app.core.types import (
+        DecodedImage,
+        ImportReport,
+        Manifest,
+        QueryResult,
+        Repository,
+        Session,
+    )
 
-IDENTITY_AVAILABLE = _identity is not None and _access is not None
-MIN_PASSWORD_SCORE = 3  # app.core.identity.MIN_PASSWORD_SCORE (zxcvbn)
-STRENGTH_WORDS = ("very weak", "weak", "fair", "good", "strong")
+__all__ = ["AccessRow", "ArchiveEntry", "Backend", "CheckResult", "SearchOutcome",
+           "check_connection", "password_problem", "password_strength"]
+
+ArchiveEntry = ImageMeta  # one archived image as the Archive page lists it
+check_connection = facade.check_connection
+# Settings a running client can take over as they are; any other change reconnects.
+LIVE_SETTINGS = frozenset({"workers"})
 
 
-def password_strength(password: str) -> tuple[int, str]:
-    """Score 0..4 and plain words; the identity module's estimate when installed."""
-    if _identity is not None:
-        score, words = _identity.password_strength(password)
-        return int(score), str(words)
-    return _fallback_strength(password)
+def password_strength(password: str, name: str = "") -> tuple[int, str]:
+    """Score 0..4 and plain words (zxcvbn, through the facade)."""
+    return facade.password_strength(password, name)
 
 
-def _fallback_strength(password: str) -> tuple[int, str]:
-    """A deliberately simple estimate (length and character classes) for password mode."""
-    n = len(password)
-    if n == 0:
-        return 0, "empty"
-    if n < 8:
-        return 0, "too short: use at least 12 characters"
-    classes = sum(any(test(ch) for ch in password) for test in
-                  (str.islower, str.isupper, str.isdigit, lambda ch: not ch.isalnum()))
-    distinct = len(set(password))
-    score = 1 + (n >= 12) + (n >= 16 or (n >= 12 and classes >= 3)) + (n >= 20 and distinct >= 8)
-    if distinct < 4:
-        score = min(score, 1)
-    score = max(0, min(4, score))
-    hint = "" if score >= 3 else ": longer is better, a few unrelated words work well"
-    return score, STRENGTH_WORDS[score] + hint
-
-
-@dataclass(frozen=True)
-class ArchiveEntry:
-    """One archived image as the Archive page lists it (from its decrypted metadata)."""
-
-    image_id: str
-    name: str
-    imported_at: str
-    size: int = 0
-    rows: int = 0
-    columns: int = 0
-    source_format: str = ""
-    tags: dict[str, str] = field(default_factory=dict)
-    key_version: int = 0
-    error: str = ""
-
-    def describe(self) -> str:
-        parts = [self.name]
-        if self.rows and self.columns:
-            parts.append(f"{self.columns} × {self.rows} pixels")
-        if self.source_format:
-            parts.append(self.source_format.upper())
-        modality = self.tags.get("Modality")
-        if modality:
-            parts.append(modality)
-        if self.imported_at:
-            parts.append(f"imported {self.imported_at.replace('T', ' ')[:19]}")
-        return " · ".join(parts)
+def password_problem(password: str, name: str = "") -> str:
+    """Why ``password`` may not protect a new identity, or "" when it may (the one rule,
+    app.core.identity.check_new_password, through the facade)."""
+    try:
+        facade.check_new_password(password, name)
+    except RadcryptError as exc:
+        return str(exc)
+    return ""
 
 
 @dataclass(frozen=True)
@@ -115,15 +68,6 @@ class AccessRow:
     user_id: str
     name: str
     key_version: int
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One line of "Test connection": what was checked, whether it passed, in words."""
-
-    part: str  # "storage", "bucket", "service"
-    ok: bool | None  # None: not checked
-    text: str
 
 
 @dataclass
@@ -134,268 +78,195 @@ class SearchOutcome:
 
 
 class Backend:
-    """The client's state outside Qt: settings, identity, session, unlocked repositories."""
+    """The window's client state outside Qt: settings, identity, the facade's Client."""
 
-    def __init__(self, settings: Settings, *, identity_mode: bool | None = None) -> None:
+    def __init__(self, settings: Settings, *, identity_mode: bool = True) -> None:
+        """``identity_mode`` False: no user identity (the demo): no gate, and the client
+        works as a throw-away identity."""
         self.settings = settings
-        self.identity_mode = IDENTITY_AVAILABLE if identity_mode is None else (
-            identity_mode and IDENTITY_AVAILABLE)
-        self.identity: Any = None
-        self.session: Session | None = None
-        self._repos: dict[str, Repository] = {}
+        self.identity_mode = identity_mode
+        self.identity: Any = None  # the user's unlocked identity (crypto.identity)
+        self.client: Client | None = None
         self._lock = threading.RLock()
-        self.jobs = ProcessJobs(workers=2)
-        self._decoder: DecoderPool | None = None  # untrusted files: decoded only there
 
     # --- identity ---------------------------------------------------------------------
 
-    def _identity_store(self) -> Any:
-        if _identity is None:
-            raise RadcryptError("identities are not available in this installation")
-        return _identity.IdentityStore(self.settings.data_path)
-
     def identity_exists(self) -> bool:
-        return self.identity_mode and bool(self._identity_store().exists())
+        return self.identity_mode and facade.identity_exists(self.settings)
 
     def register(self, name: str, password: str) -> Any:
         name = name.strip()
         if not name:
             raise RadcryptError("please enter your name")
-        self.identity = self._identity_store().create(name, password)
+        self.identity = facade.create_identity(self.settings, name, password)
         return self.identity
 
     def unlock(self, password: str) -> Any:
-        self.identity = self._identity_store().unlock(password)
+        self.identity = facade.unlock_identity(self.settings, password)
         return self.identity
 
     @property
     def user_name(self) -> str:
-        return str(getattr(self.identity, "name", "")) if self.identity is not None else ""
+        return str(self.identity.name) if self.identity is not None else ""
 
     @property
     def user_id(self) -> str:
-        return str(getattr(self.identity, "user_id", "")) if self.identity is not None else ""
+        return str(self.identity.user_id) if self.identity is not None else ""
 
     def card_json(self) -> str:
-        identity = self.identity
-        if identity is None:
+        if self.identity is None:
             raise RadcryptError("no identity is unlocked")
-        if hasattr(identity, "card_json"):
-            return str(identity.card_json())
-        return str(identity.card().to_json())
+        return str(self.identity.card().to_json())
 
     @property
     def fingerprint(self) -> str:
-        identity = self.identity
-        if identity is None or not hasattr(identity, "card"):
-            return ""
-        return str(getattr(identity.card(), "fingerprint", ""))
+        return str(self.identity.card().fingerprint) if self.identity is not None else ""
 
     # --- connection -------------------------------------------------------------------
 
     def connect(self) -> str:
-        """Open the session (embedded store or S3); returns where, in words."""
+        """Open the client's session (embedded store or S3); returns where, in words."""
         with self._lock:
-            if self.session is None:
-                session = self._new_session()
-                session.open()
-                self.session = session
-        return self.where()
+            if self.client is None:
+                identity = self.identity if self.identity is not None else (
+                    facade.demo_identity())
+                self.client = Client(self.settings, identity).open()
+            return self.client.where()
 
-    def _new_session(self) -> Session:
-        """A session whose service requests are signed by the unlocked identity (and whose
-        embedded service trusts this user's and the pinned owners' keys)."""
-        identity = self.identity
-        if identity is None:
-            return Session(self.settings)
-        if _access is not None and hasattr(_access, "session_for"):
-            session: Session = _access.session_for(self.settings, identity)
-            return session
-        return Session(self.settings, signer=identity.signer())
+    def _client(self) -> Client:
+        client = self.client
+        if client is None:
+            raise RadcryptError("not connected to the storage yet")
+        return client
+
+    def apply_settings(self, settings: Settings) -> bool:
+        """Use ``settings`` from the next operation on, without a restart. Returns True
+        when the connection must be made again (storage or service changed): the caller
+        then runs ``reconnect`` in a background task."""
+        with self._lock:
+            old, self.settings = self.settings, settings
+            client = self.client
+            if client is None:
+                return False
+            changed = {f.name for f in dataclasses.fields(Settings)
+                       if getattr(old, f.name) != getattr(settings, f.name)}
+            if changed <= LIVE_SETTINGS:
+                client.settings = settings  # read by each import (workers)
+                return False
+            return True
+
+    def reconnect(self) -> str:
+        """Close the client and open a new one with the current settings; repositories
+        must be opened again."""
+        with self._lock:
+            client, self.client = self.client, None
+        if client is not None:
+            client.close()
+        return self.connect()
 
     def warm_up(self) -> None:
-        """Start the decoding processes before they are needed.
-
-        The search service is deliberately not started here: an embedded service trusts
-        the owner keys pinned when it starts (app.core.access.session_for), so it is started
-        by the first search, after the repository was opened (and its owner pinned)."""
-        self.jobs.warm_up()
-        self.decoder()
-
-    def decoder(self) -> DecoderPool:
-        """The memory-limited decoder children (app/imaging/worker.py): every file from
-        elsewhere is decoded there, and its pixels come back as raw bytes, never pickled."""
-        with self._lock:
-            if self._decoder is None:
-                self._decoder = DecoderPool(2)
-            return self._decoder
+        """Start the decoder children before they are needed (the search service starts
+        with the first search, once the repository's owner is pinned)."""
+        self._client().warm_up()
 
     def where(self) -> str:
-        session = self.session
-        if session is None or session.store_config is None:
-            return "not connected"
-        endpoint = session.store_config.endpoint_url or "AWS S3"
-        endpoint = endpoint.removeprefix("http://").removeprefix("https://")
-        if session.store_kind == MEMORY:
-            return f"in-memory store at {endpoint} (nothing is kept)"
-        if session.store_kind == LOCAL:
-            return f"embedded store at {endpoint}"
-        return f"{endpoint}, bucket {session.store_config.bucket}"
+        return self.client.where() if self.client is not None else "not connected"
 
     @property
     def memory_store(self) -> bool:
-        """Whether this session's store (or, before connecting, the chosen one) keeps
-        nothing: everything is lost when Radcrypt closes."""
-        session = self.session
-        if session is not None and session.store_config is not None:
-            return not session.kept
+        """Whether the store (or, before connecting, the chosen one) keeps nothing."""
+        if self.client is not None:
+            return self.client.memory_store
         return self.settings.store == MEMORY
 
     @property
     def connected(self) -> bool:
-        return self.session is not None
+        return self.client is not None
 
-    def _session(self) -> Session:
-        session = self.session
-        if session is None:
-            raise RadcryptError("not connected to the storage yet")
-        return session
+    @property
+    def session(self) -> Session | None:
+        """The open session (its store and kind), or None before connecting."""
+        client = self.client
+        return client.session if client is not None and client.connected else None
 
     def service_client(self) -> Any:
-        """The search service, started once even if two workers ask at the same time."""
-        with self._lock:
-            return self._session().service
+        """The search service, started once even if two tasks ask at the same time."""
+        return self._client().service()
 
     def close(self) -> None:
-        """Stop the worker processes and what the session started (embedded store, search
-        service)."""
-        self.jobs.shutdown()
+        """Stop what the client started (decoder children, embedded store, service)."""
         with self._lock:
-            decoder, self._decoder = self._decoder, None
-            session, self.session = self.session, None
-        if decoder is not None:
-            decoder.close()
-        if session is not None:
-            session.close()
+            client, self.client = self.client, None
+        if client is not None:
+            client.close()
 
-    def _store_config(self) -> Any:
-        config = self._session().store_config
-        if config is None:
-            raise RadcryptError("not connected to the storage yet")
-        return config
+    def check_connection(self, settings: Settings) -> list[CheckResult]:
+        """"Test connection" for ``settings`` (those of the form, maybe not saved)."""
+        client = self.client
+        if client is not None:
+            return client.check_connection(settings)
+        return facade.check_connection(settings)
 
     # --- repositories -----------------------------------------------------------------
 
     def list_repositories(self) -> list[Manifest]:
-        return list_repositories(self._session().store)
+        return self._client().list_repositories()
 
     def unlocked(self, repo_id: str) -> Repository | None:
-        return self._repos.get(repo_id)
+        client = self.client
+        return client.unlocked(repo_id) if client is not None else None
 
-    def remember(self, repo: Repository) -> Repository:
-        self._repos[repo.repo_id] = repo
-        return repo
-
-    def _repository_job(self, action: str, *args: Any) -> Repository:
-        repo: Repository = self.jobs.call(processes.repository_job, action,
-                                          self._store_config(), self.settings, *args)
-        return self.remember(repo)
+    def _identity(self) -> Any:
+        if self.identity is None:
+            raise AccessDenied("no identity is unlocked: register or unlock yours first")
+        return self.identity
 
     def create_repository(self, name: str) -> Repository:
-        """New keys are generated in a child process (see processes.repository_job). Only
-        an identity owns a new repository: none is locked by a password alone any more."""
+        """A new repository owned by the user's identity (none is locked by a password
+        alone, and the demo's throw-away identity creates none here)."""
         if not self.identity_mode or self.identity is None:
             raise RadcryptError("a new repository belongs to an identity: register or unlock "
                                 "your identity first")
-        return self._repository_job("create-as", self.identity, name)
+        return self._client().create_repository(name)
 
-    def open_repository(self, name: str, password: str | None = None) -> Repository:
-        session = self._session()
-        if self.identity_mode:
-            assert _access is not None
-            repo = _access.open_repository_as(session, self.identity, name)
-        else:
-            if password is None:
-                raise AccessDenied(f"repository {name!r} is locked: its password is needed")
-            repo = open_repository(session.store, name, password)
-        return self.remember(repo)
-
-    def needs_password(self) -> bool:
-        return not self.identity_mode
-
-    def can_migrate(self) -> bool:
-        return self.identity_mode and hasattr(_access, "migrate_password_repository")
+    def open_repository(self, name: str) -> Repository:
+        self._identity()
+        return self._client().open_repository(name)
 
     def migrate_repository(self, name: str, password: str) -> Repository:
-        """Turn a password-locked repository into one owned by this identity."""
-        assert _access is not None
-        repo = _access.migrate_password_repository(self._session(), self.identity, name,
-                                                   password)
-        return self.remember(repo)
+        """Move a repository made before identities (locked by its password) to this
+        identity: its password is needed once, and opens it no more afterwards."""
+        self._identity()
+        return self._client().migrate_repository(name, password)
 
     # --- archive ------------------------------------------------------------------------
 
     def archive_ids(self, repo: Repository) -> list[str]:
-        """Ids of every committed image (named by a segment), in a stable order."""
-        return sorted(committed_ids(self._session().store, repo.repo_id))
+        """Ids of every committed image, sorted."""
+        return self._client().image_ids(repo)
 
     def archive_entries(self, repo: Repository, ids: list[str],
                         progress: ProgressCallback = no_progress,
                         cancel: CancelToken | None = None) -> list[ArchiveEntry]:
-        """Decrypt the metadata of ``ids`` (in parallel); a damaged one becomes an entry
-        with ``error`` set rather than failing the whole list."""
-        store = self._session().store
-        cancel = cancel or CancelToken()
-
-        def one(image_id: str) -> ArchiveEntry:
-            cancel.check()
-            try:
-                meta, version = read_meta(store, repo, image_id)
-            except RadcryptError as exc:
-                return ArchiveEntry(image_id, image_id[:12], "", error=str(exc))
-            tags = meta.get("tags") if isinstance(meta.get("tags"), dict) else {}
-            return ArchiveEntry(
-                image_id=image_id, name=str(meta.get("name", image_id[:12])),
-                imported_at=str(meta.get("imported_at", "")), size=int(meta.get("size", 0)),
-                rows=int(meta.get("rows", 0)), columns=int(meta.get("columns", 0)),
-                source_format=str(meta.get("source_format", "")),
-                tags={str(k): str(v) for k, v in (tags or {}).items()}, key_version=version)
-
-        out: list[ArchiveEntry] = []
-        total = len(ids)
-        with ThreadPoolExecutor(8, thread_name_prefix="radcrypt-meta") as pool:
-            for entry in pool.map(one, ids):
-                out.append(entry)
-                if len(out) % 10 == 0 or len(out) == total:
-                    progress(ProgressEvent("index", len(out), total))
-        return out
+        """Decrypted metadata of ``ids``; a damaged one has ``error`` set."""
+        return self._client().list_images(repo, ids, progress, cancel)
 
     def thumbnail_png(self, repo: Repository, image_id: str, version: int | None = None
                       ) -> bytes:
-        plain, _ = objects.get_decrypted(self._session().store, repo.ring, repo.repo_id,
-                                         "thumbs", image_id, version)
-        return plain
+        return self._client().thumbnail_png(repo, image_id, version)
 
     def fetch_image(self, repo: Repository, image_id: str, name: str = "",
                     version: int | None = None) -> DecodedImage:
-        """Download, verify and decrypt an original, then decode it. The plaintext file
-        lives only in a private temporary folder, deleted before this returns."""
-        suffix = Path(name).suffix if name else ""
-        with tempfile.TemporaryDirectory(prefix="radcrypt-view-") as tmp:
-            dest = Path(tmp) / f"original{suffix}"
-            objects.fetch_original(self._session().store, repo.ring, repo.repo_id, image_id,
-                                   dest, version)
-            image: DecodedImage = self.decoder().decode(dest)
-            return image
+        """Download, verify, decrypt and decode an original (decoded in a child)."""
+        return self._client().fetch_image(repo, image_id, name, version)
 
     def decode(self, path: str) -> DecodedImage:
-        """Decode a local file (in a child process: decoders may hold the GIL)."""
-        image: DecodedImage = self.decoder().decode(path)
-        return image
+        """Decode a local file (in a decoder child)."""
+        return self._client().decode(path)
 
     def display(self, path: str) -> Any:
-        """The 8-bit display image of a local file, decoded in a child process."""
-        return self.decoder().display(path)
+        """The 8-bit display image of a local file, decoded in a child."""
+        return self._client().display(path)
 
     # --- import and search ---------------------------------------------------------------
 
@@ -403,184 +274,42 @@ class Backend:
                      progress: ProgressCallback = no_progress,
                      cancel: CancelToken | None = None, batch_size: int | None = None
                      ) -> ImportReport:
-        """The core's Importer, run in a child process (see app/gui/processes.py)."""
-        session = self._session()
-        report: ImportReport = processes.run_job(
-            processes.import_job, (self._store_config(), repo, list(paths),
-                                   self.settings.workers, batch_size), progress, cancel)
-        if report.imported and session.service_started:
-            with contextlib.suppress(RadcryptError):  # the service re-lists on its own too
-                self.service_client().refresh(repo.repo_id)
-        return report
+        return self._client().import_files(repo, list(paths), progress, cancel, batch_size)
 
     def search(self, repo: Repository, path: str, k: int) -> SearchOutcome:
         """Nearest archived images of one query file, with the hits' decrypted previews."""
-        import time
-
-        session = self._session()
-        self.service_client()
+        client = self._client()
+        result = client.search_files(repo, [path], k=k)[0]
         start = time.perf_counter()
-        features = self.decoder().features(path, repo.manifest.extractor)
-        features_ms = (time.perf_counter() - start) * 1000
-        result = search_features(session, repo, features[None, :], [path], k=k)[0]
-        result.timings_ms["features"] = features_ms
-        start = time.perf_counter()
-        thumbs: dict[str, bytes] = {}
-        if result.hits:
-            def one(hit: Any) -> tuple[str, bytes]:
-                return hit.image_id, self.thumbnail_png(repo, hit.image_id, hit.key_version)
-
-            with ThreadPoolExecutor(min(8, len(result.hits))) as pool:
-                thumbs = dict(pool.map(one, result.hits))
+        thumbs = client.thumbnails(repo, result.hits)
         return SearchOutcome(result, thumbs, (time.perf_counter() - start) * 1000)
 
     # --- access -------------------------------------------------------------------------
 
     def access_list(self, repo: Repository) -> list[AccessRow]:
-        if not self.identity_mode:
-            return [AccessRow(PASSWORD_OWNER, "anyone who knows the repository password",
-                              repo.manifest.key_version)]
-        assert _access is not None
         return [AccessRow(str(e.user_id), str(e.name), int(e.key_version))
-                for e in _access.list_access(self._session(), repo.repo_id)]
+                for e in self._client().access_list(repo)]
 
     def register_user(self, card_json: str) -> Any:
-        assert _access is not None
-        return _access.register_user(self._session(), self.identity, card_json)
+        self._identity()
+        return self._client().register_user(card_json)
 
     def grant(self, repo: Repository, user_id: str) -> None:
-        assert _access is not None
-        _access.grant_access(self._session(), self.identity, repo, user_id)
+        self._identity()
+        self._client().grant(repo, user_id)
 
-    def revoke(self, repo: Repository, user_id: str) -> Repository:
-        """Rotates the key version and re-encrypts the index, in a child process."""
-        return self._repository_job("revoke", self.identity, repo, user_id)
+    def revoke(self, repo: Repository, user_id: str,
+               progress: ProgressCallback = no_progress) -> Repository:
+        """Rotates the key version and re-encrypts the index."""
+        self._identity()
+        return self._client().revoke(repo, user_id, progress)
 
     # --- demo ---------------------------------------------------------------------------
 
     def prepare_demo(self, workdir: Path, count: int, progress: ProgressCallback = no_progress,
                      cancel: CancelToken | None = None, queries: int = 6
                      ) -> tuple[Repository, list[Path]]:
-        """The demo repository with ``count`` sample images, and query images beside it
-        (app.core.demo.prepare_demo_repository, in a child process)."""
-        repo, files = processes.run_job(
-            processes.demo_job, (self._store_config(), self.settings, workdir, count, queries),
-            progress, cancel)
-        return self.remember(repo), files
-
-
-def make_demo_queries(files: list[Path], dest: Path, count: int = 6) -> list[Path]:
-    """Perturbed copies of a few archived sample images, to try Search by image with."""
-    from resources.samples import PERTURBATIONS, perturb_file
-
-    if not files:
-        return []
-    step = max(1, len(files) // count)
-    picks = files[::step][:count]
-    return [perturb_file(p, dest, PERTURBATIONS[i % len(PERTURBATIONS)], seed=i)
-            for i, p in enumerate(picks)]
-
-
-# --- "Test connection" ------------------------------------------------------------------
-# app/core has no diagnostics use case yet; this adapter uses cloud's public store API
-# read-only (it never creates the bucket) and should move to app/core/diagnostics.py.
-
-
-def check_connection(settings: Settings, session: Session | None = None,
-                     start_service: Callable[[], Any] | None = None) -> list[CheckResult]:
-    """Storage reachable, bucket present, service healthy: each in plain words.
-
-    ``session``: the open session, used when ``settings`` describe its storage (the
-    embedded store of this workstation). ``start_service``: returns the session's service
-    client, starting the embedded service when needed.
-    """
-    from app.core.service_client import ServiceClient
-    from cloud.local import find_running
-    from cloud.store import BucketNotFound, ObjectStore, StoreConfig, StoreError
-
-    results: list[CheckResult] = []
-    same = session is not None and session.store_config is not None and _same_storage(
-        settings, session.settings)
-    config: StoreConfig | None
-    if same:
-        assert session is not None
-        config = session.store_config
-    elif settings.store == MEMORY:
-        config = None
-        results.append(CheckResult(
-            "storage", False, "The in-memory store exists only while Radcrypt runs with it; "
-            "it keeps nothing."))
-    elif settings.store == LOCAL:
-        handle = find_running(settings.store_dir)
-        config = handle.config() if handle is not None else None
-        if config is None:
-            results.append(CheckResult(
-                "storage", False, "The embedded store of this workstation is not running; "
-                "it starts when Radcrypt connects."))
-    else:
-        try:
-            config = StoreConfig(endpoint_url=settings.endpoint_url or None,
-                                 bucket=settings.bucket, region=settings.region,
-                                 profile=settings.profile or None)
-        except ValueError as exc:
-            config = None
-            results.append(CheckResult("storage", False, f"The storage settings are "
-                                                         f"incomplete: {exc}."))
-    store_ok = False
-    if config is not None:
-        where = config.endpoint_url or "AWS S3"
-        try:
-            ObjectStore(config, max_attempts=1, connect_timeout=3.0, read_timeout=5.0).ping()
-        except BucketNotFound:
-            results.append(CheckResult("storage", True, f"Storage at {where} is reachable."))
-            results.append(CheckResult("bucket", False, f"Bucket “{config.bucket}” does not "
-                                                        "exist there (yet)."))
-        except StoreError as exc:
-            results.append(CheckResult("storage", False,
-                                       f"Storage at {where} is not reachable: {exc}."))
-        else:
-            store_ok = True
-            results.append(CheckResult("storage", True, f"Storage at {where} is reachable."))
-            results.append(CheckResult("bucket", True, f"Bucket “{config.bucket}” is present "
-                                                       "and accepts our credentials."))
-    if not any(r.part == "bucket" for r in results):
-        results.append(CheckResult("bucket", None, "Bucket not checked: the storage must "
-                                                   "be reachable first."))
-    url = settings.service_url
-    if url:
-        client = ServiceClient(url, timeout=5.0)
-        try:
-            client.health()
-            results.append(CheckResult("service", True, f"Search service at {url} is healthy."))
-        except RadcryptError as exc:
-            results.append(CheckResult("service", False, f"{_sentence(str(exc))}"))
-        finally:
-            client.close()
-    elif same and store_ok and start_service is not None:
-        try:
-            service = start_service()
-            service.health()
-            results.append(CheckResult("service", True, "The search service on this "
-                                                        "workstation is healthy."))
-        except RadcryptError as exc:
-            results.append(CheckResult("service", False, _sentence(str(exc))))
-    elif not store_ok:
-        results.append(CheckResult("service", None, "Search service not checked: the "
-                                                    "storage must work first."))
-    else:
-        results.append(CheckResult("service", None, "The search service starts on this "
-                                                    "workstation when a search needs it."))
-    return results
-
-
-def _same_storage(a: Settings, b: Settings) -> bool:
-    keys = ("store", "endpoint_url", "bucket", "region", "profile", "data_dir")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
-
-
-def _sentence(text: str) -> str:
-    text = text.strip()
-    if not text:
-        return text
-    text = text[0].upper() + text[1:]
-    return text if text.endswith((".", "!", "?")) else text + "."
+        """A demo repository with ``count`` sample images, owned by the client's identity
+        (the user's, or the demo's throw-away one), and query images under
+        ``workdir/queries``."""
+        return self._client().prepare_demo(workdir, count, progress, cancel, queries)

@@ -7,12 +7,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from PyQt6.QtCore import QObject, pyqtSignal
-from PyQt6.QtWidgets import QFileDialog, QInputDialog, QLineEdit, QMessageBox, QWidget
+from PyQt6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPlainTextEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
-from app.core.repository import Repository
+from app.core.types import Repository
+from app.gui import theme
 from app.gui.activity import ActivityLog
 from app.gui.backend import Backend
 from app.gui.tasks import TaskError, TaskRunner
+from app.gui.widgets import primary
 
 IMAGE_FILTER = ("Images (*.dcm *.dicom *.png *.jpg *.jpeg *.tif *.tiff);;"
                 "DICOM (*.dcm *.dicom);;All files (*)")
@@ -59,8 +74,6 @@ class Dialogs:
 
     def card_text(self, parent: QWidget | None) -> str | None:
         """A user's public identity card: pasted, or loaded from a file."""
-        from app.gui.keys_page import CardDialog
-
         dialog = CardDialog(self, parent)
         return dialog.card() if dialog.exec() else None
 
@@ -68,6 +81,47 @@ class Dialogs:
         path, _ = QFileDialog.getSaveFileName(parent, title, name,
                                               "Identity cards (*.json);;All files (*)")
         return path
+
+
+class CardDialog(QDialog):
+    """Paste a user's public identity card, or load it from the file they sent."""
+
+    def __init__(self, dialogs: Dialogs, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.dialogs = dialogs
+        self.setWindowTitle("Register a user")
+        self.setMinimumSize(520, 340)
+        layout = QVBoxLayout(self)
+        text = QLabel("Paste the identity card the user gave you (it contains only public "
+                      "keys), or load the file they sent.")
+        text.setWordWrap(True)
+        layout.addWidget(text)
+        self.edit = QPlainTextEdit()
+        self.edit.setPlaceholderText('{"user_id": "…", "name": "…", …}')
+        layout.addWidget(self.edit, 1)
+        row = QHBoxLayout()
+        load = theme.themed(QPushButton("Load from file…"), "folder")
+        load.clicked.connect(self._load)
+        row.addWidget(load)
+        row.addStretch(1)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
+        primary(buttons.addButton("Register", QDialogButtonBox.ButtonRole.AcceptRole))
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        row.addWidget(buttons)
+        layout.addLayout(row)
+
+    def _load(self) -> None:
+        path = self.dialogs.open_text_file(self, "Load an identity card")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    self.edit.setPlainText(handle.read(256 * 1024))
+            except (OSError, UnicodeDecodeError) as exc:
+                self.edit.setPlainText(f"(could not read {path}: {exc})")
+
+    def card(self) -> str:
+        return self.edit.toPlainText().strip()
 
 
 class AppContext(QObject):

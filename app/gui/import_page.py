@@ -24,9 +24,9 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.core.importer import ImportReport, expand_paths
+from app.core.client import expand_paths
 from app.core.progress import ProgressEvent
-from app.core.repository import Repository
+from app.core.types import ImportReport, Repository
 from app.gui import theme
 from app.gui.context import AppContext
 from app.gui.tasks import Task, TaskContext, TaskError
@@ -240,7 +240,7 @@ class ImportPage(QWidget):
             return [str(p) for p in expand_paths(paths)]
 
         self.summary.setText("Looking for images…")
-        self.ctx.runner.run("Listing files", work, kind="import",
+        self.ctx.runner.run("Listing files", work,
                             on_done=self._files_listed, on_error=self.ctx.error)
 
     def _files_listed(self, files: list[str]) -> None:
@@ -286,7 +286,7 @@ class ImportPage(QWidget):
         self._refresh_progress()
         self.summary.setText(f"Importing {len(paths)} files into {repo.repo_id}…")
         self.task = self.ctx.runner.run(
-            f"Importing {len(paths)} files", work, kind="import", cancellable=True,
+            f"Importing {len(paths)} files", work, cancellable=True,
             on_progress=self._on_progress, on_done=self._on_done, on_error=self._on_error,
             on_cancel=self._on_cancelled, on_finish=self._on_finish)
         self._update()

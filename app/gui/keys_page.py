@@ -7,7 +7,7 @@ Every change asks first, in words that say what it does.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PyQt6.QtCore import Qt, pyqtSignal
 from PyQt6.QtGui import QGuiApplication
@@ -19,7 +19,6 @@ from PyQt6.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
-    QPlainTextEdit,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -27,7 +26,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.core.repository import Repository
+from app.core.types import Repository
 from app.gui import theme
 from app.gui.backend import AccessRow
 from app.gui.context import AppContext
@@ -40,9 +39,6 @@ from app.gui.widgets import (
     primary,
     set_prop,
 )
-
-if TYPE_CHECKING:
-    from app.gui.context import Dialogs
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
@@ -102,47 +98,6 @@ class NewRepositoryDialog(QDialog):
 
     def values(self) -> tuple[str]:
         return (self.name.text().strip(),)
-
-
-class CardDialog(QDialog):
-    """Paste a user's public identity card, or load it from the file they sent."""
-
-    def __init__(self, dialogs: Dialogs, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.dialogs = dialogs
-        self.setWindowTitle("Register a user")
-        self.setMinimumSize(520, 340)
-        layout = QVBoxLayout(self)
-        text = QLabel("Paste the identity card the user gave you (it contains only public "
-                      "keys), or load the file they sent.")
-        text.setWordWrap(True)
-        layout.addWidget(text)
-        self.edit = QPlainTextEdit()
-        self.edit.setPlaceholderText('{"user_id": "…", "name": "…", …}')
-        layout.addWidget(self.edit, 1)
-        row = QHBoxLayout()
-        load = theme.themed(QPushButton("Load from file…"), "folder")
-        load.clicked.connect(self._load)
-        row.addWidget(load)
-        row.addStretch(1)
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
-        primary(buttons.addButton("Register", QDialogButtonBox.ButtonRole.AcceptRole))
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        row.addWidget(buttons)
-        layout.addLayout(row)
-
-    def _load(self) -> None:
-        path = self.dialogs.open_text_file(self, "Load an identity card")
-        if path:
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    self.edit.setPlainText(handle.read(256 * 1024))
-            except (OSError, UnicodeDecodeError) as exc:
-                self.edit.setPlainText(f"(could not read {path}: {exc})")
-
-    def card(self) -> str:
-        return self.edit.toPlainText().strip()
 
 
 class KeysPage(QWidget):
@@ -298,9 +253,9 @@ class KeysPage(QWidget):
             self.access_note.setText("Users registered by you can be granted this "
                                      "repository's key. Revoking rotates the key version.")
         else:
-            self.access_note.setText("This repository is locked by a password: anyone who "
-                                     "knows it has access. Per-user access (register, grant, "
-                                     "revoke) needs identities.")
+            self.access_note.setText("The demo repository belongs to a throw-away identity: "
+                                     "per-user access (register, grant, revoke) needs your "
+                                     "own identity.")
         self._update()
 
     def load_access(self) -> None:
@@ -309,7 +264,7 @@ class KeysPage(QWidget):
             return
         backend = self.ctx.backend
         self.ctx.runner.run("Reading who has access", lambda _: backend.access_list(repo),
-                            kind="access", tracked=False,
+                            tracked=False,
                             on_done=lambda rows: self._access_loaded(repo, rows),
                             on_error=self.ctx.error)
 
@@ -371,7 +326,7 @@ class KeysPage(QWidget):
 
         self.ctx.runner.run(f"Creating repository {name}",
                             lambda _: backend.create_repository(name),
-                            kind="repository", on_done=done, on_error=self.ctx.error)
+                            on_done=done, on_error=self.ctx.error)
 
     def register_user(self) -> None:
         card_json = self.ctx.dialogs.card_text(self)
@@ -396,7 +351,7 @@ class KeysPage(QWidget):
                 "them by phone or in person.", "Register"):
             return
         self.ctx.runner.run("Registering a user", lambda _: backend.register_user(card_json),
-                            kind="access", on_done=done, on_error=self.ctx.error)
+                            on_done=done, on_error=self.ctx.error)
 
     def grant(self) -> None:
         repo = self.repo
@@ -424,7 +379,7 @@ class KeysPage(QWidget):
             self.load_access()
 
         self.ctx.runner.run(f"Granting access to {name}",
-                            lambda _: backend.grant(repo, user_id), kind="access",
+                            lambda _: backend.grant(repo, user_id),
                             on_done=done, on_error=self.ctx.error)
 
     def revoke(self) -> None:
@@ -450,8 +405,9 @@ class KeysPage(QWidget):
                           f"{new.keys.version}.", "success")
             self.ctx.set_repository(new)
 
-        self.ctx.runner.run(f"Revoking access of {name}", lambda _: backend.revoke(repo, user_id),
-                            kind="access", on_done=done, on_error=self.ctx.error)
+        self.ctx.runner.run(f"Revoking access of {name}",
+                            lambda t: backend.revoke(repo, user_id, t.progress),
+                            on_done=done, on_error=self.ctx.error)
 
     def copy_card(self) -> None:
         clipboard = QGuiApplication.clipboard()
@@ -475,7 +431,7 @@ class KeysPage(QWidget):
                 handle.write(card_json)
             return path
 
-        self.ctx.runner.run("Saving your identity card", work, kind="access",
+        self.ctx.runner.run("Saving your identity card", work,
                             on_done=lambda p: self.ctx.info(f"Identity card saved to {p}.",
                                                             "success"),
                             on_error=self.ctx.error)

@@ -21,7 +21,7 @@ from PyQt6.QtWidgets import (
 
 from app.core.errors import AccessDenied
 from app.gui import theme
-from app.gui.backend import MIN_PASSWORD_SCORE, password_strength
+from app.gui.backend import password_problem, password_strength
 from app.gui.context import AppContext
 from app.gui.tasks import TaskError
 from app.gui.widgets import StrengthMeter, muted_label, primary
@@ -155,9 +155,9 @@ class GatePage(QWidget):
             return ""
         password = self.password.text()
         if password:
-            score, words = password_strength(password)
-            if score < MIN_PASSWORD_SCORE:  # zxcvbn's feedback, in its words
-                advice = words.partition(": ")[2]
+            name = self.name.text().strip()
+            if password_problem(password, name):  # zxcvbn's feedback, in its words
+                advice = password_strength(password, name)[1].partition(": ")[2]
                 return ("Choose a stronger password: this one would be easy to guess. "
                         + advice).strip()
         if self.again.text() and self.again.text() != password:
@@ -190,12 +190,11 @@ class GatePage(QWidget):
         if self.mode == REGISTER:
             name = self.name.text().strip()
             self.ctx.runner.run("Creating your identity",
-                                lambda _: backend.register(name, password), kind="connect",
+                                lambda _: backend.register(name, password),
                                 on_done=lambda _: self._done(f"Identity created for {name}"),
                                 on_error=self._failed)
         else:
             self.ctx.runner.run("Unlocking your identity", lambda _: backend.unlock(password),
-                                kind="connect",
                                 on_done=lambda _: self._done(
                                     f"Identity of {backend.user_name} unlocked"),
                                 on_error=self._failed)

@@ -32,7 +32,7 @@ from PyQt6.QtWidgets import (
 
 from app.core.errors import AccessDenied
 from app.core.progress import ProgressEvent
-from app.core.repository import Manifest, Repository
+from app.core.types import Manifest, Repository
 from app.gui import theme
 from app.gui.activity import ActivityLog
 from app.gui.activity_page import ActivityPage
@@ -53,6 +53,7 @@ PAGES = (("archive", "Archive", "archive"), ("import", "Import", "import"),
 CHOOSE = "Choose a repository…"
 NEW = "New repository…"
 SHUTDOWN_WAIT_MS = 30_000
+TRY_DEMO_IMAGES = 30  # "Try the demo images" in the empty archive
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ class MainWindow(QMainWindow):
         self.ctx.message.connect(self._message)
         self.ctx.repositoryChanged.connect(self._repository_changed)
         self.keys_page.repositoryCreated.connect(self._repository_created)
+        self.archive_page.createRequested.connect(self._create_requested)
+        self.archive_page.demoRequested.connect(self.try_demo_images)
+        self.settings_page.saved.connect(self.apply_settings)
+        self._pending_settings: Any = None
         self.runner.taskStarted.connect(self._task_started)
         self.runner.taskFinished.connect(self._task_finished)
         self._message_timer = QTimer(self)
@@ -280,7 +285,7 @@ class MainWindow(QMainWindow):
                 self.gate.focus()
 
             self.runner.run("Looking for your identity", lambda _: self.backend.identity_exists(),
-                            kind="connect", on_done=checked, on_error=self.ctx.error)
+                            on_done=checked, on_error=self.ctx.error)
         else:
             self._unlocked()
 
@@ -295,7 +300,7 @@ class MainWindow(QMainWindow):
         elif self.demo is not None:
             self.user_label.setText("Demo: throw-away store and repository")
         else:
-            self.user_label.setText("Repositories are locked by their passwords")
+            self.user_label.setText("No identity unlocked")
         self.connect()
 
     def connect(self) -> None:
@@ -310,7 +315,7 @@ class MainWindow(QMainWindow):
             self.ctx.activity.record("connect", f"Connected to the {where}")
             self.keys_page.set_repository(self.ctx.repo)
             self.runner.run("Starting worker processes", lambda _: self.backend.warm_up(),
-                            kind="connect", tracked=False, light=True)
+                            tracked=False, light=True)
             if self.demo is not None:
                 self._prepare_demo()
             else:
@@ -324,7 +329,7 @@ class MainWindow(QMainWindow):
             self.connect_task = None
 
         self.connect_task = self.runner.run("Connecting to the storage",
-                                            lambda _: self.backend.connect(), kind="connect",
+                                            lambda _: self.backend.connect(),
                                             on_done=done, on_error=failed, on_finish=finish)
 
     def refresh_repositories(self, select: str = "") -> None:
@@ -337,7 +342,7 @@ class MainWindow(QMainWindow):
             self.ready.emit()
 
         self.runner.run("Listing repositories", lambda _: self.backend.list_repositories(),
-                        kind="connect", on_done=done, on_error=self.ctx.error)
+                        on_done=done, on_error=self.ctx.error)
 
     def _prepare_demo(self) -> None:
         demo = self.demo
@@ -361,8 +366,82 @@ class MainWindow(QMainWindow):
         self.archive_page._show_empty("Preparing the demo repository: exporting sample "
                                       "images, then encrypting and importing them…")
         self.demo_task = self.runner.run(
-            "Preparing the demo repository", work, kind="import", on_done=done,
+            "Preparing the demo repository", work, on_done=done,
             on_error=self.ctx.error, on_finish=lambda: setattr(self, "demo_task", None))
+
+    def _create_requested(self) -> None:
+        self.show_page("keys")
+        self.keys_page.open_new_repository()
+
+    def try_demo_images(self) -> None:
+        """A demo repository owned by the user, with sample images and query images to
+        search with (under the data directory's demo-images folder)."""
+        if self.demo_task is not None:
+            return
+        backend = self.backend
+        workdir = backend.settings.data_path / "demo-images"
+
+        def work(ctx: TaskContext) -> Repository:
+            repo, _queries = backend.prepare_demo(workdir, TRY_DEMO_IMAGES, ctx.progress,
+                                                  ctx.cancel)
+            return repo
+
+        def done(repo: Repository) -> None:
+            self.ctx.demo_queries = workdir / "queries"
+            self.ctx.activity.record("repository", f"Demo repository {repo.repo_id} made "
+                                     f"with {TRY_DEMO_IMAGES} sample images",
+                                     repository=repo.repo_id)
+            self.ctx.info(f"Repository {repo.repo_id} holds {TRY_DEMO_IMAGES} sample images. "
+                          "Try Search by image (Ctrl+O) with a file from the “queries” "
+                          "folder it opens.", "success")
+            self.refresh_repositories(select=repo.repo_id)
+            self.ctx.set_repository(repo)
+
+        def failed(error: TaskError) -> None:
+            self.archive_page._show_no_repository()
+            self.ctx.error(error)
+
+        self.archive_page._show_empty("Preparing the demo images: exporting sample images, "
+                                      "then encrypting and importing them…")
+        self.demo_task = self.runner.run(
+            "Preparing the demo images", work, on_done=done, on_error=failed,
+            on_finish=lambda: setattr(self, "demo_task", None))
+
+    # --- settings ---------------------------------------------------------------------------------
+
+    def apply_settings(self, settings: Any) -> None:
+        """Saved settings apply from the next operation on: worker counts at once, a new
+        storage or service by reconnecting (after the running work, if any)."""
+        if self.runner.running():
+            self._pending_settings = settings
+            self.ctx.info("Settings saved; they apply when the running work has finished.")
+            return
+        self._pending_settings = None
+        if not self.backend.apply_settings(settings):
+            self._update_memory_banner()
+            return
+        current = self.ctx.repo.repo_id if self.ctx.repo else ""
+        self.ctx.set_repository(None)
+        self.manifests = []
+        self._fill_combo("")
+        self._set_connection("busy", "Reconnecting with the new settings…")
+        backend = self.backend
+
+        def done(where: str) -> None:
+            self._update_memory_banner()
+            self._set_connection("on", f"Connected · {where}")
+            self.ctx.connectionChanged.emit(True, where)
+            self.ctx.activity.record("connect", f"Reconnected to the {where} (new settings)")
+            self.refresh_repositories(select=current)
+
+        def failed(error: TaskError) -> None:
+            self._update_memory_banner()
+            self._set_connection("off", "Not connected")
+            self.ctx.connectionChanged.emit(False, "")
+            self.ctx.error(error)
+
+        self.runner.run("Reconnecting with the new settings", lambda _: backend.reconnect(),
+                        on_done=done, on_error=failed)
 
     # --- repositories -----------------------------------------------------------------------------
 
@@ -399,13 +478,6 @@ class MainWindow(QMainWindow):
         if cached is not None:
             self.ctx.set_repository(cached)
             return
-        password: str | None = None
-        if self.backend.needs_password():
-            password = self.ctx.dialogs.password(
-                self, "Unlock repository", f"Password of repository {repo_id}:")
-            if password is None:
-                self._fill_combo(self.ctx.repo.repo_id if self.ctx.repo else "")
-                return
         backend = self.backend
 
         def done(repo: Repository) -> None:
@@ -415,14 +487,12 @@ class MainWindow(QMainWindow):
 
         def failed(error: TaskError) -> None:
             self._fill_combo(self.ctx.repo.repo_id if self.ctx.repo else "")
-            if (isinstance(error.exception, AccessDenied) and backend.can_migrate()
+            if (isinstance(error.exception, AccessDenied) and backend.identity is not None
                     and "unsigned manifest" in str(error.exception)):
                 self.offer_migration(repo_id)
                 return
             if isinstance(error.exception, AccessDenied):
-                text = (f"Wrong password: repository {repo_id} stays locked."
-                        if backend.needs_password() else
-                        f"You have no access to repository {repo_id}. Ask its owner to "
+                text = (f"You have no access to repository {repo_id}. Ask its owner to "
                         "grant it (give them your identity card from the Repository key "
                         "page).")
                 self.ctx.error(TaskError(text, error.details, error.exception))
@@ -430,7 +500,7 @@ class MainWindow(QMainWindow):
                 self.ctx.error(error)
 
         self.runner.run(f"Opening repository {repo_id}",
-                        lambda _: backend.open_repository(repo_id, password), kind="repository",
+                        lambda _: backend.open_repository(repo_id),
                         on_done=done, on_error=failed)
 
     def offer_migration(self, repo_id: str) -> None:
@@ -462,7 +532,7 @@ class MainWindow(QMainWindow):
 
         self.runner.run(f"Moving repository {repo_id} to your identity",
                         lambda _: backend.migrate_repository(repo_id, password),
-                        kind="repository", on_done=done, on_error=failed)
+                        on_done=done, on_error=failed)
 
     def _repository_created(self, repo: Repository) -> None:
         self.ctx.set_repository(repo)
@@ -580,6 +650,8 @@ class MainWindow(QMainWindow):
                 widget.hide()
         if self.closing and self.runner.idle:
             self._finish_shutdown()
+        elif self._pending_settings is not None and not running and not self.closing:
+            self.apply_settings(self._pending_settings)
 
     def _show_task(self, task: Task) -> None:
         self._current_task = task
@@ -654,7 +726,7 @@ class MainWindow(QMainWindow):
                 shutil.rmtree(demo.workdir, ignore_errors=True)
 
         self.conn_label.setText("Stopping the storage and search service…")
-        self.runner.run("Closing", work, kind="connect", tracked=False,
+        self.runner.run("Closing", work, tracked=False,
                         on_finish=self._closed)
 
     def _closed(self) -> None:
@@ -685,10 +757,3 @@ def _separator() -> QLabel:
     label = QLabel("·")
     label.setObjectName("Muted")
     return label
-
-
-def run(demo: bool = False) -> int:
-    """Entry point of the ``radcrypt-gui`` launcher (see app.gui.app.run)."""
-    from app.gui.app import run as app_run
-
-    return app_run(demo=demo)

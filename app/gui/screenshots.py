@@ -126,6 +126,10 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
         gate.submit()
     wait_until(lambda: window.backend.connected and window.connect_task is None,
                what="the connection")
+    wait_until(lambda: window.archive_page.repository_count == 0 and window.runner.idle,
+               what="the empty archive")
+    window.message_bar.dismiss()
+    shoot(window, "12-first-steps")
 
     window.show_page("keys")
     dialog = window.keys_page.open_new_repository()
@@ -191,10 +195,11 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
 
     window.show_page("keys")
     if identity:
-        from app.core.identity import IdentityStore
+        from app.core.client import create_identity
+        from app.core.settings import Settings
 
-        colleague = IdentityStore(work / "colleague").create("Dr. Jonas Berg, Neurology",
-                                                            PASSWORD)
+        colleague = create_identity(Settings(data_dir=str(work / "colleague")),
+                                    "Dr. Jonas Berg, Neurology", PASSWORD)
         dialogs.card = colleague.card().to_json()
         window.keys_page.register_user()
         wait_until(lambda: colleague.user_id in window.keys_page.known_users,

@@ -26,8 +26,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.core.repository import Repository
-from app.core.searcher import Hit
+from app.core.types import Hit, Repository
 from app.gui import theme
 from app.gui.archive_page import square_tile
 from app.gui.backend import SearchOutcome
@@ -38,6 +37,7 @@ from app.gui.widgets import (
     ElidedLabel,
     ImagePanel,
     PageHeader,
+    TileDelegate,
     card,
     muted_label,
     primary,
@@ -156,6 +156,7 @@ class SearchPage(QWidget):
         self.strip.setGridSize(QSize(STRIP_TILE + 44, STRIP_TILE + 40))
         self.strip.setFixedHeight(STRIP_TILE + 50)
         self.strip.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.strip.setItemDelegate(TileDelegate(self.strip))  # selection: a frame, no tint
         self.strip.currentRowChanged.connect(self._select_row)
         self.strip.itemDoubleClicked.connect(lambda _item: self._open_selected())
         layout.addWidget(self.strip)
@@ -207,7 +208,7 @@ class SearchPage(QWidget):
         def decode(_: TaskContext) -> QImage:
             return qimage_from_array(backend.display(path))
 
-        self.ctx.runner.run(f"Decoding {Path(path).name}", decode, kind="search",
+        self.ctx.runner.run(f"Decoding {Path(path).name}", decode,
                             on_done=self.query_panel.set_image,
                             on_error=self._query_failed)
         self.search()
@@ -244,7 +245,7 @@ class SearchPage(QWidget):
             self._show(*result)
 
         self.task = self.ctx.runner.run(
-            f"Searching {repo.repo_id}", work, kind="search", on_done=done,
+            f"Searching {repo.repo_id}", work, on_done=done,
             on_error=self._failed, on_finish=self._finished)
         self._update()
 
@@ -343,7 +344,7 @@ class SearchPage(QWidget):
             if self.selected is not None and self.selected.image_id == hit.image_id:
                 self.nearest_panel.set_image(image)
 
-        self.ctx.runner.run(f"Fetching {hit.name}", work, kind="search", tracked=False,
+        self.ctx.runner.run(f"Fetching {hit.name}", work, tracked=False,
                             light=True, on_done=done,
                             on_error=lambda error: None)  # the preview stays; viewer retries
 

@@ -25,7 +25,7 @@ from PyQt6.QtWidgets import (
 from app.core.errors import RadcryptError
 from app.core.settings import LOCAL, MEMORY, Settings, save_settings
 from app.gui import theme
-from app.gui.backend import CheckResult, check_connection
+from app.gui.backend import CheckResult
 from app.gui.context import AppContext
 from app.gui.tasks import TaskError
 from app.gui.widgets import PageHeader, muted_label, primary
@@ -147,8 +147,9 @@ class SettingsPage(QWidget):
 
         save_box = QGroupBox("Save")
         sl = QVBoxLayout(save_box)
-        self.note = muted_label("Saved settings apply the next time Radcrypt starts. "
-                                "RADCRYPT_* environment variables override them.")
+        self.note = muted_label("Saved settings apply at once: a change of storage or "
+                                "service reconnects. RADCRYPT_* environment variables "
+                                "override them at the next start.")
         sl.addWidget(self.note)
         save_row = QHBoxLayout()
         save_row.addStretch(1)
@@ -204,7 +205,6 @@ class SettingsPage(QWidget):
             return
         settings = self.form_settings()
         backend = self.ctx.backend
-        session = backend.session
         self.testing = True
         self.test_button.setEnabled(False)
         self.test_button.setText("Testing…")
@@ -231,8 +231,8 @@ class SettingsPage(QWidget):
             self.test_button.setText("Test connection")
 
         self.ctx.runner.run("Testing the connection",
-                            lambda _: check_connection(settings, session, backend.service_client),
-                            kind="settings", on_done=done, on_error=failed, on_finish=finish)
+                            lambda _: backend.check_connection(settings),
+                            on_done=done, on_error=failed, on_finish=finish)
 
     def _show(self, result: CheckResult) -> None:
         if result.part not in self.result_texts:
@@ -255,8 +255,8 @@ class SettingsPage(QWidget):
             self.ctx.error(TaskError(f"The settings could not be saved: {exc}.", str(exc)))
             return
         self.ctx.activity.record("settings", f"Settings saved to {path}")
-        self.ctx.info("Settings saved. They apply the next time Radcrypt starts.", "success")
-        self.saved.emit(settings)
+        self.ctx.info("Settings saved; they apply from the next operation on.", "success")
+        self.saved.emit(settings)  # the main window applies them (no restart)
 
     def result_text(self, part: str) -> str:
         return str(self.result_texts[part].property("plain") or "")

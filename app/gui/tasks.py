@@ -59,9 +59,7 @@ def describe_error(exc: BaseException, doing: str = "") -> TaskError:
 
 
 def _plain_types() -> tuple[type[BaseException], ...]:
-    from app.imaging.errors import ImageDecodeError
-    from cloud.local import EmbeddedStoreError
-    from cloud.store import StoreError
+    from app.core.types import EmbeddedStoreError, ImageDecodeError, StoreError
 
     return (RadcryptError, StoreError, ImageDecodeError, EmbeddedStoreError, OSError)
 
@@ -98,12 +96,11 @@ class Task(QObject):
     cancelled = pyqtSignal()
     finished = pyqtSignal()
 
-    def __init__(self, title: str, fn: Callable[[TaskContext], Any], kind: str,
+    def __init__(self, title: str, fn: Callable[[TaskContext], Any],
                  cancellable: bool, tracked: bool, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.title = title
         self.fn = fn
-        self.kind = kind
         self.cancellable = cancellable
         self.tracked = tracked
         self.cancel_token = CancelToken()
@@ -189,11 +186,11 @@ class TaskRunner(QObject):
             on_progress: Callable[[Any], None] | None = None,
             on_cancel: Callable[[], None] | None = None,
             on_finish: Callable[[], None] | None = None,
-            kind: str = "task", cancellable: bool = False, tracked: bool = True,
+            cancellable: bool = False, tracked: bool = True,
             light: bool = False) -> Task:
         """Run ``fn(ctx)`` in the background. ``tracked`` tasks count as "work running"
         (status bar, close confirmation); untracked ones (thumbnails) are just cancelled."""
-        task = Task(title, fn, kind, cancellable, tracked, self)
+        task = Task(title, fn, cancellable, tracked, self)
         if on_progress is not None:
             task.progressed.connect(on_progress)
         if on_done is not None:

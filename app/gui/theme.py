@@ -46,6 +46,9 @@ class Colors:
     accent_soft: str
     accent_text: str
     accent_disabled: str
+    primary: str  # the background of primary buttons and selections; on_primary on it
+    primary_hover: str  # is at least 4.5:1 (WCAG AA), tests/gui/test_details.py
+    on_primary: str
     danger: str
     success: str
     warning: str
@@ -62,7 +65,8 @@ LIGHT = Colors(
     button="#ffffff", text="#1d2329", muted="#5d6b78", disabled="#a3adb7",
     border="#d5dce3", border_strong="#b9c3cd", hover="#dfe6ec", pressed="#cfd8e0",
     accent=ACCENT, accent_hover="#13707d", accent_soft="#d3ecef", accent_text="#0d5560",
-    accent_disabled="#9cc8ce", danger="#b3261e", success="#1e7b34", warning="#8a5a00",
+    accent_disabled="#9cc8ce", primary=ACCENT, primary_hover="#13707d",
+    on_primary="#ffffff", danger="#b3261e", success="#1e7b34", warning="#8a5a00",
     error_bg="#fbe9e7", error_border="#e8aaa4", warning_bg="#fff4dc",
     warning_border="#e8cf8e", info_bg="#e4f2f4", info_border="#a9d3d9",
 )
@@ -72,7 +76,8 @@ DARK = Colors(
     button="#2a2f35", text="#e3e7eb", muted="#9aa6b2", disabled="#5b6570",
     border="#343a41", border_strong="#48505a", hover="#30363d", pressed="#3a424a",
     accent="#1e9aab", accent_hover="#25adbf", accent_soft="#1d3f45", accent_text="#9fe0e9",
-    accent_disabled="#2b5a61", danger="#f2867c", success="#71c98a", warning="#e5b758",
+    accent_disabled="#2b5a61", primary="#157a88", primary_hover="#126d7a",
+    on_primary="#ffffff", danger="#f2867c", success="#71c98a", warning="#e5b758",
     error_bg="#3b2224", error_border="#6e3a3a", warning_bg="#3a3120",
     warning_border="#6b5a2f", info_bg="#1d3236", info_border="#2f5b62",
 )
@@ -106,8 +111,8 @@ def _palette(c: Colors) -> QPalette:
         QPalette.ColorRole.Button: c.button,
         QPalette.ColorRole.ButtonText: c.text,
         QPalette.ColorRole.BrightText: "#ffffff",
-        QPalette.ColorRole.Highlight: c.accent,
-        QPalette.ColorRole.HighlightedText: "#ffffff",
+        QPalette.ColorRole.Highlight: c.primary,
+        QPalette.ColorRole.HighlightedText: c.on_primary,
         QPalette.ColorRole.Link: c.accent,
         QPalette.ColorRole.Mid: c.border_strong,
         QPalette.ColorRole.Midlight: c.border,

@@ -39,12 +39,12 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.core.repository import Repository
+from app.core.client import robust_range
+from app.core.types import DecodedImage, Repository
 from app.gui import theme
 from app.gui.context import AppContext
 from app.gui.tasks import TaskContext, TaskError
 from app.gui.widgets import qimage_from_array
-from app.imaging.decode import DecodedImage, robust_range
 
 # (name, width, centre): CONVENTIONS.md "Radiology habits"
 PRESETS = (
@@ -414,7 +414,7 @@ def open_archived(ctx: AppContext, parent: QWidget, repo: Repository, image_id: 
         viewer.set_busy(error.message)
         ctx.error(error)
 
-    ctx.runner.run(f"Opening {name or image_id}", work, kind="view",
+    ctx.runner.run(f"Opening {name or image_id}", work,
                    on_done=lambda img: _fill(viewer, img), on_error=failed)
     return viewer
 
@@ -428,7 +428,7 @@ def open_local(ctx: AppContext, parent: QWidget, path: str) -> ImageViewer:
         viewer.set_busy(error.message)
 
     backend = ctx.backend
-    ctx.runner.run(f"Opening {Path(path).name}", lambda _: backend.decode(path), kind="view",
+    ctx.runner.run(f"Opening {Path(path).name}", lambda _: backend.decode(path),
                    on_done=lambda img: _fill(viewer, img), on_error=failed)
     return viewer
 

@@ -7,14 +7,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PyQt6.QtCore import QRectF, QSize, Qt, QUrl, pyqtSignal
+from PyQt6.QtCore import (
+    QModelIndex,
+    QPersistentModelIndex,
+    QRect,
+    QRectF,
+    QSize,
+    Qt,
+    QUrl,
+    pyqtSignal,
+)
 from PyQt6.QtGui import (
     QColor,
     QDragEnterEvent,
     QDropEvent,
+    QIcon,
     QImage,
     QPainter,
     QPaintEvent,
+    QPixmap,
 )
 from PyQt6.QtWidgets import (
     QFrame,
@@ -24,6 +35,9 @@ from PyQt6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSizePolicy,
+    QStyle,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -53,6 +67,65 @@ def qimage_from_png(data: bytes) -> QImage:
     image = QImage()
     image.loadFromData(data, "PNG")
     return image
+
+
+class TileDelegate(QStyledItemDelegate):
+    """Image tiles in a list view (archive grid, nearest-images strip): each preview in a
+    frame, drawn exactly as decrypted. Qt's own icon drawing tints a selected icon with
+    the highlight colour, which would colour a grey-scale image; here the selection is
+    shown by the frame (thicker, in the primary colour) and the tile's pixels are left
+    alone."""
+
+    FRAME = 1
+    SELECTED_FRAME = 3
+
+    def paint(self, painter: QPainter | None, option: QStyleOptionViewItem,
+              index: QModelIndex | QPersistentModelIndex) -> None:
+        if painter is None:
+            return
+        c = theme.current_colors()
+        selected = bool(option.state & QStyle.StateFlag.State_Selected)
+        hovered = bool(option.state & QStyle.StateFlag.State_MouseOver)
+        side = option.decorationSize
+        cell = option.rect
+        painter.save()
+        if selected or hovered:
+            painter.fillRect(cell, QColor(c.accent_soft if selected else c.hover))
+        tile = QRect(cell.left() + (cell.width() - side.width()) // 2, cell.top() + 6,
+                     side.width(), side.height())
+        width = self.SELECTED_FRAME if selected else self.FRAME
+        # the frame lies around the tile, never on its pixels
+        painter.fillRect(tile.adjusted(-width, -width, width, width),
+                         QColor(c.primary if selected else c.border_strong))
+        painter.fillRect(tile, QColor("#000000"))
+        pixmap = _tile_pixmap(index.data(Qt.ItemDataRole.DecorationRole), side)
+        if pixmap is not None:
+            painter.drawPixmap(tile, pixmap)
+        text = str(index.data(Qt.ItemDataRole.DisplayRole) or "")
+        if text:
+            painter.setPen(QColor(c.text))
+            metrics = option.fontMetrics
+            area = QRect(cell.left() + 2, tile.bottom() + 7, cell.width() - 4,
+                         metrics.height())
+            painter.drawText(area, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop,
+                             metrics.elidedText(text, Qt.TextElideMode.ElideMiddle,
+                                                area.width()))
+        painter.restore()
+
+    def sizeHint(self, option: QStyleOptionViewItem,
+                 index: QModelIndex | QPersistentModelIndex) -> QSize:
+        side = option.decorationSize
+        return QSize(side.width() + 16, side.height() + option.fontMetrics.height() + 16)
+
+
+def _tile_pixmap(value: object, side: QSize) -> QPixmap | None:
+    if isinstance(value, QPixmap):
+        return value
+    if isinstance(value, QIcon) and not value.isNull():
+        return value.pixmap(side, QIcon.Mode.Normal)
+    if isinstance(value, QImage):
+        return QPixmap.fromImage(value)
+    return None
 
 
 def set_prop(widget: QWidget, name: str, value: object) -> None:

@@ -61,7 +61,7 @@ def dialogs() -> object:
 
 @pytest.fixture
 def make_window(qtbot: object, dialogs: object) -> Iterator[Callable[..., object]]:
-    """``make_window(identity_mode=None, demo=None)``: a started MainWindow on this
+    """``make_window(identity_mode=True, demo=None)``: a started MainWindow on this
     test's data directory; every window made is shut down cleanly after the test."""
     from guitools import close_window, new_window
 

@@ -60,7 +60,7 @@ class FakeDialogs(Dialogs):
         return self.save_path
 
 
-def new_window(qtbot: Any, dialogs: FakeDialogs, identity_mode: bool | None = None,
+def new_window(qtbot: Any, dialogs: FakeDialogs, identity_mode: bool = True,
                demo: DemoOptions | None = None, start: bool = True) -> MainWindow:
     from app.gui.app import demo_settings, make_application
 

@@ -20,14 +20,10 @@ from guitools import (
 
 from app.core.importer import committed_ids
 from app.core.progress import ProgressEvent
-from app.gui.backend import IDENTITY_AVAILABLE
 from app.gui.import_page import FAILED, IMPORTED, NOT_DONE, PRESENT
 from app.gui.login import REGISTER, UNLOCK, WRONG_PASSWORD
 from cloud import layout
 from cloud.segments import read_header
-
-needs_identity = pytest.mark.skipif(not IDENTITY_AVAILABLE,
-                                    reason="app.core.identity is not installed yet")
 
 
 def segment_id_count(window: object) -> int:
@@ -44,7 +40,6 @@ def segment_id_count(window: object) -> int:
 # --- identity ---------------------------------------------------------------------------
 
 
-@needs_identity
 def test_register_on_first_run(qtbot, make_window):
     window = make_window()
     qtbot.waitUntil(lambda: window.gate.mode == REGISTER and window.runner.idle,
@@ -71,7 +66,6 @@ def test_register_on_first_run(qtbot, make_window):
     assert "Dr. Ana Silva" in window.user_label.text()
 
 
-@needs_identity
 def test_unlock_on_later_runs_and_wrong_password(qtbot, make_window):
     first = make_window()
     pass_gate(qtbot, first)
@@ -125,27 +119,33 @@ def test_new_repository_dialog_refuses_bad_names(qtbot, make_window):
     dialog.reject()
 
 
-def test_wrong_repository_password_keeps_it_locked(qtbot, make_window, dialogs):
-    """Password-locked repositories (made before identities) still open with theirs."""
-    first = make_window(identity_mode=False)
-    create_legacy_repository(qtbot, first, "mr-brain")
-    first.close()
-    qtbot.waitUntil(lambda: first.shutdown_done, timeout=WAIT_MS)
+def test_password_repository_is_not_opened_without_its_owner(qtbot, make_window, dialogs):
+    """A repository from before identities opens only by moving it to an identity: no
+    password prompt opens it as it is, a refusal leaves it locked, and a wrong password
+    moves nothing."""
+    old = make_window(identity_mode=False)
+    create_legacy_repository(qtbot, old, "mr-brain")
+    old.close()
+    qtbot.waitUntil(lambda: old.shutdown_done, timeout=WAIT_MS)
 
-    window = make_window(identity_mode=False)
+    window = make_window()
+    pass_gate(qtbot, window)
     wait_connected(qtbot, window)
     qtbot.waitUntil(lambda: window.repo_combo.findData("mr-brain") > 0, timeout=WAIT_MS)
+    dialogs.confirm_answer = False
+    window.open_repository("mr-brain")
+    qtbot.waitUntil(lambda: bool(dialogs.confirmations) and window.runner.idle,
+                    timeout=WAIT_MS)
+    assert "still locked by a password" in dialogs.confirmations[-1][1]
+    assert window.ctx.repo is None and window.backend.unlocked("mr-brain") is None
+
+    dialogs.confirm_answer = True
     dialogs.passwords = ["no-such-pass-9831"]
     window.open_repository("mr-brain")
-    qtbot.waitUntil(lambda: window.message_bar.isVisible(), timeout=WAIT_MS)
-    assert window.message_bar.text.text() == "Wrong password: repository mr-brain stays locked."
-    assert window.ctx.repo is None
-    assert window.backend.unlocked("mr-brain") is None
-
-    dialogs.passwords = [TEST_PASSWORD]
-    window.open_repository("mr-brain")
-    qtbot.waitUntil(lambda: window.ctx.repo is not None, timeout=WAIT_MS)
-    assert window.ctx.repo.repo_id == "mr-brain"
+    qtbot.waitUntil(lambda: window.message_bar.isVisible() and window.runner.idle,
+                    timeout=WAIT_MS)
+    assert window.message_bar.text.text() == "Wrong password: repository mr-brain stays as it was."
+    assert window.ctx.repo is None and window.backend.unlocked("mr-brain") is None
 
 
 def test_no_repository_is_created_without_an_identity(qtbot, make_window):
@@ -165,7 +165,6 @@ def test_no_repository_is_created_without_an_identity(qtbot, make_window):
     assert not [k for k in before if k.endswith("/password-owner")]
 
 
-@needs_identity
 def test_register_grant_and_revoke_a_user(qtbot, make_window, dialogs, tmp_path):
     from app.core.identity import IdentityStore
 
@@ -201,7 +200,6 @@ def test_register_grant_and_revoke_a_user(qtbot, make_window, dialogs, tmp_path)
     assert window.key_status.text() == "Key version 2"
 
 
-@needs_identity
 def test_password_repository_moves_to_the_identity(qtbot, make_window, dialogs):
     old = make_window(identity_mode=False)
     create_legacy_repository(qtbot, old, "legacy")

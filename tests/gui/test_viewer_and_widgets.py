@@ -12,7 +12,7 @@ from PyQt6.QtCore import QPoint, Qt
 from PyQt6.QtTest import QTest
 
 from app.gui.activity import ActivityLog
-from app.gui.backend import _fallback_strength
+from app.gui.backend import password_problem, password_strength
 from app.gui.main_window import DemoOptions
 from app.gui.tasks import TaskRunner
 from app.gui.viewer import PRESETS, ImageViewer, default_window
@@ -117,10 +117,13 @@ def test_activity_log_survives_restarts_newest_first(tmp_path):
     assert [e.text for e in again.entries()] == ["Searched", "Imported 3 images"]
 
 
-def test_fallback_password_strength():
-    assert _fallback_strength("abc")[0] == 0
-    assert _fallback_strength("aaaaaaaaaaaaaaaaaaaa")[0] <= 1
-    assert _fallback_strength("correct horse battery staple 42")[0] >= 3
+def test_password_strength_is_the_identity_estimate():
+    """One estimate (zxcvbn, app.core.identity): the GUI keeps no fallback of its own."""
+    assert password_problem("abc") and password_strength("abc")[0] <= 2
+    assert password_problem("aaaaaaaaaaaaaaaaaaaa")
+    assert "too easy to guess" in password_problem("password123")
+    assert password_problem("correct horse battery staple 42") == ""
+    assert password_strength("correct horse battery staple 42")[0] >= 3
 
 
 def test_demo_mode_opens_with_sample_images(qtbot, make_window, tmp_path):

@@ -164,10 +164,10 @@ def test_memory_store_through_the_cli(tmp_path: Path) -> None:
     # RADCRYPT_STORE chooses it too, and what the last command stored is gone.
     listed = _radcrypt({**env, "RADCRYPT_STORE": "memory"}, "repo", "list", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert json.loads(listed.stdout) == []
+    assert json.loads(listed.stdout) == {"schema": 1, "repositories": []}
     assert "in-memory store: nothing is kept" in listed.stderr
     status = json.loads(_ok(env, "store", "status", "--store", "memory", "--json").stdout)
-    assert status == {"running": False, "kind": "memory", "kept": False}
+    assert status == {"schema": 1, "running": False, "kind": "memory", "kept": False}
     line = _one_error_line(_radcrypt(env, "store", "start", "--store", "memory"))
     assert "cannot be started in the background" in line
     data = Path(env["XDG_DATA_HOME"]) / "radcrypt" / "store"
