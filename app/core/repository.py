@@ -221,16 +221,21 @@ def new_repository(store: Store, name: str, extractor: str,
     return Repository(manifest, ring)
 
 
-def read_manifest(store: Store, name: str) -> Manifest:
+def _manifest_blob(store: Store, name: str) -> tuple[str, str, bytes]:
+    """(repository id, object name, stored bytes) of a repository's manifest."""
     try:
         repo_id = layout.validate_repo_id(name)
     except ValueError as exc:
         raise RadcryptError(str(exc)) from None
     key = layout.manifest_key(repo_id)
     try:
-        data = store.get(key)
+        return repo_id, key, store.get(key)
     except ObjectNotFound:
         raise RepositoryNotFound(f"no repository named {repo_id!r} in this store") from None
+
+
+def read_manifest(store: Store, name: str) -> Manifest:
+    repo_id, _, data = _manifest_blob(store, name)
     manifest = Manifest.from_json(manifest_payload(data), f"manifest of repository {repo_id!r}")
     if manifest.repo_id != repo_id:
         raise RadcryptError(f"manifest of repository {repo_id!r} names another repository")
@@ -259,15 +264,7 @@ def read_signed_manifest(store: Store, name: str, owner_key: bytes | None = None
     With ``owner_key`` only that key is trusted; without, the document's own signer (the
     caller pins it). An unsigned manifest or a bad signature: AccessDenied.
     """
-    try:
-        repo_id = layout.validate_repo_id(name)
-    except ValueError as exc:
-        raise RadcryptError(str(exc)) from None
-    key = layout.manifest_key(repo_id)
-    try:
-        blob = store.get(key)
-    except ObjectNotFound:
-        raise RepositoryNotFound(f"no repository named {repo_id!r} in this store") from None
+    repo_id, key, blob = _manifest_blob(store, name)
     try:
         signer = json_signer(blob)
     except FormatError:
