@@ -8,8 +8,15 @@ import sys
 def main() -> int:
     args = sys.argv[1:]
     if not args or args[0] in ("--demo", "--gui"):
-        from app.gui.app import run
-
+        try:
+            from app.gui.app import run
+        except ModuleNotFoundError as exc:  # an install without the gui extra (PyQt6)
+            if not (exc.name or "").startswith("PyQt6"):
+                raise
+            print("radcrypt: the desktop client needs the gui extra: pip install "
+                  "'radcrypt[gui]' (the command line works without it: python main.py --help)",
+                  file=sys.stderr)
+            return 1
         return run(demo="--demo" in args)
     from app.cli import main as cli_main
 

@@ -167,3 +167,26 @@ def test_facade_module_imports_no_qt_and_no_engine() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_desktop_client_without_the_gui_extra_says_what_to_install() -> None:
+    """`python main.py` on an install without PyQt6 says which extra to install, in one
+    line and exit 1, instead of a ModuleNotFoundError traceback."""
+    program = textwrap.dedent("""
+        import importlib.abc, sys
+        class NoQt(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "PyQt6":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+        sys.meta_path.insert(0, NoQt())
+        sys.argv = ["main.py"]
+        import main
+        raise SystemExit(main.main())
+    """)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", program], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert "pip install 'radcrypt[gui]'" in done.stderr
+    assert "Traceback" not in done.stderr
