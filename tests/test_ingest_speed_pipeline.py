@@ -15,8 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -233,26 +231,6 @@ def test_a_child_that_dies_fails_its_file_not_the_import(
     assert sorted(p for p, _ in report.failed) == sorted(map(str, files))
     assert all("process died" in reason for _, reason in report.failed)
     assert _our_children() == []
-
-
-def test_children_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
-    script = tmp_path / "parent.py"
-    script.write_text(
-        "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(importer_module.__file__).parents[2])!r})\n"
-        "from app.core.importer import _decoder_pool\n"
-        "children = _decoder_pool(2, None)\n"
-        "print(' '.join(str(pid) for pid in children.pids), flush=True)\n"
-        "time.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
-    try:
-        assert parent.stdout is not None
-        pids = [int(p) for p in parent.stdout.readline().split()]
-        assert len(pids) == 2 and not any(support.pid_gone(p) for p in pids)
-    finally:
-        parent.send_signal(signal.SIGKILL)
-        parent.wait()
-    assert all(support.wait_gone(pid, timeout=15) for pid in pids)
 
 
 def test_processes_by_default_for_every_import(moto_store: ObjectStore) -> None:
