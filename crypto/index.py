@@ -126,38 +126,15 @@ class IndexKey:
         return QueryToken(full=self.full.token(q, scales), levels=levels)
 
     def to_bytes(self) -> bytes:
-        parts = [_HEAD.pack(_MAGIC, _VERSION, self.dim, len(self.levels))]
-        parts.append(struct.pack(f">{len(self.levels)}I", *self.levels))
-        parts.append(np.ascontiguousarray(self.basis, dtype="<f8").tobytes())
-        for key in (self.full, *self.level_keys):
-            blob = key.to_bytes()
-            parts.append(struct.pack(">I", len(blob)) + blob)
-        return b"".join(parts)
+        return _serialise(_MAGIC, _VERSION, self.dim, self.levels, self.basis,
+                          (self.full, *self.level_keys))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> IndexKey:
         try:
-            magic, version, dim, n_levels = _HEAD.unpack_from(data)
-            if magic != _MAGIC or version != _VERSION:
-                raise FormatError("not an index key of a supported version")
-            offset = _HEAD.size
-            levels = struct.unpack_from(f">{n_levels}I", data, offset)
-            offset += 4 * n_levels
-            rows = max(levels) if levels else 0
-            basis = np.frombuffer(data, "<f8", rows * dim, offset).reshape(rows, dim)
-            offset += 8 * rows * dim
-            keys = []
-            for _ in range(n_levels + 1):
-                (size,) = struct.unpack_from(">I", data, offset)
-                offset += 4
-                if offset + size > len(data):
-                    raise FormatError("index key is truncated")
-                keys.append(SknnKey.from_bytes(data[offset : offset + size]))
-                offset += size
-            if offset != len(data):
-                raise FormatError("index key has trailing bytes")
-            return cls(dim=dim, levels=tuple(levels), basis=basis.astype(np.float64),
-                       full=keys[0], level_keys=tuple(keys[1:]))
+            dim, levels, basis, keys = _parse(data, _MAGIC, _VERSION, "index key", 1)
+            return cls(dim=dim, levels=levels, basis=basis, full=keys[0],
+                       level_keys=tuple(keys[1:]))
         except (struct.error, ValueError):
             raise FormatError("index key is malformed") from None
 
@@ -206,40 +183,58 @@ class BoundLevels:
                    tuple(SknnKey.generate(m + 1, extra) for m in chosen))
 
     def to_bytes(self) -> bytes:
-        parts = [_HEAD.pack(_LEVELS_MAGIC, _LEVELS_VERSION, self.dim, len(self.levels)),
-                 struct.pack(f">{len(self.levels)}I", *self.levels),
-                 np.ascontiguousarray(self.basis, dtype="<f8").tobytes()]
-        for key in self.level_keys:
-            blob = key.to_bytes()
-            parts.append(struct.pack(">I", len(blob)) + blob)
-        return b"".join(parts)
+        return _serialise(_LEVELS_MAGIC, _LEVELS_VERSION, self.dim, self.levels, self.basis,
+                          self.level_keys)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BoundLevels:
         try:
-            magic, version, dim, n_levels = _HEAD.unpack_from(data)
-            if magic != _LEVELS_MAGIC or version != _LEVELS_VERSION:
-                raise FormatError("not bound levels of a supported version")
-            if not 1 <= dim <= 65536 or n_levels < 1:
-                raise FormatError("bound levels have implausible dimensions")
-            offset = _HEAD.size
-            levels = struct.unpack_from(f">{n_levels}I", data, offset)
-            offset += 4 * n_levels
-            rows = max(levels)
-            if rows > dim or offset + 8 * rows * dim > len(data):
-                raise FormatError("bound levels are truncated or implausible")
-            basis = np.frombuffer(data, "<f8", rows * dim, offset).reshape(rows, dim)
-            offset += 8 * rows * dim
-            keys = []
-            for _ in range(n_levels):
-                (size,) = struct.unpack_from(">I", data, offset)
-                offset += 4
-                if offset + size > len(data):
-                    raise FormatError("bound levels are truncated")
-                keys.append(SknnKey.from_bytes(data[offset : offset + size]))
-                offset += size
-            if offset != len(data):
-                raise FormatError("bound levels have trailing bytes")
-            return cls(dim, tuple(levels), basis.astype(np.float64), tuple(keys))
+            dim, levels, basis, keys = _parse(data, _LEVELS_MAGIC, _LEVELS_VERSION,
+                                              "bound levels", 0)
+            if not levels:
+                raise FormatError("bound levels: at least one level is needed")
+            return cls(dim, levels, basis, tuple(keys))
         except (struct.error, ValueError):
             raise FormatError("bound levels are malformed") from None
+
+
+def _serialise(magic: bytes, version: int, dim: int, levels: tuple[int, ...], basis: F64,
+               keys: tuple[SknnKey, ...]) -> bytes:
+    """The layout IndexKey and BoundLevels share: head, levels, basis, length-prefixed keys."""
+    parts = [_HEAD.pack(magic, version, dim, len(levels)),
+             struct.pack(f">{len(levels)}I", *levels),
+             np.ascontiguousarray(basis, dtype="<f8").tobytes()]
+    for key in keys:
+        blob = key.to_bytes()
+        parts.append(struct.pack(">I", len(blob)) + blob)
+    return b"".join(parts)
+
+
+def _parse(data: bytes, magic: bytes, version: int, what: str, extra_keys: int,
+           ) -> tuple[int, tuple[int, ...], F64, list[SknnKey]]:
+    """(dim, levels, basis, keys) of what _serialise wrote; ``extra_keys`` keys come before
+    the one per level. Every size is checked against the bytes left before any allocation."""
+    found_magic, found_version, dim, n_levels = _HEAD.unpack_from(data)
+    if found_magic != magic or found_version != version:
+        raise FormatError(f"{what}: not a supported magic or version")
+    if not 1 <= dim <= 65536:
+        raise FormatError(f"{what}: implausible dimension {dim}")
+    offset = _HEAD.size
+    levels = tuple(int(m) for m in struct.unpack_from(f">{n_levels}I", data, offset))
+    offset += 4 * n_levels
+    rows = max(levels) if levels else 0
+    if rows > dim or offset + 8 * rows * dim > len(data):
+        raise FormatError(f"{what}: truncated, or a level larger than the dimension")
+    basis = np.frombuffer(data, "<f8", rows * dim, offset).reshape(rows, dim)
+    offset += 8 * rows * dim
+    keys = []
+    for _ in range(n_levels + extra_keys):
+        (size,) = struct.unpack_from(">I", data, offset)
+        offset += 4
+        if offset + size > len(data):
+            raise FormatError(f"{what}: truncated")
+        keys.append(SknnKey.from_bytes(data[offset : offset + size]))
+        offset += size
+    if offset != len(data):
+        raise FormatError(f"{what}: trailing bytes")
+    return dim, levels, basis.astype(np.float64), keys
