@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 
 from app.core import objects
-from app.core.access import open_repository_as, register_user
+from app.core.access import (
+    create_repository_as,
+    grant_access,
+    open_repository_as,
+    register_user,
+)
 from app.core.errors import IntegrityError
+from app.core.importer import Importer
 from app.core.repository import Manifest, Repository, read_signed_manifest
 from app.core.settings import Settings
 from cloud import layout
@@ -61,6 +67,20 @@ class Client:
 def register(owner: Client, *users: Client) -> None:
     for user in users:
         register_user(owner.session, owner.identity, user.identity.card().to_json())
+
+
+def owner_and_two_members(store: ObjectStore, name: str, files: int = 0, batch: int = 3,
+                          ) -> tuple[Client, Client, Client, Repository]:
+    """Owner, Alice and Bob, and a repository of ``files`` sample images (imported in
+    batches of ``batch`` before anyone is granted) to which Alice and Bob are granted."""
+    owner, alice, bob = (Client.make(store, n) for n in ("Owner", "Alice", "Bob"))
+    repo = create_repository_as(owner.session, owner.identity, name)
+    if files:
+        Importer(store, repo, batch_size=batch, processes=False).run(sample_files(files))
+    register(owner, alice, bob)
+    grant_access(owner.session, owner.identity, repo, alice.user_id)
+    grant_access(owner.session, owner.identity, repo, bob.user_id)
+    return owner, alice, bob, repo
 
 
 class InjectedFailure(Exception):

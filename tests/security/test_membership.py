@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover
 
 from app.core import access
 from app.core.access import (
-    create_repository_as,
     grant_access,
     list_access,
     migrate_password_repository,
@@ -40,12 +39,7 @@ from crypto.signed import sign_json
 
 def _three(store: ObjectStore, name: str) -> tuple[sup.Client, sup.Client, sup.Client,
                                                    Repository]:
-    owner, alice, bob = (sup.Client.make(store, n) for n in ("Owner", "Alice", "Bob"))
-    repo = create_repository_as(owner.session, owner.identity, name)
-    sup.register(owner, alice, bob)
-    grant_access(owner.session, owner.identity, repo, alice.user_id)
-    grant_access(owner.session, owner.identity, repo, bob.user_id)
-    return owner, alice, bob, repo
+    return sup.owner_and_two_members(store, name)
 
 
 def test_manifest_lists_owner_and_members_with_a_growing_sequence(

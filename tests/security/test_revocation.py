@@ -22,7 +22,7 @@ try:
 except ImportError:  # pragma: no cover
     from tests.security import access_support as sup
 
-from app.core.access import create_repository_as, grant_access, revoke_access
+from app.core.access import revoke_access
 from app.core.errors import AccessDenied, RadcryptError
 from app.core.importer import Importer, committed_ids, image_id_for
 from app.core.progress import ProgressEvent
@@ -32,13 +32,7 @@ from cloud.store import ObjectStore
 
 def _world(store: ObjectStore, name: str, files: int = 5, batch: int = 3
            ) -> tuple[sup.Client, sup.Client, sup.Client, object]:
-    owner, alice, bob = (sup.Client.make(store, n) for n in ("Owner", "Alice", "Bob"))
-    repo = create_repository_as(owner.session, owner.identity, name)
-    Importer(store, repo, batch_size=batch, processes=False).run(sup.sample_files(files))
-    sup.register(owner, alice, bob)
-    grant_access(owner.session, owner.identity, repo, alice.user_id)
-    grant_access(owner.session, owner.identity, repo, bob.user_id)
-    return owner, alice, bob, repo
+    return sup.owner_and_two_members(store, name, files, batch)
 
 
 def test_revocation_failing_after_any_write_is_finished_by_running_it_again(
