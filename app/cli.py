@@ -5,8 +5,10 @@ only turns options into calls and answers into text or JSON.
 
 Exit codes (one table for every command; README "Exit codes"):
 
-    0    success
-    1    error (one clear line on stderr, no traceback; RADCRYPT_DEBUG=1 shows one)
+    0    success (also a search answer shown with --allow-incomplete, marked as such)
+    1    error (one clear line on stderr, no traceback; RADCRYPT_DEBUG=1 shows one),
+         including a search answer that left segments out (format 2) without
+         --allow-incomplete
     2    usage: unknown command or option, missing or invalid value (e.g. ``-k 0``)
     3    partial import: some files failed, the others were imported
     10   repository not found
@@ -228,11 +230,25 @@ def cmd_repo(args: argparse.Namespace) -> int:
         return EXIT_OK
     with _client(args) as client:
         repo = client.create_repository(args.name, args.extractor,
-                                        bound_levels=args.bound_levels)
+                                        bound_levels=args.bound_levels,
+                                        storage_format=args.format)
         m = repo.manifest
         _emit(args, facade.manifest_dict(m),
               lambda: print(f"created repository {m.repo_id} (extractor {m.extractor}, "
-                            f"key version {m.key_version})"))
+                            f"key version {m.key_version}, storage format {args.format})"))
+    return EXIT_OK
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        repo = client.open_repository(args.name)
+        with _progress(not args.json, "compacting", unit="groups") as progress:
+            report = client.compact_repository(repo, progress=progress)
+    _emit(args, report.as_dict(),
+          lambda: print(f"{repo.repo_id}: {report.segments_before} -> {report.segments_after} "
+                        f"segments, {report.packs_before} -> {report.packs_after} packs; "
+                        f"{report.deleted} replaced objects deleted, {report.deferred} kept "
+                        "15 minutes for readers (a later run deletes them)"))
     return EXIT_OK
 
 
@@ -260,11 +276,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     with _client(args) as client:
         repo = client.open_repository(args.repo)
         with _progress(not args.json and len(args.images) > 1, "searching") as progress:
-            results = client.search_files(repo, args.images, k=args.k, progress=progress)
+            results = client.search_files(repo, args.images, k=args.k, progress=progress,
+                                          allow_incomplete=args.allow_incomplete)
+        incomplete = [r for r in results if r.complete is False]
 
         def text() -> None:
+            if incomplete:  # the first line, so that no reader of the output can miss it
+                worst = max(incomplete, key=lambda r: len(r.segments_missing))
+                print(worst.completeness)
             for result in results:
-                print(f"{result.query}:")
+                mark = "  [INCOMPLETE]" if result.complete is False else ""
+                print(f"{result.query}:{mark}")
                 for hit in result.hits:
                     print(f"  {hit.rank:>3}. {hit.name}  distance {hit.distance:.6g}  "
                           f"id {hit.image_id}")
@@ -273,6 +295,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                       f"{result.stats.get('full_scored', 0)} fully scored, "
                       f"engine {server:.2f} ms")
 
+        if results and all(r.complete is None for r in results):  # once per search
+            print(f"radcrypt: note: {results[0].completeness}", file=sys.stderr)
         _emit(args, {"queries": [r.as_dict() for r in results]}, text)
     return EXIT_OK
 
@@ -400,6 +424,16 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 def cmd_access(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if args.action == "migrate" and args.format == 2:
+            with _progress(not args.json, "migrating", unit="groups") as progress:
+                report = client.migrate_to_format2(args.name, progress=progress)
+            _emit(args, report.as_dict(),
+                  lambda: print(f"repository {args.name} is in storage format 2: "
+                                f"{report.images} images moved now, {report.deleted} "
+                                "format-1 objects deleted"
+                                + (f"; {len(report.skipped)} images left out (metadata or "
+                                   "preview missing or damaged)" if report.skipped else "")))
+            return EXIT_OK
         if args.action == "migrate":
             old = os.environ.get("RADCRYPT_OLD_PASSWORD")
             if args.old_password_file:
@@ -622,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="off: no bound levels (searches scan every full vector, slower; a "
                         "known-plaintext attacker then needs d + 1 known images, see "
                         "SECURITY.md)")
+    c.add_argument("--format", type=int, choices=(1, 2), default=1,
+                   help="storage format: 1 (default) or 2 (packs and a signed segment log; "
+                        "search answers are checked for completeness; docs/FORMAT-v2-draft.md)")
     _command(repo_sub, "list", "list the repositories in the store", cmd_repo)
     for action, words in (("grant", "give a registered user access"),
                           ("revoke", "remove a user's access (rotates the keys)")):
@@ -631,10 +668,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = _command(repo_sub, "access", "who has access", cmd_access)
     c.add_argument("name", help="repository name")
     c = _command(repo_sub, "migrate", "give an old repository (password-locked, or signed "
-                 "without members) an owner-signed membership list", cmd_access)
+                 "without members) an owner-signed membership list; with --format 2, move "
+                 "it to storage format 2", cmd_access)
     c.add_argument("name", help="repository name")
     c.add_argument("--old-password-file", metavar="FILE",
                    help="the old repository password (or RADCRYPT_OLD_PASSWORD)")
+    c.add_argument("--format", type=int, choices=(2,), default=None,
+                   help="2: move the repository to storage format 2 (packs, segment log; "
+                        "owner only; after a failure, run it again to finish)")
+    c = _command(repo_sub, "compact", "merge a format-2 repository's small segments and "
+                 "packs (any member)", cmd_compact)
+    c.add_argument("name", help="repository name")
 
     p = _command(sub, "identity", "your identity on this workstation", cmd_identity)
     p.add_argument("action", choices=["create", "show", "export", "passwd"],
@@ -666,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="query image files")
     p.add_argument("-k", type=_k, default=1, help=f"results per query, 1 to {MAX_K} "
                                                   "(default 1)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="show the hits of an answer that left segments of the repository "
+                        "out (format 2), marked INCOMPLETE, instead of failing with exit "
+                        "status 1")
 
     p = _command(sub, "get", "download, verify and decrypt an original", cmd_get)
     p.add_argument("--repo", required=True, help="repository name")

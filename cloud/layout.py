@@ -17,6 +17,9 @@ Layout::
     radcrypt/v1/repos/<repo_id>/tombstones/<image_id>
     radcrypt/v1/repos/<repo_id>/audit/<batch_id>
     radcrypt/v1/repos/<repo_id>/basis/<key_version>   (bound levels of a key version, encrypted)
+    radcrypt/v1/repos/<repo_id>/packs/<pack_id>       (format 2: a batch's meta, previews, features)
+    radcrypt/v1/repos/<repo_id>/log/<SEQ20>           (format 2: one signed segment-log entry)
+    radcrypt/v1/repos/<repo_id>/checkpoints/<SEQ20>   (format 2: owner-signed live set)
     radcrypt/v1/probes/<probe_id>          (scratch objects of cloud.store's capability probe)
 """
 
@@ -38,8 +41,11 @@ IMAGE_KINDS = ("objects", "thumbs", "meta", "tombstones")
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _HEX_ID_RE = re.compile(r"[0-9a-f]{32}")
+_SEQ20_RE = re.compile(r"[0-9]{20}")
 _NAME_RULE = "1 to 63 characters from a-z, 0-9 and '-', not starting with '-'"
 _HEX_RULE = "32 lowercase hexadecimal characters (a 128-bit id from new_id())"
+_SEQ20_RULE = "exactly 20 decimal digits (SEQ20, docs/FORMAT-v2-draft.md 2.1)"
+MAX_SEQUENCE = 2**64 - 1
 
 
 def new_id() -> str:
@@ -79,6 +85,24 @@ def validate_image_id(image_id: object) -> str:
 def validate_segment_id(seg_id: object) -> str:
     """Check a segment id (32 lowercase hex characters) and return it."""
     return _check("seg_id", seg_id, _HEX_ID_RE, _HEX_RULE)
+
+
+def validate_pack_id(pack_id: object) -> str:
+    """Check a pack id (32 lowercase hex characters, random like a segment id) and return it."""
+    return _check("pack_id", pack_id, _HEX_ID_RE, _HEX_RULE)
+
+
+def validate_sequence(sequence: object) -> int:
+    """A log sequence: an int from 0 to 2**64 - 1 (SEQ20 in names, u64 in log entries)."""
+    if (isinstance(sequence, bool) or not isinstance(sequence, int)
+            or not 0 <= sequence <= MAX_SEQUENCE):
+        raise ValueError(f"invalid log sequence {sequence!r}: must be an integer 0..2**64-1")
+    return sequence
+
+
+def seq20(sequence: int) -> str:
+    """SEQ20(n): n as exactly 20 zero-padded decimal digits, so names sort numerically."""
+    return f"{validate_sequence(sequence):020d}"
 
 
 def validate_batch_id(batch_id: object) -> str:
@@ -143,6 +167,21 @@ def validate_key_version(version: object) -> int:
     return version
 
 
+def packs_prefix(repo_id: str) -> str:
+    """Prefix of one repository's packs (format 2)."""
+    return repo_prefix(repo_id) + "packs/"
+
+
+def log_prefix(repo_id: str) -> str:
+    """Prefix of one repository's segment-log entries (format 2); they list in sequence order."""
+    return repo_prefix(repo_id) + "log/"
+
+
+def checkpoints_prefix(repo_id: str) -> str:
+    """Prefix of one repository's owner-signed checkpoints (format 2)."""
+    return repo_prefix(repo_id) + "checkpoints/"
+
+
 def audit_prefix(repo_id: str) -> str:
     """Prefix of one repository's audit batches."""
     return repo_prefix(repo_id) + "audit/"
@@ -201,6 +240,21 @@ def basis_key(repo_id: str, key_version: int) -> str:
     return basis_prefix(repo_id) + str(validate_key_version(key_version))
 
 
+def pack_key(repo_id: str, pack_id: str) -> str:
+    """A pack: one import batch's meta, previews and feature array (format 2)."""
+    return packs_prefix(repo_id) + validate_pack_id(pack_id)
+
+
+def log_entry_key(repo_id: str, sequence: int) -> str:
+    """Log entry ``sequence``: created if absent, never replaced (format 2)."""
+    return log_prefix(repo_id) + seq20(sequence)
+
+
+def checkpoint_key(repo_id: str, sequence: int) -> str:
+    """The owner's checkpoint of the live set after log entry ``sequence`` (format 2)."""
+    return checkpoints_prefix(repo_id) + seq20(sequence)
+
+
 def audit_key(repo_id: str, batch_id: str) -> str:
     """One batch of the search service's audit records for a repository."""
     return audit_prefix(repo_id) + validate_batch_id(batch_id)
@@ -218,10 +272,13 @@ def probe_key(probe_id: str) -> str:
 class ParsedKey:
     """What a key names: its kind plus whichever ids that kind carries."""
 
-    kind: str  # 'user', 'manifest', 'grant', 'segment', 'audit', 'basis', or an IMAGE_KINDS entry
+    # 'user', 'manifest', 'grant', 'segment', 'audit', 'basis', 'pack', 'log', 'checkpoint',
+    # or an IMAGE_KINDS entry
+    kind: str
     repo_id: str | None = None
     user_id: str | None = None
-    item_id: str | None = None  # image id, segment id, audit batch id or key version
+    # image id, segment id, pack id, audit batch id, key version, or SEQ20 log sequence
+    item_id: str | None = None
 
 
 def _foreign(key: object, expected: str) -> ValueError:
@@ -257,6 +314,13 @@ def _parse_repo_item(key: str, repo_id: str, folder: str, name: str) -> ParsedKe
     if folder == "segments":
         seg_id = _as_field(key, "segment", validate_segment_id, name)
         return ParsedKey("segment", repo_id, item_id=seg_id)
+    if folder == "packs":
+        pack_id = _as_field(key, "pack", validate_pack_id, name)
+        return ParsedKey("pack", repo_id, item_id=pack_id)
+    if folder in ("log", "checkpoints"):
+        kind = "log" if folder == "log" else "checkpoint"
+        seq = _as_field(key, kind, lambda v: _check("sequence", v, _SEQ20_RE, _SEQ20_RULE), name)
+        return ParsedKey(kind, repo_id, item_id=seq)
     if folder == "basis":
         if not name.isascii() or not name.isdigit() or name != str(int(name)):
             raise _foreign(key, "basis")
@@ -342,3 +406,21 @@ def parse_basis_key(key: str) -> tuple[str, int]:
     """basis_key(repo_id, key_version) -> (repo_id, key_version)."""
     repo_id, version = _repo_item(key, "basis")
     return repo_id, int(version)
+
+
+def parse_pack_key(key: str) -> tuple[str, str]:
+    """pack_key(repo_id, pack_id) -> (repo_id, pack_id)."""
+    return _repo_item(key, "pack")
+
+
+def parse_log_entry_key(key: str) -> tuple[str, int]:
+    """log_entry_key(repo_id, sequence) -> (repo_id, sequence); a last part that is not
+    exactly 20 digits is foreign (ValueError)."""
+    repo_id, seq = _repo_item(key, "log")
+    return repo_id, int(seq)
+
+
+def parse_checkpoint_key(key: str) -> tuple[str, int]:
+    """checkpoint_key(repo_id, sequence) -> (repo_id, sequence)."""
+    repo_id, seq = _repo_item(key, "checkpoint")
+    return repo_id, int(seq)

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from numpy.typing import NDArray
 
 from cloud.backend import ObjectNotFound, Store
-from cloud.segments import HEADER_SIZE, Segment, SegmentError, read_header, read_segment
+from cloud.segments import HEADER_SIZE_V2, Segment, SegmentError, read_header, read_segment
 
-HEADER_THREADS = 8  # 64-byte range requests: latency, not bandwidth
+HEADER_THREADS = 8  # 192-byte range requests: latency, not bandwidth
 LOAD_THREADS = 8  # small segments: request latency; large ones: AHEAD_BYTES bounds them
 CHUNK_BYTES = 1 << 20  # hashed while in cache, then copied into the download buffer
 AHEAD_BYTES = 128 << 20  # downloading, or downloaded and not yet appended, at most
@@ -35,11 +35,12 @@ Header = tuple[int, int, tuple[int, ...]]  # key version, count, widths
 
 
 def read_headers(store: Store, keys: list[str]) -> list[Header | None]:
-    """(key version, count, widths) of each segment, None where unreadable."""
+    """(key version, count, widths) of each segment (format version 1 or 2), None where
+    unreadable."""
 
     def one(key: str) -> Header | None:
         try:
-            return read_header(store.get_range(key, 0, HEADER_SIZE), key)
+            return read_header(store.get_range(key, 0, HEADER_SIZE_V2), key)
         except (SegmentError, ObjectNotFound):
             return None
 
@@ -119,13 +120,19 @@ class _Buffers:
 _Loaded = tuple[Segment, NDArray[np.uint8]] | SegmentError | None
 
 
-def load_segments(store: Store, keys: list[tuple[str, int]]
-          ) -> Iterator[tuple[str, Segment | SegmentError | None, Callable[[], None]]]:
+def load_segments(store: Store, keys: list[tuple[str, int]],
+                  expected_sha256: Mapping[str, bytes] | None = None
+                  ) -> Iterator[tuple[str, Segment | SegmentError | None, Callable[[], None]]]:
     """Download and validate segments (key, listed size) in parallel, yielded in key
     order (None: vanished) as soon as each is ready, so that appending one overlaps
     downloading the next ones. A segment yielded is a view of a download buffer that is
     reused once its ``release`` is called (from any thread); at most AHEAD_BYTES (or one
-    segment) are downloading or held."""
+    segment) are downloading or held. Format versions 1 and 2 load alike (the service
+    cannot check a version-2 MAC). ``expected_sha256`` (key -> the whole object's
+    SHA-256, from the verified segment log): a segment of a key listed there whose bytes
+    differ is SegmentError "does not match the segment log"; keys not listed there are
+    not compared."""
+    expected = expected_sha256 or {}
     buffers = _Buffers()
     held = [0]  # bytes downloading or downloaded and not released
     released = threading.Condition()
@@ -138,7 +145,8 @@ def load_segments(store: Store, keys: list[tuple[str, int]]
             return taken[-1].data[:size]
 
         try:
-            segment = read_segment(store.iter_chunks(key, CHUNK_BYTES), key, buffer, length)
+            segment = read_segment(store.iter_chunks(key, CHUNK_BYTES), key, buffer, length,
+                                   expected_sha256=expected.get(key))
         except BaseException as exc:
             for unused in taken:
                 buffers.give(unused)

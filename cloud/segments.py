@@ -20,19 +20,38 @@ arrays straight from the bytes without copies; specified in docs/FORMAT.md)::
 The checksum lets the key-less server reject a corrupted segment (disk, transfer,
 truncation); it is not a signature. The reader validates every field before it
 allocates anything, so a hostile or damaged segment cannot make it use unbounded memory.
+
+Format version 2 (storage format 2, docs/FORMAT-v2-draft.md section 4) has the same
+sections behind a 192-byte header and a 64-byte trailer::
+
+    0   magic "RCSG"   4 u16 version (2)   6 u16 flags (0)   8 u32 key version
+    12  u32 count      16 u16 levels       18 u8 dtype (1)   19 u8 reserved (0)
+    20  seg_id (16 raw bytes, equal to the object's name)
+    36  u64 base_sequence (the log head the writer had verified)
+    44  writer W64: u8 length, the user id in ASCII, zero bytes to 64
+    108 u32 widths[levels + 1]      ..  zero padding to 192
+    192 ids, levels, full as in version 1; B = their end
+    B   HMAC-SHA256 under the index MAC key (crypto/segment_mac.py)
+    B+32 SHA-256 of bytes 0..B+31
+
+The reader here (decode_segment, read_segment) checks everything a keyless reader can:
+a MAC is checked only by verify_segment_mac (members). Version 1 stays readable and is
+written unchanged by encode_segment.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
+from crypto.segment_mac import MAC_SIZE, mac_matches, segment_mac
 from crypto.tokens import EncryptedVectors
 
 Buffer = bytes | bytearray | memoryview
@@ -49,6 +68,15 @@ MAX_LEVELS = 8
 MAX_WIDTH = 1 << 16
 MAX_SEGMENT_BYTES = 8 << 30
 _FIXED = struct.Struct("<4sHHIIHBB")
+VERSION_2 = 2
+HEADER_SIZE_V2 = 192  # 20 fixed bytes, seg_id, base_sequence, writer, widths, zero padding
+TRAILER_SIZE_V2 = MAC_SIZE + DIGEST_SIZE
+WRITER_SIZE = 64
+_V2_FIELDS = struct.Struct("<16sQ64s")  # seg_id, base_sequence, writer; at offset 20
+_V2_WIDTHS = _FIXED.size + _V2_FIELDS.size  # 108
+_USER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # F3, as cloud/layout.py
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+MAX_BASE_SEQUENCE = (1 << 64) - 1
 
 
 class SegmentError(ValueError):
@@ -60,13 +88,63 @@ class SegmentError(ValueError):
         self.reason = reason
 
 
+class SegmentAuthError(SegmentError):
+    """A format-2 segment whose MAC does not verify under the index MAC key of its key
+    version (forged, altered with its SHA-256 recomputed, copied from another repository
+    or version), or that cannot be authenticated at all (no MAC key for its version,
+    format version 1). ``reason`` is always "not authenticated"; ``detail`` says why."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        ValueError.__init__(self, f"segment {name}: not authenticated ({detail})")
+        self.name = name
+        self.reason = "not authenticated"
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class SegmentHeader:
+    """The validated header of a segment, version 1 or 2 (the v2-only fields are None
+    for version 1)."""
+
+    format_version: int
+    key_version: int
+    count: int
+    widths: tuple[int, ...]
+    seg_id: str | None = None
+    base_sequence: int | None = None
+    writer: str | None = None
+
+    @property
+    def header_size(self) -> int:
+        return HEADER_SIZE if self.format_version == VERSION else HEADER_SIZE_V2
+
+    @property
+    def size(self) -> int:
+        """The whole object's size in bytes."""
+        return _sized(self.format_version, self.count, self.widths)
+
+    @property
+    def body_end(self) -> int:
+        """B: the end of the last section (version 2: where the MAC starts)."""
+        trailer = DIGEST_SIZE if self.format_version == VERSION else TRAILER_SIZE_V2
+        return self.size - trailer
+
+
 @dataclass(frozen=True)
 class Segment:
-    """Decoded segment: image ids (count, 16 bytes each) and their ciphertexts."""
+    """Decoded segment: image ids (count, 16 bytes each) and their ciphertexts; for
+    version 2 also its id, writer and base sequence (not authenticated by decoding:
+    see verify_segment_mac). ``sha256`` is that of the whole object (what the segment
+    log records)."""
 
     key_version: int
     ids: NDArray[np.void]
     vectors: EncryptedVectors
+    format_version: int = VERSION
+    seg_id: str | None = None
+    writer: str | None = None
+    base_sequence: int | None = None
+    sha256: bytes | None = None
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -85,8 +163,23 @@ def _header(key_version: int, count: int, widths: tuple[int, ...]) -> bytes:
     return head + b"\0" * _pad(len(head))
 
 
-def encode_segment(image_ids: list[str], vectors: EncryptedVectors, key_version: int) -> bytes:
-    """Serialize one batch; ``image_ids`` are 32-hex-character ids, one per vector row."""
+def _header_v2(key_version: int, count: int, widths: tuple[int, ...], seg_id: str,
+               base_sequence: int, writer: str) -> bytes:
+    head = _FIXED.pack(MAGIC, VERSION_2, 0, key_version, count, len(widths) - 1,
+                       DTYPE_FLOAT64, 0)
+    head += _V2_FIELDS.pack(bytes.fromhex(seg_id), base_sequence, _w64(writer))
+    head += struct.pack(f"<{len(widths)}I", *widths)
+    return head + b"\0" * (HEADER_SIZE_V2 - len(head))
+
+
+def _w64(user_id: str) -> bytes:
+    """W64 of draft 2.1: u8 length, the ASCII user id, zero bytes to 64."""
+    raw = user_id.encode("ascii")
+    return bytes([len(raw)]) + raw + b"\0" * (WRITER_SIZE - 1 - len(raw))
+
+
+def _sections(image_ids: list[str], vectors: EncryptedVectors) -> list[bytes]:
+    """The ids and ciphertext sections (the same in both versions), each padded to 64."""
     if len(image_ids) != len(vectors):
         raise ValueError("one image id per encrypted vector is required")
     if len(set(image_ids)) != len(image_ids):
@@ -94,32 +187,79 @@ def encode_segment(image_ids: list[str], vectors: EncryptedVectors, key_version:
     ids = b"".join(bytes.fromhex(i) for i in image_ids)
     if len(ids) != ID_SIZE * len(image_ids):
         raise ValueError("image ids must be 128-bit hex strings")
-    parts = [_header(key_version, len(image_ids), vectors.widths), ids, b"\0" * _pad(len(ids))]
+    parts = [ids, b"\0" * _pad(len(ids))]
     for array in (*vectors.levels, vectors.full):
         raw = np.ascontiguousarray(array, dtype="<f8").tobytes()
         parts += [raw, b"\0" * _pad(len(raw))]
-    body = b"".join(parts)
+    return parts
+
+
+def encode_segment(image_ids: list[str], vectors: EncryptedVectors, key_version: int) -> bytes:
+    """Serialize one batch (format version 1); ``image_ids`` are 32-hex-character ids, one
+    per vector row."""
+    sections = _sections(image_ids, vectors)
+    body = b"".join([_header(key_version, len(image_ids), vectors.widths), *sections])
     return body + hashlib.sha256(body).digest()
 
 
-def expected_size(count: int, widths: tuple[int, ...]) -> int:
-    size = len(_header(0, count, widths))
+def encode_segment_v2(image_ids: list[str], vectors: EncryptedVectors, key_version: int, *,
+                      seg_id: str, writer: str, base_sequence: int, repo_id: str,
+                      mac_key: bytes) -> bytes:
+    """Serialize one batch as format version 2: the v1 sections behind a header that
+    names the segment, its writer and the log head the writer had verified, then the
+    MAC under ``mac_key`` (crypto.segment_mac.index_mac_key of the data key of
+    ``key_version``) and the SHA-256 of everything before it."""
+    if not isinstance(seg_id, str) or not _HEX_ID.fullmatch(seg_id):
+        raise ValueError("seg_id must be 32 lowercase hexadecimal characters")
+    if not isinstance(writer, str) or not _USER_ID.fullmatch(writer):
+        raise ValueError("writer must be a user id: 1 to 63 characters from a-z, 0-9 and '-', "
+                         "not starting with '-'")
+    if not 0 <= base_sequence <= MAX_BASE_SEQUENCE:
+        raise ValueError(f"base_sequence {base_sequence} is not a u64")
+    if not 0 <= key_version < 1 << 32:
+        raise ValueError(f"key_version {key_version} is not a u32")
+    sections = _sections(image_ids, vectors)
+    head = _header_v2(key_version, len(image_ids), vectors.widths, seg_id, base_sequence, writer)
+    body = b"".join([head, *sections])
+    signed = body + segment_mac(mac_key, repo_id, body)
+    return signed + hashlib.sha256(signed).digest()
+
+
+def _sized(version: int, count: int, widths: tuple[int, ...]) -> int:
+    if version == VERSION:
+        size = len(_header(0, count, widths)) + DIGEST_SIZE
+    else:
+        size = HEADER_SIZE_V2 + TRAILER_SIZE_V2
     size += ID_SIZE * count + _pad(ID_SIZE * count)
     for width in widths:
         raw = 8 * count * width
         size += raw + _pad(raw)
-    return size + DIGEST_SIZE
+    return size
 
 
-def read_header(data: bytes, name: str) -> tuple[int, int, tuple[int, ...]]:
-    """(key version, count, widths) from the first bytes; validates every field."""
+def expected_size(count: int, widths: tuple[int, ...], version: int = VERSION) -> int:
+    """The size in bytes of a segment of ``count`` images (format ``version``)."""
+    return _sized(version, count, widths)
+
+
+def parse_header(data: Buffer, name: str) -> SegmentHeader:
+    """Validate the header (version 1: the first 64 bytes suffice; version 2: 192) in the
+    order of docs/FORMAT.md F14 and the v2 draft 4.2; every failure is a SegmentError.
+
+    For version 2, ``seg_id`` must equal the object's name: the last part of ``name``
+    when that is a 32-hex-digit id (an object key); a ``name`` that is not one (a label
+    such as "<segment>") cannot be compared and is not."""
+    data = bytes(data[:HEADER_SIZE_V2])
     if len(data) < _FIXED.size:
         raise SegmentError(name, f"truncated: {len(data)} bytes is shorter than the header")
     magic, version, flags, key_version, count, levels, dtype, reserved = _FIXED.unpack_from(data)
     if magic != MAGIC:
         raise SegmentError(name, "not a Radcrypt index segment (bad magic bytes)")
-    if version != VERSION:
+    if version not in (VERSION, VERSION_2):
         raise SegmentError(name, f"unsupported format version {version}")
+    if version == VERSION_2 and len(data) < HEADER_SIZE_V2:
+        raise SegmentError(name, f"truncated: {len(data)} bytes is shorter than the "
+                                 f"{HEADER_SIZE_V2}-byte header of format version 2")
     if flags != 0 or reserved != 0:
         raise SegmentError(name, "unknown flags set")
     if dtype != DTYPE_FLOAT64:
@@ -128,28 +268,75 @@ def read_header(data: bytes, name: str) -> tuple[int, int, tuple[int, ...]]:
         raise SegmentError(name, f"image count {count} out of range 1..{MAX_COUNT}")
     if levels > MAX_LEVELS:
         raise SegmentError(name, f"{levels} levels is more than {MAX_LEVELS}")
-    end = _FIXED.size + 4 * (levels + 1)
+    at = _FIXED.size if version == VERSION else _V2_WIDTHS
+    end = at + 4 * (levels + 1)
     if len(data) < end:
         raise SegmentError(name, "truncated in the widths field")
-    widths = struct.unpack_from(f"<{levels + 1}I", data, _FIXED.size)
+    widths = tuple(int(w) for w in struct.unpack_from(f"<{levels + 1}I", data, at))
     if any(not 1 <= w <= MAX_WIDTH for w in widths):
         raise SegmentError(name, f"a vector width is out of range 1..{MAX_WIDTH}")
-    return int(key_version), int(count), tuple(int(w) for w in widths)
+    if version == VERSION:
+        return SegmentHeader(VERSION, int(key_version), int(count), widths)
+    raw_id, base_sequence, raw_writer = _V2_FIELDS.unpack_from(data, _FIXED.size)
+    seg_id = raw_id.hex()
+    named = _name_id(name)
+    if named is not None and named != seg_id:
+        raise SegmentError(name, f"seg_id {seg_id} differs from the object's name")
+    writer = _read_w64(name, raw_writer)
+    if any(data[end:HEADER_SIZE_V2]):
+        raise SegmentError(name, "non-zero bytes in the header padding")
+    return SegmentHeader(VERSION_2, int(key_version), int(count), widths, seg_id,
+                         int(base_sequence), writer)
 
 
-def decode_segment(data: bytes, name: str = "<segment>") -> Segment:
-    """Parse and validate a segment; the arrays are views into ``data`` (no copy)."""
-    key_version, count, widths = read_header(data, name)
-    size = _checked_size(name, count, widths)
+def _name_id(name: str) -> str | None:
+    last = name.rsplit("/", 1)[-1]
+    return last if _HEX_ID.fullmatch(last) else None
+
+
+def _read_w64(name: str, raw: bytes) -> str:
+    length = raw[0]
+    if not 1 <= length <= WRITER_SIZE - 1:
+        raise SegmentError(name, f"writer: length {length} out of range 1..{WRITER_SIZE - 1}")
+    if any(raw[1 + length :]):
+        raise SegmentError(name, "writer: non-zero bytes in its padding")
+    text = raw[1 : 1 + length].decode("latin-1")
+    if not _USER_ID.fullmatch(text):
+        raise SegmentError(name, f"writer: {text!r} is not a valid user id")
+    return text
+
+
+def read_header(data: bytes, name: str) -> tuple[int, int, tuple[int, ...]]:
+    """(key version, count, widths) from the first bytes (version 1 or 2); validates every
+    field. A caller that range-reads a header reads HEADER_SIZE_V2 bytes (enough for both
+    versions: any segment is longer)."""
+    header = parse_header(data, name)
+    return header.key_version, header.count, header.widths
+
+
+def ids_range(header: bytes, name: str) -> tuple[int, int]:
+    """(offset, length) of the ids section, from the first HEADER_SIZE_V2 bytes."""
+    parsed = parse_header(header, name)
+    return parsed.header_size, ID_SIZE * parsed.count
+
+
+def decode_segment(data: Buffer, name: str = "<segment>", *,
+                   expected_sha256: bytes | None = None) -> Segment:
+    """Parse and validate a segment of version 1 or 2; the arrays are views into ``data``
+    (no copy). Checks the SHA-256 checksum, NOT the MAC of version 2 (verify_segment_mac).
+    ``expected_sha256``, the whole object's SHA-256 from the segment log, is compared
+    before the checksum: a mismatch is SegmentError "does not match the segment log"."""
+    header = parse_header(data, name)
+    size = _checked_size(name, header)
     if len(data) != size:
         raise _length_error(name, len(data), size)
-    body = memoryview(data)[: size - DIGEST_SIZE]
-    return _decode_checked(data, name, key_version, count, widths,
-                           hashlib.sha256(body).digest())
+    digest = hashlib.sha256(memoryview(data)[: size - DIGEST_SIZE])
+    return _decode_checked(data, name, header, digest, expected_sha256)
 
 
 def read_segment(chunks: Iterable[bytes], name: str,
-                 buffer: Callable[[int], memoryview], length: int | None = None) -> Segment:
+                 buffer: Callable[[int], memoryview], length: int | None = None, *,
+                 expected_sha256: bytes | None = None) -> Segment:
     """Parse and validate a segment arriving as a stream of chunks (a download).
 
     The same checks, in the same order and with the same errors, as ``decode_segment``;
@@ -160,17 +347,19 @@ def read_segment(chunks: Iterable[bytes], name: str,
     it. ``length``, the object's size if known (from a listing), is checked against the
     declared size before anything is allocated; without it, the buffer (of the declared
     size, at most MAX_SEGMENT_BYTES) is asked for before the exact length is known.
+    The whole object's SHA-256 (compared with ``expected_sha256`` when given) extends a
+    copy of the checksum's hash by the last 32 bytes: no second pass.
     """
     stream = iter(chunks)
     try:
         head, got = bytearray(), []
         for chunk in stream:
             got.append(chunk)
-            head += chunk[: HEADER_SIZE - len(head)]
-            if len(head) >= HEADER_SIZE:
+            head += chunk[: HEADER_SIZE_V2 - len(head)]
+            if len(head) >= HEADER_SIZE_V2:
                 break
-        key_version, count, widths = read_header(bytes(head), name)
-        size = _checked_size(name, count, widths)
+        header = parse_header(bytes(head), name)
+        size = _checked_size(name, header)
         if length is not None and length != size:
             raise _length_error(name, length, size)
         out = buffer(size)
@@ -189,11 +378,46 @@ def read_segment(chunks: Iterable[bytes], name: str,
         close = getattr(stream, "close", None)
         if close is not None:
             close()  # a download not read to its end must not keep its connection busy
-    return _decode_checked(out, name, key_version, count, widths, digest.digest())
+    return _decode_checked(out, name, header, digest, expected_sha256)
 
 
-def _checked_size(name: str, count: int, widths: tuple[int, ...]) -> int:
-    size = expected_size(count, widths)
+def verify_segment_mac(data: Buffer, name: str, repo_id: str, mac_key: bytes) -> None:
+    """A member's check that a format-2 segment was written by someone holding the data
+    key of its key version, for this repository: the MAC over bytes 0..B-1 under
+    ``mac_key`` (index_mac_key of that version's data key). The header and the exact
+    length are checked first (SegmentError); the checksum is not (decode_segment does
+    it). A version-1 segment, or a MAC that does not verify: SegmentAuthError."""
+    header = parse_header(data, name)
+    if header.format_version != VERSION_2:
+        raise SegmentAuthError(name, f"format version {header.format_version} carries no MAC")
+    size = _checked_size(name, header)
+    if len(data) != size:
+        raise _length_error(name, len(data), size)
+    view = memoryview(data)
+    mac = bytes(view[header.body_end : header.body_end + MAC_SIZE])
+    if not mac_matches(mac_key, repo_id, view[: header.body_end], mac):
+        raise SegmentAuthError(name, f"the MAC does not verify under the index MAC key of key "
+                                     f"version {header.key_version} of repository {repo_id}")
+
+
+def decode_authenticated(data: Buffer, name: str, repo_id: str,
+                         mac_keys: Mapping[int, bytes], *,
+                         expected_sha256: bytes | None = None) -> Segment:
+    """What a member reads: decode_segment, then the MAC under the index MAC key of the
+    segment's key version taken from ``mac_keys`` (key version -> index MAC key; a
+    version missing there is SegmentAuthError, as is a version-1 segment)."""
+    segment = decode_segment(data, name, expected_sha256=expected_sha256)
+    if segment.format_version != VERSION_2:
+        raise SegmentAuthError(name, f"format version {segment.format_version} carries no MAC")
+    mac_key = mac_keys.get(segment.key_version)
+    if mac_key is None:
+        raise SegmentAuthError(name, f"key version {segment.key_version} is not in the key ring")
+    verify_segment_mac(data, name, repo_id, mac_key)
+    return segment
+
+
+def _checked_size(name: str, header: SegmentHeader) -> int:
+    size = header.size
     if size > MAX_SEGMENT_BYTES:
         raise SegmentError(name, f"declared size {size} bytes exceeds the limit")
     return size
@@ -206,13 +430,20 @@ def _length_error(name: str, length: int, size: int, exact: bool = True) -> Segm
     return SegmentError(name, f"has trailing bytes: {at_least}{length} bytes, expected {size}")
 
 
-def _decode_checked(data: Buffer, name: str, key_version: int, count: int,
-                    widths: tuple[int, ...], digest: bytes) -> Segment:
-    """The checks after the length: checksum (``digest`` is that of the body), ids, numbers."""
-    size = expected_size(count, widths)
-    if digest != bytes(data[size - DIGEST_SIZE : size]):
+def _decode_checked(data: Buffer, name: str, header: SegmentHeader, digest: hashlib._Hash,
+                    expected_sha256: bytes | None) -> Segment:
+    """The checks after the length: the log's hash, checksum (``digest`` is the hash of
+    the bytes before it), ids, numbers."""
+    size, count, widths = header.size, header.count, header.widths
+    stored = bytes(data[size - DIGEST_SIZE : size])
+    whole = digest.copy()
+    whole.update(stored)
+    sha256 = whole.digest()
+    if expected_sha256 is not None and sha256 != bytes(expected_sha256):
+        raise SegmentError(name, "does not match the segment log")
+    if digest.digest() != stored:
         raise SegmentError(name, "checksum mismatch: the segment is corrupted")
-    offset = HEADER_SIZE
+    offset = header.header_size
     ids = np.frombuffer(data, dtype="V16", count=count, offset=offset)
     if _has_duplicates(ids):
         raise SegmentError(name, "duplicate image ids")
@@ -225,7 +456,9 @@ def _decode_checked(data: Buffer, name: str, key_version: int, count: int,
         arrays.append(array.reshape(count, width))
         offset += 8 * count * width + _pad(8 * count * width)
     vectors = EncryptedVectors(full=arrays[-1], levels=tuple(arrays[:-1]))
-    return Segment(key_version=key_version, ids=ids, vectors=vectors)
+    return Segment(key_version=header.key_version, ids=ids, vectors=vectors,
+                   format_version=header.format_version, seg_id=header.seg_id,
+                   writer=header.writer, base_sequence=header.base_sequence, sha256=sha256)
 
 
 def _has_duplicates(ids: NDArray[np.void]) -> bool:

@@ -8,9 +8,17 @@ image, a feature, a distance or a name.
     radcrypt serve ...          (the same options, the same function: run_service)
 
 Authentication (cloud/auth.py) runs in the Gate middleware, before any body is parsed:
-every /v1/repos/ request must be signed by a member of the repository's current signed
-manifest, for this deployment's service id (GET /v1/info). Without an owner key the
-service refuses to start, unless --insecure-no-auth is given and it listens on loopback.
+every /v1/repos/ and /v2/repos/ request must be signed by a member of the repository's
+current signed manifest, for this deployment's service id (GET /v1/info). Without an owner
+key the service refuses to start, unless --insecure-no-auth is given and it listens on
+loopback.
+
+Two wire protocols are served (GET /v1/info lists them): protocol 1, JSON under /v1/, and
+protocol 2 (docs/FORMAT-v2-draft.md 8, cloud/wire.py), binary under /v2/ with the header
+x-radcrypt-protocol: 2, whose answers name the repository's verified log head and the
+digest of the segments searched, so that a client can tell a complete answer from one
+that left segments out. The owner keys that authenticate requests also verify the
+segment logs of format-2 repositories (cloud/repo_index.py).
 
 The store is configured from the environment (RADCRYPT_S3_ENDPOINT, RADCRYPT_S3_BUCKET,
 RADCRYPT_S3_REGION, and the usual AWS credential variables or RADCRYPT_S3_ACCESS_KEY /
@@ -33,17 +41,25 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
-from cloud import codes, layout
+from cloud import codes, layout, wire
 from cloud.audit import AuditLog
 from cloud.auth import RateLimiter, SignatureVerifier
 from cloud.backend import DirectoryConfig, Store, StoreError
@@ -66,7 +82,9 @@ from crypto.tokens import QueryToken
 log = logging.getLogger("radcrypt.service")
 
 REPOS_PREFIX = "/v1/repos/"
-PROTOCOL = 1
+REPOS_PREFIX_V2 = "/v2/repos/"
+PROTOCOL = 1  # the protocol of the /v1/ paths
+HEAD_RETRY_SECONDS = 1.0  # see ServiceState._wants_head
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -94,11 +112,36 @@ class AllowAnyone:
 
 
 def _repo_of(path: str) -> tuple[bool, str | None]:
-    """(is a repository request, the raw repository segment of /v1/repos/<repo>/<action>)."""
-    if not path.startswith(REPOS_PREFIX):
-        return False, None
-    parts = path[len(REPOS_PREFIX):].split("/")
-    return True, (parts[0] if len(parts) == 2 and parts[0] else None)
+    """(is a repository request, the raw repository segment of /v1/repos/<repo>/<action>
+    or /v2/repos/<repo>/<action>)."""
+    for prefix in (REPOS_PREFIX, REPOS_PREFIX_V2):
+        if path.startswith(prefix):
+            parts = path[len(prefix):].split("/")
+            return True, (parts[0] if len(parts) == 2 and parts[0] else None)
+    return False, None
+
+
+def _protocol_refusal(path: str, header: str | None, body: bytes) -> str | None:
+    """Why a request's protocol is not served (the 400's detail), or None. Protocol 1 is
+    any /v1/ request without the header (or with "1"); protocol 2 needs the header "2" on
+    a /v2/ path, and a search body whose magic and version say 2 (draft 8.1)."""
+    if header is not None and header not in ("1", "2"):
+        shown = header if header.isascii() and header.isdigit() and len(header) <= 9 \
+            else repr(header[:20])
+        return f"unsupported protocol version {shown}"
+    v2_path = path.startswith("/v2/")
+    if v2_path and header != "2":
+        return ("protocol 2 requests need the header x-radcrypt-protocol: 2"
+                if header is None else "unsupported protocol version 1 on a /v2/ path")
+    if path.startswith(REPOS_PREFIX) and header == "2":
+        return "unsupported protocol version 2 on a /v1/ path"
+    if v2_path and path.endswith("/search"):
+        claimed = wire.body_protocol(body)
+        if claimed is None:
+            return "search body is not a protocol 2 request (bad magic bytes)"
+        if claimed != wire.PROTOCOL:
+            return f"unsupported protocol version {claimed} (header says 2)"
+    return None
 
 
 class Gate:
@@ -107,11 +150,15 @@ class Gate:
     1. a token bucket per client address (429), before any authentication;
     2. the body size limit (413), read here so that an oversized chunked body is refused
        before any parser sees it;
-    3. for every /v1/repos/... request, authentication and authorisation by the verifier
-       on the raw body (a bare 401/403: nothing about the body is parsed or reported to
-       someone not authenticated);
-    4. the body must be UTF-8 (400), then it is replayed to the application, whose body
-       models run only now.
+    3. the protocol version (400 naming the supported ones, draft 8.1): the
+       x-radcrypt-protocol header against the path, and a protocol-2 search body's magic
+       and version against the header (six public bytes, nothing else of the body);
+    4. for every /v1/repos/... and /v2/repos/... request, authentication and authorisation
+       by the verifier on the raw body (a bare 401/403: nothing about the body is parsed
+       or reported to someone not authenticated);
+    5. a JSON body must be UTF-8 (400), then it is replayed to the application, whose
+       body models run only now (the binary search body of protocol 2 is decoded by its
+       route, cloud/wire.py).
     """
 
     def __init__(self, app: ASGIApp, limit: int, verifier: RequestVerifier,
@@ -152,19 +199,28 @@ class Gate:
                 break
         body = b"".join(parts)
         path: str = scope.get("path", "")
+        headers = Headers(scope=scope)
+        refusal = _protocol_refusal(path, headers.get(wire.PROTOCOL_HEADER), body)
+        if refusal is not None:
+            await _json_error(send, 400, {"detail": refusal, "supported": list(wire.SUPPORTED)})
+            return
         guarded, repo = _repo_of(path)
         if guarded:
-            headers = Headers(scope=scope)
+            method = scope.get("method", "")
+            offline = getattr(self.verifier, "verify_offline", None)
             try:
-                user = await run_in_threadpool(self.verifier.verify, scope.get("method", ""),
-                                               path, headers, body, repo)
+                user = offline(method, path, headers, body, repo) if offline else None
+                if user is None:  # the store must be read: not on the event loop
+                    user = await run_in_threadpool(self.verifier.verify, method, path,
+                                                   headers, body, repo)
             except HTTPException as exc:
                 extra = list((exc.headers or {}).items())
                 await _plain_error(send, exc.status_code, str(exc.detail), extra)
                 return
             scope.setdefault("state", {})["radcrypt_user"] = user
         try:
-            body.decode("utf-8")
+            if not path.startswith("/v2/") or not path.endswith("/search"):
+                body.decode("utf-8")
         except UnicodeDecodeError:  # FastAPI would fail on it with a 500 while parsing JSON
             await _plain_error(send, 400, "request body is not UTF-8 JSON")
             return
@@ -182,7 +238,12 @@ class Gate:
 
 async def _plain_error(send: Send, status: int, text: str,
                        headers: list[tuple[str, str]] | None = None) -> None:
-    body = json.dumps({"detail": text}).encode()
+    await _json_error(send, status, {"detail": text}, headers)
+
+
+async def _json_error(send: Send, status: int, content: dict[str, Any],
+                      headers: list[tuple[str, str]] | None = None) -> None:
+    body = json.dumps(content).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
@@ -222,32 +283,71 @@ class RefreshResponse(BaseModel):
 
 
 class ServiceState:
-    """The repositories this process serves, each loaded on first use."""
+    """The repositories this process serves, each loaded on first use.
+
+    ``owner_keys`` (the deployment's trusted owner keys) let each repository verify its
+    segment log (format 2); without them every repository is served as format 1."""
 
     def __init__(self, store: Store, refresh_interval: float = REFRESH_INTERVAL,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, owner_keys: Sequence[bytes] = ()) -> None:
         self.store = store
         self.refresh_interval = refresh_interval
         self.cache_dir = cache_dir
+        self.owner_keys = tuple(owner_keys)
         self._repos: dict[str, RepoIndex] = {}
+        self._unreached: dict[str, float] = {}  # repo -> when a min_head re-read fell short
         self._lock = threading.Lock()
 
     def repo(self, repo_id: str) -> RepoIndex:
         with self._lock:
             if repo_id not in self._repos:
-                self._repos[repo_id] = RepoIndex(self.store, repo_id, self.cache_dir)
+                self._repos[repo_id] = RepoIndex(self.store, repo_id, self.cache_dir,
+                                                 owner_keys=self.owner_keys)
             return self._repos[repo_id]
 
-    def current(self, repo_id: str, key_version: int | None = None) -> Snapshot:
+    def current(self, repo_id: str, key_version: int | None = None,
+                min_head: int = 0) -> Snapshot:
         """The repository's snapshot, re-listed when older than the refresh interval, or
         (at most once a second) when a client asks for a key version it has not seen:
-        a key rotation must not leave searches empty until the next interval."""
+        a key rotation must not leave searches empty until the next interval; and at
+        once when a client has verified a log head beyond the snapshot's (draft 6.2)."""
         index = self.repo(repo_id)
-        age = time.time() - index.snapshot.loaded_at
-        unseen = key_version is not None and key_version not in index.snapshot.versions
-        if age > self.refresh_interval or (unseen and age > 1.0):
+        if self._wants_head(repo_id, min_head):
+            snap = index.refresh(min_head=min_head)
+            if snap.head < min_head:  # the log does not (yet) reach it for this service
+                with self._lock:
+                    self._unreached[repo_id] = time.monotonic()
+            return snap
+        if self.stale(repo_id, key_version):
             return index.refresh()
         return index.snapshot
+
+    def _wants_head(self, repo_id: str, min_head: int) -> bool:
+        """A client verified a head beyond the snapshot's: re-read the log, unless a
+        re-read for this repository fell short less than HEAD_RETRY_SECONDS ago (a head
+        claimed but not readable must not make every request re-list the log)."""
+        if min_head <= self.repo(repo_id).snapshot.head:
+            return False
+        with self._lock:
+            tried = self._unreached.get(repo_id)
+        return tried is None or time.monotonic() - tried > HEAD_RETRY_SECONDS
+
+    def fresh(self, repo_id: str, key_version: int | None = None,
+              min_head: int = 0) -> Snapshot | None:
+        """The snapshot ``current`` would return when it needs no refresh (no store
+        read, so the event loop may call it), else None."""
+        with self._lock:
+            index = self._repos.get(repo_id)
+        if index is None or self._wants_head(repo_id, min_head) or self.stale(repo_id,
+                                                                              key_version):
+            return None
+        return index.snapshot
+
+    def stale(self, repo_id: str, key_version: int | None) -> bool:
+        snap = self.repo(repo_id).snapshot
+        age = time.time() - snap.loaded_at
+        unseen = key_version is not None and key_version not in snap.versions
+        return age > self.refresh_interval or (unseen and age > 1.0)
 
 
 def _store_down(exc: StoreError) -> HTTPException:
@@ -271,6 +371,7 @@ def create_app(
     service_id: str = "",
     docs: bool = False,
     address_limiter: RateLimiter | None = None,
+    owner_keys: Sequence[bytes] | None = None,
 ) -> FastAPI:
     """The ASGI application; ``verifier`` authenticates every repository request (there
     is no default: a service that answers anyone must say so, with AllowAnyone)."""
@@ -289,7 +390,9 @@ def create_app(
                   description="Encrypted exact nearest-neighbour search. Holds no key.",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
-    state = ServiceState(store, refresh_interval, cache_dir)
+    if owner_keys is None:  # the keys the verifier trusts are those the log is checked with
+        owner_keys = list(getattr(verifier, "owner_keys", ()))
+    state = ServiceState(store, refresh_interval, cache_dir, owner_keys)
     app.state.radcrypt = state
     app.state.audit = trail
     app.state.service_id = service_id
@@ -308,7 +411,8 @@ def create_app(
     @app.get("/v1/info")
     def info() -> dict[str, Any]:
         """Unauthenticated: the audience a client must name in its signed requests."""
-        return {"service_id": service_id, "protocol": PROTOCOL}
+        return {"service_id": service_id, "protocol": PROTOCOL,
+                "protocols": list(wire.SUPPORTED)}
 
     @app.post("/v1/repos/{repo}/refresh", response_model=RefreshResponse)
     async def refresh(repo: str, who: str = Depends(principal)) -> RefreshResponse:
@@ -362,6 +466,69 @@ def create_app(
         trail.record(who, repo_id, "search", sum(len(a.hits) for a in answers), elapsed)
         log.info("search repo=%s user=%s queries=%d k=%d", repo_id, who, len(token), body.k)
         return SearchResponse(results=answers, images=snap.images, segments=snap.segments)
+
+    @app.post("/v2/repos/{repo}/refresh")
+    async def refresh_v2(repo: str, who: str = Depends(principal)) -> dict[str, Any]:
+        try:
+            snap = await run_in_threadpool(state.repo(_repo_id(repo)).refresh)
+        except StoreError as exc:
+            raise _store_down(exc) from None
+        return {"head": snap.head, "head_hash": snap.head_hash.hex(), "images": snap.images,
+                "segments": snap.segments, "key_versions": sorted(snap.versions),
+                "rejected": snap.rejected}
+
+    @app.post("/v2/repos/{repo}/search", response_class=Response,
+              responses={200: {"content": {wire.ANSWER_MEDIA_TYPE: {}}}})
+    async def search_v2(repo: str, request: Request,
+                        who: str = Depends(principal)) -> Response:
+        """Protocol 2 (docs/FORMAT-v2-draft.md 8.2, 8.3): binary request and answer, the
+        answer naming the log head and the digest of the segments searched."""
+        repo_id = _repo_id(repo)
+        try:
+            req = wire.decode_request(await request.body())
+        except wire.WireError as exc:
+            content: dict[str, Any] = {"detail": exc.detail}
+            if exc.status == 400:
+                content["supported"] = list(wire.SUPPORTED)
+            return JSONResponse(content, status_code=exc.status)
+        snap = state.fresh(repo_id, req.key_version, req.min_head)
+        if snap is None:
+            try:
+                snap = await run_in_threadpool(state.current, repo_id, req.key_version,
+                                               req.min_head)
+            except StoreError as exc:
+                raise _store_down(exc) from None
+        version = snap.versions.get(req.key_version)
+        queries = len(req.token)
+        if version is not None and req.token.widths != version.index.widths:
+            raise HTTPException(status_code=422,
+                                detail="token does not match this repository's key version")
+
+        def run() -> tuple[list[list[tuple[str, float]]], list[dict[str, object]], float]:
+            """The hits, the statistics, the engine's seconds (timed in the worker thread:
+            engine_us excludes the wait for a thread)."""
+            started = time.perf_counter()
+            if version is None:
+                return [[] for _ in range(queries)], wire.empty_stats(queries), 0.0
+            results = search_batch(version.index, req.token, req.k)
+            hits = [wire.hits_of(version.image_ids, r.positions, r.scores) for r in results]
+            return hits, [r.stats.as_dict() for r in results], time.perf_counter() - started
+
+        hits, stats, elapsed = await run_in_threadpool(run)
+        seg_ids = snap.segment_ids.get(req.key_version, [])
+        digest = snap.set_digests.get(req.key_version) or wire.segment_set_digest(
+            repo_id, req.key_version, seg_ids)
+        answer = wire.SearchAnswerV2(
+            key_version=req.key_version, k=req.k, segments=len(seg_ids),
+            images=len(version.image_ids) if version is not None else 0,
+            head_sequence=snap.head, head_hash=snap.head_hash, set_digest=digest,
+            engine_us=round(elapsed * 1e6), hits=hits,
+            stats=stats if req.flags & wire.FLAG_STATS else None,
+            segment_ids=list(seg_ids) if req.flags & wire.FLAG_LIST_SEGMENTS else None)
+        trail.record(who, repo_id, "search", sum(len(h) for h in hits), elapsed * 1000)
+        log.info("search v2 repo=%s user=%s queries=%d k=%d head=%d", repo_id, who,
+                 queries, req.k, snap.head)
+        return Response(wire.encode_answer(answer), media_type=wire.ANSWER_MEDIA_TYPE)
 
     app.add_middleware(Gate, limit=MAX_BODY_BYTES, verifier=verifier,
                        address_limiter=address_limiter)

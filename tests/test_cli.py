@@ -166,7 +166,9 @@ def test_search_json_shape(cli: Cli, tmp_path: Path) -> None:
     answer = json.loads(done.stdout)
     assert set(answer) == {"schema", "queries"} and len(answer["queries"]) == 2
     for item, path in zip(answer["queries"], [target, query], strict=True):
-        assert set(item) == {"query", "results", "stats"}
+        assert set(item) == {"query", "results", "stats", "complete", "segments_expected",
+                             "segments_searched", "segments_missing"}
+        assert item["complete"] is None  # format 1: completeness not verifiable
         assert item["query"] == str(path)
         assert isinstance(item["stats"], dict) and item["stats"]["vectors"] == IMAGES
         assert len(item["results"]) == 3

@@ -29,6 +29,11 @@ Revocation (DESIGN.md §7) writes, in this order, each step safe to repeat:
 7. the old segments deleted (images only they name, written meanwhile by a client that
    did not know yet, are re-encrypted first).
 
+Storage format 2 (docs/FORMAT-v2-draft.md): a new repository created with
+``storage_format=2`` gets its manifest (format ``radcrypt-manifest-v2``) and then the genesis
+entry of its segment log, signed by the owner. Revocation of a format-2 repository (draft
+7.3: a membership entry, checkpoint, re-sealed packs) is not implemented yet and is refused.
+
 Running ``revoke_access`` again after a failure at any step finishes the work. A pending
 rotation found for a user no longer listed is this revocation's: steps 3 to 7 are
 completed. One found while the user is still listed may have reached that user (it can
@@ -42,8 +47,6 @@ import base64
 import hmac
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,21 +56,24 @@ import numpy as np
 from app.core import basis, objects
 from app.core.errors import AccessDenied, IntegrityError, RadcryptError, RepositoryExists
 from app.core.identity import RequestSigner
+from app.core.logstate import remember_head, write_private
 from app.core.progress import ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import (
     PASSWORD_OWNER,
     Manifest,
     Member,
     Repository,
+    is_format2,
     new_repository,
     open_repository,
     read_manifest,
     read_signed_manifest,
+    storage_format_name,
     with_members,
 )
 from app.core.session import Session
 from app.core.settings import Settings
-from cloud import layout
+from cloud import layout, seglog
 from cloud.backend import ObjectExists, ObjectNotFound, Store
 from cloud.segments import (
     DIGEST_SIZE,
@@ -133,22 +139,6 @@ def _sequences_path(settings: Settings) -> Path:
     return settings.data_path / SEQUENCES_FILE
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically by a file only this user can read (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def pinned_owner_keys(settings: Settings) -> dict[str, bytes]:
     path = _pins_path(settings)
     if not path.exists():
@@ -170,7 +160,7 @@ def _pin(settings: Settings, repo_id: str, owner_key: bytes) -> None:
     if known is None:
         pins[repo_id] = owner_key
         encoded = {r: base64.b64encode(k).decode() for r, k in sorted(pins.items())}
-        _write_private(_pins_path(settings), json.dumps(encoded, indent=2).encode())
+        write_private(_pins_path(settings), json.dumps(encoded, indent=2).encode())
 
 
 def seen_sequences(settings: Settings) -> dict[str, int]:
@@ -201,7 +191,7 @@ def _remember(settings: Settings, manifest: Manifest) -> None:
             f"{_sequences_path(settings)})")
     if manifest.sequence > known:
         seen[manifest.repo_id] = manifest.sequence
-        _write_private(_sequences_path(settings),
+        write_private(_sequences_path(settings),
                        json.dumps(dict(sorted(seen.items())), indent=2).encode())
 
 
@@ -312,13 +302,15 @@ def _check_upgraded(manifest: Manifest) -> None:
 def create_repository_as(session: Session, owner: Identity, name: str,
                          extractor: str = "radcrypt-v1",
                          basis_sample: np.ndarray | None = None, *,
-                         bound_levels: str = "auto") -> Repository:
+                         bound_levels: str = "auto", storage_format: int = 1) -> Repository:
     """A new repository owned by ``owner``: signed manifest (sequence 1, the owner its only
-    member), owner registered and granted."""
+    member), owner registered and granted. ``storage_format`` 2: packs and a segment log,
+    whose genesis entry the owner writes right after the manifest."""
     store = session.store
+    format_name = storage_format_name(storage_format)
     repo = new_repository(store, name, extractor, basis_sample, bound_levels=bound_levels)
     repo_id, ring = repo.repo_id, repo.ring
-    manifest = replace(repo.manifest, sequence=1, owner=owner.user_id,
+    manifest = replace(repo.manifest, sequence=1, owner=owner.user_id, format=format_name,
                        members=(Member(owner.user_id, ring.current.version),))
     register_user(session, owner, owner.card().to_json())
     _write_grant(store, owner, ring, owner.card())
@@ -328,6 +320,10 @@ def create_repository_as(session: Session, owner: Identity, name: str,
         raise RepositoryExists(f"a repository named {repo_id!r} already exists") from None
     _pin(session.settings, repo_id, owner.sign_public)
     _remember(session.settings, manifest)
+    if is_format2(manifest):
+        state = seglog.write_genesis(store, repo_id, owner, owner.user_id, manifest.sequence,
+                                     manifest.key_version)
+        remember_head(session.settings, repo_id, state.head)
     return Repository(manifest, ring, owner.sign_public)
 
 
@@ -417,6 +413,11 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
     manifest, owner_key = _signed_manifest(session, repo.repo_id)
     _check_owner(owner, owner_key, repo.repo_id)
     _check_upgraded(manifest)
+    if is_format2(manifest):
+        raise RadcryptError(
+            f"repository {manifest.repo_id!r} is in storage format 2, whose revocation "
+            "(new key version, membership log entry, re-sealed packs) is not implemented yet: "
+            "nothing was changed, and the user still has access")
     if user_id == owner.user_id:
         raise RadcryptError("the owner cannot revoke their own access")
     try:

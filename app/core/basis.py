@@ -21,6 +21,10 @@ manifest's, is an IntegrityError. When the object is missing but segments of tha
 exist (the cloud deleted it), no new basis is written: an IntegrityError says so, because a
 new basis would mean new level keys that the stored segments do not match.
 
+Format 2. "Segments of that version exist" means: the verified segment log has live
+segments of that version (a segment object not in the log proves nothing, and the log
+does not depend on listing the bucket).
+
 A repository created with ``--bound-levels off`` has no levels at all (manifest levels []):
 its searches scan the codes of every full vector and a known-plaintext attacker needs
 d + 1 known pairs, as for the full vectors.
@@ -29,12 +33,14 @@ d + 1 known pairs, as for the full vectors.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import numpy as np
 
 from app.core.errors import IntegrityError
-from app.core.repository import Manifest, Repository, initial_index_key
-from cloud import layout
+from app.core.repository import Manifest, Repository, initial_index_key, is_format2
+from cloud import layout, seglog
 from cloud.backend import ObjectExists, ObjectNotFound, Store
 from cloud.segments import HEADER_SIZE, read_header
 from crypto import aead
@@ -104,15 +110,19 @@ def load_version(store: Store, repo_id: str, levels: list[int], dim: int,
 
 
 def ensure_version(store: Store, repo_id: str, levels: list[int], dim: int,
-                   keys: VersionKeys, features: np.ndarray) -> VersionKeys:
+                   keys: VersionKeys, features: np.ndarray, *,
+                   has_segments: Callable[[int], bool] | None = None) -> VersionKeys:
     """The keys of one version with its basis; the version's first batch (``features``:
     its plaintext features) fits and stores it. Whatever writes a segment of a version
-    (an import batch, a re-encryption after a rotation) encrypts with these keys."""
+    (an import batch, a re-encryption after a rotation) encrypts with these keys.
+    ``has_segments(version)``: whether segments of a version exist (default: a readable
+    segment object of that version in the bucket, format 1)."""
     loaded = load_version(store, repo_id, levels, dim, keys)
     if not _pending(levels, loaded):
         return loaded
     version = keys.version
-    if _has_segments(store, repo_id, version):
+    exists = has_segments or (lambda v: _has_segments(store, repo_id, v))
+    if exists(version):
         raise IntegrityError(
             f"repository {repo_id!r} has index segments of key version {version} but "
             f"its bound basis ({layout.basis_key(repo_id, version)}) is missing: it was "
@@ -147,12 +157,28 @@ def load(store: Store, repo: Repository) -> Repository:
                                                repo.keys))
 
 
-def ensure(store: Store, repo: Repository, features: np.ndarray) -> Repository:
+def ensure(store: Store, repo: Repository, features: np.ndarray,
+           log: seglog.LogState | None = None) -> Repository:
     """The repository with a basis for its current key version; the first batch of that
-    version (``features``: its plaintext features) fits and stores it."""
+    version (``features``: its plaintext features) fits and stores it. ``log``: the
+    verified segment log of a format-2 repository (verified here when not given)."""
     m = repo.manifest
+    has_segments = None
+    if is_format2(m):
+        state = log
+        if state is None:
+            from app.core.logstate import verified_log  # it builds on this module's peers
+
+            state = verified_log(store, None, repo)
+        has_segments = functools.partial(_has_live_segments, state)
     return _replace_current(repo, ensure_version(store, repo.repo_id, m.levels, m.dim,
-                                                 repo.keys, features))
+                                                 repo.keys, features,
+                                                 has_segments=has_segments))
+
+
+def _has_live_segments(state: seglog.LogState, version: int) -> bool:
+    """Format 2: whether the log has live segments of ``version``."""
+    return bool(state.segments(version))
 
 
 def _has_segments(store: Store, repo_id: str, version: int) -> bool:

@@ -52,8 +52,10 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     import numpy as np
 
     from app.core.access import AccessList, UserRecord
+    from app.core.compaction import CompactionReport
     from app.core.demo import DemoReport
     from app.core.importer import ImportReport
+    from app.core.migration import MigrationReport
     from app.core.repository import Manifest, Repository
     from app.core.searcher import Hit, QueryResult
     from app.core.session import Session
@@ -476,13 +478,18 @@ class Client:
         return list_repositories(self.session.store)
 
     def create_repository(self, name: str, extractor: str = DEFAULT_EXTRACTOR,
-                          bound_levels: str = "auto") -> Repository:
+                          bound_levels: str = "auto", storage_format: int = 1
+                          ) -> Repository:
         """A new repository owned by this identity (new keys); RepositoryExists if taken.
-        ``bound_levels``: "auto" or "off" (see SECURITY.md)."""
+        ``bound_levels``: "auto" or "off" (see SECURITY.md). ``storage_format``: 1 (the
+        default) or 2 (packs, authenticated segments and the segment log, whose search
+        answers are checked for completeness: docs/FORMAT-v2-draft.md)."""
         from app.core.access import create_repository_as
 
+        if storage_format not in (1, 2):
+            raise RadcryptError(f"storage format must be 1 or 2, not {storage_format!r}")
         repo = create_repository_as(self.session, self.identity, name, extractor,
-                                    bound_levels=bound_levels)
+                                    bound_levels=bound_levels, storage_format=storage_format)
         return self.remember(repo)
 
     def open_repository(self, name: str) -> Repository:
@@ -516,6 +523,35 @@ class Client:
         return self.remember(migrate_password_repository(self.session, self.identity, name,
                                                          old_password or None))
 
+    def migrate_to_format2(self, name: str, progress: ProgressCallback = no_progress
+                           ) -> MigrationReport:
+        """Move a format-1 repository this identity owns to storage format 2 (packs and
+        segment log, docs/FORMAT-v2-draft.md 9); resumable: after a failure, running it
+        again finishes it. Progress: "migrate" events (groups), then "cleanup"."""
+        from app.core.migration import migrate_to_format2
+
+        repo = self.open_repository(name)
+        report = migrate_to_format2(self.session.store, self.settings, self.identity, repo,
+                                    progress)
+        if report.repo is not None:
+            self.remember(report.repo)
+        self._tell_service(repo.repo_id)
+        return report
+
+    def compact_repository(self, repo: Repository, progress: ProgressCallback = no_progress,
+                           cancel: CancelToken | None = None) -> CompactionReport:
+        """Merge the small segments and packs of a format-2 repository (any member); the
+        objects they replace are deleted once their log entry is 15 minutes old, by this
+        run or a later one. Cancelling keeps the groups already committed. Progress: one
+        "compact" event per group, then "delete"."""
+        from app.core.compaction import compact
+
+        report = compact(self.session.store, self.settings, repo, self.identity,
+                         progress=progress, cancel=cancel)
+        if report.entries:
+            self._tell_service(repo.repo_id)
+        return report
+
     # --- import ---------------------------------------------------------------------------
 
     def import_files(self, repo: Repository, paths: Iterable[str | Path],
@@ -529,7 +565,8 @@ class Client:
 
         report = Importer(self.session.store, repo, workers=self.settings.workers,
                           batch_size=batch_size or DEFAULT_BATCH, progress=progress,
-                          cancel=cancel).run(list(paths))
+                          cancel=cancel, writer=self.identity,
+                          settings=self.settings).run(list(paths))
         if report.imported:
             self._tell_service(repo.repo_id)
         return report
@@ -564,10 +601,13 @@ class Client:
 
     def search_files(self, repo: Repository, paths: list[str | Path], k: int = 1,
                      progress: ProgressCallback = no_progress,
-                     cancel: CancelToken | None = None) -> list[QueryResult]:
+                     cancel: CancelToken | None = None, *, allow_incomplete: bool = False
+                     ) -> list[QueryResult]:
         """Nearest archived images of each query file (features here, the match on the
         service, names and true distances decrypted here). Progress: one "features" event
-        per file, then "search"."""
+        per file, then "search". Format 2: IncompleteAnswer when the service left live
+        segments out, unless ``allow_incomplete`` (then the results are marked:
+        ``QueryResult.complete`` False)."""
         self.service()  # the service starts now, trusting the owners pinned so far
         start = time.perf_counter()
         features = self.features(paths, repo.manifest.extractor, progress, cancel)
@@ -575,18 +615,21 @@ class Client:
         if cancel is not None:
             cancel.check()
         progress(ProgressEvent("search", 0, 1, message="searching"))
-        results = self.search_features(repo, features, [str(p) for p in paths], k)
+        results = self.search_features(repo, features, [str(p) for p in paths], k,
+                                       allow_incomplete=allow_incomplete)
         progress(ProgressEvent("search", 1, 1, message="searched"))
         for result in results:
             result.timings_ms["features"] = features_ms
         return results
 
     def search_features(self, repo: Repository, features: np.ndarray, labels: list[str],
-                        k: int = 1) -> list[QueryResult]:
-        """Nearest archived images of each feature vector (rows); k between 1 and MAX_K."""
+                        k: int = 1, *, allow_incomplete: bool = False) -> list[QueryResult]:
+        """Nearest archived images of each feature vector (rows); k between 1 and MAX_K;
+        ``allow_incomplete`` as in ``search_files``."""
         from app.core.searcher import search_features
 
-        return search_features(self.session, repo, features, labels, k=k)
+        return search_features(self.session, repo, features, labels, k=k,
+                               allow_incomplete=allow_incomplete)
 
     def hit_meta(self, hit: Hit) -> ImageMeta:
         """The decrypted metadata a search hit carries, typed."""
@@ -597,28 +640,46 @@ class Client:
         if not hits:
             return {}
 
+        reader = self._reader(repo)
+
         def one(hit: Hit) -> tuple[str, bytes]:
-            return hit.image_id, self.thumbnail_png(repo, hit.image_id, hit.key_version)
+            return hit.image_id, reader.thumb(hit.image_id)
 
         with ThreadPoolExecutor(min(8, len(hits))) as pool:
             return dict(pool.map(one, hits))
 
     # --- images ---------------------------------------------------------------------------
 
-    def image_ids(self, repo: Repository) -> list[str]:
-        """Ids of every committed image (named by a segment), sorted."""
-        from app.core.importer import committed_ids
+    def _reader(self, repo: Repository) -> Any:
+        """An app.core.packs.ImageReader of ``repo``: per-image objects in format 1; in
+        format 2 the live packs of the segment log, verified now (one listing when
+        nothing changed since this session last verified it)."""
+        from app.core.searcher import image_reader
 
-        return sorted(committed_ids(self.session.store, repo.repo_id))
+        return image_reader(self.session, repo)
+
+    @staticmethod
+    def _format2(repo: Repository) -> bool:
+        from app.core.repository import is_format2
+
+        return bool(is_format2(repo.manifest))
+
+    def image_ids(self, repo: Repository) -> list[str]:
+        """Ids of every committed image (named by a segment in format 1, by a live pack
+        in format 2), sorted."""
+        return sorted(self._reader(repo).image_ids())
 
     def image_meta(self, repo: Repository, image_id: str, version: int | None = None
                    ) -> ImageMeta:
         """Decrypted metadata of one image; IntegrityError when it does not verify,
         RadcryptError when the id is not valid."""
-        from app.core.searcher import read_meta
-
         image_id = self._image_id(image_id)
-        record, used = read_meta(self.session.store, repo, image_id, version)
+        if self._format2(repo):  # the pack names the key version
+            record, used = self._reader(repo).meta(image_id)
+        else:
+            from app.core.searcher import read_meta
+
+            record, used = read_meta(self.session.store, repo, image_id, version)
         return ImageMeta.from_record(image_id, record, used)
 
     def list_images(self, repo: Repository, ids: list[str] | None = None,
@@ -626,16 +687,14 @@ class Client:
                     cancel: CancelToken | None = None) -> list[ImageMeta]:
         """Metadata of ``ids`` (default: every committed image), decrypted in parallel, in
         the order of ``ids``; a damaged one comes back with ``error`` set."""
-        from app.core.searcher import read_meta
-
-        ids = self.image_ids(repo) if ids is None else list(ids)
-        store = self.session.store
+        reader = self._reader(repo)
+        ids = sorted(reader.image_ids()) if ids is None else list(ids)
         cancel = cancel or CancelToken()
 
         def one(image_id: str) -> ImageMeta:
             cancel.check()
             try:
-                record, version = read_meta(store, repo, image_id)
+                record, version = reader.meta(image_id)
             except RadcryptError as exc:
                 return ImageMeta.damaged(image_id, str(exc))
             return ImageMeta.from_record(image_id, record, version)
@@ -651,10 +710,13 @@ class Client:
     def thumbnail_png(self, repo: Repository, image_id: str, version: int | None = None
                       ) -> bytes:
         """The decrypted PNG preview of an image."""
+        image_id = self._image_id(image_id)
+        if self._format2(repo):
+            return bytes(self._reader(repo).thumb(image_id))
         from app.core.objects import get_decrypted
 
         plain, _ = get_decrypted(self.session.store, repo.ring, repo.repo_id, "thumbs",
-                                 self._image_id(image_id), version)
+                                 image_id, version)
         return plain
 
     def get_original(self, repo: Repository, image_id: str, dest: str | Path,

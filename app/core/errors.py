@@ -33,3 +33,24 @@ class Cancelled(RadcryptError):
 
 class WrongPassword(AccessDenied):
     """The password does not unlock the identity on this workstation."""
+
+
+class IncompleteAnswer(RadcryptError):
+    """The search service did not search every segment the verified log holds (draft
+    FORMAT-v2 6.3): a search fails on it unless the caller allows a marked, partial answer.
+
+    ``expected``: live segments of ``key_version`` at the head the answer was judged at;
+    ``searched``: segments the service says it searched; ``missing``: the live ids it did
+    not search, sorted. Ids are public object names, never secrets."""
+
+    def __init__(self, key_version: int, expected: int, searched: int,
+                 missing: list[str]) -> None:
+        self.key_version = key_version
+        self.expected = expected
+        self.searched = searched
+        self.missing = list(missing)
+        shown = ", ".join(self.missing[:3]) + (", ..." if len(self.missing) > 3 else "")
+        super().__init__(
+            f"search incomplete: the service searched {searched:,} of the {expected:,} "
+            f"segments of key version {key_version} ({len(self.missing):,} missing, first: "
+            f"{shown}); pass --allow-incomplete to see the partial answer")

@@ -15,10 +15,7 @@ once it is copied off the workstation, so its password is what an offline guesse
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import secrets
-import time
 from pathlib import Path
 
 from app.core.errors import RadcryptError
@@ -89,21 +86,14 @@ class RequestSigner:
     def __init__(self, identity: Identity) -> None:
         self._identity = identity
 
-    def headers(self, method: str, path: str, body: bytes, service_id: str
-                ) -> dict[str, str]:
+    def headers(self, method: str, path: str, body: bytes, service_id: str,
+                protocol: int = 1) -> dict[str, str]:
         """Headers for one request to the service ``service_id`` (its GET /v1/info): the
-        signature names that service, so the request is refused by any other one."""
-        from cloud.auth import request_message
+        signature names that service and the protocol version, so the request is refused by
+        any other service and cannot be replayed under the other protocol."""
+        from app.core.service_client import signed_headers
 
-        stamp = str(int(time.time()))
-        nonce = secrets.token_hex(16)
-        message = request_message(method, path, hashlib.sha256(body).hexdigest(), stamp, nonce,
-                                  self._identity.user_id, service_id)
-        import base64
-
-        return {"x-radcrypt-user": self._identity.user_id, "x-radcrypt-time": stamp,
-                "x-radcrypt-nonce": nonce,
-                "x-radcrypt-signature": base64.b64encode(self._identity.sign(message)).decode()}
+        return signed_headers(self._identity, method, path, body, service_id, protocol)
 
 
 class IdentityStore:

@@ -22,6 +22,18 @@ importer opened before a revocation never commits under the superseded version.
 Cancelling stops between files and still commits the files of the current batch that
 were finished, so "Cancel" keeps what is done.
 
+Storage format 2 (docs/FORMAT-v2-draft.md sections 3.5 and 5.3). Originals are uploaded as
+above; a batch's metadata, previews and features stay in memory and become ONE pack, the
+batch's index ONE authenticated segment (writer, base sequence, MAC), and the batch is
+committed by appending an ``add`` entry to the segment log, signed by the importing user
+(``writer``). Before each commit the log is verified again up to its head (a concurrent
+importer's entries included), the manifest re-read, and the entry created-if-absent at the
+next sequence; another writer winning that sequence makes seglog.append verify the new
+entries and retry, so two importers never lose a batch. Resuming: the ids of the live
+packs are committed; an original already stored is not uploaded again; a pack or segment
+of a batch that died before its log entry is unreferenced garbage (compaction removes it).
+Per imported image: 1 object (the original) plus 3 per batch (pack, segment, log entry).
+
 Untrusted files are decoded in memory-limited child processes (app/imaging/worker.py:
 RLIMIT_AS, no pickle), never in this process, which holds the keys: a decompression bomb or
 a decoder exploit costs one child, and the file is reported as unreadable.
@@ -58,28 +70,34 @@ import numpy as np
 from Cryptodome.Hash import SHA256
 from Cryptodome.Protocol.KDF import HKDF
 
-from app.core import basis, objects
-from app.core.errors import Cancelled, RadcryptError
+from app.core import basis, logstate, objects
+from app.core.errors import Cancelled, IntegrityError, RadcryptError
+from app.core.packs import ImageReader, committed_ids
 from app.core.progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
-from app.core.repository import Repository, check_still_current
+from app.core.repository import Repository, check_still_current, is_format2
+from app.core.settings import Settings
 from app.imaging.decode import decode_bytes, decode_image
 from app.imaging.errors import ImageDecodeError
 from app.imaging.features import get_extractor
 from app.imaging.worker import Analysis, DecoderPool, DecoderUnavailable, analyse
-from cloud import layout
+from cloud import layout, seglog
 from cloud.backend import Store, StoreError
-from cloud.segments import (
-    DIGEST_SIZE,
-    HEADER_SIZE,
-    encode_segment,
-    expected_size,
-    read_header,
-)
+from cloud.segments import encode_segment, encode_segment_v2
+from crypto import pack
+from crypto.errors import FormatError
+from crypto.identity import Identity
+from crypto.segment_mac import index_mac_key
+from crypto.tokens import EncryptedVectors
 
 DEFAULT_BATCH = 64
 UPLOAD_THREADS = 8  # uploads wait on the network, not the CPU: more of them than workers
 WINDOW = 32  # files being prepared or uploaded ahead of the commit, at least 4 per worker
 META_FORMAT = "radcrypt-meta-v1"
+META_FORMAT_V2 = "radcrypt-meta-v2"  # in a pack, without features (draft 3.4)
+# size estimate of a pack (_pack_groups): header, trailer, TOC head and feature array head,
+# and per entry an envelope (header, a tag per 64 KiB chunk) and a TOC row
+PACK_OVERHEAD = 4096
+ENTRY_OVERHEAD = 256
 _ID_CONTEXT = b"radcrypt/image-id/v1"
 _ID_KEY_INFO = b"radcrypt/image-id-key/v1"
 
@@ -94,6 +112,7 @@ class ImportReport:
     already_present: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     segments: list[str] = field(default_factory=list)
+    packs: list[str] = field(default_factory=list)  # format 2: one per committed batch
     cancelled: bool = False
     seconds: float = 0.0
 
@@ -103,6 +122,7 @@ class ImportReport:
             "already_present": [{"path": p, "image_id": i} for p, i in self.already_present],
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
             "segments": self.segments,
+            **({"packs": self.packs} if self.packs else {}),
             "cancelled": self.cancelled,
             "seconds": round(self.seconds, 3),
         }
@@ -115,6 +135,8 @@ class _Prepared:
     features: np.ndarray | None  # None: already committed
     error: str = ""
     uploads: tuple[Future[None], ...] = ()  # this image's objects, in flight
+    meta: bytes = b""  # format 2: the metadata and preview go into the batch's pack
+    thumb: bytes = b""
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -152,41 +174,21 @@ def _id_key(data_key: bytes) -> bytes:
     return derived
 
 
-def committed_ids(store: Store, repo_id: str) -> set[str]:
-    """Ids named by the repository's segments: two small range reads per segment.
-
-    A segment whose header is damaged, or whose size is not the one its header implies
-    (truncated, extended), commits nothing, so a re-run imports its images again. Damage
-    that keeps the size (flipped bits) is only found by the service's checksum, which
-    reports the segment on refresh; reading every segment whole here would cost the whole
-    index at every import.
-    """
-    ids: set[str] = set()
-    for key, size in store.list_objects(layout.segments_prefix(repo_id)):
-        head = store.get_range(key, 0, HEADER_SIZE)
-        try:
-            _, count, widths = read_header(head, key)
-        except ValueError:
-            continue  # a damaged segment commits nothing; the service reports it
-        if size != expected_size(count, widths):
-            continue
-        header = expected_size(0, widths) - DIGEST_SIZE
-        raw = store.get_range(key, header, 16 * count)
-        ids.update(raw[i : i + 16].hex() for i in range(0, len(raw) - 15, 16))
-    return ids
-
-
 class Importer:
     """Imports files into one repository; safe to re-run on the same files."""
 
     def __init__(self, store: Store, repo: Repository, *, workers: int = 2,
                  batch_size: int = DEFAULT_BATCH, progress: ProgressCallback = no_progress,
                  cancel: CancelToken | None = None, processes: bool = True,
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, writer: Identity | None = None,
+                 settings: Settings | None = None) -> None:
         """``processes``: decode in memory-limited child processes (the default, and the
         only choice for files from elsewhere); False decodes on this process's threads, for
         trusted files only (the benchmark's comparison). ``memory_limit``: bytes per decoder
-        child (None: RADCRYPT_DECODER_MEMORY or 2 GiB)."""
+        child (None: RADCRYPT_DECODER_MEMORY or 2 GiB). ``writer``: the importing user's
+        identity, which signs the log entries of a format-2 repository (required there).
+        ``settings``: the workstation's, for the log's rollback memory (log-heads.json);
+        None verifies the log without it."""
         self.store = store
         self.repo = repo
         self.workers = max(1, workers)
@@ -201,6 +203,10 @@ class Importer:
         self.processes = processes is not False
         self.memory_limit = memory_limit
         self._children: DecoderPool | None = None
+        self.writer = writer
+        self.settings = settings
+        self.format2 = is_format2(repo.manifest)
+        self._log: seglog.LogState | None = None
 
     def run(self, paths: Iterable[str | Path]) -> ImportReport:
         start = time.perf_counter()
@@ -209,8 +215,11 @@ class Importer:
         total = len(files)
         self.progress(ProgressEvent("scan", 0, total, message=f"{total} files to import"))
         check_still_current(self.store, self.repo)  # and again before every commit
-        self._committed = committed_ids(self.store, self.repo.repo_id)
-        self._uploaded = objects.existing_image_ids(self.store, self.repo.repo_id, "meta")
+        if self.format2:
+            self._start_format2()
+        else:
+            self._committed = committed_ids(self.store, self.repo.repo_id)
+            self._uploaded = objects.existing_image_ids(self.store, self.repo.repo_id, "meta")
         children = None
         if self.uses_processes(total):
             try:
@@ -230,6 +239,20 @@ class Importer:
                 children.close()
         report.seconds = time.perf_counter() - start
         return report
+
+    def _start_format2(self) -> None:
+        """Verify the log; the live packs' images are committed, stored originals kept."""
+        writer, manifest = self.writer, self.repo.manifest
+        if writer is None:
+            raise RadcryptError(f"repository {self.repo.repo_id!r} is in storage format 2: "
+                                "importing needs the importing user's identity (writer), "
+                                "which signs the segment log; nothing was imported")
+        if manifest.member_version(writer.user_id) is None:
+            raise RadcryptError(f"user {writer.user_id!r} is not a member of repository "
+                                f"{self.repo.repo_id!r}: nothing was imported")
+        self._log = logstate.verified_log(self.store, self.settings, self.repo)
+        self._committed = ImageReader(self.store, self.repo, self._log).image_ids()
+        self._uploaded = objects.existing_image_ids(self.store, self.repo.repo_id, "objects")
 
     def uses_processes(self, files: int) -> bool:
         """Whether an import of this many files decodes in child processes."""
@@ -309,7 +332,9 @@ class Importer:
         if image_id in self._committed:
             return _Prepared(str(path), image_id, None)
         # objects a crashed run left behind are kept: then only the features are needed
-        preview = image_id not in self._uploaded
+        # (format 2: the preview and metadata go into the pack, so they are always made)
+        stored = image_id in self._uploaded
+        preview = self.format2 or not stored
         extractor = self.repo.manifest.extractor
         children = self._children
         if children is not None:
@@ -326,15 +351,19 @@ class Importer:
         keys, repo_id = self.repo.keys, self.repo.repo_id
         thumb = analysis.thumbnail
         assert thumb is not None
-        meta = _metadata(path, size, digest, analysis, extractor)
+        meta = _metadata(path, size, digest, analysis, extractor, self.format2)
+        if self.format2 and stored:  # a resumed import: the original is there already
+            return _Prepared(str(path), image_id, features, meta=meta, thumb=thumb)
 
         def upload() -> None:
             # The meta object goes last: its presence tells a resumed import that the
-            # original and the preview are stored too.
+            # original and the preview are stored too. Format 2: only the original.
             if data is not None:
                 objects.put_encrypted(self.store, keys, repo_id, "objects", image_id, data)
             else:
                 objects.put_encrypted_file(self.store, keys, repo_id, image_id, path)
+            if self.format2:
+                return
             objects.put_encrypted(self.store, keys, repo_id, "thumbs", image_id, thumb)
             objects.put_encrypted(self.store, keys, repo_id, "meta", image_id, meta)
 
@@ -346,6 +375,9 @@ class Importer:
             uploading = self._claims.get(image_id)
             if uploading is None:
                 uploading = self._claims[image_id] = self._upload_pool.submit(upload)
+        if self.format2:
+            return _Prepared(str(path), image_id, features, uploads=(uploading,), meta=meta,
+                             thumb=thumb)
         return _Prepared(str(path), image_id, features, uploads=(uploading,))
 
     def _record(self, report: ImportReport, prepared: _Prepared, done: int, total: int) -> None:
@@ -375,21 +407,69 @@ class Importer:
             self._release(finished)
             report.already_present += twins
             return
-        ids = list(new)
         check_still_current(self.store, self.repo)  # never commit under a superseded version
-        batch = np.stack([new[i].features for i in ids])
-        self.repo = basis.ensure(self.store, self.repo, batch)  # a version's first batch fits B
-        vectors = self.repo.keys.index_key.encrypt(batch, basis.norm_bound(self.repo.manifest))
-        segment = encode_segment(ids, vectors, self.repo.keys.version)
-        seg_id = layout.new_id()
-        self.store.put(layout.segment_key(self.repo.repo_id, seg_id), segment, if_absent=True)
-        self._committed.update(ids)
+        groups = _pack_groups(list(new), new) if self.format2 else [list(new)]
+        for ids in groups:
+            batch = np.stack([new[i].features for i in ids])
+            # a version's first batch fits B
+            self.repo = basis.ensure(self.store, self.repo, batch, log=self._log)
+            vectors = self.repo.keys.index_key.encrypt(batch,
+                                                       basis.norm_bound(self.repo.manifest))
+            seg_id = layout.new_id()
+            if self.format2:
+                report.packs.append(self._commit_format2(ids, new, batch, vectors, seg_id))
+            else:
+                segment = encode_segment(ids, vectors, self.repo.keys.version)
+                self.store.put(layout.segment_key(self.repo.repo_id, seg_id), segment,
+                               if_absent=True)
+            self._committed.update(ids)
+            report.segments.append(seg_id)
+            report.imported += [(new[i].path, i) for i in ids]
+            self.progress(ProgressEvent(
+                "commit", len(report.imported), len(report.imported),
+                message=f"segment {seg_id[:8]} committed ({len(ids)} images)"))
         self._release(finished)
-        report.segments.append(seg_id)
-        report.imported += [(new[i].path, i) for i in ids]
         report.already_present += twins
-        self.progress(ProgressEvent("commit", len(report.imported), len(report.imported),
-                                    message=f"segment {seg_id[:8]} committed ({len(ids)} images)"))
+
+    def _commit_format2(self, ids: list[str], new: dict[str, _Prepared], batch: np.ndarray,
+                        vectors: EncryptedVectors, seg_id: str) -> str:
+        """Pack, segment, then the log entry (the commit point); returns the pack's id."""
+        assert self.writer is not None and self._log is not None
+        store, repo, keys = self.store, self.repo, self.repo.keys
+        repo_id, pack_id = repo.repo_id, layout.new_id()
+        # draft 5.3 step 1: the head this batch builds on (other writers' entries included)
+        self._log = logstate.verified_log(store, self.settings, repo, since=self._log)
+        blob = pack.build_pack(keys.data_key, repo_id, pack_id, keys.version,
+                               [(i, new[i].meta, new[i].thumb) for i in ids], batch)
+        segment = encode_segment_v2(ids, vectors, keys.version, seg_id=seg_id,
+                                    writer=self.writer.user_id,
+                                    base_sequence=self._log.head.sequence, repo_id=repo_id,
+                                    mac_key=index_mac_key(keys.data_key))
+        writes = [self._upload_pool.submit(store.put, layout.pack_key(repo_id, pack_id), blob,
+                                           if_absent=True),
+                  self._upload_pool.submit(store.put, layout.segment_key(repo_id, seg_id),
+                                           segment, if_absent=True)]
+        for write in writes:
+            write.result()
+        trust = logstate.repository_trust(store, repo)  # step 3: the manifest read again
+        if trust.key_version != keys.version:
+            check_still_current(store, repo)  # raises, naming both versions
+        added = sorted([seglog.Added(seglog.TYPE_SEGMENT, seg_id,
+                                     hashlib.sha256(segment).digest(), len(ids)),
+                        seglog.Added(seglog.TYPE_PACK, pack_id,
+                                     hashlib.sha256(blob).digest(), len(ids))],
+                       key=lambda a: (a.type, a.id))
+        try:
+            self._log = seglog.append(store, repo_id, self.writer, self.writer.user_id,
+                                      trust, self._log,
+                                      kind=seglog.KIND_ADD, reason=seglog.REASON_IMPORT,
+                                      key_version=keys.version, added=added)
+        except (seglog.LogError, FormatError) as exc:
+            raise IntegrityError(f"cannot commit to the segment log of repository "
+                                 f"{repo_id!r}: {exc}; this batch was not committed") from None
+        if self.settings is not None:
+            logstate.remember_head(self.settings, repo_id, self._log.head)
+        return pack_id
 
     def _release(self, finished: list[_Prepared]) -> None:
         """Forget the uploads of a batch's images: committed ones are now found in
@@ -397,6 +477,24 @@ class Importer:
         with self._claims_lock:
             for p in finished:
                 self._claims.pop(p.image_id, None)
+
+
+def _pack_groups(ids: list[str], new: dict[str, _Prepared]) -> list[list[str]]:
+    """A batch's images in groups whose pack stays below pack.MAX_PACK_SIZE (draft 3.5:
+    the importer cuts a batch earlier rather than write a larger pack); one group as a rule.
+    The estimate counts each entry's plaintext, its envelope overhead and TOC row."""
+    groups: list[list[str]] = [[]]
+    size = PACK_OVERHEAD
+    for image_id in ids:
+        p = new[image_id]
+        floats = 0 if p.features is None else p.features.size
+        grows = len(p.meta) + len(p.thumb) + 8 * floats + 2 * ENTRY_OVERHEAD
+        if groups[-1] and size + grows > pack.MAX_PACK_SIZE:
+            groups.append([])
+            size = PACK_OVERHEAD
+        groups[-1].append(image_id)
+        size += grows
+    return groups
 
 
 def _uploaded(prepared: _Prepared) -> _Prepared:
@@ -412,10 +510,11 @@ def _uploaded(prepared: _Prepared) -> _Prepared:
 
 
 def _metadata(path: Path, size: int, digest: bytes, analysis: Analysis,
-              extractor: str) -> bytes:
-    """The encrypted metadata object: what the client needs to name and verify a result."""
-    record = {
-        "format": META_FORMAT,
+              extractor: str, format2: bool = False) -> bytes:
+    """The encrypted metadata object: what the client needs to name and verify a result.
+    Format 2 (a pack's meta entry): no features, they are in the pack's feature array."""
+    record: dict[str, object] = {
+        "format": META_FORMAT_V2 if format2 else META_FORMAT,
         "name": path.name,
         "size": size,
         "sha256": digest.hex(),
@@ -425,8 +524,9 @@ def _metadata(path: Path, size: int, digest: bytes, analysis: Analysis,
         "columns": analysis.columns,
         "imported_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "extractor": extractor,
-        "features": [float(x) for x in analysis.features],
     }
+    if not format2:
+        record["features"] = [float(x) for x in analysis.features]
     return json.dumps(record, separators=(",", ":")).encode()
 
 

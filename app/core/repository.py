@@ -37,6 +37,11 @@ from crypto.keys import (
 from crypto.signed import json_signer, open_json
 
 MANIFEST_FORMAT = "radcrypt-manifest-v1"
+# Storage format 2 (docs/FORMAT-v2-draft.md): packs, authenticated segments, segment log.
+# Opt-in for now (repo create --format 2); every format-2 code path dispatches on it.
+MANIFEST_FORMAT_V2 = "radcrypt-manifest-v2"
+MANIFEST_FORMATS = (MANIFEST_FORMAT, MANIFEST_FORMAT_V2)
+STORAGE_FORMATS = {1: MANIFEST_FORMAT, 2: MANIFEST_FORMAT_V2}
 SCHEME = "aspe-split-v1+aes-256-gcm-stream-v1"
 PASSWORD_OWNER = "password-owner"
 BOUND_LEVELS = ("auto", "off")  # the repository option (radcrypt repo create --bound-levels)
@@ -103,8 +108,9 @@ class Manifest:
             raise RadcryptError(f"{where}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise RadcryptError(f"{where}: expected a JSON object")
-        if raw.get("format") != MANIFEST_FORMAT:
-            raise RadcryptError(f"{where}: field 'format' must be {MANIFEST_FORMAT!r}")
+        if raw.get("format") not in MANIFEST_FORMATS:
+            raise RadcryptError(f"{where}: field 'format' must be {MANIFEST_FORMAT!r} or "
+                                f"{MANIFEST_FORMAT_V2!r}")
         expected: dict[str, Any] = {"repo_id": str, "extractor": str, "dim": int,
                                     "levels": list, "key_version": int, "created": str,
                                     "scheme": str}
@@ -145,6 +151,19 @@ def _membership(raw: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_format2(manifest: Manifest) -> bool:
+    """Whether the repository is in storage format 2 (packs, segment log)."""
+    return manifest.format == MANIFEST_FORMAT_V2
+
+
+def storage_format_name(storage_format: int) -> str:
+    """The manifest ``format`` value of a storage format number (1 or 2)."""
+    try:
+        return STORAGE_FORMATS[storage_format]
+    except KeyError:
+        raise RadcryptError(f"storage format must be 1 or 2, not {storage_format!r}") from None
 
 
 def with_members(manifest: Manifest, members: list[Member], **changes: Any) -> Manifest:

@@ -1,9 +1,17 @@
 """Search by image: features and token here, the match on the server, names here again.
 
-The server answers with image ids only. The client then fetches each hit's encrypted
-metadata, decrypts it, and recomputes the true distance from the stored features, so
-what the radiologist sees (name, distance) never came from the server in clear, and a
-server that returned hits out of order would be noticed (``order_verified``).
+The server answers with image ids only (wire protocol 2, for every repository). The
+client then fetches each hit's encrypted metadata (per-image objects in format 1, pack
+entries in format 2: app.core.packs.ImageReader), decrypts it, and recomputes the true
+distance from the stored features, so what the radiologist sees (name, distance) never
+came from the server in clear, and a server that returned hits out of order would be
+noticed (``order_verified``).
+
+Format 2 adds completeness (docs/FORMAT-v2-draft.md 6.3): the answer names the log head
+and the digest of the segments the service searched; the client compares them with the
+log it verified itself and fails an answer that left segments out (IncompleteAnswer), or,
+when the caller allows it, returns it marked (``QueryResult.complete`` False). A format-1
+repository has no log: ``complete`` is None, "completeness not verifiable (format 1)".
 """
 
 from __future__ import annotations
@@ -14,19 +22,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.core import basis, objects
-from app.core.errors import IntegrityError, RadcryptError
-from app.core.repository import Repository
+from app.core.errors import IncompleteAnswer, IntegrityError, RadcryptError, ServiceError
+from app.core.repository import Repository, is_format2
 from app.core.session import Session
 from app.imaging.worker import DecoderPool, DecoderUnavailable
 from cloud.backend import ObjectNotFound, Store
 from cloud.limits import MAX_K, MAX_QUERIES
 
+if TYPE_CHECKING:
+    from app.core.packs import ImageReader
+    from cloud.seglog import LogState, Verdict
+
 ORDER_RTOL = 1e-9
+NOT_VERIFIABLE = "completeness not verifiable (format 1)"
 
 
 @dataclass
@@ -47,6 +60,22 @@ class QueryResult:
     stats: dict[str, Any]
     timings_ms: dict[str, float]
     order_verified: bool
+    # Completeness (draft 6.3): True, False (only when the caller allowed an incomplete
+    # answer), None for a format-1 repository (no log to compare with).
+    complete: bool | None = None
+    segments_expected: int | None = None  # live segments of the key version (format 2)
+    segments_searched: int | None = None  # segments the service says it searched
+    segments_missing: list[str] = field(default_factory=list)  # live ids not searched
+
+    @property
+    def completeness(self) -> str:
+        """The verdict in words, for a status line."""
+        if self.complete is None:
+            return NOT_VERIFIABLE
+        if self.complete:
+            return f"complete: all {self.segments_expected:,} segments were searched"
+        return (f"INCOMPLETE ANSWER: {len(self.segments_missing):,} of "
+                f"{self.segments_expected:,} segments were not searched")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +84,10 @@ class QueryResult:
                          "rank": h.rank} for h in self.hits],
             "stats": {**self.stats, "timings_ms": self.timings_ms,
                       "order_verified": self.order_verified},
+            "complete": self.complete,
+            "segments_expected": self.segments_expected,
+            "segments_searched": self.segments_searched,
+            "segments_missing": list(self.segments_missing),
         }
 
 
@@ -95,71 +128,201 @@ def features_of_files(repo: Repository, paths: list[Path], *,
             return np.stack(list(threads.map(lambda p: pool.features(p, extractor), paths)))
 
 
-def search_files(session: Session, repo: Repository, paths: list[str | Path], k: int = 1
-                 ) -> list[QueryResult]:
+def search_files(session: Session, repo: Repository, paths: list[str | Path], k: int = 1,
+                 *, allow_incomplete: bool = False) -> list[QueryResult]:
     """Nearest archived images of each query file."""
     start = time.perf_counter()
     files = [Path(p) for p in paths]
     features = features_of_files(repo, files)
     features_ms = (time.perf_counter() - start) * 1000 / max(1, len(files))
-    results = search_features(session, repo, features, [str(p) for p in files], k)
+    results = search_features(session, repo, features, [str(p) for p in files], k,
+                              allow_incomplete=allow_incomplete)
     for result in results:
         result.timings_ms["features"] = features_ms
     return results
 
 
 def search_features(session: Session, repo: Repository, features: np.ndarray,
-                    labels: list[str], k: int = 1) -> list[QueryResult]:
-    """Nearest archived images of each feature vector (one encrypted request for all)."""
+                    labels: list[str], k: int = 1, *, allow_incomplete: bool = False
+                    ) -> list[QueryResult]:
+    """Nearest archived images of each feature vector (one encrypted request for all).
+
+    Format 2: an answer that left out live segments raises IncompleteAnswer, unless
+    ``allow_incomplete``: then its results come back marked (``complete`` False)."""
     if not 1 <= k <= MAX_K:
         raise RadcryptError(f"k must be between 1 and {MAX_K}")
     queries = np.atleast_2d(np.asarray(features, dtype=np.float64))
     results: list[QueryResult] = []
     for start in range(0, len(queries), MAX_QUERIES):  # the most the service takes at once
         chunk = queries[start : start + MAX_QUERIES]
-        results += _search_chunk(session, repo, chunk, labels[start : start + MAX_QUERIES], k)
+        results += _search_chunk(session, repo, chunk, labels[start : start + MAX_QUERIES], k,
+                                 allow_incomplete)
     return results
 
 
 def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, labels: list[str],
-                  k: int) -> list[QueryResult]:
+                  k: int, allow_incomplete: bool) -> list[QueryResult]:
+    t_log = time.perf_counter()
+    state = log_state(session, repo) if is_format2(repo.manifest) else None
     t0 = time.perf_counter()
     repo = basis.load(session.store, repo)  # levels fitted since the repository was opened
     token = repo.keys.index_key.query(queries)
     t1 = time.perf_counter()
-    answer = session.service.search(repo.repo_id, token, k, repo.keys.version)
+    answer, verdict, state = _ask(session, repo, token, k, state)
     t2 = time.perf_counter()
+    if verdict is not None and not verdict.complete and not allow_incomplete:
+        raise IncompleteAnswer(repo.keys.version, verdict.expected, verdict.searched,
+                               verdict.missing)
+    reader = image_reader(session, repo, state)
     n = len(queries)
     out = []
-    for qi, (label, result) in enumerate(zip(labels, answer["results"], strict=True)):
+    for qi, (label, raw) in enumerate(zip(labels, answer.hits, strict=True)):
+        ids = [image_id for image_id, _ in raw]
+        if len(set(ids)) != len(ids):  # draft 6.3 step 5
+            raise ServiceError(f"the search service answered query {qi + 1} with an image "
+                               "twice (malformed answer)")
         f0 = time.perf_counter()
-        hits = _resolve(session.store, repo, queries[qi], result["hits"])
+        hits = _resolve(reader, queries[qi], raw)
         f1 = time.perf_counter()
         distances = [h.distance for h in hits]
         verified = all(b >= a - ORDER_RTOL * (abs(a) + float(queries[qi] @ queries[qi]))
                        for a, b in itertools.pairwise(distances))
         timings = {"token": (t1 - t0) * 1000 / n, "server": (t2 - t1) * 1000 / n,
                    "fetch_decrypt": (f1 - f0) * 1000}
-        out.append(QueryResult(label, hits, dict(result["stats"]), timings, verified))
+        if state is not None:  # verifying the segment log (format 2)
+            timings["log"] = (t0 - t_log) * 1000 / n
+        out.append(QueryResult(label, hits, _stats(answer, qi), timings, verified,
+                               **_completeness(answer, verdict)))
     return out
 
 
-def _resolve(store: Store, repo: Repository, query: np.ndarray,
-             raw_hits: list[dict[str, Any]]) -> list[Hit]:
+# --- completeness (docs/FORMAT-v2-draft.md 6.3) ---------------------------------------------
+
+
+def log_state(session: Session, repo: Repository) -> LogState:
+    """The repository's segment log verified up to its head now, extending the state this
+    session verified before (one listing when nothing changed); rollback and fork are
+    refused (IntegrityError) by app.core.logstate against the remembered head."""
+    from app.core.logstate import verified_log
+
+    with session.log_lock:
+        since = session.log_states.get(repo.repo_id)
+    state = verified_log(session.store, session.settings, repo, since=since)
+    with session.log_lock:
+        session.log_states[repo.repo_id] = state
+    return state
+
+
+def image_reader(session: Session, repo: Repository, state: LogState | None = None
+                 ) -> ImageReader:
+    """Metadata and previews of ``repo``'s images: per-image objects in format 1, the live
+    packs of ``state`` (verified now when not given) in format 2."""
+    from app.core.packs import ImageReader
+
+    if not is_format2(repo.manifest):
+        return ImageReader(session.store, repo, None)
+    if state is None:
+        state = log_state(session, repo)
+    # One reader per verified head: its index of the live packs is built once.
+    key = (repo.repo_id, repo.keys.version, state.head.sequence, state.head.hash)
+    with session.log_lock:
+        cached = session.readers.get(repo.repo_id)
+    if cached is not None and cached[0] == key:
+        known: ImageReader = cached[1]
+        return known
+    reader = ImageReader(session.store, repo, state)
+    with session.log_lock:
+        session.readers[repo.repo_id] = (key, reader)
+    return reader
+
+
+def _ask(session: Session, repo: Repository, token: Any, k: int, state: LogState | None
+         ) -> tuple[Any, Verdict | None, LogState | None]:
+    """The service's answer and, in format 2, its verdict: asked once, again with the
+    searched segments listed when the digests differ, the log verified again once when
+    the service names a newer head than this client verified."""
+    service = session.service
+    version = repo.keys.version
+    if state is None:
+        return service.search_v2(repo.repo_id, token, k, version), None, None
+    from cloud.seglog import LogAhead
+
+    listed = False
+    verified_again = False
+    while True:
+        answer = service.search_v2(repo.repo_id, token, k, version,
+                                   min_head=state.head.sequence, list_segments=listed)
+        try:
+            verdict = _judge(state, version, answer)
+        except LogAhead:
+            if verified_again:
+                raise IntegrityError(
+                    f"the search service answered for log entry {answer.head_sequence} of "
+                    f"repository {repo.repo_id}, which this client cannot read (its verified "
+                    f"head is {state.head.sequence})") from None
+            verified_again = True
+            state = log_state(session, repo)
+            verdict = _judge(state, version, answer)
+        if verdict is not None:
+            return answer, verdict, state
+        if listed:
+            raise ServiceError("the search service did not list the segments it searched "
+                               "although asked to (malformed answer)")
+        listed = True
+
+
+def _judge(state: LogState, version: int, answer: Any) -> Verdict | None:
+    """seglog.judge_answer, its errors in the client's words: LogAhead passes (the caller
+    verifies again), a fork is an IntegrityError, an answer that searched what the log
+    does not hold a ServiceError."""
+    from cloud.seglog import AnswerError, LogAhead, LogError, judge_answer
+
+    try:
+        return judge_answer(state, version, answer.head_sequence, answer.head_hash,
+                            answer.set_digest, answer.segments, answer.segment_ids)
+    except LogAhead:
+        raise
+    except LogError as exc:
+        raise IntegrityError(f"segment log of repository {state.repo_id}: {exc}") from None
+    except AnswerError as exc:
+        raise ServiceError(f"the search service's answer does not match the segment log "
+                           f"of repository {state.repo_id}: {exc}") from None
+
+
+def _completeness(answer: Any, verdict: Verdict | None) -> dict[str, Any]:
+    if verdict is None:
+        return {"complete": None, "segments_expected": None,
+                "segments_searched": int(answer.segments), "segments_missing": []}
+    return {"complete": bool(verdict.complete), "segments_expected": int(verdict.expected),
+            "segments_searched": int(verdict.searched),
+            "segments_missing": list(verdict.missing)}
+
+
+def _stats(answer: Any, qi: int) -> dict[str, Any]:
+    """The engine's statistics of one query (the answer's optional STATS section), else
+    what the answer's header says for all of them."""
+    stats = answer.stats[qi] if answer.stats else None
+    if stats:
+        return dict(stats)
+    return {"vectors": int(answer.images), "milliseconds": answer.engine_us / 1000.0}
+
+
+def _resolve(reader: ImageReader, query: np.ndarray,
+             raw_hits: list[tuple[str, float]]) -> list[Hit]:
     """Fetch and decrypt each hit's metadata (in parallel) and compute its true distance."""
 
-    def one(raw: dict[str, Any]) -> Hit:
-        meta, version = read_meta(store, repo, str(raw["image_id"]))
+    def one(rank: int, raw: tuple[str, float]) -> Hit:
+        image_id, score = str(raw[0]), float(raw[1])
+        meta, version = reader.meta(image_id)
         vector = np.asarray(meta["features"], dtype=np.float64)
         if vector.shape != query.shape:
-            raise IntegrityError(f"metadata of image {raw['image_id']} has features of the "
+            raise IntegrityError(f"metadata of image {image_id} has features of the "
                                  "wrong dimension")
         diff = vector - query
-        return Hit(rank=int(raw["rank"]), image_id=str(raw["image_id"]),
-                   name=str(meta.get("name", "")), distance=float(diff @ diff),
-                   score=float(raw["score"]), key_version=version, meta=meta)
+        return Hit(rank=rank, image_id=image_id, name=str(meta.get("name", "")),
+                   distance=float(diff @ diff), score=score, key_version=version, meta=meta)
 
     if not raw_hits:
         return []
     with ThreadPoolExecutor(min(8, len(raw_hits))) as pool:
-        return list(pool.map(one, raw_hits))
+        return list(pool.map(one, range(1, len(raw_hits) + 1), raw_hits))

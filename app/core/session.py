@@ -17,7 +17,9 @@ store in ``<data dir>/objects``, persistent like SeaweedFS; a log line says so a
 from __future__ import annotations
 
 import logging
+import threading
 from types import TracebackType
+from typing import Any
 
 from app.core.errors import RadcryptError
 from app.core.service_client import EmbeddedService, RequestSigner, ServiceClient
@@ -50,6 +52,14 @@ class Session:
         self._service: ServiceClient | None = None
         self._store: Store | None = None
         self.store_config: StoreConfig | DirectoryConfig | None = None
+        # Format 2: the segment log verified so far, per repository id (a
+        # cloud.seglog.LogState), so that the next search only reads the entries added
+        # since (app.core.searcher.log_state); guarded by log_lock.
+        self.log_states: dict[str, Any] = {}
+        # Per repository id: (the verified head it was built for, an
+        # app.core.packs.ImageReader), so that its index of live packs is built once.
+        self.readers: dict[str, tuple[Any, Any]] = {}
+        self.log_lock = threading.Lock()
 
     def __enter__(self) -> Session:
         self.open()
@@ -161,3 +171,6 @@ class Session:
             self._started_store.stop()
             self._started_store = None
         self._store = None
+        with self.log_lock:
+            self.log_states.clear()
+            self.readers.clear()

@@ -12,6 +12,7 @@ from typing import Any
 from PyQt6.QtCore import Qt, pyqtSignal
 from PyQt6.QtGui import QGuiApplication
 from PyQt6.QtWidgets import (
+    QComboBox,
     QDialog,
     QDialogButtonBox,
     QFormLayout,
@@ -65,6 +66,15 @@ class NewRepositoryDialog(QDialog):
         self.name.setMaxLength(63)
         self.name.textChanged.connect(self._validate)
         form.addRow("Name:", self.name)
+        self.storage_format = QComboBox()
+        self.storage_format.addItem("Format 1 (standard)", 1)
+        self.storage_format.addItem("Format 2 (preview: searches checked for "
+                                    "completeness)", 2)
+        self.storage_format.setToolTip(
+            "Format 2 packs each import batch into a few objects and keeps a signed log of "
+            "the index, so that a search that left part of the archive out is detected. "
+            "Access cannot yet be revoked in a format-2 repository.")
+        form.addRow("Format:", self.storage_format)
         layout.addLayout(form)
         self.problem = QLabel("")
         self.problem.setObjectName("ErrorText")
@@ -96,8 +106,9 @@ class NewRepositoryDialog(QDialog):
         set_prop(self.name, "invalid", bool(problem) and "characters" in problem)
         self.create_button.setEnabled(self.complete())
 
-    def values(self) -> tuple[str]:
-        return (self.name.text().strip(),)
+    def values(self) -> tuple[str, int]:
+        """(name, storage format 1 or 2)."""
+        return self.name.text().strip(), int(self.storage_format.currentData())
 
 
 class KeysPage(QWidget):
@@ -314,7 +325,7 @@ class KeysPage(QWidget):
         dialog.open()
         return dialog
 
-    def create_repository(self, name: str) -> None:
+    def create_repository(self, name: str, storage_format: int = 1) -> None:
         backend = self.ctx.backend
 
         def done(repo: Repository) -> None:
@@ -325,7 +336,7 @@ class KeysPage(QWidget):
             self.repositoryCreated.emit(repo)
 
         self.ctx.runner.run(f"Creating repository {name}",
-                            lambda _: backend.create_repository(name),
+                            lambda _: backend.create_repository(name, storage_format),
                             on_done=done, on_error=self.ctx.error)
 
     def register_user(self) -> None:

@@ -15,6 +15,7 @@ from PyQt6.QtCore import QSize, Qt
 from PyQt6.QtGui import QIcon, QImage, QPixmap
 from PyQt6.QtWidgets import (
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QListView,
@@ -26,7 +27,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.core.types import Hit, Repository
+from app.core.types import Hit, QueryResult, Repository
 from app.gui import theme
 from app.gui.archive_page import square_tile
 from app.gui.backend import SearchOutcome
@@ -46,10 +47,62 @@ from app.gui.widgets import (
 )
 
 STRIP_TILE = 88
+BANNER_RED = "#b3261e"  # white text on it: 6.6:1 (WCAG AA), in the light and dark themes
 
 
 def format_ms(ms: float) -> str:
     return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+class IncompleteBanner(QFrame):
+    """The red banner above the results of an incomplete answer (docs/FORMAT-v2-draft.md
+    6.3): the service left segments of the repository out, so the nearest images shown
+    may not be the nearest ones. Hidden otherwise; it cannot be dismissed while the
+    answer is shown, since the results below it stay partial."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("IncompleteBanner")
+        # Its own style rule: red in both themes (the message bar's error tint is pale).
+        self.setStyleSheet(f"#IncompleteBanner {{ background: {BANNER_RED}; "
+                           "border-radius: 6px; border: none; }"
+                           "#IncompleteBanner QLabel { color: #ffffff; background: "
+                           "transparent; }")
+        row = QHBoxLayout(self)
+        row.setContentsMargins(12, 8, 12, 8)
+        row.setSpacing(10)
+        self.icon = QLabel()
+        self.icon.setFixedSize(22, 22)
+        self.icon.setPixmap(theme.render_svg("warning", 22, "#ffffff"))
+        self.title = QLabel()
+        self.title.setStyleSheet("font-weight: 700;")
+        self.text = QLabel()
+        self.text.setWordWrap(True)
+        self.text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        column = QVBoxLayout()
+        column.setSpacing(2)
+        column.addWidget(self.title)
+        column.addWidget(self.text)
+        row.addWidget(self.icon, 0, Qt.AlignmentFlag.AlignTop)
+        row.addLayout(column, 1)
+        self.hide()
+
+    def show_result(self, result: QueryResult) -> None:
+        """Shown for an incomplete answer, hidden for a complete or unverifiable one."""
+        if result.complete is not False:
+            self.hide()
+            return
+        missing = result.segments_missing
+        self.title.setText(result.completeness)
+        first = ", ".join(missing[:3]) + (", …" if len(missing) > 3 else "")
+        self.text.setText(
+            f"The search service left out part of this repository ({len(missing):,} "
+            f"missing segment{'s' if len(missing) != 1 else ''}: {first}), so the nearest "
+            "images below may not be the nearest in the archive. The segments may be "
+            "missing from the storage or withheld by the service; search again later or "
+            "ask the repository's owner to check the storage.")
+        self.setToolTip("\n".join(missing))
+        self.show()
 
 
 class SearchPage(QWidget):
@@ -89,6 +142,8 @@ class SearchPage(QWidget):
         self.drop.add_button(self.k_spin)
         self.drop.add_button(self.search_button)
         layout.addWidget(self.drop)
+        self.banner = IncompleteBanner()
+        layout.addWidget(self.banner)
 
         panels = QHBoxLayout()
         panels.setSpacing(12)
@@ -282,10 +337,13 @@ class SearchPage(QWidget):
         stats = result.stats
         vectors = int(stats.get("vectors", 0))
         full_scored = int(stats.get("full_scored", 0))
-        self.fields["searched"].setText(f"{vectors} images")
+        self.banner.show_result(result)
+        partial = " (INCOMPLETE)" if result.complete is False else ""
+        self.fields["searched"].setText(f"{vectors} images{partial}")
         self.fields["searched"].setToolTip(f"{vectors} encrypted vectors in the index; "
                                            f"{full_scored} needed a full score, the rest "
-                                           "were ruled out by their lower bounds")
+                                           "were ruled out by their lower bounds; "
+                                           f"{result.completeness}")
         self.fields["verified"].setText("verified here" if result.order_verified
                                         else "NOT confirmed here")
         self.fields["verified"].setToolTip(
@@ -349,6 +407,7 @@ class SearchPage(QWidget):
                             on_error=lambda error: None)  # the preview stays; viewer retries
 
     def _clear_result(self) -> None:
+        self.banner.hide()
         self.outcome = None
         self.selected = None
         self._hit_images = {}

@@ -1,0 +1,476 @@
+"""Compaction of a format-2 repository: many small segments and packs become a few big ones.
+
+Every import batch commits one segment and one pack (docs/FORMAT-v2-draft.md 3, 4), so a
+repository of a million images imported 64 at a time holds 15,625 of each. Compaction
+(draft 7.1) merges the live objects of one key version that are below the targets,
+smallest first, and commits each merge with one ``replace`` log entry (reason compaction).
+
+What it never changes. Segment rows are copied byte for byte (same IndexKey, same basis),
+so every score stays identical; pack entries are opened and re-sealed under the new pack's
+id (its associated data binds the pack id, contract decision), feature arrays concatenated
+in the new table of contents' meta order. Before each entry the image ids of the added
+object are compared with those of the removed ones: each exactly once, none lost.
+
+What it trusts. Only the verified log (app.core.logstate.verified_log): each source
+segment and pack must have the SHA-256 the log names, and each source segment's MAC must
+verify under its key version's index MAC key. A segment that fails either check stops the
+whole compaction with an IntegrityError naming it: a forged or altered object is never
+laundered into a new, validly authenticated one.
+
+Crash safety (draft 7.4). New objects are written first (fresh ids, create-if-absent),
+then the entry, the commit point; a crash before it leaves unreferenced objects that no
+reader looks at. A writer that loses the append race re-verifies the log: if the sources
+are still live it appends after the winner, otherwise it abandons the group (and deletes
+its own unreferenced objects). Replaced objects are deleted only once their removing
+entry is older than the grace period, so a reader that listed them just before can still
+fetch them; what one run had to leave, a later run deletes.
+
+The same helpers (reading entries, merging and committing) serve the migration from
+format 1 (app/core/migration.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.core import logstate
+from app.core.errors import AccessDenied, Cancelled, IntegrityError
+from app.core.progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
+from app.core.repository import Repository, check_still_current, is_format2
+from app.core.settings import Settings
+from cloud import layout, seglog
+from cloud.backend import ObjectNotFound, Store
+from cloud.segments import (
+    SegmentAuthError,
+    SegmentError,
+    decode_segment,
+    encode_segment_v2,
+    verify_segment_mac,
+)
+from crypto import pack as packs
+from crypto.errors import DecryptionError, FormatError
+from crypto.identity import Identity
+from crypto.segment_mac import index_mac_key
+from crypto.tokens import EncryptedVectors
+
+TARGET_IMAGES = 65536  # images per compacted segment (draft 7.1)
+PACK_IMAGES = 4096  # images per compacted pack
+PACK_BYTES = 256 << 20  # bytes per pack (draft 3.5)
+GRACE_SECONDS = 900  # draft 7.4, contract: 15 minutes
+FETCH_THREADS = 8  # log entries are small objects: the wait is the network
+_RECORD_HEAD = 4 + 1 + 32 + 64  # "RCSR" | version | signer key | signature (crypto/signed.py)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompactionReport:
+    """What a compaction did. ``deleted``: replaced objects deleted by this run (its own
+    or an earlier run's, once past the grace period); ``deferred``: replaced objects still
+    within the grace period, left for a later run."""
+
+    segments_before: int = 0
+    segments_after: int = 0
+    packs_before: int = 0
+    packs_after: int = 0
+    entries: list[int] = field(default_factory=list)  # log sequences written
+    abandoned: int = 0  # groups given up: a concurrent writer replaced their sources
+    deleted: int = 0
+    deferred: int = 0
+    cancelled: bool = False
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"segments_before": self.segments_before, "segments_after": self.segments_after,
+                "packs_before": self.packs_before, "packs_after": self.packs_after,
+                "entries": list(self.entries), "abandoned": self.abandoned,
+                "deleted": self.deleted, "deferred": self.deferred,
+                "cancelled": self.cancelled, "seconds": round(self.seconds, 3)}
+
+
+# --- shared with the migration -----------------------------------------------------------------
+
+
+def require_format2(repo: Repository, what: str) -> None:
+    """Draft 9.1: a format-1 repository is read-only for format-2 operations."""
+    if not is_format2(repo.manifest):
+        raise IntegrityError(
+            f"repository {repo.repo_id} is in storage format 1 (read-only for {what}); run "
+            "radcrypt repo migrate --format 2")
+
+
+def log_history(store: Store, state: seglog.LogState) -> list[seglog.LogEntry]:
+    """Every entry of the log, genesis to head, as far as the store still holds them.
+
+    The entries ``state`` verified are read again and checked against the hashes the
+    verification recorded; the entries before them (below the checkpoint a verification
+    starts from) are authenticated by the hash chain, each entry's ``prev`` naming the
+    SHA-256 of the one before. The chain ends at genesis, or where old entries were
+    deleted (draft 5.6). Needed because a checkpoint does not say which objects earlier
+    entries removed (the migrated format-1 segments, the replaced objects to delete).
+    """
+    repo_id = state.repo_id
+    verified = sorted(state.hashes)
+    if not verified:
+        return []
+
+    def read(sequence: int) -> tuple[int, bytes | None]:
+        try:
+            return sequence, store.get(layout.log_entry_key(repo_id, sequence))
+        except ObjectNotFound:
+            return sequence, None
+
+    with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="radcrypt-log") as pool:
+        blobs = dict(pool.map(read, range(verified[-1] + 1)))
+    entries: dict[int, seglog.LogEntry] = {}
+    for sequence in verified:
+        blob = blobs.get(sequence)
+        if blob is None or hashlib.sha256(blob).digest() != state.hashes[sequence]:
+            raise IntegrityError(f"log entry {sequence} of repository {repo_id} changed or "
+                                 "disappeared after it was verified")
+        entries[sequence] = _payload(blob, repo_id, sequence)
+    expected = entries[verified[0]].prev
+    for sequence in range(verified[0] - 1, -1, -1):
+        blob = blobs.get(sequence)
+        if blob is None:
+            break  # deleted below a checkpoint: the history starts after it
+        if hashlib.sha256(blob).digest() != expected:
+            raise IntegrityError(f"log entry {sequence} of repository {repo_id} is not the "
+                                 f"one entry {sequence + 1} chains to (altered)")
+        entries[sequence] = _payload(blob, repo_id, sequence)
+        expected = entries[sequence].prev
+    return [entries[n] for n in sorted(entries)]
+
+
+def _payload(blob: bytes, repo_id: str, sequence: int) -> seglog.LogEntry:
+    name = layout.log_entry_key(repo_id, sequence)
+    try:
+        return seglog.decode_payload(blob[_RECORD_HEAD:], name)
+    except FormatError as exc:
+        raise IntegrityError(f"log entry {sequence} of repository {repo_id} is malformed: "
+                             f"{exc}") from None
+
+
+def object_key(repo_id: str, kind: int, object_id: str) -> str:
+    """The bucket name of a log object: segments (both formats) or packs."""
+    if kind == seglog.TYPE_PACK:
+        return layout.pack_key(repo_id, object_id)
+    return layout.segment_key(repo_id, object_id)
+
+
+def fetch_checked(store: Store, repo_id: str, live: seglog.LiveObject) -> bytes:
+    """A live object's bytes, refused unless their SHA-256 is the one the log names."""
+    word = "pack" if live.type == seglog.TYPE_PACK else "segment"
+    try:
+        blob = store.get(object_key(repo_id, live.type, live.id))
+    except ObjectNotFound:
+        raise IntegrityError(f"{word} {live.id} of repository {repo_id} is live in the log but "
+                             "missing from the store: nothing was replaced") from None
+    if hashlib.sha256(blob).digest() != live.sha256:
+        raise IntegrityError(f"{word} {live.id} of repository {repo_id} does not match the "
+                             "segment log (altered or replaced in the store): nothing was "
+                             "replaced")
+    return blob
+
+
+def merge_rows(parts: Sequence[tuple[list[str], EncryptedVectors]]
+               ) -> tuple[list[str], EncryptedVectors]:
+    """Rows of several segments (or selections of them) back to back, bytes unchanged."""
+    widths = {vectors.widths for _, vectors in parts}
+    if len(widths) != 1:
+        raise IntegrityError("segments of one key version have different vector widths; "
+                             "they cannot be merged")
+    ids = [i for part_ids, _ in parts for i in part_ids]
+    if len(set(ids)) != len(ids):
+        raise IntegrityError("an image is named by two of the segments to merge: refusing "
+                             "to write it twice (run radcrypt check)")
+    full = np.concatenate([np.asarray(v.full) for _, v in parts])
+    levels = tuple(np.concatenate([np.asarray(v.levels[i]) for _, v in parts])
+                   for i in range(len(parts[0][1].levels)))
+    return ids, EncryptedVectors(full=full, levels=levels)
+
+
+def build_segment(repo: Repository, writer: Identity, key_version: int, base_sequence: int,
+                  ids: list[str], vectors: EncryptedVectors) -> tuple[str, bytes]:
+    """(seg_id, bytes) of a new authenticated segment holding exactly these rows."""
+    seg_id = layout.new_id()
+    mac_key = index_mac_key(repo.ring.version(key_version).data_key)
+    blob = encode_segment_v2(ids, vectors, key_version, seg_id=seg_id, writer=writer.user_id,
+                             base_sequence=base_sequence, repo_id=repo.repo_id,
+                             mac_key=mac_key)
+    written = decode_segment(blob, seg_id).id_strings()
+    if sorted(written) != sorted(ids) or len(written) != len(ids):
+        raise IntegrityError(f"new segment {seg_id} would not hold exactly the images of "
+                             "the segments it replaces: nothing was written")
+    return seg_id, blob
+
+
+def build_pack(repo: Repository, key_version: int,
+               images: Sequence[tuple[str, bytes, bytes]], features: np.ndarray
+               ) -> tuple[str, bytes]:
+    """(pack_id, bytes) of a new pack, re-opened to check it holds exactly ``images``."""
+    pack_id = layout.new_id()
+    data_key = repo.ring.version(key_version).data_key
+    blob = packs.build_pack(data_key, repo.repo_id, pack_id, key_version, list(images),
+                            np.asarray(features, dtype=np.float64))
+    toc, _ = packs.open_pack(data_key, repo.repo_id, pack_id, blob)
+    if toc.image_ids() != [image_id for image_id, _, _ in images]:
+        raise IntegrityError(f"new pack {pack_id} would not hold exactly the images of the "
+                             "packs it replaces: nothing was written")
+    return pack_id, blob
+
+
+def added(kind: int, object_id: str, blob: bytes, count: int) -> seglog.Added:
+    return seglog.Added(kind, object_id, hashlib.sha256(blob).digest(), count)
+
+
+@dataclass
+class Commit:
+    """The outcome of one replace entry: ``sequence`` None when the group was abandoned."""
+
+    state: seglog.LogState
+    sequence: int | None
+
+
+def commit_replace(store: Store, settings: Settings | None, repo: Repository,
+                   writer: Identity, trust: Any, state: seglog.LogState, *, reason: int,
+                   key_version: int, new_objects: Sequence[tuple[seglog.Added, bytes]],
+                   removed: Sequence[seglog.Removed],
+                   verify: Callable[[seglog.LogState], seglog.LogState]) -> Commit:
+    """Write the new objects, then one ``replace`` entry (draft 5.3, 7.4).
+
+    seglog.append retries after a concurrent writer's entry by itself; when that entry
+    took objects of this group out of the live set, the group is abandoned: the new
+    objects, which no entry names, are deleted, and ``verify(state)`` gives the log as it
+    now stands. Any other refusal of the log is an IntegrityError.
+    """
+    for entry, blob in new_objects:
+        store.put(object_key(repo.repo_id, entry.type, entry.id), blob, if_absent=True)
+    adds = sorted((entry for entry, _ in new_objects), key=lambda a: (a.type, a.id))
+    try:
+        new_state = seglog.append(store, repo.repo_id, writer, writer.user_id, trust, state,
+                                  kind=seglog.KIND_REPLACE, reason=reason,
+                                  key_version=key_version, added=adds, removed=removed)
+    except seglog.AppendAbandoned as exc:
+        log.info("repository %s: %s", repo.repo_id, exc)
+        for entry in adds:
+            store.delete(object_key(repo.repo_id, entry.type, entry.id))
+        return Commit(verify(state), None)
+    except seglog.LogError as exc:
+        raise IntegrityError(f"repository {repo.repo_id}: the segment log refused the "
+                             f"replace entry: {exc}") from None
+    if settings is not None:
+        logstate.remember_head(settings, repo.repo_id, new_state.head)
+    return Commit(new_state, new_state.head.sequence)
+
+
+def delete_replaced(store: Store, state: seglog.LogState, grace_seconds: float,
+                    now: float | None = None) -> tuple[int, int]:
+    """(deleted, deferred): objects removed by a verified entry are deleted once the
+    entry is ``grace_seconds`` old (draft 7.4); never an object live at the head."""
+    now = time.time() if now is None else now
+    repo_id = state.repo_id
+    live = {object_key(repo_id, kind, object_id) for kind, object_id in state.live}
+    present = {key for prefix in (layout.segments_prefix(repo_id), layout.packs_prefix(repo_id))
+               for key in store.list_keys(prefix)} - live
+    deleted = deferred = 0
+    if not present:  # nothing but live objects: no need to read the log's history
+        return deleted, deferred
+    for entry in log_history(store, state):
+        for gone in entry.removed:
+            key = object_key(repo_id, gone.type, gone.id)
+            if key not in present:
+                continue
+            if now - entry.time_ms / 1000 < grace_seconds:
+                deferred += 1
+                continue
+            store.delete(key)
+            present.discard(key)
+            deleted += 1
+    return deleted, deferred
+
+
+# --- compaction --------------------------------------------------------------------------------
+
+
+def compact(store: Store, settings: Settings, repo: Repository, writer: Identity, *,
+            target_images: int = TARGET_IMAGES, pack_images: int = PACK_IMAGES,
+            grace_seconds: float = GRACE_SECONDS,
+            progress: ProgressCallback = no_progress, cancel: CancelToken | None = None,
+            now: float | None = None) -> CompactionReport:
+    """Merge a format-2 repository's small segments and packs (module docstring); any
+    member may run it. ``now``: the clock for the grace period (tests).
+
+    Progress: one "compact" event per group (status "compacted" or "abandoned"), then one
+    "delete" event. Cancelling stops between groups; committed groups stay committed.
+    """
+    start = time.perf_counter()
+    require_format2(repo, "compaction")
+    if repo.manifest.member_version(writer.user_id) is None:
+        raise AccessDenied(f"user {writer.user_id!r} is not a member of repository "
+                           f"{repo.repo_id!r}: only members compact it")
+    cancel = cancel or CancelToken()
+    report = CompactionReport()
+    state = logstate.verified_log(store, settings, repo)
+    report.segments_before, report.packs_before = len(state.segments()), len(state.packs())
+    plan = _plan(store, repo, state, target_images, pack_images)
+    try:
+        for done, (kind, version, group) in enumerate(plan, 1):
+            cancel.check()
+            state, status, item = _compact_group(store, settings, repo, writer, state, kind,
+                                                 version, group, report)
+            progress(ProgressEvent("compact", done, len(plan), item=item, status=status,
+                                   message=f"{len(group)} {_word(kind)}s"))
+    except Cancelled:
+        report.cancelled = True
+    if not report.cancelled:
+        report.deleted, report.deferred = delete_replaced(store, state, grace_seconds, now)
+        progress(ProgressEvent("delete", report.deleted, report.deleted + report.deferred,
+                               message=f"{report.deleted} replaced objects deleted, "
+                                       f"{report.deferred} within the grace period"))
+    report.segments_after, report.packs_after = len(state.segments()), len(state.packs())
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _word(kind: int) -> str:
+    return "pack" if kind == seglog.TYPE_PACK else "segment"
+
+
+def _plan(store: Store, repo: Repository, state: seglog.LogState, target_images: int,
+          pack_images: int) -> list[tuple[int, int, list[seglog.LiveObject]]]:
+    """(type, key version, live objects) of each merge: per key version the objects below
+    the target, smallest first, cut before a group would pass it; a group of one is no
+    merge. Only key versions this ring holds (an old version's objects are the
+    revocation's to retire)."""
+    sizes = dict(store.list_objects(layout.packs_prefix(repo.repo_id)))
+    versions = sorted({o.key_version for o in state.live.values()})
+    plan: list[tuple[int, int, list[seglog.LiveObject]]] = []
+    for version in versions:
+        try:
+            repo.ring.version(version)
+        except KeyError:
+            continue
+        for group in _groups(state.segments(version), target_images, lambda o: 0, 0):
+            plan.append((seglog.TYPE_SEGMENT, version, group))
+        for group in _groups(state.packs(version), pack_images,
+                             lambda o: sizes.get(layout.pack_key(repo.repo_id, o.id), 0),
+                             PACK_BYTES):
+            plan.append((seglog.TYPE_PACK, version, group))
+    return plan
+
+
+def _groups(objects: list[seglog.LiveObject], limit: int,
+            size_of: Callable[[seglog.LiveObject], int], max_bytes: int
+            ) -> list[list[seglog.LiveObject]]:
+    small = sorted((o for o in objects if o.count < limit), key=lambda o: (o.count, o.id))
+    groups: list[list[seglog.LiveObject]] = []
+    current: list[seglog.LiveObject] = []
+    images = size = 0
+    for obj in small:
+        grows = size_of(obj)
+        if current and (images + obj.count > limit or (max_bytes and size + grows > max_bytes)):
+            groups.append(current)
+            current, images, size = [], 0, 0
+        current.append(obj)
+        images += obj.count
+        size += grows
+    if current:
+        groups.append(current)
+    return [g for g in groups if len(g) > 1]
+
+
+def _compact_group(store: Store, settings: Settings, repo: Repository, writer: Identity,
+                   state: seglog.LogState, kind: int, version: int,
+                   group: list[seglog.LiveObject], report: CompactionReport,
+                   ) -> tuple[seglog.LogState, str, str]:
+    if not all((o.type, o.id) in state.live for o in group):
+        report.abandoned += 1  # an earlier group's race moved the log on
+        return state, "abandoned", ""
+    if kind == seglog.TYPE_SEGMENT:
+        new_id, blob, count = _merge_segments(store, repo, writer, state, version, group)
+    else:
+        new_id, blob, count = _merge_packs(store, repo, version, group)
+    if count != sum(o.count for o in group):
+        raise IntegrityError(f"the {_word(kind)}s {', '.join(o.id for o in group)} of "
+                             f"repository {repo.repo_id} hold {count} images, the log says "
+                             f"{sum(o.count for o in group)}: nothing was replaced")
+    check_still_current(store, repo)  # draft 5.3 step 3: never under a superseded manifest
+    trust = logstate.repository_trust(store, repo)  # the manifest as it is now
+
+    def verify(since: seglog.LogState) -> seglog.LogState:
+        return logstate.verified_log(store, settings, repo, since=since)
+
+    done = commit_replace(
+        store, settings, repo, writer, trust, state, reason=seglog.REASON_COMPACTION,
+        key_version=version, new_objects=[(added(kind, new_id, blob, count), blob)],
+        removed=[seglog.Removed(o.type, o.id) for o in group], verify=verify)
+    if done.sequence is None:
+        report.abandoned += 1
+        return done.state, "abandoned", new_id
+    report.entries.append(done.sequence)
+    return done.state, "compacted", new_id
+
+
+def _merge_segments(store: Store, repo: Repository, writer: Identity,
+                    state: seglog.LogState, version: int, group: list[seglog.LiveObject],
+                    ) -> tuple[str, bytes, int]:
+    mac_key = index_mac_key(repo.ring.version(version).data_key)
+    parts = []
+    for live in group:
+        blob = fetch_checked(store, repo.repo_id, live)
+        try:
+            verify_segment_mac(blob, live.id, repo.repo_id, mac_key)
+            segment = decode_segment(blob, live.id)
+        except SegmentAuthError:
+            raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is not "
+                                 "authenticated (its MAC does not verify: forged or "
+                                 "altered): compaction stopped, nothing was replaced") from None
+        except SegmentError as exc:
+            raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is "
+                                 f"damaged ({exc.reason}): compaction stopped") from None
+        if segment.key_version != version:
+            raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is of key "
+                                 f"version {segment.key_version}, the log says {version}")
+        if segment.base_sequence is None or segment.base_sequence >= live.added_at:
+            raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} names base "
+                                 f"sequence {segment.base_sequence}, not below the entry "
+                                 f"{live.added_at} that added it: compaction stopped")
+        parts.append((segment.id_strings(), segment.vectors))
+    ids, vectors = merge_rows(parts)
+    seg_id, blob = build_segment(repo, writer, version, state.head.sequence, ids, vectors)
+    return seg_id, blob, len(ids)
+
+
+def _merge_packs(store: Store, repo: Repository, version: int,
+                 group: list[seglog.LiveObject]) -> tuple[str, bytes, int]:
+    data_key = repo.ring.version(version).data_key
+    images: list[tuple[str, bytes, bytes]] = []
+    rows: list[np.ndarray] = []
+    for live in group:
+        blob = fetch_checked(store, repo.repo_id, live)
+        try:
+            toc, entries = packs.open_pack(data_key, repo.repo_id, live.id, blob)
+            ids = toc.image_ids()
+            rows.append(packs.decode_features(
+                entries[(packs.KIND_FEATURES, live.id)], ids))
+        except (FormatError, DecryptionError, KeyError) as exc:
+            raise IntegrityError(f"pack {live.id} of repository {repo.repo_id} does not open "
+                                 f"({exc}): compaction stopped, nothing was replaced"
+                                 ) from None
+        images += [(i, entries[(packs.KIND_META, i)], entries[(packs.KIND_THUMBS, i)])
+                   for i in ids]
+    image_ids = [i for i, _, _ in images]
+    if len(set(image_ids)) != len(image_ids):
+        raise IntegrityError(f"an image is in two of the packs {', '.join(o.id for o in group)}"
+                             f" of repository {repo.repo_id}: refusing to write it twice")
+    pack_id, blob = build_pack(repo, version, images, np.concatenate(rows))
+    return pack_id, blob, len(images)
