@@ -213,12 +213,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.repo:
+        return _check_repository(args)
     results = facade.check_connection(_settings(args))
     failed = any(r.ok is False for r in results)
     _emit(args, {"ok": not failed, "checks": [r.as_dict() for r in results]},
           lambda: [print(f"{'ok' if r.ok else 'FAILED' if r.ok is False else '-':<7}"
                          f"{r.part:<9}{r.text}") for r in results])
     return EXIT_ERROR if failed else EXIT_OK
+
+
+def _check_repository(args: argparse.Namespace) -> int:
+    """``check --repo R``: one line per problem naming its object, then the strays and a
+    summary; exit 1 when a problem was found (like restic check)."""
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        with _progress(not args.json, "checking", unit="objects") as progress:
+            report = client.check_repository(repo, progress=progress)
+    _emit(args, report.as_dict(), lambda: [print(line) for line in report.lines()])
+    return EXIT_OK if report.ok else EXIT_ERROR
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
@@ -643,7 +656,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "serve", "run the search service", cmd_serve, json_flag=False)
     facade.add_service_arguments(p)
 
-    _command(sub, "check", "test the connection: storage, bucket, search service", cmd_check)
+    p = _command(sub, "check", "test the connection: storage, bucket, search service; with "
+                 "--repo, check a repository instead", cmd_check)
+    p.add_argument("--repo", metavar="NAME",
+                   help="check this repository: manifest, segment log, segments, packs, "
+                        "images and stray objects; exit status 1 when a problem is found")
 
     p = _command(sub, "repo", "create, list and share repositories", cmd_repo)
     repo_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -656,9 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="off: no bound levels (searches scan every full vector, slower; a "
                         "known-plaintext attacker then needs d + 1 known images, see "
                         "SECURITY.md)")
-    c.add_argument("--format", type=int, choices=(1, 2), default=1,
-                   help="storage format: 1 (default) or 2 (packs and a signed segment log; "
-                        "search answers are checked for completeness; docs/FORMAT-v2-draft.md)")
+    c.add_argument("--format", type=int, choices=(2,), default=2,
+                   help="storage format: 2, the only one for new repositories (packs and a "
+                        "signed segment log; search answers are checked for completeness; "
+                        "docs/FORMAT-2.md); format 1 is read-only: `repo migrate "
+                        "--format 2` moves an old repository")
     _command(repo_sub, "list", "list the repositories in the store", cmd_repo)
     for action, words in (("grant", "give a registered user access"),
                           ("revoke", "remove a user's access (rotates the keys)")):

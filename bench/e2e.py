@@ -2,14 +2,17 @@
 
     python -m bench.e2e --n 100000 --queries 30
 
-A repository of n images on the embedded SeaweedFS store: n realistic feature vectors
-(matching real image features) encrypted into segments, of which ``queries`` also have a
-real 512 KB original and metadata. The search service runs as its own process with
-signed requests checked against the owner's key. For each perturbed query it measures
-token, signed search over HTTP, metadata fetch and decrypt, and the original's fetch and
-decrypt; and, in the same run, plaintext numpy brute force over the same vectors and a
-plain (unencrypted) download of the same number of bytes. Also: segment load rate and
-the service's resident memory. A benchmark: it never fails on a time.
+A repository in storage format 2 (the default) of n images on the embedded SeaweedFS
+store: n realistic feature vectors (matching real image features) encrypted into
+authenticated segments, committed with their packs (metadata, a placeholder preview and
+the feature array) by owner-signed log entries; ``queries`` images also have a real
+512 KB original. Every answer is checked complete against the log. The search service
+runs as its own process with signed requests checked against the owner's key. For each
+perturbed query it measures token, signed search over HTTP, metadata fetch and decrypt,
+and the original's fetch and decrypt; and, in the same run, plaintext numpy brute force
+over the same vectors and a plain (unencrypted) download of the same number of bytes.
+Also: segment load rate and the service's resident memory. A benchmark: it never fails
+on a time.
 
 Protocols: with the same tokens, in the same run, alternating, one signed search per
 query with wire protocol 1 (JSON, base64 token) and with protocol 2 (binary,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import platform
@@ -56,39 +60,60 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 def run(n: int, queries: int, work: Path) -> dict[str, object]:
-    from app.core import objects
+    from app.core import logstate, objects
     from app.core.access import create_repository_as, session_for
     from app.core.searcher import search_features
     from app.core.settings import Settings
-    from cloud import layout
-    from cloud.segments import encode_segment
+    from cloud import layout, seglog
+    from cloud.segments import encode_segment_v2
+    from crypto import pack
     from crypto.identity import Identity
+    from crypto.segment_mac import index_mac_key
 
     rng = np.random.default_rng(0)
     data = realistic(rng, n, 128)
     owner = Identity.generate("Bench Owner")
     settings = Settings(store="local", data_dir=str(work / "data"))
-    report: dict[str, object] = {"n": n, "queries": queries}
+    report: dict[str, object] = {"n": n, "queries": queries, "storage_format": 2}
     with session_for(settings, owner) as session:
         store = session.store
-        repo = create_repository_as(session, owner, "e2e-bench")
+        repo = create_repository_as(session, owner, "e2e-bench", storage_format=2)
+        keys, repo_id = repo.keys, repo.repo_id
         ids = [layout.new_id() for _ in range(n)]
+        preview = b"\x89PNG\r\n\x1a\n"  # the previews are not what this measures
         start = time.perf_counter()
         segment_bytes = 0
+        state = logstate.verified_log(store, settings, repo)
         for begin in range(0, n, SEGMENT_ROWS):
-            vectors = repo.keys.index_key.encrypt(data[begin : begin + SEGMENT_ROWS])
-            blob = encode_segment(ids[begin : begin + SEGMENT_ROWS], vectors, 1)
+            rows = slice(begin, begin + SEGMENT_ROWS)
+            batch_ids = ids[rows]
+            vectors = keys.index_key.encrypt(data[rows])
+            seg_id, pack_id = layout.new_id(), layout.new_id()
+            blob = encode_segment_v2(batch_ids, vectors, keys.version, seg_id=seg_id,
+                                     writer=owner.user_id, base_sequence=state.head.sequence,
+                                     repo_id=repo_id, mac_key=index_mac_key(keys.data_key))
+            metas = [(image_id, json.dumps({"format": "radcrypt-meta-v2",
+                                            "name": f"image-{begin + j}.dcm"}).encode(),
+                      preview) for j, image_id in enumerate(batch_ids)]
+            packed = pack.build_pack(keys.data_key, repo_id, pack_id, keys.version, metas,
+                                     data[rows])
+            store.put(layout.pack_key(repo_id, pack_id), packed)
+            store.put(layout.segment_key(repo_id, seg_id), blob)
+            added = [seglog.Added(seglog.TYPE_SEGMENT, seg_id, hashlib.sha256(blob).digest(),
+                                  len(batch_ids)),
+                     seglog.Added(seglog.TYPE_PACK, pack_id, hashlib.sha256(packed).digest(),
+                                  len(batch_ids))]
+            state = seglog.append(store, repo_id, owner, owner.user_id,
+                                  logstate.repository_trust(store, repo), state,
+                                  kind=seglog.KIND_ADD, reason=seglog.REASON_IMPORT,
+                                  key_version=keys.version, added=added)
             segment_bytes += len(blob)
-            store.put(layout.segment_key(repo.repo_id, layout.new_id()), blob)
+        logstate.remember_head(settings, repo_id, state.head)
         report["encrypt_upload_s"] = time.perf_counter() - start
         picks = rng.choice(n, queries, replace=False)
         for i in picks:
             original = os.urandom(OBJECT_BYTES)
             objects.put_encrypted(store, repo.keys, repo.repo_id, "objects", ids[i], original)
-            meta = {"format": "radcrypt-meta-v1", "name": f"image-{i}.dcm",
-                    "features": [float(x) for x in data[i]]}
-            objects.put_encrypted(store, repo.keys, repo.repo_id, "meta", ids[i],
-                                  json.dumps(meta).encode())
         store.put("bench/plain-512k", os.urandom(OBJECT_BYTES))
         service = session.service
         start = time.perf_counter()
@@ -111,6 +136,7 @@ def run(n: int, queries: int, work: Path) -> dict[str, object]:
             result = search_features(session, repo, qs[qi : qi + 1], [f"q{qi}"], k=1)[0]
             t1 = time.perf_counter()
             hit = result.hits[0]
+            assert result.complete is True, "the service left live segments out"
             objects.fetch_original(store, repo.ring, repo.repo_id, hit.image_id,
                                    work / "fetched.bin")
             t2 = time.perf_counter()

@@ -1,17 +1,22 @@
 """Ingest throughput: decode, features, encryption and upload of 512x512 16-bit images.
 
-    python -m bench.ingest --images 400 --workers 2 --repeat 3
+    python -m bench.ingest --images 400 --workers 2 --repeat 3 [--storage-format 1|2|both]
 
 Writes distinct 512x512 16-bit CT DICOM files (a real CT slice from the offline sample
 data, resampled, shifted and noised per file), then, --repeat times, measures in turn:
   plaintext work only  decode + radcrypt-v1 features, on the same number of threads
   full import          app.core.importer.Importer into the embedded SeaweedFS store (a new
-                       repository each time), decoding in child processes ("processes",
-                       the default for this many files) and on threads ("threads")
+                       repository each time, in storage format 2 (packs and a segment log:
+                       the default) or 1 (read-only in the product: written here as old
+                       clients wrote it), or both in turn with --storage-format both),
+                       decoding in child processes ("processes", the default for this many
+                       files) and on threads ("threads")
 and reports images/s (median, min-max), the ratio import/plaintext of each repetition,
-and where the CPU went: this process with its decoding children, the store's server, and
-everything else on the machine (other people's jobs: on a shared machine the absolute
-rates move with them, the CPU per image much less). A benchmark: it never fails on a time.
+and where the CPU went, in ms per image: this process (which hashes, encrypts and
+uploads), its decoding children (decode, features, preview), the store's server, and
+everything else on the machine in cores (other people's jobs: on a shared machine the
+absolute rates move with them, the CPU per image much less). The load average before and
+after is recorded. A benchmark: it never fails on a time.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ class CpuMeter:
     def __enter__(self) -> CpuMeter:
         self._wall = time.perf_counter()
         self._own = self._own_cpu()
+        self._parent = self._parent_cpu()
         self._other = _pid_cpu(self.other_pid)
         self._busy = _machine_busy()
         return self
@@ -119,6 +125,7 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._wall
         self.own = self._own_cpu() - self._own
+        self.parent = self._parent_cpu() - self._parent
         other = _pid_cpu(self.other_pid)
         self.other = other - self._other if other is not None and self._other is not None \
             else None
@@ -130,11 +137,19 @@ class CpuMeter:
         t = os.times()
         return t.user + t.system + t.children_user + t.children_system
 
+    @staticmethod
+    def _parent_cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
     def report(self, images: int) -> dict[str, Any]:
         """ms of CPU per image, and cores in use on average (others: everything else)."""
         out: dict[str, Any] = {"seconds": self.seconds,
                                "images_per_s": images / self.seconds,
                                "cpu_ms_per_image": 1000 * self.own / images,
+                               "parent_cpu_ms_per_image": 1000 * self.parent / images,
+                               "children_cpu_ms_per_image":
+                                   1000 * (self.own - self.parent) / images,
                                "cores": self.own / self.seconds}
         if self.other is not None:
             out["store_cpu_ms_per_image"] = 1000 * self.other / images
@@ -143,6 +158,17 @@ class CpuMeter:
             others = self.busy - self.own - (self.other or 0.0)
             out["others_cores"] = max(0.0, others / self.seconds)
         return out
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _fmt_load(load: list[float] | None) -> str:
+    return "unknown" if load is None else " ".join(f"{v:.2f}" for v in load)
 
 
 # --- the measurements -----------------------------------------------------------------------
@@ -157,8 +183,16 @@ def plaintext_rate(paths: list[Path], workers: int) -> dict[str, Any]:
     return meter.report(len(paths))
 
 
+def _format1_importer(base: type) -> type:
+    """The importer writing format 1 as clients before issue 13 did (per-image preview and
+    metadata objects, a format-1 segment per batch). The product refuses to write format
+    1 now (read-only: ``repo migrate --format 2``); its FORMAT1_WRITER switch, kept for
+    tests that play an old client, lets the benchmark measure that write path too."""
+    return type("Format1Importer", (base,), {"FORMAT1_WRITER": True})
+
+
 def import_rate(store: Any, store_pid: int | None, paths: list[Path], workers: int,
-                processes: bool, name: str) -> dict[str, Any]:
+                processes: bool, name: str, storage_format: int = 2) -> dict[str, Any]:
     import tempfile
     from types import SimpleNamespace
 
@@ -167,19 +201,26 @@ def import_rate(store: Any, store_pid: int | None, paths: list[Path], workers: i
     from app.core.settings import Settings
     from crypto.identity import Identity
 
-    # Repositories belong to identities: a throw-away owner, its pins in a temporary dir.
+    # Repositories belong to identities: a throw-away owner, its pins (and, format 2, the
+    # log's rollback memory) in a temporary dir; format 2's log entries are its signatures.
     with tempfile.TemporaryDirectory(prefix="radcrypt-bench-") as data_dir:
-        session = SimpleNamespace(store=store, settings=Settings(data_dir=data_dir))
-        repo = create_repository_as(session, Identity.generate("Bench Owner"), name)  # type: ignore[arg-type]
-    importer = Importer(store, repo, workers=workers, processes=processes)
-    with CpuMeter(store_pid) as meter:
-        report = importer.run(paths)
+        settings = Settings(data_dir=data_dir)
+        session = SimpleNamespace(store=store, settings=settings)
+        owner = Identity.generate("Bench Owner")
+        repo = create_repository_as(session, owner, name,  # type: ignore[arg-type]
+                                    storage_format=storage_format)
+        kind = Importer if storage_format == 2 else _format1_importer(Importer)
+        importer = kind(store, repo, workers=workers, processes=processes,
+                        writer=owner, settings=settings)
+        with CpuMeter(store_pid) as meter:
+            report = importer.run(paths)
     if report.failed or len(report.imported) != len(paths):
         raise SystemExit(f"import failed: {report.failed[:3]}")
     result = meter.report(len(paths))
     result["stored_mb"] = sum(
         size for _, size in store.list_objects(f"radcrypt/v1/repos/{repo.repo_id}/")) / 2**20
     result["segments"] = len(report.segments)
+    result["storage_format"] = storage_format
     return result
 
 
@@ -198,7 +239,8 @@ def summarise(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
                 [r[mode]["images_per_s"] / r["plaintext"]["images_per_s"] for r in runs]),
             "cpu_ms_per_image": _spread([i["cpu_ms_per_image"] for i in imports]),
         }
-        for key in ("store_cpu_ms_per_image", "others_cores"):
+        for key in ("parent_cpu_ms_per_image", "children_cpu_ms_per_image",
+                    "store_cpu_ms_per_image", "others_cores"):
             if all(key in i for i in imports):
                 summary[mode][key] = _spread([i[key] for i in imports])
     return summary
@@ -211,20 +253,24 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace, modes: list[s
     plain = summary["plaintext_images_per_s"]
     print(f"{args.images} images, {args.workers} workers, {args.repeat} repetitions: "
           "median [min-max]")
-    print(f"{'':<22}{'images/s':>22}{'import/plain':>20}{'CPU ms/img':>20}"
-          f"{'store ms/img':>20}{'others (cores)':>20}")
-    print(f"{'decode+features only':<22}{fmt(plain):>22}")
+    print(f"{'':<26}{'images/s':>20}{'import/plain':>18}{'parent ms/img':>18}"
+          f"{'children ms/img':>18}{'store ms/img':>18}{'others (cores)':>18}")
+    print(f"{'decode+features only':<26}{fmt(plain):>20}")
     for mode in modes:
         s = summary[mode]
-        store = fmt(s["store_cpu_ms_per_image"]) if "store_cpu_ms_per_image" in s else "-"
+        cols = [fmt(s[k]) if k in s else "-" for k in
+                ("parent_cpu_ms_per_image", "children_cpu_ms_per_image",
+                 "store_cpu_ms_per_image")]
         others = fmt(s["others_cores"], 2) if "others_cores" in s else "-"
-        print(f"{'import, ' + mode:<22}{fmt(s['images_per_s']):>22}"
-              f"{fmt(s['ratio_to_plaintext'], 2):>20}{fmt(s['cpu_ms_per_image']):>20}"
-              f"{store:>20}{others:>20}")
+        print(f"{'import, ' + mode:<26}{fmt(s['images_per_s']):>20}"
+              f"{fmt(s['ratio_to_plaintext'], 2):>18}" + "".join(f"{c:>18}" for c in cols)
+              + f"{others:>18}")
     print("512x512 16-bit CT DICOM; import = decode, features, preview, AES-GCM, secure-kNN, "
-          "three uploads per image to the embedded store, a segment per 64 images. "
-          "CPU ms/img: this process and its decoding children; store: the store's server; "
-          "others: the rest of the machine, in cores.")
+          "uploads to the embedded store (format 1: three objects per image and a segment "
+          "per 64 images; format 2: the original per image, a pack, a segment and a log "
+          "entry per 64). parent: this process (hashing, encryption, uploads, commits); "
+          "children: its decoding children (decode, features, preview); store: the store's "
+          "server; others: the rest of the machine, in cores.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,13 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--mode", choices=[*MODES, "both"], default="both")
+    parser.add_argument("--storage-format", choices=["1", "2", "both"], default="2",
+                        help="storage format of the repositories imported into (default 2; "
+                             "both: format 1 and 2 in turn, in every repetition)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/ingest.json"))
     args = parser.parse_args(argv)
     modes = list(MODES) if args.mode == "both" else [args.mode]
+    formats = [1, 2] if args.storage_format == "both" else [int(args.storage_format)]
+    columns = [(mode, fmt) for fmt in formats for mode in modes]
+    names = [f"{mode}, format {fmt}" for mode, fmt in columns]
 
     from cloud.local import start_embedded_store
     from cloud.store import ObjectStore
 
+    load_before = _load_average()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="radcrypt-ingest-") as tmp:
         work = Path(tmp)
@@ -249,19 +302,23 @@ def main(argv: list[str] | None = None) -> int:
             store_pid = handle.pid if handle.kind == "seaweedfs" else None
             for i in range(args.repeat):
                 run: dict[str, Any] = {"plaintext": plaintext_rate(paths, args.workers)}
-                for mode in modes:
-                    run[mode] = import_rate(store, store_pid, paths, args.workers,
-                                            MODES[mode], f"ingest-{mode}-{i}")
+                for (mode, fmt), label in zip(columns, names, strict=True):
+                    run[label] = import_rate(store, store_pid, paths, args.workers,
+                                             MODES[mode], f"ingest-{mode}-f{fmt}-{i}", fmt)
                 runs.append(run)
                 print(f"repetition {i + 1}: plaintext {run['plaintext']['images_per_s']:.1f}/s, "
-                      + ", ".join(f"{m} {run[m]['images_per_s']:.1f}/s" for m in modes),
+                      + ", ".join(f"{m} {run[m]['images_per_s']:.1f}/s" for m in names),
                       flush=True)
             kind = handle.kind
-    summary = summarise(runs, modes)
-    print_table(summary, args, modes)
+    summary = summarise(runs, names)
+    print_table(summary, args, names)
+    load = _load_average()
+    print(f"load average (1, 5, 15 min) at the start: {_fmt_load(load_before)}, "
+          f"at the end: {_fmt_load(load)}")
     report = {"machine": platform.platform(), "cpus": os.cpu_count(), "store": kind,
               "images": args.images, "workers": args.workers, "repeat": args.repeat,
-              "summary": summary, "runs": runs}
+              "storage_formats": formats, "load_average_start": load_before,
+              "load_average_end": load, "summary": summary, "runs": runs}
     write_json(args.json, report)
     return 0
 

@@ -64,7 +64,7 @@ def request_message(method: str, path: str, body_sha256: str, stamp: str, nonce:
                     user_id: str, service_id: str, protocol: int = 1) -> bytes:
     """The exact bytes a client signs and the service verifies (docs/FORMAT.md 16.2).
 
-    Protocol 2 (docs/FORMAT-v2-draft.md 8.1) signs "radcrypt-request-v3", the same seven
+    Protocol 2 (docs/FORMAT-2.md 8.1) signs "radcrypt-request-v3", the same seven
     lines, then the protocol version in decimal: a signature made for one protocol never
     verifies for the other, so a request cannot be replayed under another body grammar."""
     lines = [REQUEST_VERSION if protocol == 1 else REQUEST_VERSION_V3, method.upper(), path,

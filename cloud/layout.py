@@ -44,7 +44,7 @@ _HEX_ID_RE = re.compile(r"[0-9a-f]{32}")
 _SEQ20_RE = re.compile(r"[0-9]{20}")
 _NAME_RULE = "1 to 63 characters from a-z, 0-9 and '-', not starting with '-'"
 _HEX_RULE = "32 lowercase hexadecimal characters (a 128-bit id from new_id())"
-_SEQ20_RULE = "exactly 20 decimal digits (SEQ20, docs/FORMAT-v2-draft.md 2.1)"
+_SEQ20_RULE = "exactly 20 decimal digits (SEQ20, docs/FORMAT-2.md 2.1)"
 MAX_SEQUENCE = 2**64 - 1
 
 

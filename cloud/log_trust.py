@@ -1,7 +1,7 @@
 """Whom the search service believes when it verifies a repository's segment log.
 
 The service holds no repository key; what it can check is signatures. It trusts only the
-owner keys it was configured with (docs/FORMAT-v2-draft.md 5.5, 6.2): the manifest must
+owner keys it was configured with (docs/FORMAT-2.md 5.5, 6.2): the manifest must
 be signed by one of them, and a log entry must be signed by that same owner or by a
 member listed in that manifest at its current key version, whose user record
 (``users/<id>.json``) that same owner signed. This is the rule cloud/auth.py applies to

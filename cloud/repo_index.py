@@ -10,7 +10,7 @@ query token only matches ciphertexts made with the same keys, and an image alrea
 present (imported twice, by two workstations at once) is kept once.
 
 Which segments: in format 1, every segment listed in the bucket. In format 2
-(docs/FORMAT-v2-draft.md 5.5, 6.2) exactly the live segments of the segment log, verified
+(docs/FORMAT-2.md 5.5, 6.2) exactly the live segments of the segment log, verified
 with the owner keys the service trusts (cloud/log_trust.py) and extended entry by entry
 from the last verified state; a segment only in the bucket is never loaded, and a live one
 that is missing or whose SHA-256 is not the log's is not searched and reported in
@@ -62,7 +62,7 @@ class Snapshot:
 
     ``head``/``head_hash`` are the verified log head of a format-2 repository (0 and zero
     bytes for format 1), ``segment_ids`` the ids of the segments searched per key version
-    (sorted) and ``set_digests`` their segment-set digest (docs/FORMAT-v2-draft.md 6.1),
+    (sorted) and ``set_digests`` their segment-set digest (docs/FORMAT-2.md 6.1),
     which the client compares with the live set it verified. ``log_error`` says why the
     last refresh could not verify the log: the snapshot is then the last verified one."""
 

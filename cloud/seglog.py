@@ -1,4 +1,4 @@
-"""The segment log of a format-2 repository (docs/FORMAT-v2-draft.md 5 and 6).
+"""The segment log of a format-2 repository (docs/FORMAT-2.md 5 and 6).
 
 Why it exists: in format 1 nothing lists a repository's segments authentically, so the
 cloud can delete or withhold one and every search silently covers less. Here every commit
@@ -17,7 +17,7 @@ What verification (``verify_log``) refuses, and how:
 * a head below the remembered one -> LogError "rollback"; the remembered entry with another
   hash -> LogError "fork"; a newer checkpoint hidden -> LogError "checkpoint rollback".
 
-Kind rules as built (draft 5.2's table, made precise): reasons per kind are add: import,
+Kind rules as built (FORMAT-2 5.2's table, made precise): reasons per kind are add: import,
 revocation, repair; replace: compaction, erasure, revocation, migration, repair; remove:
 erasure, revocation, repair (revocation and migration: the owner only; genesis and
 membership: the owner, any reason). An import adds exactly one segment and one pack of the
@@ -119,7 +119,7 @@ class LogAhead(LogError):
 
 class AppendAbandoned(LogError):
     """A replace/remove lost its race to an entry that took its objects out of the live set:
-    the rewrite must start again (its new objects are unreferenced garbage, draft 7.4)."""
+    the rewrite must start again (its new objects are unreferenced garbage, FORMAT-2 7.4)."""
 
 
 class AnswerError(ValueError):
@@ -228,7 +228,7 @@ class LogState:
         return self._objects(TYPE_PACK, key_version)
 
     def set_digest(self, key_version: int) -> bytes:
-        """Segment-set digest (draft 6.1) of the live segments of ``key_version`` at head."""
+        """Segment-set digest (FORMAT-2 6.1) of the live segments of ``key_version`` at head."""
         return set_digest(self.repo_id, key_version, (o.id for o in self.segments(key_version)))
 
     def images(self, key_version: int | None = None) -> int:
@@ -513,7 +513,7 @@ def _digests_of(repo_id: str, live: Iterable[LiveObject]) -> dict[int, bytes]:
 
 
 def checkpoint_payload(state: LogState, manifest_sequence: int) -> dict[str, object]:
-    """The JSON payload of a checkpoint at ``state.head`` (draft 5.4). ``live`` is sorted by
+    """The JSON payload of a checkpoint at ``state.head`` (FORMAT-2 5.4). ``live`` is sorted by
     (type code, id): segments (1) before packs (2)."""
     objects = sorted(state.live.values(), key=lambda o: (o.type, o.id))
     return {
@@ -815,7 +815,7 @@ def _check_remembered(state: LogState, remembered: LogHead) -> None:
 
 def verify_log(store: Store, repo_id: str, trust: LogTrust, remembered: LogHead | None = None,
                since: LogState | None = None, *, from_genesis: bool = False) -> LogState:
-    """Verify the log (draft 5.5) and return its state at the head.
+    """Verify the log (FORMAT-2 5.5) and return its state at the head.
 
     Starts from the highest owner-signed checkpoint (or genesis), or, with ``since``, from
     an earlier verified state (only new entries are read). ``remembered`` is the rollback
@@ -882,7 +882,7 @@ def _sort_key(item: Added | Removed) -> tuple[int, str]:
 def append(store: Store, repo_id: str, writer: Identity, writer_id: str, trust: LogTrust,
            state: LogState, *, kind: int, reason: int, key_version: int,
            added: Sequence[Added], removed: Sequence[Removed] = ()) -> LogState:
-    """Append one entry (draft 5.3 steps 4-5) and return the state with it applied.
+    """Append one entry (FORMAT-2 5.3 steps 4-5) and return the state with it applied.
 
     The entry is checked against the kind rules before anything is written. When another
     writer created the next sequence first, the new entries are verified (``since``) and the
@@ -929,7 +929,7 @@ def append(store: Store, repo_id: str, writer: Identity, writer_id: str, trust: 
                    "row", "contention", current.head.sequence + 1)
 
 
-# --- completeness of answers (draft 6.3) ----------------------------------------------------------
+# --- completeness of answers (FORMAT-2 6.3) ---------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The bytes of one segment-log entry (docs/FORMAT-v2-draft.md 5.2), and nothing else.
+"""The bytes of one segment-log entry (docs/FORMAT-2.md 5.2), and nothing else.
 
 Kept apart from cloud/seglog.py (which verifies chains, applies the kind rules and writes
 to the store) so that the layout can be read, tested and reimplemented on its own. A decoded

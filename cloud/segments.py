@@ -21,7 +21,7 @@ The checksum lets the key-less server reject a corrupted segment (disk, transfer
 truncation); it is not a signature. The reader validates every field before it
 allocates anything, so a hostile or damaged segment cannot make it use unbounded memory.
 
-Format version 2 (storage format 2, docs/FORMAT-v2-draft.md section 4) has the same
+Format version 2 (storage format 2, docs/FORMAT-2.md section 4) has the same
 sections behind a 192-byte header and a 64-byte trailer::
 
     0   magic "RCSG"   4 u16 version (2)   6 u16 flags (0)   8 u32 key version
@@ -173,7 +173,7 @@ def _header_v2(key_version: int, count: int, widths: tuple[int, ...], seg_id: st
 
 
 def _w64(user_id: str) -> bytes:
-    """W64 of draft 2.1: u8 length, the ASCII user id, zero bytes to 64."""
+    """W64 of FORMAT-2 2.1: u8 length, the ASCII user id, zero bytes to 64."""
     raw = user_id.encode("ascii")
     return bytes([len(raw)]) + raw + b"\0" * (WRITER_SIZE - 1 - len(raw))
 
@@ -244,7 +244,7 @@ def expected_size(count: int, widths: tuple[int, ...], version: int = VERSION) -
 
 def parse_header(data: Buffer, name: str) -> SegmentHeader:
     """Validate the header (version 1: the first 64 bytes suffice; version 2: 192) in the
-    order of docs/FORMAT.md F14 and the v2 draft 4.2; every failure is a SegmentError.
+    order of docs/FORMAT.md F14 and the v2 FORMAT-2 4.2; every failure is a SegmentError.
 
     For version 2, ``seg_id`` must equal the object's name: the last part of ``name``
     when that is a 32-hex-digit id (an object key); a ``name`` that is not one (a label

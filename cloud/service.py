@@ -14,7 +14,7 @@ key the service refuses to start, unless --insecure-no-auth is given and it list
 loopback.
 
 Two wire protocols are served (GET /v1/info lists them): protocol 1, JSON under /v1/, and
-protocol 2 (docs/FORMAT-v2-draft.md 8, cloud/wire.py), binary under /v2/ with the header
+protocol 2 (docs/FORMAT-2.md 8, cloud/wire.py), binary under /v2/ with the header
 x-radcrypt-protocol: 2, whose answers name the repository's verified log head and the
 digest of the segments searched, so that a client can tell a complete answer from one
 that left segments out. The owner keys that authenticate requests also verify the
@@ -124,7 +124,7 @@ def _repo_of(path: str) -> tuple[bool, str | None]:
 def _protocol_refusal(path: str, header: str | None, body: bytes) -> str | None:
     """Why a request's protocol is not served (the 400's detail), or None. Protocol 1 is
     any /v1/ request without the header (or with "1"); protocol 2 needs the header "2" on
-    a /v2/ path, and a search body whose magic and version say 2 (draft 8.1)."""
+    a /v2/ path, and a search body whose magic and version say 2 (FORMAT-2 8.1)."""
     if header is not None and header not in ("1", "2"):
         shown = header if header.isascii() and header.isdigit() and len(header) <= 9 \
             else repr(header[:20])
@@ -150,7 +150,7 @@ class Gate:
     1. a token bucket per client address (429), before any authentication;
     2. the body size limit (413), read here so that an oversized chunked body is refused
        before any parser sees it;
-    3. the protocol version (400 naming the supported ones, draft 8.1): the
+    3. the protocol version (400 naming the supported ones, FORMAT-2 8.1): the
        x-radcrypt-protocol header against the path, and a protocol-2 search body's magic
        and version against the header (six public bytes, nothing else of the body);
     4. for every /v1/repos/... and /v2/repos/... request, authentication and authorisation
@@ -310,7 +310,7 @@ class ServiceState:
         """The repository's snapshot, re-listed when older than the refresh interval, or
         (at most once a second) when a client asks for a key version it has not seen:
         a key rotation must not leave searches empty until the next interval; and at
-        once when a client has verified a log head beyond the snapshot's (draft 6.2)."""
+        once when a client has verified a log head beyond the snapshot's (FORMAT-2 6.2)."""
         index = self.repo(repo_id)
         if self._wants_head(repo_id, min_head):
             snap = index.refresh(min_head=min_head)
@@ -475,13 +475,13 @@ def create_app(
             raise _store_down(exc) from None
         return {"head": snap.head, "head_hash": snap.head_hash.hex(), "images": snap.images,
                 "segments": snap.segments, "key_versions": sorted(snap.versions),
-                "rejected": snap.rejected}
+                "rejected": snap.rejected, "log_error": snap.log_error}
 
     @app.post("/v2/repos/{repo}/search", response_class=Response,
               responses={200: {"content": {wire.ANSWER_MEDIA_TYPE: {}}}})
     async def search_v2(repo: str, request: Request,
                         who: str = Depends(principal)) -> Response:
-        """Protocol 2 (docs/FORMAT-v2-draft.md 8.2, 8.3): binary request and answer, the
+        """Protocol 2 (docs/FORMAT-2.md 8.2, 8.3): binary request and answer, the
         answer naming the log head and the digest of the segments searched."""
         repo_id = _repo_id(repo)
         try:

@@ -1,10 +1,10 @@
-"""Wire protocol 2: the binary search request and answer (docs/FORMAT-v2-draft.md 8).
+"""Wire protocol 2: the binary search request and answer (docs/FORMAT-2.md 8).
 
 Protocol 1 sends a base64 token inside JSON and answers JSON floats; at 100k images that
 costs more than the search. Protocol 2 sends the query token (format version 2) behind a
 32-byte request header and answers fixed-width little-endian arrays, together with what the
 client needs to judge completeness (the service's log head, the SHA-256 of its head entry
-and the digest of the segment set it searched, draft 6). Everything here is pure bytes:
+and the digest of the segment set it searched, FORMAT-2 6). Everything here is pure bytes:
 the service decodes requests and encodes answers, the client the reverse, and each side
 refuses what the other must not be trusted with (sizes, counts, non-finite numbers,
 padding) before allocating anything from it.
@@ -265,7 +265,7 @@ def decode_answer(body: bytes, *, queries: int, k: int, key_version: int,
                   repo_id: str | None = None) -> SearchAnswerV2:
     """The answer to a request of ``queries`` queries, or WireError("malformed answer: ...").
 
-    With ``repo_id``, a segment list must hash to the answer's own set_digest (draft 6.3
+    With ``repo_id``, a segment list must hash to the answer's own set_digest (FORMAT-2 6.3
     step 4): a service that lists other segments than it digested is refused here."""
     view = memoryview(body)
     if len(body) < _ANSWER.size:

@@ -8,7 +8,7 @@ entry moved to another pack, image, kind, repository or key version fails to ope
 encrypted table of contents (TOC) at the end, found through a fixed 16-byte trailer, lets
 a reader fetch the TOC with one tail range read and then any entry with one range read.
 
-Layout (docs/FORMAT-v2-draft.md section 3, big-endian except the feature array)::
+Layout (docs/FORMAT-2.md section 3, big-endian except the feature array)::
 
     header  = "RCPK" | version u8 = 1 | reserved 3 | pack_id ID16 | key_version u32 | reserved u32
     entries = envelope 0 | ... | envelope n-1          (from offset 32, back to back)
@@ -69,7 +69,7 @@ _ID_RE = re.compile(r"[0-9a-f]{32}")
 def associated_data_v2(
     repo_id: str, kind: str, object_id: str, key_version: int, pack_id: str
 ) -> bytes:
-    """AD2: the associated data of a pack entry or TOC (draft 3.3).
+    """AD2: the associated data of a pack entry or TOC (FORMAT-2 3.3).
 
     Differs from AD1 (crypto.aead.associated_data) in its label and its field count, so no
     format-1 object opens as a pack entry or the reverse; the pack id makes an entry
@@ -100,7 +100,7 @@ class PackEntry:
 
 @dataclass(frozen=True)
 class PackToc:
-    """A verified table of contents (every structural check of draft 3.2 passed)."""
+    """A verified table of contents (every structural check of FORMAT-2 3.2 passed)."""
 
     pack_id: str
     key_version: int
@@ -136,7 +136,7 @@ def _check_id(value: str, what: str) -> None:
 
 
 def encode_features(ids: Sequence[str], features: NDArray[np.float64]) -> bytes:
-    """The feature array plaintext (draft 3.4): row i of ``features`` belongs to ids[i]."""
+    """The feature array plaintext (FORMAT-2 3.4): row i of ``features`` belongs to ids[i]."""
     matrix = np.asarray(features)
     if matrix.ndim != 2 or matrix.shape[0] != len(ids):
         raise ValueError("features must be a matrix with one row per id")
@@ -352,7 +352,7 @@ def open_toc(data_key: bytes, repo_id: str, pack_id: str, size: int, tail: bytes
     ``tail`` must hold at least the TOC and trailer (``size - toc_start`` bytes; the last
     TAIL_READ bytes usually do); a longer suffix, even the whole object, is fine.
     DecryptionError when the TOC does not open (wrong key, repository, key version or
-    pack, or altered bytes); FormatError for every structural fault of draft 3.2.
+    pack, or altered bytes); FormatError for every structural fault of FORMAT-2 3.2.
     """
     toc_start, key_version = trailer_info(tail, size, pack_id)
     needed = size - toc_start

@@ -1,4 +1,4 @@
-"""The index MAC of format-2 segments (docs/FORMAT-v2-draft.md section 4.1).
+"""The index MAC of format-2 segments (docs/FORMAT-2.md section 4.1).
 
 A segment's SHA-256 lets the keyless search service reject damage, but anyone who can
 write to the bucket can compute one. The MAC, under a key derived from the data key of

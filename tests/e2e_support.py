@@ -261,11 +261,13 @@ class WindowIndex:
     starts at a multiple of ``window // 2`` of the needle, so hashing those blocks of the
     needles and every block-sized run of the haystack finds all candidates; each candidate
     is then extended byte by byte both ways and kept when the common run is >= ``window``.
-    Runs of one repeated byte carry no information and are skipped when ``skip_constant``.
+    Runs of one repeated byte carry no information and are skipped when ``skip_constant``;
+    ``min_distinct`` > 2 also skips needle blocks with fewer distinct byte values (a block
+    of zeros and one 0x01 is both a dark patch of an image and a zero-padded header field).
     """
 
     def __init__(self, needles: Mapping[str, bytes], window: int,
-                 skip_constant: bool = True) -> None:
+                 skip_constant: bool = True, min_distinct: int = 2) -> None:
         self.needles = dict(needles)
         self.window = window
         self.half = half = window // 2
@@ -278,6 +280,12 @@ class WindowIndex:
             if skip_constant:
                 view = arr[: starts[-1] + half].reshape(-1, half)
                 starts = starts[(view != view[:, :1]).any(axis=1)]
+            if min_distinct > 2:
+                starts = np.array([st for st in starts.tolist()
+                                   if len(set(needle[st : st + half])) >= min_distinct],
+                                  dtype=np.int64)
+                if starts.size == 0:
+                    continue
             hashes = _window_hashes(arr, half)[starts]
             for start, value in zip(starts.tolist(), hashes.tolist(), strict=True):
                 self.blocks.setdefault(value, []).append((name, start))

@@ -75,13 +75,16 @@ def _session(where: Any, data_dir: Path | None = None) -> Any:
 
 def create_owned_repository(where: Any, name: str, owner: Identity | None = None, *,
                             data_dir: Path | None = None, extractor: str = "radcrypt-v1",
-                            basis_sample: np.ndarray | None = None) -> Repository:
-    """A new identity-owned repository. ``where`` is a session (``.store`` and
-    ``.settings``) or a Store (then the pins go to ``data_dir`` or a temporary
+                            basis_sample: np.ndarray | None = None,
+                            storage_format: int = 2) -> Repository:
+    """A new identity-owned repository, in storage format 2 as the product creates them
+    (``storage_format=1`` only for tests of format 1 on purpose: it is read-only, see
+    tests/fixtures/format2_support.Format1Importer). ``where`` is a session (``.store``
+    and ``.settings``) or a Store (then the pins go to ``data_dir`` or a temporary
     directory). Without ``owner``, a fresh identity owns it."""
     owner = owner if owner is not None else owner_identity()
     return create_repository_as(_session(where, data_dir), owner, name, extractor=extractor,
-                                basis_sample=basis_sample)
+                                basis_sample=basis_sample, storage_format=storage_format)
 
 
 def open_owned_repository(where: Any, identity: Identity, name: str, *,

@@ -33,6 +33,8 @@ from app.core.session import Session
 from app.core.settings import Settings
 from cloud import layout
 from cloud.audit import read_audit
+from crypto import pack
+from crypto.errors import DecryptionError
 from crypto.identity import Identity
 from crypto.keys import KeyRing
 from resources.samples import decodable_dicom_files
@@ -65,8 +67,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, seaweed_store_config) -> Ite
     bob = IdentityStore(root / "b", FAST_SCRYPT).create("Bob", "bob: willow quartz 74 drum")
     files = decodable_dicom_files()[:12]
     with session_for(settings, owner) as session:
-        repo = create_repository_as(session, owner, "access-" + owner.user_id[-6:])
-        Importer(session.store, repo).run(files)
+        repo = create_repository_as(session, owner, "access-" + owner.user_id[-6:],
+                                    storage_format=2)
+        Importer(session.store, repo, writer=owner, settings=settings).run(files)
         register_user(session, owner, alice.card().to_json())
         register_user(session, owner, bob.card().to_json())
         grant_access(session, owner, repo, alice.user_id)
@@ -212,15 +215,23 @@ def test_revocation_rotates_keys_and_locks_the_revoked_user_out(world: World) ->
         open_repository_as(world.session, world.alice, repo.repo_id)
     with session_for(_user_settings(world, "alice2"), world.alice) as session, \
             pytest.raises(ServiceError, match="refused"):
-        old = Repository(repo.manifest, KeyRing.from_bytes(old_ring_bytes))
+        # her client pinned the owner's key (it verifies the log before asking)
+        old = Repository(repo.manifest, KeyRing.from_bytes(old_ring_bytes), repo.owner_key)
         search_files(session, old, world.files[:1])
-    # Written after revocation: a new image, the re-encrypted metadata, the new segments.
+    # Written after revocation: a new image, the re-sealed packs, the new segments.
     new_file = decodable_dicom_files()[20]
-    report = Importer(store, repo).run([new_file])
+    report = Importer(store, repo, writer=world.owner, settings=world.settings).run([new_file])
     new_id = report.imported[0][1]
     old_ring = KeyRing.from_bytes(old_ring_bytes)
-    with pytest.raises(IntegrityError):
-        objects.get_decrypted(store, old_ring, repo.repo_id, "meta", new_id)
+    with pytest.raises(KeyError):  # the revoked ring has no key of version 2 at all
+        old_ring.version(2)
+    for key in store.list_keys(layout.packs_prefix(repo.repo_id)):
+        pack_id = key.rsplit("/", 1)[-1]
+        blob = store.get(key)
+        assert pack.trailer_info(blob, len(blob), pack_id)[1] == 2  # old packs are gone
+        for version in old_ring.versions:  # no key the revoked user holds opens one
+            with pytest.raises(DecryptionError):
+                pack.open_pack(version.data_key, repo.repo_id, pack_id, blob)
     with pytest.raises(IntegrityError):
         objects.fetch_original(store, old_ring, repo.repo_id, new_id, Path("/tmp/never"))
     assert not Path("/tmp/never").exists()

@@ -131,3 +131,55 @@ def test_large_stream_is_not_held_in_memory() -> None:
     tracemalloc.stop()
     assert total == 96 << 20
     assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_object_key_is_rfc5869_hkdf_sha256() -> None:
+    """The per-object key (standard-library HMAC) is HKDF-SHA256 as pycryptodome and
+    cryptography compute it: envelopes written before and after open alike."""
+    from Cryptodome.Hash import SHA256
+    from Cryptodome.Protocol.KDF import HKDF
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF as CryptographyHKDF
+
+    for _ in range(20):
+        key, salt = os.urandom(32), os.urandom(aead.SALT_SIZE)
+        ours = aead._object_key(key, salt)
+        assert ours == HKDF(key, 32, salt, SHA256, context=b"radcrypt/aead/v1")
+        assert ours == CryptographyHKDF(hashes.SHA256(), 32, salt,
+                                        b"radcrypt/aead/v1").derive(key)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, 3 * CHUNK, 5 * CHUNK + 7])
+def test_whole_and_streamed_envelopes_are_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    """seal (no chunk copies) writes byte for byte what encrypt_stream writes for the same
+    randomness, and an independent AES-GCM (pycryptodome) opens every chunk of it."""
+    import hashlib
+    import itertools
+    import struct
+
+    from Cryptodome.Cipher import AES
+
+    def fixed_randomness() -> None:
+        counter = itertools.count()
+        monkeypatch.setattr(aead, "random_bytes",
+                            lambda n: bytes((next(counter) + i) % 256 for i in range(n)))
+
+    data = os.urandom(size)
+    fixed_randomness()
+    whole = _seal(data)
+    fixed_randomness()
+    blocks = [data[i:i + 100] for i in range(0, len(data), 100)] or [b""]
+    streamed = b"".join(aead.encrypt_stream(KEY, blocks, AD, SMALL_LOG2))
+    assert whole == streamed
+    header, body = whole[:aead.HEADER_SIZE], whole[aead.HEADER_SIZE:]
+    key = aead._object_key(KEY, header[8:])
+    prefix = header + hashlib.sha256(AD).digest()
+    chunks = [body[i:i + FULL] for i in range(0, len(body), FULL)]
+    plain = b""
+    for index, chunk in enumerate(chunks):
+        cipher = AES.new(key, AES.MODE_GCM, nonce=chunk[:12], mac_len=16)
+        cipher.update(prefix + struct.pack(">QB", index, index == len(chunks) - 1))
+        plain += cipher.decrypt_and_verify(chunk[12:-16], chunk[-16:])
+    assert plain == data
+    assert aead.open_sealed(KEY, memoryview(whole), AD) == data

@@ -140,6 +140,7 @@ def test_repo_create_and_list(cli: Cli) -> None:
     created = cli.json("repo", "create", REPO, "--json")
     assert created["repo_id"] == REPO and created["dim"] == FEATURE_DIM
     assert created["key_version"] == 1
+    assert created["format"] == "radcrypt-manifest-v2"  # storage format 2 by default
     listed = cli.json("repo", "list", "--json")["repositories"]  # a second process sees it
     assert [m["repo_id"] for m in listed] == [REPO]
     assert {"schema": 1, **listed[0]} == created
@@ -152,7 +153,7 @@ def test_import_json(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> None
     report = cli.json("import", "--repo", REPO, str(folder), "--json")
     assert report["failed"] == [] and report["already_present"] == []
     assert sorted(i["path"] for i in report["imported"]) == sorted(map(str, cli.files))
-    assert len(report["segments"]) == 1
+    assert len(report["segments"]) == len(report["packs"]) == 1
     cli.ids = {Path(i["path"]).name: i["image_id"] for i in report["imported"]}
     assert all(layout.validate_image_id(i) for i in cli.ids.values())
     again = cli.json("import", "--repo", REPO, str(cli.files[0]), "--json")
@@ -168,7 +169,9 @@ def test_search_json_shape(cli: Cli, tmp_path: Path) -> None:
     for item, path in zip(answer["queries"], [target, query], strict=True):
         assert set(item) == {"query", "results", "stats", "complete", "segments_expected",
                              "segments_searched", "segments_missing"}
-        assert item["complete"] is None  # format 1: completeness not verifiable
+        # format 2 (the default): every live segment of the verified log was searched
+        assert item["complete"] is True and item["segments_missing"] == []
+        assert item["segments_expected"] == item["segments_searched"] == 1
         assert item["query"] == str(path)
         assert isinstance(item["stats"], dict) and item["stats"]["vectors"] == IMAGES
         assert len(item["results"]) == 3

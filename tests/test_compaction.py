@@ -1,4 +1,4 @@
-"""Compaction of a format-2 repository (docs/FORMAT-v2-draft.md 7.1, 7.4).
+"""Compaction of a format-2 repository (docs/FORMAT-2.md 7.1, 7.4).
 
 What must hold: every image stays in the index exactly once with the very same scores
 (the service's engine answers identically before and after), metadata, previews and

@@ -1,4 +1,4 @@
-"""Completeness of search answers (docs/FORMAT-v2-draft.md 6.3), through the facade and
+"""Completeness of search answers (docs/FORMAT-2.md 6.3), through the facade and
 the CLI, with the real search service (the process a session starts, on the directory
 store of a private data directory) and a format-2 repository of several import batches.
 
@@ -25,7 +25,8 @@ import pytest
 
 from app.core import basis
 from app.core import client as facade
-from app.core.errors import IncompleteAnswer
+from app.core.access import create_repository_as
+from app.core.errors import IncompleteAnswer, RadcryptError
 from app.core.settings import Settings
 from cloud import layout
 from cloud.backend import Store
@@ -37,9 +38,11 @@ from crypto.segment_mac import index_mac_key
 try:
     import e2e_support as support
     import owned_repos
+    from fixtures import format2_support as fx
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
     from tests import owned_repos
+    from tests.fixtures import format2_support as fx
 
 PASSWORD = owned_repos.STRONG_PASSWORD
 REPO2, REPO1 = "complete-v2", "complete-v1"
@@ -92,9 +95,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         repo = client.create_repository(REPO2, storage_format=2)
         report = client.import_files(repo, files[:IMAGES], batch_size=BATCH)
         assert len(report.imported) == IMAGES and not report.failed
-        old = client.create_repository(REPO1)
-        client.import_files(old, files[:2])
+        # format 1 is read-only for the product: made and filled as format-1 code did
         store = client.session.store
+        old = create_repository_as(client.session, identity, REPO1, storage_format=1)
+        fx.format1_importer(store, old, 2).run(files[:2])
         names = {image_id: Path(path).name for path, image_id in report.imported}
         members = {}
         for key in store.list_keys(layout.segments_prefix(REPO2)):
@@ -250,7 +254,43 @@ def test_repo_create_format_flag(world: World) -> None:
     done = world.cli("repo", "create", "made-by-cli", "--format", "2", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["format"] == "radcrypt-manifest-v2"
-    assert world.cli("repo", "create", "bad", "--format", "3").returncode == 2
+    done = world.cli("repo", "create", "made-by-default", "--json")  # 2 is the default
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["format"] == "radcrypt-manifest-v2"
+    for bad in ("3", "1"):  # format 1 is read-only: no new repository in it
+        assert world.cli("repo", "create", "bad", "--format", bad).returncode == 2
+    with world.client() as client, pytest.raises(RadcryptError, match="format 2"):
+        client.create_repository("bad-facade", storage_format=1)
+    assert "bad" not in {m.repo_id for m in facade.list_repositories(world.settings)}
+
+
+def test_format_1_is_read_only(world: World) -> None:
+    """An import into a format-1 repository is refused before any write, naming the
+    migration; searching it still works (test above), so do showing and listing."""
+    def stored() -> dict[str, bytes]:  # the repository's objects (the audit trail aside)
+        return {k: v for k, v in fx.snapshot(world.store).items()
+                if f"/repos/{REPO1}/" in k and "/audit/" not in k}
+
+    before = stored()
+    done = world.cli("import", "--repo", REPO1, str(world.files[IMAGES]))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip() == (
+        f"radcrypt: repository {REPO1} is in storage format 1 (read-only); run radcrypt "
+        "repo migrate --format 2")
+    with world.client() as client:
+        repo = client.open_repository(REPO1)
+        assert client.storage_format(repo) == 1
+        with pytest.raises(RadcryptError, match=r"storage format 1 \(read-only\)"):
+            client.import_files(repo, [world.files[IMAGES]])
+        ids = client.image_ids(repo)
+        assert len(ids) == 2
+        assert {m.name for m in client.list_images(repo)} == {f.name for f in world.files[:2]}
+        assert client.thumbnail_png(repo, ids[0]).startswith(b"\x89PNG")
+    assert stored() == before  # not one object written or changed
+    listed = world.cli("repo", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    formats = {r["repo_id"]: r["format"] for r in json.loads(listed.stdout)["repositories"]}
+    assert formats[REPO1] == "radcrypt-manifest-v1"
 
 
 def test_an_answer_from_a_newer_head_is_verified_again(world: World) -> None:

@@ -280,8 +280,10 @@ def test_import_search_get_through_a_directory_store(isolated_env: Path,
         assert session.store.root == tmp_path / "data" / "objects"
         owned_repos.create_owned_repository(session, "ward-dir", owner)
         repo = open_repository_as(session, owner, "ward-dir")
-        report = Importer(session.store, repo, workers=2, batch_size=5).run(files)
+        report = Importer(session.store, repo, workers=2, batch_size=5, writer=owner,
+                          settings=settings).run(files)
         assert report.failed == [] and len(report.imported) == len(files)
+        assert len(report.packs) == 3  # format 2: a pack, a segment, a log entry per batch
         ids = [image_id_for(repo, hashlib.sha256(p.read_bytes()).digest()) for p in files]
 
         results = search_files(session, repo, files[:4], k=3)
@@ -290,6 +292,7 @@ def test_import_search_get_through_a_directory_store(isolated_env: Path,
             top = result.hits[0]
             assert top.image_id == ids[files.index(query)] and top.name == query.name
             assert top.distance == 0.0
+            assert result.complete is True
 
         for n, source in enumerate(files):
             dest = tmp_path / "out" / f"{n}-{source.name}"

@@ -1,4 +1,4 @@
-"""Importing into a storage-format-2 repository (docs/FORMAT-v2-draft.md 3, 5.3).
+"""Importing into a storage-format-2 repository (docs/FORMAT-2.md 3, 5.3).
 
 A format-2 import writes, per image, only its original; per batch one pack (metadata,
 previews, feature array), one authenticated segment and one signed log entry, the commit
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from app.core import importer, logstate
-from app.core.access import grant_access, open_repository_as, register_user, revoke_access
+from app.core.access import grant_access, open_repository_as, register_user
 from app.core.errors import IntegrityError, RadcryptError
 from app.core.importer import Importer, image_id_for
 from app.core.packs import ImageReader
@@ -36,9 +36,11 @@ from crypto.segment_mac import index_mac_key
 try:
     import e2e_support as support
     import owned_repos
+    from fixtures import format2_support as fx
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
     from tests import owned_repos
+    from tests.fixtures import format2_support as fx
 
 BATCH = 4
 
@@ -333,15 +335,18 @@ def test_log_rollback_is_refused_with_the_repository_named(tmp_path: Path) -> No
     assert logstate.remembered_heads(session.settings)["rolled"] == head  # never lowered
 
 
-def test_format1_reader_and_format2_revocation(tmp_path: Path) -> None:
+def test_format1_is_read_only_and_still_read(tmp_path: Path) -> None:
+    """Format 1 (FORMAT-2 9.1): today's importer refuses it before any write, naming the
+    migration; what format-1 code wrote is still read (metadata with features, previews)."""
     store = _store(tmp_path)
-    session, owner, repo = _create(store, tmp_path)
-    with pytest.raises(RadcryptError, match=r"storage format 2.*not implemented"):
-        revoke_access(session, owner, repo, "someone-else")
-
-    old = owned_repos.create_owned_repository(store, "f1")
+    old = owned_repos.create_owned_repository(store, "f1", storage_format=1)
     files = support.sample_images(2)
-    report = Importer(store, old, workers=1, processes=False).run(files)
+    before = {k: store.get(k) for k in store.list_keys("radcrypt/")}
+    with pytest.raises(IntegrityError, match=r"^repository f1 is in storage format 1 "
+                       r"\(read-only\); run radcrypt repo migrate --format 2$"):
+        Importer(store, old, workers=1, processes=False).run(files)
+    assert {k: store.get(k) for k in store.list_keys("radcrypt/")} == before
+    report = fx.format1_importer(store, old, 64).run(files)  # format-1 code, as of before
     reader = ImageReader(store, old, None)
     assert reader.image_ids() == {i for _, i in report.imported}
     for _, image_id in report.imported:
@@ -362,3 +367,73 @@ def test_packs_read_back_by_range_over_s3(moto_store: Store, tmp_path: Path) -> 
     for image_id, path in _ids(repo, files).items():
         assert reader.meta(image_id)[0]["name"] == path.name
         assert reader.thumb(image_id).startswith(b"\x89PNG")
+
+
+# --- format 1 read-only, a migration under an open writer, a missing genesis ---------------
+
+
+def test_a_writer_opened_before_the_migration_commits_nothing(tmp_path: Path) -> None:
+    """check_still_current refuses once the manifest's storage format changed since the
+    repository was opened: a format-1 writer (format-1 code of the past) opened before
+    the migration does not commit format-1 data into the format-2 repository."""
+    from app.core.migration import migrate_to_format2
+    from app.core.repository import check_still_current
+
+    store = _store(tmp_path)
+    owner, _, repo = fx.repository(store, "migrated-under-me", 2, 2, 1)
+    stale = fx.format1_importer(store, repo, 2)  # opened now, in format 1
+    assert migrate_to_format2(store, owner.settings, owner.identity, repo).committed
+    with pytest.raises(RadcryptError, match=r"now in storage format 2 and this session "
+                       r"opened it in storage format 1"):
+        check_still_current(store, repo)
+    before = fx.snapshot(store)
+    with pytest.raises(RadcryptError, match="storage format 2"):
+        stale.run(fx.sample_files(2, skip=2))
+    assert fx.snapshot(store) == before  # not one object: no original, no segment
+    migrated = owner.open(repo.repo_id)
+    assert check_still_current(store, migrated).format == MANIFEST_FORMAT_V2
+
+
+def test_a_missing_genesis_is_written_by_the_owners_open_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between the manifest and the log's genesis (create_repository_as) leaves a
+    format-2 repository with an empty log: a member's open says the owner must open it;
+    the owner's open writes the genesis; then both work."""
+    from app.core import client as facade
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise fx.InjectedFailure("the owner's machine stopped before the genesis")
+
+    owner, member = Identity.generate("Genesis Owner"), Identity.generate("Genesis Member")
+    # one directory store (its objects live under the data directory, so both users'
+    # clients share it: the pinned owner key and the log memory are the same anyway)
+    settings = Settings(store="directory", data_dir=str(tmp_path / "data"), workers=1)
+    with facade.Client(settings, owner) as client:
+        with monkeypatch.context() as patched:
+            patched.setattr(seglog, "write_genesis", crash)
+            with pytest.raises(fx.InjectedFailure):
+                client.create_repository("half-made")
+        store = client.session.store
+        assert store.exists(layout.manifest_key("half-made"))
+        assert not list(store.list_keys(layout.log_prefix("half-made")))
+        client.register_user(member.card().to_json())
+        # the owner grants a member before any open repaired it (the lower-level open)
+        client.grant(open_repository_as(client.session, owner, "half-made"), member.user_id)
+        with facade.Client(settings, member) as other:
+            with pytest.raises(IntegrityError) as info:
+                other.open_repository("half-made")
+        assert "its owner" in str(info.value) and owner.user_id in str(info.value)
+        assert "empty" in str(info.value)
+        assert not list(store.list_keys(layout.log_prefix("half-made")))  # members write none
+
+        repo = client.open_repository("half-made")  # the owner's open repairs it
+        (genesis,) = store.list_keys(layout.log_prefix("half-made"))
+        entry = seglog.decode_payload(store.get(genesis)[101:], genesis)
+        assert entry.kind == seglog.KIND_GENESIS and entry.writer == owner.user_id
+        assert entry.manifest_sequence == repo.manifest.sequence  # after the grant: 2
+        report = client.import_files(repo, support.sample_images(2))
+        assert len(report.imported) == 2
+        assert client.open_repository("half-made").repo_id == "half-made"  # nothing twice
+        assert len(list(store.list_keys(layout.log_prefix("half-made")))) == 2
+    with facade.Client(settings, member) as other:
+        assert len(other.image_ids(other.open_repository("half-made"))) == 2

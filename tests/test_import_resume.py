@@ -2,9 +2,10 @@
 
 `python main.py import ... --store s3` runs as a subprocess against SeaweedFS (real
 credential checks; boto3 gets them from the environment, as in production), with small
-batches. The test watches the bucket, kills the command once the first segment (the commit
-point of a batch) is there, runs it again to the end, and checks the segments, the objects
-and the answers of the search service.
+batches, into a format-2 repository (the default). The test watches the bucket, kills the
+command once the first log entry (the commit point of a batch) is there and originals of
+the next batch are uploaded, runs it again to the end, and checks the live segments of the
+verified log, the objects and the answers of the search service.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import numpy as np
 import pytest
 
 from app.core.access import session_for
-from app.core.importer import Importer, committed_ids, image_id_for
+from app.core.errors import IncompleteAnswer
+from app.core.importer import Importer, image_id_for
 from app.core.repository import Repository
-from app.core.searcher import read_meta, search_features, search_files
+from app.core.searcher import search_features, search_files
 from app.core.settings import load_settings
 from cloud import layout
 from cloud.segments import decode_segment
@@ -37,9 +39,11 @@ try:
     import e2e_support as support
     import owned_repos
     import s3servers
+    from fixtures import format2_support as fx
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
     from tests import owned_repos, s3servers
+    from tests.fixtures import format2_support as fx
 
 COUNT = 120
 BATCH = 8
@@ -64,12 +68,21 @@ def _etags(config: StoreConfig, prefix: str) -> dict[str, str]:
     return out
 
 
-def _segment_ids(store: ObjectStore, repo_id: str) -> collections.Counter[str]:
-    """How often each image id appears across all segments (each fully validated)."""
-    counts: collections.Counter[str] = collections.Counter()
-    for key in store.list_keys(layout.segments_prefix(repo_id)):
-        counts.update(decode_segment(store.get(key), key).id_strings())
-    return counts
+def _segment_ids(store: ObjectStore, repo: Repository) -> collections.Counter[str]:
+    """How often each image id appears across the live segments of the verified log (each
+    checked against the log's SHA-256); a segment or pack no log entry names is not
+    committed (what a killed run leaves behind)."""
+    return fx.image_counts(store, fx.fresh_settings(), repo)
+
+
+def _committed(store: ObjectStore, repo: Repository) -> set[str]:
+    """The images of the live packs of the verified log."""
+    return set(fx.reader(store, fx.fresh_settings(), repo).image_ids())
+
+
+def _batches(store: ObjectStore, repo: Repository) -> int:
+    """Log entries after the genesis: one per committed batch."""
+    return max(0, len(list(store.list_keys(layout.log_prefix(repo.repo_id)))) - 1)
 
 
 class Command:
@@ -111,23 +124,22 @@ def test_killed_import_resumes_without_loss_or_duplicates(
     expected = {image_id_for(repo, hashlib.sha256(p.read_bytes()).digest()): p for p in files}
     assert len(expected) == COUNT
     command = Command(bucket, repo, folder, tmp_path, data_dir)
-    segments = layout.segments_prefix(repo.repo_id)
+    originals_prefix = layout.objects_prefix(repo.repo_id)
 
-    # -- run 1: SIGKILL once the first batch is committed and the next one has begun
-    # uploading (so that the resumed run finds objects no segment names yet)
+    # -- run 1: SIGKILL once the first batch is committed (its log entry) and the next one
+    # has begun uploading (so that the resumed run finds originals no log entry names yet)
     process = command.start()
     deadline = time.monotonic() + 120
-    metas = layout.image_prefix("meta", repo.repo_id)
 
     def mid_batch() -> bool:
-        committed = len(list(store.list_keys(segments)))
-        return committed > 0 and len(list(store.list_keys(metas))) > BATCH * committed
+        committed = _batches(store, repo)
+        return committed > 0 and len(list(store.list_keys(originals_prefix))) > BATCH * committed
 
     try:
         while True:
             assert process.poll() is None, (
                 f"the import ended before it could be killed: {process.communicate()}")
-            assert time.monotonic() < deadline, "no segment appeared within 120 s"
+            assert time.monotonic() < deadline, "no log entry appeared within 120 s"
             if mid_batch():  # freeze the command, then look again without a race
                 os.kill(process.pid, signal.SIGSTOP)
                 time.sleep(0.2)  # requests already sent may still land
@@ -142,14 +154,13 @@ def test_killed_import_resumes_without_loss_or_duplicates(
         process.communicate(timeout=30)
     assert process.returncode == -signal.SIGKILL
     assert support.processes_with_env("RADCRYPT_S3_BUCKET", bucket.bucket) == []
-    after_kill = committed_ids(store, repo.repo_id)
+    after_kill = _committed(store, repo)
     assert 0 < len(after_kill) < COUNT and len(after_kill) % BATCH == 0
     assert after_kill <= set(expected)
-    metas_after_kill = _etags(bucket, metas)
-    assert len(metas_after_kill) > len(after_kill)  # uploaded, not committed: invisible
-    objects_after_kill = _etags(bucket, layout.objects_prefix(repo.repo_id))
-    print(f"\nkilled after {len(after_kill)} committed images; {len(metas_after_kill)} images "
-          "had their objects uploaded")
+    objects_after_kill = _etags(bucket, originals_prefix)
+    assert len(objects_after_kill) > len(after_kill)  # uploaded, not committed: invisible
+    print(f"\nkilled after {len(after_kill)} committed images; {len(objects_after_kill)} "
+          "originals were uploaded")
 
     # -- run 2: to the end
     report = command.run()
@@ -158,20 +169,17 @@ def test_killed_import_resumes_without_loss_or_duplicates(
     imported = {i["image_id"] for i in report["imported"]}
     assert imported == set(expected) - after_kill
     assert len(report["imported"]) + len(report["already_present"]) == COUNT
-    counts = _segment_ids(store, repo.repo_id)
+    counts = _segment_ids(store, repo)
     assert set(counts) == set(expected)
     assert set(counts.values()) == {1}, [i for i, n in counts.items() if n > 1][:5]
-    assert committed_ids(store, repo.repo_id) == set(expected)
-    # objects the killed run had finished were not uploaded again
-    meta_tags = _etags(bucket, metas)
-    originals = _etags(bucket, layout.objects_prefix(repo.repo_id))
-    assert {k: meta_tags[k] for k in metas_after_kill} == metas_after_kill
-    assert {k: originals[k] for k in metas_after_kill
-            if k in objects_after_kill} == {k: objects_after_kill[k] for k in metas_after_kill
-                                            if k in objects_after_kill}
-    assert len(meta_tags) == len(originals) == COUNT
+    assert _committed(store, repo) == set(expected)
+    # originals the killed run had uploaded were not uploaded again
+    originals = _etags(bucket, originals_prefix)
+    assert {k: originals[k] for k in objects_after_kill} == objects_after_kill
+    assert len(originals) == COUNT
 
-    # -- every image searchable once: 10 originals find themselves at distance 0
+    # -- every image searchable once: 10 originals find themselves at distance 0, and the
+    # answers are complete against the log
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", str(bucket.access_key))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", str(bucket.secret_key))
     settings = load_settings(store="s3", endpoint_url=bucket.endpoint_url, bucket=bucket.bucket)
@@ -184,6 +192,7 @@ def test_killed_import_resumes_without_loss_or_duplicates(
         assert first.distance <= 1e-12
         assert result.hits[1].image_id != first.image_id
         assert result.stats["vectors"] == COUNT
+        assert result.complete is True
 
     # -- run 3: nothing left to do, nothing uploaded
     before = _etags(bucket, layout.repo_prefix(repo.repo_id))
@@ -194,39 +203,51 @@ def test_killed_import_resumes_without_loss_or_duplicates(
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header"])
-def test_images_of_a_damaged_segment_are_committed_again(
+def test_a_damaged_live_segment_is_withheld_and_named(
     moto_store_config: StoreConfig, damage: str
 ) -> None:
-    """A segment the service must reject (wrong size, bad header) commits nothing: a re-run
-    of the import commits its images again, and the search serves each image once."""
+    """Format 2: a live segment the service must reject (wrong size, bad header) is named
+    in the service's rejected segments and makes every search incomplete, naming it; the
+    images stay committed in their pack (the log names them), so a re-run of the import
+    commits nothing twice. (Format 1 had no log: its re-run committed the images again.)"""
     config = dataclasses.replace(moto_store_config, bucket=s3servers.unique_bucket("damage"))
     store = ObjectStore(config)
     store.ensure_bucket()
     try:
         files = support.sample_images(24)
         owner = owned_repos.owner_identity()
-        repo = owned_repos.create_owned_repository(store, "damaged", owner)
-        first = Importer(store, repo, workers=2, batch_size=8).run(files)
+        settings = fx.fresh_settings()
+        repo = owned_repos.create_owned_repository(store, "damaged", owner,
+                                                   data_dir=settings.data_path)
+        first = Importer(store, repo, workers=2, batch_size=8, writer=owner,
+                         settings=settings).run(files)
         assert len(first.segments) == 3
-        key = layout.segment_key(repo.repo_id, first.segments[1])
+        seg_id = first.segments[1]
+        key = layout.segment_key(repo.repo_id, seg_id)
         blob = store.get(key)
         lost = set(decode_segment(blob, key).id_strings())
+        features = fx.reader(store, settings, repo)
+        lost_features = np.array([features.meta(i)[0]["features"] for i in sorted(lost)])
         store.put(key, {"truncated": blob[:-1], "header": b"XXXX" + blob[4:]}[damage])
-        assert committed_ids(store, repo.repo_id) == {i for _, i in first.imported} - lost
+        assert _committed(store, repo) == {i for _, i in first.imported}  # the log says so
 
-        again = Importer(store, repo, workers=2, batch_size=8).run(files)
-        assert {i for _, i in again.imported} == lost and len(again.segments) == 1
-        assert len(again.already_present) == 16
+        again = Importer(store, repo, workers=2, batch_size=8, writer=owner,
+                         settings=settings).run(files)
+        assert again.imported == [] and again.segments == []
+        assert len(again.already_present) == 24
         with session_for(load_settings(store="s3", endpoint_url=config.endpoint_url,
                                        bucket=config.bucket), owner) as session:
             state = session.service.refresh(repo.repo_id)
             assert list(state["rejected_segments"]) == [key]
-            assert state["images"] == 24
-            features = np.array([read_meta(store, repo, i)[0]["features"] for i in sorted(lost)])
-            results = search_features(session, repo, features, sorted(lost), k=3)
-        for image_id, result in zip(sorted(lost), results, strict=True):
-            assert result.hits[0].image_id == image_id and result.hits[0].distance == 0.0
-            assert len({h.image_id for h in result.hits}) == 3
+            assert state["images"] == 16
+            with pytest.raises(IncompleteAnswer) as info:
+                search_features(session, repo, lost_features, sorted(lost), k=3)
+            assert seg_id in str(info.value)
+            results = search_features(session, repo, lost_features, sorted(lost), k=3,
+                                      allow_incomplete=True)
+        for result in results:  # marked, and none of the withheld images is claimed found
+            assert result.complete is False and result.segments_missing == [seg_id]
+            assert not lost & {h.image_id for h in result.hits}
     finally:
         s3servers.drop_bucket(config)
 
@@ -243,14 +264,16 @@ def test_same_picture_twice_is_stored_once_and_every_path_reported(
     twin.write_bytes(originals[1].read_bytes())
     same_batch = folder / ("001b-" + originals[1].name)  # next to the original: batch 1
     same_batch.write_bytes(originals[1].read_bytes())
-    repo = owned_repos.create_owned_repository(moto_store, "dups")
-    report = Importer(moto_store, repo, workers=2, batch_size=4).run([folder])
+    owner = owned_repos.owner_identity()
+    repo = owned_repos.create_owned_repository(moto_store, "dups", owner)
+    report = Importer(moto_store, repo, workers=2, batch_size=4, writer=owner).run([folder])
     paths = [p for p, _ in report.imported] + [p for p, _ in report.already_present]
     assert sorted(paths) == sorted(map(str, [*files, twin, same_batch])), report.as_dict()
     assert report.failed == []
     assert len({i for _, i in report.imported}) == len(report.imported) == 6
-    counts = _segment_ids(moto_store, repo.repo_id)
+    counts = _segment_ids(moto_store, repo)
     assert len(counts) == 6 and set(counts.values()) == {1}
+    assert len(list(moto_store.list_keys(layout.objects_prefix(repo.repo_id)))) == 6
 
 
 def test_cancel_keeps_the_finished_files_and_a_rerun_completes(
@@ -259,7 +282,8 @@ def test_cancel_keeps_the_finished_files_and_a_rerun_completes(
     from app.core.progress import CancelToken, ProgressEvent
 
     files = support.sample_images(20)
-    repo = owned_repos.create_owned_repository(moto_store, "cancel")
+    owner = owned_repos.owner_identity()
+    repo = owned_repos.create_owned_repository(moto_store, "cancel", owner)
     cancel = CancelToken()
 
     def progress(event: ProgressEvent) -> None:
@@ -267,12 +291,12 @@ def test_cancel_keeps_the_finished_files_and_a_rerun_completes(
             cancel.cancel()
 
     report = Importer(moto_store, repo, workers=2, batch_size=4, progress=progress,
-                      cancel=cancel).run(files)
+                      cancel=cancel, writer=owner).run(files)
     assert report.cancelled and report.failed == []
     kept = {i for _, i in report.imported}
     assert 6 <= len(kept) < 20  # the finished files of the cancelled batch are committed
-    assert committed_ids(moto_store, repo.repo_id) == kept
-    rest = Importer(moto_store, repo, workers=2, batch_size=4).run(files)
+    assert _committed(moto_store, repo) == kept
+    rest = Importer(moto_store, repo, workers=2, batch_size=4, writer=owner).run(files)
     assert not rest.cancelled and {i for _, i in rest.already_present} == kept
-    counts = _segment_ids(moto_store, repo.repo_id)
+    counts = _segment_ids(moto_store, repo)
     assert len(counts) == 20 and set(counts.values()) == {1}

@@ -12,7 +12,6 @@ service models. Behaviour only: nothing here asserts a time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -23,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from app.core import importer as importer_module
-from app.core import objects
+from app.core import logstate
 from app.core.errors import RadcryptError
-from app.core.importer import Importer, committed_ids
+from app.core.importer import Importer
+from app.core.packs import ImageReader
 from app.core.progress import CancelToken, ProgressEvent
 from app.core.repository import Repository
 from app.imaging import worker as worker_module
@@ -42,8 +42,21 @@ except ImportError:  # pragma: no cover
     from tests import owned_repos
 
 
+_OWNER = owned_repos.owner_identity("Ingest Owner")
+
+
 def _repo(store: ObjectStore, name: str) -> Repository:
-    return owned_repos.create_owned_repository(store, name)
+    """A format-2 repository (the product's default) that _OWNER imports into."""
+    return owned_repos.create_owned_repository(store, name, owner=_OWNER)
+
+
+def _importer(store: ObjectStore, repo: Repository, **options: object) -> Importer:
+    return Importer(store, repo, writer=_OWNER, **options)  # type: ignore[arg-type]
+
+
+def _committed(store: ObjectStore, repo: Repository) -> set[str]:
+    """Ids in the repository's live packs (its verified segment log)."""
+    return ImageReader(store, repo, logstate.verified_log(store, None, repo)).image_ids()
 
 
 def _segment_counts(store: ObjectStore, repo_id: str) -> dict[str, int]:
@@ -78,16 +91,14 @@ def test_children_and_threads_store_the_same_objects(moto_store: ObjectStore) ->
     stored = {}
     for processes in (True, False):
         repo = _repo(moto_store, f"same-{str(processes).lower()}")
-        report = Importer(moto_store, repo, workers=2, batch_size=5,
-                          processes=processes).run(files)
+        report = _importer(moto_store, repo, workers=2, batch_size=5,
+                           processes=processes).run(files)
         assert report.failed == [] and len(report.imported) == len(files)
         per_file = {}
+        reader = ImageReader(moto_store, repo, logstate.verified_log(moto_store, None, repo))
         for path, image_id in report.imported:
-            meta, _ = objects.get_decrypted(moto_store, repo.ring, repo.repo_id, "meta",
-                                            image_id)
-            thumb, _ = objects.get_decrypted(moto_store, repo.ring, repo.repo_id, "thumbs",
-                                             image_id)
-            record = json.loads(meta)
+            record, _ = reader.meta(image_id)  # with the features from the pack's array
+            thumb = reader.thumb(image_id)
             record.pop("imported_at")
             per_file[path] = (record, thumb)
         stored[processes] = per_file
@@ -98,7 +109,8 @@ def test_children_and_threads_store_the_same_objects(moto_store: ObjectStore) ->
 def test_workers_run_ahead_while_a_batch_commits(moto_store: ObjectStore,
                                                  processes: bool) -> None:
     """While the first segment is being written, the next batch's images get uploaded (the
-    commit holds the main thread only): the segment waits here until they are."""
+    commit holds the main thread only): the segment waits here until their originals
+    are."""
     files = support.sample_images(16)
     batch = 4
     repo = _repo(moto_store, "ahead")
@@ -118,14 +130,14 @@ def test_workers_run_ahead_while_a_batch_commits(moto_store: ObjectStore,
             with lock:
                 ahead.append(len(metas) > batch)
         put(key, data, if_absent=if_absent)
-        if key.startswith(layout.image_prefix("meta", repo.repo_id)):
+        if key.startswith(layout.objects_prefix(repo.repo_id)):
             with lock:
                 metas.append(key)
 
     moto_store.put = watching_put  # type: ignore[method-assign]
     try:
-        report = Importer(moto_store, repo, workers=2, batch_size=batch,
-                          processes=processes).run(files)
+        report = _importer(moto_store, repo, workers=2, batch_size=batch,
+                           processes=processes).run(files)
     finally:
         del moto_store.put
     assert ahead == [True]
@@ -157,8 +169,8 @@ def test_copies_in_different_batches_are_uploaded_once(moto_store: ObjectStore,
 
     moto_store.put = counting_put  # type: ignore[method-assign]
     try:
-        report = Importer(moto_store, repo, workers=2, batch_size=3,
-                          processes=False).run([folder])
+        report = _importer(moto_store, repo, workers=2, batch_size=3,
+                           processes=False).run([folder])
     finally:
         del moto_store.put
     assert report.failed == []
@@ -178,14 +190,14 @@ def test_cancel_with_children_keeps_the_finished_files(moto_store: ObjectStore) 
         if event.stage == "import" and event.done == 6:
             cancel.cancel()
 
-    report = Importer(moto_store, repo, workers=2, batch_size=4, progress=progress,
-                      cancel=cancel, processes=True).run(files)
+    report = _importer(moto_store, repo, workers=2, batch_size=4, progress=progress,
+                       cancel=cancel, processes=True).run(files)
     assert report.cancelled and report.failed == []
     kept = {i for _, i in report.imported}
     assert 6 <= len(kept) < 20
-    assert committed_ids(moto_store, repo.repo_id) == kept
+    assert _committed(moto_store, repo) == kept
     assert _our_children() == []  # stopped with the import
-    rest = Importer(moto_store, repo, workers=2, batch_size=4, processes=True).run(files)
+    rest = _importer(moto_store, repo, workers=2, batch_size=4, processes=True).run(files)
     assert not rest.cancelled and {i for _, i in rest.already_present} == kept
     assert set(_segment_counts(moto_store, repo.repo_id).values()) == {1}
     assert len(_segment_counts(moto_store, repo.repo_id)) == 20
@@ -201,8 +213,8 @@ def test_children_that_cannot_start_stop_the_import(
     files = support.sample_images(6)
     repo = _repo(moto_store, "no-children")
     with pytest.raises(RadcryptError, match="cannot decode images here"):
-        Importer(moto_store, repo, workers=2, batch_size=4).run(files)
-    assert committed_ids(moto_store, repo.repo_id) == set()
+        _importer(moto_store, repo, workers=2, batch_size=4).run(files)
+    assert _committed(moto_store, repo) == set()
     assert _our_children() == []
 
 
@@ -226,7 +238,7 @@ def test_a_child_that_dies_fails_its_file_not_the_import(
                         lambda *_: [sys.executable, "-c", _DYING_CHILD])
     files = support.sample_images(3)
     repo = _repo(moto_store, "dying")
-    report = Importer(moto_store, repo, workers=2, processes=True).run(files)
+    report = _importer(moto_store, repo, workers=2, processes=True).run(files)
     assert report.imported == [] and report.segments == []
     assert sorted(p for p, _ in report.failed) == sorted(map(str, files))
     assert all("process died" in reason for _, reason in report.failed)
@@ -249,7 +261,7 @@ def test_the_connection_pool_serves_every_upload_thread(
     assert store_module.POOL_CONNECTIONS >= importer_module.UPLOAD_THREADS + 2
     repo = _repo(moto_store, "pool")
     with caplog.at_level(logging.WARNING, logger="urllib3"):
-        report = Importer(moto_store, repo, workers=2, processes=False).run(
+        report = _importer(moto_store, repo, workers=2, processes=False).run(
             support.sample_images(24))
     assert report.failed == []
     assert "Connection pool is full" not in caplog.text
@@ -278,3 +290,55 @@ def test_many_stores_share_one_loader_without_growing_it(moto_store_config: Stor
         ObjectStore(moto_store_config)._s3()
     assert store_module._LOADERS == loaders
     assert [list(loader.search_paths) for loader in loaders.values()] == paths
+
+
+# --- the faster features and previews compute what they did ---------------------------------
+
+
+def test_row_by_row_resampling_equals_the_running_sums_bit_for_bit() -> None:
+    """features._area_resample_rows adds wide rows one after another instead of
+    np.cumsum(axis=0): the same sums in the same order, so the same float64 bits."""
+    import numpy as np
+
+    from app.imaging import features
+
+    def reference(x: np.ndarray, n_out: int) -> np.ndarray:
+        whole, frac = features._area_plan(x.shape[0], n_out)
+        running = np.zeros((x.shape[0] + 1, *x.shape[1:]), dtype=np.float64)
+        np.cumsum(x, axis=0, dtype=np.float64, out=running[1:])
+        at_edges = running[whole] + frac[:, None] * (running[whole + 1] - running[whole])
+        return np.diff(at_edges, axis=0) * (n_out / x.shape[0])
+
+    rng = np.random.default_rng(7)
+    for shape in [(512, 512), (700, 300), (37, 2000), (2000, 16), (16, 16), (512, 70)]:
+        x = (rng.random(shape, dtype=np.float32) * 1000).astype(np.float32)
+        for source in (x, x.T.copy().T):  # contiguous and not
+            assert np.array_equal(features._area_resample_rows(source, 70),
+                                  reference(source, 70))
+
+
+def test_previews_keep_their_size_and_look(tmp_path: Path) -> None:
+    """A 512 x 512 CT slice previews at 256 x 256 (block means, exact halving) within a
+    grey level of Lanczos on average; other sizes keep Lanczos and the aspect ratio."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from app.imaging.decode import decode_image
+    from app.imaging.thumbnail import make_thumbnail_png
+    from bench.ingest import make_ct_files
+
+    image = decode_image(make_ct_files(tmp_path, 1)[0])
+    png = make_thumbnail_png(image)
+    assert png.startswith(b"\x89PNG")
+    preview = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float64)
+    lanczos = Image.fromarray(image.display()).resize((256, 256), Image.Resampling.LANCZOS,
+                                                      reducing_gap=2.0)
+    assert preview.shape == (256, 256)
+    assert np.abs(preview - np.asarray(lanczos, dtype=np.float64)).mean() < 1.0
+    from app.imaging.decode import DecodedImage
+
+    odd = DecodedImage(pixels=np.linspace(0, 1, 600 * 450, dtype=np.float32).reshape(600, 450),
+                       source_format="png", display_range=(0.0, 1.0))
+    assert Image.open(io.BytesIO(make_thumbnail_png(odd))).size == (192, 256)

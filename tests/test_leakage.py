@@ -1,7 +1,8 @@
-"""What the cloud stores reveals nothing of the images: after a real import, EVERY object in
-the bucket is scanned for pixel data, DICOM tag values, file names, feature vectors, and the
-plaintext of the previews and metadata. The manifest is public by design (plain JSON), so
-it gets the same scan and a check of its fields.
+"""What the cloud stores reveals nothing of the images: after a real import (storage format
+2, the default: originals, packs, segments, the segment log), EVERY object in the bucket is
+scanned for pixel data, DICOM tag values, file names, feature vectors, and the plaintext of
+every pack entry (previews, metadata, the feature array). The manifest is public by design
+(plain JSON), so it gets the same scan and a check of its fields.
 
 Scans are exact: hashing only selects candidates, which are then compared byte for byte
 (tests/e2e_support.py: WindowIndex, StringIndex).
@@ -22,22 +23,25 @@ import pydicom
 import pytest
 from PIL import Image
 
-from app.core import objects
 from app.core.importer import Importer, image_id_for
 from app.core.repository import Repository, manifest_payload
-from app.core.searcher import features_of_files, read_meta
+from app.core.searcher import features_of_files
 from app.imaging.decode import decode_image
 from app.imaging.thumbnail import make_thumbnail_png
 from cloud import layout
 from cloud.store import ObjectStore, StoreConfig
+from crypto import pack
+from crypto.segment_mac import index_mac_key
 
 try:
     import e2e_support as support
     import owned_repos
     import s3servers
+    from fixtures import format2_support as fx
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
     from tests import owned_repos, s3servers
+    from tests.fixtures import format2_support as fx
 
 STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
               "UC", "UI", "UR", "UT"}
@@ -56,6 +60,17 @@ class Bucket:
     contents: dict[str, bytes]  # every object of the bucket, by key
     owner_id: str
 
+    def pack_plaintexts(self) -> dict[tuple[str, str], bytes]:
+        """(kind word, object id) -> plaintext of every entry of every pack, opened."""
+        out = {}
+        for key, blob in self.contents.items():
+            parsed = layout.parse_key(key)
+            if parsed.kind == "pack":
+                _, plains = pack.open_pack(self.repo.keys.data_key, self.repo.repo_id,
+                                           parsed.item_id, blob)
+                out.update({(pack.KIND_WORDS[k], i): p for (k, i), p in plains.items()})
+        return out
+
 
 @pytest.fixture(scope="module")
 def bucket(moto_store_config: StoreConfig) -> Iterator[Bucket]:
@@ -68,7 +83,8 @@ def bucket(moto_store_config: StoreConfig) -> Iterator[Bucket]:
     files = dicoms + renders
     owner = owned_repos.owner_identity("Leak Owner")
     repo = owned_repos.create_owned_repository(store, "leak", owner)
-    report = Importer(store, repo, workers=2, batch_size=16).run(files)
+    report = Importer(store, repo, workers=2, batch_size=16, writer=owner,
+                      settings=fx.fresh_settings()).run(files)
     assert len(report.imported) == len(files) and not report.failed
     ids = [image_id_for(repo, hashlib.sha256(p.read_bytes()).digest()) for p in files]
     contents = {key: store.get(key) for key, _ in store.list_objects("")}
@@ -85,11 +101,17 @@ def test_the_import_is_what_we_think(bucket: Bucket) -> None:
              for p in bucket.files if p.suffix == ".dcm"]
     assert sum(len(n) >= MIN_STRING for n in names) >= 15
     kinds = [layout.parse_key(key).kind for key in bucket.contents]
-    assert kinds.count("objects") == kinds.count("thumbs") == kinds.count("meta") == 40
+    assert kinds.count("objects") == 40  # format 2: one object per image, the original
+    assert kinds.count("thumbs") == kinds.count("meta") == 0
     assert kinds.count("manifest") == 1 and kinds.count("grant") == 1
     assert kinds.count("user") == 1  # the owner's record (public card), signed by the owner
-    assert kinds.count("segment") == 3
-    assert len(kinds) == 40 * 3 + 1 + 1 + 1 + 3 + kinds.count("basis")
+    assert kinds.count("segment") == kinds.count("pack") == 3  # one per batch of 16
+    assert kinds.count("log") == 1 + 3  # genesis, one entry per batch
+    assert len(kinds) == 40 + 1 + 1 + 1 + 3 + 3 + 4 + kinds.count("basis")
+    plains = bucket.pack_plaintexts()
+    assert sorted(k for k, _ in plains).count("meta") == 40
+    assert sorted(k for k, _ in plains).count("thumbs") == 40
+    assert sorted(k for k, _ in plains).count("features") == 3
     assert sum(map(len, bucket.contents.values())) > sum(p.stat().st_size
                                                          for p in bucket.files)
 
@@ -138,14 +160,19 @@ def _assert_no_hits(bucket: Bucket, hits: dict[str, list[object]], what: str) ->
 
 def test_no_pixel_data_and_no_plaintext_objects(bucket: Bucket) -> None:
     needles = _pixel_needles(bucket.files)
+    plains = bucket.pack_plaintexts()
     for image_id, path in zip(bucket.ids, bucket.files, strict=True):
-        # the previews and metadata as the client encrypted them
+        # the previews and metadata as the client sealed them into a pack
         for kind in ("thumbs", "meta"):
-            plain, _ = objects.get_decrypted(bucket.store, bucket.repo.ring,
-                                             bucket.repo.repo_id, kind, image_id)
-            needles[f"{path.name} ({kind} plaintext)"] = plain
+            needles[f"{path.name} ({kind} plaintext)"] = plains[(kind, image_id)]
         needles[f"{path.name} (preview made again)"] = make_thumbnail_png(decode_image(path))
-    index = support.WindowIndex(needles, PIXEL_WINDOW)
+    for (kind, object_id), plain in plains.items():  # and each pack's feature array
+        if kind == "features":  # its floats: the image ids before them are public names
+            count = struct.unpack_from("<I", plain, 8)[0]
+            needles[f"pack {object_id} (feature array plaintext)"] = plain[16 + 16 * count:]
+    # blocks of fewer than 3 distinct byte values are no evidence: the zero-padded
+    # header fields of a format-2 segment (0x01 then zeros) match dark patches of pixels
+    index = support.WindowIndex(needles, PIXEL_WINDOW, min_distinct=3)
     hits = {key: index.find(blob) for key, blob in bucket.contents.items()}
     _assert_no_hits(bucket, hits, f"{PIXEL_WINDOW}-byte runs of originals or plaintexts")
     # the scan does find what is there: a stored copy of a file would have been caught
@@ -170,13 +197,13 @@ def test_no_tag_values_and_no_file_names(bucket: Bucket) -> None:
     _assert_no_hits(bucket, hits, "DICOM tag values or file names")
     for key in bucket.contents:  # object names carry ids only
         assert re.fullmatch(r"radcrypt/v1/(users/[a-z0-9-]+\.json|repos/leak/(manifest\.json|"
-                            r"grants/[a-z0-9-]+|basis/[0-9]+|"
-                            r"(objects|thumbs|meta|segments)/[0-9a-f]{32}))", key), key
+                            r"grants/[a-z0-9-]+|basis/[0-9]+|log/[0-9]{20}|"
+                            r"(objects|packs|segments)/[0-9a-f]{32}))", key), key
 
 
 def test_no_feature_vectors(bucket: Bucket) -> None:
-    features = np.array([read_meta(bucket.store, bucket.repo, i)[0]["features"]
-                         for i in bucket.ids])
+    reader = fx.reader(bucket.store, fx.fresh_settings(), bucket.repo)
+    features = np.array([reader.meta(i)[0]["features"] for i in bucket.ids])
     assert np.array_equal(features[:3], features_of_files(bucket.repo, bucket.files[:3]))
     needles: dict[str, bytes] = {}
     for path, vector in zip(bucket.files, features, strict=True):
@@ -213,7 +240,8 @@ def test_no_secret_in_object_metadata_or_grant(bucket: Bucket) -> None:
     assert layout.grant_key("leak", "password-owner") not in bucket.contents
     assert layout.grant_key("leak", bucket.owner_id) in bucket.contents
     keys = bucket.repo.keys
-    for secret in (keys.data_key, keys.keyword_key, keys.index_key.to_bytes()[:64]):
+    for secret in (keys.data_key, keys.keyword_key, keys.index_key.to_bytes()[:64],
+                   index_mac_key(keys.data_key)):
         for blob in bucket.contents.values():
             assert secret not in blob
     # nothing in the bucket is wrapped under a password (identities wrap to X25519 keys)

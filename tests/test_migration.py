@@ -1,4 +1,4 @@
-"""Migration of a format-1 repository to storage format 2 (docs/FORMAT-v2-draft.md 9).
+"""Migration of a format-1 repository to storage format 2 (docs/FORMAT-2.md 9).
 
 What must hold: every image is searchable exactly once afterwards, with the very same
 scores (the service's engine answers one token identically before and after), the same
@@ -27,7 +27,6 @@ from app.core import objects
 from app.core.access import grant_access, register_user
 from app.core.compaction import compact
 from app.core.errors import AccessDenied, RadcryptError
-from app.core.importer import Importer
 from app.core.logstate import verified_log
 from app.core.migration import migrate_to_format2
 from app.core.repository import (
@@ -192,7 +191,7 @@ def test_a_format1_commit_racing_the_migration_is_migrated_too(store: DirectoryS
     listed them; the cleanup finds and migrates it."""
     owner, _, repo = fx.repository(store, "migrate-race", 4, 2, 1)
     late = fx.sample_files(2, skip=4)
-    old_client = Importer(store, repo, batch_size=2, processes=False)
+    old_client = fx.format1_importer(store, repo, 2)  # format-1 code, as of before
 
     def old_client_commits(key: str) -> None:
         assert len(old_client.run(late).imported) == 2
@@ -262,13 +261,16 @@ def test_search_through_the_facade_finds_the_same_before_and_after(tmp_path: Pat
     as a query, k = every image: the same images at the same true distances, in the same
     order; after the migration the answer is checked complete against the log."""
     from app.core import client as facade
+    from app.core.access import create_repository_as
 
     settings = Settings(store="directory", data_dir=str(tmp_path / "data"), workers=1)
     identity = Identity.generate("Dr. Migrate")
     with facade.Client(settings, identity) as client:
-        repo = client.create_repository("migrate-facade")
-        client.import_files(repo, fx.sample_files(5), batch_size=2)
+        # format 1 is read-only for the product: made and filled as format-1 code did
+        repo = client.remember(create_repository_as(client.session, identity,
+                                                    "migrate-facade", storage_format=1))
         store = client.session.store
+        fx.format1_importer(store, repo, 2).run(fx.sample_files(5))
         features = fx.all_features(store, settings, repo)
         before = client.search_features(repo, features, [str(i) for i in range(5)], k=5)
         report = migrate_to_format2(store, settings, identity, repo)

@@ -6,7 +6,7 @@ tests/vectors/{pack,associated_data_v2,features}.json against the code (every br
 variant raises the class it names, through the whole-object reader and, where recorded,
 the range reader); and an independent reader (the ``spec_*`` functions: hashlib, hmac,
 struct and the ``cryptography`` package, no Radcrypt module) that follows
-docs/FORMAT-v2-draft.md section 3 (trailer as in contract 13) to decrypt the same vectors,
+docs/FORMAT-2.md section 3 to decrypt the same vectors,
 rebuild the valid packs byte for byte from their recorded salts and nonces, and reject
 every broken one. That is the check that the text, not only the code, is exact.
 """
@@ -196,7 +196,7 @@ def test_entry_order_meta_thumbs_features() -> None:
 
 
 def test_every_bit_flip_and_truncation_is_rejected() -> None:
-    """Header, trailer, entries and TOC: no byte of a pack is unchecked (draft 3.1)."""
+    """Header, trailer, entries and TOC: no byte of a pack is unchecked (FORMAT-2 3.1)."""
     images, features = sample(2, dim=2, thumb_size=20)
     pack_id = new_id()
     blob = pack.build_pack(KEY, REPO, pack_id, 1, images, features)
@@ -320,7 +320,7 @@ def test_pack_broken(entry: dict[str, Any]) -> None:
            lambda: range_read(key, entry["repo_id"], entry["pack_id"], blob))
 
 
-def test_pack_broken_covers_the_draft_checklist() -> None:
+def test_pack_broken_covers_the_format_2_checklist() -> None:
     """Draft section 10's list for pack.json, by variant name."""
     names = {e["name"] for e in load("pack")["broken"]}
     assert names >= {
@@ -370,7 +370,7 @@ def test_features_broken(entry: dict[str, Any]) -> None:
            lambda: pack.decode_features(raw(entry, "plaintext_hex"), entry["expected_ids"]))
 
 
-# --- the independent reading of the draft --------------------------------------------------
+# --- the independent reading of FORMAT-2.md --------------------------------------------------
 
 
 class SpecError(Exception):

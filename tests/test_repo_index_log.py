@@ -3,7 +3,7 @@
 Format-2 repositories are built here at the bucket level with the real modules: an owner
 identity signs the manifest, the user records and the genesis entry (cloud/seglog.py),
 a member whose record the owner signed writes version-2 segments (cloud/segments.py)
-and appends their log entries. What is proved (docs/FORMAT-v2-draft.md 5.5, 6.2): the
+and appends their log entries. What is proved (docs/FORMAT-2.md 5.5, 6.2): the
 service searches exactly the live segments of the verified log, never a segment that is
 only in the bucket; a live segment missing or altered is not searched and changes the
 digest; a compaction-like replace drops the old segment and serves the new one with the

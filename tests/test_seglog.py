@@ -1,10 +1,10 @@
-"""The segment log (cloud/seglog.py, cloud/seglog_format.py; docs/FORMAT-v2-draft.md 5, 6).
+"""The segment log (cloud/seglog.py, cloud/seglog_format.py; docs/FORMAT-2.md 5, 6).
 
 Every attack of issue 13 on the log is performed on a real DirectoryStore bucket: delete,
 withhold, duplicate and reorder an entry, a forged entry by a non-member, a rollback to an
 older head, a fork. Two appenders racing in threads lose nothing. The vector files of
 tests/vectors/gen_log.py are replayed, and their layouts are re-derived here with hashlib
-and struct only (no project code), from the draft's text.
+and struct only (no project code), from FORMAT-2.md's text.
 """
 
 from __future__ import annotations
@@ -767,7 +767,7 @@ def test_vectors_completeness(tmp_path: Path) -> None:
             assert judge() == sl.Verdict(**case["verdict"]), case["name"]
 
 
-# --- vectors: an independent reader (hashlib and struct only, from the draft's text) -------------
+# --- vectors: an independent reader (hashlib and struct only, from FORMAT-2.md's text) -----------
 
 
 def _spec_decode(payload: bytes) -> dict[str, Any]:

@@ -1,8 +1,8 @@
-"""Segments of format version 2 (docs/FORMAT-v2-draft.md section 4): round trip, the
+"""Segments of format version 2 (docs/FORMAT-2.md section 4): round trip, the
 streaming loader of the search service (v1 and v2 alike, whole-object SHA-256 from the
-log), the MAC a member checks, every broken case of the draft's section 10, and the
+log), the MAC a member checks, every broken case of FORMAT-2.md section 10, and the
 vectors of tests/vectors/segment_v2.json read a second time by an independent reader
-(hashlib, hmac and struct only) that follows the draft's text, not the code."""
+(hashlib, hmac and struct only) that follows FORMAT-2.md's text, not the code."""
 
 from __future__ import annotations
 
@@ -295,11 +295,11 @@ def test_rows_load_v2_like_v1(batch: tuple[list[str], EncryptedVectors]) -> None
     assert index1.full_norm == index2.full_norm
 
 
-# --- vectors, and the independent reader of the draft ----------------------------------------
+# --- vectors, and the independent reader of FORMAT-2.md ----------------------------------------
 
 
 class SpecError(Exception):
-    """The draft's reader rejects its input."""
+    """FORMAT-2.md's reader rejects its input."""
 
 
 _USER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -307,7 +307,7 @@ _USER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 def spec_segment_v2(data: bytes, name: str, repo_id: str | None = None,
                     data_keys: dict[int, bytes] | None = None) -> dict[str, Any]:
-    """Read a format-2 segment as docs/FORMAT-v2-draft.md 4.1/4.2 say; with ``data_keys``
+    """Read a format-2 segment as docs/FORMAT-2.md 4.1/4.2 say; with ``data_keys``
     (key version -> data key) also check the MAC as a member does."""
     if len(data) < 20:
         raise SpecError("short fixed header")
@@ -435,7 +435,7 @@ def test_vector_broken(entry: dict[str, Any]) -> None:
             spec_segment_v2(data, name)
     else:
         decode_segment(data, name)  # passes the service
-        spec_segment_v2(data, name)  # the draft's keyless checks pass too
+        spec_segment_v2(data, name)  # FORMAT-2.md's keyless checks pass too
         with pytest.raises(SegmentError) as info:
             decode_authenticated(data, name, REPO, mac_keys)
         assert info.value.reason == "not authenticated"

@@ -1,4 +1,4 @@
-"""Wire protocol 2 (cloud/wire.py, docs/FORMAT-v2-draft.md 8): the binary token, request
+"""Wire protocol 2 (cloud/wire.py, docs/FORMAT-2.md 8): the binary token, request
 and answer as bytes, and the route POST /v2/repos/<repo>/search of the real application
 (cloud.service.create_app with the real SignatureVerifier over a directory store), driven
 by the real client (app.core.service_client.ServiceClient) through FastAPI's TestClient;
@@ -198,7 +198,7 @@ def test_empty_answer_is_the_digest_of_the_empty_set() -> None:
     assert wire.segment_set_digest("repo-b", 1, []) != empty
 
 
-# --- bytes: broken answers (draft 10, wire_answer) ---------------------------------------
+# --- bytes: broken answers (FORMAT-2 10, wire_answer) ---------------------------------------
 
 
 def _broken_answers() -> list[tuple[str, bytes, dict[str, Any]]]:
@@ -284,7 +284,7 @@ def test_unknown_key_version_answers_nothing_searched(world: World) -> None:
 
 def test_min_head_beyond_the_snapshot_refreshes_first(world: World) -> None:
     """A client that verified a head the service has not reached makes it re-read the
-    bucket before answering (draft 6.2): here a segment added after the first load is
+    bucket before answering (FORMAT-2 6.2): here a segment added after the first load is
     searched at once although the refresh interval is an hour."""
     client = world.client()
     repo = "wire-" + layout.new_id()[:8]

@@ -14,36 +14,50 @@ wrapped to a name merely found there. The owner raises the manifest's ``sequence
 at every write; each client remembers the highest sequence it has seen per repository
 (``manifest-sequences.json`` beside the pinned owner keys) and refuses an older manifest.
 
-Revocation (DESIGN.md §7) writes, in this order, each step safe to repeat:
+Revocation (DESIGN.md §7; docs/FORMAT-2.md 7.3) needs storage format 2: a
+format-1 repository is read-only (``radcrypt repo migrate --format 2`` first) and its
+revocation is refused before anything is written. It writes, in this order, each step
+safe to repeat:
 
-1. a new key version N + 1 (fresh keys, the bound basis refitted on the repository's own
-   features), stored first in the owner's grant: a ring there newer than the manifest
-   means "a rotation is in progress";
-2. the manifest with the user removed (sequence + 1, still key version N): from here the
+1. a new key version N + 1 (fresh keys, the bound basis refitted on the feature arrays of
+   the live packs), stored first in the owner's grant: a ring there newer than the
+   manifest means "a rotation is in progress";
+2. the manifest with the user removed (sequence S + 1, still key version N): from here the
    user is refused by clients and by the service;
-3. the new ring wrapped to every other member of that manifest;
-4. the metadata of every image re-encrypted under N + 1, then new segments naming them
-   (a segment is written after its images' metadata, so it proves them done);
-5. the manifest at key version N + 1, every member listed at N + 1: the commit point;
-6. the revoked user's grant deleted;
-7. the old segments deleted (images only they name, written meanwhile by a client that
-   did not know yet, are re-encrypted first).
+3. an owner-signed ``membership`` log entry naming manifest S + 1, and a checkpoint at it:
+   every entry the user wrote as a member lies at or below it, and any later entry of
+   theirs fails every member's verification;
+4. the new ring wrapped to every other member of that manifest;
+5. per live pack below N + 1, a new pack (meta, previews, features re-sealed under
+   N + 1) and a new segment encrypted from its feature array, committed by one
+   owner-signed ``add`` entry (reason revocation); the old objects stay live, so members
+   still at N search complete version-N sets meanwhile;
+6. the manifest at key version N + 1, every member listed at N + 1: the commit point,
+   then its own ``membership`` entry and checkpoint;
+7. the revoked user's grant deleted;
+8. images committed meanwhile under an old version re-sealed as in 5, then one ``remove``
+   entry (reason revocation) naming every live object below N + 1, then those objects
+   deleted at once (no grace period: the revoked user held their keys).
 
-Storage format 2 (docs/FORMAT-v2-draft.md): a new repository created with
-``storage_format=2`` gets its manifest (format ``radcrypt-manifest-v2``) and then the genesis
-entry of its segment log, signed by the owner. Revocation of a format-2 repository (draft
-7.3: a membership entry, checkpoint, re-sealed packs) is not implemented yet and is refused.
+Between 2 and the checkpoint of 3, the user's own entries after the latest checkpoint no
+longer verify under the manifest; a re-run reads the log with them trusted, but only
+entries naming a manifest sequence from before their removal.
+
+Storage format 2: a new repository created with ``storage_format=2`` gets its manifest
+(format ``radcrypt-manifest-v2``) and then the genesis entry of its segment log, signed by
+the owner.
 
 Running ``revoke_access`` again after a failure at any step finishes the work. A pending
-rotation found for a user no longer listed is this revocation's: steps 3 to 7 are
+rotation found for a user no longer listed is this revocation's: steps 3 to 8 are
 completed. One found while the user is still listed may have reached that user (it can
-be an earlier revocation's, whose step 3 wrapped it to them), so it is completed for the
+be an earlier revocation's, whose step 4 wrapped it to them), so it is completed for the
 members as listed and the revocation starts over with a fresh version.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -53,10 +67,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core import basis, objects
+from app.core import basis, compaction, logstate
 from app.core.errors import AccessDenied, IntegrityError, RadcryptError, RepositoryExists
 from app.core.identity import RequestSigner
 from app.core.logstate import remember_head, write_private
+from app.core.packs import ImageReader, read_toc
 from app.core.progress import ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import (
     PASSWORD_OWNER,
@@ -75,13 +90,7 @@ from app.core.session import Session
 from app.core.settings import Settings
 from cloud import layout, seglog
 from cloud.backend import ObjectExists, ObjectNotFound, Store
-from cloud.segments import (
-    DIGEST_SIZE,
-    HEADER_SIZE,
-    encode_segment,
-    expected_size,
-    read_header,
-)
+from crypto import pack as pack_format
 from crypto.errors import DecryptionError, FormatError
 from crypto.identity import Identity, PublicCard
 from crypto.keys import KeyRing
@@ -90,8 +99,8 @@ from crypto.signed import json_signer, open_json, open_record, sign_json, sign_r
 
 PINS_FILE = "pinned-owners.json"
 SEQUENCES_FILE = "manifest-sequences.json"
-SEGMENT_ROWS = 4096
 BASIS_SAMPLE = 5000
+RESEAL_IMAGES = compaction.PACK_IMAGES  # images per pack (and segment) a revocation writes
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +311,7 @@ def _check_upgraded(manifest: Manifest) -> None:
 def create_repository_as(session: Session, owner: Identity, name: str,
                          extractor: str = "radcrypt-v1",
                          basis_sample: np.ndarray | None = None, *,
-                         bound_levels: str = "auto", storage_format: int = 1) -> Repository:
+                         bound_levels: str = "auto", storage_format: int = 2) -> Repository:
     """A new repository owned by ``owner``: signed manifest (sequence 1, the owner its only
     member), owner registered and granted. ``storage_format`` 2: packs and a segment log,
     whose genesis entry the owner writes right after the manifest."""
@@ -408,16 +417,16 @@ def list_access(session: Session, repo_id: str) -> AccessList:
 def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: str,
                   progress: ProgressCallback = no_progress) -> Repository:
     """Remove a user and rotate to a new key version, resumably (module docstring).
-    ``progress``: "revoke" events, images re-encrypted of those to do."""
+    ``progress``: "revoke" events, images re-sealed of those to do. A format-1
+    repository is read-only: it is refused before anything is written."""
     store = session.store
     manifest, owner_key = _signed_manifest(session, repo.repo_id)
     _check_owner(owner, owner_key, repo.repo_id)
     _check_upgraded(manifest)
-    if is_format2(manifest):
+    if not is_format2(manifest):
         raise RadcryptError(
-            f"repository {manifest.repo_id!r} is in storage format 2, whose revocation "
-            "(new key version, membership log entry, re-sealed packs) is not implemented yet: "
-            "nothing was changed, and the user still has access")
+            f"repository {manifest.repo_id} is in storage format 1 (read-only); run "
+            "radcrypt repo migrate --format 2 first")
     if user_id == owner.user_id:
         raise RadcryptError("the owner cannot revoke their own access")
     try:
@@ -433,18 +442,19 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
         raise RadcryptError(f"user {user_id!r} is not registered and not a member of "
                             f"{manifest.repo_id!r}")
     # A user who is not (or no longer) a member: what is left of a revocation is finished.
-    metas: dict[str, tuple[bytes, np.ndarray]] = {}
     if pending:  # an earlier run's rotation: finish it for the members as listed now
-        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, metas,
+        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, user_id,
                                     progress)
     if manifest.member_version(user_id) is not None:
-        ring = _start_rotation(session, owner, manifest, ring, metas)
+        state, _ = _owner_log(session, manifest, ring, owner_key, user_id, pending=False)
+        ring = _start_rotation(session, owner, owner_key, manifest, ring, state)
         manifest = _publish(session, owner, with_members(
             manifest, [m for m in manifest.members if m.user_id != user_id]))
-        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, metas,
+        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, user_id,
                                     progress)
-    store.delete(grant_name)  # deleting a missing object is no error
-    _retire_old_segments(store, ring, manifest, metas)
+    if store.exists(grant_name):
+        store.delete(grant_name)
+    _retire_old_versions(session, owner, owner_key, manifest, ring, user_id, progress)
     return basis.load(store, Repository(manifest, ring, owner_key))
 
 
@@ -466,29 +476,151 @@ def _owner_ring(store: Store, owner: Identity, owner_key: bytes, manifest: Manif
     return ring
 
 
-def _start_rotation(session: Session, owner: Identity, manifest: Manifest, ring: KeyRing,
-                    metas: dict[str, tuple[bytes, np.ndarray]]) -> KeyRing:
-    """A new key version, its basis refitted on the repository's own features, stored in
-    the owner's grant before anything depends on it."""
-    store = session.store
-    for _, version, ids in _segments(store, manifest.repo_id):
-        for image_id in ids:
-            if version <= manifest.key_version and image_id not in metas:
-                found = _read_meta(store, ring, manifest.repo_id, image_id)
-                if found is not None:
-                    metas[image_id] = found
-    rows = [features for _, features in list(metas.values())[:BASIS_SAMPLE]]
-    sample = np.array(rows) if rows else np.empty((0, manifest.dim))
+# --- format 2: the segment log during a revocation (FORMAT-2 7.3) --------------------------------
+
+
+@dataclass
+class _RevocationTrust(logstate.RepositoryTrust):
+    """The manifest's members, plus the user being revoked: only to read the log of a
+    rotation interrupted before the checkpoint at its ``membership`` entry, whose entries
+    by that user (written while still a member) no checkpoint covers yet. Which of them
+    are acceptable is checked by _owner_log afterwards."""
+
+    revoked: str = ""
+
+    def signer_key(self, user_id: str) -> bytes | None:
+        if user_id == self.revoked and self.manifest.member_version(user_id) is None:
+            with self._lock:
+                if user_id not in self._keys:
+                    self._keys[user_id] = logstate.member_key(self.store, user_id,
+                                                              self.owner_key)
+                return self._keys[user_id]
+        return super().signer_key(user_id)
+
+
+def _owner_log(session: Session, manifest: Manifest, ring: KeyRing, owner_key: bytes,
+               revoked: str, *, pending: bool
+               ) -> tuple[seglog.LogState, logstate.RepositoryTrust]:
+    """The log verified by the owner under ``manifest``, and the trust that verified it.
+
+    The manifest without the revoked user is published before the ``membership`` entry
+    and its checkpoint (FORMAT-2 7.3): in between, the user's own entries after the latest
+    checkpoint fail the membership rule. Only while the rotation is pending (the manifest
+    still at the old key version) the log is then read with that user trusted too, and
+    each of their entries after the latest checkpoint must name a manifest sequence below
+    the first manifest without them (the first ``membership`` entry after that checkpoint,
+    or the manifest now): an entry they wrote after their removal is refused.
+    """
+    store, settings = session.store, session.settings
+    repo = Repository(manifest, ring, owner_key)
+    trust = logstate.RepositoryTrust(store, manifest, owner_key)
+    try:
+        return logstate.verified_log(store, settings, repo, trust=trust), trust
+    except IntegrityError:
+        if not pending or manifest.member_version(revoked) is not None:
+            raise
+    trust = _RevocationTrust(store, manifest, owner_key, revoked=revoked)
+    state = logstate.verified_log(store, settings, repo, trust=trust)
+    entries = [_log_entry(store, state, n)
+               for n in range(state.start + 1, state.head.sequence + 1)]
+    first = next((e for e in entries if e.kind == seglog.KIND_MEMBERSHIP), None)
+    limit = first.manifest_sequence if first is not None else manifest.sequence
+    for entry in entries:
+        if entry.writer == revoked and entry.manifest_sequence >= limit:
+            raise IntegrityError(
+                f"the segment log of repository {manifest.repo_id!r} has entry "
+                f"{entry.sequence} by {revoked}, written after their removal (manifest "
+                f"sequence {entry.manifest_sequence}): refusing to go on")
+    return state, trust
+
+
+def _log_entry(store: Store, state: seglog.LogState, sequence: int) -> seglog.LogEntry:
+    """Entry ``sequence`` of a verified log, read again and checked against its hash."""
+    return compaction.read_entry(store, state, sequence)
+
+
+def _membership_checkpoint(session: Session, owner: Identity, owner_key: bytes,
+                           manifest: Manifest, ring: KeyRing, revoked: str, *,
+                           pending: bool) -> seglog.LogState:
+    """Draft 7.3: the owner's ``membership`` entry naming ``manifest`` and a checkpoint at
+    it, each written unless already there (a re-run). From the checkpoint on, the log is
+    verified with the members of ``manifest`` only: the revoked user's entries all lie at
+    or below it. Returns the log verified that way."""
+    store, settings = session.store, session.settings
+    repo_id = manifest.repo_id
+    state, trust = _owner_log(session, manifest, ring, owner_key, revoked, pending=pending)
+    found = None
+    for n in range(state.head.sequence, state.start - 1, -1):
+        entry = _log_entry(store, state, n)
+        if entry.kind == seglog.KIND_MEMBERSHIP and entry.manifest_sequence == \
+                manifest.sequence:
+            found = n
+            break
+        if entry.manifest_sequence < manifest.sequence:
+            break  # manifest sequences never decrease along the log
+    if found is None:
+        state = _append(session, owner, trust, state, kind=seglog.KIND_MEMBERSHIP,
+                        key_version=manifest.key_version)
+        found = state.head.sequence
+    if state.head.checkpoint is not None and state.head.checkpoint >= found:
+        return state
+    at = state
+    if found != state.head.sequence:  # entries followed the membership entry: its live set
+        at = seglog.LogState(repo_id, seglog.LogHead(found, state.hashes[found], None),
+                             {(o.type, o.id): o for o in state.objects_at(found)},
+                             {found: state.hashes[found]})
+    try:
+        seglog.write_checkpoint(store, repo_id, owner, at, manifest.sequence)
+    except seglog.LogError as exc:
+        raise IntegrityError(f"repository {repo_id!r}: {exc}") from None
+    repo = Repository(manifest, ring, owner_key)
+    return logstate.verified_log(store, settings, repo)  # the members only, from here
+
+
+def _append(session: Session, owner: Identity, trust: logstate.RepositoryTrust,
+            state: seglog.LogState, *, kind: int, key_version: int,
+            added: list[seglog.Added] | None = None,
+            removed: list[seglog.Removed] | None = None) -> seglog.LogState:
+    """One owner-signed entry, reason revocation (create-if-absent, FORMAT-2 5.3)."""
+    try:
+        state = seglog.append(session.store, state.repo_id, owner, owner.user_id, trust,
+                              state, kind=kind, reason=seglog.REASON_REVOCATION,
+                              key_version=key_version, added=added or [],
+                              removed=removed or [])
+    except (seglog.LogError, FormatError) as exc:
+        raise IntegrityError(f"repository {state.repo_id!r}: the segment log refused the "
+                             f"revocation's entry: {exc}") from None
+    logstate.remember_head(session.settings, state.repo_id, state.head)
+    return state
+
+
+def _start_rotation(session: Session, owner: Identity, owner_key: bytes, manifest: Manifest,
+                    ring: KeyRing, state: seglog.LogState) -> KeyRing:
+    """A new key version, its basis refitted on the repository's own features (the
+    feature arrays of live packs, newest key version first, one entry read per pack),
+    stored in the owner's grant before anything depends on it."""
+    reader = ImageReader(session.store, Repository(manifest, ring, owner_key), state)
+    rows: list[np.ndarray] = []
+    for obj in sorted(state.packs(), key=lambda o: (-o.key_version, o.id)):
+        if len(rows) >= BASIS_SAMPLE:
+            break
+        if obj.key_version <= manifest.key_version:
+            rows.extend(reader.features_of_pack(obj.id)[1])
+    sample = np.array(rows[:BASIS_SAMPLE]) if rows else np.empty((0, manifest.dim))
     rotated = ring.rotated(basis.rotation_index_key(manifest, sample))
-    _write_grant(store, owner, rotated, owner.card())
+    _write_grant(session.store, owner, rotated, owner.card())
     return rotated
 
 
 def _finish_rotation(session: Session, owner: Identity, owner_key: bytes, manifest: Manifest,
-                     ring: KeyRing, metas: dict[str, tuple[bytes, np.ndarray]],
+                     ring: KeyRing, revoked: str,
                      progress: ProgressCallback = no_progress) -> Manifest:
-    """Wrap the pending version to the manifest's members, re-encrypt, then publish."""
+    """Membership entry and checkpoint, the pending version wrapped to the manifest's
+    members, every image re-sealed under it, then the manifest at that version (the
+    commit point) followed by its own membership entry and checkpoint."""
     store, version = session.store, ring.current.version
+    state = _membership_checkpoint(session, owner, owner_key, manifest, ring, revoked,
+                                   pending=True)
     for member in manifest.members:
         if member.user_id == owner.user_id:
             continue
@@ -499,85 +631,126 @@ def _finish_rotation(session: Session, owner: Identity, owner_key: bytes, manife
                         manifest.repo_id, member.user_id, exc)
             continue
         _write_grant(store, owner, ring, card)
-    _reencrypt(store, ring, manifest, version, metas, progress)
+    _reseal(session, owner, owner_key, manifest, ring, state, version, progress)
     members = [Member(m.user_id, version) for m in manifest.members]
-    return _publish(session, owner, with_members(manifest, members, key_version=version))
+    manifest = _publish(session, owner, with_members(manifest, members, key_version=version))
+    _membership_checkpoint(session, owner, owner_key, manifest, ring, revoked, pending=False)
+    return manifest
 
 
-def _retire_old_segments(store: Store, ring: KeyRing, manifest: Manifest,
-                         metas: dict[str, tuple[bytes, np.ndarray]]) -> None:
-    """Delete segments of superseded versions, after re-encrypting any image only they
-    name (a client that had not seen the rotation yet may have committed one)."""
-    _reencrypt(store, ring, manifest, manifest.key_version, metas)
-    for key, version, _ in _segments(store, manifest.repo_id):
-        if version < manifest.key_version:
-            store.delete(key)
+def _reseal(session: Session, owner: Identity, owner_key: bytes, manifest: Manifest,
+            ring: KeyRing, state: seglog.LogState, version: int,
+            progress: ProgressCallback = no_progress) -> seglog.LogState:
+    """Draft 7.3 step 5: every image in a live pack of a version below ``version`` and in
+    no live pack of ``version`` gets a copy under ``version``. The old packs are read one
+    GET each, newest version first; their images are gathered into new packs of at most
+    RESEAL_IMAGES images and compaction.PACK_BYTES bytes (meta, preview and feature rows
+    re-sealed), each with one new segment encrypted from the same feature rows, and each
+    pair committed by one owner-signed ``add`` entry (reason revocation). The old objects
+    stay live, so a member still at the old version searches complete sets meanwhile.
+    A re-run finds the images already copied in the live packs of ``version``."""
+    store, repo_id = session.store, manifest.repo_id
+    repo = Repository(manifest, ring, owner_key)
+    done: set[str] = set()
+    for obj in state.packs(version):
+        done.update(read_toc(store, repo, obj.id, None, obj.sha256).image_ids())
+    old = sorted((o for o in state.packs() if o.key_version < version),
+                 key=lambda o: (-o.key_version, o.id))
+    todo = {image_id for obj in old
+            for image_id in read_toc(store, repo, obj.id, None, obj.sha256).image_ids()}
+    total, progressed = len(todo - done), 0  # "revoke" events: committed of those to do
+    images: list[tuple[str, bytes, bytes]] = []
+    rows: list[np.ndarray] = []
+    size = 0
 
+    def commit() -> seglog.LogState:
+        nonlocal progressed
+        committed = _commit_copies(session, owner, repo, state, version, images, rows)
+        for image_id, _, _ in images:
+            progressed += 1
+            progress(ProgressEvent("revoke", progressed, total, item=image_id))
+        return committed
 
-def _reencrypt(store: Store, ring: KeyRing, manifest: Manifest, version: int,
-               metas: dict[str, tuple[bytes, np.ndarray]],
-               progress: ProgressCallback = no_progress) -> None:
-    """Every image named by a segment of an older version and by none of ``version``:
-    metadata re-encrypted under ``version``, then a new segment naming them. The segment
-    is encrypted with the version's basis (fitted here if the version has none yet, as an
-    import batch would) and the extractor's norm bound, like every other segment."""
-    repo_id = manifest.repo_id
-    keys = ring.version(version)
-    segments = _segments(store, repo_id)
-    done = {i for _, v, ids in segments if v == version for i in ids}
-    todo = list(dict.fromkeys(i for _, v, ids in segments if v < version
-                              for i in ids if i not in done))
-    for start in range(0, len(todo), SEGMENT_ROWS):
-        chunk, rows = [], []
-        for image_id in todo[start : start + SEGMENT_ROWS]:
-            found = metas.get(image_id) or _read_meta(store, ring, repo_id, image_id)
-            if found is None:
-                continue
-            plain, features = found
-            objects.put_encrypted(store, keys, repo_id, "meta", image_id, plain)
-            chunk.append(image_id)
-            rows.append(features)
-            progress(ProgressEvent("revoke", start + len(chunk), len(todo), item=image_id))
-        if chunk:
-            batch = np.array(rows)
-            keys = basis.ensure_version(store, repo_id, manifest.levels, manifest.dim, keys,
-                                        batch)
-            vectors = keys.index_key.encrypt(batch, basis.norm_bound(manifest))
-            store.put(layout.segment_key(repo_id, layout.new_id()),
-                      encode_segment(chunk, vectors, version), if_absent=True)
-
-
-def _read_meta(store: Store, ring: KeyRing, repo_id: str, image_id: str,
-               ) -> tuple[bytes, np.ndarray] | None:
-    """(plaintext, features) of an image's metadata, or None (logged) when it is missing or
-    does not open: that image then leaves the index, and nothing else stops."""
-    try:
-        plain, _ = objects.get_decrypted(store, ring, repo_id, "meta", image_id)
-        features = np.asarray(json.loads(plain)["features"], dtype=np.float64)
-        if features.ndim != 1:
-            raise ValueError("features are not a vector")
-    except (ObjectNotFound, IntegrityError, ValueError, KeyError, TypeError):
-        log.warning("image %s of %r: its metadata is missing or damaged; it is left out "
-                    "of the re-encrypted index", image_id, repo_id)
-        return None
-    return plain, features
-
-
-def _segments(store: Store, repo_id: str) -> list[tuple[str, int, list[str]]]:
-    """(name, key version, image ids) of every readable segment, from two small range
-    reads each; a damaged one is skipped (the service reports it)."""
-    found = []
-    for key, size in store.list_objects(layout.segments_prefix(repo_id)):
+    for obj in old:
+        blob = compaction.fetch_checked(store, repo_id, obj)
         try:
-            version, count, widths = read_header(store.get_range(key, 0, HEADER_SIZE), key)
-            if size != expected_size(count, widths):
-                continue
-            header = expected_size(0, widths) - DIGEST_SIZE
-            raw = store.get_range(key, header, 16 * count)
-        except (ValueError, ObjectNotFound):
-            continue
-        found.append((key, version, [raw[i : i + 16].hex() for i in range(0, 16 * count, 16)]))
-    return found
+            toc, entries = pack_format.open_pack(ring.version(obj.key_version).data_key,
+                                                 repo_id, obj.id, blob)
+            ids = toc.image_ids()
+            features = pack_format.decode_features(
+                entries[(pack_format.KIND_FEATURES, obj.id)], ids)
+        except (FormatError, DecryptionError, KeyError) as exc:
+            raise IntegrityError(f"pack {obj.id} of repository {repo_id!r} does not open "
+                                 f"({exc}): the revocation stopped before the new key "
+                                 "version was published") from None
+        chosen = [k for k, image_id in enumerate(ids) if image_id not in done]
+        grows = sum(len(entries[(pack_format.KIND_META, ids[k])])
+                    + len(entries[(pack_format.KIND_THUMBS, ids[k])]) for k in chosen)
+        if images and (len(images) + len(chosen) > RESEAL_IMAGES
+                       or size + grows > compaction.PACK_BYTES):
+            state = commit()
+            images, rows, size = [], [], 0
+        for k in chosen:
+            image_id = ids[k]
+            images.append((image_id, entries[(pack_format.KIND_META, image_id)],
+                           entries[(pack_format.KIND_THUMBS, image_id)]))
+            rows.append(features[k])
+            done.add(image_id)
+        size += grows
+    if images:
+        state = commit()
+    return state
+
+
+def _commit_copies(session: Session, owner: Identity, repo: Repository,
+                   state: seglog.LogState, version: int,
+                   images: list[tuple[str, bytes, bytes]], rows: list[np.ndarray]
+                   ) -> seglog.LogState:
+    """One new pack and one new segment of ``version`` holding ``images``, then their
+    ``add`` entry (the objects first, create-if-absent: a failure before the entry leaves
+    unreferenced objects, which a re-run does not reuse)."""
+    store, manifest = session.store, repo.manifest
+    ids = [image_id for image_id, _, _ in images]
+    batch = np.asarray(rows, dtype=np.float64)
+    keys = basis.ensure_version(store, repo.repo_id, manifest.levels, manifest.dim,
+                                repo.ring.version(version), batch,
+                                has_segments=functools.partial(_has_segments, state))
+    vectors = keys.index_key.encrypt(batch, basis.norm_bound(manifest))
+    pack_id, pack_blob = compaction.build_pack(repo, version, images, batch)
+    seg_id, seg_blob = compaction.build_segment(repo, owner, version, state.head.sequence,
+                                                ids, vectors)
+    store.put(layout.pack_key(repo.repo_id, pack_id), pack_blob, if_absent=True)
+    store.put(layout.segment_key(repo.repo_id, seg_id), seg_blob, if_absent=True)
+    trust = logstate.repository_trust(store, repo)
+    return _append(session, owner, trust, state, kind=seglog.KIND_ADD, key_version=version,
+                   added=[compaction.added(seglog.TYPE_SEGMENT, seg_id, seg_blob, len(ids)),
+                          compaction.added(seglog.TYPE_PACK, pack_id, pack_blob, len(ids))])
+
+
+def _has_segments(state: seglog.LogState, version: int) -> bool:
+    return bool(state.segments(version))
+
+
+def _retire_old_versions(session: Session, owner: Identity, owner_key: bytes,
+                         manifest: Manifest, ring: KeyRing, revoked: str,
+                         progress: ProgressCallback = no_progress) -> None:
+    """Draft 7.3 step 8: re-seal what was committed meanwhile under an old version (a
+    client that had not seen the rotation), then one ``remove`` entry naming every live
+    object below the current version, then delete them at once: the revoked user held
+    their keys, so no grace period applies to them (FORMAT-2 7.4 keeps it for the others)."""
+    version = manifest.key_version
+    state = _membership_checkpoint(session, owner, owner_key, manifest, ring, revoked,
+                                   pending=False)
+    state = _reseal(session, owner, owner_key, manifest, ring, state, version, progress)
+    old = sorted((o for o in state.live.values() if o.key_version < version),
+                 key=lambda o: (o.type, o.id))
+    if old:
+        trust = logstate.repository_trust(session.store, Repository(manifest, ring, owner_key))
+        state = _append(session, owner, trust, state, kind=seglog.KIND_REMOVE,
+                        key_version=version,
+                        removed=[seglog.Removed(o.type, o.id) for o in old])
+    compaction.delete_replaced(session.store, state, compaction.GRACE_SECONDS,
+                               at_once={seglog.REASON_REVOCATION})
 
 
 def migrate_password_repository(session: Session, owner: Identity, name: str,

@@ -56,6 +56,7 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     from app.core.demo import DemoReport
     from app.core.importer import ImportReport
     from app.core.migration import MigrationReport
+    from app.core.repo_check import RepoCheckReport
     from app.core.repository import Manifest, Repository
     from app.core.searcher import Hit, QueryResult
     from app.core.session import Session
@@ -478,16 +479,18 @@ class Client:
         return list_repositories(self.session.store)
 
     def create_repository(self, name: str, extractor: str = DEFAULT_EXTRACTOR,
-                          bound_levels: str = "auto", storage_format: int = 1
+                          bound_levels: str = "auto", storage_format: int = 2
                           ) -> Repository:
         """A new repository owned by this identity (new keys); RepositoryExists if taken.
-        ``bound_levels``: "auto" or "off" (see SECURITY.md). ``storage_format``: 1 (the
-        default) or 2 (packs, authenticated segments and the segment log, whose search
-        answers are checked for completeness: docs/FORMAT-v2-draft.md)."""
+        ``bound_levels``: "auto" or "off" (see SECURITY.md). ``storage_format``: 2, the
+        only one a new repository may have (packs, authenticated segments and the segment
+        log, whose search answers are checked for completeness: docs/FORMAT-2.md);
+        format 1 is read-only (FORMAT-2 9.1), so a new format-1 repository is refused."""
         from app.core.access import create_repository_as
 
-        if storage_format not in (1, 2):
-            raise RadcryptError(f"storage format must be 1 or 2, not {storage_format!r}")
+        if storage_format != 2:
+            raise RadcryptError(f"new repositories are in storage format 2 (format 1 is "
+                                f"read-only), not {storage_format!r}")
         repo = create_repository_as(self.session, self.identity, name, extractor,
                                     bound_levels=bound_levels, storage_format=storage_format)
         return self.remember(repo)
@@ -496,8 +499,25 @@ class Client:
         """Open through this identity's owner-signed grant; RepositoryNotFound when there
         is no such repository, AccessDenied when this user is not a member."""
         from app.core.access import open_repository_as
+        from app.core.logstate import repair_genesis
 
-        return self.remember(open_repository_as(self.session, self.identity, name))
+        repo = open_repository_as(self.session, self.identity, name)
+        # format 2 whose creation stopped before its log's genesis: the owner writes it
+        repair_genesis(self.session.store, self.settings, self.identity, repo)
+        return self.remember(repo)
+
+    @staticmethod
+    def storage_format(repo: Repository | Manifest) -> int:
+        """1 (read-only: search, show, export, list; ``migrate_to_format2`` upgrades it)
+        or 2."""
+        from app.core.repository import Repository as Unlocked
+        from app.core.repository import storage_format
+
+        return storage_format(repo.manifest if isinstance(repo, Unlocked) else repo)
+
+    def is_owner(self, repo: Repository) -> bool:
+        """Whether this identity owns ``repo`` (signs its manifest)."""
+        return repo.manifest.owner == self.identity.user_id
 
     def repository(self, name: str) -> Repository:
         """The repository opened before under ``name``, else opened now."""
@@ -526,7 +546,7 @@ class Client:
     def migrate_to_format2(self, name: str, progress: ProgressCallback = no_progress
                            ) -> MigrationReport:
         """Move a format-1 repository this identity owns to storage format 2 (packs and
-        segment log, docs/FORMAT-v2-draft.md 9); resumable: after a failure, running it
+        segment log, docs/FORMAT-2.md 9); resumable: after a failure, running it
         again finishes it. Progress: "migrate" events (groups), then "cleanup"."""
         from app.core.migration import migrate_to_format2
 
@@ -551,6 +571,19 @@ class Client:
         if report.entries:
             self._tell_service(repo.repo_id)
         return report
+
+    def check_repository(self, repo: Repository, progress: ProgressCallback = no_progress
+                         ) -> RepoCheckReport:
+        """Check a repository this user opened (any member; nothing in the bucket is
+        written): format 2, the manifest, the segment log from genesis, every live segment
+        (SHA-256, MAC, header against its log entry) and pack (table of contents), each
+        image once per key version with its original, and the objects no log entry keeps
+        (strays); format 1, every segment and each indexed image's objects. The report's
+        ``problems`` name each object (``ok`` when there is none). Progress: "log", then
+        "segments", "packs", "strays" events."""
+        from app.core.repo_check import check_repository
+
+        return check_repository(self.session.store, self.settings, repo, progress=progress)
 
     # --- import ---------------------------------------------------------------------------
 
@@ -790,9 +823,10 @@ class Client:
 
     def revoke(self, repo: Repository, user_id: str,
                progress: ProgressCallback = no_progress) -> Repository:
-        """Remove a user and rotate to a new key version (re-encrypts the index);
-        resumable: running it again after a failure finishes the work. Progress: "revoke"
-        events (images re-encrypted of the total)."""
+        """Remove a user and rotate to a new key version: every pack and segment is sealed
+        again under the new version (docs/FORMAT-2.md 7.3), the old ones deleted; resumable:
+        running it again after a failure finishes the work. Progress: "revoke" events
+        (images re-sealed of the total)."""
         from app.core.access import revoke_access
 
         repo = revoke_access(self.session, self.identity, repo, user_id, progress=progress)

@@ -1,8 +1,8 @@
 """Compaction of a format-2 repository: many small segments and packs become a few big ones.
 
-Every import batch commits one segment and one pack (docs/FORMAT-v2-draft.md 3, 4), so a
+Every import batch commits one segment and one pack (docs/FORMAT-2.md 3, 4), so a
 repository of a million images imported 64 at a time holds 15,625 of each. Compaction
-(draft 7.1) merges the live objects of one key version that are below the targets,
+(FORMAT-2 7.1) merges the live objects of one key version that are below the targets,
 smallest first, and commits each merge with one ``replace`` log entry (reason compaction).
 
 What it never changes. Segment rows are copied byte for byte (same IndexKey, same basis),
@@ -17,7 +17,7 @@ verify under its key version's index MAC key. A segment that fails either check 
 whole compaction with an IntegrityError naming it: a forged or altered object is never
 laundered into a new, validly authenticated one.
 
-Crash safety (draft 7.4). New objects are written first (fresh ids, create-if-absent),
+Crash safety (FORMAT-2 7.4). New objects are written first (fresh ids, create-if-absent),
 then the entry, the commit point; a crash before it leaves unreferenced objects that no
 reader looks at. A writer that loses the append race re-verifies the log: if the sources
 are still live it appends after the winner, otherwise it abandons the group (and deletes
@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,10 +61,10 @@ from crypto.identity import Identity
 from crypto.segment_mac import index_mac_key
 from crypto.tokens import EncryptedVectors
 
-TARGET_IMAGES = 65536  # images per compacted segment (draft 7.1)
+TARGET_IMAGES = 65536  # images per compacted segment (FORMAT-2 7.1)
 PACK_IMAGES = 4096  # images per compacted pack
-PACK_BYTES = 256 << 20  # bytes per pack (draft 3.5)
-GRACE_SECONDS = 900  # draft 7.4, contract: 15 minutes
+PACK_BYTES = 256 << 20  # bytes per pack (FORMAT-2 3.5)
+GRACE_SECONDS = 900  # FORMAT-2 7.4, contract: 15 minutes
 FETCH_THREADS = 8  # log entries are small objects: the wait is the network
 _RECORD_HEAD = 4 + 1 + 32 + 64  # "RCSR" | version | signer key | signature (crypto/signed.py)
 
@@ -114,7 +114,7 @@ def log_history(store: Store, state: seglog.LogState) -> list[seglog.LogEntry]:
     verification recorded; the entries before them (below the checkpoint a verification
     starts from) are authenticated by the hash chain, each entry's ``prev`` naming the
     SHA-256 of the one before. The chain ends at genesis, or where old entries were
-    deleted (draft 5.6). Needed because a checkpoint does not say which objects earlier
+    deleted (FORMAT-2 5.6). Needed because a checkpoint does not say which objects earlier
     entries removed (the migrated format-1 segments, the replaced objects to delete).
     """
     repo_id = state.repo_id
@@ -148,6 +148,21 @@ def log_history(store: Store, state: seglog.LogState) -> list[seglog.LogEntry]:
         entries[sequence] = _payload(blob, repo_id, sequence)
         expected = entries[sequence].prev
     return [entries[n] for n in sorted(entries)]
+
+
+def read_entry(store: Store, state: seglog.LogState, sequence: int) -> seglog.LogEntry:
+    """Entry ``sequence`` of the verified log ``state`` (``state.start`` to its head), read
+    again and refused unless its SHA-256 is the one the verification recorded."""
+    blob = None
+    try:
+        blob = store.get(layout.log_entry_key(state.repo_id, sequence))
+    except ObjectNotFound:
+        pass
+    known = state.hashes.get(sequence)
+    if blob is None or known is None or hashlib.sha256(blob).digest() != known:
+        raise IntegrityError(f"log entry {sequence} of repository {state.repo_id} changed "
+                             "or disappeared after it was verified")
+    return _payload(blob, state.repo_id, sequence)
 
 
 def _payload(blob: bytes, repo_id: str, sequence: int) -> seglog.LogEntry:
@@ -245,7 +260,7 @@ def commit_replace(store: Store, settings: Settings | None, repo: Repository,
                    key_version: int, new_objects: Sequence[tuple[seglog.Added, bytes]],
                    removed: Sequence[seglog.Removed],
                    verify: Callable[[seglog.LogState], seglog.LogState]) -> Commit:
-    """Write the new objects, then one ``replace`` entry (draft 5.3, 7.4).
+    """Write the new objects, then one ``replace`` entry (FORMAT-2 5.3, 7.4).
 
     seglog.append retries after a concurrent writer's entry by itself; when that entry
     took objects of this group out of the live set, the group is abandoned: the new
@@ -273,9 +288,12 @@ def commit_replace(store: Store, settings: Settings | None, repo: Repository,
 
 
 def delete_replaced(store: Store, state: seglog.LogState, grace_seconds: float,
-                    now: float | None = None) -> tuple[int, int]:
+                    now: float | None = None, *, at_once: Collection[int] = ()
+                    ) -> tuple[int, int]:
     """(deleted, deferred): objects removed by a verified entry are deleted once the
-    entry is ``grace_seconds`` old (draft 7.4); never an object live at the head."""
+    entry is ``grace_seconds`` old (FORMAT-2 7.4); never an object live at the head.
+    ``at_once``: reasons whose removed objects are deleted without waiting (revocation:
+    the revoked user held their keys)."""
     now = time.time() if now is None else now
     repo_id = state.repo_id
     live = {object_key(repo_id, kind, object_id) for kind, object_id in state.live}
@@ -289,7 +307,7 @@ def delete_replaced(store: Store, state: seglog.LogState, grace_seconds: float,
             key = object_key(repo_id, gone.type, gone.id)
             if key not in present:
                 continue
-            if now - entry.time_ms / 1000 < grace_seconds:
+            if entry.reason not in at_once and now - entry.time_ms / 1000 < grace_seconds:
                 deferred += 1
                 continue
             store.delete(key)
@@ -403,7 +421,7 @@ def _compact_group(store: Store, settings: Settings, repo: Repository, writer: I
         raise IntegrityError(f"the {_word(kind)}s {', '.join(o.id for o in group)} of "
                              f"repository {repo.repo_id} hold {count} images, the log says "
                              f"{sum(o.count for o in group)}: nothing was replaced")
-    check_still_current(store, repo)  # draft 5.3 step 3: never under a superseded manifest
+    check_still_current(store, repo)  # FORMAT-2 5.3 step 3: never under a superseded manifest
     trust = logstate.repository_trust(store, repo)  # the manifest as it is now
 
     def verify(since: seglog.LogState) -> seglog.LogState:

@@ -1,9 +1,11 @@
 """The end-to-end demonstration, shared by ``radcrypt demo`` and ``main.py --demo``.
 
 Everything real: an embedded S3 server, the search service as its own process, a fresh
-repository with fresh keys, real sample images (pydicom's offline test files and frames
-of them), perturbed copies as queries. A query matches when the encrypted search returns
-its original, or an image at the same plaintext distance (a tie).
+repository in storage format 2 with fresh keys (its import signs the segment log with the
+demo owner's identity, and every search answer is checked for completeness), real sample
+images (pydicom's offline test files and frames of them), perturbed copies as queries. A
+query matches when the encrypted search returns its original, or an image at the same
+plaintext distance (a tie).
 """
 
 from __future__ import annotations
@@ -113,10 +115,11 @@ def prepare_demo_repository(session: Session, workdir: Path, count: int = 300,
     """Create the demo repository, owned by ``owner`` (a fresh identity without one), and
     import the sample images. Returns the owner too: it opens and searches the repository."""
     owner = owner if owner is not None else demo_owner()
-    repo = create_repository_as(session, owner, DEMO_REPO + "-" + secrets.token_hex(3))
+    repo = create_repository_as(session, owner, DEMO_REPO + "-" + secrets.token_hex(3),
+                                storage_format=2)
     files = sample_files(workdir, count)
     report = Importer(session.store, repo, workers=session.settings.workers,
-                      progress=progress).run(files)
+                      progress=progress, writer=owner, settings=session.settings).run(files)
     if report.failed:
         first = report.failed[0]
         raise RadcryptError(f"demo import failed for {len(report.failed)} files, "

@@ -36,8 +36,8 @@ class WrongPassword(AccessDenied):
 
 
 class IncompleteAnswer(RadcryptError):
-    """The search service did not search every segment the verified log holds (draft
-    FORMAT-v2 6.3): a search fails on it unless the caller allows a marked, partial answer.
+    """The search service did not search every segment the verified log holds
+    (docs/FORMAT-2.md 6.3): a search fails on it unless the caller allows a marked, partial answer.
 
     ``expected``: live segments of ``key_version`` at the head the answer was judged at;
     ``searched``: segments the service says it searched; ``missing``: the live ids it did

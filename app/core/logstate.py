@@ -1,17 +1,22 @@
 """The segment log of a format-2 repository, as this workstation trusts it.
 
-The log (cloud/seglog.py, docs/FORMAT-v2-draft.md section 5) is hash-chained and signed
+The log (cloud/seglog.py, docs/FORMAT-2.md section 5) is hash-chained and signed
 by its writers; whom to trust as a writer is decided here, from what this client already
 trusts: the owner's key pinned when the repository was first opened, the members listed in
 the owner-signed manifest, and each member's owner-signed user record (its Ed25519 key).
 
-Rollback memory (draft 5.5 step 4). A cloud can hide the newest log entries or serve
+Rollback memory (FORMAT-2 5.5 step 4). A cloud can hide the newest log entries or serve
 another history. Each workstation remembers, per repository, the highest head it has
 verified (sequence, SHA-256 of that entry, checkpoint) in ``log-heads.json`` beside
 ``manifest-sequences.json`` (same rules: a JSON object, replaced atomically, mode 0600).
 A later verification that ends below the remembered sequence is a rollback, one whose
 entry at the remembered sequence has another hash is a fork: both raise IntegrityError
 naming the repository, and nothing is written on top of such a log.
+
+Missing genesis (repair_genesis). The owner creates a format-2 repository by writing its
+manifest, then the log's genesis entry; a crash between the two leaves a repository whose
+log is empty. The owner's next open writes the genesis (only when the log has no entry and
+no checkpoint at all); anyone else is told that the owner must open it once.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from app.core.settings import Settings
 from cloud import layout, seglog
 from cloud.backend import ObjectNotFound, Store
 from crypto.errors import FormatError
-from crypto.identity import PublicCard
+from crypto.identity import Identity, PublicCard
 from crypto.signed import open_json
 
 HEADS_FILE = "log-heads.json"
@@ -73,11 +78,11 @@ class RepositoryTrust:
             return None
         with self._lock:
             if user_id not in self._keys:
-                self._keys[user_id] = _member_key(self.store, user_id, self.owner_key)
+                self._keys[user_id] = member_key(self.store, user_id, self.owner_key)
             return self._keys[user_id]
 
 
-def _member_key(store: Store, user_id: str, owner_key: bytes) -> bytes | None:
+def member_key(store: Store, user_id: str, owner_key: bytes) -> bytes | None:
     """The signing key of a user record the owner signed; None when there is none."""
     try:
         name = layout.user_key(user_id)
@@ -197,7 +202,7 @@ def _check_against(repo_id: str, state: seglog.LogState, known: seglog.LogHead |
 def verified_log(store: Store, settings: Settings | None, repo: Repository,
                  since: seglog.LogState | None = None, *,
                  trust: RepositoryTrust | None = None) -> seglog.LogState:
-    """The repository's log verified up to its head (draft 5.5), remembered.
+    """The repository's log verified up to its head (FORMAT-2 5.5), remembered.
 
     ``since``: an earlier verified state of the same repository, extended (only the new
     entries are read). ``settings`` None: no rollback memory (a caller without a
@@ -209,10 +214,56 @@ def verified_log(store: Store, settings: Settings | None, repo: Repository,
     known = remembered_heads(settings).get(repo.repo_id) if settings is not None else None
     try:
         state = seglog.verify_log(store, repo.repo_id, trust, remembered=known, since=since)
-    except (seglog.LogError, FormatError) as exc:  # SignatureError is a FormatError
+    except seglog.LogError as exc:
+        if exc.reason == "no genesis" and since is None and log_is_empty(store, repo.repo_id):
+            raise IntegrityError(_no_genesis(repo.repo_id, trust.owner_id)) from None
+        raise IntegrityError(f"the segment log of repository {repo.repo_id!r} does not "
+                             f"verify: {exc}") from None
+    except FormatError as exc:  # SignatureError is a FormatError
         raise IntegrityError(f"the segment log of repository {repo.repo_id!r} does not "
                              f"verify: {exc}") from None
     if settings is not None:
         _check_against(repo.repo_id, state, known, settings)
         remember_head(settings, repo.repo_id, state.head)
     return state
+
+
+# --- a missing genesis ------------------------------------------------------------------------
+
+
+def log_is_empty(store: Store, repo_id: str) -> bool:
+    """Whether the repository's log has no entry and no checkpoint at all (not even a
+    foreign name is counted: any object under log/ or checkpoints/ blocks a repair)."""
+    return not (any(True for _ in store.list_keys(layout.log_prefix(repo_id)))
+                or any(True for _ in store.list_keys(layout.checkpoints_prefix(repo_id))))
+
+
+def _no_genesis(repo_id: str, owner_id: str) -> str:
+    return (f"the segment log of repository {repo_id!r} is empty: its creation did not "
+            f"finish (no genesis entry); its owner ({owner_id}) must open it once to repair "
+            "it, nothing can be searched or imported until then")
+
+
+def repair_genesis(store: Store, settings: Settings | None, identity: Identity,
+                   repo: Repository) -> bool:
+    """Write the genesis entry of a format-2 repository whose log is empty (a crash
+    between its manifest and its genesis); True if it was written. Only the owner writes
+    it (as create_repository_as would have, at the manifest's current sequence and key
+    version); anyone else gets IntegrityError saying the owner must open it. A log with
+    any entry or checkpoint is left alone (its verification reports what is wrong)."""
+    if not is_format2(repo.manifest) or not log_is_empty(store, repo.repo_id):
+        return False
+    trust = repository_trust(store, repo)
+    if identity.user_id != trust.owner_id or repo.owner_key is None or not hmac.compare_digest(
+            identity.sign_public, repo.owner_key):
+        raise IntegrityError(_no_genesis(repo.repo_id, trust.owner_id))
+    try:
+        state = seglog.write_genesis(store, repo.repo_id, identity, identity.user_id,
+                                     trust.manifest_sequence, trust.key_version)
+    except seglog.LogError as exc:
+        if exc.reason != "genesis exists":
+            raise
+        return False  # another open of the owner's repaired it meanwhile
+    if settings is not None:
+        remember_head(settings, repo.repo_id, state.head)
+    return True

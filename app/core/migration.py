@@ -1,4 +1,4 @@
-"""Migration of a format-1 repository to storage format 2 (docs/FORMAT-v2-draft.md 9.2).
+"""Migration of a format-1 repository to storage format 2 (docs/FORMAT-2.md 9.2).
 
 Owner only, in place, resumable at every step; the segment log itself records progress:
 
@@ -389,7 +389,7 @@ def _contents(store: Store, repo: Repository, image_ids: list[str], version: int
 
 def _meta_v2(plain: bytes) -> tuple[bytes, np.ndarray]:
     """(meta v2 JSON, features) of a format-1 metadata object: the same record, compact,
-    format ``radcrypt-meta-v2``, features moved out (draft 3.4)."""
+    format ``radcrypt-meta-v2``, features moved out (FORMAT-2 3.4)."""
     record = json.loads(plain)
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")

@@ -1,6 +1,6 @@
 """Reading an image's metadata, preview and features, in either storage format.
 
-Format 2 (docs/FORMAT-v2-draft.md section 3) keeps a batch's metadata, previews and feature
+Format 2 (docs/FORMAT-2.md section 3) keeps a batch's metadata, previews and feature
 array in one pack; the segment log names the live packs. A reader finds an image's pack
 from an index image id -> (pack, TOC entry) built from the TOCs of the live packs: each
 TOC costs one range read of the pack's last bytes (crypto.pack.TAIL_READ; a second one
@@ -53,6 +53,13 @@ def _cache_toc(key: tuple[str, str, bytes], toc: pack.PackToc) -> None:
         _toc_cache[key] = toc
         while len(_toc_cache) > TOC_CACHE:
             _toc_cache.popitem(last=False)
+
+
+def forget_tocs() -> None:
+    """Empty this process's TOC cache (what a new process starts with): a reader then
+    reads and verifies every TOC again."""
+    with _toc_lock:
+        _toc_cache.clear()
 
 
 def read_toc(store: Store, repo: Repository, pack_id: str, size: int | None = None,
@@ -116,7 +123,10 @@ class ImageReader:
 
     def _live_tocs(self) -> dict[str, pack.PackToc]:
         assert self.state is not None
-        live = self.state.packs()
+        # Only key versions this ring holds: a revocation commits packs of the next version
+        # before the members hold it (docs/FORMAT-2.md 7.3); they are not ours yet.
+        held = {keys.version for keys in self.repo.ring.versions}
+        live = [obj for obj in self.state.packs() if obj.key_version in held]
         sizes: dict[str, int] = {}
         if live:  # one listing gives every pack's size (a TOC read needs it)
             for key, size in self.store.list_objects(layout.packs_prefix(self.repo.repo_id)):
@@ -149,7 +159,9 @@ class ImageReader:
             if self._index is None:
                 self._tocs = self._live_tocs()
                 index: dict[str, tuple[str, pack.PackEntry]] = {}
-                for pack_id, toc in self._tocs.items():
+                # an image in packs of two versions (during a revocation): the newest wins
+                for pack_id, toc in sorted(self._tocs.items(),
+                                           key=lambda item: item[1].key_version):
                     for entry in toc.entries:
                         if entry.kind == pack.KIND_META:
                             index[entry.object_id] = (pack_id, entry)

@@ -37,8 +37,9 @@ from crypto.keys import (
 from crypto.signed import json_signer, open_json
 
 MANIFEST_FORMAT = "radcrypt-manifest-v1"
-# Storage format 2 (docs/FORMAT-v2-draft.md): packs, authenticated segments, segment log.
-# Opt-in for now (repo create --format 2); every format-2 code path dispatches on it.
+# Storage format 2 (docs/FORMAT-2.md): packs, authenticated segments, segment log.
+# The default of every new repository; format 1 is read-only (import, compaction and
+# revocation refuse: format1_read_only), only `radcrypt repo migrate --format 2` writes it.
 MANIFEST_FORMAT_V2 = "radcrypt-manifest-v2"
 MANIFEST_FORMATS = (MANIFEST_FORMAT, MANIFEST_FORMAT_V2)
 STORAGE_FORMATS = {1: MANIFEST_FORMAT, 2: MANIFEST_FORMAT_V2}
@@ -156,6 +157,17 @@ def _is_int(value: object) -> bool:
 def is_format2(manifest: Manifest) -> bool:
     """Whether the repository is in storage format 2 (packs, segment log)."""
     return manifest.format == MANIFEST_FORMAT_V2
+
+
+def storage_format(manifest: Manifest) -> int:
+    """The storage format number (1 or 2) of a manifest."""
+    return 2 if is_format2(manifest) else 1
+
+
+def format1_read_only(repo_id: str) -> str:
+    """The refusal of every write to a format-1 repository but its migration (FORMAT-2 9.1)."""
+    return (f"repository {repo_id} is in storage format 1 (read-only); run radcrypt repo "
+            "migrate --format 2")
 
 
 def storage_format_name(storage_format: int) -> str:
@@ -306,8 +318,10 @@ def read_signed_manifest(store: Store, name: str, owner_key: bytes | None = None
 
 def check_still_current(store: Store, repo: Repository) -> Manifest:
     """Re-read the manifest before writing: RadcryptError if ``repo`` was opened under a
-    key version that is no longer current (a revocation happened since), or if the store
-    now shows an older manifest than the one ``repo`` was opened with (a rollback).
+    key version that is no longer current (a revocation happened since), if the store
+    now shows an older manifest than the one ``repo`` was opened with (a rollback), or if
+    the manifest's storage format changed since ``repo`` was opened (a migration: a writer
+    opened before it must not commit format-1 data into a format-2 repository).
 
     The key version alone decides: every change of membership that removes someone rotates
     the keys, so a client of a removed user holds a superseded version. Repositories
@@ -327,6 +341,11 @@ def check_still_current(store: Store, repo: Repository) -> Manifest:
             f"repository {repo.repo_id!r} is now at key version {manifest.key_version}, and "
             f"this session holds key version {repo.keys.version}: nothing was written "
             "under the superseded version; open the repository again")
+    if manifest.format != repo.manifest.format:
+        raise RadcryptError(
+            f"repository {repo.repo_id!r} is now in storage format {storage_format(manifest)}"
+            f" and this session opened it in storage format {storage_format(repo.manifest)} "
+            "(it was migrated since): nothing was written; open the repository again")
     return manifest
 
 

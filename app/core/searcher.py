@@ -7,7 +7,7 @@ distance from the stored features, so what the radiologist sees (name, distance)
 came from the server in clear, and a server that returned hits out of order would be
 noticed (``order_verified``).
 
-Format 2 adds completeness (docs/FORMAT-v2-draft.md 6.3): the answer names the log head
+Format 2 adds completeness (docs/FORMAT-2.md 6.3): the answer names the log head
 and the digest of the segments the service searched; the client compares them with the
 log it verified itself and fails an answer that left segments out (IncompleteAnswer), or,
 when the caller allows it, returns it marked (``QueryResult.complete`` False). A format-1
@@ -17,7 +17,6 @@ repository has no log: ``complete`` is None, "completeness not verifiable (forma
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.core import basis, objects
+from app.core import basis
 from app.core.errors import IncompleteAnswer, IntegrityError, RadcryptError, ServiceError
 from app.core.repository import Repository, is_format2
 from app.core.session import Session
 from app.imaging.worker import DecoderPool, DecoderUnavailable
-from cloud.backend import ObjectNotFound, Store
+from cloud.backend import Store
 from cloud.limits import MAX_K, MAX_QUERIES
 
 if TYPE_CHECKING:
@@ -60,7 +59,7 @@ class QueryResult:
     stats: dict[str, Any]
     timings_ms: dict[str, float]
     order_verified: bool
-    # Completeness (draft 6.3): True, False (only when the caller allowed an incomplete
+    # Completeness (FORMAT-2 6.3): True, False (only when the caller allowed an incomplete
     # answer), None for a format-1 repository (no log to compare with).
     complete: bool | None = None
     segments_expected: int | None = None  # live segments of the key version (format 2)
@@ -93,20 +92,11 @@ class QueryResult:
 
 def read_meta(store: Store, repo: Repository, image_id: str,
               version: int | None = None) -> tuple[dict[str, Any], int]:
-    """Decrypted metadata of one image and the key version that opened it."""
-    try:
-        plain, used = objects.get_decrypted(store, repo.ring, repo.repo_id, "meta", image_id,
-                                            version)
-    except ObjectNotFound:
-        raise IntegrityError(f"image {image_id} is in the index but its metadata is missing"
-                             ) from None
-    try:
-        meta = json.loads(plain)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise IntegrityError(f"metadata of image {image_id} is not valid JSON") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("features"), list):
-        raise IntegrityError(f"metadata of image {image_id} lacks its features")
-    return meta, used
+    """Decrypted metadata of one image of a format-1 repository (its own ``meta``
+    object, features inside) and the key version that opened it."""
+    from app.core.packs import ImageReader
+
+    return ImageReader(store, repo, None).meta(image_id, version)
 
 
 def features_of_files(repo: Repository, paths: list[Path], *,
@@ -178,7 +168,7 @@ def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, label
     out = []
     for qi, (label, raw) in enumerate(zip(labels, answer.hits, strict=True)):
         ids = [image_id for image_id, _ in raw]
-        if len(set(ids)) != len(ids):  # draft 6.3 step 5
+        if len(set(ids)) != len(ids):  # FORMAT-2 6.3 step 5
             raise ServiceError(f"the search service answered query {qi + 1} with an image "
                                "twice (malformed answer)")
         f0 = time.perf_counter()
@@ -196,7 +186,7 @@ def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, label
     return out
 
 
-# --- completeness (docs/FORMAT-v2-draft.md 6.3) ---------------------------------------------
+# --- completeness (docs/FORMAT-2.md 6.3) ---------------------------------------------
 
 
 def log_state(session: Session, repo: Repository) -> LogState:

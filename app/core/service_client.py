@@ -5,7 +5,7 @@ service's id, learnt from its unauthenticated GET /v1/info (or given): a signed 
 names the deployment it is for. Without a signer, requests go unsigned, which only a
 service started with --insecure-no-auth on loopback answers.
 
-Searches use wire protocol 2 (cloud/wire.py, docs/FORMAT-v2-draft.md 8): a binary body
+Searches use wire protocol 2 (cloud/wire.py, docs/FORMAT-2.md 8): a binary body
 and answer, signed as "radcrypt-request-v3". One httpx.Client per ServiceClient keeps its
 connection alive between requests, so a search costs one round trip, not a TCP setup.
 """
@@ -223,7 +223,7 @@ class ServiceClient:
         return self._post(f"/v1/repos/{repo_id}/refresh", {})
 
     def refresh_v2(self, repo_id: str) -> dict[str, Any]:
-        """Re-read the repository now; its log head, images, segments (draft 8.1)."""
+        """Re-read the repository now; its log head, images, segments (FORMAT-2 8.1)."""
         response = self._exchange(f"/v2/repos/{repo_id}/refresh", b"{}",
                                   protocol=wire.PROTOCOL)
         result: dict[str, Any] = response.json()

@@ -221,10 +221,10 @@ class Backend:
             raise AccessDenied("no identity is unlocked: register or unlock yours first")
         return self.identity
 
-    def create_repository(self, name: str, storage_format: int = 1) -> Repository:
+    def create_repository(self, name: str, storage_format: int = 2) -> Repository:
         """A new repository owned by the user's identity (none is locked by a password
-        alone, and the demo's throw-away identity creates none here); ``storage_format``
-        1 (the default) or 2."""
+        alone, and the demo's throw-away identity creates none here), in storage format 2
+        (format 1 is read-only: the facade refuses a new one)."""
         if not self.identity_mode or self.identity is None:
             raise RadcryptError("a new repository belongs to an identity: register or unlock "
                                 "your identity first")
@@ -233,6 +233,25 @@ class Backend:
     def open_repository(self, name: str) -> Repository:
         self._identity()
         return self._client().open_repository(name)
+
+    @staticmethod
+    def storage_format(repo: Repository) -> int:
+        """1 (read-only: search, view, export; its owner may upgrade it) or 2."""
+        return Client.storage_format(repo)
+
+    def is_owner(self, repo: Repository) -> bool:
+        """Whether the unlocked identity owns ``repo``."""
+        client = self.client
+        return client is not None and self.identity is not None and client.is_owner(repo)
+
+    def upgrade_storage_format(self, repo: Repository,
+                               progress: ProgressCallback = no_progress) -> Repository:
+        """Move a format-1 repository this identity owns to storage format 2 (resumable:
+        after a failure, running it again finishes it); the repository as now opened."""
+        self._identity()
+        client = self._client()
+        report = client.migrate_to_format2(repo.repo_id, progress)
+        return report.repo if report.repo is not None else client.open_repository(repo.repo_id)
 
     def migrate_repository(self, name: str, password: str) -> Repository:
         """Move a repository made before identities (locked by its password) to this

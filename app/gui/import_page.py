@@ -218,7 +218,16 @@ class ImportPage(QWidget):
             self.model.mark_all((*DONE_STATES, FAILED, ENCRYPTED, NOT_DONE), WAITING, "")
             self.was_cancelled = False
             self.progress.setValue(0)
+        if self.read_only and repo is not None:
+            self.summary.setText(read_only_words(repo.repo_id))
+        elif repo is not None and self.summary.text().startswith(READ_ONLY_START):
+            self.summary.setText("Add images to import them into the open repository.")
         self._update()
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the open repository is in storage format 1 (read-only: no import)."""
+        return self.repo is not None and self.ctx.backend.storage_format(self.repo) == 1
 
     @property
     def running(self) -> bool:
@@ -269,6 +278,10 @@ class ImportPage(QWidget):
         if repo is None:
             self.ctx.info("Open or create a repository first: images are imported into the "
                           "repository chosen at the top.", "warning")
+            return
+        if self.read_only:
+            self.summary.setText(read_only_words(repo.repo_id))
+            self.ctx.info(read_only_words(repo.repo_id), "warning")
             return
         paths = self.model.pending()
         if not paths:
@@ -351,6 +364,9 @@ class ImportPage(QWidget):
 
     def _on_error(self, error: TaskError) -> None:
         self.model.mark_all((WAITING,), NOT_DONE, "")
+        if "storage format 1 (read-only)" in error.message and self.repo is not None:
+            error = TaskError(read_only_words(self.repo.repo_id), error.details,
+                              error.exception)  # the CLI's words, said for the desktop
         self.summary.setText("The import stopped: " + error.message)
         self.was_cancelled = True
         self.ctx.error(error)
@@ -369,6 +385,7 @@ class ImportPage(QWidget):
         running = self.running
         pending = bool(self.model.pending())
         has_repo = self.repo is not None
+        has_repo = has_repo and not self.read_only
         self.start_button.setEnabled(not running and pending and has_repo
                                      and not self.was_cancelled)
         self.start_button.setText(f"Import {len(self.model.pending())} files" if pending
@@ -380,6 +397,15 @@ class ImportPage(QWidget):
         self.clear_button.setEnabled(not running and bool(self.model.rows))
         self.add_files_button.setEnabled(True)
         self.add_folder_button.setEnabled(True)
+
+
+READ_ONLY_START = "Read-only: this repository is in the old storage format 1"
+
+
+def read_only_words(repo_id: str) -> str:
+    """Why nothing can be imported into a format-1 repository, in plain words."""
+    return (f"{READ_ONLY_START} (search and view work). Its owner can upgrade {repo_id} "
+            "under Repository key → Upgrade storage format.")
 
 
 def status_counts(model: ImportModel) -> dict[str, int]:

@@ -67,13 +67,11 @@ class NewRepositoryDialog(QDialog):
         self.name.textChanged.connect(self._validate)
         form.addRow("Name:", self.name)
         self.storage_format = QComboBox()
-        self.storage_format.addItem("Format 1 (standard)", 1)
-        self.storage_format.addItem("Format 2 (preview: searches checked for "
-                                    "completeness)", 2)
+        self.storage_format.addItem("Format 2 (searches checked for completeness)", 2)
         self.storage_format.setToolTip(
             "Format 2 packs each import batch into a few objects and keeps a signed log of "
             "the index, so that a search that left part of the archive out is detected. "
-            "Access cannot yet be revoked in a format-2 repository.")
+            "It is the only format for new repositories: format 1 is read-only.")
         form.addRow("Format:", self.storage_format)
         layout.addLayout(form)
         self.problem = QLabel("")
@@ -107,7 +105,7 @@ class NewRepositoryDialog(QDialog):
         self.create_button.setEnabled(self.complete())
 
     def values(self) -> tuple[str, int]:
-        """(name, storage format 1 or 2)."""
+        """(name, storage format: 2)."""
         return self.name.text().strip(), int(self.storage_format.currentData())
 
 
@@ -123,6 +121,7 @@ class KeysPage(QWidget):
         self.rows: list[AccessRow] = []
         self.known_users: dict[str, str] = {}
         self.dialog: NewRepositoryDialog | None = None
+        self.upgrading = False
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(20, 16, 20, 16)
@@ -141,6 +140,13 @@ class KeysPage(QWidget):
         title.setObjectName("CardTitle")
         head.addWidget(title)
         head.addStretch(1)
+        self.upgrade_button = theme.themed(QPushButton("Upgrade storage format…"), "resume")
+        self.upgrade_button.setToolTip(
+            "Move this repository to storage format 2 (owner only): afterwards images can "
+            "be imported again and every search is checked for completeness")
+        self.upgrade_button.clicked.connect(self.upgrade_storage_format)
+        self.upgrade_button.setVisible(False)
+        head.addWidget(self.upgrade_button)
         self.new_button = primary(QPushButton(theme.icon("plus", "#ffffff"), "New repository…"))
         self.new_button.clicked.connect(self.open_new_repository)
         head.addWidget(self.new_button)
@@ -149,8 +155,9 @@ class KeysPage(QWidget):
         form.setVerticalSpacing(6)
         self.fields: dict[str, QLabel] = {}
         for key, label in (("name", "Name"), ("version", "Key version"),
-                           ("created", "Created"), ("scheme", "Encryption"),
-                           ("features", "Features"), ("levels", "Index levels")):
+                           ("format", "Storage format"), ("created", "Created"),
+                           ("scheme", "Encryption"), ("features", "Features"),
+                           ("levels", "Index levels")):
             value = QLabel("—")
             value.setWordWrap(True)
             value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -255,6 +262,7 @@ class KeysPage(QWidget):
             m = repo.manifest
             self.fields["name"].setText(m.repo_id)
             self.fields["version"].setText(str(repo.keys.version))
+            self.fields["format"].setText(format_words(self.ctx.backend.storage_format(repo)))
             self.fields["created"].setText(m.created.replace("T", " ")[:19] + " UTC")
             self.fields["scheme"].setText(m.scheme)
             self.fields["features"].setText(f"{m.extractor}, {m.dim} dimensions")
@@ -302,6 +310,11 @@ class KeysPage(QWidget):
         identity = self.ctx.backend.identity_mode
         connected = self.ctx.backend.connected
         self.new_button.setEnabled(identity and connected)  # repositories need an identity
+        repo = self.repo
+        old_format = (repo is not None and self.ctx.backend.storage_format(repo) == 1
+                      and identity and self.ctx.backend.is_owner(repo))
+        self.upgrade_button.setVisible(bool(old_format))
+        self.upgrade_button.setEnabled(bool(old_format) and not self.upgrading)
         self.register_button.setEnabled(identity and connected)
         self.grant_button.setEnabled(identity and self.repo is not None)
         selected = self.selected_user()
@@ -325,7 +338,39 @@ class KeysPage(QWidget):
         dialog.open()
         return dialog
 
-    def create_repository(self, name: str, storage_format: int = 1) -> None:
+    def upgrade_storage_format(self) -> None:
+        """Run the migration to format 2 off the UI thread (owner only), with progress."""
+        repo = self.repo
+        if repo is None or self.upgrading:
+            return
+        if not self.ctx.dialogs.confirm(
+                self, "Upgrade storage format",
+                f"Move {repo.repo_id} to storage format 2? Its index and previews are "
+                "rewritten into packs and a signed log; the originals stay as they are. "
+                "Afterwards images can be imported again, and every search is checked for "
+                "completeness. Members keep their access. If it is interrupted, run it "
+                "again to finish.", "Upgrade"):
+            return
+        backend = self.ctx.backend
+        self.upgrading = True
+        self._update()
+
+        def done(new: Repository) -> None:
+            self.ctx.activity.record("repository", f"Upgraded {repo.repo_id} to storage "
+                                     "format 2", repository=repo.repo_id)
+            self.ctx.info(f"{repo.repo_id} is now in storage format 2: images can be "
+                          "imported again.", "success")
+            self.ctx.set_repository(new)
+
+        def finish() -> None:
+            self.upgrading = False
+            self._update()
+
+        self.ctx.runner.run(f"Upgrading the storage format of {repo.repo_id}",
+                            lambda t: backend.upgrade_storage_format(repo, t.progress),
+                            on_done=done, on_error=self.ctx.error, on_finish=finish)
+
+    def create_repository(self, name: str, storage_format: int = 2) -> None:
         backend = self.ctx.backend
 
         def done(repo: Repository) -> None:
@@ -446,6 +491,14 @@ class KeysPage(QWidget):
                             on_done=lambda p: self.ctx.info(f"Identity card saved to {p}.",
                                                             "success"),
                             on_error=self.ctx.error)
+
+
+def format_words(storage_format: int) -> str:
+    """A repository's storage format in plain words."""
+    if storage_format == 1:
+        return ("1 (old, read-only: search and view work; its owner can upgrade it to "
+                "import again)")
+    return "2 (searches checked for completeness)"
 
 
 def _escape(text: str) -> str:

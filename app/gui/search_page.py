@@ -55,7 +55,7 @@ def format_ms(ms: float) -> str:
 
 
 class IncompleteBanner(QFrame):
-    """The red banner above the results of an incomplete answer (docs/FORMAT-v2-draft.md
+    """The red banner above the results of an incomplete answer (docs/FORMAT-2.md
     6.3): the service left segments of the repository out, so the nearest images shown
     may not be the nearest ones. Hidden otherwise; it cannot be dismissed while the
     answer is shown, since the results below it stay partial."""

@@ -65,6 +65,7 @@ WEIGHT_HIST = 2.6
 WEIGHT_GRAD = 34.0
 
 _EQ_BINS = 256
+_ROW_LOOP_WIDTH = 64  # _area_resample_rows: rows at least this wide are summed row by row
 
 
 @lru_cache(maxsize=64)
@@ -85,8 +86,17 @@ def _area_resample_rows(x: np.ndarray, n_out: int) -> np.ndarray:
     """
     n_in = x.shape[0]
     whole, frac = _area_plan(n_in, n_out)
-    running = np.zeros((n_in + 1, *x.shape[1:]), dtype=np.float64)
-    np.cumsum(x, axis=0, dtype=np.float64, out=running[1:])
+    running = np.empty((n_in + 1, *x.shape[1:]), dtype=np.float64)
+    running[0] = 0.0
+    running[1:] = x
+    if x.ndim == 2 and x.shape[1] >= _ROW_LOOP_WIDTH:
+        # the same running sums as np.cumsum(axis=0), added row after row in the same
+        # order (so bit for bit equal), about 5 times faster on wide rows: numpy's
+        # accumulate walks each column down with the row stride
+        for i in range(1, n_in + 1):
+            np.add(running[i - 1], running[i], out=running[i])
+    else:
+        np.cumsum(running[1:], axis=0, out=running[1:])
     at_edges = running[whole] + frac[:, None] * (running[whole + 1] - running[whole])
     return np.diff(at_edges, axis=0) * (n_out / n_in)
 

@@ -18,23 +18,29 @@ from guitools import (
     wait_idle,
 )
 
-from app.core.importer import committed_ids
 from app.core.progress import ProgressEvent
 from app.gui.import_page import FAILED, IMPORTED, NOT_DONE, PRESENT
 from app.gui.login import REGISTER, UNLOCK, WRONG_PASSWORD
 from cloud import layout
-from cloud.segments import read_header
+from cloud.segments import HEADER_SIZE_V2, read_header
 
 
 def segment_id_count(window: object) -> int:
-    """How many image ids all the repository's segments name, duplicates included."""
+    """How many image ids all the repository's segment objects name, duplicates included
+    (live or not: a format-2 segment no log entry names would count too)."""
     store = window.backend.session.store  # type: ignore[attr-defined]
     repo_id = window.ctx.repo.repo_id  # type: ignore[attr-defined]
     total = 0
     for key in store.list_keys(layout.segments_prefix(repo_id)):
-        _, count, _ = read_header(store.get_range(key, 0, 64), key)
+        _, count, _ = read_header(store.get_range(key, 0, HEADER_SIZE_V2), key)
         total += count
     return total
+
+
+def committed(window: object) -> set[str]:
+    """The images of the live packs of the verified segment log (format 2)."""
+    client = window.backend.client  # type: ignore[attr-defined]
+    return set(client.image_ids(window.ctx.repo))  # type: ignore[attr-defined]
 
 
 # --- identity ---------------------------------------------------------------------------
@@ -275,8 +281,7 @@ def test_cancel_half_way_then_resume_loses_and_doubles_nothing(qtbot, make_windo
     assert page.model.count(IMPORTED) == done_first
     assert page.model.count(NOT_DONE) == 30 - done_first
     assert "Cancelled" in page.summary.text()
-    store, repo_id = window.backend.session.store, window.ctx.repo.repo_id
-    assert len(committed_ids(store, repo_id)) == done_first
+    assert len(committed(window)) == done_first
 
     page.resume_button.click()
     qtbot.waitUntil(lambda: page.task is None, timeout=WAIT_MS)
@@ -285,7 +290,7 @@ def test_cancel_half_way_then_resume_loses_and_doubles_nothing(qtbot, make_windo
     assert len(report.imported) == 30 - done_first
     assert all(r.status in (IMPORTED, PRESENT) for r in page.model.rows)
     assert page.progress.value() == page.progress.maximum()
-    assert len(committed_ids(store, repo_id)) == 30  # nothing lost
+    assert len(committed(window)) == 30  # nothing lost
     assert segment_id_count(window) == 30  # nothing doubled
     qtbot.waitUntil(lambda: len(window.archive_page.all_entries) == 30, timeout=WAIT_MS)
     assert sorted(e.name for e in window.archive_page.all_entries) == sorted(

@@ -1,4 +1,4 @@
-"""The search page's red banner over an incomplete answer (docs/FORMAT-v2-draft.md 6.3).
+"""The search page's red banner over an incomplete answer (docs/FORMAT-2.md 6.3).
 
 A format-2 repository of two import batches on the directory store of a private data
 directory; one of its live segments is deleted from the bucket; the search page searches
@@ -124,8 +124,8 @@ def test_incomplete_answer_shows_a_red_banner(qtbot, format2_repo) -> None:
         backend.close()
 
 
-def test_new_repository_dialog_creates_format_2_on_request(qtbot, tmp_path: Path) -> None:
-    """The New repository dialog offers the storage format, 1 by default; choosing 2
+def test_new_repository_dialog_creates_format_2(qtbot, tmp_path: Path) -> None:
+    """The New repository dialog offers storage format 2 only (format 1 is read-only), and
     creates a format-2 repository through the backend."""
     from app.gui.app import make_application
     from app.gui.keys_page import KeysPage
@@ -141,9 +141,9 @@ def test_new_repository_dialog_creates_format_2_on_request(qtbot, tmp_path: Path
     try:
         dialog = page.open_new_repository()
         dialog.name.setText("two")
-        assert dialog.values() == ("two", 1)  # format 1 unless chosen
-        dialog.storage_format.setCurrentIndex(dialog.storage_format.findData(2))
-        assert dialog.values() == ("two", 2)
+        assert dialog.values() == ("two", 2)  # format 2 by default
+        assert dialog.storage_format.findData(1) == -1  # no new format-1 repository
+        assert dialog.storage_format.count() == 1
         with qtbot.waitSignal(page.repositoryCreated, timeout=WAIT_MS) as created:
             dialog.create_button.click()
         assert created.args[0].manifest.format == "radcrypt-manifest-v2"

@@ -41,8 +41,10 @@ from resources.samples import decodable_dicom_files
 
 try:
     import owned_repos
+    from fixtures import format2_support as fx
 except ImportError:  # pragma: no cover
     from tests import owned_repos
+    from tests.fixtures import format2_support as fx
 
 
 def _projector(rows: np.ndarray) -> np.ndarray:
@@ -61,7 +63,10 @@ def _files(count: int, skip: int = 0) -> list[Path]:
 
 def _assert_service_finds(store: ObjectStore, repo: Repository, files: list[Path]) -> None:
     """The search service's index of the stored segments finds each file's own image."""
-    snapshot = RepoIndex(store, repo.repo_id, None).refresh()
+    # the service as configured with the owner's key: it loads the verified log's segments
+    assert repo.owner_key is not None
+    snapshot = RepoIndex(store, repo.repo_id, None, owner_keys=(repo.owner_key,)).refresh()
+    assert snapshot.log_error is None
     version = snapshot.versions[repo.keys.version]
     for f in files:
         token = repo.keys.index_key.query(features_of_file(f)[None])
@@ -73,9 +78,7 @@ def _assert_service_finds(store: ObjectStore, repo: Repository, files: list[Path
 
 def _same_features(store: ObjectStore, repo: Repository, image_id: str, f: Path) -> bool:
     """A sample repeated under another name (same pixels, same features) is a tie."""
-    from app.core.searcher import read_meta
-
-    meta, _ = read_meta(store, repo, image_id)
+    meta, _ = fx.reader(store, None, repo).meta(image_id)
     return bool(np.allclose(meta["features"], features_of_file(f), atol=1e-12))
 
 
@@ -92,7 +95,7 @@ def test_basis_is_fitted_on_the_first_batch_not_on_public_data(moto_store: Objec
     assert repo.keys.index_key.levels == ()  # no basis before any image: nothing public
     assert basis.load(moto_store, repo).keys.index_key.levels == ()
     files = _files(12)
-    Importer(moto_store, repo, processes=False).run(files)
+    Importer(moto_store, repo, processes=False, writer=owner).run(files)
     assert moto_store.exists(layout.basis_key(repo.repo_id, 1))
     key = basis.load(moto_store, repo).keys.index_key
     assert key.levels == (8, 32)
@@ -114,9 +117,10 @@ def test_known_plaintext_attack_with_the_public_basis_fails(moto_store: ObjectSt
     level ciphertexts in the segment and a query token: with B known it solves the query's
     level coordinates exactly (the owner's basis below: the attack works); with the basis
     anyone fits on the public reference sample, as earlier versions used, it no longer does."""
-    repo = owned_repos.create_owned_repository(moto_store, "basis-kpa")
+    owner = owned_repos.owner_identity()
+    repo = owned_repos.create_owned_repository(moto_store, "basis-kpa", owner)
     files = _files(40)
-    Importer(moto_store, repo, processes=False).run(files)
+    Importer(moto_store, repo, processes=False, writer=owner).run(files)
     repo = basis.load(moto_store, repo)
     key = repo.keys.index_key
     (seg_key,) = moto_store.list_keys(layout.segments_prefix(repo.repo_id))
@@ -142,14 +146,15 @@ def test_known_plaintext_attack_with_the_public_basis_fails(moto_store: ObjectSt
 
 
 def test_deleted_basis_is_not_replaced_while_segments_need_it(moto_store: ObjectStore) -> None:
-    repo = owned_repos.create_owned_repository(moto_store, "basis-deleted")
-    Importer(moto_store, repo, processes=False).run(_files(3))
+    owner = owned_repos.owner_identity()
+    repo = owned_repos.create_owned_repository(moto_store, "basis-deleted", owner)
+    Importer(moto_store, repo, processes=False, writer=owner).run(_files(3))
     name = layout.basis_key(repo.repo_id, 1)
     moto_store.delete(name)
     with pytest.raises(IntegrityError, match=r"basis .* is missing"):
         basis.ensure(moto_store, repo, np.ones((2, 128)))
     with pytest.raises(IntegrityError, match="missing"):
-        Importer(moto_store, repo, processes=False).run(_files(2, skip=5))
+        Importer(moto_store, repo, processes=False, writer=owner).run(_files(2, skip=5))
     with pytest.raises(ObjectNotFound):
         moto_store.get(name)
 
@@ -218,9 +223,10 @@ def test_key_rotation_refits_on_own_features_never_public(moto_store: ObjectStor
 def test_levels_off_repository_keeps_no_levels(moto_store: ObjectStore) -> None:
     owner = owned_repos.owner_identity()
     session = owned_repos.store_session(moto_store)
-    repo = create_repository_as(session, owner, "basis-off", bound_levels="off")
+    repo = create_repository_as(session, owner, "basis-off", bound_levels="off",
+                                storage_format=2)
     assert repo.manifest.levels == [] and repo.keys.index_key.levels == ()
-    Importer(moto_store, repo, processes=False).run(_files(3))
+    Importer(moto_store, repo, processes=False, writer=owner).run(_files(3))
     assert not list(moto_store.list_keys(layout.basis_prefix(repo.repo_id)))
     (seg_key,) = moto_store.list_keys(layout.segments_prefix(repo.repo_id))
     assert decode_segment(moto_store.get(seg_key), seg_key).vectors.levels == ()

@@ -140,8 +140,9 @@ def test_deflated_bomb_is_refused_by_the_import_and_the_parent_stays_small(
     bomb = deflated_dicom(tmp_path / "bomb.dcm", 6000, 6000, 4)
     assert bomb.stat().st_size < 400_000
     good = support.copy_images(support.sample_images(2), tmp_path / "good")
-    repo = owned_repos.create_owned_repository(moto_store, "deflate-bomb")
-    importer = Importer(moto_store, repo, workers=2, batch_size=8)
+    owner = owned_repos.owner_identity()
+    repo = owned_repos.create_owned_repository(moto_store, "deflate-bomb", owner)
+    importer = Importer(moto_store, repo, workers=2, batch_size=8, writer=owner)
     report, growth = _rss_peak_during(lambda: importer.run([*good, bomb]))
     assert [p for p, _ in report.failed] == [str(bomb)]  # type: ignore[attr-defined]
     reason = report.failed[0][1]  # type: ignore[attr-defined]
@@ -199,8 +200,10 @@ def test_a_child_over_its_memory_limit_fails_only_its_file(moto_store: ObjectSto
                                                           tmp_path: Path) -> None:
     big = _big_png(tmp_path / "big.png")
     good = support.copy_images(support.sample_images(3), tmp_path / "good")
-    repo = owned_repos.create_owned_repository(moto_store, "memory-limit")
-    importer = Importer(moto_store, repo, workers=2, batch_size=8, memory_limit=400 * MiB)
+    owner = owned_repos.owner_identity()
+    repo = owned_repos.create_owned_repository(moto_store, "memory-limit", owner)
+    importer = Importer(moto_store, repo, workers=2, batch_size=8, memory_limit=400 * MiB,
+                        writer=owner)
     report, growth = _rss_peak_during(lambda: importer.run([good[0], big, *good[1:]]))
     assert [p for p, _ in report.failed] == [str(big)]  # type: ignore[attr-defined]
     assert "the decoder ran out of its memory limit of 400 MiB" in report.failed[0][1]  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ from app.core.access import (
     revoke_access,
 )
 from app.core.errors import AccessDenied, RadcryptError
-from app.core.importer import Importer, committed_ids, image_id_for
+from app.core.importer import image_id_for
 from app.core.repository import Member, Repository, check_still_current, with_members
 from cloud import layout
 from cloud.store import ObjectStore
@@ -39,6 +39,7 @@ from crypto.signed import sign_json
 
 def _three(store: ObjectStore, name: str) -> tuple[sup.Client, sup.Client, sup.Client,
                                                    Repository]:
+    """A format-2 repository (sup.owner_and_two_members) of its owner, Alice and Bob."""
     return sup.owner_and_two_members(store, name)
 
 
@@ -168,12 +169,13 @@ def test_image_ids_belong_to_the_key_version(moto_store: ObjectStore) -> None:
     store = moto_store
     owner, _, bob, repo = _three(store, "image-ids")
     first, later = sup.sample_files(5)[0], sup.sample_files(5)[4]
-    Importer(store, repo, processes=False).run([first])
+    sup.importer(owner, repo).run([first])
     bob_repo = bob.open(repo.repo_id)
     repo = revoke_access(owner.session, owner.identity, repo, bob.user_id)
-    report = Importer(store, repo, processes=False).run([later])
+    report = sup.importer(owner, repo).run([later])
     (_, new_id), = report.imported
-    assert new_id in committed_ids(store, repo.repo_id)
+    ids, versions = sup.segment_ids(store, repo)
+    assert new_id in ids and versions == {2}
     digest = hashlib.sha256(later.read_bytes()).digest()
     assert image_id_for(repo, digest) == new_id  # stable within the version (resume)
     # bob kept every key he ever had: none of them computes the id of the later import
@@ -188,8 +190,10 @@ def test_image_ids_belong_to_the_key_version(moto_store: ObjectStore) -> None:
 
 def test_legacy_signed_manifest_is_upgraded_by_its_owner_without_a_password(
         moto_store: ObjectStore) -> None:
+    """Manifests without members predate storage format 2: this one is format 1."""
     store = moto_store
-    owner, alice, _, repo = _three(store, "legacy-signed")
+    owner, alice, _, repo = sup.owner_and_two_members(store, "legacy-signed",
+                                                      storage_format=1)
     name = layout.manifest_key(repo.repo_id)
     legacy = json.loads(store.get(name))["payload"]
     for field in ("sequence", "members", "owner"):

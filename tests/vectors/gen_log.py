@@ -1,4 +1,4 @@
-"""Generate the segment-log vectors of docs/FORMAT-v2-draft.md sections 5 and 6 (run once; the
+"""Generate the segment-log vectors of docs/FORMAT-2.md sections 5 and 6 (run once; the
 JSON is checked in):
 
     .venv/bin/python tests/vectors/gen_log.py
@@ -62,7 +62,7 @@ from crypto import signed
 from crypto.identity import Identity
 
 T0 = 1736931600000  # 2025-01-15T09:00:00Z in milliseconds
-SPEC = "docs/FORMAT-v2-draft.md"
+SPEC = "docs/FORMAT-2.md"
 LOG_NOTES = [
     "log entry object: crypto.signed record (F12) of kind 'log' whose object name is the "
     "full key radcrypt/v1/repos/<repo_id>/log/<SEQ20(n)>; payload big-endian: 'RCLE' | "

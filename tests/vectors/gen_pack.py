@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/vectors/gen_pack.py
 
-Writes pack.json, associated_data_v2.json and features.json (docs/FORMAT-v2-draft.md
+Writes pack.json, associated_data_v2.json and features.json (docs/FORMAT-2.md
 sections 3 and 10, with the pack trailer of contract 13: ``T u32 | n u32 | key_version u32
 | "RCPE"``). Same conventions as tests/vectors/generate.py, whose helpers it reuses: fixed
 keys (the data keys are keyring.json's ``ring/v1/data`` and ``ring/v2/data``), AEAD salts
@@ -49,7 +49,7 @@ KEY_V1 = fixed("ring/v1/data")
 KEY_V2 = fixed("ring/v2/data")
 PACK_ID = fixed("pack/0", 16).hex()
 OTHER_PACK_ID = fixed("pack/1", 16).hex()
-SPEC = "docs/FORMAT-v2-draft.md, section '3. Packs' (trailer as in contract 13)"
+SPEC = "docs/FORMAT-2.md, section '3. Packs'"
 GENERATED_BY = "tests/vectors/gen_pack.py"
 TOC_HEAD = 32
 ROW = 48

@@ -1,5 +1,5 @@
 """Generate tests/vectors/segment_v2.json: authenticated segments, format version 2
-(docs/FORMAT-v2-draft.md section 4; run once, the JSON is checked in).
+(docs/FORMAT-2.md section 4; run once, the JSON is checked in).
 
     .venv/bin/python tests/vectors/gen_segment_v2.py
 
@@ -203,7 +203,7 @@ def make_segment_v2() -> None:
     doc = {
         "format": "segment_v2", "title": "Authenticated index segment, format version 2 "
         "(cloud/segments.py, crypto/segment_mac.py)",
-        "spec": "docs/FORMAT-v2-draft.md, section '4. Authenticated segments'",
+        "spec": "docs/FORMAT-2.md, section '4. Authenticated segments'",
         "generated_by": "tests/vectors/gen_segment_v2.py", "encoding": ENCODING,
         "notes": [
             "decode: cloud.segments.decode_segment(segment, object_name) gives key_version, "

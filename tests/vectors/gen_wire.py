@@ -1,4 +1,4 @@
-"""Generate the wire protocol 2 vectors (docs/FORMAT-v2-draft.md 8 and 10): token_v2.json,
+"""Generate the wire protocol 2 vectors (docs/FORMAT-2.md 8 and 10): token_v2.json,
 wire_request.json, wire_answer.json. Deterministic; the JSON is checked in.
 
     .venv/bin/python tests/vectors/gen_wire.py
@@ -42,7 +42,7 @@ from cloud import wire  # noqa: E402
 from cloud.auth import request_message  # noqa: E402
 from crypto.tokens import QueryToken  # noqa: E402
 
-SPEC = "docs/FORMAT-v2-draft.md, section '8. Wire protocol 2' (and 6.1)"
+SPEC = "docs/FORMAT-2.md, section '8. Wire protocol 2' (and 6.1)"
 NOTES = ["little-endian throughout; every array starts at a multiple of 8 from the start of "
          "the body (request: the token starts at offset 32)",
          "expected errors: crypto.errors.FormatError for tokens; for requests the HTTP status "
@@ -221,7 +221,7 @@ def make_wire_answer() -> None:
                      ["decode: cloud.wire.decode_answer(answer, queries=, k=, key_version=, "
                       "repo_id=) ; encode_answer gives it back; hits are [image_id_hex, "
                       "score] in rank order per query",
-                      "set_digest is the segment-set digest of draft 6.1 over segment_ids "
+                      "set_digest is the segment-set digest of FORMAT-2 6.1 over segment_ids "
                       "(SHA-256(LP('radcrypt/segment-set/v2') || LP(repo_id) || u32 "
                       "key_version || u64 S || ids sorted), big-endian); a listed answer's "
                       "ids must hash to it",

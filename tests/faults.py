@@ -1,0 +1,49 @@
+"""A store that fails after its n-th write: the crash of every resumability test.
+
+Used by the revocation, migration and import tests (tests/security/access_support.py,
+tests/fixtures/format2_support.py): each runs an operation against FaultyStore(store, n)
+for n = 1, 2, ... until it completes, runs it again on the real store, and checks the end
+state, so that a crash after any single write is proved recoverable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cloud.backend import Store
+
+
+class InjectedFailure(Exception):
+    """The failure FaultyStore injects (stands for a crash or a lost connection)."""
+
+
+class FaultyStore:
+    """The real store; after the ``fail_after``-th write (put, put_stream or delete) has
+    been done, that call raises InjectedFailure. ``fail_after=None`` only counts."""
+
+    def __init__(self, store: Store, fail_after: int | None = None) -> None:
+        self._store = store
+        self.fail_after = fail_after
+        self.writes: list[str] = []
+
+    def _wrote(self, key: str) -> None:
+        self.writes.append(key)
+        if self.fail_after is not None and len(self.writes) >= self.fail_after:
+            raise InjectedFailure(f"injected failure after write {len(self.writes)} ({key})")
+
+    def put(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        result = self._store.put(key, *args, **kwargs)
+        self._wrote(key)
+        return result
+
+    def put_stream(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        result = self._store.put_stream(key, *args, **kwargs)
+        self._wrote(key)
+        return result
+
+    def delete(self, key: str) -> None:
+        self._store.delete(key)
+        self._wrote(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
