@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import math
 import os
@@ -30,19 +29,14 @@ import pytest
 from crypto import aead, pack
 from crypto.errors import DecryptionError, FormatError
 
-try:
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    HAVE_CRYPTOGRAPHY = True
-except ImportError:  # pragma: no cover - cryptography comes with moto, a test dependency
-    HAVE_CRYPTOGRAPHY = False
-
 VECTORS = Path(__file__).resolve().parent / "vectors"
 FILES = ("pack", "associated_data_v2", "features")
 MAX_FILE_BYTES = 200_000
-spec_only = pytest.mark.skipif(not HAVE_CRYPTOGRAPHY,
-                               reason="the independent reading uses the cryptography package")
+try:  # tests/ is on sys.path (its conftest)
+    from spec_envelope import SpecError, spec_hkdf, spec_open, spec_seal
+except ImportError:  # pragma: no cover  (if tests/ becomes a package)
+    from tests.spec_envelope import SpecError, spec_hkdf, spec_open, spec_seal
+
 
 REPO = "radiology-demo"
 KEY = hashlib.sha256(b"test_pack data key").digest()
@@ -373,10 +367,6 @@ def test_features_broken(entry: dict[str, Any]) -> None:
 # --- the independent reading of FORMAT-2.md --------------------------------------------------
 
 
-class SpecError(Exception):
-    """The spec reader rejects its input."""
-
-
 def spec_lp(*fields: bytes) -> bytes:
     return b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
@@ -387,55 +377,12 @@ def spec_ad2(repo_id: str, kind: str, object_id: str, key_version: int, pack_id:
                    struct.pack(">Q", key_version), pack_id.encode())
 
 
-def spec_hkdf(ikm: bytes, salt: bytes, info: bytes) -> bytes:
-    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
-    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
-
-
-def spec_chunk_ad(header: bytes, ad: bytes, index: int, final: bool) -> bytes:
-    return header + hashlib.sha256(ad).digest() + struct.pack(">QB", index, int(final))
-
-
-def spec_open(key: bytes, envelope: bytes, ad: bytes) -> bytes:
-    """An F5 envelope with chunk_log2 16, as every pack entry and TOC is written (3.1)."""
-    if len(envelope) < 32:
-        raise SpecError("shorter than the envelope header")
-    header = envelope[:32]
-    magic, version, chunk_log2, reserved = struct.unpack(">4sBBH", header[:8])
-    if (magic, version, chunk_log2, reserved) != (b"RCAE", 1, 16, 0):
+def spec_open_entry(key: bytes, envelope: bytes, ad: bytes) -> bytes:
+    """A pack entry or TOC: an F5 envelope (tests/spec_envelope.py) that must have
+    chunk_log2 16, as every pack entry and TOC is written (3.1)."""
+    if len(envelope) >= 8 and envelope[5] != 16:
         raise SpecError("not an envelope with 64 KiB chunks")
-    object_key = spec_hkdf(key, header[8:], b"radcrypt/aead/v1")
-    full = (1 << 16) + 28
-    body, out, index = envelope[32:], [], 0
-    while True:
-        final = len(body) <= full
-        chunk, body = body[:full], body[full:]
-        if len(chunk) < 28:
-            raise SpecError("chunk shorter than nonce and tag")
-        try:
-            text = AESGCM(object_key).decrypt(chunk[:12], chunk[12:],
-                                              spec_chunk_ad(header, ad, index, final))
-        except InvalidTag:
-            raise SpecError("authentication failed") from None
-        if final and not text and index > 0:
-            raise SpecError("empty final chunk after other chunks")
-        out.append(text)
-        index += 1
-        if final:
-            return b"".join(out)
-
-
-def spec_seal(key: bytes, plaintext: bytes, ad: bytes, salt: bytes, nonces: list[bytes]) -> bytes:
-    header = b"RCAE" + struct.pack(">BBH", 1, 16, 0) + salt
-    object_key = spec_hkdf(key, salt, b"radcrypt/aead/v1")
-    size = 1 << 16
-    pieces = [plaintext[i:i + size] for i in range(0, len(plaintext), size)] or [b""]
-    out = [header]
-    for index, (piece, nonce) in enumerate(zip(pieces, nonces, strict=True)):
-        final = index == len(pieces) - 1
-        out.append(nonce + AESGCM(object_key).encrypt(
-            nonce, piece, spec_chunk_ad(header, ad, index, final)))
-    return b"".join(out)
+    return spec_open(key, envelope, ad)
 
 
 def spec_features(plain: bytes, expected_ids: list[str]) -> list[list[float]]:
@@ -478,7 +425,7 @@ def spec_read_pack(key: bytes, repo_id: str, pack_id: str, blob: bytes,
     if raw_id.hex() != pack_id or head_version != key_version:
         raise SpecError("header differs from the name or the trailer")
     toc_at = size - 16 - toc_len
-    toc = spec_open(key, blob[toc_at:size - 16],
+    toc = spec_open_entry(key, blob[toc_at:size - 16],
                     spec_ad2(repo_id, "pack-toc", pack_id, key_version, pack_id))
     if len(toc) < 32:
         raise SpecError("TOC header cut")
@@ -515,7 +462,7 @@ def spec_read_pack(key: bytes, repo_id: str, pack_id: str, blob: bytes,
         raise SpecError("meta and thumbs entries differ")
     plains: dict[tuple[int, str], bytes] = {}
     for kind, obj, offset, length, plain_len in rows:
-        text = spec_open(key, blob[offset:offset + length],
+        text = spec_open_entry(key, blob[offset:offset + length],
                          spec_ad2(repo_id, KINDS[kind], obj, key_version, pack_id))
         if len(text) != plain_len:
             raise SpecError("plaintext length")
@@ -523,7 +470,6 @@ def spec_read_pack(key: bytes, repo_id: str, pack_id: str, blob: bytes,
     return rows, plains, spec_features(plains[(3, pack_id)], metas)
 
 
-@spec_only
 @pytest.mark.parametrize("entry", cases("pack", "vectors"))
 def test_pack_vector_spec(entry: dict[str, Any]) -> None:
     key, blob = raw(entry, "data_key_hex"), raw(entry, "pack_b64")
@@ -540,7 +486,7 @@ def test_pack_vector_spec(entry: dict[str, Any]) -> None:
         assert plaintext == raw(row, "plaintext_b64")
         assert spec_hkdf(key, raw(row, "salt_hex"), b"radcrypt/aead/v1") == raw(
             row, "object_key_hex")
-        out.append(spec_seal(key, plaintext, ad, raw(row, "salt_hex"),
+        out.append(spec_seal(key, plaintext, ad, 16, raw(row, "salt_hex"),
                              [bytes.fromhex(n) for n in row["nonces_hex"]]))
         toc_rows.append(struct.pack(">B3s16sQQI8s", kind, bytes(3), bytes.fromhex(obj), offset,
                                     length, plain_len, bytes(8)))
@@ -550,7 +496,7 @@ def test_pack_vector_spec(entry: dict[str, Any]) -> None:
     assert toc_plain == raw(toc, "plaintext_hex")
     toc_ad = spec_ad2(entry["repo_id"], "pack-toc", pack_id, version, pack_id)
     assert toc_ad == raw(toc, "ad_hex")
-    sealed = spec_seal(key, toc_plain, toc_ad, raw(toc, "salt_hex"),
+    sealed = spec_seal(key, toc_plain, toc_ad, 16, raw(toc, "salt_hex"),
                        [bytes.fromhex(n) for n in toc["nonces_hex"]])
     out.append(sealed)
     out.append(struct.pack(">III4s", len(sealed), len(rows), version, b"RCPE"))
@@ -558,7 +504,6 @@ def test_pack_vector_spec(entry: dict[str, Any]) -> None:
     assert blob[:32] == raw(entry, "header_hex") and blob[-16:] == raw(entry, "trailer_hex")
 
 
-@spec_only
 @pytest.mark.parametrize("entry", cases("pack", "broken"))
 def test_pack_broken_spec(entry: dict[str, Any]) -> None:
     with pytest.raises(SpecError):
@@ -566,7 +511,6 @@ def test_pack_broken_spec(entry: dict[str, Any]) -> None:
                        raw(entry, "pack_b64"))
 
 
-@spec_only
 @pytest.mark.parametrize("entry", cases("associated_data_v2", "vectors"))
 def test_associated_data_v2_spec(entry: dict[str, Any]) -> None:
     ad = spec_ad2(entry["repo_id"], entry["kind"], entry["object_id"], entry["key_version"],
@@ -574,16 +518,16 @@ def test_associated_data_v2_spec(entry: dict[str, Any]) -> None:
     assert ad == raw(entry, "ad_hex")
     if entry["type"] == "entry":
         key, envelope = raw(entry, "data_key_hex"), raw(entry, "envelope_b64")
-        assert spec_open(key, envelope, ad) == raw(entry, "plaintext_b64")
-        assert spec_seal(key, raw(entry, "plaintext_b64"), ad, raw(entry, "salt_hex"),
+        assert spec_open_entry(key, envelope, ad) == raw(entry, "plaintext_b64")
+        assert spec_seal(key, raw(entry, "plaintext_b64"), ad, 16, raw(entry, "salt_hex"),
                          [bytes.fromhex(n) for n in entry["nonces_hex"]]) == envelope
 
 
-@spec_only
 @pytest.mark.parametrize("entry", cases("associated_data_v2", "broken"))
 def test_associated_data_v2_broken_spec(entry: dict[str, Any]) -> None:
     with pytest.raises(SpecError):
-        spec_open(raw(entry, "data_key_hex"), raw(entry, "envelope_b64"), raw(entry, "ad_hex"))
+        spec_open_entry(raw(entry, "data_key_hex"), raw(entry, "envelope_b64"),
+                        raw(entry, "ad_hex"))
 
 
 @pytest.mark.parametrize("entry", cases("features", "vectors"))

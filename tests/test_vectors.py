@@ -38,7 +38,7 @@ from crypto.sknn import SknnKey
 from crypto.tokens import EncryptedVectors, QueryToken
 
 try:
-    from cryptography.exceptions import InvalidSignature, InvalidTag
+    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,
         Ed25519PublicKey,
@@ -47,11 +47,15 @@ try:
         X25519PrivateKey,
         X25519PublicKey,
     )
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     HAVE_CRYPTOGRAPHY = True
 except ImportError:  # pragma: no cover - cryptography comes with moto, a test dependency
     HAVE_CRYPTOGRAPHY = False
+
+try:  # tests/ is on sys.path (its conftest)
+    from spec_envelope import SpecError, spec_chunk_ad, spec_hkdf, spec_open, spec_seal
+except ImportError:  # pragma: no cover  (if tests/ becomes a package)
+    from tests.spec_envelope import SpecError, spec_chunk_ad, spec_hkdf, spec_open, spec_seal
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS = ROOT / "tests" / "vectors"
@@ -115,21 +119,6 @@ def expect_failure(entry: dict[str, Any], call: Any) -> None:
 # --- the independent reading of docs/FORMAT.md ---------------------------------------------
 
 
-class SpecError(Exception):
-    """The spec reader rejects its input."""
-
-
-def spec_hkdf(ikm: bytes, salt: bytes, info: bytes, size: int = 32) -> bytes:
-    """HKDF-SHA256 (RFC 5869)."""
-    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
-    out, block, counter = b"", b"", 1
-    while len(out) < size:
-        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
-        out += block
-        counter += 1
-    return out[:size]
-
-
 def spec_id_key(data_key: bytes) -> bytes:
     """The image-id key of a key version (docs/FORMAT.md section 3): HKDF, no salt."""
     return spec_hkdf(data_key, bytes(32), b"radcrypt/image-id-key/v1")
@@ -139,54 +128,6 @@ def spec_ad(repo_id: str, kind: str, object_id: str, key_version: int) -> bytes:
     fields = [b"radcrypt/ad/v1", repo_id.encode(), kind.encode(), object_id.encode(),
               struct.pack(">Q", key_version)]
     return b"".join(struct.pack(">I", len(f)) + f for f in fields)
-
-
-def spec_chunk_ad(header: bytes, ad: bytes, index: int, final: bool) -> bytes:
-    return header + hashlib.sha256(ad).digest() + struct.pack(">QB", index, int(final))
-
-
-def spec_open(key: bytes, envelope: bytes, ad: bytes) -> bytes:
-    """Open an AEAD envelope following docs/FORMAT.md alone."""
-    if len(envelope) < 32:
-        raise SpecError("shorter than the header")
-    header = envelope[:32]
-    magic, version, chunk_log2, reserved = struct.unpack(">4sBBH", header[:8])
-    if magic != b"RCAE" or version != 1 or reserved != 0 or not 10 <= chunk_log2 <= 24:
-        raise SpecError("bad header")
-    object_key = spec_hkdf(key, header[8:], b"radcrypt/aead/v1")
-    full = (1 << chunk_log2) + 28
-    body, out, index = envelope[32:], [], 0
-    while True:
-        final = len(body) <= full
-        chunk, body = body[:full], body[full:]
-        if len(chunk) < 28:
-            raise SpecError("chunk shorter than nonce and tag")
-        try:
-            text = AESGCM(object_key).decrypt(chunk[:12], chunk[12:],
-                                              spec_chunk_ad(header, ad, index, final))
-        except InvalidTag:
-            raise SpecError("authentication failed") from None
-        if final and not text and index > 0:
-            raise SpecError("empty final chunk after other chunks")
-        out.append(text)
-        index += 1
-        if final:
-            return b"".join(out)
-
-
-def spec_seal(key: bytes, plaintext: bytes, ad: bytes, chunk_log2: int, salt: bytes,
-              nonces: list[bytes]) -> bytes:
-    """Seal with the given salt and nonces: reproduces an envelope exactly."""
-    header = b"RCAE" + struct.pack(">BBH", 1, chunk_log2, 0) + salt
-    object_key = spec_hkdf(key, salt, b"radcrypt/aead/v1")
-    size = 1 << chunk_log2
-    pieces = [plaintext[i : i + size] for i in range(0, len(plaintext), size)] or [b""]
-    out = [header]
-    for index, (piece, nonce) in enumerate(zip(pieces, nonces, strict=True)):
-        final = index == len(pieces) - 1
-        out.append(nonce + AESGCM(object_key).encrypt(
-            nonce, piece, spec_chunk_ad(header, ad, index, final)))
-    return b"".join(out)
 
 
 def spec_unwrap_password(blob: bytes, password: str) -> bytes:
