@@ -367,16 +367,8 @@ def open_toc(data_key: bytes, repo_id: str, pack_id: str, size: int, tail: bytes
     if len(body) < TOC_HEAD_SIZE:
         raise FormatError(f"pack {pack_id}: TOC: truncated header")
     magic, version, reserved, raw_id, toc_version, count = _TOC_HEAD.unpack_from(body, 0)
-    if magic != TOC_MAGIC:
-        raise FormatError(f"pack {pack_id}: TOC: bad magic")
-    if version != VERSION:
-        raise FormatError(f"pack {pack_id}: TOC: unsupported version {version}")
-    if reserved != b"\0\0\0":
-        raise FormatError(f"pack {pack_id}: TOC: reserved bytes not zero")
-    if raw_id.hex() != pack_id:
-        raise FormatError(f"pack {pack_id}: TOC: pack id differs from the object's name")
-    if toc_version != key_version:
-        raise FormatError(f"pack {pack_id}: TOC: key version differs from the trailer's")
+    _check_head(pack_id, "TOC", magic == TOC_MAGIC, version, reserved == b"\0\0\0", raw_id,
+                toc_version, key_version)
     if count != toc_count:
         raise FormatError(f"pack {pack_id}: TOC: count {count} differs from the trailer's "
                           f"{toc_count}")
@@ -413,16 +405,25 @@ def check_header(blob: bytes, pack_id: str, key_version: int) -> None:
     if len(blob) < HEADER_SIZE:
         raise FormatError(f"pack {pack_id}: header: truncated")
     magic, version, reserved, raw_id, header_version, reserved2 = _HEADER.unpack_from(blob, 0)
-    if magic != MAGIC:
-        raise FormatError(f"pack {pack_id}: header: bad magic")
+    _check_head(pack_id, "header", magic == MAGIC, version,
+                reserved == b"\0\0\0" and reserved2 == 0, raw_id, header_version, key_version)
+
+
+def _check_head(pack_id: str, part: str, magic_ok: bool, version: int, reserved_zero: bool,
+                raw_id: bytes, stated_version: int, key_version: int) -> None:
+    """The fields the header and the TOC both repeat (FORMAT-2 3.1, 3.2), checked in the
+    same order with the same messages: magic, version, reserved bytes, pack id (against
+    the object's name) and key version (against the trailer's)."""
+    if not magic_ok:
+        raise FormatError(f"pack {pack_id}: {part}: bad magic")
     if version != VERSION:
-        raise FormatError(f"pack {pack_id}: header: unsupported version {version}")
-    if reserved != b"\0\0\0" or reserved2 != 0:
-        raise FormatError(f"pack {pack_id}: header: reserved bytes not zero")
+        raise FormatError(f"pack {pack_id}: {part}: unsupported version {version}")
+    if not reserved_zero:
+        raise FormatError(f"pack {pack_id}: {part}: reserved bytes not zero")
     if raw_id.hex() != pack_id:
-        raise FormatError(f"pack {pack_id}: header: pack id differs from the object's name")
-    if header_version != key_version:
-        raise FormatError(f"pack {pack_id}: header: key version differs from the trailer's")
+        raise FormatError(f"pack {pack_id}: {part}: pack id differs from the object's name")
+    if stated_version != key_version:
+        raise FormatError(f"pack {pack_id}: {part}: key version differs from the trailer's")
 
 
 def open_pack(data_key: bytes, repo_id: str, pack_id: str,
