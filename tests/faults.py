@@ -3,7 +3,8 @@
 Used by the revocation, migration and import tests (tests/security/access_support.py,
 tests/fixtures/format2_support.py): each runs an operation against FaultyStore(store, n)
 for n = 1, 2, ... until it completes, runs it again on the real store, and checks the end
-state, so that a crash after any single write is proved recoverable.
+state, so that a crash after any single write is proved recoverable. ``snapshot`` and
+``restore`` put a whole bucket back as it was before such a run.
 """
 
 from __future__ import annotations
@@ -47,3 +48,15 @@ class FaultyStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
+
+
+def snapshot(store: Store) -> dict[str, bytes]:
+    return {key: store.get(key) for key in store.list_keys("radcrypt/")}
+
+
+def restore(store: Store, saved: dict[str, bytes]) -> None:
+    for key in list(store.list_keys("radcrypt/")):
+        if key not in saved:
+            store.delete(key)
+    for key, data in saved.items():
+        store.put(key, data)

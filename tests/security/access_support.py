@@ -10,10 +10,7 @@ injected after the Nth write (put or delete): the code under test stays the real
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,57 +18,39 @@ import numpy as np
 try:  # tests/ is on sys.path (its conftest); re-exported for the tests that use them
     from faults import FaultyStore as FaultyStore
     from faults import InjectedFailure as InjectedFailure
+    from faults import restore as restore
+    from faults import snapshot as snapshot
+    from workstation import StoreSession as StoreSession
+    from workstation import Workstation as Workstation
+    from workstation import fresh_settings as fresh_settings
+    from workstation import sample_files as sample_files
 except ImportError:  # pragma: no cover  (if tests/ becomes a package)
     from tests.faults import FaultyStore as FaultyStore
     from tests.faults import InjectedFailure as InjectedFailure
+    from tests.faults import restore as restore
+    from tests.faults import snapshot as snapshot
+    from tests.workstation import StoreSession as StoreSession
+    from tests.workstation import Workstation as Workstation
+    from tests.workstation import fresh_settings as fresh_settings
+    from tests.workstation import sample_files as sample_files
 
 from app.core.access import (
     create_repository_as,
     grant_access,
-    open_repository_as,
     register_user,
 )
 from app.core.importer import Importer
 from app.core.logstate import verified_log
 from app.core.packs import ImageReader
 from app.core.repository import Manifest, Repository, read_signed_manifest
-from app.core.settings import Settings
 from cloud import layout, seglog
 from cloud.search import EncryptedIndex, search
 from cloud.segments import decode_segment
 from cloud.store import ObjectStore
 from crypto import pack
-from crypto.identity import Identity
 from crypto.keys import KeyRing
 
-
-@dataclass
-class StoreSession:
-    store: Any  # an ObjectStore, or a FaultyStore around one
-    settings: Settings
-
-
-def fresh_settings() -> Settings:
-    return Settings(data_dir=tempfile.mkdtemp(prefix="radcrypt-membership-"))
-
-
-@dataclass
-class Client:
-    """One workstation of one user."""
-
-    identity: Identity
-    session: StoreSession
-
-    @classmethod
-    def make(cls, store: ObjectStore, name: str) -> Client:
-        return cls(Identity.generate(name), StoreSession(store, fresh_settings()))
-
-    @property
-    def user_id(self) -> str:
-        return self.identity.user_id
-
-    def open(self, repo_id: str) -> Repository:
-        return open_repository_as(self.session, self.identity, repo_id)
+Client = Workstation  # one workstation of one user
 
 
 def register(owner: Client, *users: Client) -> None:
@@ -82,8 +61,7 @@ def register(owner: Client, *users: Client) -> None:
 def importer(client: Client, repo: Repository, batch: int = 3, store: Any = None
              ) -> Importer:
     """A format-2 importer run by ``client`` (its identity signs the log entries)."""
-    return Importer(store or client.session.store, repo, batch_size=batch, processes=False,
-                    writer=client.identity, settings=client.session.settings)
+    return client.importer(repo, batch, store)
 
 
 def owner_and_two_members(store: ObjectStore, name: str, files: int = 0, batch: int = 3,
@@ -103,18 +81,6 @@ def owner_and_two_members(store: ObjectStore, name: str, files: int = 0, batch: 
     return owner, alice, bob, repo
 
 
-
-
-def snapshot(store: ObjectStore) -> dict[str, bytes]:
-    return {key: store.get(key) for key in store.list_keys("radcrypt/")}
-
-
-def restore(store: ObjectStore, saved: dict[str, bytes]) -> None:
-    for key in list(store.list_keys("radcrypt/")):
-        if key not in saved:
-            store.delete(key)
-    for key, data in saved.items():
-        store.put(key, data)
 
 
 def manifest_of(store: ObjectStore, repo: Repository) -> Manifest:
@@ -215,11 +181,3 @@ def features_by_id(store: ObjectStore, repo: Repository) -> dict[str, np.ndarray
         for image_id, row in zip(ids, rows, strict=True):
             out.setdefault(image_id, np.asarray(row, dtype=np.float64))
     return out
-
-
-def sample_files(count: int) -> list[Path]:
-    from resources.samples import decodable_dicom_files
-
-    files = decodable_dicom_files()
-    assert len(files) >= count
-    return files[:count]

@@ -1,0 +1,68 @@
+"""One user's workstation over a shared bucket, for the tests that play several users.
+
+A ``Workstation`` is an identity and its own data directory (pinned owner keys, remembered
+manifest sequences and log heads) over the shared store; what the access functions need of
+a session is ``.store`` and ``.settings``. Used by tests/security/access_support.py (as
+``Client``) and tests/fixtures/format2_support.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.core.access import open_repository_as
+from app.core.importer import Importer
+from app.core.repository import Repository
+from app.core.settings import Settings
+from cloud.backend import Store
+from crypto.identity import Identity
+
+
+@dataclass
+class StoreSession:
+    store: Any
+    settings: Settings
+
+
+def fresh_settings() -> Settings:
+    return Settings(data_dir=tempfile.mkdtemp(prefix="radcrypt-test-"))
+
+
+@dataclass
+class Workstation:
+    identity: Identity
+    session: StoreSession
+
+    @classmethod
+    def make(cls, store: Store, name: str) -> Workstation:
+        return cls(Identity.generate(name), StoreSession(store, fresh_settings()))
+
+    @property
+    def store(self) -> Any:
+        return self.session.store
+
+    @property
+    def settings(self) -> Settings:
+        return self.session.settings
+
+    @property
+    def user_id(self) -> str:
+        return self.identity.user_id
+
+    def open(self, repo_id: str) -> Repository:
+        return open_repository_as(self.session, self.identity, repo_id)
+
+    def importer(self, repo: Repository, batch: int, store: Any = None) -> Importer:
+        return Importer(store or self.store, repo, batch_size=batch, processes=False,
+                        writer=self.identity, settings=self.settings)
+
+
+def sample_files(count: int, skip: int = 0) -> list[Path]:
+    from resources.samples import decodable_dicom_files
+
+    files = decodable_dicom_files()
+    assert len(files) >= skip + count
+    return files[skip : skip + count]
