@@ -76,11 +76,7 @@ def read_toc(store: Store, repo: Repository, pack_id: str, size: int | None = No
             size = store.size(name)
         if size is None:
             raise ObjectNotFound(name)
-        start = max(0, size - pack.TAIL_READ)
-        tail = store.get_range(name, start, size - start)
-        toc_start, key_version = pack.trailer_info(tail, size, pack_id)
-        if size - toc_start > len(tail):  # a TOC larger than one tail read
-            tail = store.get_range(name, toc_start, size - toc_start)
+        tail, key_version = toc_tail(store, name, pack_id, size)
         keys = repo.ring.version(key_version)
         toc = pack.open_toc(keys.data_key, repo.repo_id, pack_id, size, tail)
     except ObjectNotFound:
@@ -93,6 +89,18 @@ def read_toc(store: Store, repo: Repository, pack_id: str, size: int | None = No
     if sha256:
         _cache_toc(cache_key, toc)
     return toc
+
+
+def toc_tail(store: Store, name: str, pack_id: str, size: int) -> tuple[bytes, int]:
+    """The last bytes of a pack, enough to open its TOC, and the key version its trailer
+    names: one range read of up to TAIL_READ bytes, a second for a TOC larger than that
+    (FORMAT-2 3.5). FormatError for a trailer that does not parse."""
+    start = max(0, size - pack.TAIL_READ)
+    tail = store.get_range(name, start, size - start)
+    toc_start, key_version = pack.trailer_info(tail, size, pack_id)
+    if size - toc_start > len(tail):
+        tail = store.get_range(name, toc_start, size - toc_start)
+    return tail, key_version
 
 
 def _reason(exc: Exception) -> str:

@@ -53,6 +53,7 @@ from typing import Any
 
 from app.core import logstate, objects
 from app.core.errors import RadcryptError
+from app.core.packs import toc_tail
 from app.core.progress import ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import Repository, is_format2
 from app.core.settings import Settings
@@ -631,13 +632,14 @@ class _Checker:
             report.add(MISMATCH, "pack", obj.id, "; ".join(disagree), seq)
         return ids
 
-    def _toc(self, key: str, size: int, pack_id: str, data_key: bytes) -> packs.PackToc:
-        """Header and TOC of one pack: two range reads (three for a TOC over TAIL_READ)."""
-        start = max(0, size - packs.TAIL_READ)
-        tail = self.store.get_range(key, start, size - start)
-        toc_start, key_version = packs.trailer_info(tail, size, pack_id)
-        if size - toc_start > len(tail):
-            tail = self.store.get_range(key, toc_start, size - toc_start)
+    def _toc(self, key: str, size: int, pack_id: str, data_key: bytes | None = None
+             ) -> packs.PackToc:
+        """Header and TOC of one pack: two range reads (three for a TOC over TAIL_READ).
+        ``data_key`` None: the key of the version the trailer names (KeyError when the
+        ring lacks it)."""
+        tail, key_version = toc_tail(self.store, key, pack_id, size)
+        if data_key is None:
+            data_key = self.repo.ring.version(key_version).data_key
         packs.check_header(self.store.get_range(key, 0, packs.HEADER_SIZE), pack_id,
                            key_version)
         return packs.open_toc(data_key, self.repo_id, pack_id, size, tail)
@@ -779,20 +781,11 @@ class _Checker:
 
     def _pack_authentic(self, key: str, pack_id: str, size: int) -> tuple[bool | None, str]:
         try:
-            start = max(0, size - packs.TAIL_READ)
-            tail = self.store.get_range(key, start, size - start)
-            _, version = packs.trailer_info(tail, size, pack_id)
-            data_key = self.repo.ring.version(version).data_key
+            self._toc(key, size, pack_id)
         except ObjectNotFound:
             return None, "gone when read"
         except KeyError:
             return None, "its key version is not in this key ring"
-        except (FormatError, ValueError) as exc:
-            return False, str(exc)
-        try:
-            self._toc(key, size, pack_id, data_key)
-        except ObjectNotFound:
-            return None, "gone when read"
         except DecryptionError:
             return False, "its table of contents does not open under the repository's keys"
         except (FormatError, ValueError) as exc:
