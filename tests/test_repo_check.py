@@ -186,21 +186,31 @@ def test_an_image_in_two_live_segments_is_named(v2: Built, tmp_path: Path) -> No
     images = [(i, plains[(pack.KIND_META, i)], plains[(pack.KIND_THUMBS, i)]) for i in ids]
     features = np.zeros((len(ids), repo.manifest.dim))
     pack_id, pack_blob = build_pack(repo, 1, images, features)
-    store.put(layout.segment_key(repo.repo_id, seg_id), seg_blob)
-    store.put(layout.pack_key(repo.repo_id, pack_id), pack_blob)
-    seglog.append(store, repo.repo_id, owner.identity, owner.user_id,
-                  logstate.repository_trust(store, repo), state, kind=seglog.KIND_ADD,
-                  reason=seglog.REASON_IMPORT, key_version=1,
-                  added=[seglog.Added(seglog.TYPE_SEGMENT, seg_id,
-                                      hashlib.sha256(seg_blob).digest(), len(ids)),
-                         seglog.Added(seglog.TYPE_PACK, pack_id,
-                                      hashlib.sha256(pack_blob).digest(), len(ids))])
+    _commit_batch(store, repo, owner, state, (seg_id, seg_blob), (pack_id, pack_blob),
+                  len(ids))
     report = _check(store, repo)
     duplicates = [p for p in report.problems if p.kind == "duplicate"]
     assert {p.id for p in duplicates} == set(ids)
     assert all(first.id in p.detail and seg_id in p.detail for p in duplicates
                if "segments" in p.detail)
     assert len(duplicates) == 2 * len(ids)  # in two segments and in two packs
+
+
+def _commit_batch(store: DirectoryStore, repo: Repository, owner: fx.Workstation,
+                  state: seglog.LogState, segment: tuple[str, bytes],
+                  pack_object: tuple[str, bytes], count: int) -> None:
+    """Store a segment and a pack, and commit them with the owner's `add` entry, as an
+    import does (the log is the only thing that makes them live)."""
+    (seg_id, seg_blob), (pack_id, pack_blob) = segment, pack_object
+    store.put(layout.segment_key(repo.repo_id, seg_id), seg_blob)
+    store.put(layout.pack_key(repo.repo_id, pack_id), pack_blob)
+    seglog.append(store, repo.repo_id, owner.identity, owner.user_id,
+                  logstate.repository_trust(store, repo), state, kind=seglog.KIND_ADD,
+                  reason=seglog.REASON_IMPORT, key_version=1,
+                  added=[seglog.Added(seglog.TYPE_SEGMENT, seg_id,
+                                      hashlib.sha256(seg_blob).digest(), count),
+                         seglog.Added(seglog.TYPE_PACK, pack_id,
+                                      hashlib.sha256(pack_blob).digest(), count)])
 
 
 def _pack_plains(store: DirectoryStore, repo: Repository, state: seglog.LogState
@@ -340,15 +350,7 @@ def test_a_segment_whose_header_disagrees_with_its_entry_is_named(v2: Built, tmp
                                  repo_id=repo.repo_id,
                                  mac_key=index_mac_key(repo.keys.data_key))
     pack_id, pack_blob = build_pack(repo, 1, [(i, b"{}", b"png") for i in ids], features)
-    store.put(layout.segment_key(repo.repo_id, seg_id), seg_blob)
-    store.put(layout.pack_key(repo.repo_id, pack_id), pack_blob)
-    seglog.append(store, repo.repo_id, owner.identity, owner.user_id,
-                  logstate.repository_trust(store, repo), state, kind=seglog.KIND_ADD,
-                  reason=seglog.REASON_IMPORT, key_version=1,
-                  added=[seglog.Added(seglog.TYPE_SEGMENT, seg_id,
-                                      hashlib.sha256(seg_blob).digest(), 2),
-                         seglog.Added(seglog.TYPE_PACK, pack_id,
-                                      hashlib.sha256(pack_blob).digest(), 2)])
+    _commit_batch(store, repo, owner, state, (seg_id, seg_blob), (pack_id, pack_blob), 2)
     report = _check(store, repo)
     mismatch = [p for p in report.problems if p.kind == "mismatch"]
     assert [(p.type, p.id, p.sequence) for p in mismatch] == [("segment", seg_id, 3)]
