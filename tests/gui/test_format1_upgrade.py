@@ -74,6 +74,7 @@ def test_format1_repository_is_read_only_and_its_owner_upgrades_it(
         assert "old storage format 1" in imports.summary.text()
         assert "Read-only" in imports.summary.text()
         assert "Upgrade storage format" in imports.summary.text()
+        qtbot.wait(50)  # let the layout take the new texts before the screenshot
         assert imports.grab().toImage().save(str(IMPORT_SCREENSHOT))
         before = fx.snapshot(store)
         imports.start()  # as if clicked anyway: refused here, nothing started or written
