@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench screenshots lint clean system-deps
+.PHONY: test soak demo bench screenshots lint clean system-deps sbom
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) || { $(MAKE) system-deps && $(PYTHON) -m venv $(VENV); }
@@ -52,7 +52,11 @@ system-deps:
 	fi
 
 test: $(STAMP)
-	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -p no:cacheprovider
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -p no:cacheprovider -m "not soak"
+
+# The long reliability runs (README, "Soak"): under 15 minutes on 2 cores.
+soak: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -p no:cacheprovider -m soak
 
 demo: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python main.py demo

@@ -228,24 +228,28 @@ class Importer:
         files = expand_paths(paths)
         total = len(files)
         self.progress(ProgressEvent("scan", 0, total, message=f"{total} files to import"))
-        check_still_current(self.store, self.repo)  # and again before every commit
-        if self.format2:
-            self._start_format2()
-        else:
-            self._committed = committed_ids(self.store, self.repo.repo_id)
-            self._uploaded = objects.existing_image_ids(self.store, self.repo.repo_id, "meta")
         children = None
         if self.uses_processes(total):
-            try:
+            try:  # started first: they load their decoders while the log is verified
                 children = self._children = _decoder_pool(self.workers, self.memory_limit)
-                children.wait_ready()  # a first request would wait as long
             except DecoderUnavailable as exc:
-                if children is not None:
-                    children.close()
                 self._children = None
                 raise RadcryptError(f"cannot decode images here: {exc}; nothing was imported"
                                     ) from exc
         try:
+            check_still_current(self.store, self.repo)  # and again before every commit
+            if self.format2:
+                self._start_format2()
+            else:
+                self._committed = committed_ids(self.store, self.repo.repo_id)
+                self._uploaded = objects.existing_image_ids(self.store, self.repo.repo_id,
+                                                            "meta")
+            if children is not None:
+                try:
+                    children.wait_ready()  # a first request would wait as long
+                except DecoderUnavailable as exc:
+                    raise RadcryptError(f"cannot decode images here: {exc}; nothing was "
+                                        "imported") from exc
             self._run(files, report)
         finally:
             self._children = None

@@ -6,14 +6,16 @@ names the deployment it is for. Without a signer, requests go unsigned, which on
 service started with --insecure-no-auth on loopback answers.
 
 Searches use wire protocol 2 (cloud/wire.py, docs/FORMAT-2.md 8): a binary body
-and answer, signed as "radcrypt-request-v3". One httpx.Client per ServiceClient keeps its
-connection alive between requests, so a search costs one round trip, not a TCP setup.
+and answer, signed as "radcrypt-request-v3". Requests go over connections kept alive
+between them (app/core/http_keepalive.py for POSTs, one httpx.Client for the rest), so
+a search costs one round trip, not a TCP setup.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import os
 import secrets
@@ -29,6 +31,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from app.core.errors import ServiceError
+from app.core.http_keepalive import KeepAlivePoster, PostResponse, StaleConnection, usable_for
 from cloud import wire
 from cloud.backend import DirectoryConfig
 from cloud.processes import stop_process
@@ -36,6 +39,8 @@ from cloud.store import StoreConfig
 from crypto.tokens import QueryToken
 
 START_TIMEOUT = 60.0
+
+Answer = httpx.Response | PostResponse  # what a POST to the service gives back
 
 
 class RequestSigner(Protocol):
@@ -97,9 +102,13 @@ class ServiceClient:
             verify = ssl.create_default_context(cafile=verify)
         self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout,
                                           verify=verify)
+        self._poster = (KeepAlivePoster(self.base_url, timeout, verify)
+                        if http is None and usable_for(self.base_url) else None)
 
     def close(self) -> None:
         self._http.close()
+        if self._poster is not None:
+            self._poster.close()
 
     def info(self) -> dict[str, Any]:
         """The service's id and protocol (unauthenticated)."""
@@ -132,7 +141,7 @@ class ServiceClient:
         return self.signer.headers("POST", path, body, audience, protocol)
 
     def _send(self, path: str, body: bytes, refetch: bool = False,
-              protocol: int = 1) -> httpx.Response:
+              protocol: int = 1) -> Answer:
         headers = {"content-type": "application/json"}
         if protocol != 1:
             headers[wire.PROTOCOL_HEADER] = str(protocol)
@@ -140,9 +149,27 @@ class ServiceClient:
                 headers["content-type"] = wire.REQUEST_MEDIA_TYPE
         if self.signer is not None:
             headers.update(self._sign(path, body, self._audience(refetch), protocol))
+        if self._poster is not None:
+            return self._post_kept_alive(path, body, headers)
         try:
             return self._http.post(path, content=body, headers=headers)
         except httpx.HTTPError as exc:
+            raise ServiceError(f"search service at {self.base_url} is not reachable: "
+                               f"{type(exc).__name__}") from None
+
+    def _post_kept_alive(self, path: str, body: bytes, headers: dict[str, str]) -> Answer:
+        """The POST over this thread's kept-alive connection; once more, signed afresh,
+        when the service had closed that connection while it was idle."""
+        assert self._poster is not None
+        try:
+            try:
+                return self._poster.post(path, body, headers)
+            except StaleConnection:
+                if self.signer is not None:
+                    headers.update(self._sign(path, body, self._audience(), int(
+                        headers.get(wire.PROTOCOL_HEADER, "1"))))
+                return self._poster.post(path, body, headers)
+        except (OSError, http.client.HTTPException, StaleConnection) as exc:
             raise ServiceError(f"search service at {self.base_url} is not reachable: "
                                f"{type(exc).__name__}") from None
 
@@ -152,7 +179,7 @@ class ServiceClient:
         result: dict[str, Any] = response.json()
         return result
 
-    def _exchange(self, path: str, body: bytes, protocol: int = 1) -> httpx.Response:
+    def _exchange(self, path: str, body: bytes, protocol: int = 1) -> Answer:
         """POST a body; the 200 response, or ServiceError in plain words."""
         response = self._send(path, body, protocol=protocol)
         if response.status_code == 401 and self.signer is not None and not self._pinned:
@@ -230,7 +257,7 @@ class ServiceClient:
         return result
 
 
-def _supported(response: httpx.Response) -> list[int] | None:
+def _supported(response: Answer) -> list[int] | None:
     """The protocol versions a 400 answer says the service supports."""
     try:
         supported = response.json().get("supported")
@@ -241,7 +268,7 @@ def _supported(response: httpx.Response) -> list[int] | None:
     return None
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: Answer) -> str:
     try:
         detail = response.json().get("detail", "")
     except ValueError:
