@@ -68,6 +68,16 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ingest --images 200 --workers 2 --json bench/results/ingest.json
 	$(BIN)/python -m bench.e2e --n 100000 --queries 30 --json bench/results/e2e.json
 
+# The release's software bill of materials (CycloneDX JSON, docs/DEPLOYMENT.md "SBOM"), made
+# offline from the packages installed in .venv, then the licence gate: no GPL/AGPL package
+# but PyQt6, and PyQt6 only in the gui extra (.ci/sbom_licences.py says why).
+SBOM := dist/sbom.cdx.json
+sbom: $(STAMP)
+	@mkdir -p $(dir $(SBOM))
+	$(BIN)/cyclonedx-py environment --output-reproducible --output-format JSON \
+	  --output-file $(SBOM) $(VENV)
+	$(BIN)/python .ci/sbom_licences.py $(SBOM) --setup-cfg setup.cfg
+
 screenshots: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m app.gui.screenshots docs/screenshots
 
@@ -77,4 +87,4 @@ lint: $(STAMP)
 	$(BIN)/lint-imports .importlinter
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

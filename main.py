@@ -1,4 +1,9 @@
-"""Radcrypt: ``python main.py`` opens the desktop client; ``python main.py <command>``, the CLI."""
+"""Radcrypt: ``python main.py`` opens the desktop client; ``python main.py <command>``, the CLI.
+
+Either way a SIGTERM or SIGHUP stops what the run started (the embedded store, the search
+service, a demo's temporary folder) before the process ends: the GUI closes its window
+(app.gui.app.quit_on_signals), the CLI unwinds (cloud.processes.exit_on_termination_signals).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ def main() -> int:
             return 1
         return run(demo="--demo" in args)
     from app.cli import main as cli_main
+    from cloud.processes import exit_on_termination_signals
 
+    exit_on_termination_signals()  # SIGTERM/SIGHUP unwind: the servers started are stopped
     return cli_main(args)
 
 

@@ -215,6 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     if args.repo:
         return _check_repository(args)
+    if args.read_data or args.read_data_subset is not None:
+        _usage(args, "--read-data and --read-data-subset need --repo NAME")
     results = facade.check_connection(_settings(args))
     failed = any(r.ok is False for r in results)
     _emit(args, {"ok": not failed, "checks": [r.as_dict() for r in results]},
@@ -225,13 +227,78 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_repository(args: argparse.Namespace) -> int:
     """``check --repo R``: one line per problem naming its object, then the strays and a
-    summary; exit 1 when a problem was found (like restic check)."""
+    summary; exit 1 when a problem was found (like restic check). ``--read-data`` reads
+    every pack and original; ``--read-data-subset`` a part (its seed is printed, and on
+    stderr before the check starts, so that an interrupted run can be repeated)."""
+    subset = None
+    if args.read_data_subset is not None:
+        try:
+            subset = facade.parse_read_data_subset(args.read_data_subset, args.seed)
+        except ValueError as exc:
+            _usage(args, str(exc))
+        if subset is not None and subset.part is None:
+            print(f"radcrypt: reading the data of a {subset.spec} subset, seed {subset.seed} "
+                  f"(--seed {subset.seed} repeats it)", file=sys.stderr)
     with _client(args) as client:
         repo = client.open_repository(args.repo)
         with _progress(not args.json, "checking", unit="objects") as progress:
-            report = client.check_repository(repo, progress=progress)
+            long = args.read_data or subset is not None
+            report = client.check_repository(repo, progress=_stages(progress) if long
+                                             else progress,
+                                             read_data=args.read_data, subset=subset)
     _emit(args, report.as_dict(), lambda: [print(line) for line in report.lines()])
     return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def _stages(bar: Callable[[ProgressEvent], None]) -> Callable[[ProgressEvent], None]:
+    """The bar, and one line on stderr per stage when stderr is not a terminal (a long
+    check run from a script or a timer shows in its log where it is)."""
+    if sys.stderr.isatty():
+        return bar
+    seen: set[str] = set()
+
+    def update(event: ProgressEvent) -> None:
+        if event.stage not in seen:
+            seen.add(event.stage)
+            print(f"radcrypt: {event.stage} ({event.total})", file=sys.stderr, flush=True)
+        bar(event)
+
+    return update
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``gc --repo R``: delete the orphans of dead imports past the grace period (owner,
+    exclusive lock); prints each object removed."""
+    try:
+        grace = facade.parse_duration(args.grace)
+    except ValueError as exc:
+        _usage(args, str(exc))
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        with _progress(not args.json, "gc", unit="objects") as progress:
+            report = client.gc(repo, grace_seconds=grace, dry_run=args.dry_run,
+                               progress=progress)
+    _emit(args, report.as_dict(), lambda: [print(line) for line in report.lines()])
+    return EXIT_OK
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    """``unlock --repo R``: list the repository's locks and remove the stale ones (all
+    with --remove-all; --list only lists)."""
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        locks = client.list_locks(repo)
+        removed = [] if args.list else client.remove_locks(repo, remove_all=args.remove_all)
+    gone = {lock.lock_id for lock in removed}
+
+    def text() -> None:
+        for lock in locks:
+            print(("removed " if lock.lock_id in gone else "") + lock.line())
+        print(f"repository {repo.repo_id}: {len(locks)} lock(s), {len(removed)} removed")
+
+    _emit(args, {"repo_id": repo.repo_id, "locks": [lock.as_dict() for lock in locks],
+                 "removed": sorted(gone)}, text)
+    return EXIT_OK
 
 
 def cmd_repo(args: argparse.Namespace) -> int:
@@ -378,8 +445,56 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _passphrase(args: argparse.Namespace, confirm: bool) -> str:
+    """The identity backup passphrase: --passphrase-file, else RADCRYPT_BACKUP_PASSPHRASE,
+    else asked (twice when ``confirm``). Never the login password (the core refuses it)."""
+    if args.passphrase_file:
+        try:
+            text = Path(args.passphrase_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RadcryptError(f"cannot read passphrase file {args.passphrase_file}: "
+                                f"{exc.strerror}") from None
+        passphrase = text.rstrip("\r\n")
+    elif os.environ.get("RADCRYPT_BACKUP_PASSPHRASE"):
+        passphrase = os.environ["RADCRYPT_BACKUP_PASSPHRASE"]
+    elif sys.stdin.isatty():
+        passphrase = getpass.getpass("Backup passphrase: ")
+        if confirm and getpass.getpass("Again: ") != passphrase:
+            raise RadcryptError("the two passphrases differ")
+    else:
+        raise RadcryptError("a backup passphrase is needed: use --passphrase-file, "
+                            "RADCRYPT_BACKUP_PASSPHRASE or run in a terminal")
+    if not passphrase:
+        raise RadcryptError("the backup passphrase is empty")
+    return passphrase
+
+
+def _identity_backup(args: argparse.Namespace, settings: Settings) -> int:
+    """identity export --secret --out FILE, and identity restore FILE."""
+    if args.action == "restore":
+        if not args.file:
+            _usage(args, "identity restore needs the backup FILE")
+        passphrase = _passphrase(args, confirm=False)
+        password = _password(args, confirm=True, prompt="New login password: ")
+        identity = facade.restore_identity_backup(settings, args.file, passphrase, password)
+        print(f"restored identity {identity.user_id} into {settings.data_path}; "
+              f"fingerprint {identity.card().fingerprint}", file=sys.stderr)
+        return EXIT_OK
+    if not args.output:
+        _usage(args, "identity export --secret needs --out FILE")
+    password = _password(args, prompt="Login password: ")
+    passphrase = _passphrase(args, confirm=True)
+    identity = facade.export_identity_backup(settings, password, passphrase, args.output)
+    _emit(args, {"user_id": identity.user_id, "backup": str(args.output)},
+          lambda: print(f"wrote the identity backup of {identity.user_id} to {args.output}; "
+                        "keep it and its passphrase apart, off this workstation"))
+    return EXIT_OK
+
+
 def cmd_identity(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.action == "restore" or (args.action == "export" and args.secret):
+        return _identity_backup(args, settings)
     if args.action == "create":
         if not args.name:
             _usage(args, "identity create needs --name")
@@ -467,6 +582,13 @@ def cmd_access(args: argparse.Namespace) -> int:
                          "key_version": repo.manifest.key_version},
                   lambda: print(f"granted {args.user} access to {repo.repo_id} "
                                 f"(key version {repo.manifest.key_version})"))
+            return EXIT_OK
+        if args.action == "add-owner":
+            repo = client.add_owner(repo, args.user)
+            owners = [repo.manifest.owner, *(c.user_id for c in repo.manifest.co_owners)]
+            _emit(args, {"repo_id": repo.repo_id, "owners": owners},
+                  lambda: print(f"{args.user} is now a co-owner of {repo.repo_id} "
+                                f"(owners: {', '.join(owners)})"))
             return EXIT_OK
         if args.action == "revoke":
             with _progress(not args.json, "re-encrypting", unit="images") as progress:
@@ -661,6 +783,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", metavar="NAME",
                    help="check this repository: manifest, segment log, segments, packs, "
                         "images and stray objects; exit status 1 when a problem is found")
+    p.add_argument("--read-data", action="store_true",
+                   help="with --repo: also read every pack whole and decrypt every "
+                        "original (reads the whole repository)")
+    p.add_argument("--read-data-subset", metavar="SUBSET",
+                   help="with --repo: read only a part: a percentage (10%%, a random choice "
+                        "whose seed is printed) or n/m (the n-th of m parts; m runs read "
+                        "everything)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the seed of a percentage --read-data-subset (repeats a run)")
+
+    p = _command(sub, "gc", "remove the orphans of dead imports (objects no log entry "
+                 "names) older than the grace period; owner only", cmd_gc)
+    p.add_argument("--repo", required=True, metavar="NAME", help="repository name")
+    p.add_argument("--grace", default="24h", metavar="DURATION",
+                   help="keep orphans younger than this (default 24h; 30m, 90s, 2d, or "
+                        "seconds)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be removed, remove nothing")
+
+    p = _command(sub, "unlock", "list a repository's locks and remove the stale ones "
+                 "(processes gone, or not refreshed for 30 minutes)", cmd_unlock)
+    p.add_argument("--repo", required=True, metavar="NAME", help="repository name")
+    p.add_argument("--remove-all", action="store_true",
+                   help="remove every lock, fresh ones too (only when you know their "
+                        "processes are gone)")
+    p.add_argument("--list", action="store_true", help="only list the locks")
 
     p = _command(sub, "repo", "create, list and share repositories", cmd_repo)
     repo_sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -684,6 +832,10 @@ def build_parser() -> argparse.ArgumentParser:
         c = _command(repo_sub, action, words, cmd_access)
         c.add_argument("name", help="repository name")
         c.add_argument("user", help="the user's id (from their public card)")
+    c = _command(repo_sub, "add-owner", "make a member a co-owner (owner only): any owner "
+                 "can then grant, revoke and sign for the repository", cmd_access)
+    c.add_argument("name", help="repository name")
+    c.add_argument("user", help="the member's user id")
     c = _command(repo_sub, "access", "who has access", cmd_access)
     c.add_argument("name", help="repository name")
     c = _command(repo_sub, "migrate", "give an old repository (password-locked, or signed "
@@ -700,12 +852,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", help="repository name")
 
     p = _command(sub, "identity", "your identity on this workstation", cmd_identity)
-    p.add_argument("action", choices=["create", "show", "export", "passwd"],
-                   help="create a new one, show it, export the public card, or change "
-                        "its password")
+    p.add_argument("action", choices=["create", "show", "export", "passwd", "restore"],
+                   help="create a new one, show it, export the public card (with --secret: "
+                        "a backup of the private keys), change its password, or restore a "
+                        "backup into a new data directory")
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help="the identity backup to restore (restore)")
     p.add_argument("--name", help="your name (create)")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the public card here "
-                   "(export; default: standard output)")
+    p.add_argument("-o", "--output", "--out", metavar="FILE", help="write the public card "
+                   "here (export; default: standard output), or the backup (export --secret)")
+    p.add_argument("--secret", action="store_true",
+                   help="export the private keys, encrypted under a separate backup "
+                        "passphrase (never the login password), to --out FILE")
+    p.add_argument("--passphrase-file", metavar="FILE",
+                   help="read the backup passphrase from this file (export --secret, "
+                        "restore; or RADCRYPT_BACKUP_PASSPHRASE; default: ask)")
     p.add_argument("--new-password-file", metavar="FILE",
                    help="read the new password from this file (passwd; default: ask)")
 
@@ -784,6 +945,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(pydicom.__name__).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="pydicom")
     func: Callable[[argparse.Namespace], int] = args.func
+    # SIGTERM/SIGHUP (shutdown, logout) unwind like Ctrl+C does: the session's embedded
+    # store and search service are stopped, a demo's temporary folder removed.
+    facade.exit_on_termination_signals()
     try:
         return func(args)
     except KeyboardInterrupt:

@@ -5,17 +5,22 @@ over the service id (the audience), the method, path, body hash, timestamp, nonc
 id. The service believes only what its configured owner keys signed:
 
 * authentication (else 401): the user record ``users/<id>.json`` (which gives the user's
-  signing key) is signed by one of the configured owner keys, the request signature
+  signing key) is validly signed (by a configured owner key, or by a co-owner, whose key
+  the authorisation below checks), the request signature
   verifies under that key, the timestamp is within the window and the nonce is new;
 * authorisation for a repository (else 403): the repository's manifest is signed by a
-  configured owner key, the *same* key signed the user record (a user record is believed
-  only when signed by the owner of the repository in question), the manifest is not older
+  configured owner key or by a co-owner that key endorsed in the manifest
+  (docs/FORMAT-2.md 2.4), one of these same owner keys signed the user record (a user
+  record is believed only when signed by an owner of the repository in question), the
+  manifest is not older
   (by its ``sequence``) than one this process has already seen (no rollback), and the user
   is listed in its ``members`` with the manifest's current ``key_version``. Grant objects do
   not matter here: the service never opens them, and a grant restored after a revocation
   gives nothing. A legacy manifest without members serves nobody.
 
-Refusals are a bare 401 (who are you?) or 403 (not allowed here), no detail; 429 for the
+Refusals are a bare 401 (who are you?) or 403 (not allowed here), no detail, except the
+401 of a validly signed request whose time is outside the window, which names the clock
+skew (clock_skew); 429 for the
 per-user rate limit and 503 (with Retry-After) when the replay cache is full of nonces that
 may not be forgotten yet. There is no authenticated request without a repository; one
 would be refused (403), since no repository owner vouches for the user there.
@@ -46,7 +51,7 @@ from cloud.service_options import (  # noqa: F401  (re-exported)
     validate_service_id,
 )
 from crypto.errors import FormatError
-from crypto.identity import PublicCard
+from crypto.identity import PublicCard, manifest_owners
 from crypto.signed import json_signer, open_json
 
 WINDOW_SECONDS = 300
@@ -83,6 +88,17 @@ def request_protocol(headers: Mapping[str, str]) -> int:
 def _deny(status: int) -> HTTPException:
     return HTTPException(status_code=status,
                          detail="unauthorized" if status == 401 else "forbidden")
+
+
+def clock_skew(skew: int, window: int) -> HTTPException:
+    """The one 401 that says why: a request signed by a registered user whose time is
+    outside the window. Only such a request gets it (the signature is checked first), so
+    the reason helps a member whose clock is wrong and tells anyone else nothing; the
+    service's clock is public anyway (the Date header)."""
+    return HTTPException(status_code=401, detail=(
+        f"the request's time is {abs(skew)} s off the service's clock (its clock is "
+        f"{'behind' if skew > 0 else 'ahead'}; at most {window} s is accepted): set this "
+        "computer's clock (NTP)"))
 
 
 def strict_stamp(text: str) -> int | None:
@@ -200,7 +216,7 @@ class SignatureVerifier:
         self._members: dict[tuple[str, str], float] = {}  # (repo, user) -> valid until
         self._sequence: dict[str, int] = {}  # highest manifest sequence seen per repository
         # manifest name -> (SHA-256 of the bytes verified, their signer, their payload)
-        self._opened: dict[str, tuple[bytes, bytes, Mapping[str, object]]] = {}
+        self._opened: dict[str, tuple[bytes, tuple[bytes, ...], Mapping[str, object]]] = {}
         self._lock = threading.Lock()
 
     # --- authentication (401) ----------------------------------------------------------
@@ -235,8 +251,7 @@ class SignatureVerifier:
             raw_signature = base64.b64decode(signature, validate=True)
         except (ValueError, binascii.Error):
             raise _deny(401) from None
-        if abs(time.time() - when) > self.window:
-            raise _deny(401)
+        skew = round(time.time() - when)
         key = self._cached_user_key(user) if offline else self._user_key(user)
         if key is None:
             return None
@@ -244,6 +259,8 @@ class SignatureVerifier:
                                   nonce, user, self.service_id, request_protocol(headers))
         if not verify_request_signature(key.verifier, message, raw_signature):
             raise _deny(401)
+        if abs(skew) > self.window:  # checked after the signature: see clock_skew
+            raise clock_skew(skew, self.window)
         if offline and not (repo is not None and self._member_cached(repo, user)):
             return None
         try:
@@ -296,8 +313,7 @@ class SignatureVerifier:
         try:
             blob = self.store.get(key_name)
             owner = json_signer(blob)
-            if owner is not None and any(hmac.compare_digest(owner, k)
-                                         for k in self.owner_keys):
+            if owner is not None:  # a configured key or a co-owner's: _is_member decides
                 payload = open_json(blob, "user", key_name, [owner])
                 card = PublicCard.from_json(str(payload.get("card", "")))
                 if card.user_id == user:
@@ -341,8 +357,8 @@ class SignatureVerifier:
             return False
         if opened is None:
             return False
-        owner, payload = opened
-        if not hmac.compare_digest(owner, record_owner):
+        owners, payload = opened
+        if not any(hmac.compare_digest(k, record_owner) for k in owners):
             return False  # the user record was signed by another owner than this repository's
         membership = manifest_membership(payload)
         if membership is None:
@@ -357,8 +373,10 @@ class SignatureVerifier:
 
 
     def _open_manifest(self, name: str, blob: bytes
-                       ) -> tuple[bytes, Mapping[str, object]] | None:
-        """(signer, payload) of a manifest signed by a configured owner key, or None.
+                       ) -> tuple[tuple[bytes, ...], Mapping[str, object]] | None:
+        """(owner keys, payload) of a manifest signed by a configured owner key or by a
+        co-owner that key endorsed in it, or None; the owner keys are the configured one
+        and its co-owners' (crypto.identity.manifest_owners).
         The check of the same bytes is remembered (by their SHA-256): the re-check every
         MEMBER_CACHE_SECONDS then costs the store read, not a signature verification
         (3.5 ms in pure Python). Changed bytes are verified again."""
@@ -367,15 +385,19 @@ class SignatureVerifier:
             known = self._opened.get(name)
         if known is not None and hmac.compare_digest(known[0], digest):
             return known[1], known[2]
-        owner = json_signer(blob)
-        if owner is None or not any(hmac.compare_digest(owner, k) for k in self.owner_keys):
+        signer = json_signer(blob)
+        if signer is None:
             return None
-        payload = open_json(blob, "manifest", name, [owner])
+        payload = open_json(blob, "manifest", name, [signer])
+        owners = manifest_owners(payload, layout.parse_manifest_key(name), signer)
+        if not any(hmac.compare_digest(owners.root, k) for k in self.owner_keys):
+            return None
+        keys = tuple(owners.keys.values()) or (owners.root,)
         with self._lock:
             if len(self._opened) >= MAX_CACHED_USERS:
                 self._opened.clear()
-            self._opened[name] = (digest, owner, payload)
-        return owner, payload
+            self._opened[name] = (digest, keys, payload)
+        return keys, payload
 
 
 def manifest_membership(payload: Mapping[str, object]

@@ -128,6 +128,43 @@ class Store(Protocol):
         ...
 
 
+@runtime_checkable
+class TimedStore(Protocol):
+    """What both stores also offer (issue 14): objects' last-modified times, for the ages
+    of orphans (``radcrypt check``) and gc's grace period. Kept out of ``Store`` so that
+    wrappers and test doubles written against ``Store`` keep working; callers go through
+    ``list_with_times`` and ``modified_time``, which fall back to "age unknown"."""
+
+    def list_objects_with_times(self, prefix: str
+                                ) -> Iterator[tuple[str, int, float | None]]:
+        """(key, size, last-modified Unix time or None) under ``prefix``, in key order."""
+        ...
+
+    def modified(self, key: str) -> float | None:
+        """The object's last-modified Unix time; None when it does not exist."""
+        ...
+
+
+def list_with_times(store: object, prefix: str) -> Iterator[tuple[str, int, float | None]]:
+    """(key, size, last-modified time) of the objects under ``prefix``; the time is None
+    for a store that cannot tell (an unknown age: gc must treat the object as young)."""
+    timed = getattr(store, "list_objects_with_times", None)
+    if timed is not None:
+        yield from timed(prefix)
+        return
+    for key, size in store.list_objects(prefix):  # type: ignore[attr-defined]
+        yield key, size, None
+
+
+def modified_time(store: object, key: str) -> float | None:
+    """The object's last-modified time, None when unknown or missing."""
+    modified = getattr(store, "modified", None)
+    if modified is None:
+        return None
+    when: float | None = modified(key)
+    return when
+
+
 # --- configurations -----------------------------------------------------------------------
 
 

@@ -143,6 +143,9 @@ class DirectoryStore:
         if not stat.S_ISDIR(mode):
             raise StoreUnavailable(f"the {self.describe()}: {self.root} is not a directory")
         if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
+            if os.statvfs(self.root).f_flag & os.ST_RDONLY:  # os.access says EROFS too
+                raise StoreUnavailable(f"the {self.describe()} is on a read-only file "
+                                       f"system ({self.root})", code="EROFS")
             raise StoreUnavailable(f"the {self.describe()} is not readable and writable by "
                                    "this user")
 
@@ -358,6 +361,13 @@ class DirectoryStore:
     def list_objects(self, prefix: str) -> Iterator[tuple[str, int]]:
         """(key, size) under ``prefix`` in key order. The directory under the prefix is
         read when the iteration starts (sorting needs every name), sizes as it goes."""
+        for key, size, _ in self.list_objects_with_times(prefix):
+            yield key, size
+
+    def list_objects_with_times(self, prefix: str
+                                ) -> Iterator[tuple[str, int, float | None]]:
+        """(key, size, modification time as a Unix time) under ``prefix``, in key order:
+        the file's mtime, which a put sets (every put writes a new file and renames it)."""
         if not isinstance(prefix, str):
             raise ValueError("prefix must be a string")
         head, _, start = prefix.rpartition("/")
@@ -370,7 +380,7 @@ class DirectoryStore:
             base_parts = []
         base = self.root.joinpath(*base_parts)
         self._check_no_links(base, prefix)
-        found: list[tuple[str, int]] = []
+        found: list[tuple[str, int, float | None]] = []
         key_base = head + "/" if head else ""
         try:
             self._walk(base, key_base, start, found)
@@ -381,8 +391,21 @@ class DirectoryStore:
         found.sort(key=lambda item: item[0].encode())
         yield from found
 
+    def modified(self, key: str) -> float | None:
+        """When the object was last written (its file's mtime), None when it does not
+        exist."""
+        path = self._path(key)
+        self._check_no_links(path, key)
+        try:
+            info = os.stat(path, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._error(exc, "head", key) from None
+        return info.st_mtime if stat.S_ISREG(info.st_mode) else None
+
     def _walk(self, directory: Path, key_base: str, start: str,
-              found: list[tuple[str, int]]) -> None:
+              found: list[tuple[str, int, float | None]]) -> None:
         try:
             entries = list(os.scandir(directory))
         except NotADirectoryError:
@@ -397,9 +420,10 @@ class DirectoryStore:
                 self._walk(Path(entry.path), key_base + name + "/", "", found)
             elif entry.is_file(follow_symlinks=False):
                 try:
-                    found.append((key_base + name, entry.stat(follow_symlinks=False).st_size))
+                    info = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # deleted while we listed
+                found.append((key_base + name, info.st_size, info.st_mtime))
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         for key, _ in self.list_objects(prefix):

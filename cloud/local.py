@@ -57,10 +57,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from cloud.processes import (
+    GUARD_CANNOT_EXECUTE,
     STOP_GRACE,
     ProcessStopError,
     create_time,
-    parent_death_signal,
+    guarded_command,
     pid_alive,
     stop_process,
     terminate_pid,
@@ -458,13 +459,16 @@ def _spawn_weed(
         log_file.write(f"\n=== radcrypt: starting {' '.join(args)}\n".encode())
         log_file.flush()
         offset = log_file.tell()
+        # A foreground server must die with us, even after a SIGKILL from a worker
+        # thread's start: it runs under cloud.processes' guard, which watches our pipe.
+        command, stdin = ((args, subprocess.DEVNULL) if background
+                          else (guarded_command(args), subprocess.PIPE))
         try:
             proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                command, stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT,
                 cwd=store_dir, close_fds=True,
                 pass_fds=(lock_fd,) if lock_fd is not None else (),
                 start_new_session=background,
-                preexec_fn=None if background else parent_death_signal(),
             )
         except OSError as exc:
             raise _CannotExecute(f"{binary} cannot be executed: {exc.strerror or exc}") from None
@@ -485,6 +489,8 @@ def _wait_ready(
         code = proc.poll()
         if code is not None:
             tail = _log_tail(log_path, log_offset)
+            if code == GUARD_CANNOT_EXECUTE and tail.splitlines():
+                raise _CannotExecute(tail.splitlines()[-1])
             if "address already in use" in tail.lower():
                 raise _PortTaken()
             raise EmbeddedStoreError(

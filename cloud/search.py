@@ -22,13 +22,15 @@ full ciphertext with a proven error bound, and the few it cannot tell apart in f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -338,6 +340,41 @@ def _blas() -> ThreadpoolController:
     """Found once: threadpool_limits() looks up the loaded libraries on every call
     (0.2 ms against 0.008 ms for a kept controller, per batch)."""
     return ThreadpoolController()
+
+
+class ConcurrentSearches:
+    """BLAS threads by how many searches run at once in this process.
+
+    A search alone uses the BLAS's threads (measured at 100,000 images on 2 cores: a
+    single query 9.7 ms in the engine, against 17.1 ms with one BLAS thread; 30 queries
+    281 against 512 ms). Concurrent searches (the service answers requests on a thread
+    pool) each under a multi-threaded OpenBLAS spin against each other (bench/load.py,
+    8 clients at 10,000 images: 17 searches/s with the BLAS's threads, 260/s with one).
+    So the limit is one BLAS thread while two or more searches overlap, and the BLAS's
+    own setting again once one is left. The setting is process-wide: a transition in
+    the middle of a search changes the threads of its remaining products only, which
+    costs time, never correctness.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._limiter: Any = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            self._running += 1
+            if self._running == 2 and self._limiter is None:
+                self._limiter = _blas().limit(limits=1, user_api="blas")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running <= 1 and self._limiter is not None:
+                    self._limiter.restore_original_limits()
+                    self._limiter = None
 
 
 def _halving_max(scores: NDArray[np.float32], block: int, out: NDArray[np.float32]) -> None:

@@ -30,6 +30,10 @@ Checkpoints (owner-signed JSON, ``checkpoints/<SEQ20(c)>``) let a reader start a
 instead of genesis; entries at or below a checkpoint are pinned by its head hash through
 the chain, so a reader extending an older state accepts them even when their writer has
 since been removed. The binary entry layout lives in cloud/seglog_format.py.
+
+Co-owners (docs/FORMAT-2.md 2.4): wherever "the owner" writes or signs above, a co-owner
+listed in the manifest may too (``is_owner`` and ``owner_keys`` ask the trust); a trust
+that knows no co-owners (StaticTrust, the vectors) behaves exactly as before.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ __all__ = [
     "Added", "AnswerError", "AppendAbandoned", "Checkpoint", "LiveObject", "LogAhead",
     "LogEntry", "LogError", "LogHead", "LogState", "LogTrust", "Removed", "StaticTrust", "Verdict",
     "append", "check_hits", "checkpoint_payload", "decode_payload", "encode_payload",
-    "judge_answer", "open_checkpoint", "open_entry", "open_signed", "set_digest",
+    "is_owner", "judge_answer", "open_checkpoint", "open_entry", "open_signed", "owner_keys",
+    "set_digest",
     "verify_log", "write_checkpoint", "write_genesis",
 ]
 
@@ -288,6 +293,22 @@ def _owner_key_of(trust: LogTrust, user_id: str) -> bytes | None:
     return trust.signer_key(user_id)
 
 
+def is_owner(trust: LogTrust, user_id: str) -> bool:
+    """The owner, or a co-owner (docs/FORMAT-2.md 2.4) when the trust knows co-owners
+    (an optional ``is_owner(user_id)`` method; StaticTrust and older trusts have none)."""
+    if user_id == trust.owner_id:
+        return True
+    check = getattr(trust, "is_owner", None)
+    return bool(check(user_id)) if callable(check) else False
+
+
+def owner_keys(trust: LogTrust) -> list[bytes]:
+    """The keys that may sign checkpoints: the owner's and, when the trust lists them
+    (an optional ``owner_keys`` attribute), the co-owners'."""
+    keys = getattr(trust, "owner_keys", None)
+    return [bytes(k) for k in keys] if keys else [trust.owner_key]
+
+
 def _record_message(kind: str, name: str, payload: bytes) -> bytes:
     """F12's signed message: LP("radcrypt/signed/v1") || LP(kind) || LP(name) || LP(payload)."""
     parts = (b"radcrypt/signed/v1", kind.encode(), name.encode(), payload)
@@ -361,7 +382,7 @@ _OWNER_REASONS = {REASON_REVOCATION, REASON_MIGRATION}
 
 def _check_header(state: LogState, entry: LogEntry, trust: LogTrust) -> None:
     n = entry.sequence
-    is_owner = entry.writer == trust.owner_id
+    by_owner = is_owner(trust, entry.writer)
     if n == 0:
         if entry.kind != KIND_GENESIS:
             raise _log_error(0, "no genesis", f"is a {KIND_WORDS[entry.kind]} entry, not the "
@@ -373,10 +394,10 @@ def _check_header(state: LogState, entry: LogEntry, trust: LogTrust) -> None:
             raise _log_error(n, "genesis", "a genesis entry after entry 0")
         if not hmac.compare_digest(entry.prev, state.head.hash):
             raise _log_error(n, "prev mismatch", f"prev is not the SHA-256 of entry {n - 1}")
-    if entry.kind in (KIND_GENESIS, KIND_MEMBERSHIP) and not is_owner:
+    if entry.kind in (KIND_GENESIS, KIND_MEMBERSHIP) and not by_owner:
         raise _log_error(n, "not owner", f"a {KIND_WORDS[entry.kind]} entry must be written "
                          f"by the owner, not {entry.writer}")
-    if entry.reason in _OWNER_REASONS and entry.kind != KIND_GENESIS and not is_owner:
+    if entry.reason in _OWNER_REASONS and entry.kind != KIND_GENESIS and not by_owner:
         raise _log_error(n, "not owner", f"reason {REASON_WORDS[entry.reason]} is the "
                          f"owner's, not {entry.writer}'s")
     if entry.manifest_sequence < state.manifest_sequence:
@@ -387,7 +408,7 @@ def _check_header(state: LogState, entry: LogEntry, trust: LogTrust) -> None:
         raise _log_error(n, "manifest sequence ahead",
                          f"manifest_sequence {entry.manifest_sequence} is above the verified "
                          f"manifest's {trust.manifest_sequence}")
-    rotating = entry.reason == REASON_REVOCATION and is_owner
+    rotating = entry.reason == REASON_REVOCATION and by_owner
     ceiling = trust.key_version + (1 if rotating else 0)
     if not 1 <= entry.key_version <= ceiling:
         raise _log_error(n, "key version", f"key_version {entry.key_version} is not 1.."
@@ -553,15 +574,18 @@ _CP_FIELDS = {"format", "repo_id", "sequence", "head", "manifest_sequence", "liv
 _LIVE_FIELDS = {"type", "id", "sha256", "count", "key_version"}
 
 
-def open_checkpoint(blob: bytes, repo_id: str, sequence: int, owner_key: bytes) -> Checkpoint:
+def open_checkpoint(blob: bytes, repo_id: str, sequence: int,
+                    owner_key: bytes | Sequence[bytes]) -> Checkpoint:
     """Verify a checkpoint object read from ``checkpoints/<SEQ20(sequence)>``.
 
-    SignatureError: not signed by ``owner_key`` for this name. FormatError: a field is
+    SignatureError: not signed by ``owner_key`` (or one of a list of owner keys: the
+    owner's and the co-owners') for this name. FormatError: a field is
     missing, extra or malformed, the sequence or repository is not the name's, ``live`` is
     not strictly sorted by (type code, id), or ``set_digests``/``images`` do not match it.
     """
     name = layout.checkpoint_key(repo_id, sequence)
-    payload = signed.open_json(blob, CHECKPOINT_KIND, name, [owner_key])
+    trusted = [owner_key] if isinstance(owner_key, bytes) else list(owner_key)
+    payload = signed.open_json(blob, CHECKPOINT_KIND, name, trusted)
     if set(payload) != _CP_FIELDS:
         raise _cp_fail(name, "fields", f"must be exactly {sorted(_CP_FIELDS)}")
     if payload["format"] != CHECKPOINT_FORMAT:
@@ -661,7 +685,7 @@ def _sequences(store: Store, prefix: str, kind: str) -> set[int]:
     return out
 
 
-def _valid_checkpoints(store: Store, repo_id: str, owner_key: bytes, sequences: set[int],
+def _valid_checkpoints(store: Store, repo_id: str, owner_key: list[bytes], sequences: set[int],
                        above: int = -1, first_only: bool = False) -> list[Checkpoint]:
     """Owner-signed checkpoints above ``above``, highest first (only the highest with
     ``first_only``: one GET when the newest is valid). A checkpoint whose signature is not
@@ -674,7 +698,7 @@ def _valid_checkpoints(store: Store, repo_id: str, owner_key: bytes, sequences: 
         except ObjectNotFound:
             continue
         try:
-            out.append(open_checkpoint(blob, repo_id, seq, owner_key))
+            out.append(open_checkpoint(blob, repo_id, seq, owner_key))  # any owner key
             if first_only:
                 break
         except SignatureError:
@@ -684,7 +708,7 @@ def _valid_checkpoints(store: Store, repo_id: str, owner_key: bytes, sequences: 
                 claimed = signed.json_signer(blob)
             except FormatError:
                 continue
-            if claimed is None or not hmac.compare_digest(claimed, owner_key):
+            if claimed is None or not any(hmac.compare_digest(claimed, k) for k in owner_key):
                 continue
             raise
     return out
@@ -792,8 +816,8 @@ def _verify_since(store: Store, since: LogState, trust: LogTrust, listed: set[in
             raise _log_error(h0, "rollback", "the verified head entry is gone and nothing "
                              "newer exists")
         return _verify_full(store, since.repo_id, trust, listed, _valid_checkpoints(
-            store, since.repo_id, trust.owner_key, cp_sequences, first_only=True))
-    newer = _valid_checkpoints(store, since.repo_id, trust.owner_key, cp_sequences, above=h0)
+            store, since.repo_id, owner_keys(trust), cp_sequences, first_only=True))
+    newer = _valid_checkpoints(store, since.repo_id, owner_keys(trust), cp_sequences, above=h0)
     return _extend(store, since.copy(), trust, listed, newer)
 
 
@@ -833,7 +857,7 @@ def verify_log(store: Store, repo_id: str, trust: LogTrust, remembered: LogHead 
         state = _verify_since(store, since, trust, listed, cp_sequences)
         _check_remembered(state, since.head)
     else:
-        checkpoints = _valid_checkpoints(store, repo_id, trust.owner_key, cp_sequences,
+        checkpoints = _valid_checkpoints(store, repo_id, owner_keys(trust), cp_sequences,
                                          first_only=not from_genesis)
         state = _verify_full(store, repo_id, trust, listed, checkpoints, from_genesis)
     if remembered is not None:
@@ -863,6 +887,8 @@ def write_genesis(store: Store, repo_id: str, owner: Identity, owner_id: str,
     try:
         store.put(name, blob, if_absent=True)
     except ObjectExists:
+        if _stored(store, name) == blob:
+            return state          # an earlier, retried PUT of this very entry landed
         raise LogError(f"the log of {repo_id} already has a genesis entry", "genesis exists",
                        0) from None
     return state

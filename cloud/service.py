@@ -20,6 +20,14 @@ digest of the segments searched, so that a client can tell a complete answer fro
 that left segments out. The owner keys that authenticate requests also verify the
 segment logs of format-2 repositories (cloud/repo_index.py).
 
+Operations (issue 14): GET /healthz (alive), GET /readyz (503 "warming" with Retry-After
+until the repositories named by --preload / RADCRYPT_SERVICE_REPOS are loaded and their
+cache files read into memory; their searches answer the same 503 meanwhile), GET /metrics
+(Prometheus text, cloud/metrics.py: no user id, nothing of a query). SIGTERM and SIGINT
+stop the service cleanly: open requests finish (up to SHUTDOWN_SECONDS), the buffered
+audit entries are written, the cache directory removed, a line logged, exit status 0.
+Every refusal is declared in the OpenAPI schema with its body ({"detail": one line}).
+
 The store is configured from the environment (RADCRYPT_S3_ENDPOINT, RADCRYPT_S3_BUCKET,
 RADCRYPT_S3_REGION, and the usual AWS credential variables or RADCRYPT_S3_ACCESS_KEY /
 RADCRYPT_S3_SECRET_KEY), never from the command line, so credentials do not show in
@@ -37,6 +45,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -54,7 +63,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -64,8 +74,10 @@ from cloud.audit import AuditLog
 from cloud.auth import RateLimiter, SignatureVerifier
 from cloud.backend import DirectoryConfig, Store, StoreError
 from cloud.limits import MAX_BODY_BYTES, MAX_K, MAX_QUERIES
+from cloud.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from cloud.metrics import Metrics, RepoFigures
 from cloud.repo_index import RepoIndex, Snapshot
-from cloud.search import search_batch
+from cloud.search import ConcurrentSearches, search_batch
 from cloud.service_options import (
     REFRESH_INTERVAL,
     ServiceConfig,
@@ -159,30 +171,36 @@ class Gate:
     5. a JSON body must be UTF-8 (400), then it is replayed to the application, whose
        body models run only now (the binary search body of protocol 2 is decoded by its
        route, cloud/wire.py).
+
+    It also counts for /metrics (cloud/metrics.py): each refusal by stage and status, and
+    each search answered with its time from arrival (a search route leaves its number of
+    queries in the scope's state); a few microseconds a request, on the event loop.
     """
 
     def __init__(self, app: ASGIApp, limit: int, verifier: RequestVerifier,
-                 address_limiter: RateLimiter | None) -> None:
+                 address_limiter: RateLimiter | None, metrics: Metrics | None = None) -> None:
         self.app = app
         self.limit = limit
         self.verifier = verifier
         self.address_limiter = address_limiter
+        self.metrics = metrics or Metrics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         if self.address_limiter is not None:
             client = scope.get("client")
             address = str(client[0]) if client else "unknown"
             if not self.address_limiter.allow(address):
                 retry = str(self.address_limiter.retry_after())
-                await _plain_error(send, 429, "too many requests", [("retry-after", retry)])
+                await self._refuse(send, 429, "too many requests", [("retry-after", retry)])
                 return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or len(declared) > 12
                                      or int(declared) > self.limit):
-            await _plain_error(send, 413, "request body too large")
+            await self._refuse(send, 413, "request body too large")
             return
         parts: list[bytes] = []
         size = 0
@@ -193,7 +211,7 @@ class Gate:
             parts.append(message.get("body", b""))
             size += len(parts[-1])
             if size > self.limit:
-                await _plain_error(send, 413, "request body too large")
+                await self._refuse(send, 413, "request body too large")
                 return
             if not message.get("more_body", False):
                 break
@@ -202,6 +220,7 @@ class Gate:
         headers = Headers(scope=scope)
         refusal = _protocol_refusal(path, headers.get(wire.PROTOCOL_HEADER), body)
         if refusal is not None:
+            self.metrics.refuse(400, "gate")
             await _json_error(send, 400, {"detail": refusal, "supported": list(wire.SUPPORTED)})
             return
         guarded, repo = _repo_of(path)
@@ -215,14 +234,14 @@ class Gate:
                                                    headers, body, repo)
             except HTTPException as exc:
                 extra = list((exc.headers or {}).items())
-                await _plain_error(send, exc.status_code, str(exc.detail), extra)
+                await self._refuse(send, exc.status_code, str(exc.detail), extra, "auth")
                 return
             scope.setdefault("state", {})["radcrypt_user"] = user
         try:
             if not path.startswith("/v2/") or not path.endswith("/search"):
                 body.decode("utf-8")
         except UnicodeDecodeError:  # FastAPI would fail on it with a 500 while parsing JSON
-            await _plain_error(send, 400, "request body is not UTF-8 JSON")
+            await self._refuse(send, 400, "request body is not UTF-8 JSON")
             return
         replayed = False
 
@@ -233,7 +252,28 @@ class Gate:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        status = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, replay, counted)
+        if status == 200:
+            queries = scope.get("state", {}).get("radcrypt_queries")
+            if queries is not None:  # a search route answered
+                self.metrics.search(2 if path.startswith("/v2/") else 1, queries,
+                                    time.perf_counter() - started)
+        elif status >= 400:
+            self.metrics.refuse(status)
+
+    async def _refuse(self, send: Send, status: int, text: str,
+                      headers: list[tuple[str, str]] | None = None,
+                      stage: str = "gate") -> None:
+        self.metrics.refuse(status, stage)
+        await _plain_error(send, status, text, headers)
 
 
 async def _plain_error(send: Send, status: int, text: str,
@@ -251,11 +291,97 @@ async def _json_error(send: Send, status: int, content: dict[str, Any],
     await send({"type": "http.response.body", "body": body})
 
 
+TOKEN_PATTERN = r"^[A-Za-z0-9+/]*={0,2}$"
+
+
 class SearchRequest(BaseModel):
-    token: str = Field(description="base64 of a QueryToken (crypto/tokens.py) of "
-                                   f"1..{MAX_QUERIES} queries")
-    k: int = Field(default=1, ge=1, le=MAX_K)
-    key_version: int = Field(ge=1, description="key version the token was made with")
+    token: str = Field(
+        min_length=4, pattern=TOKEN_PATTERN,  # its length: the body limit (413)
+        description="Standard base64 (RFC 4648 section 4, padded) of a QueryToken "
+                    "(docs/FORMAT.md 15): 'RCQT', version u8 = 1, levels u8 (0..8), "
+                    f"queries u32 (1..{MAX_QUERIES}), reserved u16, the widths u32 of each "
+                    "level then of the full vectors (big-endian header), then per level "
+                    "and for the full vectors queries x width little-endian float64, every "
+                    "number finite. Only a member holding the repository's keys can make "
+                    "one whose widths match the segments of its key version.")
+    k: int = Field(default=1, ge=1, le=MAX_K, description="nearest images per query")
+    key_version: int = Field(ge=1, le=2**31 - 1,
+                             description="key version the token was made with")
+
+
+class ErrorBody(BaseModel):
+    """Every refusal's body: one line in plain words (a 401/403 says no more than that)."""
+
+    detail: str
+
+
+class ProtocolErrorBody(BaseModel):
+    """A 400: the request's protocol, header or body encoding is not served."""
+
+    detail: str
+    supported: list[int] | None = Field(default=None,
+                                        description="protocol versions this service speaks")
+
+
+_REFUSALS: dict[int, tuple[type[BaseModel], str]] = {
+    400: (ProtocolErrorBody, "protocol version not served, or a body that is not UTF-8 JSON"),
+    401: (ErrorBody, "not authenticated: missing, malformed, replayed or unverifiable "
+                     "signature (the one reason given is a clock skew)"),
+    403: (ErrorBody, "authenticated but not a member of this repository"),
+    404: (ErrorBody, "no such path"),
+    413: (ErrorBody, f"request body over {MAX_BODY_BYTES} bytes"),
+    422: (ErrorBody, "the body or a path parameter is invalid (the field is named)"),
+    429: (ErrorBody, "rate limit exceeded (per client address or per user); see Retry-After"),
+    503: (ErrorBody, "warming up, object store unavailable or replay cache full; see "
+                     "Retry-After when present"),
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
+                                "schema": {"type": "string"}}}
+
+
+def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of the refusals a route can answer."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        model, text = _REFUSALS[code]
+        out[code] = {"model": model, "description": text}
+        if code in (429, 503):
+            out[code]["headers"] = _RETRY_AFTER
+    return out
+
+
+_GATE = (400, 413, 429)  # any path: the Gate answers these before the application
+_GUARDED = (*_GATE, 401, 403, 404, 422, 503)
+_SIGNATURE_HEADERS = [
+    {"name": "x-radcrypt-user", "in": "header", "required": True,
+     "description": "the user id ([a-z0-9][a-z0-9-]{0,62}) of an owner-signed user record",
+     "schema": {"type": "string"}},
+    {"name": "x-radcrypt-time", "in": "header", "required": True,
+     "description": "Unix seconds (decimal, at most 12 digits), within 300 s of the "
+                    "service's clock", "schema": {"type": "string"}},
+    {"name": "x-radcrypt-nonce", "in": "header", "required": True,
+     "description": "16..64 ASCII characters, never reused within the window",
+     "schema": {"type": "string"}},
+    {"name": "x-radcrypt-signature", "in": "header", "required": True,
+     "description": "base64 Ed25519 signature over the request (docs/FORMAT.md 16.2; "
+                    "cloud/auth.py request_message)", "schema": {"type": "string"}},
+]
+_PROTOCOL_2_HEADER = {"name": wire.PROTOCOL_HEADER, "in": "header", "required": True,
+                      "description": "protocol 2 (docs/FORMAT-2.md 8)",
+                      "schema": {"type": "string", "enum": ["2"]}}
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """A body model's refusal in one line naming the fields (never the values sent: a
+    token is a function of the query image)."""
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()))[:80]
+        text = str(error.get("msg", "invalid"))[:200]
+        if error.get("type") == "string_pattern_mismatch" and where.endswith("token"):
+            text = "not valid base64 (standard alphabet, padded)"
+        parts.append(f"{where}: {text}")
+    return "; ".join(parts) or "invalid request"
 
 
 class Hit(BaseModel):
@@ -282,6 +408,32 @@ class RefreshResponse(BaseModel):
     rejected_segments: dict[str, str]
 
 
+class RefreshResponseV2(BaseModel):
+    head: int
+    head_hash: str = Field(description="hex SHA-256 of the verified log head")
+    images: int
+    segments: int
+    key_versions: list[int]
+    rejected: dict[str, str]
+    log_error: str | None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description='"ready" or "warming"')
+    repositories: int = Field(description="repositories to preload")
+    loading: int = Field(description="of those, not loaded and warm yet")
+
+
+class Info(BaseModel):
+    service_id: str
+    protocol: int
+    protocols: list[int]
+
+
 class ServiceState:
     """The repositories this process serves, each loaded on first use.
 
@@ -289,7 +441,8 @@ class ServiceState:
     segment log (format 2); without them every repository is served as format 1."""
 
     def __init__(self, store: Store, refresh_interval: float = REFRESH_INTERVAL,
-                 cache_dir: Path | None = None, owner_keys: Sequence[bytes] = ()) -> None:
+                 cache_dir: Path | None = None, owner_keys: Sequence[bytes] = (),
+                 preload: Sequence[str] = ()) -> None:
         self.store = store
         self.refresh_interval = refresh_interval
         self.cache_dir = cache_dir
@@ -297,6 +450,52 @@ class ServiceState:
         self._repos: dict[str, RepoIndex] = {}
         self._unreached: dict[str, float] = {}  # repo -> when a min_head re-read fell short
         self._lock = threading.Lock()
+        self.preload = tuple(dict.fromkeys(layout.validate_repo_id(r) for r in preload))
+        # The preloaded repositories not loaded and warm yet: their searches answer 503
+        # "warming" rather than wait behind the load (a set read on the event loop).
+        self.warming: frozenset[str] = frozenset(self.preload)
+        self._stop = threading.Event()
+
+    def start_preload(self, retry_seconds: float = 2.0) -> threading.Thread | None:
+        """Load (and warm, cloud/repo_index.py) every repository of ``preload`` in a
+        background thread, one after the other; a repository whose load fails (the store
+        unreachable) is tried again every ``retry_seconds`` until it loads or the service
+        stops. /readyz answers 200 once ``warming`` is empty."""
+        if not self.preload:
+            return None
+
+        def load_all() -> None:
+            for repo_id in self.preload:
+                while not self._stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        snap = self.repo(repo_id).refresh()
+                    except Exception as exc:  # the thread must go on
+                        log.error("preloading repository %s failed (%s: %s); retrying in "
+                                  "%.0f s", repo_id, type(exc).__name__, exc, retry_seconds)
+                        self._stop.wait(retry_seconds)
+                        continue
+                    log.info("repository %s loaded and warm: %d images in %d segments "
+                             "(%.1f s)", repo_id, snap.images, snap.segments,
+                             time.monotonic() - started)
+                    with self._lock:
+                        self.warming = self.warming - {repo_id}
+                    break
+
+        thread = threading.Thread(target=load_all, name="radcrypt-preload", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def figures(self) -> list[RepoFigures]:
+        """The loaded repositories' sizes, for /metrics."""
+        with self._lock:
+            repos = list(self._repos.items())
+        return [RepoFigures(repo_id, index.snapshot.segments, index.snapshot.images,
+                            len(index.snapshot.rejected), index.snapshot.head)
+                for repo_id, index in repos]
 
     def repo(self, repo_id: str) -> RepoIndex:
         with self._lock:
@@ -351,7 +550,8 @@ class ServiceState:
 
 
 def _store_down(exc: StoreError) -> HTTPException:
-    return HTTPException(status_code=503, detail=f"object store unavailable: {exc}")
+    return HTTPException(status_code=503, detail=f"object store unavailable: {exc}",
+                         headers={"Retry-After": "5"})
 
 
 def _repo_id(repo: str) -> str:
@@ -372,30 +572,50 @@ def create_app(
     docs: bool = False,
     address_limiter: RateLimiter | None = None,
     owner_keys: Sequence[bytes] | None = None,
+    preload: Sequence[str] = (),
 ) -> FastAPI:
     """The ASGI application; ``verifier`` authenticates every repository request (there
-    is no default: a service that answers anyone must say so, with AllowAnyone)."""
+    is no default: a service that answers anyone must say so, with AllowAnyone).
+    ``preload``: repositories loaded and warmed at start-up, in the background; /readyz
+    answers 503 until they are, and their searches 503 "warming" with Retry-After."""
     trail = audit or AuditLog(store)
     service_id = validate_service_id(service_id or new_service_id())
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The scan's compiled loops load (numba: about 0.4 s, much of it holding the
         # GIL) now, in the background, rather than during the first segment load.
         codes.warm_up()
-        yield
-        trail.close()
+        state.start_preload()
+        try:
+            yield
+        finally:
+            state.stop()
+            trail.close()  # the audit entries still buffered are written now
 
+    engine_threads = ConcurrentSearches()  # BLAS threads by searches in flight
     app = FastAPI(title="Radcrypt search service", version="1", lifespan=lifespan,
                   description="Encrypted exact nearest-neighbour search. Holds no key.",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
     if owner_keys is None:  # the keys the verifier trusts are those the log is checked with
         owner_keys = list(getattr(verifier, "owner_keys", ()))
-    state = ServiceState(store, refresh_interval, cache_dir, owner_keys)
+    state = ServiceState(store, refresh_interval, cache_dir, owner_keys, preload)
     app.state.radcrypt = state
     app.state.audit = trail
     app.state.service_id = service_id
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 with the declared shape ({"detail": one line}), like every other refusal."""
+        return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
+
+    def not_warming(repo_id: str) -> None:
+        if repo_id in state.warming:
+            raise HTTPException(status_code=503, detail="warming: the repository's index is "
+                                "loading; try again shortly", headers={"Retry-After": "1"})
 
     def principal(request: Request) -> str:
         """Who the Gate authenticated (it ran before the body was parsed)."""
@@ -404,30 +624,61 @@ def create_app(
             raise HTTPException(status_code=401, detail="unauthorized")
         return user
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses=_refusals(*_GATE))
     def healthz() -> dict[str, Any]:
+        """Alive: the process answers (says nothing of the repositories)."""
         return {"status": "ok"}
 
-    @app.get("/v1/info")
+    @app.get("/readyz", response_model=Readiness, responses={
+        **_refusals(*_GATE),
+        503: {"model": Readiness, "headers": _RETRY_AFTER,
+              "description": "the repositories to preload are not all loaded and warm"}})
+    def readyz() -> JSONResponse:
+        """Ready: every repository the service was asked to preload (--preload) is loaded
+        and its cache files warm. Counts only, no repository id."""
+        pending = len(state.warming)
+        body = Readiness(status="warming" if pending else "ready",
+                         repositories=len(state.preload), loading=pending)
+        return JSONResponse(body.model_dump(), status_code=503 if pending else 200,
+                            headers={"Retry-After": "1"} if pending else None)
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+              "description": "Prometheus text format 0.0.4"},
+        **_refusals(*_GATE)})
+    def metrics_text() -> PlainTextResponse:
+        """Prometheus text (cloud/metrics.py): counters, a latency histogram, sizes per
+        repository, memory. No user id, no token, nothing of a query."""
+        text = metrics.render(state.figures(), not state.warming if state.preload else None)
+        return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/v1/info", response_model=Info, responses=_refusals(*_GATE))
     def info() -> dict[str, Any]:
         """Unauthenticated: the audience a client must name in its signed requests."""
         return {"service_id": service_id, "protocol": PROTOCOL,
                 "protocols": list(wire.SUPPORTED)}
 
-    @app.post("/v1/repos/{repo}/refresh", response_model=RefreshResponse)
+    @app.post("/v1/repos/{repo}/refresh", response_model=RefreshResponse,
+              responses=_refusals(*_GUARDED),
+              openapi_extra={"parameters": _SIGNATURE_HEADERS})
     async def refresh(repo: str, who: str = Depends(principal)) -> RefreshResponse:
+        repo_id = _repo_id(repo)
+        not_warming(repo_id)
         try:
-            snap = await run_in_threadpool(state.repo(_repo_id(repo)).refresh)
+            snap = await run_in_threadpool(state.repo(repo_id).refresh)
         except StoreError as exc:
             raise _store_down(exc) from None
         return RefreshResponse(images=snap.images, segments=snap.segments,
                                key_versions=sorted(snap.versions),
                                rejected_segments=snap.rejected)
 
-    @app.post("/v1/repos/{repo}/search", response_model=SearchResponse)
-    async def search_route(repo: str, body: SearchRequest,
+    @app.post("/v1/repos/{repo}/search", response_model=SearchResponse,
+              responses=_refusals(*_GUARDED),
+              openapi_extra={"parameters": _SIGNATURE_HEADERS})
+    async def search_route(repo: str, body: SearchRequest, request: Request,
                            who: str = Depends(principal)) -> SearchResponse:
         repo_id = _repo_id(repo)
+        not_warming(repo_id)
         try:
             raw = base64.b64decode(body.token, validate=True)
             token = QueryToken.from_bytes(raw, max_queries=MAX_QUERIES)
@@ -453,7 +704,9 @@ def create_app(
             # Every query of the token in one engine call: the first level, which reads
             # every vector, is one pass for the whole batch.
             answers = []
-            for result in search_batch(version.index, token, body.k):
+            with engine_threads.running():
+                results = search_batch(version.index, token, body.k)
+            for result in results:
                 hits = [Hit(image_id=version.image_ids[int(p)], score=float(s), rank=r + 1)
                         for r, (p, s) in enumerate(zip(result.positions, result.scores,
                                                        strict=True))]
@@ -464,13 +717,18 @@ def create_app(
         answers = await run_in_threadpool(run)
         elapsed = (time.perf_counter() - started) * 1000
         trail.record(who, repo_id, "search", sum(len(a.hits) for a in answers), elapsed)
+        request.scope.setdefault("state", {})["radcrypt_queries"] = len(token)
         log.info("search repo=%s user=%s queries=%d k=%d", repo_id, who, len(token), body.k)
         return SearchResponse(results=answers, images=snap.images, segments=snap.segments)
 
-    @app.post("/v2/repos/{repo}/refresh")
+    @app.post("/v2/repos/{repo}/refresh", response_model=RefreshResponseV2,
+              responses=_refusals(*_GUARDED),
+              openapi_extra={"parameters": [*_SIGNATURE_HEADERS, _PROTOCOL_2_HEADER]})
     async def refresh_v2(repo: str, who: str = Depends(principal)) -> dict[str, Any]:
+        repo_id = _repo_id(repo)
+        not_warming(repo_id)
         try:
-            snap = await run_in_threadpool(state.repo(_repo_id(repo)).refresh)
+            snap = await run_in_threadpool(state.repo(repo_id).refresh)
         except StoreError as exc:
             raise _store_down(exc) from None
         return {"head": snap.head, "head_hash": snap.head_hash.hex(), "images": snap.images,
@@ -478,12 +736,23 @@ def create_app(
                 "rejected": snap.rejected, "log_error": snap.log_error}
 
     @app.post("/v2/repos/{repo}/search", response_class=Response,
-              responses={200: {"content": {wire.ANSWER_MEDIA_TYPE: {}}}})
+              responses={200: {"content": {wire.ANSWER_MEDIA_TYPE: {"schema": {
+                  "type": "string", "format": "binary"}}},
+                  "description": "the answer (docs/FORMAT-2.md 8.3)"},
+                  **_refusals(*_GUARDED)},
+              openapi_extra={"parameters": [*_SIGNATURE_HEADERS, _PROTOCOL_2_HEADER],
+                             "requestBody": {"required": True, "content": {
+                                 wire.REQUEST_MEDIA_TYPE: {"schema": {
+                                     "type": "string", "format": "binary"}}},
+                                 "description": "the request (docs/FORMAT-2.md 8.2): magic, "
+                                                "version 2, flags, k, key version, min head, "
+                                                "then a QueryToken"}})
     async def search_v2(repo: str, request: Request,
                         who: str = Depends(principal)) -> Response:
         """Protocol 2 (docs/FORMAT-2.md 8.2, 8.3): binary request and answer, the
         answer naming the log head and the digest of the segments searched."""
         repo_id = _repo_id(repo)
+        not_warming(repo_id)
         try:
             req = wire.decode_request(await request.body())
         except wire.WireError as exc:
@@ -510,7 +779,8 @@ def create_app(
             started = time.perf_counter()
             if version is None:
                 return [[] for _ in range(queries)], wire.empty_stats(queries), 0.0
-            results = search_batch(version.index, req.token, req.k)
+            with engine_threads.running():
+                results = search_batch(version.index, req.token, req.k)
             hits = [wire.hits_of(version.image_ids, r.positions, r.scores) for r in results]
             return hits, [r.stats.as_dict() for r in results], time.perf_counter() - started
 
@@ -528,10 +798,11 @@ def create_app(
         trail.record(who, repo_id, "search", sum(len(h) for h in hits), elapsed * 1000)
         log.info("search v2 repo=%s user=%s queries=%d k=%d head=%d", repo_id, who,
                  queries, req.k, snap.head)
+        request.scope.setdefault("state", {})["radcrypt_queries"] = queries
         return Response(wire.encode_answer(answer), media_type=wire.ANSWER_MEDIA_TYPE)
 
     app.add_middleware(Gate, limit=MAX_BODY_BYTES, verifier=verifier,
-                       address_limiter=address_limiter)
+                       address_limiter=address_limiter, metrics=metrics)
     return app
 
 
@@ -573,39 +844,71 @@ def directory_config_from_env() -> DirectoryConfig:
 
 
 def serve(config: ServiceConfig, store: Store) -> None:
-    """Run the service until interrupted (blocking).
+    """Run the service until SIGTERM or SIGINT (blocking), then clean up and return.
 
-    Index arrays are memory-mapped from a private directory under the cache root,
-    removed when the service stops.
+    uvicorn catches both signals, drains the connections and runs the application's
+    shutdown (the audit entries still buffered are written), then raises the signal again
+    to itself, which with the default handler would end the process before this
+    function's cleanup: so the handlers uvicorn restores and re-raises to are ours, which
+    only note the signal. Index arrays are memory-mapped from a private directory under
+    the cache root, removed here.
     """
     import uvicorn
 
     if config.owner_keys:
-        verifier: RequestVerifier = SignatureVerifier(store, config.owner_keys,
-                                                      config.service_id,
-                                                      max_nonces=config.max_nonces)
+        verifier: RequestVerifier = SignatureVerifier(
+            store, config.owner_keys, config.service_id,
+            limiter=RateLimiter(config.user_rate, config.user_burst),
+            max_nonces=config.max_nonces)
     else:  # service_config allows this only with --insecure-no-auth on loopback
         log.warning("--insecure-no-auth: the service answers anyone who can reach "
                     "%s:%d without a signature", config.host, config.port)
         verifier = AllowAnyone()
+    received: list[int] = []
+    previous = _note_signals(received)
     config.cache_root.mkdir(parents=True, exist_ok=True)
     private = Path(tempfile.mkdtemp(prefix=f"index-{os.getpid()}-", dir=config.cache_root))
     try:
         app = create_app(store, verifier, config.refresh_interval, cache_dir=private,
                          service_id=config.service_id, docs=config.docs,
                          address_limiter=RateLimiter(config.address_rate,
-                                                     config.address_burst))
+                                                     config.address_burst),
+                         preload=config.preload)
         server = uvicorn.Config(
             app, host=config.host, port=config.port, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=SHUTDOWN_SECONDS,
             ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
             ssl_keyfile=str(config.tls_key) if config.tls_key else None)
         print(f"search service {config.service_id} on {config.scheme}://{config.host}:"
               f"{config.port}, " + (f"{len(config.owner_keys)} owner key(s)"
                                     if config.owner_keys else "NO AUTHENTICATION"),
               file=sys.stderr, flush=True)
-        uvicorn.Server(server).run()
+        if not received:  # a signal before the server listened: stop now
+            uvicorn.Server(server).run()
     finally:
         shutil.rmtree(private, ignore_errors=True)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    why = f"on {signal.Signals(received[0]).name}" if received else "at its end"
+    print(f"search service {config.service_id} stopped {why}: audit flushed, cache files "
+          "removed", file=sys.stderr, flush=True)
+
+
+SHUTDOWN_SECONDS = 10  # open requests get this long to finish after SIGTERM
+
+
+def _note_signals(received: list[int]) -> dict[int, Any]:
+    """Handlers for SIGTERM and SIGINT that only append the signal to ``received`` (see
+    serve); the previous handlers, to restore. Only the main thread may set handlers:
+    elsewhere (a test running serve in a thread) nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def note(number: int, frame: object) -> None:
+        received.append(number)
+
+    return {number: signal.signal(number, note)
+            for number in (signal.SIGTERM, signal.SIGINT)}
 
 
 def run_service(args: argparse.Namespace,
@@ -633,6 +936,9 @@ def main(argv: list[str] | None = None) -> int:
     add_service_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from cloud.processes import watch_parent_pipe
+
+    watch_parent_pipe()  # started by a client (EmbeddedService): end when it is gone
     return run_service(args)
 
 

@@ -23,10 +23,14 @@ from pathlib import Path
 
 import platformdirs
 
+from cloud import layout  # names only (re, secrets): light
+
 REFRESH_INTERVAL = 5.0
 MAX_NONCES = 200_000
 ADDRESS_RATE = 50.0  # requests a second per client address, before authentication
 ADDRESS_BURST = 200.0
+USER_RATE = 50.0  # requests a second per authenticated user
+USER_BURST = 100.0
 SERVICE_ID_FILE = "service-id"
 SERVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -119,6 +123,14 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests per second per client address, before authentication")
     parser.add_argument("--address-burst", type=float, default=ADDRESS_BURST,
                         help="burst allowed per client address")
+    parser.add_argument("--user-rate", type=float, default=USER_RATE,
+                        help="requests per second per authenticated user")
+    parser.add_argument("--user-burst", type=float, default=USER_BURST,
+                        help="burst allowed per authenticated user")
+    parser.add_argument("--preload", action="append", default=[], metavar="REPO",
+                        help="repository id to load and warm at start-up (repeatable); "
+                             "also RADCRYPT_SERVICE_REPOS, comma separated. /readyz answers "
+                             "503 until they are loaded, and their searches 503 'warming'")
     parser.add_argument("--refresh-interval", type=float, default=REFRESH_INTERVAL,
                         help=argparse.SUPPRESS)
 
@@ -138,6 +150,9 @@ class ServiceConfig:
     address_rate: float
     address_burst: float
     refresh_interval: float
+    preload: tuple[str, ...] = ()
+    user_rate: float = USER_RATE
+    user_burst: float = USER_BURST
 
     @property
     def scheme(self) -> str:
@@ -166,11 +181,25 @@ def service_config(args: argparse.Namespace,
             raise ValueError(f"{option} {path}: no such file")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: must be 1..65535")
-    if args.max_nonces < 1 or args.address_rate <= 0 or args.address_burst < 1:
-        raise ValueError("--max-nonces, --address-rate and --address-burst must be positive")
+    user_rate = getattr(args, "user_rate", USER_RATE)
+    user_burst = getattr(args, "user_burst", USER_BURST)
+    if (args.max_nonces < 1 or args.address_rate <= 0 or args.address_burst < 1
+            or user_rate <= 0 or user_burst < 1):
+        raise ValueError("--max-nonces, --address-rate, --address-burst, --user-rate and "
+                         "--user-burst must be positive")
+    preload = []
+    for item in [*getattr(args, "preload", []),
+                 *env.get("RADCRYPT_SERVICE_REPOS", "").split(",")]:
+        item = item.strip()
+        if item and item not in preload:
+            try:
+                preload.append(layout.validate_repo_id(item))
+            except ValueError as exc:
+                raise ValueError(f"--preload: {exc}") from None
     root = args.cache_dir or Path(platformdirs.user_cache_dir("radcrypt")) / "service"
     chosen = args.service_id or env.get("RADCRYPT_SERVICE_ID") or ""
     service_id = validate_service_id(chosen) if chosen else persisted_service_id(root)
     return ServiceConfig(args.host, args.port, root, keys, args.insecure_no_auth, service_id,
                          args.docs, args.tls_cert, args.tls_key, args.max_nonces,
-                         args.address_rate, args.address_burst, args.refresh_interval)
+                         args.address_rate, args.address_burst, args.refresh_interval,
+                         tuple(preload), user_rate, user_burst)

@@ -46,6 +46,7 @@ import io
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -363,13 +364,25 @@ class ObjectStore:
             raise StoreUnavailable(str(error), code=error.code) from None
 
     def ensure_bucket(self) -> None:
-        """Create the bucket when it is missing; a bucket we already own is fine."""
+        """Create the bucket when it is missing; a bucket we already own is fine.
+
+        A credential scoped to one repository's prefix (docs/DEPLOYMENT.md) may not HEAD
+        the bucket: AWS ties HeadBucket to s3:ListBucket on the whole bucket, and
+        SeaweedFS 4.48 answers 403 to an identity with only prefix-scoped actions
+        (tried). A bare 403 is then taken to mean "the bucket exists, we may not look at
+        it"; wrong credentials, which HEAD cannot tell apart (no error body), fail at the
+        first object request instead, with the same plain message.
+        """
         bucket = self.config.bucket
         try:
             self._call("check bucket", None, lambda: self._s3().head_bucket(Bucket=bucket))
             return
         except BucketNotFound:
             pass
+        except StoreUnavailable as exc:
+            if exc.code not in ("403", "AccessDenied", "Forbidden"):
+                raise
+            return
         kwargs: dict[str, Any] = {"Bucket": bucket}
         if self.config.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.config.region}
@@ -552,6 +565,13 @@ class ObjectStore:
 
         Lazy: requests are made as the iterator advances, so errors surface there.
         """
+        for key, size, _ in self.list_objects_with_times(prefix):
+            yield key, size
+
+    def list_objects_with_times(self, prefix: str
+                                ) -> Iterator[tuple[str, int, float | None]]:
+        """(key, size, LastModified as a Unix time) of every object under ``prefix``, in
+        key order: the same listing requests as list_objects (S3 sends the time anyway)."""
         bucket, page_size = self.config.bucket, self._page_size
         pages = self._s3().get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
@@ -562,7 +582,17 @@ class ObjectStore:
             if page is None:
                 return
             for item in page.get("Contents", []) or []:
-                yield str(item["Key"]), int(item["Size"])
+                yield str(item["Key"]), int(item["Size"]), _unix_time(item.get("LastModified"))
+
+    def modified(self, key: str) -> float | None:
+        """When the object was last written (its LastModified, one HEAD request); None
+        when it does not exist."""
+        bucket = self.config.bucket
+        try:
+            head = self._call("head", key, lambda: self._s3().head_object(Bucket=bucket, Key=key))
+        except ObjectNotFound:
+            return None
+        return _unix_time(head.get("LastModified"))
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         """Every key under ``prefix``, in key order."""
@@ -606,6 +636,15 @@ class ObjectStore:
                 f"e.g. {first.get('Key')!r}: {first.get('Code')} {first.get('Message', '')}",
                 code=str(first.get("Code")),
             )
+
+
+def _unix_time(value: Any) -> float | None:
+    """S3's LastModified (a timezone-aware datetime from botocore) as a Unix time; None
+    when a server leaves it out (an object of unknown age must never look old to gc)."""
+    if isinstance(value, datetime):
+        when: datetime = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return when.timestamp()
+    return None
 
 
 def _is_seekable(fileobj: IO[bytes]) -> bool:

@@ -8,12 +8,24 @@ Identity serialization inside the password envelope (docs/FORMAT.md)::
 
     "RCID" | version u8 (1) | len u16 | user_id | len u16 | name (UTF-8)
            | X25519 private (32) | Ed25519 seed (32)
+
+The identity backup file (docs/FORMAT-2.md 12) holds the same serialization under a
+separate backup passphrase, so that losing the workstation loses nothing: scrypt (the
+``cryptography`` package) derives 64 bytes from the passphrase and a fresh salt; the first
+32 key AES-256-GCM, the last 32 give a check value that tells a wrong passphrase from a
+damaged file (an offline guesser learns nothing from it that the GCM tag does not tell)::
+
+    "RCIB" | version u8 (1) | kdf u8 (1: scrypt) | log2 N u8 | r u8 | p u8 | salt (16)
+           | check (16) | nonce (12) | AES-256-GCM(identity serialization) with tag (16)
+
+The associated data of the AEAD is every byte before the ciphertext (the header).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import re
 import struct
@@ -23,10 +35,22 @@ from dataclasses import dataclass
 from Cryptodome.Protocol import DH
 from Cryptodome.PublicKey import ECC
 from Cryptodome.Signature import eddsa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from crypto.csprng import random_bytes
 from crypto.errors import FormatError
-from crypto.keys import DEFAULT_SCRYPT_LOG2_N, unwrap_with_password, wrap_with_password
+from crypto.keys import (
+    DEFAULT_SCRYPT_LOG2_N,
+    MAX_SCRYPT_LOG2_N,
+    SCRYPT_P,
+    SCRYPT_R,
+    WrongPassword,
+    check_scrypt_parameters,
+    unwrap_with_password,
+    wrap_with_password,
+)
 
 CARD_FORMAT = "radcrypt-card-v1"
 _MAGIC = b"RCID"
@@ -42,15 +66,15 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(text: object, field: str, size: int) -> bytes:
+def _unb64(text: object, field: str, size: int, what: str = "card") -> bytes:
     if not isinstance(text, str):
-        raise FormatError(f"card field {field!r} must be a base64 string")
+        raise FormatError(f"{what} field {field!r} must be a base64 string")
     try:
         raw = base64.b64decode(text, validate=True)
     except ValueError:
-        raise FormatError(f"card field {field!r} is not valid base64") from None
+        raise FormatError(f"{what} field {field!r} is not valid base64") from None
     if len(raw) != size:
-        raise FormatError(f"card field {field!r} must decode to {size} bytes")
+        raise FormatError(f"{what} field {field!r} must decode to {size} bytes")
     return raw
 
 
@@ -92,6 +116,9 @@ class PublicCard:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"card is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}"
                               ) from None
+        except (ValueError, RecursionError):  # a 5000-digit number, arrays nested too deep
+            raise FormatError("card is not valid JSON: a number too long or nesting too "
+                              "deep") from None
         if not isinstance(raw, dict) or raw.get("format") != CARD_FORMAT:
             raise FormatError(f"card field 'format' must be {CARD_FORMAT!r}")
         user_id, name = raw.get("user_id"), raw.get("name")
@@ -190,3 +217,151 @@ def verify(sign_public: bytes, message: bytes, signature: bytes) -> None:
         verifier.verify(message, signature)
     except ValueError:
         raise SignatureError("signature does not verify") from None
+
+
+# --- identity backup (docs/FORMAT-2.md 12) ----------------------------------------------------
+
+BACKUP_MAGIC = b"RCIB"
+BACKUP_VERSION = 1
+BACKUP_KDF_SCRYPT = 1
+BACKUP_LOG2_N = MAX_SCRYPT_LOG2_N  # 256 MiB, about 1 s: a backup lives on removable media
+_BACKUP_HEAD = struct.Struct(">4sBBBBB16s16s12s")
+_BACKUP_CHECK_INFO = b"radcrypt/identity-backup/check/v1"
+
+
+class WrongBackupPassphrase(WrongPassword):
+    """The passphrase does not open this identity backup (or its salt or work factor
+    were changed)."""
+
+
+def _backup_keys(passphrase: str, salt: bytes, log2_n: int) -> tuple[bytes, bytes]:
+    derived = Scrypt(salt=salt, length=64, n=1 << log2_n, r=SCRYPT_R,
+                     p=SCRYPT_P).derive(passphrase.encode("utf-8"))
+    check = hashlib.sha256(_BACKUP_CHECK_INFO + derived[32:]).digest()[:16]
+    return derived[:32], check
+
+
+def seal_backup(identity: Identity, passphrase: str, log2_n: int = BACKUP_LOG2_N) -> bytes:
+    """The bytes of an identity backup file: the private keys under ``passphrase``."""
+    if not passphrase:
+        raise ValueError("a backup passphrase is needed")
+    problem = check_scrypt_parameters(log2_n, SCRYPT_R, SCRYPT_P)
+    if problem:
+        raise ValueError(problem)
+    salt, nonce = random_bytes(16), random_bytes(12)
+    key, check = _backup_keys(passphrase, salt, log2_n)
+    header = _BACKUP_HEAD.pack(BACKUP_MAGIC, BACKUP_VERSION, BACKUP_KDF_SCRYPT, log2_n,
+                               SCRYPT_R, SCRYPT_P, salt, check, nonce)
+    return header + AESGCM(key).encrypt(nonce, identity.to_bytes(), header)
+
+
+def open_backup(blob: bytes, passphrase: str) -> Identity:
+    """The identity in a backup file. FormatError: not a backup, an unknown version or
+    refused parameters, or a file changed after it was written; WrongBackupPassphrase:
+    the passphrase does not open it."""
+    if len(blob) < _BACKUP_HEAD.size + 16 or blob[:4] != BACKUP_MAGIC:
+        raise FormatError("not a Radcrypt identity backup (magic 'RCIB' missing or file "
+                          "too short)")
+    _magic, version, kdf, log2_n, r, p, salt, check, nonce = _BACKUP_HEAD.unpack_from(blob)
+    if version != BACKUP_VERSION:
+        raise FormatError(f"identity backup version {version} is not supported "
+                          f"(this program reads version {BACKUP_VERSION})")
+    if kdf != BACKUP_KDF_SCRYPT:
+        raise FormatError(f"identity backup field 'kdf' is {kdf}, not 1 (scrypt)")
+    problem = check_scrypt_parameters(log2_n, r, p)
+    if problem:
+        raise FormatError(f"identity backup field 'scrypt parameters': {problem}")
+    key, expected = _backup_keys(passphrase, salt, log2_n)
+    if not hmac.compare_digest(check, expected):
+        raise WrongBackupPassphrase("wrong passphrase: the identity backup stays locked")
+    header = blob[:_BACKUP_HEAD.size]
+    try:
+        plain = AESGCM(key).decrypt(nonce, blob[_BACKUP_HEAD.size:], header)
+    except InvalidTag:
+        raise FormatError("the identity backup was changed or damaged after it was written "
+                          "(its authentication tag does not verify)") from None
+    return Identity.from_bytes(plain)
+
+
+# --- co-owners of a repository (docs/FORMAT-2.md 2.4) -----------------------------------------
+
+_ENDORSEMENT_DOMAIN = b"radcrypt/co-owner/v1"
+
+
+@dataclass(frozen=True)
+class ManifestOwners:
+    """Who may sign a repository's manifest, grants, user records, checkpoints and
+    owner-only log entries: the owner (``root``, the key clients pin and the service is
+    configured with) and the co-owners it endorsed; ``keys`` maps user id to key."""
+
+    owner_id: str
+    root: bytes
+    keys: dict[str, bytes]
+
+    def is_owner(self, user_id: str) -> bool:
+        return user_id in self.keys
+
+    def has_key(self, key: bytes) -> bool:
+        return any(hmac.compare_digest(key, k) for k in self.keys.values())
+
+
+def _endorsement_message(repo_id: str, user_id: str, sign_public: bytes) -> bytes:
+    parts = [_ENDORSEMENT_DOMAIN, repo_id.encode(), user_id.encode(), sign_public]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def endorse_co_owner(owner: Identity, repo_id: str, user_id: str, sign_public: bytes) -> bytes:
+    """The owner's signature making ``user_id`` (key ``sign_public``) a co-owner of
+    ``repo_id``: bound to the repository, the user id and the key."""
+    if len(sign_public) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return owner.sign(_endorsement_message(repo_id, user_id, sign_public))
+
+
+def manifest_owners(payload: object, repo_id: str, signer: bytes) -> ManifestOwners:
+    """The owners of a manifest whose JSON signature ``signer`` made (already verified by
+    the caller). Without ``co_owners`` (every manifest before co-owners): the signer is
+    the owner. With them: ``owner_key`` is the owner's key, each co-owner's endorsement
+    must verify under it, and the signer must be the owner or one of them. FormatError
+    (SignatureError for a signature) names the field; the caller still compares ``root``
+    with the key it pinned or was configured with."""
+    if not isinstance(payload, dict):
+        raise FormatError("manifest payload must be a JSON object")
+    owner_id = payload.get("owner")
+    owner_id = owner_id if isinstance(owner_id, str) else ""
+    if "co_owners" not in payload and "owner_key" not in payload:
+        return ManifestOwners(owner_id, signer, {owner_id: signer} if owner_id else {})
+    if not owner_id:
+        raise FormatError("manifest field 'owner' is missing but 'co_owners' is present")
+    root = _unb64(payload.get("owner_key"), "owner_key", 32, "manifest")
+    listed = payload.get("co_owners")
+    if not isinstance(listed, list) or not listed:
+        raise FormatError("manifest field 'co_owners' must be a non-empty list")
+    keys = {owner_id: root}
+    ids: list[str] = []
+    for entry in listed:
+        if not isinstance(entry, dict) or set(entry) != {"user_id", "ed25519", "endorsement"}:
+            raise FormatError("manifest field 'co_owners' must hold objects {\"user_id\", "
+                              "\"ed25519\", \"endorsement\"}")
+        user_id = entry["user_id"]
+        if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id) \
+                or user_id == owner_id:
+            raise FormatError("manifest field 'co_owners' names an invalid user id or the "
+                              "owner")
+        key = _unb64(entry["ed25519"], "co_owners.ed25519", 32, "manifest")
+        endorsement = _unb64(entry["endorsement"], "co_owners.endorsement", 64, "manifest")
+        try:
+            verify(root, _endorsement_message(repo_id, user_id, key), endorsement)
+        except SignatureError:
+            raise SignatureError(f"manifest field 'co_owners': the endorsement of {user_id!r} "
+                                 "is not the owner's signature") from None
+        ids.append(user_id)
+        keys[user_id] = key
+    if ids != sorted(set(ids)):
+        raise FormatError("manifest field 'co_owners' must be sorted by user_id, without "
+                          "duplicates")
+    owners = ManifestOwners(owner_id, root, keys)
+    if not owners.has_key(signer):
+        raise SignatureError("the manifest is signed by a key that is neither its owner's "
+                             "nor a co-owner's")
+    return owners

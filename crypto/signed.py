@@ -61,12 +61,25 @@ def sign_json(signer: Identity, kind: str, name: str, obj: dict[str, object]) ->
     return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
+def _load(blob: bytes, what: str) -> object:
+    """Parse a stored JSON document; every way it can be malformed is a FormatError.
+
+    Why not just json.loads: the bytes come from the bucket, and besides invalid JSON or
+    UTF-8 (ValueError) a hostile document can nest arrays deeper than Python's recursion
+    limit (RecursionError) or hold an integer too long to convert (ValueError): found by
+    the file fuzzer (tests/fuzz/test_file_fuzz.py)."""
+    try:
+        return json.loads(blob)
+    except (ValueError, RecursionError):
+        raise FormatError(f"{what} is not valid JSON") from None
+
+
 def json_signer(blob: bytes) -> bytes | None:
     """The key a signed JSON document claims, or None for an unsigned document."""
+    doc = _load(blob, "signed document")
+    if not isinstance(doc, dict) or "signature" not in doc:
+        return None
     try:
-        doc = json.loads(blob)
-        if not isinstance(doc, dict) or "signature" not in doc:
-            return None
         key = base64.b64decode(doc["signer"], validate=True)
     except (ValueError, KeyError, TypeError):
         raise FormatError("signed document is malformed") from None
@@ -82,7 +95,9 @@ def open_json(blob: bytes, kind: str, name: str, trusted: list[bytes]) -> dict[s
         raise SignatureError(f"{kind} {name} is not signed")
     if not any(hmac.compare_digest(public, key) for key in trusted):
         raise SignatureError(f"{kind} {name} is signed by a key that is not trusted")
-    doc = json.loads(blob)
+    doc = _load(blob, f"{kind} {name}")
+    if not isinstance(doc, dict):  # json_signer read the same bytes as an object
+        raise FormatError(f"{kind} {name}: not a signed document")
     payload = doc.get("payload")
     if not isinstance(payload, dict):
         raise FormatError(f"{kind} {name}: payload must be a JSON object")
@@ -90,5 +105,9 @@ def open_json(blob: bytes, kind: str, name: str, trusted: list[bytes]) -> dict[s
         signature = base64.b64decode(doc["signature"], validate=True)
     except (ValueError, TypeError):
         raise FormatError(f"{kind} {name}: signature is not base64") from None
-    verify(public, _message(kind, name, _canonical(payload)), signature)
+    try:
+        message = _message(kind, name, _canonical(payload))
+    except (ValueError, RecursionError):  # nested too deep to write back
+        raise FormatError(f"{kind} {name}: payload is nested too deeply") from None
+    verify(public, message, signature)
     return payload

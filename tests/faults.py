@@ -4,11 +4,13 @@ Used by the revocation, migration and import tests (tests/security/access_suppor
 tests/fixtures/format2_support.py): each runs an operation against FaultyStore(store, n)
 for n = 1, 2, ... until it completes, runs it again on the real store, and checks the end
 state, so that a crash after any single write is proved recoverable. ``snapshot`` and
-``restore`` put a whole bucket back as it was before such a run.
+``restore`` put a whole bucket back as it was before such a run. ``synthetic_dicoms``
+makes the small images the fault, kill and disk-full tests import by the hundred.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from cloud.backend import Store
@@ -60,3 +62,44 @@ def restore(store: Store, saved: dict[str, bytes]) -> None:
             store.delete(key)
     for key, data in saved.items():
         store.put(key, data)
+
+
+def synthetic_dicoms(directory: Path, count: int, seed: int = 0, size: int = 64
+                     ) -> list[Path]:
+    """``count`` small distinct CT-like DICOM files (``size`` x ``size`` uint16,
+    explicit VR little endian): fast to decode, so the fault, kill and disk tests can
+    import hundreds or thousands of them. Deterministic for a seed."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(count):
+        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.35)
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) * rng.uniform(400, 1500)
+        image = disc + rng.normal(0, 30, (size, size)) + 1024 + 300 * xx * rng.uniform(-1, 1)
+        pixels = np.clip(image, 0, 4095).astype(np.uint16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.9.7777.{seed}.{i + 1}"
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = pixels.tobytes()
+        path = directory / f"syn-{seed}-{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

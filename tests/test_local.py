@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import cloud.local as local
@@ -61,9 +62,11 @@ def _wait_gone(pid: int, timeout: float = 15.0) -> bool:
 
 
 def _listening_hosts(pid: int) -> set[str]:
-    """IPv4/IPv6 addresses on which ``pid`` has listening TCP sockets (Linux /proc)."""
+    """IPv4/IPv6 addresses on which ``pid`` or its children (a foreground weed runs under
+    cloud.processes' guard) have listening TCP sockets (Linux /proc)."""
     inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
+    children = [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    for fd in (fd for each in (pid, *children) for fd in Path(f"/proc/{each}/fd").iterdir()):
         try:
             target = os.readlink(fd)
         except OSError:

@@ -14,6 +14,7 @@ compacted one and one whose replaced objects await deletion check clean.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +95,8 @@ def test_a_clean_repository_checks_clean_and_remembers_the_head(v2: Built, tmp_p
     report = check_repository(store, settings, v2.repo,
                               progress=lambda e: events.append(e.stage))
     assert report.ok, report.lines()
-    assert report.counts == {"log entries": 3, "segments": 2, "packs": 2, "images": FILES,
-                             "strays": 0}
+    assert report.counts == {"grants": 1, "log entries": 3, "segments": 2, "packs": 2,
+                             "images": FILES, "strays": 0}
     assert report.strays == [] and report.notes == []
     assert report.log["head"] == 2 and report.log["complete"] is True
     assert events == ["log", "segments", "segments", "packs", "packs"]
@@ -406,8 +407,14 @@ def test_ages_come_from_the_store_when_it_tells_them(v2: Built, tmp_path: Path) 
         def __init__(self, inner: DirectoryStore) -> None:
             self._inner = inner
 
+        def list_objects_with_times(self, prefix: str
+                                    ) -> Iterator[tuple[str, int, float | None]]:
+            # the listing's time is used (no HEAD per stray): the forged segment's only
+            for name, size in self._inner.list_objects(prefix):
+                yield name, size, (1000.0 if name == key else None)
+
         def modified(self, name: str) -> float | None:
-            return 1000.0 if name == key else None
+            raise AssertionError(f"{name}: the age must come from the listing")
 
         def __getattr__(self, name: str) -> object:
             return getattr(self._inner, name)
@@ -427,7 +434,7 @@ def test_format1_segments_and_per_image_objects_are_checked(v1: Built, tmp_path:
     report = _check(store, repo)
     assert report.ok, report.lines()
     assert report.storage_format == 1
-    assert report.counts == {"segments": 2, "images": FILES}
+    assert report.counts == {"grants": 1, "segments": 2, "images": FILES}
 
     segments = sorted(store.list_keys(layout.segments_prefix(repo.repo_id)))
     blob = bytearray(store.get(segments[0]))
@@ -541,3 +548,133 @@ def test_checkpoints_are_compared_with_the_log_replayed_from_genesis(v2: Built, 
     assert _kinds(report) == {("log", "checkpoint", "2")}
     assert "checkpoint live set" in report.problems[0].detail
     assert report.log["head"] == 1  # checked against the log before the checkpoint
+
+
+# --- reading the data (issue 14) -------------------------------------------------------------
+
+
+def _flip(store: DirectoryStore, key: str, offset: int) -> None:
+    blob = bytearray(store.get(key))
+    blob[offset] ^= 0x01
+    store.put(key, bytes(blob))
+
+
+def test_read_data_finds_a_flipped_pack_entry_and_a_replaced_original(v2: Built,
+                                                                      tmp_path: Path) -> None:
+    store = v2.fresh(tmp_path)
+    repo = v2.repo
+    state = _state(store, repo)
+    victim_pack = state.packs()[0]
+    pack_key = layout.pack_key(repo.repo_id, victim_pack.id)
+    _flip(store, pack_key, pack.HEADER_SIZE + 40)  # inside the first entry, not the TOC
+    originals = sorted(store.list_keys(layout.objects_prefix(repo.repo_id)))
+    replaced, donor = originals[0], originals[1]
+    store.put(replaced, store.get(donor))  # another image's (valid) original
+    flipped = originals[2]
+    _flip(store, flipped, 200)
+    # the structure is intact: a check that does not read the data sees nothing
+    assert _check(store, repo).ok
+    report = _check(store, repo, read_data=True)
+    named = _kinds(report)
+    assert ("altered", "pack", victim_pack.id) in named
+    assert ("not authenticated", "original", replaced.rsplit("/", 1)[-1]) in named
+    assert ("not authenticated", "original", flipped.rsplit("/", 1)[-1]) in named
+    # and the images of the unreadable pack have no metadata or preview: named too
+    others = [p for p in report.problems if p.kind != "unpaired"]
+    assert len(others) == 3 and len(report.problems) == 3 + BATCH, report.lines()
+    assert report.counts["originals read"] == FILES - 2
+    assert report.counts["packs read"] == 1
+    line = next(p.line() for p in report.problems if p.type == "original")
+    assert "does not open under key version 1 as this image's original" in line
+
+
+def test_read_data_subsets_are_seeded_or_parts_that_cover_everything(v2: Built,
+                                                                     tmp_path: Path) -> None:
+    from app.core.repo_check import parse_subset
+
+    store = v2.fresh(tmp_path)
+    parts = [_check(store, v2.repo, subset=parse_subset(f"{n}/3")) for n in (1, 2, 3)]
+    assert all(r.ok and r.read_data for r in parts)
+    assert sum(r.counts.get("originals read", 0) for r in parts) == FILES
+    assert sum(r.counts.get("packs read", 0) for r in parts) == 2
+    seeded = [_check(store, v2.repo, subset=parse_subset("50%", seed=s)) for s in range(6)]
+    read = [(r.counts.get("originals read", 0), r.counts.get("packs read", 0))
+            for r in seeded]
+    assert len(set(read)) > 1  # another seed, another subset
+    again = _check(store, v2.repo, subset=parse_subset("50%", seed=3))
+    assert (again.counts.get("originals read", 0), again.counts.get("packs read", 0)) == \
+        read[3]
+    data = again.as_dict()
+    assert data["read_data"] is True
+    assert data["read_data_subset"] == {"spec": "50%", "fraction": 0.5, "part": None,
+                                        "seed": 3}
+    assert "read data of the subset 50%, seed 3" in again.lines()
+    everything = _check(store, v2.repo, subset=parse_subset("100%"))
+    assert everything.counts["originals read"] == FILES
+    for bad in ("0%", "101%", "0/3", "4/3", "half", "1/0"):
+        with pytest.raises(ValueError, match="invalid --read-data-subset"):
+            parse_subset(bad)
+
+
+def test_check_read_data_command_exit_codes_and_json(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    import json
+
+    from app.cli import main
+    from app.core.settings import load_settings
+
+    monkeypatch.setenv("RADCRYPT_PASSWORD", PASSWORD)
+    base = ["--store", "directory", "--data-dir", str(tmp_path / "data")]
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([*base, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert run("identity", "create", "--name", "Reader")[0] == 0
+    assert run("repo", "create", "cli-read", "--format", "2")[0] == 0
+    files = [str(f) for f in fx.sample_files(2)]
+    assert run("import", "--repo", "cli-read", *files)[0] == 0
+    code, out, err = run("check", "--repo", "cli-read", "--read-data-subset", "50%",
+                         "--seed", "11")
+    assert code == 0 and "seed 11" in err and "read data of the subset 50%, seed 11" in out
+    store = DirectoryStore(load_settings(store="directory",
+                                         data_dir=str(tmp_path / "data")).objects_dir)
+    first, second = sorted(store.list_keys(layout.objects_prefix("cli-read")))
+    store.put(first, store.get(second))
+    code, out, err = run("check", "--repo", "cli-read", "--read-data", "--json")
+    data = json.loads(out)
+    assert code == 1 and data["ok"] is False and data["read_data"] is True
+    (problem,) = data["problems"]
+    assert set(problem) == {"kind", "type", "id", "sequence", "detail"}
+    assert (problem["kind"], problem["type"], problem["id"]) == (
+        "not authenticated", "original", first.rsplit("/", 1)[-1])
+    assert set(data) >= {"schema", "repo_id", "storage_format", "ok", "problems", "strays",
+                         "notes", "log", "counts", "read_data", "read_data_subset",
+                         "seconds"}
+    assert "radcrypt: originals (2)" in err  # a stage line per stage, stderr not a terminal
+    with pytest.raises(SystemExit) as usage:
+        run("check", "--read-data")
+    assert usage.value.code == 2
+
+
+def test_a_missing_or_forged_grant_is_named(v2: Built, tmp_path: Path) -> None:
+    store = v2.fresh(tmp_path)
+    repo, owner = v2.repo, v2.owner
+    name = layout.grant_key(repo.repo_id, owner.user_id)
+    mallory = Identity.generate("Mallory")
+    payload = store.get(name)[4 + 1 + 32 + 64:]
+    store.put(name, signed.sign_record(mallory, "grant", name, payload))  # re-signed
+    stray = layout.grant_key(repo.repo_id, "someone-else")
+    store.put(stray, b"not a member's")
+    report = _check(store, repo)
+    assert _kinds(report) == {("grant", "grant", owner.user_id)}
+    assert "is not signed by an owner" in report.problems[0].detail
+    assert any("grants/someone-else belongs to no member" in n for n in report.notes)
+    store.delete(name)
+    report = _check(store, repo)
+    assert _kinds(report) == {("grant", "grant", owner.user_id)}
+    assert "is not in the bucket" in report.problems[0].detail

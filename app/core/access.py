@@ -43,6 +43,12 @@ Between 2 and the checkpoint of 3, the user's own entries after the latest check
 longer verify under the manifest; a re-run reads the log with them trusted, but only
 entries naming a manifest sequence from before their removal.
 
+Co-owners (docs/FORMAT-2.md 2.4; ``add_owner``): the owner can endorse members as
+co-owners in the manifest; each may then do what only the owner did above (sign the
+manifest, user records and grants, revoke, write membership entries and checkpoints), so
+a lost owner workstation loses nothing. The pinned key stays the owner's: a co-owner's
+signature counts through the owner's endorsement of it.
+
 Storage format 2: a new repository created with ``storage_format=2`` gets its manifest
 (format ``radcrypt-manifest-v2``) and then the genesis entry of its segment log, signed by
 the owner.
@@ -75,6 +81,7 @@ from app.core.packs import ImageReader, read_toc
 from app.core.progress import ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import (
     PASSWORD_OWNER,
+    CoOwner,
     Manifest,
     Member,
     Repository,
@@ -92,7 +99,7 @@ from cloud import layout, seglog
 from cloud.backend import ObjectExists, ObjectNotFound, Store
 from crypto import pack as pack_format
 from crypto.errors import DecryptionError, FormatError
-from crypto.identity import Identity, PublicCard
+from crypto.identity import Identity, PublicCard, endorse_co_owner
 from crypto.keys import KeyRing
 from crypto.recipient import unwrap_for_recipient, wrap_to_recipient
 from crypto.signed import json_signer, open_json, open_record, sign_json, sign_record
@@ -229,7 +236,12 @@ def _write_manifest(store: Store, owner: Identity, manifest: Manifest,
                     create: bool = False) -> None:
     name = layout.manifest_key(manifest.repo_id)
     payload = json.loads(manifest.to_json())
-    store.put(name, sign_json(owner, "manifest", name, payload), if_absent=create)
+    blob = sign_json(owner, "manifest", name, payload)
+    try:
+        store.put(name, blob, if_absent=create)
+    except ObjectExists:
+        if store.get(name) != blob:  # else: a retried create found its own first write
+            raise
 
 
 def _publish(session: Session, owner: Identity, manifest: Manifest) -> Manifest:
@@ -274,12 +286,14 @@ def _write_grant(store: Store, owner: Identity, ring: KeyRing, card: PublicCard)
     store.put(name, sign_record(owner, "grant", name, wrapped))
 
 
-def _open_grant(store: Store, identity: Identity, repo_id: str, owner_key: bytes
-                ) -> KeyRing:
-    """The ring in ``identity``'s grant, if the owner signed it for this name."""
+def _open_grant(store: Store, identity: Identity, repo_id: str,
+                trusted: bytes | list[bytes]) -> KeyRing:
+    """The ring in ``identity``'s grant, if an owner (``trusted``: a key or the owner keys)
+    signed it for this name."""
     grant_name = layout.grant_key(repo_id, identity.user_id)
+    keys = [trusted] if isinstance(trusted, bytes) else trusted
     try:
-        wrapped = open_record(store.get(grant_name), "grant", grant_name, [owner_key])
+        wrapped = open_record(store.get(grant_name), "grant", grant_name, keys)
         ring = KeyRing.from_bytes(unwrap_for_recipient(
             wrapped, identity.enc_private, _context(repo_id, identity.user_id)))
     except ObjectNotFound:
@@ -293,9 +307,19 @@ def _open_grant(store: Store, identity: Identity, repo_id: str, owner_key: bytes
     return ring
 
 
-def _check_owner(owner: Identity, owner_key: bytes, repo_id: str) -> None:
-    if not hmac.compare_digest(owner.sign_public, owner_key):
-        raise AccessDenied(f"only the owner of {repo_id!r} can change who has access")
+def _owner_keys(manifest: Manifest, owner_key: bytes) -> list[bytes]:
+    """The keys that may sign for the repository: the owner's and its co-owners'."""
+    return list(manifest.owner_keys(owner_key).values()) or [owner_key]
+
+
+def _check_owner(owner: Identity, manifest: Manifest, owner_key: bytes) -> None:
+    """``owner`` is the owner or a co-owner of the manifest, with the key listed there."""
+    listed = manifest.owner_keys(owner_key).get(owner.user_id)
+    if manifest.legacy:
+        listed = owner_key
+    if listed is None or not hmac.compare_digest(owner.sign_public, listed):
+        raise AccessDenied(f"only the owner or a co-owner of {manifest.repo_id!r} can "
+                           "change who has access")
 
 
 def _check_upgraded(manifest: Manifest) -> None:
@@ -348,7 +372,8 @@ def open_repository_as(session: Session, identity: Identity, name: str) -> Repos
         raise AccessDenied(
             f"you have no access to repository {manifest.repo_id!r}: you are not a member "
             f"at its current key version {manifest.key_version} (never granted, or revoked)")
-    ring = _open_grant(session.store, identity, manifest.repo_id, owner_key)
+    ring = _open_grant(session.store, identity, manifest.repo_id,
+                       _owner_keys(manifest, owner_key))
     if ring.current.version < manifest.key_version:
         raise AccessDenied(f"your grant for {manifest.repo_id!r} is outdated (key version "
                            f"{ring.current.version}, repository at {manifest.key_version})")
@@ -362,9 +387,9 @@ def grant_access(session: Session, owner: Identity, repo: Repository, user_id: s
     (its user is not a member), and granting again finishes it.
     """
     manifest, owner_key = _signed_manifest(session, repo.repo_id)
-    _check_owner(owner, owner_key, repo.repo_id)
+    _check_owner(owner, manifest, owner_key)
     _check_upgraded(manifest)
-    card = _user_card(session.store, user_id, [owner_key])
+    card = _user_card(session.store, user_id, _owner_keys(manifest, owner_key))
     if repo.ring.current.version < manifest.key_version:
         raise RadcryptError(
             f"repository {repo.repo_id!r} is now at key version {manifest.key_version} and "
@@ -376,6 +401,45 @@ def grant_access(session: Session, owner: Identity, repo: Repository, user_id: s
             manifest, [*others, Member(user_id, manifest.key_version)]))
 
 
+def add_owner(session: Session, owner: Identity, repo: Repository, user_id: str) -> Manifest:
+    """Make a member a co-owner (docs/FORMAT-2.md 2.4): the owner endorses the member's
+    signing key (from the user record an owner signed) and publishes the manifest with
+    ``owner_key`` and the co-owner listed (sequence + 1). Only the owner itself can, since
+    the endorsement is the owner key's signature. The user must be a member at the current
+    key version (grant access first). Adding a co-owner twice changes nothing.
+
+    A co-owner may afterwards do what the owner does: sign the manifest, register users,
+    grant, revoke, and write checkpoints and owner-only log entries, so that a lost owner
+    workstation loses nothing. Removing a co-owner is not supported: its endorsement stays
+    valid for as long as the owner key is the repository's root of trust.
+    """
+    manifest, owner_key = _signed_manifest(session, repo.repo_id)
+    _check_upgraded(manifest)
+    if owner.user_id != manifest.owner or not hmac.compare_digest(owner.sign_public,
+                                                                  owner_key):
+        raise AccessDenied(f"only the owner of {manifest.repo_id!r} ({manifest.owner}) can "
+                           "add a co-owner")
+    try:
+        layout.validate_user_id(user_id)
+    except ValueError as exc:
+        raise RadcryptError(str(exc)) from None
+    if user_id == owner.user_id:
+        raise RadcryptError(f"{user_id} is already the owner of {manifest.repo_id!r}")
+    if manifest.is_owner(user_id):
+        return manifest
+    if not manifest.is_member(user_id):
+        raise RadcryptError(f"{user_id} is not a member of {manifest.repo_id!r} at its "
+                            f"current key version {manifest.key_version}: grant access first "
+                            "(radcrypt repo grant)")
+    card = _user_card(session.store, user_id, _owner_keys(manifest, owner_key))
+    endorsement = endorse_co_owner(owner, manifest.repo_id, user_id, card.sign_public)
+    co_owners = sorted((*manifest.co_owners, CoOwner(user_id, card.sign_public, endorsement)),
+                       key=lambda c: c.user_id)
+    return _publish(session, owner, with_members(manifest, list(manifest.members),
+                                                 owner_key=owner_key,
+                                                 co_owners=tuple(co_owners)))
+
+
 def list_access(session: Session, repo_id: str) -> AccessList:
     """The members of the signed manifest, each with its owner-signed user record and
     grant checked. Anything else under grants/ (not a member, or not signed by this owner)
@@ -384,6 +448,7 @@ def list_access(session: Session, repo_id: str) -> AccessList:
     store = session.store
     prefix = layout.grants_prefix(manifest.repo_id)
     members = {m.user_id for m in manifest.members}
+    trusted = _owner_keys(manifest, owner_key)
     ignored: list[str] = []
     for key in store.list_keys(prefix):
         found = key[len(prefix):]
@@ -395,12 +460,12 @@ def list_access(session: Session, repo_id: str) -> AccessList:
     for member in manifest.members:
         status = "ok"
         try:
-            name = _user_card(store, member.user_id, [owner_key]).name
+            name = _user_card(store, member.user_id, trusted).name
         except RadcryptError as exc:
             name, status = "(unregistered)", str(exc)
         try:
             grant_name = layout.grant_key(manifest.repo_id, member.user_id)
-            open_record(store.get(grant_name), "grant", grant_name, [owner_key])
+            open_record(store.get(grant_name), "grant", grant_name, trusted)
         except ObjectNotFound:
             status = "no grant in the store"
         except (FormatError, ValueError):
@@ -421,7 +486,7 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
     repository is read-only: it is refused before anything is written."""
     store = session.store
     manifest, owner_key = _signed_manifest(session, repo.repo_id)
-    _check_owner(owner, owner_key, repo.repo_id)
+    _check_owner(owner, manifest, owner_key)
     _check_upgraded(manifest)
     if not is_format2(manifest):
         raise RadcryptError(
@@ -429,6 +494,9 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
             "radcrypt repo migrate --format 2 first")
     if user_id == owner.user_id:
         raise RadcryptError("the owner cannot revoke their own access")
+    if manifest.is_owner(user_id):
+        raise RadcryptError(f"{user_id} is an owner or co-owner of {manifest.repo_id!r}: "
+                            "removing a co-owner is not supported (docs/FORMAT-2.md 2.4)")
     try:
         layout.validate_user_id(user_id)
     except ValueError as exc:
@@ -452,6 +520,14 @@ def revoke_access(session: Session, owner: Identity, repo: Repository, user_id: 
             manifest, [m for m in manifest.members if m.user_id != user_id]))
         manifest = _finish_rotation(session, owner, owner_key, manifest, ring, user_id,
                                     progress)
+    elif manifest.co_owners and not pending and store.exists(grant_name):
+        # Another owner's revocation of this user may have stopped between removing them
+        # and committing the new key version: its pending ring is in that owner's grant,
+        # which this owner cannot open. Rotate once more (at worst one rotation too many).
+        state, _ = _owner_log(session, manifest, ring, owner_key, user_id, pending=True)
+        ring = _start_rotation(session, owner, owner_key, manifest, ring, state)
+        manifest = _finish_rotation(session, owner, owner_key, manifest, ring, user_id,
+                                    progress)
     if store.exists(grant_name):
         store.delete(grant_name)
     _retire_old_versions(session, owner, owner_key, manifest, ring, user_id, progress)
@@ -463,7 +539,7 @@ def _owner_ring(store: Store, owner: Identity, owner_key: bytes, manifest: Manif
     """The owner's ring: from the owner's grant (which holds a rotation in progress), or
     the session's when that grant is gone; it must hold the manifest's version."""
     try:
-        ring = _open_grant(store, owner, manifest.repo_id, owner_key)
+        ring = _open_grant(store, owner, manifest.repo_id, _owner_keys(manifest, owner_key))
     except AccessDenied:
         ring = repo.ring
     if ring.current.version < repo.ring.current.version:
@@ -493,7 +569,7 @@ class _RevocationTrust(logstate.RepositoryTrust):
             with self._lock:
                 if user_id not in self._keys:
                     self._keys[user_id] = logstate.member_key(self.store, user_id,
-                                                              self.owner_key)
+                                                              self.owner_keys)
                 return self._keys[user_id]
         return super().signer_key(user_id)
 
@@ -625,7 +701,7 @@ def _finish_rotation(session: Session, owner: Identity, owner_key: bytes, manife
         if member.user_id == owner.user_id:
             continue
         try:
-            card = _user_card(store, member.user_id, [owner_key])
+            card = _user_card(store, member.user_id, _owner_keys(manifest, owner_key))
         except RadcryptError as exc:  # they can be granted again once the record is fixed
             log.warning("not wrapping key version %d of %r to member %r: %s", version,
                         manifest.repo_id, member.user_id, exc)
@@ -771,8 +847,8 @@ def migrate_password_repository(session: Session, owner: Identity, name: str,
         raise RadcryptError(f"the signed manifest of {name!r} is damaged") from None
     if signed is not None:
         manifest, owner_key = _signed_manifest(session, name)
-        _check_owner(owner, owner_key, manifest.repo_id)
-        ring = _open_grant(store, owner, manifest.repo_id, owner_key)
+        _check_owner(owner, manifest, owner_key)
+        ring = _open_grant(store, owner, manifest.repo_id, [owner_key])
         if not manifest.legacy:
             return basis.load(store, Repository(manifest, ring, owner_key))
         prefix = layout.grants_prefix(manifest.repo_id)

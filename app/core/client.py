@@ -54,9 +54,11 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     from app.core.access import AccessList, UserRecord
     from app.core.compaction import CompactionReport
     from app.core.demo import DemoReport
+    from app.core.gc import GcReport
     from app.core.importer import ImportReport
+    from app.core.locks import LockInfo
     from app.core.migration import MigrationReport
-    from app.core.repo_check import RepoCheckReport
+    from app.core.repo_check import DataSubset, RepoCheckReport
     from app.core.repository import Manifest, Repository
     from app.core.searcher import Hit, QueryResult
     from app.core.session import Session
@@ -79,6 +81,7 @@ __all__ = [
     "demo_identity",
     "expand_paths",
     "expected_errors",
+    "export_identity_backup",
     "identity_exists",
     "identity_file",
     "list_repositories",
@@ -87,6 +90,7 @@ __all__ = [
     "manifest_dict",
     "password_strength",
     "public_card",
+    "restore_identity_backup",
     "robust_range",
     "run_demo",
     "serve",
@@ -128,6 +132,21 @@ def password_strength(password: str, name: str = "") -> tuple[int, str]:
     return int(score), str(words)
 
 
+def parse_read_data_subset(text: str, seed: int | None = None) -> DataSubset:
+    """``check --read-data-subset``: "10%" (seeded random, a random seed when None) or
+    "n/m" (the n-th of m parts); ValueError naming the text otherwise."""
+    from app.core.repo_check import parse_subset
+
+    return parse_subset(text, seed)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of "24h", "30m", "90s", "2d" or plain seconds (``gc --grace``)."""
+    from app.core.gc import parse_duration as parse
+
+    return parse(text)
+
+
 def check_new_password(password: str, name: str = "") -> str:
     """The strength in words if ``password`` may protect an identity, else RadcryptError
     saying why (score below 3 of 4, or shorter than 12 characters)."""
@@ -165,6 +184,33 @@ def change_identity_password(settings: Settings, old: str, new: str) -> Identity
     if old == new:
         raise RadcryptError("the new password is the same as the old one")
     identity: Identity = store.change_password(old, new)
+    return identity
+
+
+def export_identity_backup(settings: Settings, password: str, passphrase: str,
+                           out: str | Path) -> Identity:
+    """Write this workstation's identity (private keys) to ``out`` encrypted under a
+    separate backup ``passphrase`` (app.core.identity.export_backup): WrongPassword when
+    ``password`` does not unlock it, RadcryptError for a weak passphrase, one equal to the
+    password, or an existing ``out``."""
+    from app.core.identity import export_backup
+
+    store = _identity_store(settings)
+    if not store.exists():
+        raise RadcryptError(NO_IDENTITY)
+    identity: Identity = export_backup(store, password, passphrase, Path(out))
+    return identity
+
+
+def restore_identity_backup(settings: Settings, path: str | Path, passphrase: str,
+                            new_password: str) -> Identity:
+    """Restore an identity backup into this (new) data directory, under ``new_password``;
+    WrongPassword for a wrong passphrase, RadcryptError for a changed or foreign file or
+    a data directory that already has an identity."""
+    from app.core.identity import restore_backup
+
+    identity: Identity = restore_backup(_identity_store(settings), Path(path), passphrase,
+                                        new_password)
     return identity
 
 
@@ -312,6 +358,24 @@ def local_features(paths: list[str | Path], extractor: str = DEFAULT_EXTRACTOR
     get_extractor(extractor)
     with DecoderPool(1) as pool:
         return [pool.features(p, extractor) for p in paths]
+
+
+def make_demo_workdir() -> Path:
+    """A demo run's temporary folder (app.core.demo): marked with this process, so that
+    a later demo removes it if this one is killed outright; folders that earlier killed
+    demos left are removed now."""
+    from app.core.demo import make_demo_workdir as make
+
+    return make()
+
+
+def exit_on_termination_signals() -> list[int]:
+    """For a command's main thread: SIGTERM and SIGHUP (shutdown, logout) unwind it like
+    an exception, so that its session stops the store and the service it started
+    (cloud.processes)."""
+    from cloud.processes import exit_on_termination_signals as arm
+
+    return arm()
 
 
 def run_demo(settings: Settings, workdir: Path, count: int = 300, queries: int = 20,
@@ -516,8 +580,8 @@ class Client:
         return storage_format(repo.manifest if isinstance(repo, Unlocked) else repo)
 
     def is_owner(self, repo: Repository) -> bool:
-        """Whether this identity owns ``repo`` (signs its manifest)."""
-        return repo.manifest.owner == self.identity.user_id
+        """Whether this identity owns ``repo`` or is a co-owner (may sign its manifest)."""
+        return bool(repo.manifest.is_owner(self.identity.user_id))
 
     def repository(self, name: str) -> Repository:
         """The repository opened before under ``name``, else opened now."""
@@ -562,28 +626,64 @@ class Client:
                            cancel: CancelToken | None = None) -> CompactionReport:
         """Merge the small segments and packs of a format-2 repository (any member); the
         objects they replace are deleted once their log entry is 15 minutes old, by this
-        run or a later one. Cancelling keeps the groups already committed. Progress: one
-        "compact" event per group, then "delete"."""
+        run or a later one. Cancelling keeps the groups already committed. Holds the
+        repository's exclusive lock (locks.LockConflict while an import or gc runs).
+        Progress: one "compact" event per group, then "delete"."""
         from app.core.compaction import compact
+        from app.core.locks import exclusive
 
-        report = compact(self.session.store, self.settings, repo, self.identity,
-                         progress=progress, cancel=cancel)
+        store = self.session.store
+        with exclusive(store, repo, self.identity):  # no import or gc meanwhile
+            report = compact(store, self.settings, repo, self.identity,
+                             progress=progress, cancel=cancel)
         if report.entries:
             self._tell_service(repo.repo_id)
         return report
 
-    def check_repository(self, repo: Repository, progress: ProgressCallback = no_progress
+    def check_repository(self, repo: Repository, progress: ProgressCallback = no_progress,
+                         *, read_data: bool = False, subset: DataSubset | None = None
                          ) -> RepoCheckReport:
         """Check a repository this user opened (any member; nothing in the bucket is
         written): format 2, the manifest, the segment log from genesis, every live segment
         (SHA-256, MAC, header against its log entry) and pack (table of contents), each
         image once per key version with its original, and the objects no log entry keeps
         (strays); format 1, every segment and each indexed image's objects. The report's
-        ``problems`` name each object (``ok`` when there is none). Progress: "log", then
-        "segments", "packs", "strays" events."""
+        ``problems`` name each object (``ok`` when there is none). ``read_data``: also
+        read every pack whole and decrypt every original; ``subset`` (repo_check.
+        parse_subset): only a part of them. Progress: "log", then "segments", "packs",
+        "originals" (read_data), "strays" events."""
         from app.core.repo_check import check_repository
 
-        return check_repository(self.session.store, self.settings, repo, progress=progress)
+        return check_repository(self.session.store, self.settings, repo, progress=progress,
+                                read_data=read_data, subset=subset)
+
+    def gc(self, repo: Repository, *, grace_seconds: float | None = None,
+           dry_run: bool = False, progress: ProgressCallback = no_progress) -> GcReport:
+        """Delete the orphans of dead imports older than ``grace_seconds`` (default 24 h)
+        under the repository's exclusive lock (owner only; app/core/gc.py says why it
+        never deletes what the log keeps). LockConflict while an import runs."""
+        from app.core.gc import DEFAULT_GRACE_SECONDS, collect_garbage
+
+        return collect_garbage(self.session.store, self.settings, repo, self.identity,
+                               grace_seconds=DEFAULT_GRACE_SECONDS if grace_seconds is None
+                               else grace_seconds, dry_run=dry_run, progress=progress)
+
+    def list_locks(self, repo: Repository) -> list[LockInfo]:
+        """The repository's lock objects (app/core/locks.py), each marked stale or not and
+        its signature checked against the member it names."""
+        from app.core.locks import list_locks
+        from app.core.logstate import repository_trust
+
+        store = self.session.store
+        return list_locks(store, repo, repository_trust(store, repo))
+
+    def remove_locks(self, repo: Repository, *, remove_all: bool = False
+                     ) -> list[LockInfo]:
+        """Remove the stale locks (all locks with ``remove_all``: only when their
+        processes are known to be gone); returns those removed."""
+        from app.core.locks import remove_locks
+
+        return remove_locks(self.session.store, repo, remove_all=remove_all)
 
     # --- import ---------------------------------------------------------------------------
 
@@ -593,13 +693,21 @@ class Client:
                      ) -> ImportReport:
         """Import files and folders (recursive); safe to re-run (resumes). Cancelling keeps
         what was finished (report.cancelled). The search service, when running or
-        configured, is told to re-read the repository."""
+        configured, is told to re-read the repository. A format-2 import holds the
+        repository's shared lock (app/core/locks.py) while it runs, so that gc never
+        deletes what it has uploaded and not yet committed; locks.LockConflict while gc
+        or compaction holds the exclusive one."""
         from app.core.importer import DEFAULT_BATCH, Importer
+        from app.core.locks import shared
 
-        report = Importer(self.session.store, repo, workers=self.settings.workers,
-                          batch_size=batch_size or DEFAULT_BATCH, progress=progress,
-                          cancel=cancel, writer=self.identity,
-                          settings=self.settings).run(list(paths))
+        importer = Importer(self.session.store, repo, workers=self.settings.workers,
+                            batch_size=batch_size or DEFAULT_BATCH, progress=progress,
+                            cancel=cancel, writer=self.identity, settings=self.settings)
+        if importer.format2:  # gc must not delete what this import has yet to commit
+            with shared(self.session.store, repo, self.identity):
+                report = importer.run(list(paths))
+        else:
+            report = importer.run(list(paths))
         if report.imported:
             self._tell_service(repo.repo_id)
         return report
@@ -789,9 +897,10 @@ class Client:
             image: DecodedImage = self.decoder().decode(dest)
             return image
 
-    def decode(self, path: str | Path) -> DecodedImage:
-        """Decode a local file in a decoder child."""
-        image: DecodedImage = self.decoder().decode(path)
+    def decode(self, path: str | Path, frame: int | None = None) -> DecodedImage:
+        """Decode a local file in a decoder child: frame ``frame`` of a multi-frame file
+        (the middle one when None)."""
+        image: DecodedImage = self.decoder().decode(path, frame)
         return image
 
     def display(self, path: str | Path) -> Any:
@@ -820,6 +929,16 @@ class Client:
         from app.core.access import grant_access
 
         grant_access(self.session, self.identity, repo, user_id)
+
+    def add_owner(self, repo: Repository, user_id: str) -> Repository:
+        """Make a member of ``repo`` a co-owner (this identity must be its owner): any
+        co-owner can then grant, revoke and sign like the owner (docs/FORMAT-2.md 2.4)."""
+        from dataclasses import replace
+
+        from app.core.access import add_owner
+
+        manifest = add_owner(self.session, self.identity, repo, user_id)
+        return self.remember(replace(repo, manifest=manifest))
 
     def revoke(self, repo: Repository, user_id: str,
                progress: ProgressCallback = no_progress) -> Repository:
@@ -874,7 +993,7 @@ class Client:
             cancel.check()
         progress(ProgressEvent("samples", 0, 0, message="Preparing sample images"))
         repo, files, _report, _owner = prepare_demo_repository(
-            self.session, workdir, count, progress, owner=self.identity)
+            self.session, workdir, count, progress, owner=self.identity, cancel=cancel)
         progress(ProgressEvent("queries", 0, 0, message="Making query images"))
         made = make_demo_queries(files, workdir / "queries", queries)
         return self.remember(repo), made

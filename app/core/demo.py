@@ -10,7 +10,12 @@ plaintext distance (a tie).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +26,17 @@ import numpy as np
 from app.core.access import create_repository_as, session_for
 from app.core.errors import RadcryptError
 from app.core.importer import Importer, ImportReport
-from app.core.progress import ProgressCallback, no_progress
+from app.core.progress import CancelToken, ProgressCallback, no_progress
 from app.core.repository import Repository
 from app.core.searcher import features_of_files, search_features
 from app.core.session import Session
 from app.core.settings import Settings
+from cloud.processes import create_time, pid_alive
 from crypto.identity import Identity
 
 PERTURBATIONS = ("noise", "window", "shift", "jpeg")
+DEMO_DIR_PREFIX = "radcrypt-demo-"
+DEMO_OWNER_FILE = "owner.json"
 DEMO_REPO = "demo"
 TIE_RTOL = 1e-9
 
@@ -103,6 +111,37 @@ def sample_files(workdir: Path, count: int) -> list[Path]:
     return export_sample_images(workdir / "archive", count)
 
 
+def make_demo_workdir(parent: Path | None = None) -> Path:
+    """A fresh temporary folder for a demo run, marked with the running process (pid and
+    creation time, against pid reuse) so that a later run can tell it was left behind by
+    a demo that was killed outright (SIGKILL runs no cleanup) and remove it. Folders that
+    earlier killed demos left are removed first."""
+    base = parent if parent is not None else Path(tempfile.gettempdir())
+    remove_abandoned_demo_dirs(base)
+    workdir = Path(tempfile.mkdtemp(prefix=DEMO_DIR_PREFIX, dir=base))
+    owner = {"pid": os.getpid(), "create_time": create_time(os.getpid())}
+    (workdir / DEMO_OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
+    return workdir
+
+
+def remove_abandoned_demo_dirs(parent: Path) -> list[Path]:
+    """Remove demo folders under ``parent`` whose owner file names a process that is gone;
+    folders without one (another program's, or a demo starting right now) stay."""
+    removed = []
+    for path in parent.glob(DEMO_DIR_PREFIX + "*"):
+        try:
+            owner = json.loads((path / DEMO_OWNER_FILE).read_text(encoding="utf-8"))
+            pid, created = int(owner["pid"]), owner.get("create_time")
+            created = float(created) if created is not None else None
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not pid_alive(pid, created):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
 def demo_owner() -> Identity:
     """The demo's throw-away owner identity (never written to disk)."""
     return Identity.generate("Demo owner")
@@ -110,16 +149,22 @@ def demo_owner() -> Identity:
 
 def prepare_demo_repository(session: Session, workdir: Path, count: int = 300,
                             progress: ProgressCallback = no_progress,
-                            owner: Identity | None = None
+                            owner: Identity | None = None, cancel: CancelToken | None = None
                             ) -> tuple[Repository, list[Path], ImportReport, Identity]:
     """Create the demo repository, owned by ``owner`` (a fresh identity without one), and
-    import the sample images. Returns the owner too: it opens and searches the repository."""
+    import the sample images. Returns the owner too: it opens and searches the repository.
+    ``cancel`` (the GUI's, pressed by Cancel, closing the window or SIGTERM) stops the
+    import between batches: Cancelled, so that a shutdown does not wait for the rest."""
+    cancel = cancel if cancel is not None else CancelToken()
     owner = owner if owner is not None else demo_owner()
     repo = create_repository_as(session, owner, DEMO_REPO + "-" + secrets.token_hex(3),
                                 storage_format=2)
     files = sample_files(workdir, count)
+    cancel.check()
     report = Importer(session.store, repo, workers=session.settings.workers,
-                      progress=progress, writer=owner, settings=session.settings).run(files)
+                      progress=progress, writer=owner, settings=session.settings,
+                      cancel=cancel).run(files)
+    cancel.check()
     if report.failed:
         first = report.failed[0]
         raise RadcryptError(f"demo import failed for {len(report.failed)} files, "

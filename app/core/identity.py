@@ -10,6 +10,15 @@ A new identity's password must score at least 3 of 4 with zxcvbn (Dropbox's esti
 guesses: dictionaries, names, keyboard patterns, dates, leetspeak) and be at least 12
 characters long; the identity file is the one thing protecting the user's private keys
 once it is copied off the workstation, so its password is what an offline guesser attacks.
+
+Backup (``export_backup`` / ``restore_backup``). Losing the workstation must not lose the
+identity: the owner's key signs the manifest and the grants. A backup file holds the
+private keys under a separate backup passphrase (crypto/identity.py, docs/FORMAT-2.md 12),
+never under the login password: the login password is typed every day and may be
+shared with a password manager, the backup passphrase is written on paper and kept with
+the backup medium. It must pass the same zxcvbn rule and differ from the login password.
+Restoring writes a new identity file (under a new login password) into an empty data
+directory, as on a new workstation.
 """
 
 from __future__ import annotations
@@ -21,7 +30,16 @@ from pathlib import Path
 from app.core.errors import RadcryptError
 from app.core.errors import WrongPassword as IdentityLocked
 from crypto.errors import FormatError
-from crypto.identity import Identity, PublicCard, open_identity, seal_identity
+from crypto.identity import (
+    BACKUP_LOG2_N,
+    Identity,
+    PublicCard,
+    WrongBackupPassphrase,
+    open_backup,
+    open_identity,
+    seal_backup,
+    seal_identity,
+)
 from crypto.keys import DEFAULT_SCRYPT_LOG2_N, WrongPassword
 
 IDENTITY_FILE = "identity.rcid"
@@ -128,6 +146,9 @@ class IdentityStore:
             return PublicCard.from_json(self.card_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise RadcryptError("no identity on this workstation: create one first") from None
+        except UnicodeDecodeError:  # found by tests/fuzz/test_file_fuzz.py
+            raise RadcryptError(f"the public card {self.card_path} is damaged: it is not "
+                                "UTF-8 text") from None
         except FormatError as exc:
             raise RadcryptError(f"the public card {self.card_path} is damaged: {exc}") from None
 
@@ -153,6 +174,67 @@ class IdentityStore:
             raise IdentityLocked("wrong password: the identity stays locked") from None
         except FormatError as exc:
             raise RadcryptError(f"the identity file {self.path} is damaged: {exc}") from None
+
+
+def export_backup(store: IdentityStore, password: str, passphrase: str, out: Path,
+                  log2_n: int = BACKUP_LOG2_N) -> Identity:
+    """Write the identity's private keys to ``out`` under ``passphrase`` (module
+    docstring); ``password`` unlocks the identity first. ``out`` must not exist yet
+    (a backup is never overwritten by mistake); it is written 0600, atomically."""
+    identity = store.unlock(password)
+    if passphrase == password:
+        raise RadcryptError("the backup passphrase must differ from your login password: "
+                            "choose a separate one and keep it with the backup")
+    check_new_password(passphrase, identity.name)
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise RadcryptError(f"{out} already exists: choose another file for the backup")
+    try:
+        blob = seal_backup(identity, passphrase, log2_n)
+    except ValueError as exc:
+        raise RadcryptError(str(exc)) from None
+    try:
+        _write_new_file(out, blob, 0o600)
+    except OSError as exc:
+        raise RadcryptError(f"cannot write the identity backup {out}: "
+                            f"{exc.strerror or exc}") from None
+    return identity
+
+
+def read_backup(path: Path, passphrase: str) -> Identity:
+    """The identity in the backup file ``path``: IdentityLocked for a wrong passphrase,
+    RadcryptError naming the file when it is missing, not a backup, or was changed."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise RadcryptError(f"no identity backup at {path}") from None
+    except OSError as exc:
+        raise RadcryptError(f"cannot read the identity backup {path}: "
+                            f"{exc.strerror or exc}") from None
+    try:
+        return open_backup(blob, passphrase)
+    except WrongBackupPassphrase:
+        raise IdentityLocked(f"wrong passphrase: the identity backup {path} stays locked"
+                             ) from None
+    except FormatError as exc:
+        raise RadcryptError(f"the identity backup {path} cannot be used: {exc}") from None
+
+
+def restore_backup(store: IdentityStore, path: Path, passphrase: str,
+                   new_password: str) -> Identity:
+    """Restore the identity in the backup ``path`` into ``store``'s data directory (which
+    must have no identity yet), encrypted under ``new_password`` (the zxcvbn rule), and
+    write its public card beside it. The same user id and keys as before: repositories
+    and grants of that user open again once the workstation pins their owners anew."""
+    if store.exists():
+        raise RadcryptError(f"an identity already exists in {store.path.parent}: restore "
+                            "into a new data directory (--data-dir)")
+    identity = read_backup(path, passphrase)
+    check_new_password(new_password, identity.name)
+    store._write(seal_identity(identity, new_password, store.scrypt_log2_n))
+    _write_new_file(store.card_path, identity.card().to_json().encode("utf-8"), 0o644)
+    return identity
 
 
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:

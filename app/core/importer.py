@@ -39,6 +39,26 @@ packs are committed; an original already stored is not uploaded again; a pack or
 of a batch that died before its log entry is unreferenced garbage (compaction removes it).
 Per imported image: 1 object (the original) plus 3 per batch (pack, segment, log entry).
 
+Faults (tests/test_fault_import.py, tests/test_kill_import.py). The store retries each
+request (botocore: 8 attempts with backoff); what still fails is handled by the commit
+order above. An upload that fails after its retries makes its file a failure of this run
+(reported; a re-run imports it), and the batch commits without it. A pack or segment is
+created-if-absent under a fresh random id, so ObjectExists can only mean that an earlier
+attempt of this very request landed and its answer was lost: the stored bytes are
+compared and the write counts as done when they are ours (_put_new). Any other failure
+at a commit stops the import with the error; the next run resumes. For the kill tests,
+RADCRYPT_TEST_KILL_AT=<step>:<n> makes the process SIGKILL itself at the n-th time it
+passes a named step (_KillSwitch; read only when a test sets the variable).
+
+A full or read-only disk (tests/test_disk_full.py). The workstation's data directory holds
+the log head the import remembers after each commit (rollback protection): it is probed
+with a small write before anything is uploaded, and an import that cannot write there
+stops at once, naming the directory. A store that answers "no space", "file too large",
+"quota" or "read-only" (the directory store's errno codes) stops the import at the first
+such error rather than failing the remaining files one by one; either way what was
+committed stays, nothing is half-written (stores and the data directory write to a
+temporary name and rename), and the next run resumes.
+
 Untrusted files are decoded in memory-limited child processes (app/imaging/worker.py:
 RLIMIT_AS, no pickle), never in this process, which holds the keys: a decompression bomb or
 a decoder exploit costs one child, and the file is reported as unreadable.
@@ -63,6 +83,8 @@ import itertools
 import json
 import logging
 import os
+import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -89,7 +111,7 @@ from app.imaging.errors import ImageDecodeError
 from app.imaging.features import get_extractor
 from app.imaging.worker import Analysis, DecoderPool, DecoderUnavailable, analyse
 from cloud import layout, seglog
-from cloud.backend import Store, StoreError
+from cloud.backend import ObjectExists, Store, StoreError
 from cloud.segments import encode_segment, encode_segment_v2
 from crypto import pack
 from crypto.errors import FormatError
@@ -110,6 +132,47 @@ _ID_CONTEXT = b"radcrypt/image-id/v1"
 _ID_KEY_INFO = b"radcrypt/image-id-key/v1"
 
 log = logging.getLogger(__name__)
+
+# store error codes that no retry or other file fixes: the import stops at the first
+STORE_FULL = frozenset({"ENOSPC", "EDQUOT", "EFBIG", "EROFS"})
+PROBE_BYTES = 4096  # written and removed in the data directory before an import starts
+
+KILL_ENV = "RADCRYPT_TEST_KILL_AT"
+# the places a kill test may stop the import at (see _KillSwitch)
+KILL_STEPS = ("file", "original", "stored", "entry")
+
+
+class _KillSwitch:
+    """Test hook: SIGKILL this process the n-th time it passes ``step``.
+
+    ``RADCRYPT_TEST_KILL_AT=<step>:<n>``, steps: "file" (a file was read and analysed,
+    before its upload), "original" (an original was stored), "stored" (a batch's pack
+    and segment were stored, before its log entry), "entry" (a batch's log entry was
+    appended). Read once per import, only when the variable is set; a malformed value
+    is an error, so a test cannot silently run without its kill.
+    """
+
+    def __init__(self, spec: str) -> None:
+        step, _, count = spec.partition(":")
+        if step not in KILL_STEPS or not count.isdigit() or int(count) < 1:
+            raise RadcryptError(f"{KILL_ENV}={spec!r}: expected <step>:<n>, step one of "
+                                f"{', '.join(KILL_STEPS)}, n >= 1")
+        self.step, self.at = step, int(count)
+        self.seen = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> _KillSwitch | None:
+        spec = os.environ.get(KILL_ENV)
+        return cls(spec) if spec else None
+
+    def passed(self, step: str) -> None:
+        if step != self.step:
+            return
+        with self._lock:
+            self.seen += 1
+            if self.seen == self.at:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -219,6 +282,7 @@ class Importer:
         self.settings = settings
         self.format2 = is_format2(repo.manifest)
         self._log: seglog.LogState | None = None
+        self._kill = _KillSwitch.from_env()
 
     def run(self, paths: Iterable[str | Path]) -> ImportReport:
         start = time.perf_counter()
@@ -237,6 +301,8 @@ class Importer:
                 raise RadcryptError(f"cannot decode images here: {exc}; nothing was imported"
                                     ) from exc
         try:
+            if self.format2 and self.settings is not None and total:
+                _probe_writable(self.settings.data_path)
             check_still_current(self.store, self.repo)  # and again before every commit
             if self.format2:
                 self._start_format2()
@@ -293,7 +359,12 @@ class Importer:
                             self.cancel.check()
                     except Cancelled:
                         report.cancelled = True
-                    self._commit(finished, report)
+                    try:
+                        self._commit(finished, report)
+                    except StoreError as exc:  # the basis, the pack or the segment
+                        if exc.code in STORE_FULL:
+                            raise _stopped(exc) from None
+                        raise
                     if report.cancelled:
                         break
             finally:
@@ -339,6 +410,8 @@ class Importer:
         except OSError as exc:
             return _Prepared(str(path), "", None, error=f"cannot read {path}: {exc.strerror}")
         except StoreError as exc:
+            if exc.code in STORE_FULL:
+                raise _stopped(exc) from None
             return _Prepared(str(path), "", None, error=f"upload of {path.name} failed: {exc}")
 
     def _prepare(self, path: Path) -> _Prepared:
@@ -364,6 +437,7 @@ class Importer:
             image = decode_bytes(data, str(path)) if data is not None else decode_image(path)
             analysis = analyse(image, extractor, preview)
         features = analysis.features
+        self._passed("file")
         if not preview:
             return _Prepared(str(path), image_id, features)
         keys, repo_id = self.repo.keys, self.repo.repo_id
@@ -380,6 +454,7 @@ class Importer:
                 objects.put_encrypted(self.store, keys, repo_id, "objects", image_id, data)
             else:
                 objects.put_encrypted_file(self.store, keys, repo_id, image_id, path)
+            self._passed("original")
             if self.format2:
                 return
             objects.put_encrypted(self.store, keys, repo_id, "thumbs", image_id, thumb)
@@ -463,12 +538,7 @@ class Importer:
                                     writer=self.writer.user_id,
                                     base_sequence=self._log.head.sequence, repo_id=repo_id,
                                     mac_key=index_mac_key(keys.data_key))
-        writes = [self._upload_pool.submit(store.put, layout.pack_key(repo_id, pack_id), blob,
-                                           if_absent=True),
-                  self._upload_pool.submit(store.put, layout.segment_key(repo_id, seg_id),
-                                           segment, if_absent=True)]
-        for write in writes:
-            write.result()
+        self._store_batch(repo_id, pack_id, blob, seg_id, segment)
         trust = logstate.repository_trust(store, repo)  # step 3: the manifest read again
         if trust.key_version != keys.version:
             check_still_current(store, repo)  # raises, naming both versions
@@ -486,8 +556,32 @@ class Importer:
             raise IntegrityError(f"cannot commit to the segment log of repository "
                                  f"{repo_id!r}: {exc}; this batch was not committed") from None
         if self.settings is not None:
-            logstate.remember_head(self.settings, repo_id, self._log.head)
+            try:
+                logstate.remember_head(self.settings, repo_id, self._log.head)
+            except OSError as exc:
+                raise RadcryptError(
+                    f"cannot write in the data directory {self.settings.data_path} "
+                    f"({exc.strerror or exc}): the batch was committed, but its log head "
+                    "could not be remembered there; the import stopped. Free space there "
+                    "(or make it writable) and run the import again: it resumes") from None
+        self._passed("entry")
         return pack_id
+
+    def _store_batch(self, repo_id: str, pack_id: str, blob: bytes, seg_id: str,
+                     segment: bytes) -> None:
+        """The batch's pack and segment, side by side (FORMAT-2 5.3 step 2)."""
+        store = self.store
+        writes = [self._upload_pool.submit(_put_new, store, layout.pack_key(repo_id, pack_id),
+                                           blob),
+                  self._upload_pool.submit(_put_new, store, layout.segment_key(repo_id, seg_id),
+                                           segment)]
+        for write in writes:
+            write.result()
+        self._passed("stored")
+
+    def _passed(self, step: str) -> None:
+        if self._kill is not None:
+            self._kill.passed(step)
 
     def _release(self, finished: list[_Prepared]) -> None:
         """Forget the uploads of a batch's images: committed ones are now found in
@@ -495,6 +589,21 @@ class Importer:
         with self._claims_lock:
             for p in finished:
                 self._claims.pop(p.image_id, None)
+
+
+def _put_new(store: Store, key: str, blob: bytes) -> None:
+    """Create an object under a fresh random name (a pack, a segment).
+
+    A lost answer makes the store's retry find the object it just wrote (cloud/store.py:
+    ObjectExists for our own write); with a random name nobody else writes, the stored
+    bytes being ours means the write is done. Other bytes there are an IntegrityError."""
+    try:
+        store.put(key, blob, if_absent=True)
+    except ObjectExists:
+        if store.get(key) != blob:  # a failing read is the store's error, raised as such
+            raise IntegrityError(f"cannot create {key}: another object is already stored "
+                                 "under this new random name; this batch was not "
+                                 "committed") from None
 
 
 def _pack_groups(ids: list[str], new: dict[str, _Prepared]) -> list[list[str]]:
@@ -515,12 +624,41 @@ def _pack_groups(ids: list[str], new: dict[str, _Prepared]) -> list[list[str]]:
     return groups
 
 
+def _stopped(exc: StoreError) -> StoreError:
+    """The error that stops an import on a full or read-only store, saying what to do."""
+    return type(exc)(f"{exc}; the import stopped (what was committed stays): make room "
+                     "there (or make it writable) and run the import again: it resumes",
+                     code=exc.code)
+
+
+def _probe_writable(directory: Path) -> None:
+    """Write and remove a few KB in the workstation's data directory, where each commit's
+    log head is remembered: a full or read-only one stops the import before any upload."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".radcrypt-probe-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(bytes(PROBE_BYTES))
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            os.unlink(name)
+    except OSError as exc:
+        raise RadcryptError(f"cannot write in the data directory {directory} "
+                            f"({exc.strerror or exc}): the import remembers the segment "
+                            "log's head there; nothing was imported") from None
+
+
 def _uploaded(prepared: _Prepared) -> _Prepared:
-    """Wait for an image's uploads; a failed upload makes the image a failure."""
+    """Wait for an image's uploads; a failed upload makes the image a failure (a full or
+    read-only store stops the import)."""
     try:
         for upload in prepared.uploads:
             upload.result()
     except StoreError as exc:
+        if exc.code in STORE_FULL:
+            raise _stopped(exc) from None
         name = Path(prepared.path).name
         return _Prepared(prepared.path, prepared.image_id, None,
                          error=f"upload of {name} failed: {exc}")

@@ -70,23 +70,34 @@ class RepositoryTrust:
     def key_version(self) -> int:
         return self.manifest.key_version
 
+    @property
+    def owner_keys(self) -> list[bytes]:
+        """The owner's and the co-owners' keys (docs/FORMAT-2.md 2.4): any may sign
+        checkpoints, user records and owner-only entries."""
+        return list(self.manifest.owner_keys(self.owner_key).values()) or [self.owner_key]
+
+    def is_owner(self, user_id: str) -> bool:
+        return self.manifest.is_owner(user_id)
+
     def signer_key(self, user_id: str) -> bytes | None:
-        """The Ed25519 key of the owner or of a member of the manifest; None otherwise."""
-        if user_id == self.manifest.owner:
-            return self.owner_key
+        """The Ed25519 key of an owner or of a member of the manifest; None otherwise."""
+        owners = self.manifest.owner_keys(self.owner_key)
+        if user_id in owners:
+            return owners[user_id]
         if self.manifest.member_version(user_id) is None:
             return None
         with self._lock:
             if user_id not in self._keys:
-                self._keys[user_id] = member_key(self.store, user_id, self.owner_key)
+                self._keys[user_id] = member_key(self.store, user_id, self.owner_keys)
             return self._keys[user_id]
 
 
-def member_key(store: Store, user_id: str, owner_key: bytes) -> bytes | None:
-    """The signing key of a user record the owner signed; None when there is none."""
+def member_key(store: Store, user_id: str, owner_key: bytes | list[bytes]) -> bytes | None:
+    """The signing key of a user record an owner signed; None when there is none."""
+    trusted = owner_key if isinstance(owner_key, list) else [owner_key]
     try:
         name = layout.user_key(user_id)
-        payload = open_json(store.get(name), "user", name, [owner_key])
+        payload = open_json(store.get(name), "user", name, trusted)
         card = PublicCard.from_json(str(payload["card"]))
     except (ObjectNotFound, FormatError, KeyError, ValueError):
         return None  # an entry signed by this user then fails verification, named

@@ -274,7 +274,7 @@ class ImageReader:
 def _json_object(plain: bytes, image_id: str) -> dict[str, Any]:
     try:
         record = json.loads(plain)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # also a 5000-digit number, nesting too deep
         raise IntegrityError(f"metadata of image {image_id} is not valid JSON") from None
     if not isinstance(record, dict):
         raise IntegrityError(f"metadata of image {image_id} is not a JSON object")

@@ -9,6 +9,7 @@ sequence, image id) and a stable kind word; it never writes to the bucket.
 Storage format 2 (docs/FORMAT-2.md 4, 5, 7.4):
 
 * the manifest, signed by the pinned owner key and not below the session's (app/core/logstate);
+* every member's grant present and signed by an owner key (else that member is locked out);
 * the segment log replayed from genesis (seglog.verify_log(from_genesis=True)), against this
   workstation's rollback memory; every owner checkpoint compared with the replayed log. A
   log that breaks at entry n is reported once, named, and the objects are then checked
@@ -34,6 +35,21 @@ Storage format 1 (read-only since issue 13): every segment parses and its checks
 segments of one key version, and every indexed image has its ``meta``, ``thumbs`` and
 original objects.
 
+Reading the data (issue 14, restic's ``check --read-data``). ``read_data`` reads every
+live pack whole (SHA-256 against the log, every entry opened: its associated data binds
+the repository, the pack id and the key version) and every live image's original
+(``objects/<image id>``) streamed through AES-GCM under the key version the image is
+indexed with (its associated data binds repository, kind, image id and key version: an
+original replaced by another image's, or altered, does not open). ``DataSubset`` reads
+only a part: "10%" (a seeded random choice, the seed printed so that a run can be
+repeated) or "n/m" (restic's: the n-th of m parts, by object id, so m runs read all).
+Segments are always read whole (they are small next to the packs and originals).
+
+Ages. Strays carry ``age_s`` from the store's last-modified time
+(cloud.backend.list_with_times: S3 LastModified, the directory store's mtime), taken
+from the listing itself; gc (app/core/gc.py) deletes the unreferenced ones past its
+grace period.
+
 Exit status of the command: 0 when ``problems`` is empty, 1 otherwise; strays alone are not
 problems. The report (``RepoCheckReport.as_dict``) is built to grow (issue 14: --read-data
 of originals, orphans' ages for ``gc``): problems, strays and counts are lists and maps of
@@ -44,6 +60,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -58,7 +76,7 @@ from app.core.progress import ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import Repository, is_format2
 from app.core.settings import Settings
 from cloud import layout, seglog
-from cloud.backend import ObjectNotFound, Store
+from cloud.backend import ObjectNotFound, Store, list_with_times
 from cloud.seglog_format import TYPE_WORDS
 from cloud.segments import (
     Segment,
@@ -67,8 +85,8 @@ from cloud.segments import (
     decode_segment,
     verify_segment_mac,
 )
+from crypto import aead, signed
 from crypto import pack as packs
-from crypto import signed
 from crypto.errors import DecryptionError, FormatError
 from crypto.segment_mac import index_mac_key
 
@@ -78,6 +96,7 @@ _LOG_NAME = re.compile(r"/log/(\d{20})\b")
 _CHECKPOINT_NAME = re.compile(r"/checkpoints/(\d{20})\b")
 _ROLLBACK_REASONS = {"rollback", "fork", "checkpoint rollback"}
 _CHECKPOINT_REASONS = {"checkpoint live set", "checkpoint head mismatch"}
+_COUNT_LOCK = threading.Lock()
 MAX_LOG_BREAKS = 16  # log failures reported before giving up on the object checks
 
 # Problem kinds (stable words for --json consumers and tests).
@@ -93,12 +112,14 @@ UNPAIRED = "unpaired"            # an image in a segment but no pack, or the rev
 MISSING_OBJECT = "missing object"  # an indexed image without its original, meta or preview
 WIDTHS = "widths"                # segments of one key version with different vector widths
 FORGED_STRAY = "unauthenticated stray"  # an object outside the live set that is not authentic
+GRANT = "grant"                  # a member's grant missing or not signed by an owner
 
 
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong, naming its object: ``type`` is "manifest", "log entry",
-    "checkpoint", "segment", "pack" or "image"; ``id`` the object's id (a log sequence as
+    "checkpoint", "segment", "pack", "image" or "original" (an image's original object,
+    ``id`` its image id); ``id`` the object's id (a log sequence as
     decimal text for log entries and checkpoints); ``sequence`` the log entry concerned
     (the one that added the object), when there is one."""
 
@@ -183,6 +204,64 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
+@dataclass(frozen=True)
+class DataSubset:
+    """Which packs and originals a check reads whole (``radcrypt check
+    --read-data-subset``): ``fraction`` of them chosen by a seeded hash of their id, or
+    ``part`` n of m (object ids whose first 32 bits are n - 1 modulo m). Built by
+    ``parse_subset``."""
+
+    spec: str
+    fraction: float | None = None
+    part: tuple[int, int] | None = None
+    seed: int = 0
+
+    def chooses(self, object_id: str) -> bool:
+        if self.part is not None:
+            n, m = self.part
+            return _id_number(object_id, "") % m == n - 1
+        fraction = 1.0 if self.fraction is None else self.fraction
+        return _id_number(object_id, str(self.seed)) < fraction * 2**32
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "fraction": self.fraction,
+                "part": None if self.part is None else list(self.part),
+                "seed": self.seed if self.part is None else None}
+
+
+def _id_number(object_id: str, seed: str) -> int:
+    """32 bits of an object id (its first 8 hex digits without a seed; with one, a hash
+    of seed and id, so that another seed chooses another subset)."""
+    if not seed:
+        try:
+            return int(object_id[:8], 16)
+        except ValueError:
+            pass
+    digest = hashlib.sha256(f"{seed}:{object_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def parse_subset(text: str, seed: int | None = None) -> DataSubset:
+    """A DataSubset from "10%", "2.5%" or "n/m" (ValueError naming the text otherwise).
+    ``seed``: for a percentage, the seed of the choice (None: a random one, reported)."""
+    raw = text.strip()
+    if raw.endswith("%"):
+        try:
+            percent = float(raw[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise ValueError(f"invalid --read-data-subset {text!r}: a percentage must be "
+                             "above 0 and at most 100 (e.g. 10%)")
+        return DataSubset(raw, fraction=percent / 100,
+                          seed=secrets.randbelow(2**31) if seed is None else seed)
+    n_text, slash, m_text = raw.partition("/")
+    if slash and n_text.isdigit() and m_text.isdigit() and 1 <= int(n_text) <= int(m_text):
+        return DataSubset(raw, part=(int(n_text), int(m_text)))
+    raise ValueError(f"invalid --read-data-subset {text!r}: use a percentage (10%) or "
+                     "n/m with 1 <= n <= m (2/5: the second of five parts)")
+
+
 @dataclass
 class RepoCheckReport:
     """What ``check_repository`` found. ``ok``: no problem (strays do not count)."""
@@ -195,6 +274,7 @@ class RepoCheckReport:
     log: dict[str, Any] = field(default_factory=dict)      # head, hash, checkpoint, complete
     counts: dict[str, int] = field(default_factory=dict)   # what was checked
     read_data: bool = False
+    subset: DataSubset | None = None
     seconds: float = 0.0
 
     @property
@@ -212,6 +292,9 @@ class RepoCheckReport:
         out += [f"note: {n}" for n in self.notes]
         summary = ", ".join(f"{v} {k}" for k, v in self.counts.items())
         verdict = "no problems" if self.ok else f"{len(self.problems)} problem(s)"
+        if self.subset is not None:
+            seed = f", seed {self.subset.seed}" if self.subset.part is None else ""
+            out.append(f"read data of the subset {self.subset.spec}{seed}")
         out.append(f"repository {self.repo_id} (storage format {self.storage_format}): "
                    f"{verdict}; checked {summary or 'nothing'}; {len(self.strays)} stray "
                    "object(s)")
@@ -222,7 +305,9 @@ class RepoCheckReport:
                 "ok": self.ok, "problems": [p.as_dict() for p in self.problems],
                 "strays": [s.as_dict() for s in self.strays], "notes": list(self.notes),
                 "log": dict(self.log), "counts": dict(self.counts),
-                "read_data": self.read_data, "seconds": round(self.seconds, 3)}
+                "read_data": self.read_data,
+                "read_data_subset": None if self.subset is None else self.subset.as_dict(),
+                "seconds": round(self.seconds, 3)}
 
 
 # --- entry point -----------------------------------------------------------------------------
@@ -230,19 +315,23 @@ class RepoCheckReport:
 
 def check_repository(store: Store, settings: Settings | None, repo: Repository, *,
                      progress: ProgressCallback = no_progress, read_data: bool = False,
-                     now: float | None = None) -> RepoCheckReport:
+                     subset: DataSubset | None = None, now: float | None = None
+                     ) -> RepoCheckReport:
     """Check ``repo`` (opened by a member: its key ring authenticates what is read) and
     return the report; nothing in the bucket is written. ``settings``: the workstation's,
     for the log's rollback memory (None: without it; a clean log's head is remembered).
-    ``read_data``: also read every live pack whole (SHA-256, every entry opened).
-    ``now``: the clock for ages (tests).
+    ``read_data``: also read every live pack whole (SHA-256, every entry opened) and
+    every live image's original (decrypted under its key version). ``subset``: read
+    only these packs and originals whole (implies ``read_data``). ``now``: the clock
+    for ages (tests).
 
-    Progress events: "log" (once), then "segments", "packs", "strays" (per object).
+    Progress events: "log" (once), then "segments", "packs", "originals" (with
+    read_data), "strays" (per object).
     Raises only for the store being unreachable (StoreError) and programming errors.
     """
     start = time.perf_counter()
-    checker = _Checker(store, settings, repo, progress, read_data,
-                       time.time() if now is None else now)
+    checker = _Checker(store, settings, repo, progress, read_data or subset is not None,
+                       time.time() if now is None else now, subset)
     if is_format2(repo.manifest):
         checker.format2()
     else:
@@ -329,7 +418,8 @@ def _failing_sequence(exc: Exception) -> tuple[str, int | None]:
 
 class _Checker:
     def __init__(self, store: Store, settings: Settings | None, repo: Repository,
-                 progress: ProgressCallback, read_data: bool, now: float) -> None:
+                 progress: ProgressCallback, read_data: bool, now: float,
+                 subset: DataSubset | None = None) -> None:
         self.store = store
         self.settings = settings
         self.repo = repo
@@ -337,8 +427,10 @@ class _Checker:
         self.progress = progress
         self.read_data = read_data
         self.now = now
+        self.subset = subset
         self.report = RepoCheckReport(repo.repo_id, 2 if is_format2(repo.manifest) else 1,
-                                      read_data=read_data)
+                                      read_data=read_data, subset=subset)
+        self.times: dict[str, float] = {}  # key -> last-modified time, from the listings
         self.mac_keys = {v.version: index_mac_key(v.data_key) for v in repo.ring.versions}
         self.entries: dict[int, seglog.LogEntry] = {}
         self.modified: Callable[[str], float | None] | None = getattr(store, "modified", None)
@@ -346,6 +438,7 @@ class _Checker:
     # --- format 2 ------------------------------------------------------------------------------
 
     def format2(self) -> None:
+        self._check_grants()
         state, unverified = self._verified_log()
         self.progress(ProgressEvent("log", 1, 1, message="segment log verified"
                                     if state is not None else "segment log not verified"))
@@ -364,12 +457,20 @@ class _Checker:
                  ) -> dict[str, tuple[str, int]]:
         """object id -> (key, size) of the objects under ``prefix`` with a valid name."""
         out: dict[str, tuple[str, int]] = {}
-        for key, size in self.store.list_objects(prefix):
+        for key, size, modified in list_with_times(self.store, prefix):
             try:
                 out[parse(key)[1]] = (key, size)
             except ValueError:
                 continue  # a foreign name (FORMAT-2 2.2)
+            if modified is not None:
+                self.times[key] = modified
         return out
+
+    def _reads(self, object_id: str) -> bool:
+        """Whether this pack or original is read whole (read_data, or in the subset)."""
+        if not self.read_data:
+            return False
+        return self.subset is None or self.subset.chooses(object_id)
 
     def _verified_log(self) -> tuple[seglog.LogState | None, dict[tuple[int, str], int]]:
         """The log verified from genesis (or up to its first break), and the objects named
@@ -435,6 +536,34 @@ class _Checker:
         if self.settings is not None and not report.problems:
             logstate.remember_head(self.settings, self.repo_id, state.head)
         return state, unverified
+
+    def _check_grants(self) -> None:
+        """Every member of the manifest has a grant signed by an owner key (or a member
+        would be locked out with no warning); grants of non-members are noted."""
+        manifest, owner_key = self.repo.manifest, self.repo.owner_key
+        if manifest.legacy or owner_key is None:
+            return
+        owner_keys = getattr(manifest, "owner_keys", None)
+        trusted = list(owner_keys(owner_key).values()) if owner_keys else [owner_key]
+        trusted = trusted or [owner_key]
+        members = {m.user_id for m in manifest.members}
+        for member in sorted(members):
+            name = layout.grant_key(self.repo_id, member)
+            try:
+                signed.open_record(self.store.get(name), "grant", name, trusted)
+            except ObjectNotFound:
+                self.report.add(GRANT, "grant", member, "the member's grant "
+                                f"(grants/{member}) is not in the bucket: they cannot "
+                                "open the repository")
+            except (FormatError, ValueError) as exc:
+                self.report.add(GRANT, "grant", member, f"grants/{member} is not signed by "
+                                f"an owner of the repository ({exc})")
+        prefix = layout.grants_prefix(self.repo_id)
+        for key in self.store.list_keys(prefix):
+            if key[len(prefix):] not in members:
+                self.report.notes.append(f"grants/{key[len(prefix):]} belongs to no member "
+                                         "of the manifest (ignored by readers)")
+        self.report.counts["grants"] = len(members)
 
     def _has_checkpoint(self) -> bool:
         return any(True for _ in self.store.list_keys(layout.checkpoints_prefix(self.repo_id)))
@@ -601,7 +730,7 @@ class _Checker:
                                 "this key ring, it was not opened")
             return None
         try:
-            if self.read_data:
+            if self._reads(obj.id):
                 blob = self.store.get(key)
                 if hashlib.sha256(blob).digest() != obj.sha256:
                     report.add(ALTERED, "pack", obj.id, "its SHA-256 is not the one its log "
@@ -609,6 +738,7 @@ class _Checker:
                                seq)
                     return None
                 toc, _ = packs.open_pack(keys.data_key, self.repo_id, obj.id, blob)
+                self._count("packs read")
             else:
                 toc = self._toc(key, size, obj.id, keys.data_key)
         except ObjectNotFound:
@@ -674,10 +804,55 @@ class _Checker:
         live_images = {i for by_id in (*seg_ids.values(), *pack_ids.values()) for i in by_id}
         # after a break in the log, the images of the entries beyond it are not known:
         # their originals are not listed as strays
-        self._originals(live_images, list_strays=bool(report.log.get("complete")))
+        stored = self._originals(live_images, list_strays=bool(report.log.get("complete")))
         report.counts["images"] = len(live_images)
+        if self.read_data:
+            versions = {image_id: version for by_version in (pack_ids, seg_ids)
+                        for version, by_id in by_version.items() for image_id in by_id}
+            self._read_originals(versions, stored)
 
-    def _originals(self, live_images: set[str], list_strays: bool = True) -> None:
+    def _count(self, name: str) -> None:
+        with _COUNT_LOCK:
+            self.report.counts[name] = self.report.counts.get(name, 0) + 1
+
+    def _read_originals(self, versions: dict[str, int],
+                        stored: dict[str, tuple[str, int]]) -> None:
+        """Stream and decrypt each chosen original under its image's key version."""
+        chosen = sorted(i for i in versions if i in stored and self._reads(i))
+
+        def one(image_id: str) -> None:
+            self._read_original(image_id, versions[image_id], stored[image_id][0])
+
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="radcrypt-check") as pool:
+            for done, (image_id, _) in enumerate(zip(chosen, pool.map(one, chosen),
+                                                     strict=True), 1):
+                self.progress(ProgressEvent("originals", done, len(chosen), item=image_id))
+        self.report.counts.setdefault("originals read", 0)
+
+    def _read_original(self, image_id: str, version: int, key: str) -> None:
+        try:
+            keys = self.repo.ring.version(version)
+        except KeyError:
+            self.report.notes.append(f"original {image_id}: key version {version} is not "
+                                     "in this key ring, it was not read")
+            return
+        ad = aead.associated_data(self.repo_id, "objects", image_id, version)
+        try:
+            for _ in aead.decrypt_stream(keys.data_key, self.store.iter_chunks(key), ad):
+                pass
+        except ObjectNotFound:
+            self.report.add(MISSING_OBJECT, "original", image_id, "listed but gone when "
+                            "read")
+            return
+        except (DecryptionError, FormatError, ValueError) as exc:
+            self.report.add(NOT_AUTHENTICATED, "original", image_id, f"does not open under "
+                            f"key version {version} as this image's original "
+                            f"({exc or 'authentication failed'})")
+            return
+        self._count("originals read")
+
+    def _originals(self, live_images: set[str], list_strays: bool = True
+                   ) -> dict[str, tuple[str, int]]:
         stored = self._listing(layout.objects_prefix(self.repo_id), layout.parse_object_key)
         for image_id in sorted(live_images - set(stored)):
             self.report.add(MISSING_OBJECT, "image", image_id, "its original "
@@ -687,10 +862,13 @@ class _Checker:
             self.report.strays.append(Stray("original", image_id, key, size, "unreferenced",
                                             age_s=self._age(key),
                                             detail="an original of no live image"))
+        return stored
 
     # strays
 
     def _age(self, key: str) -> float | None:
+        if key in self.times:
+            return max(0.0, self.now - self.times[key])
         if self.modified is None:
             return None
         try:
@@ -798,6 +976,7 @@ class _Checker:
         """Segments parse and verify, one width per key version, no image twice in a key
         version, and every indexed image has its meta, thumbs and original."""
         report = self.report
+        self._check_grants()
         listing = sorted(self.store.list_objects(layout.segments_prefix(self.repo_id)))
         images: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         widths: dict[int, dict[tuple[int, ...], list[str]]] = defaultdict(

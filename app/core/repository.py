@@ -11,10 +11,21 @@ and carries who may open it: ``members`` (user id and key version), the ``owner`
 id and a ``sequence`` number the owner raises by one at every write, so a client can
 refuse an older manifest (rollback). A manifest without these fields is a legacy one: it
 has no members, and only the owner's ``radcrypt repo migrate`` upgrades it.
+
+Co-owners (docs/FORMAT-2.md 2.4). So that losing the owner's workstation loses nothing,
+the owner can make members co-owners: ``owner_key`` (the owner's Ed25519 key) and
+``co_owners`` (user id, Ed25519 key and the owner's endorsement of both, per co-owner)
+are then in the manifest, and any of these keys may sign the manifest, grants, user
+records, checkpoints and owner-only log entries. Clients keep pinning the owner's key:
+a co-owner's signature counts because the owner's endorsement of it is in the manifest
+(crypto.identity.manifest_owners). A manifest without co-owners has neither field and
+its bytes are unchanged.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -27,6 +38,7 @@ from app.imaging.features import FEATURE_DIM, get_extractor
 from cloud import layout
 from cloud.backend import ObjectNotFound, Store
 from crypto.errors import FormatError
+from crypto.identity import manifest_owners
 from crypto.index import IndexKey, default_levels
 from crypto.keys import (
     KeyRing,
@@ -57,6 +69,15 @@ class Member:
 
 
 @dataclass(frozen=True)
+class CoOwner:
+    """A member who may sign for the repository like its owner (the owner endorsed it)."""
+
+    user_id: str
+    sign_public: bytes
+    endorsement: bytes
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Public parameters of a repository and its membership; nothing in it is secret.
 
@@ -75,10 +96,22 @@ class Manifest:
     sequence: int = 0
     owner: str = ""
     members: tuple[Member, ...] = ()
+    owner_key: bytes = b""  # the owner's key, written only with co-owners
+    co_owners: tuple[CoOwner, ...] = ()
 
     @property
     def legacy(self) -> bool:
         return self.sequence == 0
+
+    def is_owner(self, user_id: str) -> bool:
+        """The owner or a co-owner: may sign what only owners sign."""
+        return user_id == self.owner or any(c.user_id == user_id for c in self.co_owners)
+
+    def owner_keys(self, root: bytes) -> dict[str, bytes]:
+        """User id -> signing key of the owner (``root``, the pinned key) and co-owners."""
+        keys = {self.owner: root} if self.owner else {}
+        keys.update((c.user_id, c.sign_public) for c in self.co_owners)
+        return keys
 
     def member_version(self, user_id: str) -> int | None:
         """The key version ``user_id`` is listed with, or None for a non-member."""
@@ -93,6 +126,13 @@ class Manifest:
 
     def to_json(self) -> bytes:
         raw = asdict(self)
+        del raw["owner_key"], raw["co_owners"]
+        if self.co_owners:
+            raw["owner_key"] = base64.b64encode(self.owner_key).decode()
+            raw["co_owners"] = [{"user_id": c.user_id,
+                                 "ed25519": base64.b64encode(c.sign_public).decode(),
+                                 "endorsement": base64.b64encode(c.endorsement).decode()}
+                                for c in self.co_owners]
         if self.legacy:
             for name in ("sequence", "owner", "members"):
                 del raw[name]
@@ -107,6 +147,9 @@ class Manifest:
             raw = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RadcryptError(f"{where}: not valid JSON ({exc})") from None
+        except (ValueError, RecursionError):  # found by tests/fuzz/test_file_fuzz.py
+            raise RadcryptError(f"{where}: not valid JSON (a number too long or nesting "
+                                "too deep)") from None
         if not isinstance(raw, dict):
             raise RadcryptError(f"{where}: expected a JSON object")
         if raw.get("format") not in MANIFEST_FORMATS:
@@ -147,7 +190,34 @@ def _membership(raw: dict[str, Any], where: str) -> dict[str, Any]:
                             "duplicates")
     if owner not in ids:
         raise RadcryptError(f"{where}: the owner {owner!r} is not in field 'members'")
-    return {"sequence": sequence, "owner": owner, "members": tuple(listed)}
+    fields: dict[str, Any] = {"sequence": sequence, "owner": owner, "members": tuple(listed)}
+    if "co_owners" in raw or "owner_key" in raw:
+        fields.update(_co_owners(raw, where, set(ids)))
+    return fields
+
+
+def _co_owners(raw: dict[str, Any], where: str, members: set[str]) -> dict[str, Any]:
+    """The ``owner_key`` and ``co_owners`` fields, their shape checked (the endorsements
+    are checked with the signature, in read_signed_manifest)."""
+    try:
+        owner_key = base64.b64decode(str(raw.get("owner_key")), validate=True)
+        listed = raw["co_owners"]
+        co = tuple(CoOwner(str(e["user_id"]),
+                           base64.b64decode(str(e["ed25519"]), validate=True),
+                           base64.b64decode(str(e["endorsement"]), validate=True))
+                   for e in listed)
+    except (KeyError, TypeError, ValueError):
+        raise RadcryptError(f"{where}: fields 'owner_key' and 'co_owners' must be base64 "
+                            "and a list of {\"user_id\", \"ed25519\", \"endorsement\"}"
+                            ) from None
+    if len(owner_key) != 32 or not co or any(len(c.sign_public) != 32
+                                             or len(c.endorsement) != 64 for c in co):
+        raise RadcryptError(f"{where}: field 'owner_key' or 'co_owners' holds a key or "
+                            "endorsement of the wrong length, or 'co_owners' is empty")
+    missing = [c.user_id for c in co if c.user_id not in members]
+    if missing:
+        raise RadcryptError(f"{where}: co-owner(s) {missing} are not in field 'members'")
+    return {"owner_key": owner_key, "co_owners": co}
 
 
 def _is_int(value: object) -> bool:
@@ -281,7 +351,7 @@ def manifest_payload(data: bytes) -> bytes:
     """
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError too
         return data  # Manifest.from_json reports the error with the repository's name
     if isinstance(doc, dict) and "signature" in doc and isinstance(doc.get("payload"), dict):
         return json.dumps(doc["payload"]).encode()
@@ -292,8 +362,11 @@ def read_signed_manifest(store: Store, name: str, owner_key: bytes | None = None
                          ) -> tuple[Manifest, bytes]:
     """(manifest, signer key) of an owner-signed manifest, read once and checked.
 
-    With ``owner_key`` only that key is trusted; without, the document's own signer (the
-    caller pins it). An unsigned manifest or a bad signature: AccessDenied.
+    The signer key returned is the owner's (the root of trust: ``owner_key`` in the
+    manifest when it lists co-owners, else the signer); a co-owner's signature is
+    accepted when the owner's endorsement of that co-owner verifies. With ``owner_key``
+    that owner key is required; without, the caller pins the one found. An unsigned
+    manifest or a bad signature: AccessDenied.
     """
     repo_id, key, blob = _manifest_blob(store, name)
     try:
@@ -305,10 +378,15 @@ def read_signed_manifest(store: Store, name: str, owner_key: bytes | None = None
         raise AccessDenied(f"repository {repo_id!r} has an unsigned manifest: its owner must "
                            "migrate it (radcrypt repo migrate)")
     try:
-        payload = open_json(blob, "manifest", key, [owner_key or signer])
-    except FormatError:
+        payload = open_json(blob, "manifest", key, [signer])
+        owners = manifest_owners(payload, repo_id, signer)
+    except FormatError as exc:
         raise AccessDenied(f"the manifest of {repo_id!r} has a bad signature or another "
-                           "signer than the repository's owner") from None
+                           f"signer than the repository's owners ({exc})") from None
+    if owner_key is not None and not hmac.compare_digest(owners.root, owner_key):
+        raise AccessDenied(f"the manifest of {repo_id!r} has a bad signature or another "
+                           "signer than the repository's owner")
+    signer = owners.root
     manifest = Manifest.from_json(json.dumps(payload).encode(),
                                   f"manifest of repository {repo_id!r}")
     if manifest.repo_id != repo_id:

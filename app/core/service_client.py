@@ -13,7 +13,9 @@ a search costs one round trip, not a TCP setup.
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -24,6 +26,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,7 +37,7 @@ from app.core.errors import ServiceError
 from app.core.http_keepalive import KeepAlivePoster, PostResponse, StaleConnection, usable_for
 from cloud import wire
 from cloud.backend import DirectoryConfig
-from cloud.processes import stop_process
+from cloud.processes import start_watched, stop_process
 from cloud.store import StoreConfig
 from crypto.tokens import QueryToken
 
@@ -192,9 +195,17 @@ class ServiceClient:
                 raise ServiceError(f"the search service at {self.base_url} does not speak "
                                    f"protocol {protocol} (it supports {supported}): it is "
                                    "older than this client; upgrade it")
+        if response.status_code == 401 and _detail(response).startswith(
+                "the request's time is"):  # the one 401 with a reason (cloud/auth.py)
+            raise ServiceError(f"the search service refused the request: "
+                               f"{_detail(response)[:300]}")
         if response.status_code in (401, 403):
             raise ServiceError("the search service refused this user (not registered, "
                                "not a member of this repository, or access revoked)")
+        if response.status_code == 503 and _detail(response).startswith("warming"):
+            wait = response.headers.get("retry-after", "a few")
+            raise ServiceError("the search service is still loading this repository's "
+                               f"index; try again in {wait} seconds")
         if response.status_code in (429, 503):
             wait = response.headers.get("retry-after", "a few")
             raise ServiceError(f"the search service is busy ({response.status_code}); try "
@@ -288,11 +299,16 @@ class EmbeddedService:
 
     A separate process, not a thread: the service must never share memory with the
     client that holds the keys, even on one workstation. Store credentials reach it
-    through its environment, never its command line.
+    through its environment, never its command line. It never outlives this process:
+    ``stop`` (called by Session.close and, as a last resort, at exit) stops it, and a
+    client killed outright closes the pipe the service watches.
     """
 
     def __init__(self, store: StoreConfig | DirectoryConfig, log_dir: Path,
-                 owner_keys: list[bytes] | None = None) -> None:
+                 owner_keys: list[bytes] | None = None,
+                 options: Sequence[str] = ()) -> None:
+        """``options``: more command-line options of the service (bench/load.py sets its
+        rate limits above the load)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.service_id = "embedded-" + secrets.token_hex(8)
@@ -314,6 +330,12 @@ class EmbeddedService:
             "RADCRYPT_OWNER_KEYS": ",".join(base64.b64encode(k).decode()
                                             for k in owner_keys or []),
         })
+        # The BLAS's threads are limited by the service itself while searches overlap
+        # (cloud/search.py ConcurrentSearches); a variable here would cap a lone search too.
+        # glibc gives each thread that allocates its own arena (8 per core); two keep the
+        # service's memory flat under concurrent searches (bench/load.py at 100k images:
+        # about 500 MiB instead of 600, no slower).
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         log_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(log_dir / "service.log", "ab")  # closed in stop()
         root = Path(__file__).resolve().parents[2]
@@ -324,11 +346,12 @@ class EmbeddedService:
                    "--port", str(self.port), "--service-id", self.service_id]
         if not owner_keys:
             command.append("--insecure-no-auth")
-        self.process = subprocess.Popen(
-            command,
-            env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        command.extend(options)
+        # Its stdin is a pipe only we hold: it exits when we are gone, even after a
+        # SIGKILL that runs none of our cleanup (cloud.processes.watch_parent_pipe).
+        self.process = start_watched(command, env=env, cwd=root, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        _RUNNING.add(self)
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -352,5 +375,18 @@ class EmbeddedService:
         return all(key in self.owner_keys for key in owner_keys)
 
     def stop(self) -> None:
+        _RUNNING.discard(self)
         stop_process(self.process, "the search service")
         self._log.close()
+
+
+_RUNNING: set[EmbeddedService] = set()  # started here and not stopped yet
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """A command that ends without closing its session (an uncaught error, SIGTERM turned
+    into SystemExit) still stops the services it started."""
+    for service in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            service.stop()

@@ -280,9 +280,16 @@ class Backend:
         """Download, verify, decrypt and decode an original (decoded in a child)."""
         return self._client().fetch_image(repo, image_id, name, version)
 
-    def decode(self, path: str) -> DecodedImage:
-        """Decode a local file (in a decoder child)."""
-        return self._client().decode(path)
+    def decode(self, path: str, frame: int | None = None) -> DecodedImage:
+        """Decode a local file (in a decoder child); ``frame`` of a multi-frame file (the
+        middle one when None), so the viewer can show every frame as a stack."""
+        return self._client().decode(path, frame)
+
+    def get_original(self, repo: Repository, image_id: str, dest: str,
+                     version: int | None = None) -> int:
+        """Download, verify and decrypt an original to ``dest`` (the viewer's "Export
+        original…"); nothing unverified is written there."""
+        return self._client().get_original(repo, image_id, dest, version)
 
     def display(self, path: str) -> Any:
         """The 8-bit display image of a local file, decoded in a child."""

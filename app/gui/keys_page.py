@@ -1,5 +1,6 @@
 """Repository key: create a repository, see its key version and who has access; register
-users from their public card, grant and revoke (which rotates the key version).
+users from their public card, grant and revoke (which rotates the key version); back up
+this workstation's identity under a separate passphrase ("Back up identity…").
 
 Every change asks first, in words that say what it does.
 """
@@ -109,6 +110,78 @@ class NewRepositoryDialog(QDialog):
         return self.name.text().strip(), int(self.storage_format.currentData())
 
 
+class BackupIdentityDialog(QDialog):
+    """The login password (to unlock the identity file once more) and a new backup
+    passphrase typed twice. The passphrase protects the backup wherever it is kept, so
+    it must be strong and must not be the login password (the core refuses both); its
+    strength is shown as it is typed (zxcvbn, as for a new identity)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Back up identity")
+        self.setMinimumWidth(480)
+        layout = QVBoxLayout(self)
+        layout.setSpacing(10)
+        intro = QLabel(
+            "The backup holds your private keys, encrypted under a passphrase used for "
+            "nothing else. With it you can restore your identity on a new workstation "
+            "(radcrypt identity restore). Keep the file and the passphrase in two "
+            "different places, away from this workstation.")
+        intro.setWordWrap(True)
+        layout.addWidget(intro)
+        form = QFormLayout()
+        self.password = QLineEdit()
+        self.passphrase = QLineEdit()
+        self.again = QLineEdit()
+        for field in (self.password, self.passphrase, self.again):
+            field.setEchoMode(QLineEdit.EchoMode.Password)
+            field.textChanged.connect(self._validate)
+        form.addRow("Login password:", self.password)
+        form.addRow("Backup passphrase:", self.passphrase)
+        form.addRow("Passphrase again:", self.again)
+        layout.addLayout(form)
+        self.strength = muted_label("")
+        layout.addWidget(self.strength)
+        self.problem = QLabel("")
+        self.problem.setObjectName("ErrorText")
+        self.problem.setWordWrap(True)
+        layout.addWidget(self.problem)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Cancel)
+        self.save_button = primary(QPushButton("Choose file and back up…"))
+        self.buttons.addButton(self.save_button, QDialogButtonBox.ButtonRole.AcceptRole)
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        layout.addWidget(self.buttons)
+        self._validate()
+
+    def problems(self) -> str:
+        passphrase = self.passphrase.text()
+        if not passphrase:
+            return ""
+        if passphrase == self.password.text():
+            return "The passphrase must differ from your login password."
+        if self.again.text() and self.again.text() != passphrase:
+            return "The two passphrases differ."
+        return ""
+
+    def complete(self) -> bool:
+        return (bool(self.password.text()) and bool(self.passphrase.text())
+                and self.again.text() == self.passphrase.text() and not self.problems())
+
+    def _validate(self) -> None:
+        from app.core import client as facade
+
+        passphrase = self.passphrase.text()
+        self.strength.setText(
+            f"Strength: {facade.password_strength(passphrase)[1]}" if passphrase else "")
+        self.problem.setText(self.problems())
+        self.save_button.setEnabled(self.complete())
+
+    def values(self) -> tuple[str, str]:
+        """(login password, backup passphrase)."""
+        return self.password.text(), self.passphrase.text()
+
+
 class KeysPage(QWidget):
     """Repository keys and access."""
 
@@ -121,6 +194,7 @@ class KeysPage(QWidget):
         self.rows: list[AccessRow] = []
         self.known_users: dict[str, str] = {}
         self.dialog: NewRepositoryDialog | None = None
+        self.backup_dialog: BackupIdentityDialog | None = None
         self.upgrading = False
 
         layout = QVBoxLayout(self)
@@ -188,8 +262,14 @@ class KeysPage(QWidget):
         self.copy_card_button.clicked.connect(self.copy_card)
         self.save_card_button = theme.themed(QPushButton("Save card…"), "save")
         self.save_card_button.clicked.connect(self.save_card)
+        self.backup_button = theme.themed(QPushButton("Back up identity…"), "save")
+        self.backup_button.setToolTip(
+            "Save your private keys, encrypted under a separate passphrase, to restore "
+            "your identity if this workstation is lost")
+        self.backup_button.clicked.connect(self.open_backup_identity)
         id_buttons.addWidget(self.copy_card_button)
         id_buttons.addWidget(self.save_card_button)
+        id_buttons.addWidget(self.backup_button)
         id_buttons.addStretch(1)
         id_layout.addLayout(id_buttons)
         top.addWidget(self.identity_card, 2)
@@ -491,6 +571,38 @@ class KeysPage(QWidget):
                             on_done=lambda p: self.ctx.info(f"Identity card saved to {p}.",
                                                             "success"),
                             on_error=self.ctx.error)
+
+
+    def open_backup_identity(self) -> BackupIdentityDialog:
+        dialog = BackupIdentityDialog(self)
+        dialog.accepted.connect(lambda: self.back_up_identity(*dialog.values()))
+        dialog.finished.connect(lambda _: setattr(self, "backup_dialog", None))
+        self.backup_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def back_up_identity(self, password: str, passphrase: str) -> None:
+        """Ask where, then write the backup off the UI thread (scrypt takes about a
+        second); a wrong login password, a weak passphrase or an existing file come back
+        as the core's plain-words errors."""
+        from app.core import client as facade
+
+        path = self.ctx.dialogs.save_file(self, "Save the identity backup",
+                                          f"{self.ctx.backend.user_id or 'identity'}.rcib")
+        if not path:
+            return
+        settings = self.ctx.backend.settings
+
+        def work(_: TaskContext) -> str:
+            facade.export_identity_backup(settings, password, passphrase, path)
+            return path
+
+        self.ctx.runner.run(
+            "Backing up your identity", work,
+            on_done=lambda p: self.ctx.info(
+                f"Identity backup saved to {p}. Keep it and its passphrase apart, away "
+                "from this workstation.", "success"),
+            on_error=self.ctx.error)
 
 
 def format_words(storage_format: int) -> str:

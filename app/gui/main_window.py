@@ -591,9 +591,10 @@ class MainWindow(QMainWindow):
             "Ctrl+,  settings\n"
             "Ctrl+1…6  go to a page\n\n"
             "In the image viewer:\n"
-            "drag  pan · right- or middle-drag  window/level · wheel  zoom\n"
-            "+ / -  zoom · =  fit · r / l  rotate · h / v  flip · i  invert\n"
-            "Space  reset · 1-5  presets (soft tissue, lung, liver, bone, brain)")
+            "left-drag  window/level · middle-drag  pan · right-drag  zoom\n"
+            "wheel or Up / Down  previous / next image · Ctrl+wheel  zoom\n"
+            "z or + / -  zoom · =  fit · r / l  rotate · h / v  flip · i  invert\n"
+            "Space  reset · 1-5  CT presets (soft tissue, lung, liver, bone, brain)")
 
     def _about(self) -> None:
         QMessageBox.about(

@@ -190,6 +190,11 @@ class SearchPage(QWidget):
         self.open_full_button = theme.themed(QPushButton("Open full image"), "zoom_in")
         self.open_full_button.clicked.connect(self._open_selected)
         form_box.addWidget(self.open_full_button)
+        self.compare_button = QPushButton("Compare with the query")
+        self.compare_button.setToolTip("The query and this result side by side, with linked "
+                                       "zoom, pan and window")
+        self.compare_button.clicked.connect(self._compare_selected)
+        form_box.addWidget(self.compare_button)
         panels.addWidget(details)
         layout.addLayout(panels, 1)
 
@@ -427,6 +432,15 @@ class SearchPage(QWidget):
 
         open_archived(self.ctx, self, repo, hit.image_id, hit.name, hit.key_version)
 
+    def _compare_selected(self) -> None:
+        hit, repo = self.selected, self.repo
+        if hit is None or repo is None or not self.query_path:
+            return
+        from app.gui.viewer_link import open_compare
+
+        open_compare(self.ctx, self, self.query_path, repo, hit.image_id, hit.name,
+                     hit.key_version)
+
     def _open_query(self) -> None:
         if self.query_path:
             from app.gui.viewer import open_local
@@ -439,6 +453,7 @@ class SearchPage(QWidget):
                                       and not busy)
         self.search_button.setText("Searching…" if busy else "Search")
         self.open_full_button.setEnabled(self.selected is not None)
+        self.compare_button.setEnabled(self.selected is not None and bool(self.query_path))
 
     def result_names(self) -> list[str]:
         return [h.name for h in self.outcome.result.hits] if self.outcome else []

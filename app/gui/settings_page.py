@@ -1,9 +1,12 @@
-"""Settings: where the storage and the search service are, and a "Test connection" that
-says, part by part and in plain words, what works."""
+"""Settings: where the storage and the search service are, a "Test connection" that
+says, part by part and in plain words, what works, and "Check repository" (issue 14:
+``radcrypt check --repo`` for the repository open now, run off the UI thread with its
+progress, the result in plain words)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from PyQt6.QtCore import Qt, pyqtSignal
 from PyQt6.QtWidgets import (
@@ -14,6 +17,7 @@ from PyQt6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QProgressBar,
     QPushButton,
     QRadioButton,
     QScrollArea,
@@ -23,14 +27,21 @@ from PyQt6.QtWidgets import (
 )
 
 from app.core.errors import RadcryptError
+from app.core.progress import ProgressEvent
 from app.core.settings import LOCAL, MEMORY, Settings, save_settings
 from app.gui import theme
 from app.gui.backend import CheckResult
 from app.gui.context import AppContext
-from app.gui.tasks import TaskError
+from app.gui.tasks import TaskContext, TaskError
 from app.gui.widgets import PageHeader, muted_label, primary
 
+# A check's report (app.core.repo_check.RepoCheckReport) comes from the facade; the front
+# ends do not import the core module that defines it (.importlinter), hence Any here.
+RepoCheckReport = Any
 PARTS = (("storage", "Storage"), ("bucket", "Bucket"), ("service", "Search service"))
+CHECK_STAGES = {"log": "the segment log", "segments": "index segments", "packs": "packs",
+                "originals": "originals", "strays": "objects no log entry keeps"}
+SHOWN_PROBLEMS = 6  # the rest: `radcrypt check --repo NAME` lists every one
 
 
 class SettingsPage(QWidget):
@@ -41,6 +52,8 @@ class SettingsPage(QWidget):
         self.ctx = ctx
         self.results: list[CheckResult] = []
         self.testing = False
+        self.check_report: RepoCheckReport | None = None
+        self.check_task: object | None = None
 
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
@@ -144,6 +157,7 @@ class SettingsPage(QWidget):
         test_row.addWidget(self.test_button)
         cl.addLayout(test_row)
         right.addWidget(check)
+        right.addWidget(self._repository_check_box())
 
         save_box = QGroupBox("Save")
         sl = QVBoxLayout(save_box)
@@ -164,6 +178,32 @@ class SettingsPage(QWidget):
         right.addStretch(1)
         layout.addStretch(1)
         self.load(ctx.backend.settings)
+        ctx.repositoryChanged.connect(self._repository_changed)
+        self._repository_changed(ctx.repo)
+
+    def _repository_check_box(self) -> QGroupBox:
+        box = QGroupBox("Repository")
+        bl = QVBoxLayout(box)
+        bl.setSpacing(8)
+        self.check_intro = muted_label("")
+        bl.addWidget(self.check_intro)
+        self.check_progress = QProgressBar()
+        self.check_progress.setTextVisible(True)
+        self.check_progress.setVisible(False)
+        bl.addWidget(self.check_progress)
+        self.check_result = QLabel("")
+        self.check_result.setWordWrap(True)
+        self.check_result.setTextInteractionFlags(
+            Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.check_result.setVisible(False)
+        bl.addWidget(self.check_result)
+        row = QHBoxLayout()
+        row.addStretch(1)
+        self.check_button = theme.themed(QPushButton("Check repository"), "ok")
+        self.check_button.clicked.connect(self.check_repository)
+        row.addWidget(self.check_button)
+        bl.addLayout(row)
+        return box
 
     # --- form <-> settings --------------------------------------------------------------------
 
@@ -234,6 +274,104 @@ class SettingsPage(QWidget):
                             lambda _: backend.check_connection(settings),
                             on_done=done, on_error=failed, on_finish=finish)
 
+    def _repository_changed(self, repo: object | None) -> None:
+        name = getattr(repo, "repo_id", "")
+        self.check_button.setEnabled(bool(name) and self.check_task is None)
+        self.check_intro.setText(
+            f"Reads repository “{name}” and tells whether it is whole: its log, every "
+            "index segment and pack, every image's objects, and what dead imports left "
+            "behind. Nothing is changed." if name else
+            "Open a repository to check that the cloud kept it whole.")
+
+    def check_repository(self) -> None:
+        """Run the check of the open repository in the background (the task runner),
+        showing its progress; the result comes back in plain words."""
+        repo = self.ctx.repo
+        if repo is None or self.check_task is not None:
+            return
+        backend = self.ctx.backend
+        self.check_button.setEnabled(False)
+        self.check_button.setText("Checking…")
+        self.check_progress.setVisible(True)
+        self.check_progress.setRange(0, 0)
+        self.check_progress.setFormat("starting…")
+        self.check_result.setVisible(False)
+
+        def work(task: TaskContext) -> RepoCheckReport:
+            client = backend.client
+            if client is None:
+                raise RadcryptError("not connected to the storage yet")
+            return client.check_repository(repo, progress=task.progress)
+
+        def progressed(event: object) -> None:
+            if not isinstance(event, ProgressEvent):
+                return
+            self.check_progress.setRange(0, max(event.total, 1))
+            self.check_progress.setValue(min(event.done, max(event.total, 1)))
+            self.check_progress.setFormat(
+                f"{CHECK_STAGES.get(event.stage, event.stage)}: %v of %m")
+
+        def done(report: RepoCheckReport) -> None:
+            self.check_report = report
+            self._show_check(report)
+            ok = report.ok
+            self.ctx.activity.record("settings" if ok else "error",
+                                     f"Repository check of {repo.repo_id}: "
+                                     f"{'no problems' if ok else 'problems found'}",
+                                     self.check_result.property("plain") or "")
+
+        def failed(error: TaskError) -> None:
+            self._set_check_text(f"The check could not finish: {error.message}", False)
+            self.ctx.error(error)
+
+        def finish() -> None:
+            self.check_task = None
+            self.check_progress.setVisible(False)
+            self.check_button.setText("Check repository")
+            self._repository_changed(self.ctx.repo)
+
+        self.check_task = self.ctx.runner.run(f"Checking repository {repo.repo_id}", work,
+                                              on_done=done, on_error=failed,
+                                              on_progress=progressed, on_finish=finish)
+
+    def _show_check(self, report: RepoCheckReport) -> None:
+        """The report in plain words: the verdict, what was checked, the first problems,
+        the leftovers of dead imports."""
+        problems, strays, counts = report.problems, report.strays, report.counts
+        checked = (f"{_count(counts.get('images', 0), 'image')}, "
+                   f"{_count(counts.get('segments', 0), 'index segment')} and "
+                   f"{_count(counts.get('packs', 0), 'pack')} checked in "
+                   f"{report.seconds:.1f} s")
+        if not problems:
+            lines = [f"No problems: the repository is whole. {checked}."]
+        else:
+            lines = [f"{_count(len(problems), 'problem')} found ({checked}). Searches may "
+                     "miss or refuse images until they are repaired:"]
+            lines += [f"• {p.line()}" for p in problems[:SHOWN_PROBLEMS]]
+            if len(problems) > SHOWN_PROBLEMS:
+                lines.append(f"… and {len(problems) - SHOWN_PROBLEMS} more (radcrypt check "
+                             f"--repo {report.repo_id} lists them all).")
+        orphans = [s for s in strays if s.state == "unreferenced"]
+        if orphans:
+            lines.append(f"{_count(len(orphans), 'object')} left by imports that did not finish; "
+                         "the owner's `radcrypt gc` removes them after a day.")
+        self._set_check_text("\n".join(lines), not problems)
+
+    def _set_check_text(self, text: str, ok: bool) -> None:
+        c = theme.current_colors()
+        colour = c.success if ok else c.danger
+        first, _, rest = text.partition("\n")
+        html = f"<b style='color:{colour}'>{_escape(first)}</b>"
+        if rest:
+            html += "<br>" + _escape(rest).replace("\n", "<br>")
+        self.check_result.setText(html)
+        self.check_result.setProperty("plain", text)
+        self.check_result.setVisible(True)
+
+    def check_text(self) -> str:
+        """The last check's result as shown, in plain text (tests)."""
+        return str(self.check_result.property("plain") or "")
+
     def _show(self, result: CheckResult) -> None:
         if result.part not in self.result_texts:
             return
@@ -260,6 +398,10 @@ class SettingsPage(QWidget):
 
     def result_text(self, part: str) -> str:
         return str(self.result_texts[part].property("plain") or "")
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _escape(text: str) -> str:

@@ -1,290 +1,56 @@
-"""The full image viewer: zoom, pan, rotate, flip, invert, and window/level for DICOM.
+"""The full image viewer: a stack of frames with OHIF v3 habits (../shared/CONVENTIONS.md).
 
-Mouse: left-drag pans, right- or middle-drag changes window/level (horizontal = width,
-vertical = centre, as in Weasis and OHIF), the wheel zooms about the cursor. Keys (OHIF's):
-+ / - zoom, = fit, r / l rotate, h / v flip, i invert, Space reset, 1-5 presets.
+Mouse: left-drag window/level, middle-drag pan, right-drag zoom, wheel scrolls slices
+(Ctrl+wheel zooms). Keys: Up/Down (and Page Up/Down, Home/End) previous/next image, z or + / -
+zoom, = fit, r / l rotate, h / v flip, i invert, Space reset, 1-5 CT presets (CT only: they are
+Hounsfield windows; other modalities start from the file's own window or a modality default,
+see app/gui/viewer_model.py). The canvas (app/gui/viewer_canvas.py) paints the overlays.
 
-Re-windowing recomputes the 8-bit display image from the modality values with
-``DecodedImage.display(window)`` (modality LUT first, then the window, then MONOCHROME1
-inversion, as pydicom orders them); during a drag it is coalesced to one update per
-frame so the UI stays fluid on large images.
+Nothing slow runs on the UI thread: fetching, decrypting and decoding go through the task
+runner; extra frames of a multi-frame local file are decoded there too, in the decoder child.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from PyQt6.QtCore import QPointF, QRectF, QSize, Qt, QTimer, pyqtSignal
-from PyQt6.QtGui import (
-    QAction,
-    QColor,
-    QImage,
-    QKeyEvent,
-    QKeySequence,
-    QMouseEvent,
-    QPainter,
-    QPaintEvent,
-    QTransform,
-    QWheelEvent,
-)
+from PyQt6.QtCore import QSize, Qt
+from PyQt6.QtGui import QAction, QKeyEvent, QKeySequence
 from PyQt6.QtWidgets import (
     QComboBox,
     QDialog,
     QHBoxLayout,
     QLabel,
-    QSizePolicy,
     QToolBar,
     QVBoxLayout,
     QWidget,
 )
 
-from app.core.client import robust_range
 from app.core.types import DecodedImage, Repository
 from app.gui import theme
 from app.gui.context import AppContext
 from app.gui.tasks import TaskContext, TaskError
-from app.gui.widgets import qimage_from_array
+from app.gui.viewer_canvas import ZOOM_STEP, ImageCanvas
+from app.gui.viewer_model import PRESETS, ImageStack, default_window, has_presets
 
-# (name, width, centre): CONVENTIONS.md "Radiology habits"
-PRESETS = (
-    ("Soft tissue", 400.0, 40.0),
-    ("Lung", 1500.0, -600.0),
-    ("Liver", 150.0, 90.0),
-    ("Bone", 2500.0, 480.0),
-    ("Brain", 80.0, 40.0),
-)
-ZOOM_STEP = 1.25
-MIN_ZOOM, MAX_ZOOM = 0.02, 40.0
+__all__ = ["PRESETS", "ZOOM_STEP", "ImageCanvas", "ImageViewer", "default_window",
+           "open_archived", "open_local", "supports_presets"]
 
-
-def default_window(img: DecodedImage) -> tuple[float, float]:
-    """(centre, width) that the default display amounts to."""
-    if img.window is not None:
-        return img.window
-    lo, hi = img.display_range or robust_range(img.pixels)
-    if hi <= lo:
-        hi = lo + 1.0
-    return ((lo + hi) / 2.0, hi - lo)
+MAX_STACK_BYTES = 768 * 1024**2
+"""Most decoded frames (float32) a multi-frame local file may hold in the viewer; the rest
+are left out and the title says so (a 2,000-frame cine would otherwise take gigabytes)."""
 
 
 def supports_presets(img: DecodedImage) -> bool:
-    """CT-style presets make sense for grey DICOM in modality units."""
-    return img.source_format == "dicom" and not img.is_rgb
-
-
-class ImageCanvas(QWidget):
-    """Paints one DecodedImage with the view transform; emits state changes."""
-
-    viewChanged = pyqtSignal()
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setMinimumSize(320, 320)
-        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.decoded: DecodedImage | None = None
-        self._default: tuple[float, float] = (0.5, 1.0)
-        self.window: tuple[float, float] | None = None  # (centre, width)
-        self.zoom = 1.0
-        self.pan = QPointF(0, 0)
-        self.rotation = 0
-        self.flip_h = False
-        self.flip_v = False
-        self.inverted = False
-        self.fitted = True
-        self._qimage: QImage | None = None
-        self._drag_start: QPointF | None = None
-        self._drag_button = Qt.MouseButton.NoButton
-        self._drag_origin: tuple[QPointF, tuple[float, float] | None] | None = None
-        self._pending_window: tuple[float, float] | None = None
-        self._render_timer = QTimer(self)
-        self._render_timer.setSingleShot(True)
-        self._render_timer.setInterval(16)
-        self._render_timer.timeout.connect(self._render_pending)
-        self.busy_text = ""
-
-    # --- state -----------------------------------------------------------------------------
-
-    def set_image(self, img: DecodedImage) -> None:
-        self.decoded = img
-        self._default = default_window(img)
-        self.window = self._default if not img.is_rgb else None
-        self.inverted = False
-        self.busy_text = ""
-        self._render(None)
-        self.reset_view()
-
-    @property
-    def windowable(self) -> bool:
-        return self.decoded is not None and not self.decoded.is_rgb
-
-    def set_window(self, centre: float, width: float, immediate: bool = True) -> None:
-        if not self.windowable:
-            return
-        self.window = (float(centre), max(1e-3, float(width)))
-        if immediate:
-            self._render(self.window)
-        else:
-            self._pending_window = self.window
-            if not self._render_timer.isActive():
-                self._render_timer.start()
-        self.viewChanged.emit()
-
-    def _render_pending(self) -> None:
-        if self._pending_window is not None:
-            window, self._pending_window = self._pending_window, None
-            self._render(window)
-
-    def _render(self, window: tuple[float, float] | None) -> None:
-        img = self.decoded
-        if img is None:
-            return
-        explicit = window if window is not None and window != self._default else None
-        pixels = img.display(explicit)
-        if self.inverted:
-            pixels = np.subtract(255, pixels, dtype=np.uint8)
-        self._qimage = qimage_from_array(pixels)
-        self.update()
-
-    def set_inverted(self, on: bool) -> None:
-        self.inverted = on
-        self._render(self.window)
-        self.viewChanged.emit()
-
-    def reset_view(self) -> None:
-        self.rotation = 0
-        self.flip_h = self.flip_v = False
-        self.fit()
-
-    def reset_all(self) -> None:
-        if self.decoded is not None:
-            self.window = self._default if self.windowable else None
-            self.inverted = False
-            self._render(None)
-        self.reset_view()
-
-    def fit(self) -> None:
-        self.fitted = True
-        self.pan = QPointF(0, 0)
-        self.zoom = self._fit_zoom()
-        self.update()
-        self.viewChanged.emit()
-
-    def _fit_zoom(self) -> float:
-        if self._qimage is None:
-            return 1.0
-        w, h = self._qimage.width(), self._qimage.height()
-        if self.rotation % 180:
-            w, h = h, w
-        area = self.contentsRect()
-        return max(MIN_ZOOM, min(area.width() / max(1, w), area.height() / max(1, h)))
-
-    def zoom_by(self, factor: float, anchor: QPointF | None = None) -> None:
-        new = max(MIN_ZOOM, min(MAX_ZOOM, self.zoom * factor))
-        if anchor is not None:
-            centre = QPointF(self.width() / 2, self.height() / 2)
-            offset = anchor - centre - self.pan
-            self.pan -= offset * (new / self.zoom - 1)
-        self.zoom = new
-        self.fitted = False
-        self.update()
-        self.viewChanged.emit()
-
-    def rotate(self, degrees: int) -> None:
-        self.rotation = (self.rotation + degrees) % 360
-        if self.fitted:
-            self.zoom = self._fit_zoom()
-        self.update()
-        self.viewChanged.emit()
-
-    def flip(self, horizontal: bool) -> None:
-        if horizontal:
-            self.flip_h = not self.flip_h
-        else:
-            self.flip_v = not self.flip_v
-        self.update()
-        self.viewChanged.emit()
-
-    # --- painting ----------------------------------------------------------------------------
-
-    def transform(self) -> QTransform:
-        t = QTransform()
-        t.translate(self.width() / 2 + self.pan.x(), self.height() / 2 + self.pan.y())
-        t.rotate(self.rotation)
-        t.scale(self.zoom * (-1 if self.flip_h else 1), self.zoom * (-1 if self.flip_v else 1))
-        if self._qimage is not None:
-            t.translate(-self._qimage.width() / 2, -self._qimage.height() / 2)
-        return t
-
-    def paintEvent(self, event: QPaintEvent | None) -> None:
-        painter = QPainter(self)
-        painter.fillRect(self.rect(), QColor("#000000"))
-        if self._qimage is not None:
-            painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, self.zoom < 2.0)
-            painter.setTransform(self.transform())
-            painter.drawImage(QPointF(0, 0), self._qimage)
-            painter.resetTransform()
-        text = self.busy_text
-        if text:
-            painter.setPen(QColor("#c9d1d9"))
-            painter.drawText(QRectF(self.rect()).adjusted(20, 20, -20, -20),
-                             int(Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap), text)
-        painter.end()
-
-    def resizeEvent(self, event: object) -> None:
-        if self.fitted:
-            self.zoom = self._fit_zoom()
-            self.viewChanged.emit()
-
-    # --- mouse and keys ------------------------------------------------------------------------
-
-    def mousePressEvent(self, event: QMouseEvent | None) -> None:
-        if event is None:
-            return
-        self._drag_button = event.button()
-        self._drag_start = event.position()
-        self._drag_origin = (QPointF(self.pan), self.window)
-        if event.button() in (Qt.MouseButton.RightButton, Qt.MouseButton.MiddleButton):
-            self.setCursor(Qt.CursorShape.SizeAllCursor)
-        elif event.button() == Qt.MouseButton.LeftButton:
-            self.setCursor(Qt.CursorShape.ClosedHandCursor)
-
-    def mouseMoveEvent(self, event: QMouseEvent | None) -> None:
-        if event is None or self._drag_start is None or self._drag_origin is None:
-            return
-        delta = event.position() - self._drag_start
-        pan, window = self._drag_origin
-        if self._drag_button == Qt.MouseButton.LeftButton:
-            self.pan = pan + delta
-            self.fitted = False
-            self.update()
-        elif self._drag_button in (Qt.MouseButton.RightButton, Qt.MouseButton.MiddleButton):
-            if window is not None and self.windowable:
-                centre, width = window
-                step = max(width, 1.0) / 256.0
-                self.set_window(centre + delta.y() * step,
-                                max(1.0, width + delta.x() * step * 2), immediate=False)
-
-    def mouseReleaseEvent(self, event: QMouseEvent | None) -> None:
-        self._drag_start = None
-        self._drag_origin = None
-        self.unsetCursor()
-        self._render_pending()
-
-    def wheelEvent(self, event: QWheelEvent | None) -> None:
-        if event is None:
-            return
-        steps = event.angleDelta().y() / 120.0
-        if steps:
-            self.zoom_by(ZOOM_STEP ** steps, event.position())
-
-    def contextMenuEvent(self, event: object) -> None:
-        pass  # right-drag is window/level, not a menu
+    """CT presets apply to grey CT images only (CONVENTIONS.md "Radiology habits")."""
+    return has_presets(img, str(img.metadata.get("Modality", "")))
 
 
 class ImageViewer(QDialog):
-    """A window around ImageCanvas with a toolbar and the W/L readout."""
+    """A window around ImageCanvas with a toolbar, the presets (CT) and a status line."""
 
     def __init__(self, title: str, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -292,6 +58,7 @@ class ImageViewer(QDialog):
         self.setWindowFlag(Qt.WindowType.WindowMaximizeButtonHint, True)
         self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose, True)
         self.resize(900, 760)
+        self.export_original: Callable[[], None] | None = None
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(0)
@@ -310,12 +77,19 @@ class ImageViewer(QDialog):
         info.addWidget(self.readout)
         layout.addLayout(info)
 
-        def act(icon: str, text: str, keys: list[str], slot: object) -> QAction:
-            action = theme.themed(QAction(text, self), icon)
+        def act(icon: str, text: str, keys: list[str], slot: Any) -> QAction:
+            action = theme.themed(QAction(text, self), icon) if icon else QAction(text, self)
             action.setShortcuts([QKeySequence(k) for k in keys])
             action.setToolTip(f"{text} ({', '.join(keys)})" if keys else text)
             action.triggered.connect(slot)
             self.toolbar.addAction(action)
+            return action
+
+        def hidden(text: str, keys: list[str], slot: Any) -> QAction:
+            action = QAction(text, self)
+            action.setShortcuts([QKeySequence(k) for k in keys])
+            action.triggered.connect(slot)
+            self.addAction(action)
             return action
 
         act("fit", "Fit", ["="], self.canvas.fit)
@@ -324,67 +98,103 @@ class ImageViewer(QDialog):
         self.toolbar.addSeparator()
         act("rotate", "Rotate right", ["r"], lambda: self.canvas.rotate(90))
         act("flip", "Flip horizontally", ["h"], lambda: self.canvas.flip(True))
-        flip_v = QAction("Flip vertically", self)
-        flip_v.setShortcut(QKeySequence("v"))
-        flip_v.triggered.connect(lambda: self.canvas.flip(False))
-        self.addAction(flip_v)
-        rotate_l = QAction("Rotate left", self)
-        rotate_l.setShortcut(QKeySequence("l"))
-        rotate_l.triggered.connect(lambda: self.canvas.rotate(-90))
-        self.addAction(rotate_l)
+        hidden("Flip vertically", ["v"], lambda: self.canvas.flip(False))
+        hidden("Rotate left", ["l"], lambda: self.canvas.rotate(-90))
         self.invert_action = act("invert", "Invert", ["i"],
                                  lambda: self.canvas.set_inverted(not self.canvas.inverted))
-        act("reset", "Reset", ["Space"], self.canvas.reset_all)
-        self.toolbar.addSeparator()
-        self.preset_label = QLabel("  Window preset: ")
+        act("reset", "Reset", ["Space"], self._reset)
+        hidden("Previous image", ["Up", "PgUp"], lambda: self.canvas.step_slice(-1))
+        hidden("Next image", ["Down", "PgDown"], lambda: self.canvas.step_slice(1))
+        hidden("First image", ["Home"], lambda: self.canvas.set_slice(0))
+        hidden("Last image", ["End"], lambda: self.canvas.set_slice(self.canvas.slice_count - 1))
+        self.preset_separator = self._separator()
+        self.preset_label = QLabel("  CT window: ")
         self.presets = QComboBox()
+        self.presets.setFocusPolicy(Qt.FocusPolicy.NoFocus)  # Up/Down stay slice keys
         self.presets.addItem("Default (from the file)")
         for i, (name, width, centre) in enumerate(PRESETS, start=1):
             self.presets.addItem(f"{i}  {name} (W {width:g} / L {centre:g})")
-        self.presets.activated.connect(self._preset_chosen)
+        self.presets.activated.connect(self.apply_preset)
         self.preset_label_action = self.toolbar.addWidget(self.preset_label)
         self.presets_action = self.toolbar.addWidget(self.presets)
         for i in range(len(PRESETS)):
-            shortcut = QAction(self)
-            shortcut.setShortcut(QKeySequence(str(i + 1)))
-            shortcut.triggered.connect(lambda _=False, n=i + 1: self.apply_preset(n))
-            self.addAction(shortcut)
+            hidden(f"Preset {i + 1}", [str(i + 1)], lambda _=False, n=i + 1: self.apply_preset(n))
+        self.export_separator = self._separator()
+        self.export_action = act("", "Export original…", [], self._export)
+        self.export_action.setToolTip("Save the decrypted original file (verified before it "
+                                      "is written)")
+        self.set_export(None)
+        self._show_presets(False)
         self.canvas.viewChanged.connect(self._update_readout)
+        self.canvas.cursorChanged.connect(lambda _: self._update_readout())
         self._update_readout()
+
+    def _separator(self) -> QAction:
+        action = self.toolbar.addSeparator()
+        assert action is not None  # Qt returns the separator it added
+        return action
+
+    def set_export(self, export: Callable[[], None] | None) -> None:
+        """Offer "Export original…" (archived images) through ``export``."""
+        self.export_original = export
+        self.export_action.setVisible(export is not None)
+        self.export_separator.setVisible(export is not None)
+
+    def _export(self) -> None:
+        if self.export_original is not None:
+            self.export_original()
 
     def set_busy(self, text: str) -> None:
         self.canvas.busy_text = text
         self.canvas.update()
 
     def set_image(self, img: DecodedImage) -> None:
-        self.canvas.set_image(img)
-        show = supports_presets(img)
-        self.presets_action.setVisible(show)
-        self.preset_label_action.setVisible(show)
+        self.set_stack(ImageStack.of_images([img]))
+
+    def set_stack(self, stack: ImageStack, index: int | None = None) -> None:
+        self.canvas.set_stack(stack, index)
+        self._show_presets(self.presets_available)
+        self.presets.setCurrentIndex(0)
         self._update_readout()
 
-    def apply_preset(self, number: int) -> None:
+    @property
+    def presets_available(self) -> bool:
         img = self.canvas.decoded
-        if img is None or not supports_presets(img):
+        return img is not None and has_presets(img, self.canvas.modality)
+
+    def _show_presets(self, show: bool) -> None:
+        for action in (self.preset_separator, self.presets_action, self.preset_label_action):
+            if action is not None:
+                action.setVisible(show)
+
+    def apply_preset(self, number: int) -> None:
+        """0 = the default window, 1-5 = CONVENTIONS.md's CT presets; nothing for non-CT."""
+        img = self.canvas.decoded
+        if img is None or not self.presets_available or not 0 <= number <= len(PRESETS):
             return
         if number == 0:
-            centre, width = default_window(img)
+            window = default_window(img, self.canvas.modality)
+            if window is None:
+                return
+            centre, width = window
         else:
             _, width, centre = PRESETS[number - 1]
         self.presets.setCurrentIndex(number)
         self.canvas.set_window(centre, width)
 
-    def _preset_chosen(self, index: int) -> None:
-        self.apply_preset(index)
+    def _reset(self) -> None:
+        self.canvas.reset_all()
+        self.presets.setCurrentIndex(0)
 
     def _update_readout(self) -> None:
         c = self.canvas
         parts = []
-        if c.decoded is not None:
-            h, w = c.decoded.pixels.shape[:2]
-            parts.append(f"{w} × {h}")
-        if c.window is not None and c.windowable:
-            parts.append(f"W {c.window[1]:.0f} / L {c.window[0]:.0f}")
+        if c.cursor_text:
+            parts.append(c.cursor_text)
+        if c.slice_count > 1:
+            parts.append(f"image {c.index + 1}/{c.slice_count}")
+        if c.window_level is not None and c.windowable:
+            parts.append(f"W {c.window_level[1]:.0f} / L {c.window_level[0]:.0f}")
         parts.append(f"zoom {c.zoom * 100:.0f}%")
         if c.rotation:
             parts.append(f"rotated {c.rotation}°")
@@ -414,12 +224,35 @@ def open_archived(ctx: AppContext, parent: QWidget, repo: Repository, image_id: 
         viewer.set_busy(error.message)
         ctx.error(error)
 
+    if hasattr(backend, "get_original"):  # /work/p15-h8-backend.patch
+        viewer.set_export(lambda: export_original(ctx, viewer, repo, image_id, name, version))
     ctx.runner.run(f"Opening {name or image_id}", work,
                    on_done=lambda img: _fill(viewer, img), on_error=failed)
     return viewer
 
 
+def export_original(ctx: AppContext, parent: QWidget, repo: Repository, image_id: str,
+                    name: str, version: int | None) -> None:
+    """Ask where, then download, verify and decrypt the original there (off the UI thread);
+    nothing unverified is written (the client writes beside the target and renames)."""
+    dest = ctx.dialogs.save_file(parent, "Export the decrypted original", name or image_id)
+    if not dest:
+        return
+    backend: Any = ctx.backend  # get_original: /work/p15-h8-backend.patch
+
+    def work(_: TaskContext) -> int:
+        size: int = backend.get_original(repo, image_id, dest, version)
+        return size
+
+    def done(size: int) -> None:
+        ctx.info(f"Saved the decrypted original ({size:,} bytes) to {dest}", "success")
+
+    ctx.runner.run(f"Exporting {name or image_id}", work, on_done=done, on_error=ctx.error)
+
+
 def open_local(ctx: AppContext, parent: QWidget, path: str) -> ImageViewer:
+    """Open a local file; a multi-frame file becomes a stack of its frames (when the
+    backend can decode one frame at a time), within MAX_STACK_BYTES."""
     viewer = ImageViewer(Path(path).name, parent.window())
     viewer.set_busy("Decoding…")
     viewer.show()
@@ -427,14 +260,44 @@ def open_local(ctx: AppContext, parent: QWidget, path: str) -> ImageViewer:
     def failed(error: TaskError) -> None:
         viewer.set_busy(error.message)
 
-    backend = ctx.backend
-    ctx.runner.run(f"Opening {Path(path).name}", lambda _: backend.decode(path),
-                   on_done=lambda img: _fill(viewer, img), on_error=failed)
+    backend: Any = ctx.backend  # decode(path, frame): /work/p15-h8-backend.patch
+    by_frame = "frame" in inspect.signature(backend.decode).parameters
+
+    def work(task: TaskContext) -> ImageStack:
+        first = backend.decode(path)
+        if first.n_frames <= 1 or not by_frame:
+            return ImageStack.of_images([first])
+        return load_frames(lambda i: backend.decode(path, frame=i), first, task.check)
+
+    ctx.runner.run(f"Opening {Path(path).name}", work,
+                   on_done=lambda stack: _fill_stack(viewer, stack), on_error=failed)
     return viewer
 
 
+def load_frames(decode_frame: Callable[[int], DecodedImage], first: DecodedImage,
+                check: Callable[[], None] = lambda: None) -> ImageStack:
+    """Every frame of a multi-frame file (``first`` is the one already decoded, the middle
+    frame), up to MAX_STACK_BYTES; ``check`` raises to cancel between frames."""
+    per_frame = max(1, first.pixels.nbytes)
+    count = max(1, min(first.n_frames, MAX_STACK_BYTES // per_frame))
+    middle = first.n_frames // 2
+    images = []
+    for i in range(count):
+        check()
+        images.append(first if i == middle else decode_frame(i))
+    return ImageStack.of_images(images)
+
+
 def _fill(viewer: ImageViewer, img: DecodedImage) -> None:
+    _fill_stack(viewer, ImageStack.of_images([img]))
+
+
+def _fill_stack(viewer: ImageViewer, stack: ImageStack) -> None:
     try:
-        viewer.set_image(img)
+        viewer.set_stack(stack)
+        first = stack.image(0)
+        if first.n_frames > len(stack):
+            viewer.caption.setText(f"{viewer.caption.text()} — first {len(stack)} of "
+                                   f"{first.n_frames} frames (memory limit)")
     except RuntimeError:
         pass  # the viewer was closed before the image arrived

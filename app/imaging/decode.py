@@ -63,6 +63,17 @@ METADATA_KEYS = (
 )
 """The only tags copied out of a DICOM file: nothing that names or dates a patient."""
 
+VIEWER_KEYS = (
+    "PatientName",
+    "PatientID",
+    "StudyDate",
+    "LossyImageCompression",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+)
+"""Tags the viewer's overlays show (patient, date, LOSSY, orientation letters): kept apart
+from ``metadata`` in ``display_tags``, which the importer never stores."""
+
 _PERCENTILE_SAMPLES = 1 << 18
 
 
@@ -88,6 +99,7 @@ class DecodedImage:
     voi_function: str = "LINEAR"
     display_range: tuple[float, float] | None = None
     voi_lut_image: np.ndarray | None = field(default=None, repr=False)
+    display_tags: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         p = self.pixels
@@ -155,11 +167,28 @@ def robust_range(x: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+_F32_SAFE = 1e37
+"""Bounds beyond this (or a range whose reciprocal is below 1 / this) do not survive float32
+arithmetic: a window of width 1e308 became an infinite bound, then 0 x inf = NaN pixels and a
+feature extractor crash (found by tests/fuzz/test_file_fuzz.py). Such values are computed in
+float64 instead; every real window stays on the (bit-identical) float32 path."""
+
+
+def _f32_safe(*values: float) -> bool:
+    return all(np.isfinite(v) and abs(v) < _F32_SAFE for v in values)
+
+
 def rescale_unit(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Map lo..hi linearly to 0..1 and clip; a constant image maps to 0."""
     if not hi > lo:
         return np.zeros(x.shape, dtype=np.float32)
-    y = (x.astype(np.float32, copy=False) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    span = float(hi) - float(lo)
+    if _f32_safe(lo, hi, span) and span > 1.0 / _F32_SAFE:
+        y = (x.astype(np.float32, copy=False) - np.float32(lo)) * np.float32(1.0 / span)
+    else:  # hostile bounds: float64, where they and their range stay finite
+        scale = 1.0 / span if np.isfinite(span) else 0.0
+        y = ((x.astype(np.float64) - float(lo)) * scale).astype(np.float32)
+        y = np.nan_to_num(y, nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(y, 0.0, 1.0, out=y)
 
 
@@ -172,7 +201,10 @@ def apply_window(
         raise ValueError(f"invalid window centre {centre} / width {width}")
     xf = x.astype(np.float32, copy=False)
     if function == "SIGMOID":
-        return (1.0 / (1.0 + np.exp(-4.0 * (xf - centre) / width))).astype(np.float32)
+        if not _f32_safe(centre, width):
+            xf = x.astype(np.float64)
+        with np.errstate(over="ignore"):  # exp overflows to inf: the sigmoid is then 0
+            return (1.0 / (1.0 + np.exp(-4.0 * (xf - centre) / width))).astype(np.float32)
     if function == "LINEAR" and width > 1:
         lo = centre - 0.5 - (width - 1) / 2
         return rescale_unit(xf, lo, lo + width - 1)
@@ -544,6 +576,11 @@ def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
     _ensure_transfer_syntax(ds, name, pixel_keyword)
 
     arr = pixel_array(ds, index=index if n_frames > 1 else None)
+    expected = (rows, cols) if spp == 1 else (rows, cols, 3)
+    if arr.shape != expected:  # e.g. a Number of Frames that the pixel data contradicts
+        raise ImageDecodeError(
+            name, f"pixel data decodes to an array of shape {arr.shape}, not the "
+            f"{' x '.join(map(str, expected))} its rows, columns and samples declare")
     pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     window: tuple[float, float] | None = None
     voi_function = "LINEAR"
@@ -560,7 +597,9 @@ def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
     h, w = pixels.shape[:2]
     metadata = {k: str(v) for k in METADATA_KEYS if (v := ds.get(k, None)) not in (None, "")}
     metadata.update({"Rows": str(h), "Columns": str(w)})
+    display_tags = {k: str(v) for k in VIEWER_KEYS if (v := ds.get(k, None)) not in (None, "")}
     return DecodedImage(
+        display_tags=display_tags,
         pixels=pixels,
         source_format="dicom",
         window=window,

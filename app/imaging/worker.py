@@ -60,6 +60,9 @@ DEFAULT_TIMEOUT = 300.0
 
 OUT_OF_MEMORY = "the decoder ran out of its memory limit"
 DIED = "the decoder's process died"
+FAILED = "the decoder failed unexpectedly"
+"""The reason's start when the child raised something other than ImageDecodeError: the file
+is refused all the same, but it is a bug of the decoder (the file fuzzer fails on it)."""
 
 MAGIC = b"RCW1"
 _HEAD = struct.Struct("<4sII")
@@ -390,6 +393,7 @@ class _Child:
             "window": list(image.window) if image.window is not None else None,
             "monochrome1": image.monochrome1, "n_frames": image.n_frames,
             "metadata": {str(k): str(v) for k, v in image.metadata.items()},
+            "display_tags": {str(k): str(v) for k, v in image.display_tags.items()},
             "voi_function": image.voi_function,
             "display_range": (list(image.display_range) if image.display_range is not None
                               else None),
@@ -738,6 +742,8 @@ class DecoderPool:
                 reason = header.get("reason")
                 if not isinstance(reason, str) or not reason:
                     reason = "the decoder failed"
+                if header.get("kind") == "error":  # not the file's fault: a decoder bug
+                    reason = f"{FAILED} ({reason})"
                 raise ImageDecodeError(name, reason[:500])
             return header, parts
         raise AssertionError("unreachable")
@@ -801,9 +807,11 @@ class DecoderPool:
             window = _pair(header.get("window"))
             display_range = _pair(header.get("display_range"))
             metadata = header["metadata"]
-            if not isinstance(metadata, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-                raise ValueError("metadata that is not text")
+            display_tags = header.get("display_tags", {})
+            for tags in (metadata, display_tags):
+                if not isinstance(tags, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+                    raise ValueError("metadata that is not text")
             if header["source_format"] not in _SOURCE_FORMATS:
                 raise ValueError("an unknown source format")
             if header["voi_function"] not in _VOI_FUNCTIONS:
@@ -815,7 +823,7 @@ class DecoderPool:
                 pixels=pixels, source_format=header["source_format"], window=window,
                 monochrome1=header["monochrome1"] is True, n_frames=n_frames,
                 metadata=metadata, voi_function=header["voi_function"],
-                display_range=display_range, voi_lut_image=voi)
+                display_range=display_range, voi_lut_image=voi, display_tags=display_tags)
         except (KeyError, TypeError, ValueError) as exc:
             raise ImageDecodeError(label, f"{DIED}: it sent a malformed answer ({exc})"
                                    ) from None

@@ -33,21 +33,22 @@ def test_viewer_presets_and_window_level_drag(qtbot, ct_file):
     viewer.show()
     viewer.set_image(img)
     canvas = viewer.canvas
-    assert canvas.window == default_window(img)
+    assert canvas.window_level == default_window(img, "CT") == (40.0, 400.0)  # soft tissue
     assert viewer.presets_action.isVisible()
 
     viewer.apply_preset(2)  # lung
     _, width, centre = PRESETS[1]
-    assert canvas.window == (centre, width)
+    assert canvas.window_level == (centre, width)
     assert "W 1500 / L -600" in viewer.readout.text()
     lung = canvas._qimage.copy()
 
     start = QPoint(100, 100)
-    QTest.mousePress(canvas, Qt.MouseButton.RightButton, Qt.KeyboardModifier.NoModifier, start)
+    # left-drag is window/level (OHIF v3); tests/gui/test_viewer_habits.py has the rest
+    QTest.mousePress(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, start)
     QTest.mouseMove(canvas, QPoint(160, 140))
-    QTest.mouseRelease(canvas, Qt.MouseButton.RightButton, Qt.KeyboardModifier.NoModifier,
+    QTest.mouseRelease(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
                        QPoint(160, 140))
-    new_centre, new_width = canvas.window
+    new_centre, new_width = canvas.window_level
     assert new_width > width and new_centre > centre
     assert canvas._qimage != lung  # re-windowed from the modality values
 
@@ -60,7 +61,8 @@ def test_viewer_presets_and_window_level_drag(qtbot, ct_file):
     canvas.set_inverted(True)
     assert "inverted" in viewer.readout.text() and "rotated 90°" in viewer.readout.text()
     canvas.reset_all()
-    assert canvas.window == default_window(img) and not canvas.inverted and canvas.rotation == 0
+    assert canvas.window_level == default_window(img, "CT") and not canvas.inverted
+    assert canvas.rotation == 0
 
 
 def test_viewer_has_no_presets_for_colour_pictures(qtbot, tmp_path):
@@ -74,7 +76,7 @@ def test_viewer_has_no_presets_for_colour_pictures(qtbot, tmp_path):
     viewer.set_image(decode_image(path))
     assert not viewer.presets_action.isVisible()
     viewer.apply_preset(1)
-    assert viewer.canvas.window is None
+    assert viewer.canvas.window_level is None
 
 
 def test_task_runner_reports_errors_plainly_and_cancels(qtbot):
