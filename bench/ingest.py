@@ -38,12 +38,41 @@ from bench.report import write_json
 MODES = {"processes": True, "threads": False}
 
 
+def save_ct(path: Path, pixels: np.ndarray, sop_uid: str,
+            window: tuple[int, int] | None = (40, 400)) -> Path:
+    """One uint16 CT slice as a DICOM file (explicit VR little endian, MONOCHROME2, 12
+    bits stored, rescale -1024): what the benchmarks and the reliability tests import."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def make_ct_files(directory: Path, count: int, seed: int = 0) -> list[Path]:
     """Distinct 512x512 uint16 CT slices as DICOM files (MONOCHROME2, rescale -1024)."""
     import pydicom
     from pydicom.data import get_testdata_file
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     base = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array.astype(np.float64)
     big = np.kron(base, np.ones((4, 4)))  # 128 -> 512
@@ -54,26 +83,7 @@ def make_ct_files(directory: Path, count: int, seed: int = 0) -> list[Path]:
         image = np.roll(big, (int(rng.integers(-40, 40)), int(rng.integers(-40, 40))), (0, 1))
         image = image * rng.uniform(0.8, 1.2) + rng.normal(0, 20, image.shape) + 1024
         pixels = np.clip(image, 0, 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.WindowCenter, ds.WindowWidth = 40, 400
-        ds.PixelData = pixels.tobytes()
-        path = directory / f"ct-{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(save_ct(directory / f"ct-{i:05d}.dcm", pixels, generate_uid()))
     return paths
 
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -202,7 +203,7 @@ def _own_threads(fn: Callable[Concatenate[EncryptedIndex, P], Result]
     def wrapped(index: EncryptedIndex, /, *args: P.args, **kwargs: P.kwargs) -> Result:
         if len(index) < OWN_THREADS_ROWS:
             return fn(index, *args, **kwargs)
-        with _blas().limit(limits=1, user_api="blas"):
+        with _BLAS_THREADS.hold(own=True):
             return fn(index, *args, **kwargs)
 
     return wrapped
@@ -335,46 +336,101 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="radcrypt-search")
 
 
-@functools.cache
-def _blas() -> ThreadpoolController:
-    """Found once: threadpool_limits() looks up the loaded libraries on every call
-    (0.2 ms against 0.008 ms for a kept controller, per batch)."""
-    return ThreadpoolController()
+class _BlasThreads:
+    """The process's BLAS thread count, changed from one thread only.
 
-
-class ConcurrentSearches:
-    """BLAS threads by how many searches run at once in this process.
-
-    A search alone uses the BLAS's threads (measured at 100,000 images on 2 cores: a
-    single query 9.7 ms in the engine, against 17.1 ms with one BLAS thread; 30 queries
-    281 against 512 ms). Concurrent searches (the service answers requests on a thread
-    pool) each under a multi-threaded OpenBLAS spin against each other (bench/load.py,
-    8 clients at 10,000 images: 17 searches/s with the BLAS's threads, 260/s with one).
-    So the limit is one BLAS thread while two or more searches overlap, and the BLAS's
-    own setting again once one is left. The setting is process-wide: a transition in
-    the middle of a search changes the threads of its remaining products only, which
-    costs time, never correctness.
+    threadpoolctl lets a single Python thread control a pthreads OpenBLAS: a limit set
+    from any other thread while that one lives is silently ignored. The engine runs in
+    the service's worker threads and in the callers' threads, so every change goes
+    through one long-lived control thread here, and the count follows from who needs
+    what: one BLAS thread while the engine's own threads run (``owned``) or while two or
+    more searches overlap (``overlapping``), the BLAS's own setting otherwise. The
+    setting is process-wide: a change in the middle of a search changes the threads of
+    its remaining products only, which costs time, never correctness.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._owned = 0
         self._running = 0
-        self._limiter: Any = None
+        self._applied: int | None = None
+        self._default: int | None = None
+        self._jobs: queue.SimpleQueue[tuple[int, threading.Event] | None] | None = None
+
+    def _control(self, jobs: queue.SimpleQueue[tuple[int, threading.Event] | None],
+                 ready: threading.Event) -> None:
+        controller = ThreadpoolController()  # found once: 0.2 ms to look the libraries up
+        infos = [i["num_threads"] for i in controller.info() if i["user_api"] == "blas"]
+        self._default = min(infos) if infos else 1
+        ready.set()
+        while (job := jobs.get()) is not None:
+            threads, done = job
+            controller.limit(limits=threads, user_api="blas")
+            done.set()
+
+    def _start(self) -> queue.SimpleQueue[tuple[int, threading.Event] | None]:
+        if self._jobs is None:
+            jobs: queue.SimpleQueue[tuple[int, threading.Event] | None] = queue.SimpleQueue()
+            ready = threading.Event()
+            threading.Thread(target=self._control, args=(jobs, ready), daemon=True,
+                             name="radcrypt-blas-control").start()
+            ready.wait()
+            self._jobs = jobs
+        return self._jobs
+
+    def _apply(self) -> None:
+        """With the lock held: ask the control thread for the count now needed."""
+        jobs = self._start()
+        assert self._default is not None
+        wanted = 1 if self._owned or self._running >= 2 else self._default
+        if wanted != self._applied:
+            done = threading.Event()
+            jobs.put((wanted, done))
+            done.wait()
+            self._applied = wanted
 
     @contextlib.contextmanager
-    def running(self) -> Iterator[None]:
+    def hold(self, *, own: bool) -> Iterator[None]:
+        """While the engine's own threads run (own) or while a search runs (not own)."""
         with self._lock:
-            self._running += 1
-            if self._running == 2 and self._limiter is None:
-                self._limiter = _blas().limit(limits=1, user_api="blas")
+            if own:
+                self._owned += 1
+            else:
+                self._running += 1
+            self._apply()
         try:
             yield
         finally:
             with self._lock:
-                self._running -= 1
-                if self._running <= 1 and self._limiter is not None:
-                    self._limiter.restore_original_limits()
-                    self._limiter = None
+                if own:
+                    self._owned -= 1
+                else:
+                    self._running -= 1
+                self._apply()
+
+    @property
+    def default(self) -> int:
+        with self._lock:
+            self._start()
+            assert self._default is not None
+            return self._default
+
+
+_BLAS_THREADS = _BlasThreads()
+
+
+class ConcurrentSearches:
+    """Marks the searches of a service, so that overlapping ones run with one BLAS thread.
+
+    A search alone uses the BLAS's threads (measured at 100,000 images on 2 cores: a
+    single query 9.7 ms in the engine, against 17.1 ms with one BLAS thread; 30 queries
+    281 against 512 ms). Concurrent searches each under a multi-threaded OpenBLAS spin
+    against each other (bench/load.py, 8 clients at 10,000 images: 17 searches/s with
+    the BLAS's threads, 260/s with one).
+    """
+
+    def running(self) -> contextlib.AbstractContextManager[None]:
+        return _BLAS_THREADS.hold(own=False)
 
 
 def _halving_max(scores: NDArray[np.float32], block: int, out: NDArray[np.float32]) -> None:
@@ -547,7 +603,7 @@ def _threaded(fn: Callable[[tuple[int, int]], Result], spans: list[tuple[int, in
     span in this thread, as it is."""
     if len(spans) == 1:
         return [fn(spans[0])]
-    with _blas().limit(limits=1, user_api="blas"):
+    with _BLAS_THREADS.hold(own=True):
         return list(_pool().map(fn, spans))
 
 

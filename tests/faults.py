@@ -70,9 +70,8 @@ def synthetic_dicoms(directory: Path, count: int, seed: int = 0, size: int = 64
     explicit VR little endian): fast to decode, so the fault, kill and disk tests can
     import hundreds or thousands of them. Deterministic for a seed."""
     import numpy as np
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+
+    from bench.ingest import save_ct
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -83,23 +82,6 @@ def synthetic_dicoms(directory: Path, count: int, seed: int = 0, size: int = 64
         disc = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) * rng.uniform(400, 1500)
         image = disc + rng.normal(0, 30, (size, size)) + 1024 + 300 * xx * rng.uniform(-1, 1)
         pixels = np.clip(image, 0, 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.9.7777.{seed}.{i + 1}"
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = pixels.tobytes()
-        path = directory / f"syn-{seed}-{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        uid = f"1.2.826.0.1.3680043.9.7777.{seed}.{i + 1}"
+        paths.append(save_ct(directory / f"syn-{seed}-{i:05d}.dcm", pixels, uid, window=None))
     return paths

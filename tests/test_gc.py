@@ -19,8 +19,10 @@ import pytest
 
 try:
     from fixtures import format2_support as fx
+    from workstation import cli_runner
 except ImportError:  # pragma: no cover
     from tests.fixtures import format2_support as fx
+    from tests.workstation import cli_runner
 
 from app.core import gc, locks
 from app.core.compaction import compact
@@ -261,18 +263,10 @@ def test_stores_tell_last_modified_times(s3_store: Any, tmp_path: Path) -> None:
 
 def test_the_gc_and_unlock_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from app.cli import main
     from app.core.client import Client
     from app.core.settings import load_settings
 
-    monkeypatch.setenv("RADCRYPT_PASSWORD", PASSWORD)
-    base = ["--store", "directory", "--data-dir", str(tmp_path / "data")]
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main([*base, *args])
-        out, err = capsys.readouterr()
-        return code, out, err
+    run = cli_runner(tmp_path / "data", PASSWORD, monkeypatch, capsys)
 
     assert run("identity", "create", "--name", "Collector")[0] == 0
     assert run("repo", "create", "cli-gc", "--format", "2")[0] == 0

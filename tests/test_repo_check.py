@@ -22,8 +22,10 @@ import pytest
 
 try:
     from fixtures import format2_support as fx
+    from workstation import cli_runner
 except ImportError:  # pragma: no cover
     from tests.fixtures import format2_support as fx
+    from tests.workstation import cli_runner
 
 from app.core import logstate
 from app.core.compaction import build_pack, build_segment, compact
@@ -459,37 +461,20 @@ def test_format1_an_image_in_two_segments_is_named(v1: Built, tmp_path: Path) ->
     assert {p.id for p in report.problems if p.kind == "duplicate"} == set(ids)
 
 
-
-# --- the command line (once app/cli.py and the facade have `check --repo`) -------------------
+# --- the command line ------------------------------------------------------------------------
 
 PASSWORD = "cli passphrase: amber meadow 62 lantern"  # zxcvbn 4, as tests/test_cli.py
 
 
-def _has_check_repo() -> bool:
-    from app.core.client import Client
-
-    return hasattr(Client, "check_repository")
-
-
-@pytest.mark.skipif(not _has_check_repo(), reason="the facade and CLI patch of check --repo "
-                    "(/work/p3-facade-cli.patch) is not applied yet")
 def test_the_command_names_each_problem_and_exits_1(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]
                                                      ) -> None:
     import json
 
-    from app.cli import main
     from app.core.settings import load_settings
 
-    monkeypatch.setenv("RADCRYPT_PASSWORD", PASSWORD)
-    base = ["--store", "directory", "--data-dir", str(tmp_path / "data")]
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main([*base, *args])
-        out, err = capsys.readouterr()
-        return code, out, err
+    run = cli_runner(tmp_path / "data", PASSWORD, monkeypatch, capsys)
 
     assert run("identity", "create", "--name", "Checker")[0] == 0
     assert run("repo", "create", "cli-check", "--format", "2")[0] == 0
@@ -622,17 +607,9 @@ def test_check_read_data_command_exit_codes_and_json(tmp_path: Path,
                                                      ) -> None:
     import json
 
-    from app.cli import main
     from app.core.settings import load_settings
 
-    monkeypatch.setenv("RADCRYPT_PASSWORD", PASSWORD)
-    base = ["--store", "directory", "--data-dir", str(tmp_path / "data")]
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main([*base, *args])
-        out, err = capsys.readouterr()
-        return code, out, err
+    run = cli_runner(tmp_path / "data", PASSWORD, monkeypatch, capsys)
 
     assert run("identity", "create", "--name", "Reader")[0] == 0
     assert run("repo", "create", "cli-read", "--format", "2")[0] == 0

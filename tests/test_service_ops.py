@@ -235,10 +235,21 @@ class HeldStore:
     def release(self) -> None:
         self._open.set()
 
-    def get(self, key: str, *args: Any, **kwargs: Any) -> bytes:
+    def _hold(self, key: str) -> None:
         if key.startswith(self._prefix):
             assert self._open.wait(60), "the test never released the store"
+
+    def get(self, key: str, *args: Any, **kwargs: Any) -> bytes:
+        self._hold(key)
         return self._store.get(key, *args, **kwargs)
+
+    def get_range(self, key: str, *args: Any, **kwargs: Any) -> bytes:
+        self._hold(key)  # a segment's header (cloud/segment_download.py)
+        return self._store.get_range(key, *args, **kwargs)
+
+    def iter_chunks(self, key: str, *args: Any, **kwargs: Any) -> Iterator[bytes]:
+        self._hold(key)  # a segment's body, streamed
+        return self._store.iter_chunks(key, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)

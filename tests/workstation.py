@@ -9,6 +9,7 @@ a session is ``.store`` and ``.settings``. Used by tests/security/access_support
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,24 @@ def sample_files(count: int, skip: int = 0) -> list[Path]:
     files = decodable_dicom_files()
     assert len(files) >= skip + count
     return files[skip : skip + count]
+
+
+CliRun = Callable[..., tuple[int, str, str]]
+
+
+def cli_runner(data_dir: Path, password: str, monkeypatch: Any, capsys: Any) -> CliRun:
+    """``run(*args)`` -> (exit code, stdout, stderr) of `radcrypt --store directory
+    --data-dir DATA_DIR ARGS` in this process, the identity's password from the
+    environment (as a script would give it)."""
+    from app.cli import main
+
+    monkeypatch.setenv("RADCRYPT_PASSWORD", password)
+    base = ["--store", "directory", "--data-dir", str(data_dir)]
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([*base, *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
