@@ -43,6 +43,7 @@ from app.core import client as facade
 from app.core.errors import RadcryptError, RepositoryNotFound, WrongPassword
 from app.core.progress import ProgressEvent
 from app.core.settings import Settings, load_settings
+from app.core.similarity import similarity_word
 
 log = logging.getLogger("radcrypt")
 
@@ -368,8 +369,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 mark = "  [INCOMPLETE]" if result.complete is False else ""
                 print(f"{result.query}:{mark}")
                 for hit in result.hits:
-                    print(f"  {hit.rank:>3}. {hit.name}  distance {hit.distance:.6g}  "
-                          f"id {hit.image_id}")
+                    print(f"  {hit.rank:>3}. {hit.name}  {similarity_word(hit.distance)} "
+                          f"(distance {hit.distance:.6g})  id {hit.image_id}")
                 server = result.stats.get("milliseconds", 0.0)
                 print(f"     searched {result.stats.get('vectors', 0)} images, "
                       f"{result.stats.get('full_scored', 0)} fully scored, "

@@ -25,6 +25,7 @@ backends import it without a cycle.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,25 @@ class TimedStore(Protocol):
     def modified(self, key: str) -> float | None:
         """The object's last-modified Unix time; None when it does not exist."""
         ...
+
+
+def stored_after_conflict(store: Store, key: str, attempts: int = 8,
+                          wait: float = 0.25) -> bytes | None:
+    """The bytes under ``key`` after a conditional create answered "exists"; None when
+    nothing appears there.
+
+    A lost answer makes the store's retry of a create meet the first attempt (412). The
+    first attempt may still be in flight on the server then (SeaweedFS answers 412 for a
+    key being written and 404 to a read until the write completes: seen through the
+    fault proxy, tests/test_fault_import.py), so a read that finds nothing is repeated
+    for about two seconds before the object counts as absent."""
+    for attempt in range(attempts):
+        try:
+            return store.get(key)
+        except ObjectNotFound:
+            if attempt + 1 < attempts:
+                time.sleep(wait)
+    return None
 
 
 def list_with_times(store: object, prefix: str) -> Iterator[tuple[str, int, float | None]]:

@@ -51,7 +51,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from cloud import layout
-from cloud.backend import ObjectExists, ObjectNotFound, Store
+from cloud.backend import ObjectExists, ObjectNotFound, Store, stored_after_conflict
 from cloud.seglog_format import (
     KIND_ADD,
     KIND_GENESIS,
@@ -887,18 +887,11 @@ def write_genesis(store: Store, repo_id: str, owner: Identity, owner_id: str,
     try:
         store.put(name, blob, if_absent=True)
     except ObjectExists:
-        if _stored(store, name) == blob:
+        if stored_after_conflict(store, name) == blob:
             return state          # an earlier, retried PUT of this very entry landed
         raise LogError(f"the log of {repo_id} already has a genesis entry", "genesis exists",
                        0) from None
     return state
-
-
-def _stored(store: Store, name: str) -> bytes | None:
-    try:
-        return store.get(name)
-    except ObjectNotFound:
-        return None
 
 
 def _sort_key(item: Added | Removed) -> tuple[int, str]:
@@ -939,7 +932,7 @@ def append(store: Store, repo_id: str, writer: Identity, writer_id: str, trust: 
         try:
             store.put(name, blob, if_absent=True)
         except ObjectExists:
-            if _stored(store, name) == blob:
+            if stored_after_conflict(store, name) == blob:
                 return trial          # an earlier, retried PUT of this very entry landed
             current = verify_log(store, repo_id, trust, since=current)
             gone = [r for r in removed_t if r.type != TYPE_V1_SEGMENT

@@ -190,6 +190,8 @@ def test_search_json_shape(cli: Cli, tmp_path: Path) -> None:
 def test_search_text_output(cli: Cli) -> None:
     done = cli.ok("search", "--repo", REPO, str(cli.files[2]))
     assert cli.files[2].name in done.stdout and cli.ids[cli.files[2].name] in done.stdout
+    # the exact file is found at distance 0: the word scale of docs/SIMILARITY.md
+    assert f"{cli.files[2].name}  identical (distance 0)" in done.stdout
 
 
 def test_get_returns_the_original_byte_for_byte(cli: Cli, tmp_path: Path) -> None:

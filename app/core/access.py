@@ -96,7 +96,7 @@ from app.core.repository import (
 from app.core.session import Session
 from app.core.settings import Settings
 from cloud import layout, seglog
-from cloud.backend import ObjectExists, ObjectNotFound, Store
+from cloud.backend import ObjectExists, ObjectNotFound, Store, stored_after_conflict
 from crypto import pack as pack_format
 from crypto.errors import DecryptionError, FormatError
 from crypto.identity import Identity, PublicCard, endorse_co_owner
@@ -237,11 +237,18 @@ def _write_manifest(store: Store, owner: Identity, manifest: Manifest,
     name = layout.manifest_key(manifest.repo_id)
     payload = json.loads(manifest.to_json())
     blob = sign_json(owner, "manifest", name, payload)
-    try:
-        store.put(name, blob, if_absent=create)
-    except ObjectExists:
-        if store.get(name) != blob:  # else: a retried create found its own first write
-            raise
+    for attempt in range(4):
+        try:
+            store.put(name, blob, if_absent=create)
+            return
+        except ObjectExists:
+            stored = stored_after_conflict(store, name)
+            if stored == blob:
+                return  # a retried create found its own first write
+            if stored is not None or attempt == 3:
+                raise
+            # "exists" but nothing readable: the first attempt was cut off mid-upload
+            # (SeaweedFS answers 412 for it; tests/test_fault_import.py): create again.
 
 
 def _publish(session: Session, owner: Identity, manifest: Manifest) -> Manifest:

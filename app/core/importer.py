@@ -111,7 +111,7 @@ from app.imaging.errors import ImageDecodeError
 from app.imaging.features import get_extractor
 from app.imaging.worker import Analysis, DecoderPool, DecoderUnavailable, analyse
 from cloud import layout, seglog
-from cloud.backend import ObjectExists, Store, StoreError
+from cloud.backend import ObjectExists, Store, StoreError, stored_after_conflict
 from cloud.segments import encode_segment, encode_segment_v2
 from crypto import pack
 from crypto.errors import FormatError
@@ -600,7 +600,7 @@ def _put_new(store: Store, key: str, blob: bytes) -> None:
     try:
         store.put(key, blob, if_absent=True)
     except ObjectExists:
-        if store.get(key) != blob:  # a failing read is the store's error, raised as such
+        if stored_after_conflict(store, key) != blob:  # a failing read: the store's error
             raise IntegrityError(f"cannot create {key}: another object is already stored "
                                  "under this new random name; this batch was not "
                                  "committed") from None

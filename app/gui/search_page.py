@@ -23,10 +23,13 @@ from PyQt6.QtWidgets import (
     QListWidgetItem,
     QPushButton,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
+from app.core.meta import ImageMeta
+from app.core.similarity import similarity_tooltip, similarity_word
 from app.core.types import Hit, QueryResult, Repository
 from app.gui import theme
 from app.gui.archive_page import square_tile
@@ -47,11 +50,46 @@ from app.gui.widgets import (
 )
 
 STRIP_TILE = 88
+CLINICAL_FIELDS = (("modality", "Modality"), ("body_part", "Body part"),
+                   ("study_date", "Study date"), ("study", "Study"), ("series", "Series"),
+                   ("name", "Image"), ("rank", "Rank"))
+"""The card's first rows: the clinical attributes the stored metadata has (DICOM tags;
+"—" where an image has none, e.g. a PNG), then which image and rank."""
+DETAIL_FIELDS = (("distance", "Distance"), ("verified", "Ranking"), ("version", "Key version"),
+                 ("searched", "Searched"), ("format", "Format"), ("id", "Image id"))
+"""Behind the "Details" toggle: the raw distance and the cryptographic bookkeeping."""
 BANNER_RED = "#b3261e"  # white text on it: 6.6:1 (WCAG AA), in the light and dark themes
 
 
 def format_ms(ms: float) -> str:
     return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def _dicom_date(value: str) -> str:
+    """A DICOM date YYYYMMDD as ISO 8601 YYYY-MM-DD; anything else as it is."""
+    value = value.strip()
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value
+
+
+def clinical_values(meta: ImageMeta) -> dict[str, str]:
+    """The card's clinical rows from an image's decrypted tags ("" where a tag is absent).
+
+    Today's importer stores Modality, BodyPartExamined and the study and series
+    descriptions; StudyDate, SeriesNumber and SeriesDescription are read when present so
+    the card fills in once the metadata carries them (issue 15's data model).
+    """
+    tags = meta.tags
+    series = tags.get("SeriesDescription", "").strip()
+    number = tags.get("SeriesNumber", "").strip()
+    if number:
+        series = f"#{number} {series}".strip()
+    return {"modality": tags.get("Modality", "").strip(),
+            "body_part": tags.get("BodyPartExamined", "").strip().title(),
+            "study_date": _dicom_date(tags.get("StudyDate", "")),
+            "study": tags.get("StudyDescription", "").strip(),
+            "series": series}
 
 
 class IncompleteBanner(QFrame):
@@ -171,21 +209,28 @@ class SearchPage(QWidget):
         title = QLabel("Result")
         title.setObjectName("CardTitle")
         form_box.addWidget(title)
-        form = QFormLayout()
-        form.setLabelAlignment(Qt.AlignmentFlag.AlignLeft)
-        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        form.setVerticalSpacing(7)
+        # The distance in words first (raw distance in the tooltip): app/core/similarity.py.
+        self.similarity = QLabel("—")
+        self.similarity.setObjectName("SimilarityWord")
+        self.similarity.setStyleSheet("font-size: 17px; font-weight: 700;")
+        form_box.addWidget(self.similarity)
         self.fields: dict[str, QLabel] = {}
-        for key, label in (("name", "Image"), ("rank", "Rank"), ("distance", "Distance"),
-                           ("verified", "Ranking"), ("version", "Key version"),
-                           ("searched", "Searched"), ("id", "Image id")):
-            value = ElidedLabel("—")
-            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-            if key == "id":
-                value.setProperty("mono", True)
-            self.fields[key] = value
-            form.addRow(QLabel(label + ":"), value)
-        form_box.addLayout(form)
+        # Clinical attributes first: what a radiologist recognises an image by.
+        form_box.addLayout(self._form(CLINICAL_FIELDS))
+        self.details_button = QToolButton()
+        self.details_button.setText("Details")
+        self.details_button.setCheckable(True)
+        self.details_button.setAutoRaise(True)
+        self.details_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.details_button.setArrowType(Qt.ArrowType.RightArrow)
+        self.details_button.setToolTip("Distance, ranking check, key version and image id")
+        self.details_button.toggled.connect(self._toggle_details)
+        form_box.addWidget(self.details_button)
+        self.details = QWidget()
+        self.details.setLayout(self._form(DETAIL_FIELDS))
+        self.details.layout().setContentsMargins(0, 0, 0, 0)
+        self.details.hide()
+        form_box.addWidget(self.details)
         form_box.addStretch(1)
         self.open_full_button = theme.themed(QPushButton("Open full image"), "zoom_in")
         self.open_full_button.clicked.connect(self._open_selected)
@@ -242,6 +287,25 @@ class SearchPage(QWidget):
 
         ctx.repositoryChanged.connect(self.set_repository)
         self._update()
+
+    def _form(self, rows: tuple[tuple[str, str], ...]) -> QFormLayout:
+        form = QFormLayout()
+        form.setLabelAlignment(Qt.AlignmentFlag.AlignLeft)
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        form.setVerticalSpacing(7)
+        for key, label in rows:
+            value = ElidedLabel("—")
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            if key == "id":
+                value.setProperty("mono", True)
+            self.fields[key] = value
+            form.addRow(QLabel(label + ":"), value)
+        return form
+
+    def _toggle_details(self, shown: bool) -> None:
+        self.details.setVisible(shown)
+        self.details_button.setArrowType(Qt.ArrowType.DownArrow if shown
+                                         else Qt.ArrowType.RightArrow)
 
     # --- query ---------------------------------------------------------------------------
 
@@ -327,8 +391,9 @@ class SearchPage(QWidget):
             tile = tiles.get(hit.image_id)
             pixmap = QPixmap.fromImage(tile) if tile is not None else QPixmap()
             pixmap.setDevicePixelRatio(2.0)
-            item = QListWidgetItem(QIcon(pixmap), f"#{hit.rank} · {hit.distance:.4g}")
-            item.setToolTip(f"{hit.name}\ndistance {hit.distance:.6g}")
+            # the word only (rank = position; "#1 · near-duplicate" would be elided)
+            item = QListWidgetItem(QIcon(pixmap), similarity_word(hit.distance))
+            item.setToolTip(f"#{hit.rank} · {hit.name}\n{similarity_tooltip(hit.distance)}")
             item.setData(Qt.ItemDataRole.UserRole, hit.image_id)
             self.strip.addItem(item)
         self.strip_label.setText(f"Nearest {len(result.hits)} images")
@@ -379,6 +444,12 @@ class SearchPage(QWidget):
         title = "Nearest neighbour" if hit.rank == 1 else f"Rank {hit.rank}"
         self.nearest_caption.setText(f"{title} · {hit.name}")
         total = len(self.outcome.result.hits)
+        word = similarity_word(hit.distance)
+        self.similarity.setText(word[:1].upper() + word[1:])
+        self.similarity.setToolTip(similarity_tooltip(hit.distance))
+        meta = ImageMeta.from_record(hit.image_id, hit.meta, hit.key_version)
+        for key, value in clinical_values(meta).items():
+            self.fields[key].setText(value or "—")
         self.fields["name"].setText(hit.name)
         self.fields["rank"].setText(f"{hit.rank} of {total}")
         self.fields["distance"].setText(f"{hit.distance:.6g}")
@@ -386,6 +457,8 @@ class SearchPage(QWidget):
                                            "recomputed from the decrypted features "
                                            "(0 = identical features)")
         self.fields["version"].setText(str(hit.key_version))
+        size = f"{meta.columns} × {meta.rows}, " if meta.rows and meta.columns else ""
+        self.fields["format"].setText(size + (meta.source_format.upper() or "—"))
         self.fields["id"].setText(hit.image_id)
         self._update()
 
@@ -421,8 +494,9 @@ class SearchPage(QWidget):
         self.strip_label.setText("Nearest images")
         self.nearest_panel.set_image(None)
         self.nearest_caption.setText("Nearest neighbour")
-        for label in (*self.fields.values(), *self.timings.values()):
+        for label in (self.similarity, *self.fields.values(), *self.timings.values()):
             label.setText("—")
+        self.similarity.setToolTip("")
 
     def _open_selected(self) -> None:
         hit, repo = self.selected, self.repo
