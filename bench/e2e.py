@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import json
 import os
 import platform
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
     from app.core.service_client import ServiceClient
 
 OBJECT_BYTES = 512 * 1024
-SEGMENT_ROWS = 20000
 
 
 def _rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -60,15 +58,11 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 def run(n: int, queries: int, work: Path) -> dict[str, object]:
-    from app.core import logstate, objects
+    from app.core import objects
     from app.core.access import create_repository_as, session_for
     from app.core.searcher import search_features
     from app.core.settings import Settings
-    from cloud import layout, seglog
-    from cloud.segments import encode_segment_v2
-    from crypto import pack
     from crypto.identity import Identity
-    from crypto.segment_mac import index_mac_key
 
     rng = np.random.default_rng(0)
     data = realistic(rng, n, 128)
@@ -78,37 +72,8 @@ def run(n: int, queries: int, work: Path) -> dict[str, object]:
     with session_for(settings, owner) as session:
         store = session.store
         repo = create_repository_as(session, owner, "e2e-bench", storage_format=2)
-        keys, repo_id = repo.keys, repo.repo_id
-        ids = [layout.new_id() for _ in range(n)]
-        preview = b"\x89PNG\r\n\x1a\n"  # the previews are not what this measures
         start = time.perf_counter()
-        segment_bytes = 0
-        state = logstate.verified_log(store, settings, repo)
-        for begin in range(0, n, SEGMENT_ROWS):
-            rows = slice(begin, begin + SEGMENT_ROWS)
-            batch_ids = ids[rows]
-            vectors = keys.index_key.encrypt(data[rows])
-            seg_id, pack_id = layout.new_id(), layout.new_id()
-            blob = encode_segment_v2(batch_ids, vectors, keys.version, seg_id=seg_id,
-                                     writer=owner.user_id, base_sequence=state.head.sequence,
-                                     repo_id=repo_id, mac_key=index_mac_key(keys.data_key))
-            metas = [(image_id, json.dumps({"format": "radcrypt-meta-v2",
-                                            "name": f"image-{begin + j}.dcm"}).encode(),
-                      preview) for j, image_id in enumerate(batch_ids)]
-            packed = pack.build_pack(keys.data_key, repo_id, pack_id, keys.version, metas,
-                                     data[rows])
-            store.put(layout.pack_key(repo_id, pack_id), packed)
-            store.put(layout.segment_key(repo_id, seg_id), blob)
-            added = [seglog.Added(seglog.TYPE_SEGMENT, seg_id, hashlib.sha256(blob).digest(),
-                                  len(batch_ids)),
-                     seglog.Added(seglog.TYPE_PACK, pack_id, hashlib.sha256(packed).digest(),
-                                  len(batch_ids))]
-            state = seglog.append(store, repo_id, owner, owner.user_id,
-                                  logstate.repository_trust(store, repo), state,
-                                  kind=seglog.KIND_ADD, reason=seglog.REASON_IMPORT,
-                                  key_version=keys.version, added=added)
-            segment_bytes += len(blob)
-        logstate.remember_head(settings, repo_id, state.head)
+        ids, segment_bytes = datasets.commit_vectors(store, settings, owner, repo, data)
         report["encrypt_upload_s"] = time.perf_counter() - start
         picks = rng.choice(n, queries, replace=False)
         for i in picks:

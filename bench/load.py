@@ -23,7 +23,6 @@ encoding, decoding) competes with the service's, so the throughput is a floor.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -45,7 +44,6 @@ from bench.realistic import realistic
 from bench.report import write_json
 
 RESULTS = Path(__file__).parent / "results" / "load.json"
-SEGMENT_ROWS = 20000
 TOKENS = 64  # distinct query tokens the clients cycle through
 K = 10
 UNLIMITED = ("--user-rate", "100000", "--user-burst", "100000",
@@ -78,42 +76,11 @@ def build_repository(session: Any, owner: Any, n: int, rng: np.random.Generator
     """A format-2 repository of ``n`` encrypted realistic vectors, committed as the
     importer commits (segment + pack per log entry, signed by the owner); fast because
     it skips decoding images. Returns the repository and the plaintext vectors."""
-    from app.core import logstate
     from app.core.access import create_repository_as
-    from cloud import layout, seglog
-    from cloud.segments import encode_segment_v2
-    from crypto import pack
-    from crypto.segment_mac import index_mac_key
 
     data = realistic(rng, n, 128)
     repo = create_repository_as(session, owner, "load-bench", storage_format=2)
-    keys, repo_id, store = repo.keys, repo.repo_id, session.store
-    state = logstate.verified_log(store, session.settings, repo)
-    preview = b"\x89PNG\r\n\x1a\n"
-    for begin in range(0, n, SEGMENT_ROWS):
-        rows = slice(begin, begin + SEGMENT_ROWS)
-        ids = [layout.new_id() for _ in range(len(data[rows]))]
-        seg_id, pack_id = layout.new_id(), layout.new_id()
-        blob = encode_segment_v2(ids, keys.index_key.encrypt(data[rows]), keys.version,
-                                 seg_id=seg_id, writer=owner.user_id,
-                                 base_sequence=state.head.sequence, repo_id=repo_id,
-                                 mac_key=index_mac_key(keys.data_key))
-        metas = [(image_id, json.dumps({"format": "radcrypt-meta-v2",
-                                        "name": f"image-{begin + j}.dcm"}).encode(), preview)
-                 for j, image_id in enumerate(ids)]
-        packed = pack.build_pack(keys.data_key, repo_id, pack_id, keys.version, metas,
-                                 data[rows])
-        store.put(layout.pack_key(repo_id, pack_id), packed)
-        store.put(layout.segment_key(repo_id, seg_id), blob)
-        added = [seglog.Added(seglog.TYPE_SEGMENT, seg_id, hashlib.sha256(blob).digest(),
-                              len(ids)),
-                 seglog.Added(seglog.TYPE_PACK, pack_id, hashlib.sha256(packed).digest(),
-                              len(ids))]
-        state = seglog.append(store, repo_id, owner, owner.user_id,
-                              logstate.repository_trust(store, repo), state,
-                              kind=seglog.KIND_ADD, reason=seglog.REASON_IMPORT,
-                              key_version=keys.version, added=added)
-    logstate.remember_head(session.settings, repo_id, state.head)
+    datasets.commit_vectors(session.store, session.settings, owner, repo, data)
     return repo, data
 
 

@@ -342,7 +342,9 @@ class DirectoryStore:
         finally:
             os.close(fd)
 
-    def size(self, key: str) -> int | None:
+    def _stat(self, key: str) -> os.stat_result | None:
+        """The object's file status; None when there is no such object (no file, or not
+        a regular file)."""
         path = self._path(key)
         self._check_no_links(path, key)
         try:
@@ -351,7 +353,11 @@ class DirectoryStore:
             return None
         except OSError as exc:
             raise self._error(exc, "head", key) from None
-        return info.st_size if stat.S_ISREG(info.st_mode) else None
+        return info if stat.S_ISREG(info.st_mode) else None
+
+    def size(self, key: str) -> int | None:
+        info = self._stat(key)
+        return info.st_size if info is not None else None
 
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
@@ -394,15 +400,8 @@ class DirectoryStore:
     def modified(self, key: str) -> float | None:
         """When the object was last written (its file's mtime), None when it does not
         exist."""
-        path = self._path(key)
-        self._check_no_links(path, key)
-        try:
-            info = os.stat(path, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as exc:
-            raise self._error(exc, "head", key) from None
-        return info.st_mtime if stat.S_ISREG(info.st_mode) else None
+        info = self._stat(key)
+        return info.st_mtime if info is not None else None
 
     def _walk(self, directory: Path, key_base: str, start: str,
               found: list[tuple[str, int, float | None]]) -> None:

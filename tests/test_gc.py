@@ -59,19 +59,10 @@ class DiesAtCommit:
         return getattr(self._store, name)
 
 
-class Built:
-    def __init__(self, tmp: Path) -> None:
-        store = DirectoryStore(tmp / "pristine")
-        store.ensure_bucket()
+class Built(fx.PristineBucket):
+    def build(self, store: DirectoryStore) -> None:
         self.owner, (self.member,), self.repo = fx.repository(store, "gc-repo", FILES, 1, 2,
                                                               members=1)
-        self.saved = fx.snapshot(store)
-
-    def fresh(self, tmp: Path) -> DirectoryStore:
-        store = DirectoryStore(tmp / "bucket")
-        store.ensure_bucket()
-        fx.restore(store, self.saved)
-        return store
 
 
 @pytest.fixture(scope="module")

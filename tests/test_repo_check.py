@@ -42,21 +42,16 @@ FILES = 4
 BATCH = 2
 
 
-class Built:
+class Built(fx.PristineBucket):
     """A pristine bucket, its repository and owner, copied into a fresh store per test."""
 
     def __init__(self, tmp: Path, storage_format: int) -> None:
-        store = DirectoryStore(tmp / "pristine")
-        store.ensure_bucket()
-        self.owner, _, self.repo = fx.repository(store, f"check-v{storage_format}", FILES,
-                                                 BATCH, storage_format)
-        self.saved = fx.snapshot(store)
+        self.storage_format = storage_format
+        super().__init__(tmp)
 
-    def fresh(self, tmp: Path) -> DirectoryStore:
-        store = DirectoryStore(tmp / "bucket")
-        store.ensure_bucket()
-        fx.restore(store, self.saved)
-        return store
+    def build(self, store: DirectoryStore) -> None:
+        self.owner, _, self.repo = fx.repository(store, f"check-v{self.storage_format}",
+                                                 FILES, BATCH, self.storage_format)
 
 
 @pytest.fixture(scope="module")
