@@ -341,11 +341,18 @@ def cmd_import(args: argparse.Namespace) -> int:
                                          batch_size=args.batch_size)
 
         def text() -> None:
+            skipped = getattr(report, "skipped", [])
             print(f"imported {len(report.imported)}, already present "
-                  f"{len(report.already_present)}, failed {len(report.failed)} "
-                  f"in {report.seconds:.1f} s")
+                  f"{len(report.already_present)}, failed {len(report.failed)}"
+                  + (f", skipped {len(skipped)} (not images)" if skipped else "")
+                  + f" in {report.seconds:.1f} s")
             for _, reason in report.failed:
                 print(f"  failed: {reason}", file=sys.stderr)
+            for path, reason in skipped[:10]:  # a CD export: DICOMDIR, viewer, autorun.inf
+                print(f"  skipped: {path}: {reason}", file=sys.stderr)
+            if len(skipped) > 10:
+                print(f"  skipped: and {len(skipped) - 10} more (--json lists them all)",
+                      file=sys.stderr)
 
         _emit(args, report.as_dict(), text)
     if report.failed:

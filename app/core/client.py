@@ -93,6 +93,7 @@ __all__ = [
     "restore_identity_backup",
     "robust_range",
     "run_demo",
+    "scan_paths",
     "serve",
     "stop_store",
     "store_status",
@@ -1129,6 +1130,14 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     from app.core.importer import expand_paths as expand
 
     return expand(paths)
+
+
+def scan_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files an import of ``paths`` would read, and (path, reason) of the files it
+    skips as not images (a CD export's DICOMDIR, viewer program, autorun.inf)."""
+    from app.core.importer import scan_paths as scan
+
+    return scan(paths)
 
 
 def robust_range(pixels: np.ndarray) -> tuple[float, float]:

@@ -182,6 +182,9 @@ class ImportReport:
     imported: list[tuple[str, str]] = field(default_factory=list)  # (path, image id)
     already_present: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # files found in a folder that are not images (a CD's DICOMDIR, viewer program, autorun):
+    # left alone and listed, not failures (scan_paths)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     segments: list[str] = field(default_factory=list)
     packs: list[str] = field(default_factory=list)  # format 2: one per committed batch
     cancelled: bool = False
@@ -192,6 +195,7 @@ class ImportReport:
             "imported": [{"path": p, "image_id": i} for p, i in self.imported],
             "already_present": [{"path": p, "image_id": i} for p, i in self.already_present],
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "segments": self.segments,
             **({"packs": self.packs} if self.packs else {}),
             "cancelled": self.cancelled,
@@ -211,19 +215,84 @@ class _Prepared:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files named, and files under folders named (recursive), sorted, hidden ones skipped."""
+    """The files an import reads: files named, and the image files under folders named
+    (recursive, sorted, hidden ones skipped); what scan_paths skips is left out."""
+    return scan_paths(paths)[0]
+
+
+def scan_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to import, and (path, reason) of the files under the folders named that are
+    skipped because they are not images: a CD export also holds its DICOMDIR index, a
+    viewer program, autorun.inf, HTML pages. Counting those as failed imports would bury
+    the real failures, so they are listed apart. A file named on its own is always tried
+    (the user asked for it), except a DICOMDIR; a file with an image's extension (.dcm,
+    .png...) is tried too, so a corrupt image still fails loudly. RadcryptError for a
+    missing path."""
     found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
+                for name in sorted(files):
+                    if name.startswith("."):
+                        continue
+                    file = Path(root) / name
+                    reason = skip_reason(file, named=False)
+                    if reason:
+                        skipped.append((str(file), reason))
+                    else:
+                        found.append(file)
         elif path.exists():
-            found.append(path)
+            reason = skip_reason(path, named=True)
+            if reason:
+                skipped.append((str(path), reason))
+            else:
+                found.append(path)
         else:
             raise RadcryptError(f"no such file or folder: {path}")
-    return found
+    return found, skipped
+
+
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima", ".img", ".png", ".jpg", ".jpeg",
+                            ".jpe", ".tif", ".tiff"})
+"""Extensions of files that are tried even when their content is not recognised."""
+
+_SNIFF_BYTES = 4096
+_MEDIA_STORAGE_DIRECTORY = b"1.2.840.10008.1.3.10"  # the DICOMDIR's SOP Class UID
+
+
+def skip_reason(path: Path, *, named: bool) -> str:
+    """Why ``path`` is not imported, or "" to import it. Reads the first 4 KiB only: the
+    format is judged from the content (app/imaging/decode.py sniff_format), the name
+    only saves files with an image's extension from being skipped."""
+    from app.imaging.decode import sniff_format, unknown_content_reason
+
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except OSError:
+        return ""  # the decoder reports the unreadable file as a failure, naming it
+    if path.name.upper() == "DICOMDIR" or _is_dicomdir(head):
+        return "a DICOMDIR (the index of a DICOM CD or folder), not an image"
+    if named or not head or path.suffix.lower() in IMAGE_SUFFIXES:
+        return ""
+    if sniff_format(head) is not None:
+        return ""
+    return unknown_content_reason(head)
+
+
+def _is_dicomdir(head: bytes) -> bool:
+    """A DICOM file whose meta header's Media Storage SOP Class UID (0002,0002) is the
+    Media Storage Directory (the meta header is always explicit VR little endian)."""
+    if head[128:132] != b"DICM":
+        return False
+    at = head.find(b"\x02\x00\x02\x00UI", 132)
+    if at < 0:
+        return False
+    length = int.from_bytes(head[at + 6:at + 8], "little")
+    return head[at + 8:at + 8 + length].rstrip(b"\x00 ") == _MEDIA_STORAGE_DIRECTORY
 
 
 def image_id_for(repo: Repository, content_digest: bytes) -> str:
@@ -289,7 +358,7 @@ class Importer:
         if not self.format2 and not self.FORMAT1_WRITER:
             raise IntegrityError(format1_read_only(self.repo.repo_id))
         report = ImportReport()
-        files = expand_paths(paths)
+        files, report.skipped = scan_paths(paths)
         total = len(files)
         self.progress(ProgressEvent("scan", 0, total, message=f"{total} files to import"))
         children = None

@@ -24,7 +24,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.core.client import expand_paths
+from app.core.client import scan_paths
 from app.core.progress import ProgressEvent
 from app.core.types import ImportReport, Repository
 from app.gui import theme
@@ -245,18 +245,24 @@ class ImportPage(QWidget):
 
     def add_paths(self, paths: list[str]) -> None:
         """Expand folders in the background (they may be large), then list the files."""
-        def work(_: TaskContext) -> list[str]:
-            return [str(p) for p in expand_paths(paths)]
+        def work(_: TaskContext) -> tuple[list[str], int]:
+            files, skipped = scan_paths(paths)
+            return [str(p) for p in files], len(skipped)
 
         self.summary.setText("Looking for images…")
         self.ctx.runner.run("Listing files", work,
                             on_done=self._files_listed, on_error=self.ctx.error)
 
-    def _files_listed(self, files: list[str]) -> None:
+    def _files_listed(self, listed: tuple[list[str], int]) -> None:
+        files, skipped = listed
         added = self.model.add(files)
         self.table.scrollToBottom()
-        self.summary.setText(f"{added} file{'s' if added != 1 else ''} added."
-                             if added else "Those files are already in the list.")
+        text = (f"{added} file{'s' if added != 1 else ''} added."
+                if added else "Those files are already in the list.")
+        if skipped:  # a CD export's DICOMDIR, viewer program, autorun.inf...
+            text += (f" {skipped} file{'s' if skipped != 1 else ''} skipped: not images"
+                     " (DICOMDIR, viewer programs, web pages).")
+        self.summary.setText(text)
         self._update()
 
     def clear(self) -> None:

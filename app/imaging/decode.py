@@ -13,11 +13,15 @@ file; sizes are checked before pixels are decoded, so a decompression bomb is re
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
 import struct
+import sys
 import warnings
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +79,18 @@ VIEWER_KEYS = (
 from ``metadata`` in ``display_tags``, which the importer never stores."""
 
 _PERCENTILE_SAMPLES = 1 << 18
+
+IN_DECODER_CHILD = False
+"""Set by the decoder child (app/imaging/worker.py), which is single-threaded: GDCM then
+decodes in a forked process of its own (a C++ exception it does not catch aborts the
+process: found by tests/fuzz/test_file_fuzz.py with Bits Stored 1 on JPEG Lossless), and
+its messages on file descriptor 2 are dropped. Off in-process, where forking or redirecting
+stderr would disturb other threads."""
+
+GDCM_LAST = "gdcm"
+"""Plugins are tried in pydicom's order except GDCM, tried last: files that decoded before
+python-gdcm was installed keep their exact pixels (same plugin), and GDCM, the least robust
+against hostile input, only sees what nothing else decodes (JPEG Lossless, 12-bit JPEG)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -545,7 +561,7 @@ def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int | No
 
 
 def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
-    from pydicom.pixels import apply_color_lut, pixel_array
+    from pydicom.pixels import apply_color_lut
 
     pixel_keyword = next(
         (k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds),
@@ -575,7 +591,7 @@ def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
     _check_frame(name, index, n_frames)
     _ensure_transfer_syntax(ds, name, pixel_keyword)
 
-    arr = pixel_array(ds, index=index if n_frames > 1 else None)
+    arr = _frame_array(ds, name, index, n_frames, rows, cols, spp)
     expected = (rows, cols) if spp == 1 else (rows, cols, 3)
     if arr.shape != expected:  # e.g. a Number of Frames that the pixel data contradicts
         raise ImageDecodeError(
@@ -610,6 +626,169 @@ def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
         display_range=display_range,
         voi_lut_image=voi_lut_image,
     )
+
+
+def _frame_array(ds: Dataset, name: str, index: int, n_frames: int, rows: int, cols: int,
+                 spp: int) -> np.ndarray:
+    """One frame's stored values, through pydicom's decoder plugins (docs/CODECS.md).
+
+    The one exception is 12-bit JPEG Extended (Process 4), common in older CT and MR exports:
+    pydicom's GDCM plugin refuses it outright and the only other plugin that can decode it,
+    pylibjpeg-libjpeg, is GPL-3. GDCM itself decodes it (its IJG 12-bit codec), so such a
+    frame goes straight to GDCM here, with the sizes already checked against the limits.
+    Plugins are tried in pydicom's order, GDCM last (GDCM_LAST), GDCM isolated (_isolated)."""
+    from pydicom.pixels import get_decoder, pixel_array
+    from pydicom.uid import JPEGExtended12Bit
+
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    bits_stored = _int_attr(ds, "BitsStored", None) or 0
+    if ts == JPEGExtended12Bit and bits_stored > 8 and spp == 1 and _have_gdcm():
+        return _isolated(name, lambda: _gdcm_jpeg12_frame(ds, name, index, n_frames, rows,
+                                                         cols, bits_stored))
+    frame = index if n_frames > 1 else None
+    plugins = list(get_decoder(ts).available_plugins)
+    if GDCM_LAST not in plugins:
+        return pixel_array(ds, index=frame)
+    plugins = [p for p in plugins if p != GDCM_LAST] + [GDCM_LAST]
+    errors = []
+    for plugin in plugins:
+        try:
+            if plugin == GDCM_LAST:
+                return _isolated(name, lambda: pixel_array(ds, index=frame,
+                                                           decoding_plugin=GDCM_LAST))
+            return pixel_array(ds, index=frame, decoding_plugin=plugin)
+        except (MemoryError, ImageDecodeError):
+            raise
+        except Exception as exc:
+            errors.append(f"{plugin}: {short(exc)}")
+    raise RuntimeError("Unable to decode as exceptions were raised by all available "
+                       "plugins: " + "; ".join(errors))
+
+
+def _isolated(name: str, decode: Callable[[], np.ndarray]) -> np.ndarray:
+    """``decode()`` in a forked process when IN_DECODER_CHILD (see there), else here.
+
+    The array comes back in .npy format (np.load without pickles); an exception comes back
+    as its message; a crash (a signal) becomes an ImageDecodeError naming the codec's fault.
+    """
+    if not IN_DECODER_CHILD or not hasattr(os, "fork"):
+        return decode()
+    read_end, write_end = os.pipe()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the grandchild: decode, answer, exit without Python's cleanup
+        os.close(read_end)
+        code = 0
+        try:
+            with _codec_stderr_quiet():
+                arr = decode()
+            out = io.BytesIO()
+            np.save(out, np.ascontiguousarray(arr), allow_pickle=False)
+            payload = b"A" + out.getvalue()
+        except ImageDecodeError as exc:
+            payload = b"D" + exc.reason.encode("utf-8", "replace")
+        except MemoryError:
+            payload = b"M"
+        except BaseException as exc:
+            payload = b"E" + str(exc).encode("utf-8", "replace")
+        try:
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(payload)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        payload = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) or not payload:
+        how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.WEXITSTATUS(status)}")
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9:
+            raise MemoryError  # the kernel's OOM killer, as for the child itself
+        raise ImageDecodeError(
+            name, f"compressed pixel data is corrupt or cannot be decoded (the GDCM codec "
+            f"failed on it: {how})")
+    kind, body = payload[:1], payload[1:]
+    if kind == b"A":
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    if kind == b"D":
+        raise ImageDecodeError(name, body.decode("utf-8", "replace"))
+    if kind == b"M":
+        raise MemoryError
+    raise RuntimeError(body.decode("utf-8", "replace"))
+
+
+def _have_gdcm() -> bool:
+    try:
+        import gdcm  # noqa: F401  (python-gdcm)
+    except ImportError:
+        return False
+    return True
+
+
+def _gdcm_jpeg12_frame(ds: Dataset, name: str, index: int, n_frames: int, rows: int,
+                       cols: int, bits_stored: int) -> np.ndarray:
+    """A grey 12-bit JPEG Extended frame decoded by GDCM: uint16, or int16 when signed."""
+    import gdcm
+    from pydicom.encaps import get_frame
+
+    if bits_stored > 16 or _int_attr(ds, "BitsAllocated") != 16:
+        raise ImageDecodeError(
+            name, f"JPEG Extended with {bits_stored} bits stored in "
+            f"{_int_attr(ds, 'BitsAllocated')} allocated is not a valid combination")
+    if not ds["PixelData"].is_undefined_length:
+        raise ImageDecodeError(name, "JPEG Extended pixel data is not encapsulated")
+    src = get_frame(ds.PixelData, index, number_of_frames=n_frames)
+    gdcm.Trace.WarningOff()  # GDCM tries its 8-bit codec first and says so on stderr
+    gdcm.Trace.ErrorOff()
+    fragment = gdcm.Fragment()
+    fragment.SetByteStringValue(src)
+    fragments = gdcm.SequenceOfFragments.New()
+    fragments.AddFragment(fragment)
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetValue(fragments.__ref__())
+    image = gdcm.Image()
+    image.SetNumberOfDimensions(2)
+    image.SetDimensions((cols, rows, 1))
+    image.SetDataElement(element)
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip()
+    image.SetPhotometricInterpretation(
+        gdcm.PhotometricInterpretation(gdcm.PhotometricInterpretation.GetPIType(pi)))
+    image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(
+        str(ds.file_meta.TransferSyntaxUID))))
+    signed = _int_attr(ds, "PixelRepresentation", 0) == 1
+    image.SetPixelFormat(gdcm.PixelFormat(1, 16, bits_stored, bits_stored - 1, int(signed)))
+    buffer = image.GetBuffer()
+    if buffer is None:
+        raise ImageDecodeError(name, "compressed pixel data is corrupt or cannot be decoded")
+    raw = buffer.encode("utf-8", "surrogateescape")  # GDCM hands char* over as str
+    if len(raw) != rows * cols * 2:
+        raise ImageDecodeError(
+            name, f"JPEG Extended frame decodes to {len(raw)} bytes, not the "
+            f"{rows * cols * 2} its rows and columns require")
+    arr = np.frombuffer(raw, dtype="<u2").reshape(rows, cols)
+    if not signed:
+        return arr & np.uint16((1 << bits_stored) - 1)
+    shift = 16 - bits_stored  # sign-extend the stored bits (already so if GDCM did)
+    return ((arr.astype(np.int16) << shift) >> shift).astype(np.int16)
+
+
+@contextlib.contextmanager
+def _codec_stderr_quiet() -> Iterator[None]:
+    """File descriptor 2 points at /dev/null inside, when IN_DECODER_CHILD is set."""
+    if not IN_DECODER_CHILD:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _pixel_attributes(ds: Dataset, name: str) -> tuple[int, int, int, int, int]:

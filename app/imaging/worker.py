@@ -431,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import app.imaging.decode
     import app.imaging.features
-    import app.imaging.thumbnail  # noqa: F401
+    import app.imaging.thumbnail
 
+    # single-threaded: GDCM may decode in a fork of this process, its stderr silenced
+    app.imaging.decode.IN_DECODER_CHILD = True
     _apply_setup(setup)
     limit = default_memory_limit() if args.memory_limit is None else args.memory_limit
     kind = args.limit_kind or ("rlimit" if sys.platform.startswith("linux") else "watchdog")

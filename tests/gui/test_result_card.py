@@ -31,14 +31,14 @@ from resources.samples import perturb_file
 PASSWORD = "quiet harbour lantern 47 violet"  # tests/owned_repos.STRONG_PASSWORD
 REPO = "gui-card"
 SHOTS = Path(os.environ.get("RADCRYPT_SCREENSHOT_DIR", "/tmp"))
-MR = "007_MR-SIEMENS-DICOM-WithOverlays.dcm"
+MR = "012_MR-SIEMENS-DICOM-WithOverlays.dcm"
 
 
 def test_result_card_words_clinical_first_details_hidden(qtbot, tmp_path: Path,
                                                          sample_images: list[Path]) -> None:
     from app.gui.app import make_application
 
-    files = sample_images[:8]
+    files = sample_images[:8] + [p for p in sample_images if p.name == MR]
     original = next(p for p in files if p.name == MR)
     tags = pydicom.dcmread(original, stop_before_pixels=True)
     query = perturb_file(original, tmp_path / "query", "noise", seed=7)
@@ -46,7 +46,7 @@ def test_result_card_words_clinical_first_details_hidden(qtbot, tmp_path: Path,
     identity = facade.create_identity(settings, "Dr. Card", PASSWORD)
     with facade.Client(settings, identity) as client:
         repo = client.create_repository(REPO, storage_format=2)
-        assert len(client.import_files(repo, files).imported) == 8
+        assert len(client.import_files(repo, files).imported) == len(files) == 9
 
     make_application()
     backend = Backend(settings)
