@@ -41,6 +41,13 @@ class ImageMeta:
     features: tuple[float, ...] = field(default=(), repr=False)
     key_version: int = 0  # the key version that opened the metadata
     error: str = ""
+    # The clinical data model (DESIGN.md section 9): DICOM keyword -> value as a string
+    # (multi-valued attributes joined by a backslash, as DICOM writes them), from
+    # app/imaging/clinical.py CLINICAL_KEYS. Empty for PNG/JPEG/TIFF and older archives.
+    clinical: dict[str, str] = field(default_factory=dict)
+    frame: int = 0  # 0-based frame of a multi-frame instance this image is
+    frames: int = 1  # frames of the instance (NumberOfFrames)
+    original_id: str = ""  # image id whose object holds the original file ("" = this one)
 
     @classmethod
     def from_record(cls, image_id: str, record: dict[str, Any], key_version: int = 0
@@ -57,7 +64,11 @@ class ImageMeta:
             extractor=str(record.get("extractor") or ""),
             sha256=str(record.get("sha256") or ""),
             features=tuple(float(x) for x in features) if isinstance(features, list) else (),
-            key_version=key_version)
+            key_version=key_version,
+            clinical=({str(k): str(v) for k, v in clinical.items()}
+                      if isinstance(clinical := record.get("clinical"), dict) else {}),
+            frame=_int(record.get("frame")), frames=max(1, _int(record.get("frames") or 1)),
+            original_id=str(record.get("original") or ""))
 
     @classmethod
     def damaged(cls, image_id: str, error: str) -> ImageMeta:
@@ -65,7 +76,28 @@ class ImageMeta:
 
     @property
     def modality(self) -> str:
-        return self.tags.get("Modality", "")
+        return self.clinical.get("Modality") or self.tags.get("Modality", "")
+
+    def attribute(self, keyword: str) -> str:
+        """A clinical attribute by DICOM keyword, falling back to the older ``tags``."""
+        return self.clinical.get(keyword) or self.tags.get(keyword, "")
+
+    @property
+    def study_uid(self) -> str:
+        return self.clinical.get("StudyInstanceUID", "")
+
+    @property
+    def series_uid(self) -> str:
+        return self.clinical.get("SeriesInstanceUID", "")
+
+    @property
+    def sop_uid(self) -> str:
+        return self.clinical.get("SOPInstanceUID", "")
+
+    @property
+    def original_image_id(self) -> str:
+        """The image id whose stored object is this image's original file."""
+        return self.original_id or self.image_id
 
     def describe(self) -> str:
         """One line: name, size in pixels, format, modality, import time."""
@@ -87,7 +119,9 @@ class ImageMeta:
             "size": self.size, "rows": self.rows, "columns": self.columns,
             "source_format": self.source_format, "modality": self.modality,
             "tags": dict(self.tags), "extractor": self.extractor, "sha256": self.sha256,
-            "key_version": self.key_version}
+            "key_version": self.key_version, "clinical": dict(self.clinical),
+            "frame": self.frame, "frames": self.frames,
+            "original_id": self.original_image_id}
         if features:
             out["features"] = list(self.features)
         if self.error:
