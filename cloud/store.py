@@ -43,7 +43,9 @@ conflict.
 from __future__ import annotations
 
 import io
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -141,6 +143,11 @@ _AUTH = {
 }
 _SERVER_DOWN = {"InternalError", "ServiceUnavailable", "SlowDown", "500", "502", "503", "504"}
 _NOT_SUPPORTED = {"NotImplemented", "501"}
+CLOSED_RETRIES = 4
+"""Extra tries of a replayable request whose connection the server closed (see _call)."""
+CLOSED_BACKOFF_S = 0.2
+"""First wait before such a try, doubled each time (with jitter), at most 2 s."""
+
 _UNREACHABLE = (
     bexc.EndpointConnectionError,
     bexc.ConnectTimeoutError,
@@ -341,11 +348,28 @@ class ObjectStore:
             )
         return StoreError(self._scrub(f"{what} failed on the {where}: {detail}"), code=code)
 
-    def _call(self, op: str, key: str | None, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except (bexc.BotoCoreError, bexc.ClientError, boto3.exceptions.Boto3Error) as exc:
-            raise self._translate(exc, op, key) from None
+    def _call(self, op: str, key: str | None, fn: Callable[[], T], *,
+              replayable: bool = False) -> T:
+        """``fn`` with botocore's errors translated. ``replayable`` (a whole request that
+        may be sent again: put of bytes, get, head, delete): a connection the server closed
+        is tried again, CLOSED_RETRIES more times with backoff, even after botocore stopped.
+
+        Why: botocore's standard retry mode keeps a per-client retry quota (the AWS SDKs'
+        circuit breaker: 500 tokens, 5 per retry, 1 back per success). Under a sustained
+        loss of answers (tests/test_fault_import.py, 30 % of answers lost) the quota runs
+        dry after about a hundred retries and botocore then gives up on the first closed
+        connection. A closed connection means the server is there: one more try is right.
+        A conditional create sent again may meet its own earlier write (412): callers
+        compare the stored bytes (cloud/backend.stored_after_conflict)."""
+        for attempt in range(CLOSED_RETRIES + 1):
+            try:
+                return fn()
+            except (bexc.BotoCoreError, bexc.ClientError, boto3.exceptions.Boto3Error) as exc:
+                closed = isinstance(_root_cause(exc), bexc.ConnectionClosedError)
+                if not (replayable and closed and attempt < CLOSED_RETRIES):
+                    raise self._translate(exc, op, key) from None
+            time.sleep(min(CLOSED_BACKOFF_S * 2 ** attempt, 2.0) * (0.5 + random.random()))
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     # bucket ----------------------------------------------------------------------------
 
@@ -419,7 +443,7 @@ class ObjectStore:
     def _put_object(self, key: str, body: bytes, **extra: str) -> None:
         bucket = self.config.bucket
         self._call("put", key, lambda: self._s3().put_object(Bucket=bucket, Key=key, Body=body,
-                                                             **extra))
+                                                             **extra), replayable=True)
 
     def _put_if_absent(self, key: str, body: bytes) -> None:
         if self.supports_conditional_writes():
@@ -505,7 +529,8 @@ class ObjectStore:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         bucket = self.config.bucket
-        response = self._call("get", key, lambda: self._s3().get_object(Bucket=bucket, Key=key))
+        response = self._call("get", key, lambda: self._s3().get_object(Bucket=bucket, Key=key),
+                              replayable=True)
         return self._stream(key, response["Body"], chunk_size)
 
     def _stream(self, key: str, body: Any, chunk_size: int) -> Iterator[bytes]:
@@ -549,7 +574,8 @@ class ObjectStore:
         """Size in bytes, or None when the key does not exist."""
         bucket = self.config.bucket
         try:
-            head = self._call("head", key, lambda: self._s3().head_object(Bucket=bucket, Key=key))
+            head = self._call("head", key, lambda: self._s3().head_object(Bucket=bucket, Key=key),
+                              replayable=True)
         except ObjectNotFound:
             return None
         return int(head["ContentLength"])
@@ -589,7 +615,8 @@ class ObjectStore:
         when it does not exist."""
         bucket = self.config.bucket
         try:
-            head = self._call("head", key, lambda: self._s3().head_object(Bucket=bucket, Key=key))
+            head = self._call("head", key, lambda: self._s3().head_object(Bucket=bucket, Key=key),
+                              replayable=True)
         except ObjectNotFound:
             return None
         return _unix_time(head.get("LastModified"))
@@ -605,7 +632,8 @@ class ObjectStore:
         """Delete one object; deleting a missing key is not an error (S3 semantics)."""
         bucket = self.config.bucket
         try:
-            self._call("delete", key, lambda: self._s3().delete_object(Bucket=bucket, Key=key))
+            self._call("delete", key, lambda: self._s3().delete_object(Bucket=bucket, Key=key),
+                       replayable=True)
         except ObjectNotFound:
             pass
 

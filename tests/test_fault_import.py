@@ -341,10 +341,10 @@ def test_repositories_are_created_and_shared_through_lost_answers(
     user and granting access, with 30 % of the answers lost after SeaweedFS acted: each
     create whose retry finds its own bytes succeeds (seeded).
 
-    Known to fail for about 1 seed in 6 (e.g. RADCRYPT_TEST_SEED=44): a plain PUT whose
-    connection the proxy closes after forwarding it ends as StoreUnavailable ("the server
-    closed the connection") instead of being retried. Open in docs/RELIABILITY.md §2;
-    in `make soak` only until the store retries it."""
+    Once failed for about 1 seed in 6 (e.g. RADCRYPT_TEST_SEED=44): botocore's retry quota
+    ran dry and a plain PUT whose connection was closed ended as StoreUnavailable; the store
+    now retries a closed connection itself (cloud/store.py ``_call``). In `make soak` (about
+    20 s)."""
     seed = _seed()
     print(f"\nfault seed {seed}")
     with FaultProxy(str(bucket.endpoint_url), FaultPlan(lose=0.3), seed=seed) as proxy:
