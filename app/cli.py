@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core import client as facade
+from app.core import studies
 from app.core.errors import RadcryptError, RepositoryNotFound, WrongPassword
 from app.core.progress import ProgressEvent
 from app.core.settings import Settings, load_settings
@@ -283,6 +284,55 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    """``rm --repo R (IMAGE | --series S | --study S | --patient P)``: erase from bucket
+    and index (owner or co-owner; app/core/erasure.py). Lists what goes and asks to type
+    'erase' (``--yes`` instead; required without a terminal); ``--dry-run`` only lists."""
+    given = [v for v in (args.image, args.series, args.study, args.patient) if v]
+    if len(given) != 1:
+        _usage(args, "give exactly one of IMAGE, --series, --study or --patient")
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        plan = client.erasure_plan(repo, image=args.image, series=args.series,
+                                   study=args.study, patient=args.patient)
+        if args.dry_run:
+            _emit(args, {"dry_run": True, **plan.as_dict()},
+                  lambda: [print(line) for line in plan.lines()])
+            return EXIT_OK
+        if not args.yes:
+            if args.json or not sys.stdin.isatty():
+                raise RadcryptError("erasure cannot be undone: confirm with --yes (see what "
+                                    "goes with --dry-run first)")
+            for line in plan.lines():
+                print(line)
+            answer = input(f"Erase these {len(plan.images)} image(s) for good? Type 'erase' "
+                           "to confirm: ")
+            if answer.strip() != "erase":
+                print("radcrypt: nothing erased (not confirmed)", file=sys.stderr)
+                return EXIT_ERROR
+        with _progress(not args.json, "erasing", unit="objects") as progress:
+            report = client.erase(repo, plan, progress=progress)
+    _emit(args, report.as_dict(), lambda: [print(line) for line in report.lines()])
+    return EXIT_OK
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    """``repo hold --repo R on|off|status``: the legal hold that refuses erasure (setting
+    and lifting it: owner or co-owner)."""
+    with _client(args) as client:
+        repo = client.open_repository(args.repo)
+        if args.state == "status":
+            on = client.legal_hold(repo)
+        else:
+            on = args.state == "on"
+            repo = client.set_legal_hold(repo, on)
+    _emit(args, {"repo_id": repo.repo_id, "legal_hold": on,
+                 "manifest_sequence": repo.manifest.sequence},
+          lambda: print(f"repository {repo.repo_id}: legal hold {'on' if on else 'off'}"
+                        + (" (erasure refused until an owner lifts it)" if on else "")))
+    return EXIT_OK
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     """``unlock --repo R``: list the repository's locks and remove the stale ones (all
     with --remove-all; --list only lists)."""
@@ -342,10 +392,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
         def text() -> None:
             skipped = getattr(report, "skipped", [])
+            frames = getattr(report, "frames", [])
             print(f"imported {len(report.imported)}, already present "
                   f"{len(report.already_present)}, failed {len(report.failed)}"
                   + (f", skipped {len(skipped)} (not images)" if skipped else "")
-                  + f" in {report.seconds:.1f} s")
+                  + f" in {report.seconds:.1f} s"
+                  + (f"; {len(frames)} more frames of multi-frame files, each an image"
+                     if frames else ""))
+            for path, reason in getattr(report, "frames_not_indexed", []):
+                print(f"  frames left out: {path}: {reason}", file=sys.stderr)
             for _, reason in report.failed:
                 print(f"  failed: {reason}", file=sys.stderr)
             for path, reason in skipped[:10]:  # a CD export: DICOMDIR, viewer, autorun.inf
@@ -361,11 +416,20 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    if not args.images and not args.similar_to:
+        _usage(args, "give query image files, or --similar-to IMAGE_ID")
     with _client(args) as client:
         repo = client.open_repository(args.repo)
-        with _progress(not args.json and len(args.images) > 1, "searching") as progress:
-            results = client.search_files(repo, args.images, k=args.k, progress=progress,
-                                          allow_incomplete=args.allow_incomplete)
+        results: list[Any] = []
+        if args.images:
+            with _progress(not args.json and len(args.images) > 1, "searching") as progress:
+                results = client.search_files(repo, args.images, k=args.k, progress=progress,
+                                              allow_incomplete=args.allow_incomplete,
+                                              group=not args.no_group)
+        for image_id in args.similar_to or ():
+            results.append(client.search_by_image_id(
+                repo, image_id, k=args.k, allow_incomplete=args.allow_incomplete,
+                group=not args.no_group))
         incomplete = [r for r in results if r.complete is False]
 
         def text() -> None:
@@ -375,9 +439,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             for result in results:
                 mark = "  [INCOMPLETE]" if result.complete is False else ""
                 print(f"{result.query}:{mark}")
-                for hit in result.hits:
-                    print(f"  {hit.rank:>3}. {hit.name}  {similarity_word(hit.distance)} "
-                          f"(distance {hit.distance:.6g})  id {hit.image_id}")
+                _print_hits(result)
                 server = result.stats.get("milliseconds", 0.0)
                 print(f"     searched {result.stats.get('vectors', 0)} images, "
                       f"{result.stats.get('full_scored', 0)} fully scored, "
@@ -387,6 +449,27 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"radcrypt: note: {results[0].completeness}", file=sys.stderr)
         _emit(args, {"queries": [r.as_dict() for r in results]}, text)
     return EXIT_OK
+
+
+def _print_hits(result: Any) -> None:
+    """One search answer: grouped (a line per series: its best image, how many more of the
+    series the answer holds) or, with --no-group, every hit."""
+    rows = ([(g.rank, g.best, g.more) for g in result.groups] if result.grouped
+            else [(h.rank, h, 0) for h in result.hits])
+    for rank, hit, more in rows:
+        print(f"  {rank:>3}. {hit.name}  {similarity_word(hit.distance)} "
+              f"(distance {hit.distance:.6g})  id {hit.image_id}")
+        meta = hit.image
+        where = [studies.patient_display(meta.attribute("PatientName")),
+                 meta.modality or meta.source_format.upper(),
+                 studies.date_display(meta.attribute("StudyDate"))]
+        if number := meta.attribute("SeriesNumber"):
+            where.append(f"series {number}")
+        where += [meta.attribute("SeriesDescription"), studies.instance_label(meta)]
+        if more:
+            where.append(f"{more} more from this series")
+        if line := " · ".join(w for w in where if w):
+            print(f"       {line}")
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -413,6 +496,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
         repo = client.open_repository(args.repo)
         images = client.list_images(repo)
+    damaged = [m for m in images if m.error]
+    if args.studies or args.series is not None or args.images is not None:
+        grouped = studies.group_studies(images)
+        for m in damaged:  # left out of the grouping: named, never silently dropped
+            print(f"radcrypt: image {m.image_id} is damaged and not listed: {m.error}",
+                  file=sys.stderr)
+        if args.studies:
+            _ls_studies(args, repo.repo_id, grouped)
+        elif args.series is not None:
+            _ls_series(args, repo.repo_id, grouped)
+        else:
+            _ls_images(args, repo.repo_id, grouped)
+        return EXIT_ERROR if damaged else EXIT_OK
     images.sort(key=lambda m: (m.imported_at, m.name, m.image_id))
 
     def text() -> None:
@@ -432,6 +528,102 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_ERROR if any(m.error for m in images) else EXIT_OK
 
 
+def _table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset(),
+           widest: int = 40) -> None:
+    """Aligned columns; a cell longer than ``widest`` is cut with an ellipsis (the JSON
+    output has every value whole); the last column (an id or UID) is never cut."""
+    cells = [[c if i == len(header) - 1 or len(c) <= widest else c[: widest - 1] + "…"
+              for i, c in enumerate(row)] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
+
+
+def _study_dict(row: int, study: studies.Study) -> dict[str, Any]:
+    return {"row": row, "key": study.key,
+            "study_uid": "" if study.key.startswith(studies.LONE_PREFIX) else study.key,
+            "patient_name": study.patient_name, "patient_id": study.patient_id,
+            "study_date": study.study_date, "study_time": study.study_time,
+            "accession": study.accession, "description": study.description,
+            "modalities": list(study.modalities), "series_count": len(study.series),
+            "image_count": study.image_count}
+
+
+def _series_dict(row: str, series: studies.Series) -> dict[str, Any]:
+    return {"row": row, "key": series.key,
+            "series_uid": "" if series.key.startswith(studies.LONE_PREFIX) else series.key,
+            "study_key": series.study_key, "modality": series.modality,
+            "number": series.number, "description": series.description,
+            "body_part": series.body_part, "image_count": len(series.images),
+            "thumbnail": series.thumbnail.image_id}
+
+
+def _ls_studies(args: argparse.Namespace, repo_id: str, grouped: list[studies.Study]
+                ) -> None:
+    def text() -> None:
+        _table(["#", "Patient", "Patient ID", "Date", "Modality", "Description", "Series",
+                "Images", "Study UID"],
+               [[str(i), studies.patient_display(s.patient_name) or "-",
+                 s.patient_id or "-", studies.date_display(s.study_date) or "-",
+                 "/".join(s.modalities) or "-", s.description or "-", str(len(s.series)),
+                 str(s.image_count), s.key] for i, s in enumerate(grouped, 1)],
+               right=frozenset({0, 6, 7}))
+
+    _emit(args, {"repository": repo_id,
+                 "studies": [_study_dict(i, s) for i, s in enumerate(grouped, 1)]}, text)
+
+
+def _ls_series(args: argparse.Namespace, repo_id: str, grouped: list[studies.Study]
+               ) -> None:
+    study = studies.find_study(grouped, args.series)
+    row = grouped.index(study) + 1
+
+    def text() -> None:
+        print(f"Study {row}: {studies.patient_display(study.patient_name) or '-'}"
+              f" ({study.patient_id or 'no patient id'}) · "
+              f"{studies.date_display(study.study_date) or 'no date'} · "
+              f"{study.description or 'no description'}")
+        _table(["#", "Series", "Modality", "Body part", "Description", "Images",
+                "Series UID"],
+               [[f"{row}.{i}", s.number or "-", s.modality or "-", s.body_part or "-",
+                 s.description or "-", str(len(s.images)), s.key]
+                for i, s in enumerate(study.series, 1)], right=frozenset({5}))
+
+    _emit(args, {"repository": repo_id, "study": _study_dict(row, study),
+                 "series": [_series_dict(f"{row}.{i}", s)
+                            for i, s in enumerate(study.series, 1)]}, text)
+
+
+def _ls_images(args: argparse.Namespace, repo_id: str, grouped: list[studies.Study]
+               ) -> None:
+    series = studies.find_series(grouped, args.images)
+    label = next(lab for lab, s in studies.series_rows(grouped) if s is series)
+    study = next(s for s in grouped if s.key == series.study_key)
+
+    def position(meta: facade.ImageMeta) -> str:
+        value = studies.slice_position(meta)
+        return f"{value:.2f}" if value != float("inf") else "-"
+
+    def text() -> None:
+        print(f"Series {label}: {studies.series_label(series)} · "
+              f"{studies.patient_display(study.patient_name) or '-'} · "
+              f"{studies.date_display(study.study_date) or 'no date'}")
+        _table(["#", "Instance", "Frame", "Position (mm)", "Name", "Image id"],
+               [[str(i), m.attribute("InstanceNumber") or "-",
+                 f"{m.frame + 1}/{m.frames}" if m.frames > 1 else "-", position(m), m.name,
+                 m.image_id] for i, m in enumerate(series.images, 1)], right=frozenset({0, 1, 3}))
+
+    _emit(args, {"repository": repo_id, "series": _series_dict(label, series),
+                 "images": [{"row": i, "image_id": m.image_id, "name": m.name,
+                             "instance": m.attribute("InstanceNumber"), "frame": m.frame,
+                             "frames": m.frames, "sop_uid": m.sop_uid,
+                             "original_id": m.original_image_id,
+                             "slice_position": (None if (p := studies.slice_position(m))
+                                                == float("inf") else p)}
+                            for i, m in enumerate(series.images, 1)]}, text)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         repo = client.open_repository(args.repo)
@@ -442,9 +634,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"# imported {meta.imported_at}, {meta.size} bytes, "
               f"{meta.source_format or 'unknown format'}, {meta.columns} x {meta.rows}, "
               f"sha256 {meta.sha256}, key version {meta.key_version}")
-        width = max((len(k) for k in meta.tags), default=0)
-        for keyword in sorted(meta.tags):
-            print(f"{keyword:<{width}}  {meta.tags[keyword]}")
+        if meta.frames > 1:
+            print(f"# frame {meta.frame + 1} of {meta.frames}; the original is stored with "
+                  f"image {meta.original_image_id}")
+        # the clinical attributes too; a keyword in both shows the tag, as before
+        values = {**meta.clinical, **meta.tags}
+        width = max((len(k) for k in values), default=0)
+        for keyword in sorted(values):
+            print(f"{keyword:<{width}}  {values[keyword]}")
         if args.features:
             print(f"features ({meta.extractor}): "
                   + " ".join(f"{x:.5g}" for x in meta.features))
@@ -660,7 +857,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if to_stdout:
         print(json.dumps(data, indent=2))
     else:
-        print(f"imported {report.images} images in {report.import_seconds:.1f} s")
+        frames = (f"; {report.archive_images} searchable, every frame of the multi-frame "
+                  "files counted" if report.archive_images > report.images else "")
+        print(f"imported {report.images} images in {report.import_seconds:.1f} s{frames}")
         print(f"{'query':<34} {'expected':<28} {'returned':<28} {'distance':>10} {'ms':>8}  ok")
         for row in report.rows:
             print(f"{row.query[:34]:<34} {row.expected[:28]:<28} {row.returned[:28]:<28} "
@@ -810,6 +1009,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be removed, remove nothing")
 
+    p = _command(sub, "rm", "erase an image (every frame of its file), a series, a study "
+                 "or a patient from bucket and index, for good (owner; refused under a "
+                 "legal hold)", cmd_rm)
+    p.add_argument("--repo", required=True, metavar="NAME", help="repository name")
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="an image id (or a unique "
+                   "prefix of one)")
+    p.add_argument("--series", metavar="SERIES", help="a SeriesInstanceUID (or a unique "
+                   "prefix), as `ls` shows it")
+    p.add_argument("--study", metavar="STUDY", help="a StudyInstanceUID (or a unique prefix)")
+    p.add_argument("--patient", metavar="PATIENT", help="a PatientID (PatientName when no "
+                   "image has that id)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be erased, erase nothing")
+    p.add_argument("--yes", action="store_true",
+                   help="do not ask for confirmation (needed without a terminal)")
+
     p = _command(sub, "unlock", "list a repository's locks and remove the stale ones "
                  "(processes gone, or not refreshed for 30 minutes)", cmd_unlock)
     p.add_argument("--repo", required=True, metavar="NAME", help="repository name")
@@ -858,6 +1073,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = _command(repo_sub, "compact", "merge a format-2 repository's small segments and "
                  "packs (any member)", cmd_compact)
     c.add_argument("name", help="repository name")
+    c = _command(repo_sub, "hold", "set, lift or show the legal hold, which refuses "
+                 "erasure (radcrypt rm) until an owner lifts it", cmd_hold)
+    c.add_argument("--repo", required=True, metavar="NAME", help="repository name")
+    c.add_argument("state", choices=("on", "off", "status"), help="on, off or status")
 
     p = _command(sub, "identity", "your identity on this workstation", cmd_identity)
     p.add_argument("action", choices=["create", "show", "export", "passwd", "restore"],
@@ -895,13 +1114,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "search", "nearest archived images of query images", cmd_search)
     p.add_argument("--repo", required=True, help="repository name")
-    p.add_argument("images", nargs="+", help="query image files")
+    p.add_argument("images", nargs="*", help="query image files")
+    p.add_argument("--similar-to", action="append", metavar="IMAGE_ID",
+                   help="also search with an archived image's stored features (no file "
+                        "needed; the image itself is left out of its answer); repeatable")
     p.add_argument("-k", type=_k, default=1, help=f"results per query, 1 to {MAX_K} "
                                                   "(default 1)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="show the hits of an answer that left segments of the repository "
                         "out (format 2), marked INCOMPLETE, instead of failing with exit "
                         "status 1")
+    p.add_argument("--no-group", action="store_true",
+                   help="list every hit; by default hits of one series collapse into one "
+                        "line (its best image, 'N more from this series') and the k lines "
+                        "name k different series where the archive has them")
 
     p = _command(sub, "get", "download, verify and decrypt an original", cmd_get)
     p.add_argument("--repo", required=True, help="repository name")
@@ -909,8 +1135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="where to write it; - for standard output")
 
-    p = _command(sub, "ls", "list the images of a repository", cmd_ls)
+    p = _command(sub, "ls", "list the images, studies or series of a repository", cmd_ls)
     p.add_argument("--repo", required=True, help="repository name")
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--studies", action="store_true",
+                       help="one row per study: patient, date, modality, description, "
+                            "series and image counts")
+    level.add_argument("--series", metavar="STUDY",
+                       help="the series of one study: its Study Instance UID, a unique "
+                            "prefix of it, or its row number in 'ls --studies'")
+    level.add_argument("--images", metavar="SERIES",
+                       help="the images of one series in stack order: its Series Instance "
+                            "UID, a unique prefix, or its row label S.N from 'ls --series'")
 
     p = _command(sub, "show", "the decrypted tags of one image, like dcmdump", cmd_show)
     p.add_argument("--repo", required=True, help="repository name")

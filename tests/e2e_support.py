@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -58,6 +59,37 @@ def sample_images(count: int) -> list[Path]:
     files = export_sample_images(_export_root() / f"n{count}", count)
     _EXPORTS[count] = files
     return list(files)
+
+
+def frame_count(path: Path) -> int:
+    """Frames the importer indexes of a file: NumberOfFrames of a DICOM file (up to the
+    importer's MAX_FRAMES), 1 for anything else."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from app.core.importer import MAX_FRAMES
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (InvalidDicomError, TypeError, ValueError, OSError):
+        return 1
+    return max(1, min(frames, MAX_FRAMES))
+
+
+def image_ids(repo: Any, files: Iterable[Path]) -> dict[str, Path]:
+    """Every image id an import gives these files -> its file: one per frame of a
+    multi-frame DICOM file (issue 15), frame 0's being the file's own id."""
+    import hashlib
+
+    from app.core.importer import frame_image_id
+
+    out: dict[str, Path] = {}
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).digest()
+        for frame in range(frame_count(path)):
+            out[frame_image_id(repo, digest, frame)] = path
+    return out
 
 
 def copy_images(files: Iterable[Path], dest: Path) -> list[Path]:

@@ -168,7 +168,8 @@ def test_search_json_shape(cli: Cli, tmp_path: Path) -> None:
     assert set(answer) == {"schema", "queries"} and len(answer["queries"]) == 2
     for item, path in zip(answer["queries"], [target, query], strict=True):
         assert set(item) == {"query", "results", "stats", "complete", "segments_expected",
-                             "segments_searched", "segments_missing"}
+                             "segments_searched", "segments_missing", "grouped", "groups"}
+        assert item["grouped"] is True and 1 <= len(item["groups"]) <= 3  # by series
         # format 2 (the default): every live segment of the verified log was searched
         assert item["complete"] is True and item["segments_missing"] == []
         assert item["segments_expected"] == item["segments_searched"] == 1
@@ -176,7 +177,8 @@ def test_search_json_shape(cli: Cli, tmp_path: Path) -> None:
         assert isinstance(item["stats"], dict) and item["stats"]["vectors"] == IMAGES
         assert len(item["results"]) == 3
         for rank, hit in enumerate(item["results"], start=1):
-            assert set(hit) == {"image_id", "name", "distance", "rank"}
+            assert set(hit) == {"image_id", "name", "distance", "rank", "series", "group",
+                                "instance", "frame", "frames", "original_id"}
             assert hit["rank"] == rank and isinstance(hit["distance"], float)
             assert cli.ids[hit["name"]] == hit["image_id"]
         distances = [h["distance"] for h in item["results"]]

@@ -109,8 +109,14 @@ def test_the_import_is_what_we_think(bucket: Bucket) -> None:
     assert kinds.count("log") == 1 + 3  # genesis, one entry per batch
     assert len(kinds) == 40 + 1 + 1 + 1 + 3 + 3 + 4 + kinds.count("basis")
     plains = bucket.pack_plaintexts()
-    assert sorted(k for k, _ in plains).count("meta") == 40
-    assert sorted(k for k, _ in plains).count("thumbs") == 40
+    # every frame of a multi-frame file is an image of its own (issue 15): a metadata entry
+    # and a preview each, the original stored once
+    extra_frames = sum(int(pydicom.dcmread(p, stop_before_pixels=True, force=True)
+                           .get("NumberOfFrames") or 1) - 1
+                       for p in bucket.files if p.suffix == ".dcm")
+    assert extra_frames == 2  # two 2-frame ultrasound files among the 25 DICOM files
+    assert sorted(k for k, _ in plains).count("meta") == 40 + extra_frames
+    assert sorted(k for k, _ in plains).count("thumbs") == 40 + extra_frames
     assert sorted(k for k, _ in plains).count("features") == 3
     assert sum(map(len, bucket.contents.values())) > sum(p.stat().st_size
                                                          for p in bucket.files)

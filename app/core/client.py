@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     from app.core.access import AccessList, UserRecord
     from app.core.compaction import CompactionReport
     from app.core.demo import DemoReport
+    from app.core.erasure import ErasurePlan, ErasureReport
     from app.core.gc import GcReport
     from app.core.importer import ImportReport
     from app.core.locks import LockInfo
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     from app.core.repository import Manifest, Repository
     from app.core.searcher import Hit, QueryResult
     from app.core.session import Session
+    from app.core.studies import Series, Study
     from app.imaging.decode import DecodedImage
     from app.imaging.worker import DecoderPool
     from crypto.identity import Identity, PublicCard
@@ -420,6 +422,7 @@ class Client:
         self._repos: dict[str, Repository] = {}
         self._decoder: DecoderPool | None = None
         self._lock = threading.RLock()
+        self._studies: dict[str, tuple[Any, list[Study]]] = {}  # repo id -> (signature, studies)
 
     # --- lifetime -----------------------------------------------------------------------
 
@@ -669,6 +672,48 @@ class Client:
                                grace_seconds=DEFAULT_GRACE_SECONDS if grace_seconds is None
                                else grace_seconds, dry_run=dry_run, progress=progress)
 
+    # --- erasure and legal hold (issue 16; app/core/erasure.py) -----------------------------
+
+    def erasure_plan(self, repo: Repository, *, image: str | None = None,
+                     series: str | None = None, study: str | None = None,
+                     patient: str | None = None, progress: ProgressCallback = no_progress
+                     ) -> ErasurePlan:
+        """What erasing one image (every frame of its file), series, study or patient
+        (PatientID, else PatientName) deletes: the list the user confirms (``lines()``).
+        Any member may ask; nothing is written."""
+        from app.core.erasure import plan_erasure
+
+        return plan_erasure(self.session.store, self.settings, repo,
+                            _erasure_target(image, series, study, patient), progress)
+
+    def erase(self, repo: Repository, plan: ErasurePlan,
+              progress: ProgressCallback = no_progress) -> ErasureReport:
+        """Erase the images of ``plan`` (the one the user confirmed), owner or co-owner
+        only, under the exclusive lock: packs and segments rewritten without them, one
+        log entry (reason erasure), originals and old objects deleted at once; the same
+        file can be imported again. erasure.LegalHold while the repository is under legal
+        hold; locks.LockConflict while an import, compaction or gc runs."""
+        from app.core.erasure import erase
+
+        report = erase(self.session.store, self.settings, repo, self.identity, plan,
+                       progress=progress)
+        self._tell_service(repo.repo_id)
+        return report
+
+    def set_legal_hold(self, repo: Repository, on: bool) -> Repository:
+        """Set or lift the legal hold (owner or co-owner): a signed manifest setting
+        that refuses every erasure while on. Returns the repository as now opened."""
+        from app.core.erasure import set_legal_hold
+
+        return self.remember(set_legal_hold(self.session.store, self.settings, repo,
+                                            self.identity, on))
+
+    def legal_hold(self, repo: Repository) -> bool:
+        """Whether the repository is under legal hold (the signed manifest as stored now)."""
+        from app.core.erasure import legal_hold
+
+        return legal_hold(self.session.store, self.settings, repo)
+
     def list_locks(self, repo: Repository) -> list[LockInfo]:
         """The repository's lock objects (app/core/locks.py), each marked stale or not and
         its signature checked against the member it names."""
@@ -743,13 +788,15 @@ class Client:
 
     def search_files(self, repo: Repository, paths: list[str | Path], k: int = 1,
                      progress: ProgressCallback = no_progress,
-                     cancel: CancelToken | None = None, *, allow_incomplete: bool = False
-                     ) -> list[QueryResult]:
+                     cancel: CancelToken | None = None, *, allow_incomplete: bool = False,
+                     group: bool = True) -> list[QueryResult]:
         """Nearest archived images of each query file (features here, the match on the
         service, names and true distances decrypted here). Progress: one "features" event
         per file, then "search". Format 2: IncompleteAnswer when the service left live
         segments out, unless ``allow_incomplete`` (then the results are marked:
-        ``QueryResult.complete`` False)."""
+        ``QueryResult.complete`` False). ``group``: also the k nearest series
+        (``QueryResult.groups``, hits of one series collapsed); ``hits`` stays the
+        ungrouped top-k either way."""
         self.service()  # the service starts now, trusting the owners pinned so far
         start = time.perf_counter()
         features = self.features(paths, repo.manifest.extractor, progress, cancel)
@@ -758,20 +805,75 @@ class Client:
             cancel.check()
         progress(ProgressEvent("search", 0, 1, message="searching"))
         results = self.search_features(repo, features, [str(p) for p in paths], k,
-                                       allow_incomplete=allow_incomplete)
+                                       allow_incomplete=allow_incomplete, group=group)
         progress(ProgressEvent("search", 1, 1, message="searched"))
         for result in results:
             result.timings_ms["features"] = features_ms
         return results
 
     def search_features(self, repo: Repository, features: np.ndarray, labels: list[str],
-                        k: int = 1, *, allow_incomplete: bool = False) -> list[QueryResult]:
+                        k: int = 1, *, allow_incomplete: bool = False, group: bool = True
+                        ) -> list[QueryResult]:
         """Nearest archived images of each feature vector (rows); k between 1 and MAX_K;
-        ``allow_incomplete`` as in ``search_files``."""
+        ``allow_incomplete`` and ``group`` as in ``search_files``."""
         from app.core.searcher import search_features
 
         return search_features(self.session, repo, features, labels, k=k,
-                               allow_incomplete=allow_incomplete)
+                               allow_incomplete=allow_incomplete, group=group)
+
+    def search_by_image_id(self, repo: Repository, image_id: str, k: int = 1, *,
+                           allow_incomplete: bool = False, group: bool = True,
+                           exclude_self: bool = True) -> QueryResult:
+        """"Find similar" on an archived image, no local file needed: its stored features
+        (decrypted from its pack's feature array) are the query. The image itself is left
+        out of the answer unless ``exclude_self`` is False; other images of its series
+        stay (grouped as one series with ``group``)."""
+        from app.core.searcher import search_image
+
+        self.service()  # the service starts now, trusting the owners pinned so far
+        return search_image(self.session, repo, self._image_id(image_id), k,
+                            allow_incomplete=allow_incomplete, group=group,
+                            exclude_self=exclude_self)
+
+    # --- studies and series (grouped here, after decryption: DESIGN.md section 9) --------
+
+    def studies(self, repo: Repository, progress: ProgressCallback = no_progress,
+                cancel: CancelToken | None = None) -> list[Study]:
+        """The repository's studies, newest first, each with its series and their images in
+        stack order (app/core/studies.py). The grouping is remembered until the set of
+        images or the key version changes, so ``series_of`` and ``images_of`` after it cost
+        one listing. Images whose metadata is damaged are left out: ``list_images`` names
+        them."""
+        from app.core.studies import group_studies
+
+        reader = self._reader(repo)
+        ids = frozenset(reader.image_ids())
+        signature = (repo.keys.version, ids)
+        with self._lock:
+            cached = self._studies.get(repo.repo_id)
+        if cached is not None and cached[0] == signature:
+            return list(cached[1])
+        studies = group_studies(self.list_images(repo, sorted(ids), progress, cancel))
+        with self._lock:
+            self._studies[repo.repo_id] = (signature, studies)
+        return list(studies)
+
+    def series_of(self, repo: Repository, study_key: str) -> list[Series]:
+        """The series of one study (its key from ``studies``: the StudyInstanceUID, or
+        ``image:<id>`` for an image without one), in series-number order."""
+        for study in self.studies(repo):
+            if study.key == study_key:
+                return list(study.series)
+        raise RadcryptError(f"repository {repo.repo_id} has no study {study_key}")
+
+    def images_of(self, repo: Repository, series_key: str) -> list[ImageMeta]:
+        """The images of one series (its key from ``series_of``), in stack order: instance
+        number, slice position, frame."""
+        for study in self.studies(repo):
+            for series in study.series:
+                if series.key == series_key:
+                    return list(series.images)
+        raise RadcryptError(f"repository {repo.repo_id} has no series {series_key}")
 
     def hit_meta(self, hit: Hit) -> ImageMeta:
         """The decrypted metadata a search hit carries, typed."""
@@ -866,12 +968,29 @@ class Client:
                      ) -> int:
         """Download, verify and decrypt an original into ``dest`` (written beside it under
         a temporary name and renamed only once verified); returns its size. Progress:
-        "download" events in bytes of the stored object."""
+        "download" events in bytes of the stored object. A frame of a multi-frame instance
+        gives the instance's file (stored once, under its frame 0's id)."""
         from app.core.objects import fetch_original
 
         image_id = self._image_id(image_id)
-        return fetch_original(self.session.store, repo.ring, repo.repo_id, image_id,
+        object_id, _ = self._original_of(repo, image_id)
+        return fetch_original(self.session.store, repo.ring, repo.repo_id, object_id,
                               Path(dest), version, progress=progress)
+
+    def _original_of(self, repo: Repository, image_id: str) -> tuple[str, int | None]:
+        """(image id whose object holds the original file, frame to show or None).
+
+        Every frame of a multi-frame instance is an image of its own, but the file is
+        stored once, under frame 0's id, which the frame's metadata names (``original``).
+        Format 1 and metadata that cannot be read: the image's own object (whose fetch
+        then says what is wrong)."""
+        if not self._format2(repo):
+            return image_id, None
+        try:
+            meta = self.image_meta(repo, image_id)
+        except RadcryptError:
+            return image_id, None
+        return meta.original_image_id, (meta.frame if meta.frames > 1 else None)
 
     def write_original(self, repo: Repository, image_id: str, stream: IO[bytes],
                        version: int | None = None, progress: ProgressCallback = no_progress
@@ -894,8 +1013,9 @@ class Client:
         suffix = Path(name).suffix if name else ""
         with tempfile.TemporaryDirectory(prefix="radcrypt-view-") as tmp:
             dest = Path(tmp) / f"original{suffix}"
-            self.get_original(repo, image_id, dest, version)
-            image: DecodedImage = self.decoder().decode(dest)
+            self.get_original(repo, image_id, dest, version)  # the instance's file
+            _, frame = self._original_of(repo, self._image_id(image_id))
+            image: DecodedImage = self.decoder().decode(dest, frame)  # the image's own frame
             return image
 
     def decode(self, path: str | Path, frame: int | None = None) -> DecodedImage:
@@ -1112,6 +1232,20 @@ def serve(args: Any, settings: Settings) -> int:
             yield session.store
 
     return run_service(args, open_store)
+
+
+def _erasure_target(image: str | None, series: str | None, study: str | None,
+                    patient: str | None) -> Any:
+    """The one erasure target given (app.core.erasure.Target)."""
+    from app.core.erasure import Target
+
+    given = [(kind, value) for kind, value in (("image", image), ("series", series),
+                                               ("study", study), ("patient", patient))
+             if value is not None]
+    if len(given) != 1:
+        raise RadcryptError("erasure needs exactly one of an image, a series, a study or a "
+                            f"patient (given: {', '.join(k for k, _ in given) or 'none'})")
+    return Target(*given[0])
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -48,7 +48,9 @@ from app.core.repository import Repository, check_still_current, is_format2
 from app.core.settings import Settings
 from cloud import layout, seglog
 from cloud.backend import ObjectNotFound, Store
+from cloud.seglog_format import KIND_WORDS
 from cloud.segments import (
+    Segment,
     SegmentAuthError,
     SegmentError,
     decode_segment,
@@ -259,8 +261,10 @@ def commit_replace(store: Store, settings: Settings | None, repo: Repository,
                    writer: Identity, trust: Any, state: seglog.LogState, *, reason: int,
                    key_version: int, new_objects: Sequence[tuple[seglog.Added, bytes]],
                    removed: Sequence[seglog.Removed],
-                   verify: Callable[[seglog.LogState], seglog.LogState]) -> Commit:
-    """Write the new objects, then one ``replace`` entry (FORMAT-2 5.3, 7.4).
+                   verify: Callable[[seglog.LogState], seglog.LogState],
+                   kind: int = seglog.KIND_REPLACE) -> Commit:
+    """Write the new objects, then one ``replace`` entry (FORMAT-2 5.3, 7.4); ``kind``
+    ``remove`` for an erasure that adds nothing (FORMAT-2 7.2).
 
     seglog.append retries after a concurrent writer's entry by itself; when that entry
     took objects of this group out of the live set, the group is abandoned: the new
@@ -272,7 +276,7 @@ def commit_replace(store: Store, settings: Settings | None, repo: Repository,
     adds = sorted((entry for entry, _ in new_objects), key=lambda a: (a.type, a.id))
     try:
         new_state = seglog.append(store, repo.repo_id, writer, writer.user_id, trust, state,
-                                  kind=seglog.KIND_REPLACE, reason=reason,
+                                  kind=kind, reason=reason,
                                   key_version=key_version, added=adds, removed=removed)
     except seglog.AppendAbandoned as exc:
         log.info("repository %s: %s", repo.repo_id, exc)
@@ -281,7 +285,7 @@ def commit_replace(store: Store, settings: Settings | None, repo: Repository,
         return Commit(verify(state), None)
     except seglog.LogError as exc:
         raise IntegrityError(f"repository {repo.repo_id}: the segment log refused the "
-                             f"replace entry: {exc}") from None
+                             f"{KIND_WORDS[kind]} entry: {exc}") from None
     if settings is not None:
         logstate.remember_head(settings, repo.repo_id, new_state.head)
     return Commit(new_state, new_state.head.sequence)
@@ -441,31 +445,42 @@ def _compact_group(store: Store, settings: Settings, repo: Repository, writer: I
 def _merge_segments(store: Store, repo: Repository, writer: Identity,
                     state: seglog.LogState, version: int, group: list[seglog.LiveObject],
                     ) -> tuple[str, bytes, int]:
-    mac_key = index_mac_key(repo.ring.version(version).data_key)
     parts = []
     for live in group:
-        blob = fetch_checked(store, repo.repo_id, live)
-        try:
-            verify_segment_mac(blob, live.id, repo.repo_id, mac_key)
-            segment = decode_segment(blob, live.id)
-        except SegmentAuthError:
-            raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is not "
-                                 "authenticated (its MAC does not verify: forged or "
-                                 "altered): compaction stopped, nothing was replaced") from None
-        except SegmentError as exc:
-            raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is "
-                                 f"damaged ({exc.reason}): compaction stopped") from None
-        if segment.key_version != version:
-            raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is of key "
-                                 f"version {segment.key_version}, the log says {version}")
-        if segment.base_sequence is None or segment.base_sequence >= live.added_at:
-            raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} names base "
-                                 f"sequence {segment.base_sequence}, not below the entry "
-                                 f"{live.added_at} that added it: compaction stopped")
+        segment = checked_segment(store, repo, live, version)
         parts.append((segment.id_strings(), segment.vectors))
     ids, vectors = merge_rows(parts)
     seg_id, blob = build_segment(repo, writer, version, state.head.sequence, ids, vectors)
     return seg_id, blob, len(ids)
+
+
+def checked_segment(store: Store, repo: Repository, live: seglog.LiveObject, version: int,
+                    what: str = "compaction") -> Segment:
+    """A live segment read whole and checked before its rows are copied into a new one:
+    the SHA-256 the log names, its MAC under the key version's index MAC key, its key
+    version and a base sequence below the entry that added it. Any failure stops
+    ``what`` with nothing replaced: a forged row is never laundered into an authenticated
+    segment. Shared by compaction and erasure (app/core/erasure.py)."""
+    mac_key = index_mac_key(repo.ring.version(version).data_key)
+    blob = fetch_checked(store, repo.repo_id, live)
+    try:
+        verify_segment_mac(blob, live.id, repo.repo_id, mac_key)
+        segment = decode_segment(blob, live.id)
+    except SegmentAuthError:
+        raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is not "
+                             "authenticated (its MAC does not verify: forged or "
+                             f"altered): {what} stopped, nothing was replaced") from None
+    except SegmentError as exc:
+        raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is "
+                             f"damaged ({exc.reason}): {what} stopped") from None
+    if segment.key_version != version:
+        raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} is of key "
+                             f"version {segment.key_version}, the log says {version}")
+    if segment.base_sequence is None or segment.base_sequence >= live.added_at:
+        raise IntegrityError(f"segment {live.id} of repository {repo.repo_id} names base "
+                             f"sequence {segment.base_sequence}, not below the entry "
+                             f"{live.added_at} that added it: {what} stopped")
+    return segment
 
 
 def _merge_packs(store: Store, repo: Repository, version: int,

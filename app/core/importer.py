@@ -39,6 +39,18 @@ packs are committed; an original already stored is not uploaded again; a pack or
 of a batch that died before its log entry is unreferenced garbage (compaction removes it).
 Per imported image: 1 object (the original) plus 3 per batch (pack, segment, log entry).
 
+Multi-frame instances (issue 15, DESIGN.md section 9). Every frame of a multi-frame DICOM
+file, up to MAX_FRAMES, is an image of its own: its features, preview and metadata entry
+(``frame``, ``frames``, ``original``), searchable on its own; the file is stored once, as
+frame 0's original, whose id is the file's image id (a single-frame file keeps its id and
+its bytes, plus the ``clinical`` attributes every DICOM file's metadata now carries). A
+later frame's id is frame_image_id (the file's digest and the frame number, under the id
+key). Frame 0 is committed after the file's other frames, so its id in a live pack means
+the whole file is committed: the resume check above stays one set lookup per file, and a
+run that died between two packs of one file commits the missing frames the next time.
+ImportReport.imported names each file once; ``frames`` lists the other frames, and
+``frames_not_indexed`` the frames over the cap or after a frame that failed to decode.
+
 Faults (tests/test_fault_import.py, tests/test_kill_import.py). The store retries each
 request (botocore: 8 attempts with backoff); what still fails is handled by the commit
 order above. An upload that fails after its retries makes its file a failure of this run
@@ -109,7 +121,14 @@ from app.core.settings import Settings
 from app.imaging.decode import decode_bytes, decode_image
 from app.imaging.errors import ImageDecodeError
 from app.imaging.features import get_extractor
-from app.imaging.worker import Analysis, DecoderPool, DecoderUnavailable, analyse
+from app.imaging.worker import (
+    Analysis,
+    DecoderPool,
+    DecoderUnavailable,
+    FrameAnalyses,
+    analyse,
+    analyse_frames,
+)
 from cloud import layout, seglog
 from cloud.backend import ObjectExists, Store, StoreError, stored_after_conflict
 from cloud.segments import encode_segment, encode_segment_v2
@@ -129,6 +148,14 @@ META_FORMAT_V2 = "radcrypt-meta-v2"  # in a pack, without features (FORMAT-2 3.4
 PACK_OVERHEAD = 4096
 ENTRY_OVERHEAD = 256
 _ID_CONTEXT = b"radcrypt/image-id/v1"
+_FRAME_ID_CONTEXT = b"radcrypt/frame-id/v1"
+MAX_FRAMES = 512
+"""Frames of one multi-frame instance that are indexed, each a searchable image with its
+own features, preview and metadata entry. A cine loop or enhanced CT/MR object has tens
+to a few hundred frames; a file with thousands (a long fluoroscopy run) would otherwise
+take minutes of decoding and a pack of its own per import. The frames beyond the cap are
+not indexed, and the ImportReport says so for the file (``frames_not_indexed``); the
+original, stored whole, still holds them for the viewer."""
 _ID_KEY_INFO = b"radcrypt/image-id-key/v1"
 
 log = logging.getLogger(__name__)
@@ -187,6 +214,11 @@ class ImportReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     segments: list[str] = field(default_factory=list)
     packs: list[str] = field(default_factory=list)  # format 2: one per committed batch
+    # Multi-frame instances: ``imported`` names each file once (its frame 0's image id);
+    # the other frames indexed are here, and the frames a file could not have indexed
+    # (over MAX_FRAMES, or a frame that failed to decode) are said here, file by file.
+    frames: list[tuple[str, int, str]] = field(default_factory=list)  # (path, frame, id)
+    frames_not_indexed: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     cancelled: bool = False
     seconds: float = 0.0
 
@@ -198,6 +230,11 @@ class ImportReport:
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "segments": self.segments,
             **({"packs": self.packs} if self.packs else {}),
+            **({"frames": [{"path": p, "frame": f, "image_id": i}
+                           for p, f, i in self.frames]} if self.frames else {}),
+            **({"frames_not_indexed": [{"path": p, "reason": r}
+                                       for p, r in self.frames_not_indexed]}
+               if self.frames_not_indexed else {}),
             "cancelled": self.cancelled,
             "seconds": round(self.seconds, 3),
         }
@@ -212,6 +249,11 @@ class _Prepared:
     uploads: tuple[Future[None], ...] = ()  # this image's objects, in flight
     meta: bytes = b""  # format 2: the metadata and preview go into the batch's pack
     thumb: bytes = b""
+    frame: int = 0  # the frame of a multi-frame instance this image is
+    # frame 0 of a multi-frame instance carries its other frames still to be committed
+    # (committed before it: see _commit) and what could not be indexed of the file
+    extra: tuple[_Prepared, ...] = ()
+    not_indexed: str = ""
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -304,6 +346,21 @@ def image_id_for(repo: Repository, content_digest: bytes) -> str:
     outside the current membership can compute the id of a file imported later.
     """
     mac = hmac.new(_id_key(repo.keys.data_key), _ID_CONTEXT + content_digest, hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+def frame_image_id(repo: Repository, content_digest: bytes, frame: int) -> str:
+    """The image id of frame ``frame`` of a multi-frame file: frame 0 is the file's own
+    ``image_id_for``, so a single-frame file keeps its id; a later frame's id is an HMAC
+    of the content digest and the frame number (4 bytes, big endian) under the same id
+    key with its own context, as stable and as opaque as the file's."""
+    if frame == 0:
+        return image_id_for(repo, content_digest)
+    if not 0 < frame < 1 << 32:
+        raise ValueError(f"frame must be between 0 and 2**32 - 1, not {frame}")
+    mac = hmac.new(_id_key(repo.keys.data_key),
+                   _FRAME_ID_CONTEXT + content_digest + frame.to_bytes(4, "big"),
+                   hashlib.sha256)
     return mac.hexdigest()[:32]
 
 
@@ -496,6 +553,8 @@ class Importer:
         stored = image_id in self._uploaded
         preview = self.format2 or not stored
         extractor = self.repo.manifest.extractor
+        if self.format2:
+            return self._prepare_frames(path, size, data, digest, image_id, stored)
         children = self._children
         if children is not None:
             analysis = children.analyse(path, extractor=extractor, preview=preview,
@@ -509,10 +568,56 @@ class Importer:
         self._passed("file")
         if not preview:
             return _Prepared(str(path), image_id, features)
-        keys, repo_id = self.repo.keys, self.repo.repo_id
         thumb = analysis.thumbnail
         assert thumb is not None
         meta = _metadata(path, size, digest, analysis, extractor, self.format2)
+        return self._upload(path, data, image_id, features, meta, thumb)
+
+    def _prepare_frames(self, path: Path, size: int, data: bytes | None, digest: bytes,
+                        image_id: str, stored: bool) -> _Prepared:
+        """Format 2: every frame of the file (up to MAX_FRAMES) becomes an image with its
+        own features, preview and metadata entry; the original is stored once, under
+        frame 0's id, which the other frames' metadata names (``original``). Frames a
+        resumed import finds committed already are not committed again."""
+        extractor = self.repo.manifest.extractor
+        children = self._children
+        if children is not None:
+            result = children.analyse_frames(path, extractor=extractor, preview=True,
+                                             max_frames=MAX_FRAMES,
+                                             digest=digest if data is not None else None)
+        elif self.processes:
+            raise Cancelled("the import is ending")  # its decoder pool is closed
+        else:  # trusted files only: see __init__
+            content = data if data is not None else path.read_bytes()
+            result = analyse_frames(content, str(path), extractor, True, MAX_FRAMES)
+        self._passed("file")
+        multi = result.total > 1
+        extra: list[_Prepared] = []
+        for index, analysis in enumerate(result.frames[1:], 1):
+            frame_id = frame_image_id(self.repo, digest, index)
+            if frame_id in self._committed:
+                continue
+            assert analysis.thumbnail is not None
+            extra.append(_Prepared(str(path), frame_id, analysis.features, frame=index,
+                                   meta=_metadata(path, size, digest, analysis, extractor,
+                                                  True, (index, result.total, image_id)),
+                                   thumb=analysis.thumbnail))
+        first = result.frames[0]
+        assert first.thumbnail is not None
+        meta = _metadata(path, size, digest, first, extractor, True,
+                         (0, result.total, image_id) if multi else None)
+        prepared = self._upload(path, data, image_id, first.features, meta, first.thumbnail,
+                                stored)
+        return _Prepared(prepared.path, prepared.image_id, prepared.features,
+                         uploads=prepared.uploads, meta=meta, thumb=first.thumbnail,
+                         extra=tuple(extra) if prepared.features is not None else (),
+                         not_indexed=_not_indexed(result))
+
+    def _upload(self, path: Path, data: bytes | None, image_id: str, features: np.ndarray,
+                meta: bytes, thumb: bytes, stored: bool = False) -> _Prepared:
+        """Start the upload of an image's original (format 1: and its preview and
+        metadata objects), once per image id in flight."""
+        keys, repo_id = self.repo.keys, self.repo.repo_id
         if self.format2 and stored:  # a resumed import: the original is there already
             return _Prepared(str(path), image_id, features, meta=meta, thumb=thumb)
 
@@ -563,8 +668,14 @@ class Importer:
             if p.features is not None:
                 if p.image_id in new or p.image_id in self._committed:
                     twins.append((p.path, p.image_id))
-                else:
-                    new[p.image_id] = p
+                    continue
+                # A multi-frame file's other frames go before its frame 0, so that frame 0
+                # (the id a re-import checks) is committed last, in the same log entry or
+                # a later one: frame 0 committed means every frame of the file is.
+                for q in p.extra:
+                    if q.image_id not in new and q.image_id not in self._committed:
+                        new[q.image_id] = q
+                new[p.image_id] = p
         if not new:
             self._release(finished)
             report.already_present += twins
@@ -586,7 +697,10 @@ class Importer:
                                if_absent=True)
             self._committed.update(ids)
             report.segments.append(seg_id)
-            report.imported += [(new[i].path, i) for i in ids]
+            report.imported += [(new[i].path, i) for i in ids if not new[i].frame]
+            report.frames += [(new[i].path, new[i].frame, i) for i in ids if new[i].frame]
+            report.frames_not_indexed += [(new[i].path, new[i].not_indexed) for i in ids
+                                          if new[i].not_indexed]
             self.progress(ProgressEvent(
                 "commit", len(report.imported), len(report.imported),
                 message=f"segment {seg_id[:8]} committed ({len(ids)} images)"))
@@ -735,9 +849,14 @@ def _uploaded(prepared: _Prepared) -> _Prepared:
 
 
 def _metadata(path: Path, size: int, digest: bytes, analysis: Analysis,
-              extractor: str, format2: bool = False) -> bytes:
+              extractor: str, format2: bool = False,
+              frame: tuple[int, int, str] | None = None) -> bytes:
     """The encrypted metadata object: what the client needs to name and verify a result.
-    Format 2 (a pack's meta entry): no features, they are in the pack's feature array."""
+    Format 2 (a pack's meta entry): no features, they are in the pack's feature array.
+    A DICOM file's clinical attributes (app/imaging/clinical.py) are kept under
+    ``clinical``; ``frame`` is (frame, frames of the instance, image id of frame 0, whose
+    object is the original file) for a frame of a multi-frame instance, stored as
+    ``frame``, ``frames`` and ``original`` (app/core/meta.py reads them)."""
     record: dict[str, object] = {
         "format": META_FORMAT_V2 if format2 else META_FORMAT,
         "name": path.name,
@@ -750,9 +869,25 @@ def _metadata(path: Path, size: int, digest: bytes, analysis: Analysis,
         "imported_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "extractor": extractor,
     }
+    if analysis.source_format == "dicom" and analysis.clinical:
+        record["clinical"] = dict(analysis.clinical)
+    if frame is not None:
+        record["frame"], record["frames"], record["original"] = frame
     if not format2:
         record["features"] = [float(x) for x in analysis.features]
     return json.dumps(record, separators=(",", ":")).encode()
+
+
+def _not_indexed(result: FrameAnalyses) -> str:
+    """Why frames of a file were not indexed, in words ("" when all were)."""
+    done, total = len(result.frames), result.total
+    if done >= total:
+        return ""
+    which = f"frame {done}" if done + 1 == total else f"frames {done} to {total - 1}"
+    if result.error:
+        return f"{which} of {total} not indexed: {result.error}"
+    return (f"{which} of {total} not indexed: only the first {MAX_FRAMES} frames of a "
+            "file are (MAX_FRAMES); the stored original holds them all")
 
 
 def _file_digest(path: Path) -> bytes:

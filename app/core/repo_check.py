@@ -804,7 +804,8 @@ class _Checker:
         live_images = {i for by_id in (*seg_ids.values(), *pack_ids.values()) for i in by_id}
         # after a break in the log, the images of the entries beyond it are not known:
         # their originals are not listed as strays
-        stored = self._originals(live_images, list_strays=bool(report.log.get("complete")))
+        stored = self._originals(live_images, list_strays=bool(report.log.get("complete")),
+                                 state=state)
         report.counts["images"] = len(live_images)
         if self.read_data:
             versions = {image_id: version for by_version in (pack_ids, seg_ids)
@@ -851,10 +852,11 @@ class _Checker:
             return
         self._count("originals read")
 
-    def _originals(self, live_images: set[str], list_strays: bool = True
-                   ) -> dict[str, tuple[str, int]]:
+    def _originals(self, live_images: set[str], list_strays: bool = True,
+                   state: seglog.LogState | None = None) -> dict[str, tuple[str, int]]:
         stored = self._listing(layout.objects_prefix(self.repo_id), layout.parse_object_key)
-        for image_id in sorted(live_images - set(stored)):
+        frames = self._frames_of_stored(live_images - set(stored), live_images, stored, state)
+        for image_id in sorted(live_images - set(stored) - frames):
             self.report.add(MISSING_OBJECT, "image", image_id, "its original "
                             "(objects/<image id>) is not in the bucket")
         for image_id in sorted(set(stored) - live_images if list_strays else ()):
@@ -863,6 +865,30 @@ class _Checker:
                                             age_s=self._age(key),
                                             detail="an original of no live image"))
         return stored
+
+    def _frames_of_stored(self, missing: set[str], live_images: set[str],
+                          stored: dict[str, tuple[str, int]],
+                          state: seglog.LogState | None) -> set[str]:
+        """The images of ``missing`` that are frames of a multi-frame instance: they have
+        no object of their own, their metadata names the live image whose object is the
+        instance's file (``original``: app/core/importer.py). Read only for images that
+        lack an object, so a repository without multi-frame files costs nothing more."""
+        if state is None or not missing:
+            return set()
+        from app.core.packs import ImageReader
+
+        reader = ImageReader(self.store, self.repo, state)
+        frames = set()
+        for image_id in missing:
+            try:
+                record, _ = reader.meta(image_id)
+            except RadcryptError:
+                continue  # reported as missing; its pack's own problems are reported above
+            original = record.get("original")
+            if (isinstance(original, str) and original != image_id
+                    and original in stored and original in live_images):
+                frames.add(image_id)
+        return frames
 
     # strays
 

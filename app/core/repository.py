@@ -98,6 +98,10 @@ class Manifest:
     members: tuple[Member, ...] = ()
     owner_key: bytes = b""  # the owner's key, written only with co-owners
     co_owners: tuple[CoOwner, ...] = ()
+    # Issue 16: while True, erasure is refused (app/core/erasure.py); only an owner signs
+    # the manifest, so only an owner sets or lifts it. Written only when True, so that a
+    # manifest without a hold keeps the bytes of docs/FORMAT-2.md 2.3.
+    legal_hold: bool = False
 
     @property
     def legacy(self) -> bool:
@@ -126,7 +130,9 @@ class Manifest:
 
     def to_json(self) -> bytes:
         raw = asdict(self)
-        del raw["owner_key"], raw["co_owners"]
+        del raw["owner_key"], raw["co_owners"], raw["legal_hold"]
+        if self.legal_hold:
+            raw["legal_hold"] = True
         if self.co_owners:
             raw["owner_key"] = base64.b64encode(self.owner_key).decode()
             raw["co_owners"] = [{"user_id": c.user_id,
@@ -164,6 +170,11 @@ class Manifest:
         fields = {k: raw[k] for k in (*expected, "format")}
         if any(name in raw for name in ("sequence", "owner", "members")):
             fields.update(_membership(raw, where))
+        if "legal_hold" in raw:
+            if not isinstance(raw["legal_hold"], bool) or "sequence" not in fields:
+                raise RadcryptError(f"{where}: field 'legal_hold' must be true or false, in a "
+                                    "manifest with a membership list")
+            fields["legal_hold"] = raw["legal_hold"]
         return cls(**fields)
 
 

@@ -12,6 +12,15 @@ and the digest of the segments the service searched; the client compares them wi
 log it verified itself and fails an answer that left segments out (IncompleteAnswer), or,
 when the caller allows it, returns it marked (``QueryResult.complete`` False). A format-1
 repository has no log: ``complete`` is None, "completeness not verifiable (format 1)".
+
+Grouping (issue 15): neighbouring slices of one series are near-identical, so an ungrouped
+top-k is often k slices of one series. With ``group`` the hits of one series collapse into
+a ``HitGroup`` (the best slice, the others attached) and the engine is asked for more hits
+(up to MAX_K) until the answer names k different series or the archive has no more; the
+ungrouped top-k stays in ``QueryResult.hits``, exact as before. The service answers at most
+MAX_K hits per query, so a series of more than MAX_K near-identical slices can still hide
+the next series: the answer then has fewer than k groups (``QueryResult.asked`` says how
+many hits were looked at).
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ import numpy as np
 
 from app.core import basis
 from app.core.errors import IncompleteAnswer, IntegrityError, RadcryptError, ServiceError
+from app.core.meta import ImageMeta
 from app.core.repository import Repository, is_format2
 from app.core.session import Session
+from app.core.studies import instance_label, series_key
 from app.imaging.worker import DecoderPool, DecoderUnavailable
 from cloud.backend import Store
 from cloud.limits import MAX_K, MAX_QUERIES
@@ -50,6 +61,43 @@ class Hit:
     score: float
     key_version: int
     meta: dict[str, Any] = field(repr=False, default_factory=dict)
+    series_key: str = ""  # app/core/studies.py series_key of the hit's image
+    group: int = 0  # rank of the hit's series among the grouped results; 0: not grouped
+
+    @property
+    def image(self) -> ImageMeta:
+        """The decrypted metadata the hit carries, typed (instance, frame, clinical)."""
+        return ImageMeta.from_record(self.image_id, self.meta, self.key_version)
+
+    def as_dict(self) -> dict[str, Any]:
+        image = self.image
+        return {"image_id": self.image_id, "name": self.name, "distance": self.distance,
+                "rank": self.rank, "series": self.series_key, "group": self.group,
+                "instance": image.attribute("InstanceNumber"), "frame": image.frame,
+                "frames": image.frames, "original_id": image.original_image_id}
+
+
+@dataclass
+class HitGroup:
+    """The hits of one series in one answer: the best one is shown, the others are
+    attached to it ("3 more from this series")."""
+
+    rank: int  # 1 = the series of the nearest hit
+    series_key: str
+    best: Hit
+    others: list[Hit] = field(default_factory=list)
+
+    @property
+    def more(self) -> int:
+        return len(self.others)
+
+    @property
+    def hits(self) -> list[Hit]:
+        return [self.best, *self.others]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "series": self.series_key, "best": self.best.as_dict(),
+                "more": self.more, "others": [h.image_id for h in self.others]}
 
 
 @dataclass
@@ -65,6 +113,11 @@ class QueryResult:
     segments_expected: int | None = None  # live segments of the key version (format 2)
     segments_searched: int | None = None  # segments the service says it searched
     segments_missing: list[str] = field(default_factory=list)  # live ids not searched
+    # Grouped by series (``group=True``): at most k groups, nearest series first; ``hits``
+    # stays the ungrouped top-k. ``asked``: how many hits the engine was asked for.
+    grouped: bool = False
+    groups: list[HitGroup] = field(default_factory=list)
+    asked: int = 0
 
     @property
     def completeness(self) -> str:
@@ -79,8 +132,9 @@ class QueryResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "query": self.query,
-            "results": [{"image_id": h.image_id, "name": h.name, "distance": h.distance,
-                         "rank": h.rank} for h in self.hits],
+            "results": [h.as_dict() for h in self.hits],
+            "grouped": self.grouped,
+            "groups": [g.as_dict() for g in self.groups],
             "stats": {**self.stats, "timings_ms": self.timings_ms,
                       "order_verified": self.order_verified},
             "complete": self.complete,
@@ -133,12 +187,14 @@ def search_files(session: Session, repo: Repository, paths: list[str | Path], k:
 
 
 def search_features(session: Session, repo: Repository, features: np.ndarray,
-                    labels: list[str], k: int = 1, *, allow_incomplete: bool = False
-                    ) -> list[QueryResult]:
+                    labels: list[str], k: int = 1, *, allow_incomplete: bool = False,
+                    group: bool = False) -> list[QueryResult]:
     """Nearest archived images of each feature vector (one encrypted request for all).
 
     Format 2: an answer that left out live segments raises IncompleteAnswer, unless
-    ``allow_incomplete``: then its results come back marked (``complete`` False)."""
+    ``allow_incomplete``: then its results come back marked (``complete`` False).
+    ``group``: also the k nearest series (``QueryResult.groups``), see the module's
+    docstring."""
     if not 1 <= k <= MAX_K:
         raise RadcryptError(f"k must be between 1 and {MAX_K}")
     queries = np.atleast_2d(np.asarray(features, dtype=np.float64))
@@ -147,7 +203,100 @@ def search_features(session: Session, repo: Repository, features: np.ndarray,
         chunk = queries[start : start + MAX_QUERIES]
         results += _search_chunk(session, repo, chunk, labels[start : start + MAX_QUERIES], k,
                                  allow_incomplete)
+    for result in results:
+        result.asked = k
+    if group:
+        _group(session, repo, queries, labels, k, allow_incomplete, results)
     return results
+
+
+GROW = 4
+"""Factor by which a grouped search asks the engine for more hits when the answer names
+fewer than k series: k, 4k, 16k, ... up to MAX_K, so a few rounds at most."""
+
+
+def _series_count(hits: list[Hit]) -> int:
+    return len({h.series_key for h in hits})
+
+
+def _group(session: Session, repo: Repository, queries: np.ndarray, labels: list[str],
+           k: int, allow_incomplete: bool, results: list[QueryResult]) -> None:
+    """Group ``results`` (in place) into at most k series each, asking the engine again
+    for more hits for the queries whose answer names fewer than k series while it was full
+    (the archive may hold more) and MAX_K allows. Why this is exact: the engine's answer is
+    the exact top-n, so any series it leaves out is no nearer than its n-th hit, hence no
+    nearer than the best hit of any series the answer names."""
+    asked = k
+    need = list(range(len(results)))
+    while asked < MAX_K:
+        need = [i for i in need if _series_count(results[i].hits) < k
+                and len(results[i].hits) >= asked]
+        if not need:
+            break
+        asked = min(MAX_K, asked * GROW)
+        again = search_features(session, repo, queries[need], [labels[i] for i in need],
+                                asked, allow_incomplete=allow_incomplete)
+        for i, result in zip(need, again, strict=True):
+            for stage, ms in results[i].timings_ms.items():  # the rounds before count too
+                result.timings_ms[stage] = result.timings_ms.get(stage, 0.0) + ms
+            results[i] = result
+    for result in results:
+        result.groups = group_hits(result.hits, k)
+        result.hits = result.hits[:k]
+        result.grouped = True
+
+
+def group_hits(hits: list[Hit], k: int) -> list[HitGroup]:
+    """The first ``k`` series of ``hits`` (in answer order, nearest first), each with its
+    best hit and the others of that series; sets ``Hit.group`` on the hits it groups."""
+    groups: dict[str, HitGroup] = {}
+    for hit in hits:
+        found = groups.get(hit.series_key)
+        if found is not None:
+            found.others.append(hit)
+            hit.group = found.rank
+        elif len(groups) < k:
+            groups[hit.series_key] = HitGroup(len(groups) + 1, hit.series_key, hit)
+            hit.group = len(groups)
+        else:
+            hit.group = 0
+    return list(groups.values())
+
+
+def search_image(session: Session, repo: Repository, image_id: str, k: int = 1, *,
+                 allow_incomplete: bool = False, group: bool = True,
+                 exclude_self: bool = True) -> QueryResult:
+    """"Find similar" without a local file: the stored features of an archived image
+    (from its pack's feature array in format 2) as the query. ``exclude_self`` leaves the
+    image itself out (it is always its own nearest hit); its series' other images stay."""
+    if not 1 <= k <= MAX_K:
+        raise RadcryptError(f"k must be between 1 and {MAX_K}")
+    record, version = image_reader(session, repo).meta(image_id)
+    meta = ImageMeta.from_record(image_id, record, version)
+    if not meta.features:
+        raise IntegrityError(f"metadata of image {image_id} lacks its features")
+    label = f"{meta.name} ({where})" if (where := instance_label(meta)) else meta.name
+    ask = min(MAX_K, k + 1) if exclude_self else k
+    result = search_features(session, repo, np.asarray(meta.features, dtype=np.float64),
+                             [label], ask, allow_incomplete=allow_incomplete,
+                             group=group)[0]
+    if exclude_self:
+        _drop(result, image_id, k)
+    return result
+
+
+def _drop(result: QueryResult, image_id: str, k: int) -> None:
+    """Remove one image from ``result`` (hits and groups), keep k of each, number again."""
+    seen: dict[str, Hit] = {h.image_id: h for h in result.hits}
+    for g in result.groups:
+        seen.update((h.image_id, h) for h in g.hits)
+    ordered = sorted((h for h in seen.values() if h.image_id != image_id),
+                     key=lambda h: h.rank)
+    for rank, hit in enumerate(ordered, 1):
+        hit.rank = rank
+    result.hits = [h for h in result.hits if h.image_id != image_id][:k]
+    if result.grouped:
+        result.groups = group_hits(ordered, k)
 
 
 def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, labels: list[str],
@@ -310,7 +459,8 @@ def _resolve(reader: ImageReader, query: np.ndarray,
                                  "wrong dimension")
         diff = vector - query
         return Hit(rank=rank, image_id=image_id, name=str(meta.get("name", "")),
-                   distance=float(diff @ diff), score=score, key_version=version, meta=meta)
+                   distance=float(diff @ diff), score=score, key_version=version, meta=meta,
+                   series_key=series_key(ImageMeta.from_record(image_id, meta, version)))
 
     if not raw_hits:
         return []

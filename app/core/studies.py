@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from app.core.errors import RadcryptError
 from app.core.meta import ImageMeta
 
 LONE_PREFIX = "image:"
@@ -27,7 +28,7 @@ def _number(text: str) -> float:
         return float("inf")
 
 
-def _slice_position(meta: ImageMeta) -> float:
+def slice_position(meta: ImageMeta) -> float:
     """Distance along the slice normal (ImagePositionPatient . normal of the orientation):
     orders a series as the scanner acquired it when InstanceNumber is missing or wrong."""
     try:
@@ -43,7 +44,7 @@ def _slice_position(meta: ImageMeta) -> float:
 
 def image_order(meta: ImageMeta) -> tuple[float, float, int, str]:
     """Stack order inside a series: instance number, slice position, frame, then id."""
-    return (_number(meta.attribute("InstanceNumber")), _slice_position(meta), meta.frame,
+    return (_number(meta.attribute("InstanceNumber")), slice_position(meta), meta.frame,
             meta.image_id)
 
 
@@ -148,3 +149,112 @@ def group_studies(metas: Iterable[ImageMeta]) -> list[Study]:
 def _negated(text: str) -> tuple[int, ...]:
     """Sort key putting later dates first while the rest of the key sorts ascending."""
     return tuple(-ord(c) for c in text)
+
+
+# --- words for people: patient names, dates, instance and frame --------------------------
+
+
+def patient_display(name: str) -> str:
+    """A DICOM person name (PN, ``Family^Given^Middle^Prefix^Suffix``) as a list shows it:
+    ``DOE, JOHN``; what is not a PN is shown as written."""
+    parts = [p.strip() for p in name.split("=")[0].split("^")]
+    while parts and not parts[-1]:
+        parts.pop()
+    if len(parts) <= 1:
+        return parts[0] if parts else ""
+    return f"{parts[0]}, {' '.join(p for p in parts[1:] if p)}".rstrip(", ")
+
+
+def date_display(da: str) -> str:
+    """A DICOM date (DA, ``YYYYMMDD``) as ISO 8601 (``YYYY-MM-DD``); other text as is."""
+    text = da.strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text
+
+
+def instance_label(meta: ImageMeta) -> str:
+    """Which instance and frame an image is, e.g. ``instance 12, frame 3/10`` (frames are
+    counted from 1 here, as a viewer's overlay does; ``meta.frame`` is 0-based)."""
+    parts = []
+    if number := meta.attribute("InstanceNumber"):
+        parts.append(f"instance {number}")
+    if meta.frames > 1:
+        parts.append(f"frame {meta.frame + 1}/{meta.frames}")
+    return ", ".join(parts)
+
+
+def series_label(series: Series) -> str:
+    """One line naming a series: modality, number, description, image count."""
+    parts = [series.modality] if series.modality else []
+    if series.number:
+        parts.append(f"series {series.number}")
+    if series.description:
+        parts.append(series.description)
+    count = len(series.images)
+    parts.append(f"{count} image{'s' if count != 1 else ''}")
+    return " · ".join(parts)
+
+
+# --- finding a study or series from what a person typed -----------------------------------
+
+
+def series_rows(studies: list[Study]) -> list[tuple[str, Series]]:
+    """Every series with the row label a list shows for it: ``S.N``, the study's row number
+    in ``studies`` and the series' row inside the study (both from 1)."""
+    return [(f"{si}.{ni}", series) for si, study in enumerate(studies, 1)
+            for ni, series in enumerate(study.series, 1)]
+
+
+def _by_text(what: str, text: str, keyed: list[tuple[str, str, object]]) -> object:
+    """The one item of ``keyed`` (row label, key, item) that ``text`` names: its key, its
+    row label, or a prefix of its key (also without the lone-image prefix) that only it
+    has. Why this order: a row label such as ``1.2`` is also a prefix of many UIDs."""
+    text = text.strip()
+    if not text:
+        raise RadcryptError(f"no {what} given")
+    for _, key, item in keyed:
+        if key == text:
+            return item
+    for row, _, item in keyed:
+        if row == text:
+            return item
+    matches = [(key, item) for _, key, item in keyed
+               if key.startswith(text) or key.removeprefix(LONE_PREFIX).startswith(text)]
+    if len(matches) == 1:
+        return matches[0][1]
+    if not matches:
+        raise RadcryptError(f"no {what} matches {text!r} (give its UID, a unique prefix of "
+                            f"it, or the row number 'ls' shows)")
+    shown = ", ".join(key for key, _ in matches[:3])
+    plural = {"study": "studies"}.get(what, what)
+    raise RadcryptError(f"{len(matches)} {plural} match {text!r} ({shown}"
+                        f"{', ...' if len(matches) > 3 else ''}): give more of the UID")
+
+
+def find_study(studies: list[Study], text: str) -> Study:
+    """The study ``text`` names: its StudyInstanceUID (or lone-image key), its row number
+    in ``studies`` (from 1), or a unique prefix of its UID; RadcryptError otherwise."""
+    keyed: list[tuple[str, str, object]] = [
+        (str(row), study.key, study) for row, study in enumerate(studies, 1)]
+    found = _by_text("study", text, keyed)
+    assert isinstance(found, Study)
+    return found
+
+
+def find_series(studies: list[Study], text: str) -> Series:
+    """The series ``text`` names: its SeriesInstanceUID (or lone-image key), its row label
+    ``S.N`` (``series_rows``), its position in the archive-wide list of series as a plain
+    number, or a unique prefix of its UID; RadcryptError otherwise."""
+    rows = series_rows(studies)
+    keyed: list[tuple[str, str, object]] = [(label, s.key, s) for label, s in rows]
+    text = text.strip()
+    if text.isdigit() and not any(s.key == text for _, s in rows):
+        index = int(text)
+        if not 1 <= index <= len(rows):
+            raise RadcryptError(f"no series number {index}: the archive lists {len(rows)} "
+                                "series (use the S.N row labels of 'ls --series')")
+        return rows[index - 1][1]
+    found = _by_text("series", text, keyed)
+    assert isinstance(found, Series)
+    return found

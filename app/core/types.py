@@ -13,7 +13,7 @@ from app.core.access import AccessEntry, AccessList, UserRecord
 from app.core.demo import DemoReport, DemoRow
 from app.core.importer import ImportReport
 from app.core.repository import Manifest, Member, Repository
-from app.core.searcher import Hit, QueryResult
+from app.core.searcher import Hit, HitGroup, QueryResult
 from app.core.session import Session
 from app.imaging.decode import DecodedImage
 from app.imaging.errors import ImageDecodeError
@@ -23,6 +23,7 @@ from crypto.identity import Identity, PublicCard
 
 __all__ = [
     "AccessEntry", "AccessList", "DecodedImage", "DemoReport", "DemoRow",
-    "EmbeddedStoreError", "Hit", "Identity", "ImageDecodeError", "ImportReport", "Manifest",
-    "Member", "PublicCard", "QueryResult", "Repository", "Session", "StoreError", "UserRecord",
+    "EmbeddedStoreError", "Hit", "HitGroup", "Identity", "ImageDecodeError", "ImportReport",
+    "Manifest", "Member", "PublicCard", "QueryResult", "Repository", "Session", "StoreError",
+    "UserRecord",
 ]

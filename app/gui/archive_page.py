@@ -1,34 +1,74 @@
-"""Archive: a grid of decrypted previews, paged, sorted by import date, loaded lazily.
+"""Archive: the study list a radiologist expects, then a series strip, then the images.
 
-Loading happens in two background steps: the list of images (ids from the index
-segments, then each image's metadata, decrypted here) and, for the visible page only,
-the previews (decrypted and composed into square tiles in the worker; the UI thread
-only wraps them in pixmaps).
+Three levels, as PACS viewers show them (DESIGN.md §9): a sortable, filterable table of
+studies (patient, date, modality, description, series and image counts), the selected
+study's series as a strip with one preview each, and below them a grid of previews: the
+selected series' images in stack order, the study's images, or, with no study chosen, every
+image (of the studies the filter leaves), paged and sorted by import date or name. Images
+without DICOM study and series UIDs (PNG, JPEG, TIFF) are studies of their own.
+
+The grouping happens here, on the workstation, after decryption (app/core/studies.py): the
+cloud never sees which images belong together. Loading happens in background steps: the
+list of images (ids, then each image's metadata, decrypted and grouped in the worker) and,
+for what is visible only, the previews (decrypted and composed into square tiles in the
+worker; the UI thread only wraps them in pixmaps).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
-from PyQt6.QtCore import QAbstractListModel, QModelIndex, QRectF, QSize, Qt, pyqtSignal
-from PyQt6.QtGui import QColor, QImage, QPainter, QPixmap
+from PyQt6.QtCore import (
+    QAbstractListModel,
+    QAbstractTableModel,
+    QDate,
+    QModelIndex,
+    QPoint,
+    QRectF,
+    QSize,
+    QSortFilterProxyModel,
+    Qt,
+    pyqtSignal,
+)
+from PyQt6.QtGui import QColor, QIcon, QImage, QPainter, QPixmap
 from PyQt6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
     QComboBox,
+    QDateEdit,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
+    QLineEdit,
     QListView,
+    QListWidget,
+    QListWidgetItem,
+    QMenu,
     QProgressBar,
     QPushButton,
+    QSplitter,
     QStackedWidget,
+    QTableView,
     QVBoxLayout,
     QWidget,
 )
 
+from app.core.meta import ImageMeta
 from app.core.progress import ProgressEvent
+from app.core.studies import (
+    LONE_PREFIX,
+    Series,
+    Study,
+    instance_label,
+    series_key,
+)
+from app.core.studies import date_display as dicom_date
+from app.core.studies import patient_display as patient_text
 from app.core.types import Repository
 from app.gui import theme
 from app.gui.backend import ArchiveEntry
@@ -38,8 +78,15 @@ from app.gui.widgets import PageHeader, TileDelegate, muted_label, primary, qima
 
 PAGE_SIZE = 48
 TILE = 128
+SERIES_TILE = 96
 CACHE_LIMIT = 600
 SORTS = ("Newest first", "Oldest first", "Name")
+ALL_MODALITIES = "All modalities"
+STUDY_COLUMNS = ("Patient", "Patient ID", "Study date", "Modality", "Description", "Series",
+                 "Images")
+"""The study list's columns, in the order PACS worklists show them."""
+SORT_ROLE = Qt.ItemDataRole.UserRole + 1
+DATE_COLUMN = STUDY_COLUMNS.index("Study date")
 
 
 def square_tile(png: bytes, side: int) -> QImage:
@@ -133,45 +180,211 @@ class ThumbModel(QAbstractListModel):
             return None
         entry = self.entries[index.row()]
         if role == Qt.ItemDataRole.DisplayRole:
-            return entry.name
+            # A DICOM file's name is often a UID: the instance (and frame) says more.
+            return image_caption(entry) or entry.name
         if role == Qt.ItemDataRole.DecorationRole:
             return self.tiles.get(entry.image_id) or self.placeholder()
         if role == Qt.ItemDataRole.ToolTipRole:
-            return entry.error or entry.describe()
+            caption = image_caption(entry)
+            return entry.error or "\n".join(t for t in (caption, entry.describe()) if t)
         if role == Qt.ItemDataRole.UserRole:
             return entry
         return None
 
 
+# --- the study list, Qt-free rules -----------------------------------------------------------
+
+
+def study_matches(study: Study, text: str = "", modality: str = "", date_from: str = "",
+                  date_to: str = "") -> bool:
+    """Whether the study list's filter keeps ``study``: every word of ``text`` in the
+    patient, id, accession, descriptions or modalities (case-insensitive); ``modality``
+    among its series' modalities; the study date within [date_from, date_to] (YYYYMMDD,
+    either may be ""; an undated study fails an active range)."""
+    if modality and modality not in study.modalities:
+        return False
+    if date_from or date_to:
+        date = study.study_date
+        if not date or (date_from and date < date_from) or (date_to and date > date_to):
+            return False
+    words = text.lower().split()
+    if words:
+        haystack = " ".join([
+            study.patient_name, patient_text(study.patient_name), study.patient_id,
+            study.accession, study.description, *study.modalities,
+            *(s.description for s in study.series)]).lower()
+        return all(w in haystack for w in words)
+    return True
+
+
+def study_cells(study: Study) -> tuple[str, ...]:
+    """The study list's row for ``study`` (STUDY_COLUMNS)."""
+    return (patient_text(study.patient_name) or "—", study.patient_id,
+            dicom_date(study.study_date), "/".join(study.modalities),
+            study.description, str(len(study.series)), str(study.image_count))
+
+
+def study_sort_key(study: Study, column: int) -> Any:
+    """What a column sorts by: dates with their time, counts as numbers, text ignoring case."""
+    if column == DATE_COLUMN:
+        return study.study_date + study.study_time
+    if column == STUDY_COLUMNS.index("Series"):
+        return len(study.series)
+    if column == STUDY_COLUMNS.index("Images"):
+        return study.image_count
+    return study_cells(study)[column].lower()
+
+
+def series_caption(series: Series) -> str:
+    """The strip's two lines: "#3 T1 axial" and "MR · 24 images" (the description may be
+    elided; the count never is)."""
+    first = " ".join(t for t in (f"#{series.number}" if series.number else "",
+                                 series.description) if t)
+    count = len(series.images)
+    second = " · ".join(t for t in (series.modality,
+                                    f"{count} image{'s' if count != 1 else ''}") if t)
+    return f"{first or 'Series'}\n{second}"
+
+
+def image_caption(meta: ImageMeta) -> str:
+    """Which instance and frame an image is: "Instance 12, frame 3/10" ("" when unknown;
+    the same words as the CLI, app/core/studies.py ``instance_label``)."""
+    label = instance_label(meta)
+    return label[:1].upper() + label[1:]
+
+
+# --- the study list, Qt models ----------------------------------------------------------------
+
+
+class StudyModel(QAbstractTableModel):
+    """One row per study; ``SORT_ROLE`` gives each column's sort key."""
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.studies: list[Study] = []
+
+    def set_studies(self, studies: list[Study]) -> None:
+        self.beginResetModel()
+        self.studies = list(studies)
+        self.endResetModel()
+
+    def rowCount(self, parent: QModelIndex | None = None) -> int:
+        return 0 if parent is not None and parent.isValid() else len(self.studies)
+
+    def columnCount(self, parent: QModelIndex | None = None) -> int:
+        return 0 if parent is not None and parent.isValid() else len(STUDY_COLUMNS)
+
+    def headerData(self, section: int, orientation: Qt.Orientation,
+                   role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return STUDY_COLUMNS[section]
+        return None
+
+    def data(self, index: QModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or index.row() >= len(self.studies):
+            return None
+        study = self.studies[index.row()]
+        column = index.column()
+        if role == Qt.ItemDataRole.DisplayRole:
+            return study_cells(study)[column]
+        if role == SORT_ROLE:
+            return study_sort_key(study, column)
+        if role == Qt.ItemDataRole.UserRole:
+            return study
+        if role == Qt.ItemDataRole.ToolTipRole:
+            lines = [patient_text(study.patient_name) or "No patient name",
+                     f"Study date: {dicom_date(study.study_date) or 'unknown'}"]
+            if study.accession:
+                lines.append(f"Accession: {study.accession}")
+            if study.key.startswith(LONE_PREFIX):
+                lines.append("An image without DICOM study and series identifiers")
+            return "\n".join(lines)
+        if role == Qt.ItemDataRole.TextAlignmentRole and column >= STUDY_COLUMNS.index("Series"):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+
+class StudyFilter(QSortFilterProxyModel):
+    """The filter bar's text, modality and date range over the study list."""
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.text = ""
+        self.modality = ""
+        self.date_from = ""
+        self.date_to = ""
+        self.setSortRole(SORT_ROLE)
+
+    def set_filter(self, text: str, modality: str, date_from: str, date_to: str) -> None:
+        self.text, self.modality = text, modality
+        self.date_from, self.date_to = date_from, date_to
+        self.invalidateFilter()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.text.strip() or self.modality or self.date_from or self.date_to)
+
+    def filterAcceptsRow(self, source_row: int, source_parent: QModelIndex) -> bool:
+        model = self.sourceModel()
+        if not isinstance(model, StudyModel) or source_row >= len(model.studies):
+            return False
+        return study_matches(model.studies[source_row], self.text, self.modality,
+                             self.date_from, self.date_to)
+
+    def lessThan(self, left: QModelIndex, right: QModelIndex) -> bool:
+        a, b = left.data(SORT_ROLE), right.data(SORT_ROLE)
+        if type(a) is not type(b):
+            return str(a) < str(b)
+        return bool(a < b)
+
+    def visible_studies(self) -> list[Study]:
+        return [self.index(row, 0).data(Qt.ItemDataRole.UserRole)
+                for row in range(self.rowCount())]
+
+
 class ArchivePage(QWidget):
     createRequested = pyqtSignal()  # "Create a repository" in the empty archive
     demoRequested = pyqtSignal()  # "Try the demo images"
+    findSimilarRequested = pyqtSignal(object)  # ImageMeta: search with its stored features
 
     def __init__(self, ctx: AppContext, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.ctx = ctx
         self.repo: Repository | None = None
         self.all_entries: list[ArchiveEntry] = []
+        self.studies: list[Study] = []
+        self.series_by_key: dict[str, Series] = {}
+        self.current_study: Study | None = None
+        self.current_series: Series | None = None
+        self.scope: list[ArchiveEntry] = []  # what the image grid pages through
         self.page = 0
         self._generation = 0
         self._index_task: Any = None
         self._thumb_task: Any = None
+        self._series_task: Any = None
         self.loading = False
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(20, 16, 20, 16)
         layout.setSpacing(10)
         layout.addWidget(PageHeader(
-            "Archive", "Previews of every image in the repository, decrypted on this "
-            "workstation. Double-click an image to open the original."))
+            "Archive", "Studies, series and images of the repository, decrypted and grouped "
+            "on this workstation. Double-click a series or an image to open it."))
 
         bar = QHBoxLayout()
         self.count_label = QLabel("")
         self.count_label.setObjectName("CardTitle")
+        self.sort_label = QLabel("Sort:")
         self.sort_combo = QComboBox()
         self.sort_combo.addItems(SORTS)
-        self.sort_combo.setToolTip("Order of the images (by import date or by file name)")
+        self.sort_combo.setToolTip("Order of the images when no study is chosen (by import "
+                                   "date or by file name); a study's or series' images "
+                                   "are in stack order")
         self.sort_combo.currentTextChanged.connect(self._resort)
+        self.similar_button = theme.themed(QPushButton("Find similar"), "search")
+        self.similar_button.setToolTip("Search the archive with the selected image's own "
+                                       "encrypted features (no file needed)")
+        self.similar_button.clicked.connect(self.find_similar_selected)
         self.refresh_button = theme.themed(QPushButton("Refresh"), "reset")
         self.refresh_button.clicked.connect(self.reload)
         self.prev_button = QPushButton("‹ Previous")
@@ -183,9 +396,10 @@ class ArchivePage(QWidget):
         self.page_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
         bar.addWidget(self.count_label)
         bar.addSpacing(12)
-        bar.addWidget(QLabel("Sort:"))
+        bar.addWidget(self.sort_label)
         bar.addWidget(self.sort_combo)
         bar.addStretch(1)
+        bar.addWidget(self.similar_button)
         bar.addWidget(self.refresh_button)
         bar.addSpacing(12)
         bar.addWidget(self.prev_button)
@@ -197,6 +411,11 @@ class ArchivePage(QWidget):
         self.progress.setFormat("Reading the archive index: %v of %m")
         self.progress.hide()
         layout.addWidget(self.progress)
+
+        self.splitter = QSplitter(Qt.Orientation.Vertical)
+        self.splitter.setChildrenCollapsible(False)
+        self.splitter.addWidget(self._build_study_list())
+        self.splitter.addWidget(self._build_series_strip())
 
         self.stack = QStackedWidget()
         self.empty_panel = QWidget()
@@ -241,9 +460,20 @@ class ArchivePage(QWidget):
         self.view.setItemDelegate(TileDelegate(self.view))  # framed, never tinted
         self.view.doubleClicked.connect(self._open)
         self.view.activated.connect(self._open)
+        self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.view.customContextMenuRequested.connect(self._image_menu)
+        selection = self.view.selectionModel()
+        assert selection is not None
+        selection.currentChanged.connect(lambda *_: self._update_controls())
         self.stack.addWidget(self.empty_panel)
         self.stack.addWidget(self.view)
-        layout.addWidget(self.stack, 1)
+        self.stack.currentChanged.connect(lambda *_: self._update_sections())
+        self.splitter.addWidget(self.stack)
+        self.splitter.setStretchFactor(0, 2)
+        self.splitter.setStretchFactor(1, 0)
+        self.splitter.setStretchFactor(2, 5)
+        self.splitter.setSizes([200, SERIES_TILE + 96, 600])  # scaled to the page
+        layout.addWidget(self.splitter, 1)
 
         self.repository_count: int | None = None  # listed in the store, once known
         ctx.repositoryChanged.connect(self.set_repository)
@@ -251,7 +481,123 @@ class ArchivePage(QWidget):
         ctx.repositoriesListed.connect(self._repositories_listed)
         ctx.connectionChanged.connect(lambda *_: self._show_no_repository())
         self._show_no_repository()
+        self._update_sections()
         self._update_controls()
+
+    # --- building -------------------------------------------------------------------------
+
+    def _build_study_list(self) -> QWidget:
+        self.study_section = QWidget()
+        box = QVBoxLayout(self.study_section)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.setSpacing(6)
+        filters = QHBoxLayout()
+        filters.setSpacing(8)
+        self.studies_label = QLabel("Studies")
+        self.studies_label.setObjectName("CardTitle")
+        self.filter_edit = QLineEdit()
+        self.filter_edit.setPlaceholderText("Filter: patient, ID, accession, description…")
+        self.filter_edit.setClearButtonEnabled(True)
+        self.filter_edit.setMinimumWidth(220)
+        self.filter_edit.textChanged.connect(self._filter_changed)
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItem(ALL_MODALITIES)
+        self.modality_combo.setToolTip("Only studies with a series of this modality")
+        self.modality_combo.currentTextChanged.connect(self._filter_changed)
+        self.date_check = QCheckBox("Study date from")
+        self.date_check.setToolTip("Only studies dated within this range (undated ones are "
+                                   "left out while it is on)")
+        self.date_check.toggled.connect(self._filter_changed)
+        today = QDate.currentDate()
+        self.date_from = QDateEdit(today.addYears(-1))
+        self.date_to = QDateEdit(today)
+        for edit in (self.date_from, self.date_to):
+            edit.setCalendarPopup(True)
+            edit.setDisplayFormat("yyyy-MM-dd")
+            edit.dateChanged.connect(self._filter_changed)
+        self.clear_filter_button = QPushButton("Clear filter")
+        self.clear_filter_button.clicked.connect(self.clear_filter)
+        filters.addWidget(self.studies_label)
+        filters.addSpacing(8)
+        filters.addWidget(self.filter_edit, 2)
+        filters.addWidget(self.modality_combo)
+        filters.addWidget(self.date_check)
+        filters.addWidget(self.date_from)
+        filters.addWidget(QLabel("to"))
+        filters.addWidget(self.date_to)
+        filters.addWidget(self.clear_filter_button)
+        box.addLayout(filters)
+
+        self.study_model = StudyModel(self)
+        self.study_filter = StudyFilter(self)
+        self.study_filter.setSourceModel(self.study_model)
+        self.table = QTableView()
+        self.table.setModel(self.study_filter)
+        self.table.setSortingEnabled(True)
+        self.table.sortByColumn(DATE_COLUMN, Qt.SortOrder.DescendingOrder)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setAlternatingRowColors(True)
+        self.table.setWordWrap(False)
+        vertical = self.table.verticalHeader()
+        if vertical is not None:
+            vertical.hide()
+            vertical.setDefaultSectionSize(26)
+        header = self.table.horizontalHeader()
+        if header is not None:
+            header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+            header.setStretchLastSection(False)
+            header.setSectionResizeMode(STUDY_COLUMNS.index("Description"),
+                                        QHeaderView.ResizeMode.Stretch)
+            for column, width in enumerate((190, 110, 100, 80, 0, 60, 70)):
+                if width:
+                    self.table.setColumnWidth(column, width)
+        table_selection = self.table.selectionModel()
+        assert table_selection is not None
+        table_selection.currentRowChanged.connect(lambda *_: self._study_chosen())
+        self.table.doubleClicked.connect(lambda *_: self.open_study(self.current_study))
+        self.table.setToolTip("Click a study for its series; double-click to open its "
+                              "largest series")
+        self.table.setMinimumHeight(120)
+        box.addWidget(self.table, 1)
+        return self.study_section
+
+    def _build_series_strip(self) -> QWidget:
+        self.series_section = QWidget()
+        box = QVBoxLayout(self.series_section)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.setSpacing(4)
+        row = QHBoxLayout()
+        self.series_label = QLabel("Series")
+        self.series_label.setObjectName("CardTitle")
+        self.all_images_button = QPushButton("All images of the study")
+        self.all_images_button.setToolTip("Show every image of the study below, not only "
+                                          "the chosen series'")
+        self.all_images_button.clicked.connect(lambda: self.choose_series(None))
+        self.open_series_button = QPushButton("Open series")
+        self.open_series_button.setToolTip("The series as a stack: the wheel and Up/Down "
+                                           "scroll through its images")
+        self.open_series_button.clicked.connect(lambda: self.open_series(self.current_series))
+        row.addWidget(self.series_label, 1)
+        row.addWidget(self.all_images_button)
+        row.addWidget(self.open_series_button)
+        box.addLayout(row)
+        self.series_strip = QListWidget()
+        self.series_strip.setViewMode(QListView.ViewMode.IconMode)
+        self.series_strip.setFlow(QListView.Flow.LeftToRight)
+        self.series_strip.setWrapping(False)
+        self.series_strip.setMovement(QListView.Movement.Static)
+        self.series_strip.setIconSize(QSize(SERIES_TILE, SERIES_TILE))
+        self.series_strip.setGridSize(QSize(SERIES_TILE + 84, SERIES_TILE + 52))
+        self.series_strip.setFixedHeight(SERIES_TILE + 62)
+        self.series_strip.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+        self.series_strip.setItemDelegate(TileDelegate(self.series_strip))
+        self.series_strip.currentRowChanged.connect(self._series_row_chosen)
+        self.series_strip.itemDoubleClicked.connect(
+            lambda item: self.open_series(item.data(Qt.ItemDataRole.UserRole)))
+        box.addWidget(self.series_strip)
+        return self.series_section
 
     # --- loading -----------------------------------------------------------------------
 
@@ -263,6 +609,7 @@ class ArchivePage(QWidget):
         self.page = 0
         self.model.set_entries([])
         self.model.clear_tiles()
+        self.set_studies([])
         if repo is None:
             self._show_no_repository()
         else:
@@ -311,12 +658,13 @@ class ArchivePage(QWidget):
         known = {e.image_id: e for e in self.all_entries} if incremental else {}
         backend = self.ctx.backend
 
-        def work(ctx: TaskContext) -> list[ArchiveEntry]:
+        def work(ctx: TaskContext) -> tuple[list[ArchiveEntry], list[Study]]:
             ids = backend.archive_ids(repo)
             ctx.progress(ProgressEvent("ids", 0, len(ids)))
             missing = [i for i in ids if i not in known]
             new = backend.archive_entries(repo, missing, ctx.progress, ctx.cancel)
-            return [known[i] for i in ids if i in known] + new
+            entries = [known[i] for i in ids if i in known] + new
+            return entries, backend.studies(entries)
 
         self.loading = True
         if not incremental or not self.all_entries:
@@ -326,7 +674,7 @@ class ArchivePage(QWidget):
         self._index_task = self.ctx.runner.run(
             "Reading the archive", work, cancellable=True, tracked=False,
             on_progress=lambda e: self._index_progress(generation, e),
-            on_done=lambda entries: self._index_done(generation, entries),
+            on_done=lambda result: self._index_done(generation, *result),
             on_error=lambda err: self._index_failed(generation, err),
             on_finish=lambda: self._index_finished(generation))
         self._update_controls()
@@ -340,11 +688,37 @@ class ArchivePage(QWidget):
             self.progress.setRange(0, event.total)
             self.progress.setValue(event.done)
 
-    def _index_done(self, generation: int, entries: list[ArchiveEntry]) -> None:
+    def _index_done(self, generation: int, entries: list[ArchiveEntry],
+                    studies: list[Study] | None = None) -> None:
         if generation != self._generation:
             return
         self.all_entries = entries
-        self._resort()
+        if studies is None:
+            studies = self.ctx.backend.studies(entries)
+        self.set_studies(studies)
+
+    def set_studies(self, studies: list[Study]) -> None:
+        """Show ``studies`` (grouped from ``all_entries``), keeping the chosen study and
+        series where they still exist."""
+        keep_study = self.current_study.key if self.current_study else ""
+        keep_series = self.current_series.key if self.current_series else ""
+        self.studies = list(studies)
+        self.series_by_key = {s.key: s for study in studies for s in study.series}
+        modalities = sorted({m for s in studies for m in s.modalities})
+        chosen = self.modality_combo.currentText()
+        self.modality_combo.blockSignals(True)
+        self.modality_combo.clear()
+        self.modality_combo.addItems([ALL_MODALITIES, *modalities])
+        self.modality_combo.setCurrentText(chosen if chosen in modalities else ALL_MODALITIES)
+        self.modality_combo.blockSignals(False)
+        self.current_study = self.current_series = None
+        self.study_model.set_studies(self.studies)
+        self.study_filter.set_filter(*self._filter_values())
+        if keep_study:
+            self.choose_study(keep_study, keep_series)
+        else:
+            self._refresh_scope()
+        self._update_sections()
 
     def _index_failed(self, generation: int, error: TaskError) -> None:
         if generation != self._generation:
@@ -360,40 +734,184 @@ class ArchivePage(QWidget):
         self.progress.hide()
         self._update_controls()
 
+    # --- studies, filter and series ----------------------------------------------------------
+
+    def _filter_values(self) -> tuple[str, str, str, str]:
+        modality = self.modality_combo.currentText()
+        dated = self.date_check.isChecked()
+        return (self.filter_edit.text(), "" if modality == ALL_MODALITIES else modality,
+                self.date_from.date().toString("yyyyMMdd") if dated else "",
+                self.date_to.date().toString("yyyyMMdd") if dated else "")
+
+    def _filter_changed(self, *_: object) -> None:
+        self.date_from.setEnabled(self.date_check.isChecked())
+        self.date_to.setEnabled(self.date_check.isChecked())
+        self.study_filter.set_filter(*self._filter_values())
+        if self.current_study is not None and self.current_study not in self.visible_studies():
+            self.choose_study(None)
+        else:
+            self._refresh_scope()
+
+    def clear_filter(self) -> None:
+        for widget in (self.filter_edit, self.modality_combo, self.date_check):
+            widget.blockSignals(True)
+        self.filter_edit.clear()
+        self.modality_combo.setCurrentText(ALL_MODALITIES)
+        self.date_check.setChecked(False)
+        for widget in (self.filter_edit, self.modality_combo, self.date_check):
+            widget.blockSignals(False)
+        self._filter_changed()
+
+    def visible_studies(self) -> list[Study]:
+        """The study list's rows as shown: filtered and sorted."""
+        return self.study_filter.visible_studies()
+
+    def sort_studies(self, column: int, descending: bool = False) -> None:
+        self.table.sortByColumn(column, Qt.SortOrder.DescendingOrder if descending
+                                else Qt.SortOrder.AscendingOrder)
+
+    def choose_study(self, key: str | None, series: str = "") -> None:
+        """Select a study by key (None: no study, every image below)."""
+        table_selection = self.table.selectionModel()
+        assert table_selection is not None
+        if key is not None:
+            for row in range(self.study_filter.rowCount()):
+                index = self.study_filter.index(row, 0)
+                study = index.data(Qt.ItemDataRole.UserRole)
+                if study is not None and study.key == key:
+                    self.table.selectRow(row)
+                    self.table.scrollTo(index)
+                    if self.current_study is None or self.current_study.key != key:
+                        self._study_chosen()
+                    if series:
+                        self.choose_series(series)
+                    return
+        table_selection.clearSelection()
+        table_selection.setCurrentIndex(QModelIndex(),
+                                        table_selection.SelectionFlag.NoUpdate)
+        self._set_study(None)
+
+    def _study_chosen(self) -> None:
+        index = self.table.currentIndex()
+        study = index.data(Qt.ItemDataRole.UserRole) if index.isValid() else None
+        self._set_study(study if isinstance(study, Study) else None)
+
+    def _set_study(self, study: Study | None) -> None:
+        if study is self.current_study and study is not None:
+            return
+        self.current_study = study
+        self.current_series = None
+        self.series_strip.blockSignals(True)
+        self.series_strip.clear()
+        if study is not None:
+            for series in study.series:
+                item = QListWidgetItem(QIcon(self._tile_or_placeholder(series.thumbnail)),
+                                       series_caption(series))
+                item.setData(Qt.ItemDataRole.UserRole, series)
+                item.setToolTip(f"{series.description or 'Series'}: "
+                                f"{len(series.images)} images. Double-click to open the "
+                                "series as a stack.")
+                self.series_strip.addItem(item)
+            who = patient_text(study.patient_name) or study.description or "this study"
+            when = dicom_date(study.study_date)
+            self.series_label.setText(f"Series of {who}" + (f" · {when}" if when else ""))
+        self.series_strip.setCurrentRow(-1)
+        self.series_strip.blockSignals(False)
+        self._load_series_tiles()
+        self._refresh_scope()
+        self._update_sections()
+
+    def _series_row_chosen(self, row: int) -> None:
+        item = self.series_strip.item(row) if row >= 0 else None
+        series = item.data(Qt.ItemDataRole.UserRole) if item is not None else None
+        self.current_series = series if isinstance(series, Series) else None
+        self._refresh_scope()
+
+    def choose_series(self, key: str | None) -> None:
+        """Narrow the images to one series of the chosen study (None: the whole study)."""
+        for row in range(self.series_strip.count()):
+            item = self.series_strip.item(row)
+            if key is not None and item is not None \
+                    and item.data(Qt.ItemDataRole.UserRole).key == key:
+                self.series_strip.setCurrentRow(row)
+                return
+        self.series_strip.setCurrentRow(-1)
+        self.series_strip.clearSelection()
+        self.current_series = None
+        self._refresh_scope()
+
+    def _refresh_scope(self) -> None:
+        """What the image grid shows: the series, the study, or every image (of the
+        studies the filter leaves)."""
+        if self.current_series is not None:
+            self.scope = list(self.current_series.images)
+        elif self.current_study is not None:
+            self.scope = list(self.current_study.images)
+        elif self.study_filter.active:
+            self.scope = sort_entries([m for s in self.visible_studies() for m in s.images],
+                                      self.sort_combo.currentText())
+        else:
+            self.scope = sort_entries(self.all_entries, self.sort_combo.currentText())
+        self.page = 0
+        self.show_page(0)
+
     # --- paging and sorting ---------------------------------------------------------------
 
     @property
     def pages(self) -> int:
-        return max(1, math.ceil(len(self.all_entries) / PAGE_SIZE))
+        return max(1, math.ceil(len(self.scope) / PAGE_SIZE))
 
     def _resort(self, *_: object) -> None:
-        self.all_entries = sort_entries(self.all_entries, self.sort_combo.currentText())
-        self.show_page(min(self.page, self.pages - 1))
+        if self.current_study is None:
+            page = self.page
+            self._refresh_scope()
+            self.show_page(min(page, self.pages - 1))
 
     def show_page(self, page: int) -> None:
         self.page = max(0, min(page, self.pages - 1))
         start = self.page * PAGE_SIZE
-        entries = self.all_entries[start : start + PAGE_SIZE]
+        entries = self.scope[start : start + PAGE_SIZE]
         self.model.set_entries(entries)
         self.view.scrollToTop()
-        self.count_label.setText(_count_text(len(self.all_entries)))
+        self.count_label.setText(self._count_words())
         if self.repo is not None and not self.all_entries and not self.loading:
             self._show_empty("This repository has no images yet. Import some on the "
                              "Import page (Ctrl+I).")
-        elif entries:
+        elif entries or self.all_entries:
             self.stack.setCurrentWidget(self.view)
         self._update_controls()
         self._load_tiles(entries)
 
+    def _count_words(self) -> str:
+        if self.current_series is not None:
+            return f"{_count_text(len(self.scope))} in this series"
+        if self.current_study is not None:
+            return f"{_count_text(len(self.scope))} in this study"
+        if self.study_filter.active:
+            n = len(self.visible_studies())
+            return f"{_count_text(len(self.scope))} in {n} stud{'y' if n == 1 else 'ies'}"
+        return _count_text(len(self.all_entries))
+
     def _load_tiles(self, entries: list[ArchiveEntry]) -> None:
         if self._thumb_task is not None:
             self._thumb_task.cancel()
-        repo = self.repo
         wanted = [e for e in entries if e.image_id not in self.model.tiles and not e.error]
+        self._thumb_task = self._fetch_tiles(wanted, TILE, self._tile)
+
+    def _load_series_tiles(self) -> None:
+        if self._series_task is not None:
+            self._series_task.cancel()
+        study = self.current_study
+        wanted = [s.thumbnail for s in study.series] if study is not None else []
+        wanted = [m for m in wanted if m.image_id not in self.model.tiles and not m.error]
+        self._series_task = self._fetch_tiles(wanted, TILE, self._series_tile)
+
+    def _fetch_tiles(self, wanted: Sequence[ArchiveEntry], tile: int, arrived: Any) -> Any:
+        repo = self.repo
         if repo is None or not wanted:
-            return
+            return None
         generation = self._generation
-        side = round(TILE * max(1.0, self.devicePixelRatioF()))
+        side = round(tile * max(1.0, self.devicePixelRatioF()))
         backend = self.ctx.backend
 
         def work(ctx: TaskContext) -> int:
@@ -407,24 +925,39 @@ class ArchivePage(QWidget):
                 list(pool.map(one, wanted))
             return len(wanted)
 
-        self._thumb_task = self.ctx.runner.run(
+        return self.ctx.runner.run(
             "Loading previews", work, cancellable=True, tracked=False,
-            light=True, on_progress=lambda item: self._tile(generation, item),
+            light=True, on_progress=lambda item: arrived(generation, item),
             on_error=lambda err: self._tiles_failed(generation, err))
 
     def _tile(self, generation: int, item: tuple[str, QImage]) -> None:
         if generation == self._generation:
             self.model.set_tile(*item)
 
+    def _series_tile(self, generation: int, item: tuple[str, QImage]) -> None:
+        if generation != self._generation:
+            return
+        self.model.set_tile(*item)
+        image_id = item[0]
+        for row in range(self.series_strip.count()):
+            strip_item = self.series_strip.item(row)
+            series = strip_item.data(Qt.ItemDataRole.UserRole) if strip_item else None
+            if isinstance(series, Series) and series.thumbnail.image_id == image_id:
+                assert strip_item is not None
+                strip_item.setIcon(QIcon(self.model.tiles[image_id]))
+
+    def _tile_or_placeholder(self, meta: ImageMeta) -> QPixmap:
+        return self.model.tiles.get(meta.image_id) or self.model.placeholder()
+
     def _tiles_failed(self, generation: int, error: TaskError) -> None:
         if generation == self._generation:
             self.ctx.error(error)
 
     def _cancel_tasks(self) -> None:
-        for task in (self._index_task, self._thumb_task):
+        for task in (self._index_task, self._thumb_task, self._series_task):
             if task is not None:
                 task.cancel()
-        self._index_task = self._thumb_task = None
+        self._index_task = self._thumb_task = self._series_task = None
         self.loading = False
         self.progress.hide()
 
@@ -442,23 +975,91 @@ class ArchivePage(QWidget):
         self.demo_button.setVisible(demo)
         self.start_buttons.setVisible(create or demo)
 
+    def _update_sections(self) -> None:
+        """The study list and series strip show while the archive (not a message) does."""
+        browsing = self.stack.currentWidget() is self.view and bool(self.studies)
+        self.study_section.setVisible(browsing)
+        self.series_section.setVisible(browsing and self.current_study is not None)
+        n = len(self.studies)
+        self.studies_label.setText(f"{n} stud{'y' if n == 1 else 'ies'}")
+
     def _update_controls(self) -> None:
-        has = bool(self.all_entries)
+        has = bool(self.scope)
         self.prev_button.setEnabled(has and self.page > 0)
         self.next_button.setEnabled(has and self.page < self.pages - 1)
         self.page_label.setText(f"Page {self.page + 1} of {self.pages}" if has else "")
         self.refresh_button.setEnabled(self.repo is not None and not self.loading)
-        self.sort_combo.setEnabled(has)
+        global_scope = self.current_study is None
+        self.sort_combo.setEnabled(has and global_scope)
+        self.sort_combo.setVisible(global_scope)
+        self.sort_label.setVisible(global_scope)
+        self.similar_button.setEnabled(self.selected_entry() is not None)
+        self.open_series_button.setEnabled(self.current_series is not None)
+        self.all_images_button.setEnabled(self.current_series is not None)
         if self.repo is None:
             self.count_label.setText("")
 
-    def _open(self, index: QModelIndex) -> None:
-        entry = index.data(Qt.ItemDataRole.UserRole)
-        if isinstance(entry, ArchiveEntry) and self.repo is not None:
-            from app.gui.viewer import open_archived
+    def selected_entry(self) -> ArchiveEntry | None:
+        entry = self.view.currentIndex().data(Qt.ItemDataRole.UserRole)
+        return entry if isinstance(entry, ImageMeta) and not entry.error else None
 
-            open_archived(self.ctx, self, self.repo, entry.image_id, entry.name,
-                          entry.key_version or None)
+    def series_of(self, entry: ArchiveEntry) -> Series | None:
+        return self.series_by_key.get(series_key(entry))
+
+    def _open(self, index: QModelIndex) -> None:
+        """An image of a series opens as the series' stack at that image; a lone image
+        (or a frame of a multi-frame file) alone (as the stack of its frames)."""
+        entry = index.data(Qt.ItemDataRole.UserRole)
+        if not isinstance(entry, ImageMeta) or self.repo is None:
+            return
+        series = self.series_of(entry)
+        if series is not None and len(series.images) > 1:
+            self.open_series(series, series.image_ids.index(entry.image_id))
+            return
+        from app.gui.viewer import open_archived
+
+        open_archived(self.ctx, self, self.repo, entry.image_id, entry.name,
+                      entry.key_version or None, meta=entry)
+
+    def open_series(self, series: Series | None, index: int | None = None) -> Any:
+        """The series as a stack (slices decrypted on demand), at ``index`` or the middle."""
+        if series is None or self.repo is None:
+            return None
+        from app.gui.viewer import open_stack
+        from app.gui.viewer_model import LazyStack
+
+        title = series_caption(series).replace("\n", " · ")
+        return open_stack(self.ctx, self, self.repo, LazyStack.of_metas(series.images),
+                          title, index)
+
+    def open_study(self, study: Study | None) -> Any:
+        """A worklist's double-click: the study's largest series as a stack (the first of
+        equal ones, in series-number order)."""
+        if study is None or not study.series:
+            return None
+        return self.open_series(max(study.series, key=lambda s: len(s.images)))
+
+    def find_similar_selected(self) -> None:
+        entry = self.selected_entry()
+        if entry is not None:
+            self.findSimilarRequested.emit(entry)
+
+    def _image_menu(self, point: QPoint) -> None:
+        index = self.view.indexAt(point)
+        entry = index.data(Qt.ItemDataRole.UserRole) if index.isValid() else None
+        if not isinstance(entry, ImageMeta) or entry.error:
+            return
+        self.view.setCurrentIndex(index)
+        menu = QMenu(self)
+        menu.addAction("Open", lambda: self._open(index))
+        series = self.series_of(entry)
+        if series is not None and len(series.images) > 1:
+            menu.addAction(f"Open the series ({len(series.images)} images)",
+                           lambda: self.open_series(series,
+                                                    series.image_ids.index(entry.image_id)))
+        menu.addAction("Find similar", lambda: self.findSimilarRequested.emit(entry))
+        viewport = self.view.viewport()
+        menu.popup(viewport.mapToGlobal(point) if viewport is not None else point)
 
     def visible_tiles(self) -> int:
         return sum(1 for e in self.model.entries if e.image_id in self.model.tiles)

@@ -16,8 +16,10 @@ with a password alone.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,7 @@ from app.core.errors import AccessDenied, RadcryptError
 from app.core.meta import ImageMeta
 from app.core.progress import CancelToken, ProgressCallback, no_progress
 from app.core.settings import MEMORY, Settings
+from app.core.studies import Study, group_studies
 
 if TYPE_CHECKING:
     from app.core.types import (
@@ -295,6 +298,42 @@ class Backend:
         """The 8-bit display image of a local file, decoded in a child."""
         return self._client().display(path)
 
+    def fetch_frames(self, repo: Repository, original_id: str, frames: Sequence[int | None],
+                     name: str = "", version: int | None = None,
+                     on_image: Callable[[int, DecodedImage], None] | None = None,
+                     cancel: CancelToken | None = None) -> list[DecodedImage]:
+        """Frames of one archived original (None: a single-frame file), downloading and
+        decrypting it once; each decoded frame goes to ``on_image(position, image)`` as it
+        comes, so a viewer shows the first before the last decodes. The plaintext lives
+        only in a private temporary folder, deleted before this returns."""
+        client = self._client()
+        suffix = Path(name).suffix if name else ""
+        out: list[DecodedImage] = []
+        with tempfile.TemporaryDirectory(prefix="radcrypt-view-") as tmp:
+            dest = Path(tmp) / f"original{suffix}"
+            client.get_original(repo, original_id, dest, version)
+            for position, frame in enumerate(frames):
+                if cancel is not None:
+                    cancel.check()
+                image = client.decode(dest, frame)
+                out.append(image)
+                if on_image is not None:
+                    on_image(position, image)
+        return out
+
+    def studies(self, entries: Sequence[ArchiveEntry]) -> list[Study]:
+        """Studies and series of already decrypted entries (grouped here, on the
+        workstation: app/core/studies.py; the cloud never sees the grouping)."""
+        return group_studies(entries)
+
+    def series_images(self, repo: Repository, series_key: str) -> list[ArchiveEntry]:
+        """The images of one series in stack order (the facade's ``images_of``), for a
+        viewer opened from a search hit; [] when the facade cannot list them."""
+        images_of = getattr(self._client(), "images_of", None)
+        if images_of is None:
+            return []
+        return list(images_of(repo, series_key))
+
     # --- import and search ---------------------------------------------------------------
 
     def import_files(self, repo: Repository, paths: list[str],
@@ -309,9 +348,29 @@ class Backend:
         the search page shows it under a red banner (``result.complete`` False)."""
         client = self._client()
         result = client.search_files(repo, [path], k=k, allow_incomplete=True)[0]
+        return self._with_previews(repo, result)
+
+    def _with_previews(self, repo: Repository, result: QueryResult) -> SearchOutcome:
+        """The previews of the ungrouped top-k and of each series' best hit (the others of
+        a series are fetched when the user expands it: ``previews``)."""
+        hits = {h.image_id: h for h in result.hits}
+        for group in getattr(result, "groups", None) or []:
+            hits.setdefault(group.best.image_id, group.best)
         start = time.perf_counter()
-        thumbs = client.thumbnails(repo, result.hits)
+        thumbs = self._client().thumbnails(repo, list(hits.values()))
         return SearchOutcome(result, thumbs, (time.perf_counter() - start) * 1000)
+
+    def previews(self, repo: Repository, hits: list[Any]) -> dict[str, bytes]:
+        """Decrypted PNG previews of search hits (image id -> PNG)."""
+        return self._client().thumbnails(repo, hits)
+
+    def search_by_image_id(self, repo: Repository, image_id: str, k: int) -> SearchOutcome:
+        """"Find similar": the archived image's own stored features as the query (no local
+        file), through the facade's ``search_by_image_id``, with the hits' previews."""
+        result = self._client().search_by_image_id(repo, image_id, k, allow_incomplete=True)
+        if isinstance(result, list):
+            result = result[0]
+        return self._with_previews(repo, result)
 
     # --- access -------------------------------------------------------------------------
 

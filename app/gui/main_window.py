@@ -24,6 +24,7 @@ from PyQt6.QtWidgets import (
     QMainWindow,
     QMessageBox,
     QProgressBar,
+    QPushButton,
     QStackedWidget,
     QToolButton,
     QVBoxLayout,
@@ -54,6 +55,7 @@ CHOOSE = "Choose a repository…"
 NEW = "New repository…"
 SHUTDOWN_WAIT_MS = 30_000
 TRY_DEMO_IMAGES = 30  # "Try the demo images" in the empty archive
+SAMPLE_QUERY = "Try a sample query"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class MainWindow(QMainWindow):
         self.shutdown_done = False
         self.connect_task: Task | None = None
         self.demo_task: Task | None = None
+        self.demo_repo_id = ""  # the repository the demo's query images were made for
+        self.demo_workdir: Path | None = None  # its folder (archive/ and queries/)
+        self.sample_queries_tried = 0
         self._shutdown_started = False
 
         self.setWindowTitle("Radcrypt" + (" — demo" if demo else ""))
@@ -116,6 +121,7 @@ class MainWindow(QMainWindow):
         self.keys_page.repositoryCreated.connect(self._repository_created)
         self.archive_page.createRequested.connect(self._create_requested)
         self.archive_page.demoRequested.connect(self.try_demo_images)
+        self.archive_page.findSimilarRequested.connect(self.find_similar)
         self.settings_page.saved.connect(self.apply_settings)
         self._pending_settings: Any = None
         self.runner.taskStarted.connect(self._task_started)
@@ -159,6 +165,12 @@ class MainWindow(QMainWindow):
         self.key_badge.setObjectName("Muted")
         bar.addWidget(self.key_badge)
         bar.addStretch(1)
+        self.sample_button = theme.themed(QPushButton(SAMPLE_QUERY), "search")
+        self.sample_button.setToolTip("Search the demo repository with a perturbed copy "
+                                      "(noise, window, shift or JPEG) of one of its images")
+        self.sample_button.clicked.connect(self.try_sample_query)
+        self.sample_button.setVisible(False)
+        bar.addWidget(self.sample_button)
         self.user_label = QLabel("")
         self.user_label.setObjectName("Muted")
         bar.addWidget(self.user_label)
@@ -258,6 +270,9 @@ class MainWindow(QMainWindow):
                                         self.open_query, "search")
         self.import_action = action(file_menu, "Import images…", "Ctrl+I",
                                     self.import_files, "import")
+        self.sample_action = action(file_menu, SAMPLE_QUERY, "Ctrl+T", self.try_sample_query,
+                                    "search")
+        self.sample_action.setEnabled(False)
         file_menu.addSeparator()
         self.settings_action = action(file_menu, "Settings…", "Ctrl+,",
                                       lambda: self.show_page("settings"), "settings")
@@ -355,11 +370,13 @@ class MainWindow(QMainWindow):
             return repo
 
         def done(repo: Repository) -> None:
+            self.demo_repo_id, self.demo_workdir = repo.repo_id, demo.workdir
             self.ctx.activity.record("repository", f"Demo repository {repo.repo_id} ready "
                                      "with sample images", repository=repo.repo_id)
-            self.ctx.info(f"Demo ready: repository {repo.repo_id} holds {demo.count} sample "
-                          "images. Try Search by image (Ctrl+O) with a file from the "
-                          "“queries” folder it opens.", "success")
+            self.ctx.info(f"Demo ready: repository {repo.repo_id} holds an MR brain study "
+                          f"and other sample images ({demo.count} files). Press “"
+                          f"{SAMPLE_QUERY}” (Ctrl+T), or Search by image (Ctrl+O) with a file "
+                          "from the “queries” folder it opens.", "success")
             self.refresh_repositories(select=repo.repo_id)
             self.ctx.set_repository(repo)
 
@@ -388,12 +405,13 @@ class MainWindow(QMainWindow):
 
         def done(repo: Repository) -> None:
             self.ctx.demo_queries = workdir / "queries"
+            self.demo_repo_id, self.demo_workdir = repo.repo_id, workdir
             self.ctx.activity.record("repository", f"Demo repository {repo.repo_id} made "
                                      f"with {TRY_DEMO_IMAGES} sample images",
                                      repository=repo.repo_id)
             self.ctx.info(f"Repository {repo.repo_id} holds {TRY_DEMO_IMAGES} sample images. "
-                          "Try Search by image (Ctrl+O) with a file from the “queries” "
-                          "folder it opens.", "success")
+                          f"Press “{SAMPLE_QUERY}” (Ctrl+T), or Search by image (Ctrl+O) "
+                          "with a file from the “queries” folder it opens.", "success")
             self.refresh_repositories(select=repo.repo_id)
             self.ctx.set_repository(repo)
 
@@ -555,6 +573,9 @@ class MainWindow(QMainWindow):
                 QSettings("Radcrypt", "radcrypt").setValue("last_repository", repo.repo_id)
         for act in (self.open_query_action, self.import_action):
             act.setEnabled(repo is not None)
+        offer = self.sample_query_offered()
+        self.sample_button.setVisible(offer)
+        self.sample_action.setEnabled(offer)
 
     def _last_repository(self) -> str:
         if not self.remember_state:
@@ -575,6 +596,59 @@ class MainWindow(QMainWindow):
         item = self.sidebar.currentItem()
         return str(item.data(Qt.ItemDataRole.UserRole)) if item is not None else ""
 
+    def sample_query_offered(self) -> bool:
+        """Only while the demo's own repository is open: the sample queries are copies of
+        that repository's images (another repository would answer with strangers)."""
+        repo = self.ctx.repo
+        return (repo is not None and self.demo_workdir is not None
+                and repo.repo_id == self.demo_repo_id)
+
+    def try_sample_query(self) -> None:
+        """One click: a perturbed copy of one of the demo's MR slices (another slice and
+        perturbation each click: resources.series.sample_query; the demo's query images
+        when it holds no series) searches the demo repository, the result on the Search page."""
+        workdir = self.demo_workdir
+        if not self.sample_query_offered() or workdir is None:
+            self.ctx.info("No sample query here: open the demo repository first.")
+            return
+        number = self.sample_queries_tried
+        self.sample_queries_tried += 1
+        queries = self.ctx.demo_queries
+
+        def make(_: TaskContext) -> Path | None:
+            # Decoded here, not in a decoder child: the demo's own slices, written by
+            # resources.series, not a file from outside (as make_demo_queries does).
+            from resources.series import sample_query
+
+            made = sample_query(workdir, number)
+            if made is not None:
+                return made[0]
+            files = sorted(queries.glob("*")) if queries is not None and queries.is_dir() else []
+            return files[number % len(files)] if files else None
+
+        def done(query: Path | None) -> None:
+            if query is None:
+                self.ctx.info("The demo holds no sample query images.")
+                return
+            stem, _, seed = query.stem.rpartition("-")
+            original, _, kind = stem.rpartition("-")
+            described = (f"a copy of archived image {original} with "
+                         f"{PERTURBATION_WORDS[kind]}"
+                         if seed.isdigit() and kind in PERTURBATION_WORDS else "a demo image")
+            self.show_page("search")
+            self.search_page.set_query(str(query))
+            self.ctx.info(f"Sample query {query.name}: {described}. The encrypted search "
+                          "looks for its nearest image.")
+
+        self.runner.run("Making a sample query", make, on_done=done, on_error=self.ctx.error,
+                        light=True)
+
+    def find_similar(self, meta: Any) -> None:
+        """"Find similar" on an archived image: the Search page searches with its stored
+        features (no local file)."""
+        self.show_page("search")
+        self.search_page.find_similar(meta)
+
     def open_query(self) -> None:
         self.show_page("search")
         self.search_page.choose_query()
@@ -589,6 +663,7 @@ class MainWindow(QMainWindow):
             "Ctrl+O  open a query image (Search by image)\n"
             "Ctrl+I  import images\n"
             "Ctrl+,  settings\n"
+            "Ctrl+T  try a sample query (the demo repository)\n"
             "Ctrl+1…6  go to a page\n\n"
             "In the image viewer:\n"
             "left-drag  window/level · middle-drag  pan · right-drag  zoom\n"
@@ -735,6 +810,12 @@ class MainWindow(QMainWindow):
         self.shutdown_done = True
         self.shutdownFinished.emit()
         self.close()
+
+
+PERTURBATION_WORDS = {"noise": "noise added", "window": "another window/level",
+                      "shift": "the image shifted", "jpeg": "JPEG re-compression",
+                      "rotate": "a 3° rotation"}
+"""resources.samples.perturb_file's kinds, in words for the message bar."""
 
 
 MEMORY_BANNER = ("Nothing is kept: this session uses an in-memory store; everything is lost "

@@ -2,9 +2,12 @@
 
 Runs the real application offscreen against a throw-away embedded store, in private
 config and data folders (nothing of the user's is read or written): registers an
-identity, creates a repository, imports sample images (cancelling half-way, then
-resuming), searches with a perturbed copy of an archived image, opens the viewer, grants
-a colleague access, tests the connection, and grabs each page on the way.
+identity, creates a repository, imports the demo's images (resources.series.demo_files:
+the MR brain study, real DICOM series, then pydicom's sample files;
+cancelling half-way, then resuming), shows the study list with the MR study's series,
+searches with a perturbed copy of an archived MR slice (the demo's "Try a sample query"),
+opens that series as a stack in the viewer, grants a colleague access, tests the
+connection, and grabs each page on the way.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 WIDTH, HEIGHT = 1280, 820
-IMAGES = 60
+IMAGES = 72  # 36 MR series slices (12 per plane) and 36 sample files
+DEMO_IMAGES = 30  # the demo window's: 15 MR slices and 15 sample files
 PASSWORD = "amber river lantern 1987"
 
 
@@ -77,7 +81,7 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
     from app.gui.context import Dialogs
     from app.gui.main_window import MainWindow
     from app.gui.viewer import open_archived
-    from resources.samples import export_sample_images, perturb_file
+    from resources.series import demo_files, sample_query
 
     quiet_libraries()
     app = make_application([sys.argv[0]])
@@ -99,8 +103,9 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
                    ) -> str | None:
             return self.choice
 
-    print("exporting sample images…")
-    samples = export_sample_images(work / "samples", IMAGES)
+    print("writing the demo's series and exporting sample images…")
+    demo_dir = work / "demo"
+    samples = demo_files(demo_dir, IMAGES)
     dialogs = ScriptedDialogs()
 
     def new_window() -> MainWindow:
@@ -133,7 +138,7 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
 
     window.show_page("keys")
     dialog = window.keys_page.open_new_repository()
-    dialog.name.setText("ct-neuro-2024")
+    dialog.name.setText("neuro-2024")
     shoot(dialog, "08-new-repository")
     dialog.create_button.click()
     wait_until(lambda: window.ctx.repo is not None, what="the repository")
@@ -163,14 +168,21 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
 
     archive = window.archive_page
     window.show_page("archive")
-    wait_until(lambda: len(archive.all_entries) == len(samples)
-               and archive.visible_tiles() == len(archive.model.entries), what="the archive")
+    # every file, and every frame of a multi-frame file, is an image of the archive
+    wait_until(lambda: len(archive.all_entries) >= len(samples), what="the archive")
+    mr = next(s for s in archive.studies if "MR" in s.modalities and len(s.series) > 1)
+    axial = mr.series[0]
+    archive.choose_study(mr.key, axial.key)
+    wait_until(lambda: archive.current_series is not None
+               and archive.visible_tiles() == len(archive.model.entries)
+               and not window.runner.running(tracked_only=False),  # the series tiles too
+               what="the series")
     window.message_bar.dismiss()
     shoot(window, "03-archive")
 
-    by_name = {p.name: p for p in samples}
-    original = next((p for n, p in by_name.items() if "MR2_J2KI" in n), samples[len(samples) // 2])
-    query = perturb_file(original, work / "queries", "noise", seed=3)
+    made = sample_query(demo_dir, 0)  # what "Try a sample query" searches with first
+    assert made is not None, "the demo holds no MR series"
+    query = made[0]
     window.show_page("search")
     search = window.search_page
     search.set_query(str(query))
@@ -185,13 +197,22 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
 
     repo = window.ctx.repo
     assert repo is not None
-    ct = next((e for e in archive.all_entries if "693_J2KI" in e.name), archive.all_entries[0])
-    viewer = open_archived(window.ctx, window, repo, ct.image_id, ct.name, None)
+    window.show_page("archive")
+    viewer = archive.open_series(axial)  # at the middle slice, as a PACS opens a series
     viewer.resize(900, 760)
-    wait_until(lambda: viewer.canvas.decoded is not None, what="the viewer")
-    viewer.apply_preset(5)  # brain
+    wait_until(lambda: viewer.canvas.decoded is not None, what="the series viewer")
     shoot(viewer, "07-viewer")
     viewer.close()
+    # a CT slice with the window presets: the losslessly compressed copy (693_J2KI is
+    # lossy JPEG 2000, its artefacts would show in a brain window)
+    ct = next((e for e in archive.all_entries if "693_J2KR" in e.name), None)
+    if ct is not None:
+        viewer = open_archived(window.ctx, window, repo, ct.image_id, ct.name, None)
+        viewer.resize(900, 760)
+        wait_until(lambda: viewer.canvas.decoded is not None, what="the viewer")
+        viewer.apply_preset(5)  # brain
+        shoot(viewer, "07b-viewer-ct")
+        viewer.close()
 
     window.show_page("keys")
     if identity:
@@ -229,6 +250,30 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
         wait_until(lambda: bool(gate.error.text()), what="the refusal")
         shoot(window, "02-unlock-wrong-password")
         close(window)
+
+    # The demo (python main.py --demo): its own throw-away store, and one click on
+    # "Try a sample query".
+    from app.gui.app import demo_settings
+    from app.gui.main_window import DemoOptions
+
+    demo_work = work / "gui-demo"
+    demo_work.mkdir()
+    window = MainWindow(Backend(demo_settings(demo_work), identity_mode=False),
+                        dialogs=dialogs, remember_state=False,
+                        demo=DemoOptions(demo_work, DEMO_IMAGES, remove_workdir=True))
+    window.resize(WIDTH, HEIGHT)
+    window.show()
+    window.start()
+    wait_until(lambda: window.ctx.repo is not None and window.runner.idle, 300,
+               "the demo repository")
+    window.sample_button.click()
+    search = window.search_page
+    wait_until(lambda: search.query_path != "" and search.outcome is not None
+               and search.task is None and window.runner.idle
+               and search.query_panel.image() is not None and search.selected is not None
+               and search.selected.image_id in search._originals, what="the sample query")
+    shoot(window, "13-demo-sample-query")
+    close(window)
     return shoot.made
 
 

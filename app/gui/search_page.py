@@ -4,16 +4,24 @@ The query's features and its encrypted token are made on this workstation; the s
 service ranks encrypted vectors and answers with image ids only; the hits' metadata and
 previews are fetched and decrypted here, and the distance shown is recomputed here
 from the decrypted features (app/core/searcher.py).
+
+Results come grouped by series (issue 15): neighbouring slices of one series look alike,
+so the strip shows each series once, by its best slice, with "3 more from this series"
+to expand; "Group by series" off shows the plain top-k. The query is a local file or an
+archived image ("Find similar" on the Archive page: its stored features, no file needed).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PyQt6.QtCore import QSize, Qt
 from PyQt6.QtGui import QIcon, QImage, QPixmap
 from PyQt6.QtWidgets import (
+    QCheckBox,
     QFormLayout,
     QFrame,
     QHBoxLayout,
@@ -30,6 +38,7 @@ from PyQt6.QtWidgets import (
 
 from app.core.meta import ImageMeta
 from app.core.similarity import similarity_tooltip, similarity_word
+from app.core.studies import LONE_PREFIX, instance_label, series_key
 from app.core.types import Hit, QueryResult, Repository
 from app.gui import theme
 from app.gui.archive_page import square_tile
@@ -37,6 +46,7 @@ from app.gui.backend import SearchOutcome
 from app.gui.context import AppContext
 from app.gui.tasks import Task, TaskContext, TaskError
 from app.gui.widgets import (
+    SUBTITLE_ROLE,
     DropArea,
     ElidedLabel,
     ImagePanel,
@@ -52,7 +62,7 @@ from app.gui.widgets import (
 STRIP_TILE = 88
 CLINICAL_FIELDS = (("modality", "Modality"), ("body_part", "Body part"),
                    ("study_date", "Study date"), ("study", "Study"), ("series", "Series"),
-                   ("name", "Image"), ("rank", "Rank"))
+                   ("instance", "Instance"), ("name", "Image"), ("rank", "Rank"))
 """The card's first rows: the clinical attributes the stored metadata has (DICOM tags;
 "—" where an image has none, e.g. a PNG), then which image and rank."""
 DETAIL_FIELDS = (("distance", "Distance"), ("verified", "Ranking"), ("version", "Key version"),
@@ -80,16 +90,53 @@ def clinical_values(meta: ImageMeta) -> dict[str, str]:
     descriptions; StudyDate, SeriesNumber and SeriesDescription are read when present so
     the card fills in once the metadata carries them (issue 15's data model).
     """
-    tags = meta.tags
-    series = tags.get("SeriesDescription", "").strip()
-    number = tags.get("SeriesNumber", "").strip()
+    def tag(keyword: str) -> str:  # the clinical attributes first, then the older tags
+        return meta.attribute(keyword).strip()
+
+    series = tag("SeriesDescription")
+    number = tag("SeriesNumber")
     if number:
         series = f"#{number} {series}".strip()
-    return {"modality": tags.get("Modality", "").strip(),
-            "body_part": tags.get("BodyPartExamined", "").strip().title(),
-            "study_date": _dicom_date(tags.get("StudyDate", "")),
-            "study": tags.get("StudyDescription", "").strip(),
-            "series": series}
+    return {"modality": tag("Modality"),
+            "body_part": tag("BodyPartExamined").title(),
+            "study_date": _dicom_date(tag("StudyDate")),
+            "study": tag("StudyDescription"),
+            "series": series,
+            "instance": instance_label(meta)}
+
+
+@dataclass(frozen=True)
+class StripRow:
+    """One tile of the nearest-images strip: a hit, the series group it belongs to (None
+    when ungrouped), and whether it is one of the "more from this series" shown expanded."""
+
+    hit: Hit
+    group: Any = None  # app/core/searcher.py HitGroup
+    member: bool = False
+
+
+def strip_rows(result: QueryResult, grouped: bool, expanded: set[str]) -> list[StripRow]:
+    """The strip's tiles: each series once (its best hit), the others of the series in
+    ``expanded`` (series keys) right after it; or the ungrouped top-k."""
+    groups = getattr(result, "groups", None) or []
+    if not grouped or not groups:
+        return [StripRow(h) for h in result.hits]
+    rows = []
+    for group in groups:
+        rows.append(StripRow(group.best, group))
+        if group.series_key in expanded:
+            rows += [StripRow(h, group, True) for h in group.others]
+    return rows
+
+
+def more_text(count: int) -> str:
+    return f"{count} more from this series"
+
+
+def hit_caption(hit: Hit) -> str:
+    """"CT_small.dcm · instance 12, frame 3/10": the result names instance and frame."""
+    label = instance_label(ImageMeta.from_record(hit.image_id, hit.meta, hit.key_version))
+    return f"{hit.name} · {label}" if label else hit.name
 
 
 class IncompleteBanner(QFrame):
@@ -149,11 +196,16 @@ class SearchPage(QWidget):
         self.ctx = ctx
         self.repo: Repository | None = None
         self.query_path: str = ""
+        self.query_image: ImageMeta | None = None  # an archived query ("Find similar")
         self.outcome: SearchOutcome | None = None
+        self.rows: list[StripRow] = []
+        self.expanded: set[str] = set()  # series keys whose other hits the strip shows
+        self.viewer: Any = None  # the last viewer opened from a result (tests)
         self.selected: Hit | None = None
         self.task: Task | None = None
         self.total_ms = 0.0
         self._hit_images: dict[str, QImage] = {}
+        self._tiles: dict[str, QImage] = {}  # square previews for the strip
         self._originals: dict[str, QImage] = {}  # decrypted originals of viewed hits
 
         layout = QVBoxLayout(self)
@@ -231,6 +283,12 @@ class SearchPage(QWidget):
         self.details.layout().setContentsMargins(0, 0, 0, 0)
         self.details.hide()
         form_box.addWidget(self.details)
+        self.more_button = QPushButton("")
+        self.more_button.setToolTip("Show (or hide) the other images of this series that "
+                                    "are among the nearest")
+        self.more_button.clicked.connect(self._toggle_group)
+        self.more_button.hide()
+        form_box.addWidget(self.more_button)
         form_box.addStretch(1)
         self.open_full_button = theme.themed(QPushButton("Open full image"), "zoom_in")
         self.open_full_button.clicked.connect(self._open_selected)
@@ -247,6 +305,13 @@ class SearchPage(QWidget):
         self.strip_label = QLabel("Nearest images")
         self.strip_label.setObjectName("CardTitle")
         strip_row.addWidget(self.strip_label)
+        strip_row.addSpacing(12)
+        self.group_check = QCheckBox("Group by series")
+        self.group_check.setChecked(True)
+        self.group_check.setToolTip("Each series once, by its nearest image (neighbouring "
+                                    "slices look alike); off: the nearest images as ranked")
+        self.group_check.toggled.connect(lambda _: self._fill_strip())
+        strip_row.addWidget(self.group_check)
         strip_row.addStretch(1)
         self.hint = muted_label("Click an image to compare it; double-click to open it.",
                                 wrap=False)
@@ -258,8 +323,8 @@ class SearchPage(QWidget):
         self.strip.setWrapping(False)
         self.strip.setMovement(QListView.Movement.Static)
         self.strip.setIconSize(QSize(STRIP_TILE, STRIP_TILE))
-        self.strip.setGridSize(QSize(STRIP_TILE + 44, STRIP_TILE + 40))
-        self.strip.setFixedHeight(STRIP_TILE + 50)
+        self.strip.setGridSize(QSize(STRIP_TILE + 64, STRIP_TILE + 56))
+        self.strip.setFixedHeight(STRIP_TILE + 78)
         self.strip.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         self.strip.setItemDelegate(TileDelegate(self.strip))  # selection: a frame, no tint
         self.strip.currentRowChanged.connect(self._select_row)
@@ -323,6 +388,7 @@ class SearchPage(QWidget):
     def set_query(self, path: str) -> None:
         """Show the query (decoded in the background) and search at once."""
         self.query_path = path
+        self.query_image = None
         self.query_caption.setText(f"Query · {Path(path).name}")
         self.query_panel.set_busy("Decoding…")
         self._clear_result()
@@ -337,6 +403,49 @@ class SearchPage(QWidget):
                             on_error=self._query_failed)
         self.search()
 
+    def find_similar(self, meta: ImageMeta) -> None:
+        """Search with an archived image's own stored features (no local file): its
+        preview shows as the query, then its decrypted original."""
+        repo = self.repo
+        self.query_path = ""
+        self.query_image = meta
+        label = instance_label(meta)
+        self.query_caption.setText(f"Query · {meta.name} (archived"
+                                   + (f", {label})" if label else ")"))
+        self.query_panel.set_busy("Decrypting…")
+        self._clear_result()
+        if repo is not None:
+            backend = self.ctx.backend
+
+            def preview(_: TaskContext) -> QImage:
+                return qimage_from_png(backend.thumbnail_png(repo, meta.image_id,
+                                                             meta.key_version or None))
+
+            def original(_: TaskContext) -> QImage:
+                frame = meta.frame if meta.frames > 1 else None
+                images = backend.fetch_frames(repo, meta.original_image_id, [frame],
+                                              meta.name, meta.key_version or None)
+                return qimage_from_array(images[0].display())
+
+            def shown(image: QImage) -> None:
+                if self.query_image is meta:
+                    self.query_panel.set_image(image)
+
+            self.ctx.runner.run(f"Decrypting {meta.name}", preview, light=True,
+                                tracked=False, on_done=shown, on_error=self._query_failed)
+            self.ctx.runner.run(f"Decrypting {meta.name}", original, light=True,
+                                tracked=False, on_done=shown, on_error=lambda _: None)
+        self.search()
+
+    @property
+    def has_query(self) -> bool:
+        return bool(self.query_path) or self.query_image is not None
+
+    def _query_name(self) -> str:
+        if self.query_image is not None:
+            return self.query_image.name
+        return Path(self.query_path).name
+
     def _query_failed(self, error: TaskError) -> None:
         self.query_panel.set_image(None)
         self.query_panel.set_busy(error.message)
@@ -345,20 +454,23 @@ class SearchPage(QWidget):
 
     def search(self) -> None:
         repo = self.repo
-        if not self.query_path or self.task is not None:
+        if not self.has_query or self.task is not None:
             return
         if repo is None:
             self.ctx.info("Open a repository first: the search runs in the repository "
                           "chosen at the top.", "warning")
             return
-        path, k = self.query_path, self.k_spin.value()
+        path, image, k = self.query_path, self.query_image, self.k_spin.value()
         backend = self.ctx.backend
         self._clear_result()
         self.nearest_panel.set_busy("Searching the encrypted index…")
         started = time.perf_counter()
 
         def work(_: TaskContext) -> tuple[SearchOutcome, dict[str, QImage], dict[str, QImage]]:
-            outcome = backend.search(repo, path, k)
+            if image is not None:
+                outcome = backend.search_by_image_id(repo, image.image_id, k)
+            else:
+                outcome = backend.search(repo, path, k)
             full = {i: qimage_from_png(png) for i, png in outcome.thumbnails.items()}
             tiles = {i: square_tile(png, STRIP_TILE * 2) for i, png in
                      outcome.thumbnails.items()}
@@ -385,18 +497,10 @@ class SearchPage(QWidget):
               tiles: dict[str, QImage]) -> None:
         self.outcome = outcome
         self._hit_images = full
+        self._tiles = dict(tiles)
+        self.expanded = set()
         result = outcome.result
-        self.strip.clear()
-        for hit in result.hits:
-            tile = tiles.get(hit.image_id)
-            pixmap = QPixmap.fromImage(tile) if tile is not None else QPixmap()
-            pixmap.setDevicePixelRatio(2.0)
-            # the word only (rank = position; "#1 · near-duplicate" would be elided)
-            item = QListWidgetItem(QIcon(pixmap), similarity_word(hit.distance))
-            item.setToolTip(f"#{hit.rank} · {hit.name}\n{similarity_tooltip(hit.distance)}")
-            item.setData(Qt.ItemDataRole.UserRole, hit.image_id)
-            self.strip.addItem(item)
-        self.strip_label.setText(f"Nearest {len(result.hits)} images")
+        self._fill_strip(select=False)
         t = result.timings_ms
         self.timings["features"].setText(format_ms(t.get("features", 0.0)))
         self.timings["token"].setText(format_ms(t.get("token", 0.0)))
@@ -425,24 +529,121 @@ class SearchPage(QWidget):
             best = result.hits[0]
             repo_id = self.repo.repo_id if self.repo else ""
             self.ctx.activity.record(
-                "search", f"Searched {repo_id} with {Path(self.query_path).name}: nearest "
+                "search", f"Searched {repo_id} with {self._query_name()}: nearest "
                 f"{best.name} (distance {best.distance:.4g}) in {format_ms(self.total_ms)}",
                 repository=repo_id)
         else:
             self.nearest_panel.set_busy("The repository has no images to compare with yet.")
         self._update()
 
-    def _select_row(self, row: int) -> None:
-        if self.outcome is None or not 0 <= row < len(self.outcome.result.hits):
+    @property
+    def grouped(self) -> bool:
+        """Whether the strip shows series (the answer was grouped and the box is on)."""
+        return (self.group_check.isChecked() and self.outcome is not None
+                and bool(getattr(self.outcome.result, "groups", None)))
+
+    def _fill_strip(self, select: bool = True) -> None:
+        """The strip's tiles from the answer, grouped or not, expanded groups included;
+        the selected hit stays selected where it is still shown."""
+        keep = self.selected.image_id if self.selected is not None else ""
+        self.strip.blockSignals(True)
+        self.strip.clear()
+        self.rows = []
+        if self.outcome is None:
+            self.strip.blockSignals(False)
             return
-        hit = self.outcome.result.hits[row]
+        result = self.outcome.result
+        self.rows = strip_rows(result, self.group_check.isChecked(), self.expanded)
+        for row in self.rows:
+            hit = row.hit
+            tile = self._tiles.get(hit.image_id)
+            pixmap = QPixmap.fromImage(tile) if tile is not None else QPixmap()
+            pixmap.setDevicePixelRatio(2.0)
+            # the word only (rank = position; "#1 · near-duplicate" would be elided); the
+            # series under it, muted
+            item = QListWidgetItem(QIcon(pixmap), similarity_word(hit.distance))
+            if row.member:
+                item.setData(SUBTITLE_ROLE, "↳ same series")
+            elif row.group is not None and row.group.more:
+                arrow = "▾" if row.group.series_key in self.expanded else "▸"
+                item.setData(SUBTITLE_ROLE, f"{arrow} {row.group.more} more")
+            tip = f"#{hit.rank} · {hit_caption(hit)}\n{similarity_tooltip(hit.distance)}"
+            if row.group is not None and row.group.more and not row.member:
+                tip += f"\n{more_text(row.group.more)} (select it, then \"Show\")"
+            item.setToolTip(tip)
+            item.setData(Qt.ItemDataRole.UserRole, hit.image_id)
+            self.strip.addItem(item)
+        if self.grouped:
+            n = len(result.groups)
+            self.strip_label.setText(f"Nearest {n} series")
+        else:
+            self.strip_label.setText(f"Nearest {len(result.hits)} images")
+        self.strip.blockSignals(False)
+        rows = [r.hit.image_id for r in self.rows]
+        if select and rows:
+            self.strip.setCurrentRow(rows.index(keep) if keep in rows else 0)
+
+    def _toggle_group(self) -> None:
+        """Expand (or collapse) the selected hit's series in the strip; the others'
+        previews are decrypted in the background the first time."""
+        row = self.current_row()
+        if row is None or row.group is None or not row.group.more:
+            return
+        key = row.group.series_key
+        if key in self.expanded:
+            self.expanded.discard(key)
+        else:
+            self.expanded.add(key)
+            self._load_previews([h for h in row.group.others
+                                 if h.image_id not in self._tiles])
+        self._fill_strip()
+
+    def expand_group(self, series_key: str, on: bool = True) -> None:
+        """Expand or collapse one series' other hits (by series key)."""
+        if on == (series_key in self.expanded) or self.outcome is None:
+            return
+        for index, row in enumerate(self.rows):
+            if row.group is not None and row.group.series_key == series_key \
+                    and not row.member:
+                self.strip.setCurrentRow(index)
+                self._toggle_group()
+                return
+
+    def _load_previews(self, hits: list[Hit]) -> None:
+        repo = self.repo
+        if repo is None or not hits:
+            return
+        backend = self.ctx.backend
+        outcome = self.outcome
+
+        def work(_: TaskContext) -> dict[str, QImage]:
+            pngs = backend.previews(repo, hits)
+            return {i: square_tile(png, STRIP_TILE * 2) for i, png in pngs.items()}
+
+        def done(tiles: dict[str, QImage]) -> None:
+            if self.outcome is outcome:
+                self._tiles.update(tiles)
+                self._fill_strip()
+
+        self.ctx.runner.run("Decrypting previews", work, light=True, tracked=False,
+                            on_done=done, on_error=self.ctx.error)
+
+    def current_row(self) -> StripRow | None:
+        row = self.strip.currentRow()
+        return self.rows[row] if 0 <= row < len(self.rows) else None
+
+    def _select_row(self, row: int) -> None:
+        if self.outcome is None or not 0 <= row < len(self.rows):
+            return
+        strip_row = self.rows[row]
+        hit = strip_row.hit
         self.selected = hit
         self.nearest_panel.set_image(self._originals.get(hit.image_id)
                                      or self._hit_images.get(hit.image_id))
         if hit.image_id not in self._originals:
             self._load_original(hit)
         title = "Nearest neighbour" if hit.rank == 1 else f"Rank {hit.rank}"
-        self.nearest_caption.setText(f"{title} · {hit.name}")
+        self.nearest_caption.setText(f"{title} · {hit_caption(hit)}")
         total = len(self.outcome.result.hits)
         word = similarity_word(hit.distance)
         self.similarity.setText(word[:1].upper() + word[1:])
@@ -451,7 +652,24 @@ class SearchPage(QWidget):
         for key, value in clinical_values(meta).items():
             self.fields[key].setText(value or "—")
         self.fields["name"].setText(hit.name)
-        self.fields["rank"].setText(f"{hit.rank} of {total}")
+        group = strip_row.group
+        if group is not None:  # the series' rank; the image's own where it differs
+            series_total = len(self.outcome.result.groups)
+            own = f" (image {hit.rank})" if hit.rank != group.rank else ""
+            self.fields["rank"].setText(f"{group.rank} of {series_total}{own}")
+            self.fields["rank"].setToolTip(f"Series {group.rank} of the {series_total} "
+                                           f"nearest series; image {hit.rank} of the "
+                                           "nearest images")
+        else:
+            self.fields["rank"].setText(f"{hit.rank} of {total}")
+            self.fields["rank"].setToolTip("")
+        if group is not None and group.more:
+            shown = group.series_key in self.expanded
+            self.more_button.setText(("Hide the " if shown else "Show the ")
+                                     + more_text(group.more))
+            self.more_button.show()
+        else:
+            self.more_button.hide()
         self.fields["distance"].setText(f"{hit.distance:.6g}")
         self.fields["distance"].setToolTip("Squared distance between the feature vectors, "
                                            "recomputed from the decrypted features "
@@ -469,9 +687,12 @@ class SearchPage(QWidget):
             return
         backend = self.ctx.backend
 
+        meta = ImageMeta.from_record(hit.image_id, hit.meta, hit.key_version)
+
         def work(_: TaskContext) -> QImage:
-            image = backend.fetch_image(repo, hit.image_id, hit.name, hit.key_version)
-            return qimage_from_array(image.display())
+            from app.gui.viewer_link import fetch_archived
+
+            return qimage_from_array(fetch_archived(backend, repo, meta).display())
 
         def done(image: QImage) -> None:
             if len(self._originals) > 20:
@@ -489,7 +710,11 @@ class SearchPage(QWidget):
         self.outcome = None
         self.selected = None
         self._hit_images = {}
+        self._tiles = {}
         self._originals = {}
+        self.rows = []
+        self.expanded = set()
+        self.more_button.hide()
         self.strip.clear()
         self.strip_label.setText("Nearest images")
         self.nearest_panel.set_image(None)
@@ -499,36 +724,71 @@ class SearchPage(QWidget):
         self.similarity.setToolTip("")
 
     def _open_selected(self) -> None:
+        """The hit in the viewer: as its series' stack at that slice where it belongs to a
+        series (the series' images listed in the background), else alone (a frame of a
+        multi-frame file as the stack of its frames)."""
         hit, repo = self.selected, self.repo
         if hit is None or repo is None:
             return
-        from app.gui.viewer import open_archived
+        from app.gui.viewer import open_archived, open_stack
+        from app.gui.viewer_model import LazyStack
 
-        open_archived(self.ctx, self, repo, hit.image_id, hit.name, hit.key_version)
+        meta = ImageMeta.from_record(hit.image_id, hit.meta, hit.key_version)
+        key = series_key(meta)
+        if key.startswith(LONE_PREFIX):
+            open_archived(self.ctx, self, repo, hit.image_id, hit.name, hit.key_version,
+                          meta=meta)
+            return
+        backend = self.ctx.backend
+
+        def work(_: TaskContext) -> list[ImageMeta]:
+            return backend.series_images(repo, key)
+
+        def done(images: list[ImageMeta]) -> None:
+            ids = [m.image_id for m in images]
+            if len(images) > 1 and hit.image_id in ids:
+                self.viewer = open_stack(self.ctx, self, repo, LazyStack.of_metas(images),
+                                         hit.name, ids.index(hit.image_id))
+            else:
+                self.viewer = open_archived(self.ctx, self, repo, hit.image_id, hit.name,
+                                            hit.key_version, meta=meta)
+
+        self.ctx.runner.run(f"Listing the series of {hit.name}", work, on_done=done,
+                            on_error=self.ctx.error)
 
     def _compare_selected(self) -> None:
         hit, repo = self.selected, self.repo
-        if hit is None or repo is None or not self.query_path:
+        if hit is None or repo is None or not self.has_query:
             return
         from app.gui.viewer_link import open_compare
 
         open_compare(self.ctx, self, self.query_path, repo, hit.image_id, hit.name,
-                     hit.key_version)
+                     hit.key_version, query_image=self.query_image,
+                     meta=ImageMeta.from_record(hit.image_id, hit.meta, hit.key_version))
 
     def _open_query(self) -> None:
-        if self.query_path:
+        if self.query_image is not None and self.repo is not None:
+            from app.gui.viewer import open_archived
+
+            meta = self.query_image
+            open_archived(self.ctx, self, self.repo, meta.image_id, meta.name,
+                          meta.key_version or None, meta=meta)
+        elif self.query_path:
             from app.gui.viewer import open_local
 
             open_local(self.ctx, self, self.query_path)
 
     def _update(self) -> None:
         busy = self.task is not None
-        self.search_button.setEnabled(bool(self.query_path) and self.repo is not None
+        self.search_button.setEnabled(self.has_query and self.repo is not None
                                       and not busy)
         self.search_button.setText("Searching…" if busy else "Search")
         self.open_full_button.setEnabled(self.selected is not None)
-        self.compare_button.setEnabled(self.selected is not None and bool(self.query_path))
+        self.compare_button.setEnabled(self.selected is not None and self.has_query)
+        self.group_check.setEnabled(self.outcome is not None
+                                    and bool(getattr(self.outcome.result, "groups", None)))
 
     def result_names(self) -> list[str]:
-        return [h.name for h in self.outcome.result.hits] if self.outcome else []
+        """The names the strip shows, in order (each series once when grouped)."""
+        return [r.hit.name for r in self.rows]
 

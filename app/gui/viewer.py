@@ -8,6 +8,8 @@ see app/gui/viewer_model.py). The canvas (app/gui/viewer_canvas.py) paints the o
 
 Nothing slow runs on the UI thread: fetching, decrypting and decoding go through the task
 runner; extra frames of a multi-frame local file are decoded there too, in the decoder child.
+An archived series or multi-frame instance opens as a :class:`LazyStack`: the slice asked for
+first, then its neighbours, are decrypted on demand by a :class:`SliceLoader` and cached.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PyQt6.QtCore import QSize, Qt
+from PyQt6.QtCore import QObject, QSize, Qt
 from PyQt6.QtGui import QAction, QKeyEvent, QKeySequence
 from PyQt6.QtWidgets import (
     QComboBox,
@@ -29,15 +31,25 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
+from app.core.meta import ImageMeta
 from app.core.types import DecodedImage, Repository
 from app.gui import theme
 from app.gui.context import AppContext
-from app.gui.tasks import TaskContext, TaskError
+from app.gui.tasks import Task, TaskContext, TaskError
 from app.gui.viewer_canvas import ZOOM_STEP, ImageCanvas
-from app.gui.viewer_model import PRESETS, ImageStack, default_window, has_presets
+from app.gui.viewer_model import (
+    PRESETS,
+    ImageStack,
+    LazyStack,
+    SliceRef,
+    Stack,
+    default_window,
+    has_presets,
+    prefetch_order,
+)
 
-__all__ = ["PRESETS", "ZOOM_STEP", "ImageCanvas", "ImageViewer", "default_window",
-           "open_archived", "open_local", "supports_presets"]
+__all__ = ["PRESETS", "ZOOM_STEP", "ImageCanvas", "ImageViewer", "SliceLoader",
+           "default_window", "open_archived", "open_local", "open_stack", "supports_presets"]
 
 MAX_STACK_BYTES = 768 * 1024**2
 """Most decoded frames (float32) a multi-frame local file may hold in the viewer; the rest
@@ -59,6 +71,7 @@ class ImageViewer(QDialog):
         self.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose, True)
         self.resize(900, 760)
         self.export_original: Callable[[], None] | None = None
+        self.loader: SliceLoader | None = None  # an archived stack's (open_stack)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(0)
@@ -151,7 +164,7 @@ class ImageViewer(QDialog):
     def set_image(self, img: DecodedImage) -> None:
         self.set_stack(ImageStack.of_images([img]))
 
-    def set_stack(self, stack: ImageStack, index: int | None = None) -> None:
+    def set_stack(self, stack: Stack, index: int | None = None) -> None:
         self.canvas.set_stack(stack, index)
         self._show_presets(self.presets_available)
         self.presets.setCurrentIndex(0)
@@ -192,7 +205,8 @@ class ImageViewer(QDialog):
         if c.cursor_text:
             parts.append(c.cursor_text)
         if c.slice_count > 1:
-            parts.append(f"image {c.index + 1}/{c.slice_count}")
+            parts.append(f"image {c.index + 1}/{c.slice_count}"
+                         + (" (decrypting…)" if c.loading else ""))
         if c.window_level is not None and c.windowable:
             parts.append(f"W {c.window_level[1]:.0f} / L {c.window_level[0]:.0f}")
         parts.append(f"zoom {c.zoom * 100:.0f}%")
@@ -209,9 +223,147 @@ class ImageViewer(QDialog):
         super().keyPressEvent(event)
 
 
+class SliceLoader(QObject):
+    """Decrypts the slices of a LazyStack that its canvas asks for, off the UI thread.
+
+    One task at a time: it decrypts the slice asked for, then a few ahead in the direction
+    of scrolling (``prefetch_order``), handing each to the canvas as it decodes. A request
+    for a slice outside the running task's list cancels what is left of it (checked
+    between slices), so fast scrolling decrypts where the reader stops, not every slice
+    passed on the way. Frames of one multi-frame original are decrypted with one download.
+    """
+
+    def __init__(self, ctx: AppContext, repo: Repository, stack: LazyStack,
+                 canvas: ImageCanvas, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.ctx = ctx
+        self.repo = repo
+        self.stack = stack
+        self.canvas = canvas
+        self.wanted: int | None = None
+        self.direction = 1
+        self.task: Task | None = None
+        self._running: list[int] = []
+        self.loaded = 0  # slices decrypted so far (tests, status)
+        self.failed: TaskError | None = None
+        # Called with the first slice wanted once it is decrypted, while the canvas shows
+        # nothing yet (a LazyStack opens on a slice it holds).
+        self.on_first: Callable[[int], None] | None = None
+        canvas.sliceRequested.connect(self.request)
+
+    def request(self, index: int, direction: int = 1) -> None:
+        self.wanted, self.direction = index, direction
+        if self.task is None:
+            self._start()
+        elif index not in self._running:
+            self.task.cancel()  # the rest of its prefetch; restarted when it ends
+
+    def _start(self) -> None:
+        if self.wanted is None:
+            return
+        order = self.stack.missing(prefetch_order(self.wanted, len(self.stack),
+                                                  self.direction))
+        if not order:
+            return
+        # Slices of one original (frames of a multi-frame file) share a download; the
+        # original holding the wanted slice comes first.
+        by_original: dict[str, tuple[SliceRef, list[int]]] = {}
+        for i in order:
+            ref = self.stack.refs[i]
+            by_original.setdefault(ref.original_id, (ref, []))[1].append(i)
+        groups = list(by_original.values())
+        backend = self.ctx.backend
+        repo = self.repo
+        refs = self.stack.refs
+
+        def work(task: TaskContext) -> int:
+            done = 0
+            for first, indices in groups:
+                task.check()
+
+                def one(position: int, img: DecodedImage, indices: list[int] = indices) -> None:
+                    task.progress((indices[position], img))
+
+                backend.fetch_frames(repo, first.original_id, [refs[i].frame for i in indices],
+                                     first.name, first.version, on_image=one,
+                                     cancel=task.cancel)
+                done += len(indices)
+            return done
+
+        self._running = order
+        self.failed = None
+        self.task = self.ctx.runner.run(
+            f"Decrypting slice {self.wanted + 1} of {len(self.stack)}", work,
+            cancellable=True, tracked=False, light=True, on_progress=self._arrived,
+            on_error=self._failed, on_finish=self._finished)
+
+    def _arrived(self, item: tuple[int, DecodedImage]) -> None:
+        index, img = item
+        self.stack.put(index, img, keep=self.canvas.shown_index)
+        self.loaded += 1
+        try:
+            if self.canvas.busy_text and self.canvas.stack is self.stack:
+                self.canvas.busy_text = ""  # an earlier slice's failure is past
+            if self.canvas.stack is not self.stack:
+                if index == self.wanted and self.on_first is not None:
+                    self.on_first(index)
+            else:
+                self.canvas.slice_loaded(index)
+        except RuntimeError:
+            pass  # the viewer was closed
+
+    def _failed(self, error: TaskError) -> None:
+        self.failed = error
+        try:
+            self.canvas.busy_text = error.message
+            self.canvas.update()
+        except RuntimeError:
+            pass
+
+    def _finished(self) -> None:
+        self.task = None
+        self._running = []
+        if self.failed is None and self.wanted is not None \
+                and not self.stack.has(self.wanted):
+            self._start()
+
+    @property
+    def idle(self) -> bool:
+        return self.task is None
+
+
+def open_stack(ctx: AppContext, parent: QWidget, repo: Repository, stack: LazyStack,
+               title: str, index: int | None = None) -> ImageViewer:
+    """Open an archived stack at slice ``index`` (default: the middle, as PACS viewers open
+    a series): the viewer shows as soon as that slice is decrypted, its neighbours follow."""
+    viewer = ImageViewer(title, parent.window())
+    first = len(stack) // 2 if index is None else max(0, min(len(stack) - 1, index))
+    viewer.set_busy(f"Downloading, verifying and decrypting image {first + 1} of "
+                    f"{len(stack)}…")
+    viewer.show()
+    loader = SliceLoader(ctx, repo, stack, viewer.canvas, viewer)
+    viewer.loader = loader
+
+    def export_current() -> None:  # the original of the slice on screen
+        ref = stack.refs[viewer.canvas.index]
+        export_original(ctx, viewer, repo, ref.original_id, ref.name, ref.version)
+
+    if hasattr(ctx.backend, "get_original"):
+        viewer.set_export(export_current)
+
+    loader.on_first = lambda index: viewer.set_stack(stack, index)
+    loader.request(first, 1)
+    return viewer
+
+
 def open_archived(ctx: AppContext, parent: QWidget, repo: Repository, image_id: str,
-                  name: str, version: int | None) -> ImageViewer:
-    """Open the viewer now and fill it once the original is fetched and decrypted."""
+                  name: str, version: int | None, meta: ImageMeta | None = None
+                  ) -> ImageViewer:
+    """Open the viewer now and fill it once the original is fetched and decrypted; a frame
+    of a multi-frame instance (``meta`` known) opens as the stack of its frames."""
+    if meta is not None and meta.frames > 1 and not meta.error:
+        return open_stack(ctx, parent, repo, LazyStack.of_frames(meta), name or meta.name,
+                          meta.frame)
     viewer = ImageViewer(name or image_id[:12], parent.window())
     viewer.set_busy("Downloading, verifying and decrypting the original…")
     viewer.show()

@@ -29,6 +29,7 @@ from PyQt6.QtWidgets import QSizePolicy, QWidget
 from app.core.types import DecodedImage
 from app.gui.viewer_model import (
     ImageStack,
+    Stack,
     StackInfo,
     default_window,
     file_display,
@@ -54,6 +55,7 @@ class ImageCanvas(QWidget):
     viewChanged = pyqtSignal()
     sliceChanged = pyqtSignal(int)
     cursorChanged = pyqtSignal(str)
+    sliceRequested = pyqtSignal(int, int)  # index, direction: a LazyStack slice to decrypt
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -61,9 +63,10 @@ class ImageCanvas(QWidget):
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.setMouseTracking(True)  # value under the cursor without a button held
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
-        self.stack: ImageStack | None = None
+        self.stack: Stack | None = None
         self.info = StackInfo()
         self.index = 0
+        self.shown_index = 0  # the slice whose pixels are on screen (index while loading)
         self.decoded: DecodedImage | None = None
         self._default: tuple[float, float] | None = None
         self.window_level: tuple[float, float] | None = None  # (centre, width)
@@ -94,12 +97,14 @@ class ImageCanvas(QWidget):
         """A stack of one (today's entry points)."""
         self.set_stack(ImageStack.of_images([img]))
 
-    def set_stack(self, stack: ImageStack, index: int | None = None) -> None:
+    def set_stack(self, stack: Stack, index: int | None = None) -> None:
         """Show ``stack`` from ``index`` (default: the middle slice, as PACS viewers open a
-        series), with its default window and a fitted view."""
+        series), with its default window and a fitted view. A LazyStack must hold slice
+        ``index`` already (the viewer opens it once that slice is decrypted)."""
         self.stack = stack
         self.info = stack.info
         self.index = len(stack) // 2 if index is None else max(0, min(len(stack) - 1, index))
+        self.shown_index = self.index
         self.decoded = stack.image(self.index)
         self._default = default_window(self.decoded, self.info.modality)
         self.window_level = self._default
@@ -117,18 +122,43 @@ class ImageCanvas(QWidget):
     def slice_count(self) -> int:
         return len(self.stack) if self.stack is not None else 0
 
+    @property
+    def loading(self) -> bool:
+        """Whether the current slice is still being decrypted (the previous one shows)."""
+        return self.shown_index != self.index
+
     def set_slice(self, index: int) -> None:
-        """Show frame ``index`` keeping the window and view (as scrolling a series does)."""
+        """Show frame ``index`` keeping the window and view (as scrolling a series does).
+        A slice of a LazyStack not decrypted yet is asked for (``sliceRequested``); the
+        slice on screen stays, marked as loading, until ``slice_loaded`` brings it."""
         if self.stack is None:
             return
         index = max(0, min(len(self.stack) - 1, index))
         if index == self.index:
             return
+        direction = 1 if index > self.index else -1
         self.index = index
-        self.decoded = self.stack.image(index)
-        self._render()
+        if self.stack.has(index):
+            self._show_slice(index)
+        else:
+            self._set_cursor_text("")  # the value under the cursor belongs to the old slice
+            self.update()
+            self.sliceRequested.emit(index, direction)
         self.sliceChanged.emit(index)
         self.viewChanged.emit()
+
+    def slice_loaded(self, index: int) -> None:
+        """A slice of the stack arrived: shown at once when it is the one wanted."""
+        if self.stack is not None and index == self.index and self.loading \
+                and self.stack.has(index):
+            self._show_slice(index)
+            self.viewChanged.emit()
+
+    def _show_slice(self, index: int) -> None:
+        assert self.stack is not None
+        self.shown_index = index
+        self.decoded = self.stack.image(index)
+        self._render()
 
     def step_slice(self, delta: int) -> None:
         self.set_slice(self.index + delta)
@@ -292,7 +322,8 @@ class ImageCanvas(QWidget):
         bl.append(f"Zoom {self.zoom * 100:.0f}%")
         if self.cursor_text:
             bl.append(self.cursor_text)
-        br.append(f"Image {self.index + 1}/{self.slice_count}")
+        br.append(f"Image {self.index + 1}/{self.slice_count}"
+                  + (" · decrypting…" if self.loading else ""))
         h, w = self.decoded.pixels.shape[:2]
         br.append(f"{w} × {h}")
         if info.lossy:

@@ -24,6 +24,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
+from app.core.meta import ImageMeta
 from app.core.types import DecodedImage, Repository
 from app.gui import theme
 from app.gui.context import AppContext
@@ -161,13 +162,27 @@ class CompareViewer(QDialog):
         super().keyPressEvent(event)
 
 
+def fetch_archived(backend: Any, repo: Repository, meta: ImageMeta) -> DecodedImage:
+    """An archived image decrypted and decoded: a frame of a multi-frame instance from its
+    instance's stored original (app/core/meta.py ``original_image_id``)."""
+    frame = meta.frame if meta.frames > 1 else None
+    images = backend.fetch_frames(repo, meta.original_image_id, [frame], meta.name,
+                                  meta.key_version or None)
+    image: DecodedImage = images[0]
+    return image
+
+
 def open_compare(ctx: AppContext, parent: QWidget, query_path: str, repo: Repository,
-                 image_id: str, name: str, version: int | None) -> CompareViewer:
-    """The query (decoded locally) beside an archived result (fetched and decrypted), both
-    off the UI thread."""
+                 image_id: str, name: str, version: int | None, *,
+                 query_image: ImageMeta | None = None, meta: ImageMeta | None = None
+                 ) -> CompareViewer:
+    """The query (decoded locally, or ``query_image`` decrypted from the archive: "Find
+    similar") beside an archived result (fetched and decrypted), both off the UI thread;
+    ``meta``, when known, names the result's frame of a multi-frame instance."""
     from pathlib import Path
 
-    viewer = CompareViewer(Path(query_path).name, name or image_id[:12], parent.window())
+    query_name = query_image.name if query_image is not None else Path(query_path).name
+    viewer = CompareViewer(query_name, name or image_id[:12], parent.window())
     viewer.left.busy_text = "Decoding…"
     viewer.right.busy_text = "Downloading, verifying and decrypting the original…"
     viewer.show()
@@ -191,9 +206,16 @@ def open_compare(ctx: AppContext, parent: QWidget, query_path: str, repo: Reposi
             pass
 
     def fetch(_: TaskContext) -> DecodedImage:
+        if meta is not None and hasattr(backend, "fetch_frames"):
+            return fetch_archived(backend, repo, meta)
         return backend.fetch_image(repo, image_id, name, version)
 
-    ctx.runner.run(f"Opening {Path(query_path).name}", lambda _: backend.decode(query_path),
+    def query(_: TaskContext) -> DecodedImage:
+        if query_image is not None:
+            return fetch_archived(backend, repo, query_image)
+        return backend.decode(query_path)
+
+    ctx.runner.run(f"Opening {query_name}", query,
                    on_done=lambda img: fill("left", img),
                    on_error=lambda e: failed(viewer.left, e))
     ctx.runner.run(f"Opening {name or image_id}", fetch,

@@ -11,6 +11,7 @@ window, then MONOCHROME1) stays in :class:`DecodedImage`.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from app.core.client import robust_range
+from app.core.meta import ImageMeta
 from app.core.types import DecodedImage
 
 # (name, width, centre): CONVENTIONS.md "Radiology habits", Hounsfield units, CT only
@@ -147,6 +149,10 @@ class ImageStack:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def has(self, index: int) -> bool:
+        """Every frame of a decoded stack is at hand (see :class:`LazyStack`)."""
+        return 0 <= index < len(self.frames)
+
     def image(self, index: int) -> DecodedImage:
         """Frame ``index`` as a DecodedImage (built once, then kept)."""
         if not 0 <= index < len(self.frames):
@@ -162,6 +168,126 @@ class ImageStack:
                 img = replace(t, pixels=pixels, voi_lut_image=None)
             self._images[index] = img
         return img
+
+
+SLICE_CACHE_BYTES = 384 * 1024**2
+"""Most decoded slices (float32) a lazily loaded stack keeps: a 512 x 512 CT slice is 1 MiB,
+so a few hundred slices; a longer series is decrypted again when scrolled back to."""
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """Where one slice of an archived stack comes from: the stored object holding the
+    original file (``original_id``) and the frame of it (None: a single-frame file)."""
+
+    image_id: str
+    original_id: str
+    frame: int | None
+    name: str = ""
+    version: int | None = None
+
+    @classmethod
+    def of_meta(cls, meta: ImageMeta) -> SliceRef:
+        """A frame of a multi-frame instance points at its instance's stored original."""
+        return cls(meta.image_id, meta.original_image_id,
+                   meta.frame if meta.frames > 1 else None, meta.name,
+                   meta.key_version or None)
+
+
+def stack_info(meta: ImageMeta) -> StackInfo:
+    """Overlay data from an image's decrypted metadata (known before any slice decodes)."""
+    return StackInfo.from_metadata({**meta.tags, **meta.clinical}, meta.source_format)
+
+
+class LazyStack:
+    """An archived series or multi-frame instance, shown as a stack whose slices are
+    decrypted on demand (off the UI thread, by app/gui/viewer.py's ``SliceLoader``) and kept
+    in a small LRU cache bounded by ``capacity_bytes``.
+
+    Why not decrypt the whole series first: a CT series is hundreds of originals; the
+    reader wants the slice under the cursor now and its neighbours next.
+    """
+
+    def __init__(self, refs: Sequence[SliceRef], info: StackInfo | None = None,
+                 capacity_bytes: int = SLICE_CACHE_BYTES) -> None:
+        if not refs:
+            raise ValueError("a stack needs at least one slice")
+        self.refs = tuple(refs)
+        self.info = info or StackInfo()
+        self.capacity_bytes = capacity_bytes
+        self._cache: OrderedDict[int, DecodedImage] = OrderedDict()
+        self._bytes = 0
+        self.template: DecodedImage | None = None  # the first slice decoded
+
+    @classmethod
+    def of_metas(cls, metas: Sequence[ImageMeta],
+                 capacity_bytes: int = SLICE_CACHE_BYTES) -> LazyStack:
+        """The images of a series in stack order (app/core/studies.py ``image_order``)."""
+        if not metas:
+            raise ValueError("a stack needs at least one slice")
+        return cls([SliceRef.of_meta(m) for m in metas], stack_info(metas[0]), capacity_bytes)
+
+    @classmethod
+    def of_frames(cls, meta: ImageMeta, capacity_bytes: int = SLICE_CACHE_BYTES
+                  ) -> LazyStack:
+        """Every frame of the multi-frame instance ``meta`` is a frame of."""
+        original = meta.original_image_id
+        refs = [SliceRef(meta.image_id if i == meta.frame else "", original, i, meta.name,
+                         meta.key_version or None) for i in range(max(1, meta.frames))]
+        return cls(refs, stack_info(meta), capacity_bytes)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def has(self, index: int) -> bool:
+        return index in self._cache
+
+    def image(self, index: int) -> DecodedImage:
+        """Slice ``index`` if it is decoded (LookupError otherwise: ask the loader)."""
+        img = self._cache.get(index)
+        if img is None:
+            raise LookupError(f"slice {index + 1} of {len(self.refs)} is not decrypted yet")
+        self._cache.move_to_end(index)
+        return img
+
+    def put(self, index: int, img: DecodedImage, keep: int | None = None) -> None:
+        """Cache slice ``index``; the least recently shown go first when over budget,
+        never ``keep`` (the slice on screen) nor the one just added."""
+        if not 0 <= index < len(self.refs):
+            raise IndexError(f"slice {index} is not in a stack of {len(self.refs)}")
+        old = self._cache.pop(index, None)
+        if old is not None:
+            self._bytes -= old.pixels.nbytes
+        self._cache[index] = img
+        self._bytes += img.pixels.nbytes
+        if self.template is None:
+            self.template = img
+        for victim in list(self._cache):
+            if self._bytes <= self.capacity_bytes:
+                break
+            if victim in (index, keep):
+                continue
+            self._bytes -= self._cache.pop(victim).pixels.nbytes
+
+    @property
+    def cached(self) -> list[int]:
+        return sorted(self._cache)
+
+    def missing(self, indices: Sequence[int]) -> list[int]:
+        """The given slices (in range) not decoded yet, in the given order."""
+        return [i for i in dict.fromkeys(indices)
+                if 0 <= i < len(self.refs) and i not in self._cache]
+
+
+Stack = ImageStack | LazyStack
+
+
+def prefetch_order(index: int, count: int, direction: int, ahead: int = 4) -> list[int]:
+    """Which slices to decrypt for a request of ``index``: it first, then ``ahead`` in the
+    direction of scrolling, then one behind (a reader scrolls on, sometimes back)."""
+    step = 1 if direction >= 0 else -1
+    order = [index] + [index + step * n for n in range(1, ahead + 1)] + [index - step]
+    return [i for i in order if 0 <= i < count]
 
 
 def has_presets(img: DecodedImage, modality: str) -> bool:

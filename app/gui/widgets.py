@@ -31,6 +31,7 @@ from PyQt6.QtWidgets import (
     QFrame,
     QHBoxLayout,
     QLabel,
+    QListView,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -69,6 +70,11 @@ def qimage_from_png(data: bytes) -> QImage:
     return image
 
 
+SUBTITLE_ROLE = Qt.ItemDataRole.UserRole + 7
+"""A tile's muted line under its caption ("3 more from this series"), kept apart from the
+caption (DisplayRole) so the caption stays the word a test or a screen reader reads."""
+
+
 class TileDelegate(QStyledItemDelegate):
     """Image tiles in a list view (archive grid, nearest-images strip): each preview in a
     frame, drawn exactly as decrypted. Qt's own icon drawing tints a selected icon with
@@ -101,21 +107,34 @@ class TileDelegate(QStyledItemDelegate):
         pixmap = _tile_pixmap(index.data(Qt.ItemDataRole.DecorationRole), side)
         if pixmap is not None:
             painter.drawPixmap(tile, pixmap)
-        text = str(index.data(Qt.ItemDataRole.DisplayRole) or "")
-        if text:
-            painter.setPen(QColor(c.text))
-            metrics = option.fontMetrics
-            area = QRect(cell.left() + 2, tile.bottom() + 7, cell.width() - 4,
-                         metrics.height())
+        metrics = option.fontMetrics
+        # Line one in the text colour; further lines (a series' image count, "3 more from
+        # this series") muted, each elided on its own.
+        for n, line in enumerate(_tile_lines(index)):
+            painter.setPen(QColor(c.text if n == 0 else c.muted))
+            area = QRect(cell.left() + 2, tile.bottom() + 7 + n * metrics.height(),
+                         cell.width() - 4, metrics.height())
             painter.drawText(area, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop,
-                             metrics.elidedText(text, Qt.TextElideMode.ElideMiddle,
+                             metrics.elidedText(line, Qt.TextElideMode.ElideMiddle,
                                                 area.width()))
         painter.restore()
 
     def sizeHint(self, option: QStyleOptionViewItem,
                  index: QModelIndex | QPersistentModelIndex) -> QSize:
         side = option.decorationSize
-        return QSize(side.width() + 16, side.height() + option.fontMetrics.height() + 16)
+        lines = max(1, len(_tile_lines(index)))
+        width = side.width() + 16
+        view = option.widget
+        if isinstance(view, QListView) and view.gridSize().isValid():
+            width = max(width, view.gridSize().width() - 8)  # captions use the grid's width
+        return QSize(width,
+                     side.height() + lines * option.fontMetrics.height() + 16)
+
+
+def _tile_lines(index: QModelIndex | QPersistentModelIndex) -> list[str]:
+    text = str(index.data(Qt.ItemDataRole.DisplayRole) or "")
+    subtitle = str(index.data(SUBTITLE_ROLE) or "")
+    return (text.split("\n") if text else []) + (subtitle.split("\n") if subtitle else [])
 
 
 def _tile_pixmap(value: object, side: QSize) -> QPixmap | None:

@@ -14,6 +14,7 @@ file; sizes are checked before pixels are decoded, so a decompression bomb is re
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import re
@@ -116,6 +117,9 @@ class DecodedImage:
     display_range: tuple[float, float] | None = None
     voi_lut_image: np.ndarray | None = field(default=None, repr=False)
     display_tags: dict[str, str] = field(default_factory=dict, repr=False)
+    # The instance's clinical attributes (app/imaging/clinical.py), DICOM only; the frame's
+    # own ImagePositionPatient for an enhanced multi-frame object that gives one per frame.
+    clinical: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         p = self.pixels
@@ -277,6 +281,64 @@ def decode_bytes(data: bytes, name: str, frame: int | None = None) -> DecodedIma
         raise ImageDecodeError(name, "not enough memory to decode the image") from exc
     except Exception as exc:  # the last safety net: no library exception leaves this module
         raise ImageDecodeError(name, f"{fmt.upper()} data is corrupt ({short(exc)})") from exc
+    if not np.isfinite(img.pixels).all():
+        raise ImageDecodeError(name, "image contains NaN or infinite pixel values")
+    return img
+
+
+def decode_frames(data: bytes, name: str, limit: int) -> tuple[int, Iterator[DecodedImage]]:
+    """(frames of the instance, an iterator over its first ``min(frames, limit)`` frames).
+
+    Why: every frame of a multi-frame DICOM instance is a searchable image (DESIGN.md
+    section 9), and parsing the file once per frame would cost a 120-frame cine loop 120
+    parses. The data set is parsed once here and the frames are decoded one at a time as
+    the iterator is advanced, so memory holds one decoded frame, not the whole volume.
+    A single-frame file (and every PNG, JPEG or TIFF: their pages are not frames of an
+    instance) gives exactly what ``decode_bytes(data, name)`` gives. A frame that fails
+    raises ImageDecodeError from ``next()``: the caller decides what the frames already
+    decoded are worth.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    if not data:
+        raise ImageDecodeError(name, "file is empty")
+    if sniff_format(data) != "dicom":
+        return 1, iter((decode_bytes(data, name),))
+    ds = _parse_dicom(data, name)
+    try:
+        n_frames = _pixel_attributes(ds, name)[4] if _has_pixels(ds) else 1
+    except ImageDecodeError:
+        n_frames = 1  # the decode below names what is wrong
+    except Exception:
+        n_frames = 1
+    if n_frames == 1:
+        return 1, iter((_checked(_guarded(lambda: _dicom_image(ds, name, None), name), name),))
+
+    def frames() -> Iterator[DecodedImage]:
+        for index in range(min(n_frames, limit)):
+            yield _checked(_guarded(functools.partial(_dicom_image, ds, name, index), name),
+                           name)
+
+    return n_frames, frames()
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def _guarded(decode: Callable[[], DecodedImage], name: str) -> DecodedImage:
+    """``decode()`` with decode_bytes's error handling: only ImageDecodeError leaves."""
+    try:
+        return decode()
+    except ImageDecodeError:
+        raise
+    except MemoryError as exc:
+        raise ImageDecodeError(name, "not enough memory to decode the image") from exc
+    except Exception as exc:
+        raise ImageDecodeError(name, _dicom_reason(exc)) from exc
+
+
+def _checked(img: DecodedImage, name: str) -> DecodedImage:
     if not np.isfinite(img.pixels).all():
         raise ImageDecodeError(name, "image contains NaN or infinite pixel values")
     return img
@@ -508,7 +570,8 @@ def _pillow_reason(exc: BaseException, fmt: str) -> str:
 _TRUNCATED = re.compile(r"less than expected \((\d+) vs (\d+) bytes\)")
 
 
-def _decode_dicom(data: bytes, name: str, frame: int | None) -> DecodedImage:
+def _parse_dicom(data: bytes, name: str) -> Dataset:
+    """The data set of a DICOM file (deflated ones inflated within their declared size)."""
     import pydicom  # imported lazily: 0.3 s that PNG users need not pay
     from pydicom.errors import InvalidDicomError
 
@@ -526,6 +589,11 @@ def _decode_dicom(data: bytes, name: str, frame: int | None) -> DecodedImage:
         raise ImageDecodeError(name, f"not a valid DICOM file ({short(exc)})") from exc
     except Exception as exc:
         raise ImageDecodeError(name, f"DICOM header is corrupt ({short(exc)})") from exc
+    return ds
+
+
+def _decode_dicom(data: bytes, name: str, frame: int | None) -> DecodedImage:
+    ds = _parse_dicom(data, name)
     try:
         return _dicom_image(ds, name, frame)
     except ImageDecodeError:
@@ -616,6 +684,7 @@ def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
     display_tags = {k: str(v) for k in VIEWER_KEYS if (v := ds.get(k, None)) not in (None, "")}
     return DecodedImage(
         display_tags=display_tags,
+        clinical=_frame_clinical(ds, index if n_frames > 1 else None),
         pixels=pixels,
         source_format="dicom",
         window=window,
@@ -626,6 +695,56 @@ def _dicom_image(ds: Dataset, name: str, frame: int | None) -> DecodedImage:
         display_range=display_range,
         voi_lut_image=voi_lut_image,
     )
+
+
+_FRAME_GEOMETRY = (
+    ("PlanePositionSequence", "ImagePositionPatient"),
+    ("PlaneOrientationSequence", "ImageOrientationPatient"),
+    ("PixelMeasuresSequence", "PixelSpacing"),
+    ("PixelMeasuresSequence", "SliceThickness"),
+)
+"""Where an enhanced multi-frame object keeps the geometry a stack needs: per frame (or
+shared) functional group macros instead of the top-level attributes."""
+
+
+def _frame_clinical(ds: Dataset, index: int | None) -> dict[str, str]:
+    """The clinical attributes of the instance, for frame ``index`` of a multi-frame one:
+    its own position (and orientation, spacing, thickness where only the functional groups
+    give them). A malformed functional group only loses the geometry, never the frame."""
+    from app.imaging.clinical import clinical_attributes
+
+    out = clinical_attributes(ds)
+    if index is None:
+        return out
+    for macro, keyword in _FRAME_GEOMETRY:
+        if keyword in out and keyword != "ImagePositionPatient":
+            continue
+        try:
+            value = _functional_group_value(ds, index, macro, keyword)
+        except Exception:  # an untrusted file's broken sequence
+            continue
+        if value is not None:  # as clinical_attributes writes a top-level value
+            out.update(clinical_attributes({keyword: value}))
+    return out
+
+
+def _functional_group_value(ds: Dataset, index: int, macro: str, keyword: str) -> object:
+    """``keyword`` of frame ``index``'s per-frame functional group macro, else the shared
+    one's, else None."""
+    for groups_keyword in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        groups = ds.get(groups_keyword)
+        if not groups:
+            continue
+        if groups_keyword.startswith("PerFrame"):
+            if index >= len(groups):
+                continue
+            item = groups[index]
+        else:
+            item = groups[0]
+        seq = item.get(macro)
+        if seq and keyword in seq[0]:
+            return seq[0].get(keyword)
+    return None
 
 
 def _frame_array(ds: Dataset, name: str, index: int, n_frames: int, rows: int, cols: int,

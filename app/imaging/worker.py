@@ -188,6 +188,21 @@ class Analysis:
     tags: dict[str, Any]
     rows: int
     columns: int
+    clinical: dict[str, str] = field(default_factory=dict)  # DICOM only (clinical.py)
+
+
+@dataclass(frozen=True)
+class FrameAnalyses:
+    """The analyses of a file's frames: one per frame indexed, in frame order.
+
+    ``total`` is the instance's frame count (1 for PNG, JPEG, TIFF and single-frame DICOM);
+    ``frames`` holds the first ``min(total, max_frames)`` of them, fewer when a frame
+    failed to decode: ``error`` then says why the frames after ``len(frames)`` are missing.
+    """
+
+    frames: list[Analysis]
+    total: int
+    error: str = ""
 
 
 def analyse(image: DecodedImage, extractor: str, preview: bool) -> Analysis:
@@ -200,7 +215,31 @@ def analyse(image: DecodedImage, extractor: str, preview: bool) -> Analysis:
     features = np.asarray(get_extractor(extractor)(image), dtype=np.float64)
     return Analysis(features, make_thumbnail_png(image) if preview else None,
                     image.source_format, dict(image.metadata), int(image.pixels.shape[0]),
-                    int(image.pixels.shape[1]))
+                    int(image.pixels.shape[1]), dict(image.clinical))
+
+
+def analyse_frames(data: bytes, name: str, extractor: str, preview: bool,
+                   max_frames: int) -> FrameAnalyses:
+    """Every frame of a file, analysed one after the other (in whichever process).
+
+    The first frame failing fails the file (ImageDecodeError), as a single-frame file
+    would; a later one ends the list there, its reason kept in ``error``, so a cine loop
+    with one damaged frame still has its good frames searchable and the loss is reported.
+    """
+    from app.imaging.decode import decode_frames
+
+    total, frames = decode_frames(data, name, max_frames)
+    out: list[Analysis] = []
+    while True:
+        try:
+            image = next(frames)
+        except StopIteration:
+            return FrameAnalyses(out, total)
+        except ImageDecodeError as exc:
+            if not out:
+                raise
+            return FrameAnalyses(out, total, f"frame {len(out)}: {exc.reason}")
+        out.append(analyse(image, extractor, preview))
 
 
 # ----------------------------------------------------------------------------- the child
@@ -330,7 +369,27 @@ class _Child:
         return {"ok": False, "kind": "memory", "reason": reason, "retire": True}
 
     def _read(self, path: str, name: str, digest: str | None) -> DecodedImage:
-        from app.imaging.decode import MAX_FILE_BYTES, decode_bytes, decode_image
+        from app.imaging.decode import decode_bytes, decode_image
+
+        if digest is None:
+            self._check_size(path, name)
+            return decode_image(path)
+        return decode_bytes(self._bytes(path, name, digest), path)
+
+    def _bytes(self, path: str, name: str, digest: str | None) -> bytes:
+        """The file's content, checked against the digest the parent hashed (when given)."""
+        self._check_size(path, name)
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ImageDecodeError(name, f"cannot read the file ({exc.strerror or exc})"
+                                   ) from exc
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            raise ImageDecodeError(name, "the file changed while it was being imported")
+        return data
+
+    def _check_size(self, path: str, name: str) -> None:
+        from app.imaging.decode import MAX_FILE_BYTES
 
         if self.limit and self.limit_kind != "rlimit":
             # without an address-space limit, refuse what cannot fit before reading it
@@ -342,16 +401,6 @@ class _Child:
                 raise ImageDecodeError(
                     name, f"file of {size // 1024**2} MiB is too large for the decoder's "
                     f"memory limit of {self.limit // 1024**2} MiB")
-        if digest is None:
-            return decode_image(path)
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ImageDecodeError(name, f"cannot read the file ({exc.strerror or exc})"
-                                   ) from exc
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise ImageDecodeError(name, "the file changed while it was being imported")
-        return decode_bytes(data, path)
 
     def _analyse(self, header: dict[str, Any], path: str, name: str
                  ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
@@ -361,6 +410,12 @@ class _Child:
         extractor = header.get("extractor")
         if not isinstance(extractor, str) or not (digest is None or isinstance(digest, str)):
             return {"ok": False, "kind": "request", "reason": "bad analyse request"}, []
+        max_frames = header.get("max_frames")
+        if max_frames is not None:
+            if type(max_frames) is not int or max_frames < 1:
+                return {"ok": False, "kind": "request", "reason": "bad analyse request"}, []
+            return self._analyse_frames(path, name, digest, extractor,
+                                        bool(header.get("preview")), max_frames)
         image = self._read(path, name, digest)
         result = analyse(image, extractor, bool(header.get("preview")))
         parts = [("features", np.ascontiguousarray(result.features, dtype="<f8").tobytes())]
@@ -369,6 +424,33 @@ class _Child:
         answer = {"ok": True, "source_format": result.source_format,
                   "tags": {str(k): str(v) for k, v in result.tags.items()},
                   "rows": result.rows, "columns": result.columns}
+        return answer, parts
+
+    def _analyse_frames(self, path: str, name: str, digest: str | None, extractor: str,
+                        preview: bool, max_frames: int
+                        ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+        """Every frame's features (one part, frame after frame) and previews ("thumbnail"
+        for frame 0, "thumbnail.<i>" after); the instance's clinical attributes once, and
+        per later frame only what differs from frame 0's (its position)."""
+        import numpy as np
+
+        result = analyse_frames(self._bytes(path, name, digest), name, extractor, preview,
+                                max_frames)
+        first = result.frames[0]
+        features = np.stack([a.features for a in result.frames])
+        parts = [("features", np.ascontiguousarray(features, dtype="<f8").tobytes())]
+        for index, analysis in enumerate(result.frames):
+            if analysis.thumbnail is not None:
+                parts.append(("thumbnail" if index == 0 else f"thumbnail.{index}",
+                              analysis.thumbnail))
+        answer = {"ok": True, "source_format": first.source_format,
+                  "tags": {str(k): str(v) for k, v in first.tags.items()},
+                  "rows": first.rows, "columns": first.columns,
+                  "clinical": dict(first.clinical), "total_frames": result.total,
+                  "frames": len(result.frames), "frames_error": result.error,
+                  "frame_clinical": [
+                      {k: v for k, v in a.clinical.items() if first.clinical.get(k) != v}
+                      for a in result.frames[1:]]}
         return answer, parts
 
     def _decode(self, header: dict[str, Any], path: str, name: str
@@ -394,6 +476,7 @@ class _Child:
             "monochrome1": image.monochrome1, "n_frames": image.n_frames,
             "metadata": {str(k): str(v) for k, v in image.metadata.items()},
             "display_tags": {str(k): str(v) for k, v in image.display_tags.items()},
+            "clinical": {str(k): str(v) for k, v in image.clinical.items()},
             "voi_function": image.voi_function,
             "display_range": (list(image.display_range) if image.display_range is not None
                               else None),
@@ -787,6 +870,65 @@ class DecoderPool:
         return Analysis(features, thumbnail if preview else None, source_format, tags, rows,
                         columns)
 
+    def analyse_frames(self, path: str | Path, *, extractor: str, max_frames: int,
+                       preview: bool = False, digest: bytes | None = None,
+                       name: str | None = None) -> FrameAnalyses:
+        """Like ``analyse``, for every frame of a multi-frame DICOM instance up to
+        ``max_frames`` (one Analysis for any other file), with the instance's clinical
+        attributes. The child's answer is checked as ``analyse`` checks its own: as many
+        feature rows and previews as it says frames, text-only attributes."""
+        import numpy as np
+
+        label = str(path) if name is None else name
+        if type(max_frames) is not int or max_frames < 1:
+            raise ValueError(f"max_frames must be a positive integer, not {max_frames!r}")
+        request = {"op": "analyse", "path": os.path.abspath(path), "name": label,
+                   "sha256": digest.hex() if digest is not None else None,
+                   "extractor": extractor, "preview": bool(preview), "max_frames": max_frames}
+        # a frame's features (at most 512 KiB) and preview (a 256-pixel PNG) fit in 2 MiB
+        max_body = min(MAX_ANSWER_BYTES, 256 * 1024**2 + max_frames * 2 * 1024**2)
+        header, parts = self._request(label, request, max_body)
+        try:
+            count, total = header["frames"], header["total_frames"]
+            if (type(count) is not int or type(total) is not int or not 1 <= count <= total
+                    or count > max_frames):
+                raise ValueError("a wrong frame count")
+            raw = parts["features"]
+            if not raw or len(raw) % (8 * count) or len(raw) // count > 8 * 65536:
+                raise ValueError("features of a wrong size")
+            features = np.frombuffer(raw, dtype="<f8").astype(np.float64).reshape(count, -1)
+            if not np.isfinite(features).all():
+                raise ValueError("features that are not finite")
+            thumbs = [parts.get("thumbnail" if i == 0 else f"thumbnail.{i}")
+                      for i in range(count)]
+            if preview and not all(t is not None and t.startswith(_PNG) for t in thumbs):
+                raise ValueError("no PNG preview")
+            source_format = header["source_format"]
+            if source_format not in _SOURCE_FORMATS:
+                raise ValueError("an unknown source format")
+            tags, clinical = header["tags"], header["clinical"]
+            per_frame = header["frame_clinical"]
+            if not isinstance(per_frame, list) or len(per_frame) != count - 1:
+                raise ValueError("per-frame attributes of a wrong length")
+            for values in (tags, clinical, *per_frame):
+                if not isinstance(values, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+                    raise ValueError("tags that are not text")
+            rows, columns = header["rows"], header["columns"]
+            if type(rows) is not int or type(columns) is not int or rows < 1 or columns < 1:
+                raise ValueError("a wrong image size")
+            error = header["frames_error"]
+            if not isinstance(error, str):
+                raise ValueError("a frame error that is not text")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ImageDecodeError(label, f"{DIED}: it sent a malformed answer ({exc})"
+                                   ) from None
+        frames = [Analysis(features[i], thumbs[i] if preview else None, source_format,
+                           dict(tags), rows, columns,
+                           {**clinical, **(per_frame[i - 1] if i else {})})
+                  for i in range(count)]
+        return FrameAnalyses(frames, total, error[:500])
+
     def features(self, path: str | Path, extractor: str) -> np.ndarray:
         """The feature vector of one file (search queries)."""
         return self.analyse(path, extractor=extractor).features
@@ -810,7 +952,8 @@ class DecoderPool:
             display_range = _pair(header.get("display_range"))
             metadata = header["metadata"]
             display_tags = header.get("display_tags", {})
-            for tags in (metadata, display_tags):
+            clinical = header.get("clinical", {})
+            for tags in (metadata, display_tags, clinical):
                 if not isinstance(tags, dict) or not all(
                         isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
                     raise ValueError("metadata that is not text")
@@ -825,7 +968,8 @@ class DecoderPool:
                 pixels=pixels, source_format=header["source_format"], window=window,
                 monochrome1=header["monochrome1"] is True, n_frames=n_frames,
                 metadata=metadata, voi_function=header["voi_function"],
-                display_range=display_range, voi_lut_image=voi, display_tags=display_tags)
+                display_range=display_range, voi_lut_image=voi, display_tags=display_tags,
+                clinical=clinical)
         except (KeyError, TypeError, ValueError) as exc:
             raise ImageDecodeError(label, f"{DIED}: it sent a malformed answer ({exc})"
                                    ) from None

@@ -168,8 +168,9 @@ def _decode_in_child(pool: DecoderPool, folder: Path) -> Callable[[bytes], objec
         path = folder / "mutated"
         path.write_bytes(data)
         try:
-            return pool.analyse(path, extractor=EXTRACTOR_NAME, preview=True,
-                                digest=hashlib.sha256(data).digest())
+            # what an import asks (every frame of a multi-frame file, capped here at 4)
+            return pool.analyse_frames(path, extractor=EXTRACTOR_NAME, preview=True,
+                                       max_frames=4, digest=hashlib.sha256(data).digest())
         except ImageDecodeError as exc:
             assert not exc.reason.startswith(_BROKEN_DECODER), (
                 f"the decoder broke instead of refusing the file: {exc}")

@@ -73,7 +73,8 @@ def test_result_card_words_clinical_first_details_hidden(qtbot, tmp_path: Path,
         assert f"{hit.distance:.6g}" in page.similarity.toolTip()
         assert page.strip.item(0).text() == "near-duplicate"
         assert f"{hit.distance:.6g}" in page.strip.item(0).toolTip()
-        for row, other in enumerate(page.outcome.result.hits):
+        for row, strip_row in enumerate(page.rows):  # each series once (issue 15)
+            other = strip_row.hit
             item = page.strip.item(row)
             assert item.text() == similarity_word(other.distance)
             # the whole word fits under its tile (TileDelegate elides what does not)
@@ -85,8 +86,10 @@ def test_result_card_words_clinical_first_details_hidden(qtbot, tmp_path: Path,
         assert f["modality"].full_text() == tags.Modality == "MR"
         assert f["body_part"].full_text() == str(tags.BodyPartExamined).title() == "Abdomen"
         assert f["study"].full_text() == tags.StudyDescription
-        assert f["series"].full_text() == tags.SeriesDescription
-        assert f["study_date"].full_text() == "—"  # not in the stored metadata (yet)
+        assert f["series"].full_text() == f"#{tags.SeriesNumber} {tags.SeriesDescription}"
+        date = str(tags.StudyDate)
+        assert f["study_date"].full_text() == f"{date[:4]}-{date[4:6]}-{date[6:]}"
+        assert f["instance"].full_text() == f"instance {tags.InstanceNumber}"
         assert f["name"].full_text() == MR and f["rank"].full_text() == "1 of 5"
         for key in ("modality", "body_part", "study", "series", "name"):
             assert f[key].isVisible(), key
@@ -113,8 +116,9 @@ def test_result_card_words_clinical_first_details_hidden(qtbot, tmp_path: Path,
 
         # another hit: the card follows the selection
         page.strip.setCurrentRow(1)
-        second = page.outcome.result.hits[1]
-        assert f["name"].full_text() == second.name and f["rank"].full_text() == "2 of 5"
+        second = page.rows[1].hit  # the best image of the second nearest series
+        assert f["name"].full_text() == second.name
+        assert f["rank"].full_text().startswith("2 of 5")
         word = similarity_word(second.distance)
         assert page.similarity.text() == word[:1].upper() + word[1:]
     finally:
