@@ -30,6 +30,7 @@ from PyQt6.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QToolButton,
     QVBoxLayout,
@@ -267,8 +268,21 @@ class SearchPage(QWidget):
         self.similarity.setStyleSheet("font-size: 17px; font-weight: 700;")
         form_box.addWidget(self.similarity)
         self.fields: dict[str, QLabel] = {}
-        # Clinical attributes first: what a radiologist recognises an image by.
-        form_box.addLayout(self._form(CLINICAL_FIELDS))
+        # Clinical attributes first: what a radiologist recognises an image by. In a scroll
+        # area: at a laptop's window height the card's rows would otherwise be squeezed
+        # on top of each other (seen in docs/screenshots/05-search.png at 1280 x 820).
+        clinical = QWidget()
+        clinical.setLayout(self._form(CLINICAL_FIELDS))
+        clinical.layout().setContentsMargins(0, 0, 0, 0)
+        scroller = QScrollArea()
+        scroller.setWidget(clinical)
+        scroller.setWidgetResizable(True)
+        scroller.setFrameShape(QFrame.Shape.NoFrame)
+        scroller.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroller.setMinimumHeight(90)
+        scroller.viewport().setAutoFillBackground(False)  # the card's colour shows through
+        clinical.setAutoFillBackground(False)
+        form_box.addWidget(scroller, 1)
         self.details_button = QToolButton()
         self.details_button.setText("Details")
         self.details_button.setCheckable(True)
@@ -289,7 +303,6 @@ class SearchPage(QWidget):
         self.more_button.clicked.connect(self._toggle_group)
         self.more_button.hide()
         form_box.addWidget(self.more_button)
-        form_box.addStretch(1)
         self.open_full_button = theme.themed(QPushButton("Open full image"), "zoom_in")
         self.open_full_button.clicked.connect(self._open_selected)
         form_box.addWidget(self.open_full_button)
