@@ -475,6 +475,7 @@ def _print_hits(result: Any) -> None:
 def cmd_get(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"
     with _client(args) as client:
+        client.access_purpose = args.purpose or ""
         repo = client.open_repository(args.repo)
         with _progress(True, "downloading", unit="bytes") as progress:
             if to_stdout:
@@ -819,6 +820,10 @@ def cmd_access(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    if args.access:
+        return _audit_access(args)
+    if args.csv or args.output:
+        _usage(args, "--csv and --output go with --access")
     with _client(args) as client:
         entries = client.audit(client.open_repository(args.repo))
     _emit(args, {"entries": entries},
@@ -826,6 +831,32 @@ def cmd_audit(args: argparse.Namespace) -> int:
                          f"  results={e.get('results')}  {e.get('duration_ms')} ms")
                    for e in entries])
     return EXIT_OK
+
+
+def _audit_access(args: argparse.Namespace) -> int:
+    """``audit --access``: the access log (who decrypted which original or preview),
+    every chain verified; as a table, CSV or JSON (to --output or standard output).
+    Entries that do not verify are left out and named on stderr: exit status 1."""
+    with _client(args) as client:
+        report = client.access_log(client.open_repository(args.repo))
+    if args.csv:
+        text = report.to_csv()
+    elif args.json:
+        text = json.dumps({"schema": JSON_SCHEMA, **report.as_dict()}, indent=2) + "\n"
+    else:
+        text = "".join(f"{e.time}  {e.user_id}  {e.action:8}  {e.image_id}  "
+                       f"study {e.study_uid or '-'}  {e.purpose}\n" for e in report.events)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {len(report.events)} access events to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    for user_id, count in report.unreadable.items():
+        print(f"radcrypt: {count} entries of {user_id} are not addressed to you (written "
+              "before you became a co-owner)", file=sys.stderr)
+    for problem in report.problems:
+        print(f"radcrypt: {problem}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_ERROR
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -1104,6 +1135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "audit", "the search service's audit trail of a repository", cmd_audit)
     p.add_argument("--repo", required=True, help="repository name")
+    p.add_argument("--access", action="store_true",
+                   help="the access log instead: who decrypted which original or preview, "
+                        "when, and why (owners only; forged, reordered or deleted entries "
+                        "are named and exit status is 1)")
+    p.add_argument("--csv", action="store_true", help="with --access: CSV, one row per event")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="with --access: write the table, CSV or JSON to FILE")
 
     p = _command(sub, "import", "import files or folders (recursive)", cmd_import)
     p.add_argument("--repo", required=True, help="repository name")
@@ -1134,6 +1172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image_id", help="the image id (from search or ls)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="where to write it; - for standard output")
+    p.add_argument("--purpose", metavar="TEXT",
+                   help="why you open it (e.g. 'tumour board'): kept in the repository's "
+                        "access log with your name, the time and the image")
 
     p = _command(sub, "ls", "list the images, studies or series of a repository", cmd_ls)
     p.add_argument("--repo", required=True, help="repository name")

@@ -21,6 +21,8 @@ Layout::
     radcrypt/v1/repos/<repo_id>/log/<SEQ20>           (format 2: one signed segment-log entry)
     radcrypt/v1/repos/<repo_id>/checkpoints/<SEQ20>   (format 2: owner-signed live set)
     radcrypt/v1/repos/<repo_id>/locks/<lock_id>       (restic-style locks: app/core/locks.py)
+    radcrypt/v1/repos/<repo_id>/access/<user_id>/<SEQ20>  (access log, owners only:
+                                                       app/core/access_log.py)
     radcrypt/v1/probes/<probe_id>          (scratch objects of cloud.store's capability probe)
 """
 

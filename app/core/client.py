@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     import numpy as np
 
     from app.core.access import AccessList, UserRecord
+    from app.core.access_log import AccessReport
     from app.core.compaction import CompactionReport
     from app.core.demo import DemoReport
     from app.core.erasure import ErasurePlan, ErasureReport
@@ -422,6 +423,9 @@ class Client:
         self._repos: dict[str, Repository] = {}
         self._decoder: DecoderPool | None = None
         self._lock = threading.RLock()
+        # Why this user decrypts what they open (optional, free text): recorded with
+        # every original and preview in the access log (app/core/access_log.py).
+        self.access_purpose = ""
         self._studies: dict[str, tuple[Any, list[Study]]] = {}  # repo id -> (signature, studies)
 
     # --- lifetime -----------------------------------------------------------------------
@@ -885,6 +889,8 @@ class Client:
             return {}
 
         reader = self._reader(repo)
+        self._record_access(repo, "preview", [h.image_id for h in hits],
+                            {h.image_id: h.meta for h in hits})
 
         def one(hit: Hit) -> tuple[str, bytes]:
             return hit.image_id, reader.thumb(hit.image_id)
@@ -955,6 +961,7 @@ class Client:
                       ) -> bytes:
         """The decrypted PNG preview of an image."""
         image_id = self._image_id(image_id)
+        self._record_access(repo, "preview", [image_id])
         if self._format2(repo):
             return bytes(self._reader(repo).thumb(image_id))
         from app.core.objects import get_decrypted
@@ -973,6 +980,7 @@ class Client:
         from app.core.objects import fetch_original
 
         image_id = self._image_id(image_id)
+        self._record_access(repo, "original", [image_id])  # the frame the user opens
         object_id, _ = self._original_of(repo, image_id)
         return fetch_original(self.session.store, repo.ring, repo.repo_id, object_id,
                               Path(dest), version, progress=progress)
@@ -1027,6 +1035,55 @@ class Client:
     def display(self, path: str | Path) -> Any:
         """The 8-bit display image (numpy array) of a local file, decoded in a child."""
         return self.decoder().display(path)
+
+    def _record_access(self, repo: Repository, action: str, image_ids: list[str],
+                       records: dict[str, dict[str, Any]] | None = None) -> None:
+        """Write the access-log entry before decrypting (app/core/access_log.py): when it
+        cannot be written, RadcryptError and nothing is decrypted."""
+        from app.core.access_log import record_access
+
+        def meta_of(image_id: str) -> dict[str, Any]:
+            return {"clinical": self.image_meta(repo, image_id).clinical}
+
+        record_access(self.session, repo, self.identity, action, image_ids,
+                      purpose=self.access_purpose, records=records, meta_of=meta_of)
+
+    def access_log(self, repo: Repository) -> AccessReport:
+        """Who decrypted which original or preview of ``repo``, every user's chain
+        verified (owners only: the log is encrypted to them); ``problems`` name entries
+        forged, reordered, deleted or withheld."""
+        from app.core.access_log import read_access_log
+
+        return read_access_log(self.session.store, repo, self.identity, self.settings)
+
+    def lock(self) -> None:
+        """Workstation lock: forget the identity's private keys, every unlocked
+        repository and the decrypted study lists (app/core/session.py LockedIdentity,
+        Session.forget_secrets); ``resume`` with the identity unlocked again by its
+        password. Work already running keeps what it holds until it ends."""
+        from app.core.session import LockedIdentity
+
+        with self._lock:
+            self._repos.clear()
+            self._studies.clear()
+            if not isinstance(self.identity, LockedIdentity):
+                self.identity = LockedIdentity(self.identity.user_id, self.identity.name)
+            session = self._session
+        if session is not None:
+            session.forget_secrets(signer=True)
+
+    def resume(self, identity: Identity) -> None:
+        """Take the identity back after ``lock``; AccessDenied for another user's."""
+        from app.core.errors import AccessDenied
+
+        with self._lock:
+            if identity.user_id != self.identity.user_id:
+                raise AccessDenied("this workstation was locked by another user: only "
+                                   f"{self.identity.name} can unlock it")
+            self.identity = identity
+            session = self._session
+        if session is not None:
+            session.resume(identity)
 
     @staticmethod
     def _image_id(image_id: str) -> str:

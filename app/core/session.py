@@ -38,6 +38,48 @@ from cloud.stores import open_store
 
 log = logging.getLogger(__name__)
 
+LOCKED_MESSAGE = "the workstation is locked: unlock it with your password first"
+
+
+class LockedIdentity:
+    """Stands for an identity while the workstation is locked (Client.lock): it names
+    the user (for the lock screen and status bars) and holds no key, so a task that
+    still asks for one (to sign, to open a grant) fails in plain words instead of
+    quietly using keys that were meant to be forgotten."""
+
+    __slots__ = ("name", "user_id")
+
+    def __init__(self, user_id: str, name: str) -> None:
+        self.user_id = user_id
+        self.name = name
+
+    def __getattr__(self, attribute: str) -> Any:  # enc_private, sign, card, ...
+        if attribute.startswith("__"):  # copy, pickle and hasattr probes: plain Python
+            raise AttributeError(attribute)
+        raise RadcryptError(LOCKED_MESSAGE)
+
+    def __repr__(self) -> str:
+        return f"LockedIdentity(user_id={self.user_id!r}, name={self.name!r})"
+
+
+class LockableSigner:
+    """The session's request signer (app.core.identity.RequestSigner, which holds the
+    identity) behind a handle the workstation lock can empty and refill: the session and
+    its service client keep the handle, so locking reaches both without reconnecting."""
+
+    def __init__(self, inner: RequestSigner | None) -> None:
+        self._inner = inner
+
+    def headers(self, method: str, path: str, body: bytes, service_id: str,
+                protocol: int = 1) -> dict[str, str]:
+        inner = self._inner
+        if inner is None:
+            raise RadcryptError(LOCKED_MESSAGE)
+        return inner.headers(method, path, body, service_id, protocol)
+
+    def replace(self, inner: RequestSigner | None) -> None:
+        self._inner = inner
+
 
 class Session:
     """Storage and search for one run; use as a context manager."""
@@ -45,7 +87,7 @@ class Session:
     def __init__(self, settings: Settings, signer: RequestSigner | None = None,
                  owner_keys: list[bytes] | None = None) -> None:
         self.settings = settings
-        self.signer = signer
+        self.signer = LockableSigner(signer) if signer is not None else None
         self.owner_keys = list(owner_keys or [])
         self._started_store: EmbeddedStoreHandle | None = None
         self._embedded_service: EmbeddedService | None = None
@@ -59,7 +101,17 @@ class Session:
         # Per repository id: (the verified head it was built for, an
         # app.core.packs.ImageReader), so that its index of live packs is built once.
         self.readers: dict[str, tuple[Any, Any]] = {}
+        # Per repository id: the app.core.access_log.AccessLogWriter of this session's
+        # user (the head of their chain, the owners' cards), made on first use.
+        self.access_logs: dict[str, Any] = {}
         self.log_lock = threading.Lock()
+
+    def resume(self, identity: Any) -> None:
+        """After ``forget_secrets(signer=True)``: sign requests as ``identity`` again."""
+        from app.core.identity import RequestSigner as Signer
+
+        if self.signer is not None:
+            self.signer.replace(Signer(identity))
 
     def __enter__(self) -> Session:
         self.open()
@@ -171,6 +223,17 @@ class Session:
             self._started_store.stop()
             self._started_store = None
         self._store = None
+        self.forget_secrets()
+
+    def forget_secrets(self, *, signer: bool = False) -> None:
+        """Drop what holds repository keys (the image readers hold unlocked repositories,
+        the access-log writers the identity) and, with ``signer``, the identity in the
+        request signer (``resume`` gives it back), so that a locked workstation keeps no
+        reference to them here; the store and the service stay connected (they hold no
+        key). Everything else is made again on next use."""
+        if signer and self.signer is not None:
+            self.signer.replace(None)
         with self.log_lock:
             self.log_states.clear()
             self.readers.clear()
+            self.access_logs.clear()

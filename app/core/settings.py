@@ -35,7 +35,13 @@ _ENV = {
     "service_url": "RADCRYPT_SERVICE_URL",
     "workers": "RADCRYPT_WORKERS",
     "data_dir": "RADCRYPT_DATA_DIR",
+    "lock_minutes": "RADCRYPT_LOCK_MINUTES",
 }
+# The desktop client locks itself after this many minutes without keyboard or mouse use
+# (app/gui/idle_lock.py); a hospital may shorten it, never switch it off: a workstation
+# left unlocked in a reading room is the risk it answers (docs/PRIVACY.md).
+DEFAULT_LOCK_MINUTES = 10
+MAX_LOCK_MINUTES = 240
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class Settings:
     service_url: str | None = None  # None: start a service for the session's duration
     workers: int = 2
     data_dir: str = ""
+    lock_minutes: int = DEFAULT_LOCK_MINUTES  # idle minutes before the desktop client locks
 
     def __post_init__(self) -> None:  # the old name "local" means the embedded store
         object.__setattr__(self, "store", STORE_ALIASES.get(self.store, self.store))
@@ -84,7 +91,22 @@ def config_file() -> Path:
     return default_config_dir() / "config.json"
 
 
+def _whole(value: Any, source: str, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        raise RadcryptError(f"{source}: {name} must be a whole number")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise RadcryptError(f"{source}: {name} must be a whole number") from None
+    if not low <= number <= high:
+        raise RadcryptError(f"{source}: {name} must be between {low} and {high}")
+    return number
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
+    if name == "lock_minutes":
+        return _whole(value, source, "lock_minutes (idle minutes before the lock)", 1,
+                      MAX_LOCK_MINUTES)
     if name == "workers":
         try:
             number = int(value)

@@ -48,7 +48,7 @@ __all__ = ["AccessRow", "ArchiveEntry", "Backend", "CheckResult", "SearchOutcome
 ArchiveEntry = ImageMeta  # one archived image as the Archive page lists it
 check_connection = facade.check_connection
 # Settings a running client can take over as they are; any other change reconnects.
-LIVE_SETTINGS = frozenset({"workers"})
+LIVE_SETTINGS = frozenset({"workers", "lock_minutes"})  # lock_minutes: app/gui/idle_lock.py
 
 
 def password_strength(password: str, name: str = "") -> tuple[int, str]:

@@ -149,7 +149,8 @@ class ImportPage(QWidget):
         layout.setSpacing(10)
         layout.addWidget(PageHeader(
             "Import", "Images are encrypted on this workstation before anything is uploaded. "
-            "Only de-identified tags are kept with them."))
+            "The original file is kept, encrypted, with every tag it has (patient name "
+            "and id included); only members of the repository can decrypt it."))
 
         self.drop = DropArea("Drop DICOM, PNG, JPEG or TIFF files or whole folders here",
                              "Folders are searched recursively; hidden files are skipped.")

@@ -291,7 +291,13 @@ class KeysPage(QWidget):
         self.revoke_button = theme.themed(QPushButton("Revoke access"), "lock")
         set_prop(self.revoke_button, "danger", True)
         self.revoke_button.clicked.connect(self.revoke)
-        for button in (self.register_button, self.grant_button, self.revoke_button):
+        self.access_log_button = theme.themed(QPushButton("Export access log…"), "activity")
+        self.access_log_button.setToolTip(
+            "Owners: save who decrypted which original or preview of this repository, when "
+            "and why, as CSV (the same as 'radcrypt audit --access --csv')")
+        self.access_log_button.clicked.connect(self.export_access_log)
+        for button in (self.register_button, self.grant_button, self.revoke_button,
+                       self.access_log_button):
             access_head.addWidget(button)
         access_layout.addLayout(access_head)
         self.access_note = muted_label("")
@@ -400,6 +406,8 @@ class KeysPage(QWidget):
         selected = self.selected_user()
         self.revoke_button.setEnabled(identity and self.repo is not None and bool(selected)
                                       and selected != self.ctx.backend.user_id)
+        self.access_log_button.setEnabled(bool(identity and repo is not None
+                                               and self.ctx.backend.is_owner(repo)))
 
     def selected_user(self) -> str:
         rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
@@ -554,6 +562,38 @@ class KeysPage(QWidget):
                 self.ctx.error(TaskError(str(exc), ""))
                 return
             self.ctx.info("Your identity card is on the clipboard.", "success")
+
+    def export_access_log(self) -> None:
+        """Save the repository's access log as CSV (owners only: it is encrypted to
+        them); entries that do not verify are left out and named in the message."""
+        repo, client = self.repo, self.ctx.backend.client
+        if repo is None or client is None:
+            return
+        path = self.ctx.dialogs.save_file(self, "Export the access log",
+                                          f"{repo.repo_id}-access-log.csv")
+        if not path:
+            return
+
+        def work(_: TaskContext) -> Any:
+            report = client.access_log(repo)
+            with open(path, "w", encoding="utf-8", newline="") as handle:
+                handle.write(report.to_csv())
+            return report
+
+        def done(report: Any) -> None:
+            count = len(report.events)
+            text = (f"Access log of {repo.repo_id}: {count} event{'s' * (count != 1)} "
+                    f"saved to {path}.")
+            if report.problems:
+                self.ctx.message.emit("warning", text + f" {len(report.problems)} chain(s) "
+                                      "did not verify: their later entries were left out.",
+                                      "\n".join(report.problems))
+            else:
+                self.ctx.info(text, "success")
+            self.ctx.activity.record("access", text, repository=repo.repo_id)
+
+        self.ctx.runner.run("Exporting the access log", work, on_done=done,
+                            on_error=self.ctx.error)
 
     def save_card(self) -> None:
         path = self.ctx.dialogs.save_file(self, "Save your identity card",

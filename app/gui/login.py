@@ -29,6 +29,9 @@ from app.gui.widgets import StrengthMeter, muted_label, primary
 REGISTER = "register"
 UNLOCK = "unlock"
 WRONG_PASSWORD = "Wrong password. Nothing was unlocked; please try again."
+# The intended-use notice, seen before anything else (docs/PRIVACY.md section 1).
+INTENDED_USE = ("Radcrypt is a retrieval aid, not a diagnostic device: it finds similar "
+                "archived images; diagnosis stays with the clinician.")
 
 
 class GatePage(QWidget):
@@ -117,6 +120,9 @@ class GatePage(QWidget):
         self.note = muted_label("")
         self.note.setAlignment(Qt.AlignmentFlag.AlignCenter)
         layout.addWidget(self.note)
+        self.intended_use = muted_label(INTENDED_USE)
+        self.intended_use.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        layout.addWidget(self.intended_use)
         self.set_mode(UNLOCK)
 
     def set_mode(self, mode: str) -> None:

@@ -40,6 +40,7 @@ from app.gui.activity_page import ActivityPage
 from app.gui.archive_page import ArchivePage
 from app.gui.backend import Backend
 from app.gui.context import AppContext, Dialogs
+from app.gui.idle_lock import install_lock
 from app.gui.import_page import ImportPage
 from app.gui.keys_page import KeysPage
 from app.gui.login import REGISTER, UNLOCK, GatePage
@@ -130,6 +131,7 @@ class MainWindow(QMainWindow):
         self._message_timer.setSingleShot(True)
         self._message_timer.timeout.connect(self._fade_message)
         theme.on_change(self.retheme)
+        self.workstation_lock = install_lock(self)  # Lock button, Ctrl+L, idle lock
 
     # --- construction ---------------------------------------------------------------------
 
@@ -676,7 +678,15 @@ class MainWindow(QMainWindow):
             self, "About Radcrypt",
             "Radcrypt finds the nearest neighbour of a medical image in an archive that is "
             "kept encrypted in someone else's cloud. Images, features and queries are "
-            "encrypted on this workstation; the cloud sees only ciphertext.")
+            "encrypted on this workstation; the cloud sees only ciphertext.<br><br>"
+            "<b>Intended use.</b> Radcrypt is a retrieval aid: it finds archived images "
+            "that look alike. It is not a medical device and not a diagnostic tool; it "
+            "makes no finding and no diagnosis, and its similarity words are not clinical "
+            "judgements. Diagnosis stays with a qualified clinician using the original "
+            "images in a medical-grade viewer.<br><br>"
+            "Who decrypted which original or preview is recorded in each repository's "
+            "access log, readable by its owners (<tt>radcrypt audit --access</tt>); "
+            "the window locks itself when left unused (Settings).")
 
     # --- messages and status ------------------------------------------------------------------
 

@@ -28,7 +28,14 @@ from PyQt6.QtWidgets import (
 
 from app.core.errors import RadcryptError
 from app.core.progress import ProgressEvent
-from app.core.settings import LOCAL, MEMORY, Settings, save_settings
+from app.core.settings import (
+    DIRECTORY,
+    LOCAL,
+    MAX_LOCK_MINUTES,
+    MEMORY,
+    Settings,
+    save_settings,
+)
 from app.gui import theme
 from app.gui.backend import CheckResult
 from app.gui.context import AppContext
@@ -85,16 +92,21 @@ class SettingsPage(QWidget):
         form.setVerticalSpacing(8)
         self.local_radio = QRadioButton("Embedded store on this workstation (default)")
         self.s3_radio = QRadioButton("S3-compatible cloud storage")
+        # --store directory: without it a directory store loaded here was saved back as
+        # "s3" (e.g. when only the idle-lock minutes were changed).
+        self.directory_radio = QRadioButton("Files in the data folder (no server)")
         # Shown only when chosen (--store memory, RADCRYPT_STORE=memory): never offered.
         self.memory_radio = QRadioButton("In memory: nothing is kept when Radcrypt closes")
         group = QButtonGroup(self)
         group.addButton(self.local_radio)
         group.addButton(self.s3_radio)
+        group.addButton(self.directory_radio)
         group.addButton(self.memory_radio)
         self.local_radio.toggled.connect(self._kind_changed)
         self.s3_radio.toggled.connect(self._kind_changed)
         form.addRow(self.local_radio)
         form.addRow(self.s3_radio)
+        form.addRow(self.directory_radio)
         form.addRow(self.memory_radio)
         self.endpoint = QLineEdit()
         self.endpoint.setPlaceholderText("https://s3.example.org (empty: AWS S3)")
@@ -122,6 +134,14 @@ class SettingsPage(QWidget):
         self.workers.setMaximumWidth(90)
         self.workers.setToolTip("How many images are decoded and encrypted at once")
         lform.addRow("Import workers:", self.workers)
+        self.lock_minutes = QSpinBox()
+        self.lock_minutes.setRange(1, MAX_LOCK_MINUTES)
+        self.lock_minutes.setSuffix(" min")
+        self.lock_minutes.setMaximumWidth(90)
+        self.lock_minutes.setToolTip("After this long without keyboard or mouse use, "
+                                     "Radcrypt locks itself and forgets your keys until "
+                                     "you enter your password again (Ctrl+L locks at once)")
+        lform.addRow("Lock when idle for:", self.lock_minutes)
         self.data_dir = QLabel("")
         self.data_dir.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.data_dir.setWordWrap(True)
@@ -211,13 +231,15 @@ class SettingsPage(QWidget):
         self.local_radio.setChecked(settings.store == LOCAL)
         self.memory_radio.setChecked(settings.store == MEMORY)
         self.memory_radio.setVisible(settings.store == MEMORY)
-        self.s3_radio.setChecked(settings.store not in (LOCAL, MEMORY))
+        self.directory_radio.setChecked(settings.store == DIRECTORY)
+        self.s3_radio.setChecked(settings.store not in (LOCAL, MEMORY, DIRECTORY))
         self.endpoint.setText(settings.endpoint_url or "")
         self.bucket.setText(settings.bucket)
         self.region.setText(settings.region)
         self.profile.setText(settings.profile or "")
         self.service_url.setText(settings.service_url or "")
         self.workers.setValue(settings.workers)
+        self.lock_minutes.setValue(settings.lock_minutes)
         self.data_dir.setText(str(settings.data_path))
         self._kind_changed()
 
@@ -225,13 +247,14 @@ class SettingsPage(QWidget):
         base = self.ctx.backend.settings
         return dataclasses.replace(
             base, store=(LOCAL if self.local_radio.isChecked() else
-                         MEMORY if self.memory_radio.isChecked() else "s3"),
+                         MEMORY if self.memory_radio.isChecked() else
+                         DIRECTORY if self.directory_radio.isChecked() else "s3"),
             endpoint_url=self.endpoint.text().strip() or None,
             bucket=self.bucket.text().strip() or "radcrypt",
             region=self.region.text().strip() or "us-east-1",
             profile=self.profile.text().strip() or None,
             service_url=self.service_url.text().strip() or None,
-            workers=self.workers.value())
+            workers=self.workers.value(), lock_minutes=self.lock_minutes.value())
 
     def _kind_changed(self, *_: object) -> None:
         s3 = self.s3_radio.isChecked()

@@ -150,7 +150,16 @@ class Task(QObject):
         else:
             self._signals.succeeded.emit(result)
         finally:
+            # Let go of the function and what its closure holds (a repository and its
+            # keys): the Task object itself may outlive it (the status bar keeps the last
+            # one shown), and the workstation lock must be able to forget the keys
+            # (app/gui/idle_lock.py).
+            self.fn = _spent
             self._signals.finished.emit()
+
+
+def _spent(ctx: TaskContext) -> Any:
+    raise RuntimeError("this task has already run")
 
 
 class _Runnable(QRunnable):
