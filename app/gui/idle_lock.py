@@ -31,15 +31,12 @@ from PyQt6.QtGui import QAction, QKeySequence
 from PyQt6.QtWidgets import (
     QApplication,
     QDialog,
-    QFrame,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QMainWindow,
     QProgressBar,
     QPushButton,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -47,7 +44,7 @@ from app.core.errors import AccessDenied
 from app.core.settings import DEFAULT_LOCK_MINUTES, MAX_LOCK_MINUTES
 from app.gui import theme
 from app.gui.tasks import TaskError
-from app.gui.widgets import muted_label, primary
+from app.gui.widgets import gate_card, muted_label, primary
 
 LOCK_SHORTCUT = "Ctrl+L"
 WRONG_PASSWORD = "Wrong password. Radcrypt stays locked; please try again."
@@ -110,21 +107,7 @@ class LockScreen(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        outer = QVBoxLayout(self)
-        outer.addStretch(1)
-        row = QHBoxLayout()
-        row.addStretch(1)
-        self.card = QFrame()
-        self.card.setObjectName("GateCard")
-        self.card.setFixedWidth(460)
-        row.addWidget(self.card)
-        row.addStretch(1)
-        outer.addLayout(row)
-        outer.addStretch(2)
-
-        layout = QVBoxLayout(self.card)
-        layout.setContentsMargins(32, 28, 32, 28)
-        layout.setSpacing(12)
+        self.card, layout = gate_card(self)
         icon = QLabel()
         icon.setPixmap(theme.render_svg("lock", 48, theme.current_colors().accent))
         icon.setAlignment(Qt.AlignmentFlag.AlignCenter)

@@ -9,13 +9,10 @@ from __future__ import annotations
 from PyQt6.QtCore import Qt, pyqtSignal
 from PyQt6.QtWidgets import (
     QFormLayout,
-    QFrame,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -24,7 +21,7 @@ from app.gui import theme
 from app.gui.backend import password_problem, password_strength
 from app.gui.context import AppContext
 from app.gui.tasks import TaskError
-from app.gui.widgets import StrengthMeter, muted_label, primary
+from app.gui.widgets import StrengthMeter, gate_card, muted_label, primary
 
 REGISTER = "register"
 UNLOCK = "unlock"
@@ -46,21 +43,7 @@ class GatePage(QWidget):
         self.busy = False
         self.attempts = 0
 
-        outer = QVBoxLayout(self)
-        outer.addStretch(1)
-        row = QHBoxLayout()
-        row.addStretch(1)
-        self.card = QFrame()
-        self.card.setObjectName("GateCard")
-        self.card.setFixedWidth(460)
-        row.addWidget(self.card)
-        row.addStretch(1)
-        outer.addLayout(row)
-        outer.addStretch(2)
-
-        layout = QVBoxLayout(self.card)
-        layout.setContentsMargins(32, 28, 32, 28)
-        layout.setSpacing(12)
+        self.card, layout = gate_card(self)
         logo = QLabel()
         logo.setPixmap(theme.logo_pixmap(56))
         logo.setAlignment(Qt.AlignmentFlag.AlignCenter)

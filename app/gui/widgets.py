@@ -182,6 +182,27 @@ def card(parent: QWidget | None = None) -> QFrame:
     return frame
 
 
+def gate_card(page: QWidget) -> tuple[QFrame, QVBoxLayout]:
+    """The centred card of a full-window gate (sign-in, the lock screen): one look for
+    both, since the locked window is the sign-in page's sibling. Returns the card and its
+    layout, for the caller's rows."""
+    outer = QVBoxLayout(page)
+    outer.addStretch(1)
+    row = QHBoxLayout()
+    row.addStretch(1)
+    frame = QFrame()
+    frame.setObjectName("GateCard")
+    frame.setFixedWidth(460)
+    row.addWidget(frame)
+    row.addStretch(1)
+    outer.addLayout(row)
+    outer.addStretch(2)
+    layout = QVBoxLayout(frame)
+    layout.setContentsMargins(32, 28, 32, 28)
+    layout.setSpacing(12)
+    return frame, layout
+
+
 def tool_button(icon_name: str, tip: str, on_click: Callable[[], None] | None = None,
                 checkable: bool = False) -> QToolButton:
     button = QToolButton()
