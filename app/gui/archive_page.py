@@ -12,6 +12,12 @@ cloud never sees which images belong together. Loading happens in background ste
 list of images (ids, then each image's metadata, decrypted and grouped in the worker) and,
 for what is visible only, the previews (decrypted and composed into square tiles in the
 worker; the UI thread only wraps them in pixmaps).
+
+Deletion (issue 16): "Delete…" (button, and the image, series and study context menus)
+erases an image (its whole file), a series, a study or a patient through the facade
+(``Client.erasure_plan``, then ``Client.erase``): the plan is listed off the UI thread and
+confirmed in app/gui/erase_dialog.py. Owners and co-owners only; a legal hold (the signed
+manifest's) shows as a banner and disables it, each with the reason in words.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
+from app.core.errors import AccessDenied
 from app.core.meta import ImageMeta
 from app.core.progress import ProgressEvent
 from app.core.studies import (
@@ -66,6 +73,7 @@ from app.core.studies import (
     Study,
     instance_label,
     series_key,
+    study_key,
 )
 from app.core.studies import date_display as dicom_date
 from app.core.studies import patient_display as patient_text
@@ -73,8 +81,16 @@ from app.core.types import Repository
 from app.gui import theme
 from app.gui.backend import ArchiveEntry
 from app.gui.context import AppContext
+from app.gui.erase_dialog import EraseDialog, erase_block_reason
 from app.gui.tasks import TaskContext, TaskError
-from app.gui.widgets import PageHeader, TileDelegate, muted_label, primary, qimage_from_png
+from app.gui.widgets import (
+    PageHeader,
+    TileDelegate,
+    muted_label,
+    primary,
+    qimage_from_png,
+    set_prop,
+)
 
 PAGE_SIZE = 48
 TILE = 128
@@ -363,6 +379,11 @@ class ArchivePage(QWidget):
         self._thumb_task: Any = None
         self._series_task: Any = None
         self.loading = False
+        self.legal_hold = False  # the signed manifest's, refreshed from the store
+        self.erasing = False  # from the listing until the deletion ends (or is declined)
+        self._erase_running = False
+        self.erase_dialog: EraseDialog | None = None
+        self.last_erasure: Any = None  # the ErasureReport of the last deletion
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(20, 16, 20, 16)
@@ -385,6 +406,12 @@ class ArchivePage(QWidget):
         self.similar_button.setToolTip("Search the archive with the selected image's own "
                                        "encrypted features (no file needed)")
         self.similar_button.clicked.connect(self.find_similar_selected)
+        self.delete_button = theme.themed(QPushButton("Delete…"), "clear")
+        set_prop(self.delete_button, "danger", True)
+        self.delete_menu = QMenu(self.delete_button)
+        self.delete_menu.setToolTipsVisible(True)
+        self.delete_menu.aboutToShow.connect(self._fill_delete_menu)
+        self.delete_button.setMenu(self.delete_menu)
         self.refresh_button = theme.themed(QPushButton("Refresh"), "reset")
         self.refresh_button.clicked.connect(self.reload)
         self.prev_button = QPushButton("‹ Previous")
@@ -400,12 +427,23 @@ class ArchivePage(QWidget):
         bar.addWidget(self.sort_combo)
         bar.addStretch(1)
         bar.addWidget(self.similar_button)
+        bar.addWidget(self.delete_button)
         bar.addWidget(self.refresh_button)
         bar.addSpacing(12)
         bar.addWidget(self.prev_button)
         bar.addWidget(self.page_label)
         bar.addWidget(self.next_button)
         layout.addLayout(bar)
+
+        self.hold_banner = QLabel(
+            "Legal hold: nothing in this repository can be deleted until an owner lifts the "
+            "hold on the Repository key page.")
+        self.hold_banner.setObjectName("HoldBanner")
+        self.hold_banner.setWordWrap(True)
+        self.hold_banner.hide()
+        self._style_banner()
+        theme.on_change(self._style_banner)
+        layout.addWidget(self.hold_banner)
 
         self.progress = QProgressBar()
         self.progress.setFormat("Reading the archive index: %v of %m")
@@ -557,6 +595,8 @@ class ArchivePage(QWidget):
         assert table_selection is not None
         table_selection.currentRowChanged.connect(lambda *_: self._study_chosen())
         self.table.doubleClicked.connect(lambda *_: self.open_study(self.current_study))
+        self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.table.customContextMenuRequested.connect(self._study_menu)
         self.table.setToolTip("Click a study for its series; double-click to open its "
                               "largest series")
         self.table.setMinimumHeight(120)
@@ -594,6 +634,8 @@ class ArchivePage(QWidget):
         self.series_strip.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
         self.series_strip.setItemDelegate(TileDelegate(self.series_strip))
         self.series_strip.currentRowChanged.connect(self._series_row_chosen)
+        self.series_strip.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.series_strip.customContextMenuRequested.connect(self._series_menu)
         self.series_strip.itemDoubleClicked.connect(
             lambda item: self.open_series(item.data(Qt.ItemDataRole.UserRole)))
         box.addWidget(self.series_strip)
@@ -602,6 +644,10 @@ class ArchivePage(QWidget):
     # --- loading -----------------------------------------------------------------------
 
     def set_repository(self, repo: Repository | None) -> None:
+        if repo is not None and self._same_archive(repo):
+            self.repo = repo  # a new manifest (legal hold set or lifted): same images
+            self._hold_known(repo, bool(repo.manifest.legal_hold))
+            return
         self._generation += 1
         self._cancel_tasks()
         self.repo = repo
@@ -610,11 +656,24 @@ class ArchivePage(QWidget):
         self.model.set_entries([])
         self.model.clear_tiles()
         self.set_studies([])
+        self.legal_hold = bool(repo is not None and repo.manifest.legal_hold)
         if repo is None:
             self._show_no_repository()
         else:
             self.reload()
+            self.refresh_legal_hold()
         self._update_controls()
+
+    def _same_archive(self, repo: Repository) -> bool:
+        """Whether ``repo`` is the one shown with its manifest republished for a legal
+        hold (set or lifted): the same repository, key version and storage format, so the
+        same images; anything else (choosing the repository again included) reloads."""
+        old = self.repo
+        backend = self.ctx.backend
+        return (old is not None and old.repo_id == repo.repo_id
+                and old.keys.version == repo.keys.version
+                and bool(old.manifest.legal_hold) != bool(repo.manifest.legal_hold)
+                and backend.storage_format(old) == backend.storage_format(repo))
 
     def _repositories_listed(self, manifests: list[Any]) -> None:
         self.repository_count = len(manifests)
@@ -994,6 +1053,14 @@ class ArchivePage(QWidget):
         self.sort_combo.setVisible(global_scope)
         self.sort_label.setVisible(global_scope)
         self.similar_button.setEnabled(self.selected_entry() is not None)
+        reason = self.erase_block_reason()
+        chosen = (self.selected_entry() is not None or self.current_series is not None
+                  or self.current_study is not None)
+        self.delete_button.setEnabled(not reason and chosen)
+        self.delete_button.setToolTip(
+            reason or ("Delete the selected image, its series, study or patient from the "
+                       "repository (owners; asks first)" if chosen else
+                       "Select an image, a series or a study to delete"))
         self.open_series_button.setEnabled(self.current_series is not None)
         self.all_images_button.setEnabled(self.current_series is not None)
         if self.repo is None:
@@ -1018,8 +1085,11 @@ class ArchivePage(QWidget):
             return
         from app.gui.viewer import open_archived
 
-        open_archived(self.ctx, self, self.repo, entry.image_id, entry.name,
-                      entry.key_version or None, meta=entry)
+        frames = [m for m in self.all_entries
+                  if m.original_image_id == entry.original_image_id and not m.error]
+        viewer = open_archived(self.ctx, self, self.repo, entry.image_id, entry.name,
+                               entry.key_version or None, meta=entry, frames=frames)
+        viewer.findSimilarRequested.connect(self.findSimilarRequested)
 
     def open_series(self, series: Series | None, index: int | None = None) -> Any:
         """The series as a stack (slices decrypted on demand), at ``index`` or the middle."""
@@ -1029,8 +1099,10 @@ class ArchivePage(QWidget):
         from app.gui.viewer_model import LazyStack
 
         title = series_caption(series).replace("\n", " · ")
-        return open_stack(self.ctx, self, self.repo, LazyStack.of_metas(series.images),
-                          title, index)
+        viewer = open_stack(self.ctx, self, self.repo, LazyStack.of_metas(series.images),
+                            title, index, metas=series.images)
+        viewer.findSimilarRequested.connect(self.findSimilarRequested)
+        return viewer
 
     def open_study(self, study: Study | None) -> Any:
         """A worklist's double-click: the study's largest series as a stack (the first of
@@ -1058,11 +1130,260 @@ class ArchivePage(QWidget):
                            lambda: self.open_series(series,
                                                     series.image_ids.index(entry.image_id)))
         menu.addAction("Find similar", lambda: self.findSimilarRequested.emit(entry))
+        menu.addSeparator()
+        self._add_delete_actions(menu, entry, self.study_of(entry))
         viewport = self.view.viewport()
         menu.popup(viewport.mapToGlobal(point) if viewport is not None else point)
 
     def visible_tiles(self) -> int:
         return sum(1 for e in self.model.entries if e.image_id in self.model.tiles)
+
+    # --- erasure and legal hold (issue 16; app/core/erasure.py through the client) ------
+
+    def study_of(self, entry: ArchiveEntry) -> Study | None:
+        key = study_key(entry)
+        return next((s for s in self.studies if s.key == key), None)
+
+    def erase_block_reason(self) -> str:
+        """Why nothing can be deleted now ("" when the user may): owners only, format 2,
+        no legal hold, one deletion at a time."""
+        repo, backend = self.repo, self.ctx.backend
+        return erase_block_reason(
+            repo_open=repo is not None and backend.client is not None,
+            owner=repo is not None and backend.client is not None and backend.is_owner(repo),
+            storage_format=backend.storage_format(repo) if repo is not None else 2,
+            legal_hold=self.legal_hold, busy=self.erasing)
+
+    @staticmethod
+    def erase_targets(entry: ArchiveEntry | None, study: Study | None
+                      ) -> list[tuple[str, str, str]]:
+        """(kind, value, words) for the "Delete…" entries of an image and its study: the
+        image (its whole file), its series, its study, its patient (by PatientID, else
+        PatientName; none for images without either)."""
+        targets = []
+        if entry is not None and not entry.error:
+            label = image_caption(entry)
+            targets.append(("image", entry.image_id,
+                            f"image {entry.name}" + (f" ({label})" if label else "")))
+            if not series_key(entry).startswith(LONE_PREFIX):
+                series = entry.attribute("SeriesDescription") or "without description"
+                targets.append(("series", series_key(entry), f"series {series}"))
+        if study is not None and not study.key.startswith(LONE_PREFIX):
+            when = dicom_date(study.study_date)
+            words = " ".join(t for t in (study.description or "without description",
+                                         f"of {when}" if when else "") if t)
+            targets.append(("study", study.key, f"study {words}"))
+        if study is not None and (study.patient_id or study.patient_name):
+            who = patient_text(study.patient_name) or study.patient_id
+            ident = f" ({study.patient_id})" if study.patient_id and who != study.patient_id \
+                else ""
+            targets.append(("patient", study.patient_id or study.patient_name,
+                            f"every image of patient {who}{ident}"))
+        return targets
+
+    def _add_delete_actions(self, menu: QMenu, entry: ArchiveEntry | None,
+                            study: Study | None) -> None:
+        reason = self.erase_block_reason()
+        menu.setToolTipsVisible(True)
+        for kind, value, words in self.erase_targets(entry, study):
+            action = menu.addAction(f"Delete {words}…")
+            assert action is not None
+            action.setEnabled(not reason)
+            action.setToolTip(reason or f"Delete {words} from the repository (asks first)")
+            action.triggered.connect(
+                lambda _=False, k=kind, v=value, w=words: self.request_erasure(k, v, w))
+
+    def _fill_delete_menu(self) -> None:
+        """The "Delete…" button's menu: the selected image, else the chosen series and
+        study."""
+        self.delete_menu.clear()
+        entry = self.selected_entry()
+        study = self.study_of(entry) if entry is not None else self.current_study
+        if entry is None and self.current_series is not None and self.current_series.images:
+            entry = None
+            series = self.current_series
+            reason = self.erase_block_reason()
+            if not series.key.startswith(LONE_PREFIX):
+                words = f"series {series.description or 'without description'}"
+                action = self.delete_menu.addAction(f"Delete {words}…")
+                assert action is not None
+                action.setEnabled(not reason)
+                action.setToolTip(reason)
+                action.triggered.connect(
+                    lambda _=False: self.request_erasure("series", series.key, words))
+        self._add_delete_actions(self.delete_menu, entry, study)
+        if self.delete_menu.isEmpty():
+            action = self.delete_menu.addAction("Select an image, a series or a study first")
+            assert action is not None
+            action.setEnabled(False)
+
+    def _study_menu(self, point: QPoint) -> None:
+        index = self.table.indexAt(point)
+        study = index.data(Qt.ItemDataRole.UserRole) if index.isValid() else None
+        if not isinstance(study, Study):
+            return
+        menu = QMenu(self)
+        menu.addAction("Open the largest series", lambda: self.open_study(study))
+        menu.addSeparator()
+        self._add_delete_actions(menu, None, study)
+        viewport = self.table.viewport()
+        menu.popup(viewport.mapToGlobal(point) if viewport is not None else point)
+
+    def _series_menu(self, point: QPoint) -> None:
+        item = self.series_strip.itemAt(point)
+        series = item.data(Qt.ItemDataRole.UserRole) if item is not None else None
+        if not isinstance(series, Series) or not series.images:
+            return
+        menu = QMenu(self)
+        menu.addAction("Open series", lambda: self.open_series(series))
+        menu.addSeparator()
+        first = series.images[0]
+        targets = [t for t in self.erase_targets(first, None) if t[0] == "series"]
+        reason = self.erase_block_reason()
+        menu.setToolTipsVisible(True)
+        for kind, value, words in targets:
+            action = menu.addAction(f"Delete {words}…")
+            assert action is not None
+            action.setEnabled(not reason)
+            action.setToolTip(reason)
+            action.triggered.connect(
+                lambda _=False, k=kind, v=value, w=words: self.request_erasure(k, v, w))
+        viewport = self.series_strip.viewport()
+        menu.popup(viewport.mapToGlobal(point) if viewport is not None else point)
+
+    def refresh_legal_hold(self) -> None:
+        """Read the legal hold from the manifest as stored now (another owner may have
+        set it since this repository was opened), off the UI thread."""
+        repo, client = self.repo, self.ctx.backend.client
+        if repo is None or client is None or self.ctx.backend.storage_format(repo) < 2:
+            return
+        self.ctx.runner.run("Reading the legal hold", lambda _: client.legal_hold(repo),
+                            tracked=False, light=True,
+                            on_done=lambda on: self._hold_known(repo, bool(on)),
+                            on_error=lambda _err: None)  # the manifest's value stays
+
+    def _hold_known(self, repo: Repository, on: bool) -> None:
+        if self.repo is None or repo.repo_id != self.repo.repo_id:
+            return
+        self.legal_hold = on
+        self.hold_banner.setVisible(on)
+        self._update_controls()
+
+    def _style_banner(self) -> None:
+        colour = theme.current_colors().warning
+        self.hold_banner.setStyleSheet(
+            f"QLabel#HoldBanner {{ border: 1px solid {colour}; border-radius: 4px; "
+            f"padding: 6px 10px; color: {colour}; font-weight: 600; }}")
+
+    def request_erasure(self, kind: str, value: str, words: str) -> None:
+        """List what deleting ``kind`` ``value`` removes (whole files: every frame), off
+        the UI thread with progress, then ask in an EraseDialog."""
+        reason = self.erase_block_reason()
+        repo, client = self.repo, self.ctx.backend.client
+        if reason or repo is None or client is None:
+            self.ctx.message.emit("warning", reason or "Open a repository first.", "")
+            return
+        self.erasing = True
+        self._update_controls()
+        self.progress.setFormat("Listing what will be deleted: %v of %m images read")
+        self.progress.setRange(0, 0)
+        self.progress.show()
+
+        def work(task: TaskContext) -> Any:
+            return client.erasure_plan(repo, progress=task.progress, **{kind: value})
+
+        self.ctx.runner.run(f"Listing what deleting the {kind} removes", work,
+                            on_progress=self._erase_progress,
+                            on_done=lambda plan: self._plan_ready(repo, plan, words),
+                            on_error=self._erase_failed,
+                            on_finish=self._erase_step_finished)
+
+    def _erase_progress(self, event: Any) -> None:
+        if isinstance(event, ProgressEvent) and event.total:
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.done)
+
+    def _erase_step_finished(self) -> None:
+        if self.erase_dialog is None:  # the dialog (when shown) ends the step
+            self.erasing = False
+        self.progress.hide()
+        self.progress.setFormat("Reading the archive index: %v of %m")
+        self._update_controls()
+
+    def _plan_ready(self, repo: Repository, plan: Any, words: str) -> None:
+        if self.repo is None or repo.repo_id != self.repo.repo_id:
+            return
+        if not plan.images:
+            self.ctx.info(f"Nothing to delete: {words} has no image in {repo.repo_id}.")
+            return
+        dialog = EraseDialog(plan, words, self)
+        self.erase_dialog = dialog
+        dialog.accepted.connect(lambda: self._erase(repo, plan, words))
+        dialog.finished.connect(self._dialog_closed)
+        dialog.open()
+
+    def _dialog_closed(self, _result: int) -> None:
+        self.erase_dialog = None
+        if not self._erase_running:
+            self.erasing = False
+            self._update_controls()
+
+    def _erase(self, repo: Repository, plan: Any, words: str = "") -> None:
+        """Delete the confirmed plan off the UI thread; the archive reloads after."""
+        client = self.ctx.backend.client
+        if client is None:
+            return
+        self._erase_running = True
+        self.erasing = True
+        count = len(plan.images)
+        self.progress.setFormat(f"Deleting {_count_text(count)}: rewriting packs and index")
+        self.progress.setRange(0, 0)
+        self.progress.show()
+
+        def done(report: Any) -> None:
+            self.last_erasure = report
+            text = (f"Deleted {_count_text(count)} ({words or plan.target.kind}) from "
+                    f"{repo.repo_id}: no search finds them again.")
+            self.ctx.activity.record("repository", text, "\n".join(report.lines()),
+                                     repository=repo.repo_id)
+            self.ctx.info(text, "success")
+            self.ctx.archiveChanged.emit(repo.repo_id)
+
+        def finish() -> None:
+            self._erase_running = False
+            self.erasing = False
+            self.progress.hide()
+            self.progress.setFormat("Reading the archive index: %v of %m")
+            self._update_controls()
+
+        def work(task: TaskContext) -> Any:
+            try:
+                return client.erase(repo, plan, task.progress)
+            except AccessDenied:
+                if client.legal_hold(repo):  # set after the plan was confirmed
+                    raise HeldRepository(HOLD_REFUSAL) from None
+                raise
+
+        self.ctx.runner.run(f"Deleting {_count_text(count)} from {repo.repo_id}", work,
+                            on_progress=self._erase_progress, on_done=done,
+                            on_error=self._erase_failed, on_finish=finish)
+        self._update_controls()
+
+    def _erase_failed(self, error: TaskError) -> None:
+        if isinstance(error.exception, HeldRepository):
+            if self.repo is not None:
+                self._hold_known(self.repo, True)
+            error = TaskError(HOLD_REFUSAL, error.details, error.exception)
+        self.ctx.error(error)
+
+
+HOLD_REFUSAL = ("Nothing was deleted: this repository is under legal hold. An owner must lift "
+                "the hold on the Repository key page first.")
+
+
+class HeldRepository(AccessDenied):
+    """The core refused an erasure and the repository is under legal hold now (the
+    front ends may not import app.core.erasure's LegalHold: .importlinter)."""
 
 
 def _count_text(n: int) -> str:

@@ -1,6 +1,7 @@
 """Repository key: create a repository, see its key version and who has access; register
 users from their public card, grant and revoke (which rotates the key version); back up
-this workstation's identity under a separate passphrase ("Back up identity…").
+this workstation's identity under a separate passphrase ("Back up identity…"); set or lift
+the legal hold (owners; issue 16), which refuses every deletion from the repository.
 
 Every change asks first, in words that say what it does.
 """
@@ -196,6 +197,8 @@ class KeysPage(QWidget):
         self.dialog: NewRepositoryDialog | None = None
         self.backup_dialog: BackupIdentityDialog | None = None
         self.upgrading = False
+        self.legal_hold = False  # as the stored manifest says (refreshed in the background)
+        self.hold_busy = False
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(20, 16, 20, 16)
@@ -274,6 +277,7 @@ class KeysPage(QWidget):
         id_layout.addLayout(id_buttons)
         top.addWidget(self.identity_card, 2)
         layout.addLayout(top)
+        layout.addWidget(self._build_hold_card())
 
         access = card()
         access_layout = QVBoxLayout(access)
@@ -323,6 +327,31 @@ class KeysPage(QWidget):
         self.refresh_identity()
         self.set_repository(None)
 
+    def _build_hold_card(self) -> QWidget:
+        """The legal hold: its state in words and the owner's button to set or lift it."""
+        self.hold_card = card()
+        box = QVBoxLayout(self.hold_card)
+        box.setContentsMargins(14, 12, 14, 12)
+        head = QHBoxLayout()
+        hold_title = QLabel("Legal hold")
+        hold_title.setObjectName("CardTitle")
+        head.addWidget(hold_title)
+        self.hold_state = QLabel("—")
+        self.hold_state.setObjectName("HoldState")
+        head.addSpacing(8)
+        head.addWidget(self.hold_state)
+        head.addStretch(1)
+        self.hold_button = theme.themed(QPushButton("Set legal hold…"), "lock")
+        self.hold_button.clicked.connect(self.toggle_legal_hold)
+        head.addWidget(self.hold_button)
+        box.addLayout(head)
+        self.hold_text = muted_label(
+            "While a legal hold is on, nothing can be deleted from this repository, by anyone, "
+            "until an owner lifts it. The hold is part of the owner-signed repository manifest: "
+            "members' workstations see it and refuse deletions too.")
+        box.addWidget(self.hold_text)
+        return self.hold_card
+
     # --- display --------------------------------------------------------------------------
 
     def refresh_identity(self) -> None:
@@ -354,6 +383,8 @@ class KeysPage(QWidget):
             self.fields["features"].setText(f"{m.extractor}, {m.dim} dimensions")
             self.fields["levels"].setText(", ".join(str(v) for v in m.levels) or "—")
             self.load_access()
+            self.legal_hold = bool(m.legal_hold)
+            self.load_legal_hold()
         if self.ctx.backend.identity_mode:
             self.access_note.setText("Users registered by you can be granted this "
                                      "repository's key. Revoking rotates the key version.")
@@ -408,6 +439,94 @@ class KeysPage(QWidget):
                                       and selected != self.ctx.backend.user_id)
         self.access_log_button.setEnabled(bool(identity and repo is not None
                                                and self.ctx.backend.is_owner(repo)))
+        self._update_hold()
+
+    def hold_block_reason(self) -> str:
+        """Why the legal hold cannot be changed here ("" when it can)."""
+        repo, backend = self.repo, self.ctx.backend
+        if repo is None:
+            return "Open a repository first."
+        if backend.storage_format(repo) < 2:
+            return ("A legal hold needs storage format 2: upgrade this repository first "
+                    "(owner).")
+        if not backend.is_owner(repo):
+            return ("Only the repository's owner or a co-owner can set or lift a legal hold; "
+                    "you are a member of this repository.")
+        if self.hold_busy:
+            return "The legal hold is being changed…"
+        return ""
+
+    def _update_hold(self) -> None:
+        repo = self.repo
+        on = self.legal_hold
+        if repo is None:
+            self.hold_state.setText("—")
+        elif on:
+            self.hold_state.setText("On — nothing can be deleted from this repository")
+        else:
+            self.hold_state.setText("Off — owners can delete images")
+        colour = theme.current_colors().warning if on and repo is not None else ""
+        self.hold_state.setStyleSheet(f"color: {colour}; font-weight: 600;" if colour else "")
+        self.hold_button.setText("Lift legal hold…" if on else "Set legal hold…")
+        reason = self.hold_block_reason()
+        self.hold_button.setEnabled(not reason)
+        self.hold_button.setToolTip(reason or (
+            "Allow deletions from this repository again" if on else
+            "Refuse every deletion from this repository until an owner lifts the hold"))
+
+    def load_legal_hold(self) -> None:
+        """The hold as the stored manifest says now (another owner may have changed it)."""
+        repo, client = self.repo, self.ctx.backend.client
+        if repo is None or client is None or self.ctx.backend.storage_format(repo) < 2:
+            return
+
+        def known(on: object) -> None:
+            if self.repo is not None and self.repo.repo_id == repo.repo_id:
+                self.legal_hold = bool(on)
+                self._update_hold()
+
+        self.ctx.runner.run("Reading the legal hold", lambda _: client.legal_hold(repo),
+                            tracked=False, light=True, on_done=known,
+                            on_error=lambda _err: None)  # the manifest's value stays
+
+    def toggle_legal_hold(self) -> None:
+        """Set or lift the legal hold (owner), after asking, off the UI thread."""
+        repo, client = self.repo, self.ctx.backend.client
+        if repo is None or client is None or self.hold_block_reason():
+            return
+        on = not self.legal_hold
+        if on:
+            asked = self.ctx.dialogs.confirm(
+                self, "Set legal hold",
+                f"Put {repo.repo_id} under legal hold? Nothing can then be deleted from it, "
+                "by anyone, until an owner lifts the hold. Searching, viewing and importing "
+                "go on as before.", "Set legal hold")
+        else:
+            asked = self.ctx.dialogs.confirm(
+                self, "Lift legal hold",
+                f"Lift the legal hold on {repo.repo_id}? Owners can then delete images, "
+                "series, studies and patients from it again.", "Lift legal hold")
+        if not asked:
+            return
+        self.hold_busy = True
+        self._update_hold()
+
+        def done(new: Repository) -> None:
+            self.legal_hold = bool(new.manifest.legal_hold)
+            words = "set" if self.legal_hold else "lifted"
+            text = f"Legal hold {words} on {repo.repo_id}."
+            self.ctx.activity.record("repository", text, repository=repo.repo_id)
+            self.ctx.info(text + (" Nothing can be deleted from it now." if self.legal_hold
+                                  else " Owners can delete images again."), "success")
+            self.ctx.set_repository(new)
+
+        def finish() -> None:
+            self.hold_busy = False
+            self._update_hold()
+
+        self.ctx.runner.run(("Setting" if on else "Lifting") + " the legal hold on "
+                            f"{repo.repo_id}", lambda _: client.set_legal_hold(repo, on),
+                            on_done=done, on_error=self.ctx.error, on_finish=finish)
 
     def selected_user(self) -> str:
         rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []

@@ -749,8 +749,9 @@ class SearchPage(QWidget):
         meta = ImageMeta.from_record(hit.image_id, hit.meta, hit.key_version)
         key = series_key(meta)
         if key.startswith(LONE_PREFIX):
-            open_archived(self.ctx, self, repo, hit.image_id, hit.name, hit.key_version,
-                          meta=meta)
+            viewer = open_archived(self.ctx, self, repo, hit.image_id, hit.name,
+                                   hit.key_version, meta=meta)
+            viewer.findSimilarRequested.connect(self.find_similar)  # the viewer's button
             return
         backend = self.ctx.backend
 
@@ -761,10 +762,11 @@ class SearchPage(QWidget):
             ids = [m.image_id for m in images]
             if len(images) > 1 and hit.image_id in ids:
                 self.viewer = open_stack(self.ctx, self, repo, LazyStack.of_metas(images),
-                                         hit.name, ids.index(hit.image_id))
+                                         hit.name, ids.index(hit.image_id), metas=images)
             else:
                 self.viewer = open_archived(self.ctx, self, repo, hit.image_id, hit.name,
                                             hit.key_version, meta=meta)
+            self.viewer.findSimilarRequested.connect(self.find_similar)  # the viewer's button
 
         self.ctx.runner.run(f"Listing the series of {hit.name}", work, on_done=done,
                             on_error=self.ctx.error)
@@ -784,8 +786,9 @@ class SearchPage(QWidget):
             from app.gui.viewer import open_archived
 
             meta = self.query_image
-            open_archived(self.ctx, self, self.repo, meta.image_id, meta.name,
-                          meta.key_version or None, meta=meta)
+            viewer = open_archived(self.ctx, self, self.repo, meta.image_id, meta.name,
+                                   meta.key_version or None, meta=meta)
+            viewer.findSimilarRequested.connect(self.find_similar)
         elif self.query_path:
             from app.gui.viewer import open_local
 

@@ -6,6 +6,11 @@ zoom, = fit, r / l rotate, h / v flip, i invert, Space reset, 1-5 CT presets (CT
 Hounsfield windows; other modalities start from the file's own window or a modality default,
 see app/gui/viewer_model.py). The canvas (app/gui/viewer_canvas.py) paints the overlays.
 
+"Find similar" (Ctrl+F) searches the archive with the stored features of the image on
+screen: the viewer emits ``findSimilarRequested`` with that image's metadata and whoever
+opened it (the Archive page, the Search page) forwards it to the Search page. It shows for
+archived images whose metadata the opener passed (``metas``/``frames``), not for local files.
+
 Nothing slow runs on the UI thread: fetching, decrypting and decoding go through the task
 runner; extra frames of a multi-frame local file are decoded there too, in the decoder child.
 An archived series or multi-frame instance opens as a :class:`LazyStack`: the slice asked for
@@ -15,11 +20,11 @@ first, then its neighbours, are decrypted on demand by a :class:`SliceLoader` an
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PyQt6.QtCore import QObject, QSize, Qt
+from PyQt6.QtCore import QObject, QSize, Qt, pyqtSignal
 from PyQt6.QtGui import QAction, QKeyEvent, QKeySequence
 from PyQt6.QtWidgets import (
     QComboBox,
@@ -64,6 +69,8 @@ def supports_presets(img: DecodedImage) -> bool:
 class ImageViewer(QDialog):
     """A window around ImageCanvas with a toolbar, the presets (CT) and a status line."""
 
+    findSimilarRequested = pyqtSignal(object)  # ImageMeta of the image on screen
+
     def __init__(self, title: str, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle(f"{title} — Radcrypt")
@@ -72,6 +79,7 @@ class ImageViewer(QDialog):
         self.resize(900, 760)
         self.export_original: Callable[[], None] | None = None
         self.loader: SliceLoader | None = None  # an archived stack's (open_stack)
+        self.similar_metas: list[ImageMeta | None] = []  # per slice, for "Find similar"
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(0)
@@ -132,11 +140,14 @@ class ImageViewer(QDialog):
         self.presets_action = self.toolbar.addWidget(self.presets)
         for i in range(len(PRESETS)):
             hidden(f"Preset {i + 1}", [str(i + 1)], lambda _=False, n=i + 1: self.apply_preset(n))
+        self.similar_separator = self._separator()
+        self.similar_action = act("search", "Find similar", ["Ctrl+F"], self.find_similar)
         self.export_separator = self._separator()
         self.export_action = act("", "Export original…", [], self._export)
         self.export_action.setToolTip("Save the decrypted original file (verified before it "
                                       "is written)")
         self.set_export(None)
+        self.set_similar([])
         self._show_presets(False)
         self.canvas.viewChanged.connect(self._update_readout)
         self.canvas.cursorChanged.connect(lambda _: self._update_readout())
@@ -156,6 +167,42 @@ class ImageViewer(QDialog):
     def _export(self) -> None:
         if self.export_original is not None:
             self.export_original()
+
+    def set_similar(self, metas: Sequence[ImageMeta | None]) -> None:
+        """Offer "Find similar" for archived images: ``metas[i]`` is slice i's metadata
+        (None where unknown: the action is then disabled on that slice)."""
+        self.similar_metas = list(metas)
+        self._update_similar()
+
+    def current_meta(self) -> ImageMeta | None:
+        """The metadata of the image on screen, when the opener gave it."""
+        index = self.canvas.index if self.canvas.slice_count else 0
+        meta = self.similar_metas[index] if 0 <= index < len(self.similar_metas) else None
+        return meta if meta is not None and not meta.error else None
+
+    def _update_similar(self) -> None:
+        offered = any(m is not None for m in self.similar_metas)
+        self.similar_action.setVisible(offered)
+        self.similar_separator.setVisible(offered)
+        meta = self.current_meta()
+        self.similar_action.setEnabled(meta is not None)
+        self.similar_action.setToolTip(
+            "Find similar (Ctrl+F): search the archive with this image's stored encrypted "
+            "features" if meta is not None else
+            "Find similar: this image's archive entry is not known here")
+
+    def find_similar(self) -> None:
+        """Ask for a search with the image on screen; the main window comes forward with
+        the Search page."""
+        meta = self.current_meta()
+        if meta is None:
+            return
+        self.findSimilarRequested.emit(meta)
+        owner = self.parentWidget()
+        window = owner.window() if owner is not None else None
+        if window is not None:
+            window.raise_()
+            window.activateWindow()
 
     def set_busy(self, text: str) -> None:
         self.canvas.busy_text = text
@@ -210,6 +257,8 @@ class ImageViewer(QDialog):
         if c.window_level is not None and c.windowable:
             parts.append(f"W {c.window_level[1]:.0f} / L {c.window_level[0]:.0f}")
         parts.append(f"zoom {c.zoom * 100:.0f}%")
+        if self.similar_metas:
+            self._update_similar()
         if c.rotation:
             parts.append(f"rotated {c.rotation}°")
         if c.inverted:
@@ -333,10 +382,14 @@ class SliceLoader(QObject):
 
 
 def open_stack(ctx: AppContext, parent: QWidget, repo: Repository, stack: LazyStack,
-               title: str, index: int | None = None) -> ImageViewer:
+               title: str, index: int | None = None,
+               metas: Sequence[ImageMeta | None] | None = None) -> ImageViewer:
     """Open an archived stack at slice ``index`` (default: the middle, as PACS viewers open
-    a series): the viewer shows as soon as that slice is decrypted, its neighbours follow."""
+    a series): the viewer shows as soon as that slice is decrypted, its neighbours follow.
+    ``metas`` (one per slice) offers "Find similar" (connect ``findSimilarRequested``)."""
     viewer = ImageViewer(title, parent.window())
+    if metas is not None and len(metas) == len(stack):
+        viewer.set_similar(metas)
     first = len(stack) // 2 if index is None else max(0, min(len(stack) - 1, index))
     viewer.set_busy(f"Downloading, verifying and decrypting image {first + 1} of "
                     f"{len(stack)}…")
@@ -357,14 +410,21 @@ def open_stack(ctx: AppContext, parent: QWidget, repo: Repository, stack: LazySt
 
 
 def open_archived(ctx: AppContext, parent: QWidget, repo: Repository, image_id: str,
-                  name: str, version: int | None, meta: ImageMeta | None = None
-                  ) -> ImageViewer:
+                  name: str, version: int | None, meta: ImageMeta | None = None,
+                  frames: Sequence[ImageMeta] = ()) -> ImageViewer:
     """Open the viewer now and fill it once the original is fetched and decrypted; a frame
-    of a multi-frame instance (``meta`` known) opens as the stack of its frames."""
+    of a multi-frame instance (``meta`` known) opens as the stack of its frames. With
+    ``meta`` the viewer offers "Find similar" (``frames``: the other frames' metadata,
+    where known, so that it follows the frame on screen)."""
     if meta is not None and meta.frames > 1 and not meta.error:
-        return open_stack(ctx, parent, repo, LazyStack.of_frames(meta), name or meta.name,
-                          meta.frame)
+        stack = LazyStack.of_frames(meta)
+        by_frame = {m.frame: m for m in frames if m.original_image_id == meta.original_image_id}
+        by_frame[meta.frame] = meta
+        return open_stack(ctx, parent, repo, stack, name or meta.name, meta.frame,
+                          metas=[by_frame.get(i) for i in range(len(stack))])
     viewer = ImageViewer(name or image_id[:12], parent.window())
+    if meta is not None:
+        viewer.set_similar([meta])
     viewer.set_busy("Downloading, verifying and decrypting the original…")
     viewer.show()
     backend = ctx.backend
