@@ -1,17 +1,24 @@
 """Encrypted exact search against plaintext brute force on the same vectors, same run.
 
     python -m bench.engine --n 100000 --d 128 --queries 200 --json out.json
+    python -m bench.engine --n 1000000 --cases realistic/near,gaussian/fresh --threads 16
 
 For each data kind, size and dimension it measures, per query: plaintext numpy brute
 force (float32 and float64), faiss IndexFlatL2 when installed, the encrypted linear scan
 and the encrypted filter-and-refine engine (median and p95), the fraction of vectors
 fully scored, and agreement with plaintext (must be 1.0). Ratios are against plaintext
-float32 measured in the same run. A benchmark, not a test: it never fails on a time.
+float32 measured in the same run (numpy's BLAS with its own thread count: all the cores
+it finds). The engine runs ``--threads`` threads (default: RADCRYPT_THREADS, else the
+CPUs this process may use, cloud/cpus.py); the JSON's "cores" says what the machine
+offered and what each side used. Needs only numpy, numba and threadpoolctl (plus the
+project's source): what a bare benchmark machine has. A benchmark, not a test: it never
+fails on a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import time
@@ -24,7 +31,8 @@ import numpy as np
 from bench import datasets
 from bench.realistic import real_feature_sample, realistic
 from bench.report import write_json
-from cloud.search import EncryptedIndex, linear_scan, search, search_batch
+from cloud import cpus
+from cloud.search import ConcurrentSearches, EncryptedIndex, linear_scan, search, search_batch
 from crypto.index import IndexKey
 
 KINDS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
@@ -48,10 +56,12 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 
 def run_case(kind: str, n: int, d: int, queries: int, batch: int, seed: int,
-             query_mode: str = "near") -> dict[str, Any]:
+             query_mode: str = "near", sweep: tuple[int, ...] = ()) -> dict[str, Any]:
     """``near``: queries are perturbed copies of stored vectors (a radiologist's query
     resembles an archived image); ``fresh``: queries drawn from the data's distribution
-    independently of the stored vectors (the hard case for every bound)."""
+    independently of the stored vectors (the hard case for every bound). ``sweep``:
+    other engine thread counts to time on the same index and queries (scaling, measured
+    on one machine in one run)."""
     rng = np.random.default_rng(seed)
     data = KINDS[kind](rng, n, d)
     if query_mode == "near":
@@ -66,8 +76,9 @@ def run_case(kind: str, n: int, d: int, queries: int, batch: int, seed: int,
     plain32, _ = _timeit(lambda i: int(np.argmax(data32 @ qs32[i] - half32)), queries)
     plain64, _ = _timeit(lambda i: int(np.argmax(data @ qs[i] - half64)), queries)
     row: dict[str, Any] = {"kind": kind, "n": n, "d": d, "queries": queries,
-                           "query_mode": query_mode}
+                           "query_mode": query_mode, "engine_threads": cpus.engine_threads()}
     row["plain_f32"] = _summary(plain32)
+    row["plain_blas_threads"] = _blas_threads()
     row["plain_f64"] = _summary(plain64)
     try:
         import faiss
@@ -110,6 +121,8 @@ def run_case(kind: str, n: int, d: int, queries: int, batch: int, seed: int,
     if batch > 1:
         row["batch"] = _batch_speedup(index, token, singles, min(batch, queries))
     base = row["plain_f32"]["median_ms"]
+    row["sweep"] = [_with_threads(threads, index, token, singles, qs, data, truth_dist,
+                                  min(batch, queries), base) for threads in sweep]
     row["ratio_filter_refine_vs_f32"] = row["enc_filter_refine"]["median_ms"] / base
     row["ratio_linear_vs_f32"] = row["enc_linear"]["median_ms"] / base
     if row["faiss_flat_l2"]:
@@ -117,6 +130,31 @@ def run_case(kind: str, n: int, d: int, queries: int, batch: int, seed: int,
             row["enc_filter_refine"]["median_ms"] / row["faiss_flat_l2"]["median_ms"]
         )
     return row
+
+
+def _with_threads(threads: int, index: EncryptedIndex, token: Any, singles: list[Any],
+                  qs: np.ndarray, data: np.ndarray, truth_dist: np.ndarray, batch: int,
+                  plain_ms: float) -> dict[str, Any]:
+    """The same searches on ``threads`` engine threads, then the count before restored."""
+    before = cpus.engine_threads()
+    cpus.set_threads(threads)
+    try:
+        times, results = _timeit(lambda i: search(index, singles[i], 1), len(singles))
+        agree = [datasets.agrees(r.positions, data, qs[i], truth_dist[i])
+                 for i, r in enumerate(results)]
+        out: dict[str, Any] = {"threads": threads, "enc_filter_refine": _summary(times),
+                               "ratio_filter_refine_vs_f32": float(np.median(times)) / plain_ms,
+                               "agreement": float(np.mean(agree))}
+        if batch > 1:
+            out["batch"] = _batch_speedup(index, token, singles, batch)
+        return out
+    finally:
+        cpus.set_threads(before)
+        # The BLAS's thread count follows the engine's (cloud/search.py _BlasThreads) and
+        # is re-applied when a search starts or ends: do it now, or the next case's
+        # plaintext baseline would run on this sweep's count.
+        with ConcurrentSearches().running():
+            pass
 
 
 def _batch_speedup(index: EncryptedIndex, token: Any, singles: list[Any], size: int,
@@ -184,7 +222,44 @@ def _one_line(r: dict[str, Any]) -> str:
     return (f"{r['kind']}/{r['query_mode']} n={r['n']} d={r['d']}: plain f32 "
             f"{r['plain_f32']['median_ms']:.2f} ms, enc {r['enc_filter_refine']['median_ms']:.2f} "
             f"ms (ratio {r['ratio_filter_refine_vs_f32']:.2f}), "
-            f"batch x{batch.get('speedup', 0):.1f}, agree {r['agreement']:.3f}")
+            f"batch x{batch.get('speedup', 0):.1f}, agree {r['agreement']:.3f}, "
+            f"{r['engine_threads']} engine threads"
+            + "".join(f"; {w['threads']} threads: enc {w['enc_filter_refine']['median_ms']:.2f}"
+                      f" ms (ratio {w['ratio_filter_refine_vs_f32']:.2f})"
+                      for w in r.get("sweep", [])))
+
+
+def _blas_threads() -> list[int]:
+    """numpy's BLAS thread counts now (the plaintext side's)."""
+    from threadpoolctl import threadpool_info
+
+    return [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
+
+
+def cores() -> dict[str, Any]:
+    """What the machine offers and what each side of the comparison uses."""
+    from threadpoolctl import threadpool_info
+
+    blas = [{"library": i.get("internal_api"), "version": i.get("version"),
+             "threads": i.get("num_threads")}
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    return {"os_cpu_count": os.cpu_count(), "affinity_cpus": cpus.affinity_cpus(),
+            "cgroup_quota_cpus": cpus.cgroup_cpus(), "available_cpus": cpus.available_cpus(),
+            "engine_threads": cpus.engine_threads(), "plaintext_blas": blas,
+            "load_average": list(os.getloadavg())}
+
+
+def _cases(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(kind, query mode) pairs: --cases, else every kind with every mode."""
+    if args.cases:
+        pairs = [tuple(item.split("/", 1)) for item in args.cases.split(",") if item]
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] not in KINDS or pair[1] not in ("near", "fresh"):
+                raise SystemExit(f"--cases {'/'.join(pair)}: expected KIND/MODE with KIND "
+                                 f"one of {', '.join(KINDS)} and MODE near or fresh")
+        return [(kind, mode) for kind, mode in pairs]
+    return [(kind, mode) for mode in args.query_modes.split(",")
+            for kind in args.kinds.split(",")]
 
 
 def _ints(text: str) -> list[int]:
@@ -200,23 +275,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--query-modes", default="near",
                         help="comma separated: near (perturbed copies), fresh (independent)")
+    parser.add_argument("--cases", default="",
+                        help="comma separated KIND/MODE pairs (e.g. realistic/near,"
+                             "gaussian/fresh), instead of every kind with every mode")
+    parser.add_argument("--threads", default=None, metavar="N",
+                        help="the engine's threads (default: RADCRYPT_THREADS, else the "
+                             "CPUs this process may use)")
+    parser.add_argument("--sweep", type=_ints, default=[],
+                        help="other engine thread counts to time on the same indexes "
+                             "(comma separated)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("bench/results/engine.json"))
     parser.add_argument("--max-gb", type=float, default=14.0,
                         help="skip (and list) cases estimated to need more memory than this")
     args = parser.parse_args(argv)
+    try:
+        cpus.set_threads(None if args.threads is None
+                         else cpus.parse_threads(args.threads, "--threads"))
+    except ValueError as exc:
+        raise SystemExit(f"bench.engine: {exc}") from None
+    print(f"engine threads: {cpus.engine_threads()} (CPUs available: "
+          f"{cpus.available_cpus()}, machine: {os.cpu_count()})", flush=True)
     rows, skipped = [], []
-    for mode in args.query_modes.split(","):
-        for kind in args.kinds.split(","):
-            for n in args.n:
-                for d in args.d:
-                    if estimated_gb(n, d) > args.max_gb:
-                        skipped.append({"kind": kind, "query_mode": mode, "n": n, "d": d,
-                                        "estimated_gb": round(estimated_gb(n, d), 1)})
-                        continue
-                    rows.append(run_case(kind, n, d, args.queries, args.batch, args.seed, mode))
-                    print(_one_line(rows[-1]), flush=True)
+    for kind, mode in _cases(args):
+        for n in args.n:
+            for d in args.d:
+                if estimated_gb(n, d) > args.max_gb:
+                    skipped.append({"kind": kind, "query_mode": mode, "n": n, "d": d,
+                                    "estimated_gb": round(estimated_gb(n, d), 1)})
+                    continue
+                rows.append(run_case(kind, n, d, args.queries, args.batch, args.seed, mode,
+                                     tuple(args.sweep)))
+                print(_one_line(rows[-1]), flush=True)
     print_table(rows)
     for case in skipped:
         print(f"skipped {case['kind']}/{case['query_mode']} n={case['n']} d={case['d']}: needs "
@@ -225,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "python": platform.python_version(), "numpy": np.__version__},
+        "cores": cores(),
         "realistic_source": source,
         "rows": rows,
         "skipped": skipped,

@@ -33,11 +33,11 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
 
+from cloud.compiled import jit
 from cloud.numerics import FLOAT32_UNIT, FLOAT64_UNIT, SAFETY_EPS
 
 F64 = NDArray[np.float64]
@@ -277,30 +277,20 @@ def _prepared(t: F64) -> Prepared:
 
 @functools.cache
 def warm_up() -> threading.Thread:
-    """Compile (about 0.5 s) or load from numba's cache the one-query scan, in the
-    background, so that neither a load nor the first query after it waits for it."""
+    """Compile (about 0.5 s) or load from numba's cache the one-query scan and the
+    float64 rescoring (cloud/rescore.py), in the background, so that neither a load nor
+    the first query after it waits for them."""
 
     def compile_now() -> None:
+        from cloud import rescore  # on first use, as the engine itself does
+
         tiny = RowCodes.of(np.zeros((1, 2)))  # the quantizer
         _bounds_one(tiny, 0, 1, np.zeros(2))  # and the scan
+        rescore.row_scores(np.zeros((1, 2)), np.zeros(1, dtype=np.int64), np.zeros(2))
 
     thread = threading.Thread(target=compile_now, name="radcrypt-compile", daemon=True)
     thread.start()
     return thread
-
-
-def _jit(fn: Callable[..., None], fastmath: set[str] | None = None) -> Callable[..., None]:
-    """Compiled with numba, once per machine (its cache, in __pycache__ or the user's
-    cache directory) or, where no cache directory is writable, once per process."""
-    import numba
-
-    options: dict[str, object] = {"nogil": True, "boundscheck": False,
-                                  "fastmath": fastmath or False}
-    try:
-        compiled: object = numba.njit(cache=True, **options)(fn)  # type: ignore[call-overload]
-    except RuntimeError:
-        compiled = numba.njit(**options)(fn)  # type: ignore[call-overload]
-    return cast(Callable[..., None], compiled)
 
 
 @functools.cache
@@ -322,7 +312,7 @@ def _kernel() -> Callable[..., None]:
 
     # reassoc and contract let the compiler vectorise the sum (any order, fused
     # multiply-adds): the rounding bound of _rounding holds for every order.
-    return _jit(bounds_one, {"reassoc", "contract"})
+    return jit(bounds_one, {"reassoc", "contract"})
 
 
 @functools.cache
@@ -361,7 +351,7 @@ def _quantizer() -> Callable[..., None]:
             slack[i, 0] = np.float32((residual + safety * (magnitude + residual)) * up)
             size[i, 0] = np.float32(magnitude * up)
 
-    return _jit(quantize)
+    return jit(quantize)
 
 
 def _kth_lower(lower: NDArray[np.floating], k: int) -> NDArray[np.floating]:

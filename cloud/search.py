@@ -18,6 +18,13 @@ first-level score first, so the threshold rises fast and the loop stops early. W
 the bounds let too many through, every vector is scored from sixteen-bit codes of its
 full ciphertext with a proven error bound, and the few it cannot tell apart in float64
 (cloud/codes.py).
+
+Threads. From OWN_THREADS_ROWS rows on, every stage that reads all rows (the first
+level and its seeds, the pass that finds the candidates, the batch's block maxima, the
+codes scan), long rescoring lists and the refinement of a batch's queries are shared by
+the engine's threads, as many as the CPUs the process may use (cloud/cpus.py). Results do
+not depend on the count: shares are whole rows, and every reported score is summed in
+one fixed order (cloud/rescore.py).
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ import numpy as np
 from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
-from cloud import codes
+from cloud import codes, rescore
 from cloud.codes import RowCodes
+from cloud.cpus import engine_threads
 from cloud.numerics import FLOAT32_UNIT, SAFETY_EPS
 from crypto.tokens import EncryptedVectors, QueryToken
 
@@ -54,7 +62,6 @@ SCAN_FRACTION = 0.1  # above this share of survivors, a scan of the codes is che
 # Batches: the first level is computed chunk by chunk (a chunk's scores stay in cache)
 # and only the maximum of every block of rows is kept per query.
 BLOCKED_BATCH_ROWS = 65536
-BATCH_THREADS = 2  # threads over the rows of the batched first level
 ROW_SCORE_GROUP = 16  # queries whose first-level scores are kept at once (16 x n floats)
 BATCH_CHUNK = 16384  # rows per matrix product; a multiple of BATCH_BLOCK
 BATCH_BLOCK = 512  # rows per block maximum; a power of two
@@ -65,6 +72,7 @@ BLOCK_SCAN_FRACTION = 0.02  # above this share of passing blocks, score rows one
 # for the first level of 100k vectors).
 OWN_THREADS_ROWS = 262144
 SCAN_ROWS_STEP = 32768  # the threads' shares of rows are multiples of this
+THREADED_RESCORE_ROWS = 16384  # from this many chosen rows on, rescored by all threads
 
 
 @dataclass
@@ -218,8 +226,8 @@ def search(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult
     start = time.perf_counter()
     if len(index) == 0 or not index.levels:
         return _timed(linear_scan(index, token, k), start)
-    first = _first_level_scores(index, token.levels[0])[0]
-    result = _refine_query(index, token, 0, first, k)
+    firsts, seeds = _first_level_scores(index, token.levels[0], seed_k=k)
+    result = _refine_query(index, token, 0, firsts[0], k, seeds=seeds)
     assert result is not None  # with scan=True the query is always answered
     return _timed(result, start)
 
@@ -248,10 +256,22 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     results: list[SearchResult | None] = [None] * len(token)
     spent_ms = [0.0] * len(token)  # each query's share of the batch's time
 
+    parallel = len(index) >= OWN_THREADS_ROWS and engine_threads() > 1
+
     def answer(queries: list[int], shared_since: float,
                refine: Callable[[int, int], SearchResult | None]) -> list[int]:
-        """Refine each query, book its time; the queries left unanswered."""
+        """Refine each query, book its time; the queries left unanswered. On a large
+        index the queries are refined in the engine's threads at once (each query's
+        arrays are its own), each booked an equal share of the time they took."""
         shared = (time.perf_counter() - shared_since) * 1000.0 / len(queries)
+        if parallel and len(queries) > 1:
+            begin = time.perf_counter()
+            found = _threaded(lambda item: refine(*item), list(enumerate(queries)))
+            each = (time.perf_counter() - begin) * 1000.0 / len(queries)
+            for qi, result in zip(queries, found, strict=True):
+                results[qi] = result
+                spent_ms[qi] += shared + each
+            return [qi for qi in queries if results[qi] is None]
         for row, qi in enumerate(queries):
             begin = time.perf_counter()
             results[qi] = refine(row, qi)
@@ -270,7 +290,7 @@ def search_batch(index: EncryptedIndex, token: QueryToken, k: int = 1) -> list[S
     for group_start in range(0, len(pending), ROW_SCORE_GROUP):
         group = pending[group_start : group_start + ROW_SCORE_GROUP]
         start = time.perf_counter()
-        firsts = _first_level_scores(index, token.levels[0][group])
+        firsts, _ = _first_level_scores(index, token.levels[0][group])
 
         def from_rows(row: int, qi: int, firsts: NDArray[np.float32] = firsts
                       ) -> SearchResult | None:
@@ -317,10 +337,11 @@ def _block_maxima(index: EncryptedIndex, tokens: F64) -> NDArray[np.float32]:
             if whole < count:
                 maxima[first_block + whole // block] = chunk[whole:].max(axis=0)
 
-    # Two threads over halves of the rows, each with a one-thread BLAS: a multi-threaded
-    # BLAS synchronises its threads inside every small product, which on a busy machine
-    # costs more than the product (measured: 12 ms instead of 0.3 ms for 16 x 36 x 10k).
-    _threaded(lambda span: rows(*span), _split_rows(n, BATCH_CHUNK, BATCH_THREADS))
+    # The engine's threads over shares of the rows, each with a one-thread BLAS: a
+    # multi-threaded BLAS synchronises its threads inside every small product, which on a
+    # busy machine costs more than the product (measured: 12 ms instead of 0.3 ms for
+    # 16 x 36 x 10k).
+    _threaded(lambda span: rows(*span), _split_rows(n, BATCH_CHUNK, engine_threads()))
     return np.ascontiguousarray(maxima.T)
 
 
@@ -332,8 +353,24 @@ def _split_rows(n: int, step: int, parts: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(BATCH_THREADS, thread_name_prefix="radcrypt-search")
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The engine's threads besides the caller's, one pool per count (cloud/cpus.py:
+    the count is set once, at start-up; tests and benchmarks change it)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="radcrypt-search",
+                              initializer=_mark_engine_thread)
+
+
+_engine_thread = threading.local()
+
+
+def _mark_engine_thread() -> None:
+    _engine_thread.inside = True
+
+
+def _in_engine_thread() -> bool:
+    """In one of the engine's own threads: work there runs inline, never handed to the
+    pool again (a worker waiting on its own pool could wait forever)."""
+    return bool(getattr(_engine_thread, "inside", False))
 
 
 class _BlasThreads:
@@ -382,7 +419,8 @@ class _BlasThreads:
         """With the lock held: ask the control thread for the count now needed."""
         jobs = self._start()
         assert self._default is not None
-        wanted = 1 if self._owned or self._running >= 2 else self._default
+        wanted = 1 if self._owned or self._running >= 2 else min(self._default,
+                                                                 engine_threads())
         if wanted != self._applied:
             done = threading.Event()
             jobs.put((wanted, done))
@@ -482,11 +520,11 @@ class _Refiner:
         for level in range(1, len(self.index.levels)):
             if threshold == -np.inf or candidates.size == 0:
                 break
-            scores = self.index.levels[level][candidates] @ self.t_levels[level]
+            scores = _row_scores(self.index.levels[level], candidates, self.t_levels[level])
             self.scored[level] += int(candidates.size)
             candidates = candidates[scores >= threshold - self.margins[level]]
         if candidates.size:
-            self.top.merge(candidates, self.index.full[candidates] @ self.t_full)
+            self.top.merge(candidates, _row_scores(self.index.full, candidates, self.t_full))
             self.full_scored += int(candidates.size)
 
     def result(self) -> SearchResult:
@@ -496,13 +534,14 @@ class _Refiner:
 
 
 def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
-                  first: NDArray[np.float32], k: int, scan: bool = True
-                  ) -> SearchResult | None:
+                  first: NDArray[np.float32], k: int, scan: bool = True,
+                  seeds: I64 | None = None) -> SearchResult | None:
     """Filter and refine one query whose first-level scores are known (and ours to mark).
 
     When too many vectors survive the first level for pruning to pay, the query is
     answered by a scan of the full vectors' codes, or, with ``scan`` False, left to
-    the caller (None) to scan together with other such queries.
+    the caller (None) to scan together with other such queries. ``seeds``: the rows to
+    start from when the caller found them already (_first_level_scores).
     """
     n = len(index)
     refiner = _Refiner(index, token, qi, k)
@@ -512,22 +551,44 @@ def _refine_query(index: EncryptedIndex, token: QueryToken, qi: int,
         refiner.refine(block)
 
     # The k best first-level candidates set a threshold; then blocks of growing size,
-    # best first, each cut by the threshold the blocks before them raised.
-    refine(_seed_positions(first, k))
-    if int(np.count_nonzero(first >= refiner.first_floor())) > SCAN_FRACTION * n:
+    # best first, each cut by the threshold the blocks before them raised. One pass
+    # over every row finds the candidates; the floor only rises, so later passes need
+    # only look at the candidates left (a row below an earlier floor stays below).
+    refine(_seed_positions(first, k) if seeds is None else seeds)
+    remaining = _positions_at_least(first, refiner.first_floor(), SCAN_FRACTION * n)
+    if remaining is None:
         if not scan:
             return None
         return _scan_codes(index, refiner.t_full[None, :], k, [refiner.full_floor()])[0]
     block_size = FIRST_BLOCK
-    while True:
-        remaining = np.flatnonzero(first >= refiner.first_floor())
-        if remaining.size == 0:
-            break
-        if remaining.size > block_size:
-            remaining = _top_positions(first, remaining, block_size)
-        refine(remaining)
+    while remaining.size:
+        block = (remaining if remaining.size <= block_size
+                 else _top_positions(first, remaining, block_size))
+        refine(block)
         block_size = min(MAX_BLOCK, block_size * BLOCK_GROWTH)
+        remaining = remaining[first[remaining] >= refiner.first_floor()]
     return refiner.result()
+
+
+def _positions_at_least(scores: NDArray[np.float32], floor: np.float32, limit: float
+                        ) -> I64 | None:
+    """Positions whose score is >= floor, in order; None when more than ``limit`` are
+    (then the caller scans instead and needs no list). The engine's threads share the
+    rows from OWN_THREADS_ROWS on."""
+
+    def part(span: tuple[int, int]) -> I64 | None:
+        begin, end = span
+        passing = scores[begin:end] >= floor
+        if np.count_nonzero(passing) > limit:
+            return None
+        return np.flatnonzero(passing) + begin
+
+    parts = _threaded(part, _row_spans(scores.shape[0]))
+    if any(p is None for p in parts):
+        return None
+    found = [p for p in parts if p is not None]
+    positions = found[0] if len(found) == 1 else np.concatenate(found)
+    return None if positions.size > limit else positions
 
 
 def _refine_blocks(index: EncryptedIndex, token: QueryToken, qi: int,
@@ -577,8 +638,8 @@ def _refine_blocks(index: EncryptedIndex, token: QueryToken, qi: int,
 
 def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
                 floors: list[float] | None = None) -> list[SearchResult]:
-    """Exact top-k of every query by a scan of the full vectors' sixteen-bit codes (two
-    threads over halves of the rows), then float64 on the candidates the codes cannot
+    """Exact top-k of every query by a scan of the full vectors' sixteen-bit codes (the
+    engine's threads over shares of the rows), then float64 on the candidates the codes cannot
     tell apart: every row whose score may reach the k-th best (cloud/codes.py).
     ``floors``: known lower bounds on each query's k-th best score."""
     n = len(index)
@@ -588,9 +649,7 @@ def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
     results = []
     for qi, candidates in enumerate(found.rows):
         top = _TopK(k)
-        for begin in range(0, candidates.size, MAX_BLOCK):
-            rows = candidates[begin : begin + MAX_BLOCK]
-            top.merge(rows, index.full[rows] @ t_full[qi])
+        top.merge(candidates, _row_scores(index.full, candidates, t_full[qi]))
         positions, scores = top.ranked()
         levels = [n] + [0] * (len(index.levels) - 1)
         results.append(SearchResult(positions, scores, SearchStats(n, levels, n, 0.0)))
@@ -600,18 +659,47 @@ def _scan_codes(index: EncryptedIndex, t_full: F64, k: int,
 def _threaded(fn: Callable[[tuple[int, int]], Result], spans: list[tuple[int, int]]
               ) -> list[Result]:
     """Spans of rows in the engine's threads, each with a one-thread BLAS; a single
-    span in this thread, as it is."""
-    if len(spans) == 1:
-        return [fn(spans[0])]
+    span, or spans met in an engine thread already, in this thread, as they are. The
+    calling thread takes the first span itself rather than wait idle (one hand-over
+    fewer: they cost tens of microseconds each, a near query's whole budget is about
+    two milliseconds on 16 cores)."""
+    if len(spans) == 1 or _in_engine_thread():
+        return [fn(span) for span in spans]
     with _BLAS_THREADS.hold(own=True):
-        return list(_pool().map(fn, spans))
+        pool = _pool(max(1, engine_threads() - 1))  # and this thread
+        others = [pool.submit(fn, span) for span in spans[1:]]
+        _engine_thread.inside = True
+        try:
+            first = fn(spans[0])
+        finally:
+            _engine_thread.inside = False
+        return [first, *(future.result() for future in others)]
+
+
+def _row_scores(matrix: F64, rows: I64, token: F64) -> F64:
+    """float64 scores of the chosen rows, each summed in one fixed order whatever rows
+    share the call (cloud/rescore.py: a batch and a single query report the same bits);
+    long lists shared by the engine's threads."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    token = np.ascontiguousarray(token, dtype=np.float64)
+    threads = engine_threads()
+    if rows.size < THREADED_RESCORE_ROWS or threads == 1 or _in_engine_thread():
+        return rescore.row_scores(matrix, rows, token)
+    out = np.empty(rows.size, dtype=np.float64)
+
+    def span(bounds: tuple[int, int]) -> None:
+        begin, end = bounds
+        rescore.into(matrix, rows[begin:end], token, out[begin:end])
+
+    _threaded(span, _split_rows(rows.size, 1024, threads))
+    return out
 
 
 def _row_spans(n: int) -> list[tuple[int, int]]:
     """How the engine's threads share n rows: not at all below OWN_THREADS_ROWS."""
     if n < OWN_THREADS_ROWS:
         return [(0, n)]
-    return _split_rows(n, SCAN_ROWS_STEP, BATCH_THREADS)
+    return _split_rows(n, SCAN_ROWS_STEP, engine_threads())
 
 
 def _float32_floor(value: float) -> np.float32:
@@ -623,26 +711,40 @@ def _float32_floor(value: float) -> np.float32:
     return rounded
 
 
-def _first_level_scores(index: EncryptedIndex, tokens: F64) -> NDArray[np.float32]:
-    """(Q, n) float32 first-level scores; rows are fresh arrays the caller may mark.
+def _first_level_scores(index: EncryptedIndex, tokens: F64, seed_k: int = 0
+                        ) -> tuple[NDArray[np.float32], I64 | None]:
+    """(Q, n) float32 first-level scores (rows are fresh arrays the caller may mark)
+    and, for one query with ``seed_k``, k rows with high scores to seed its threshold.
 
-    From OWN_THREADS_ROWS on, computed by the engine's threads over halves of the rows
-    (see _own_threads); below, by one product.
+    From OWN_THREADS_ROWS on, computed by the engine's threads over shares of the rows
+    (see _own_threads), each finding the seeds of its share while its scores are in
+    cache; below, by one product.
     """
     assert index.first32 is not None
     first32 = index.first32
     queries = np.atleast_2d(tokens).astype(np.float32)
     scores: NDArray[np.float32] = np.empty((queries.shape[0], len(index)), dtype=np.float32)
+    seeding = seed_k > 0 and queries.shape[0] == 1
 
-    def rows(span: tuple[int, int]) -> None:
+    def rows(span: tuple[int, int]) -> I64 | None:
         begin, end = span
         if queries.shape[0] == 1:
             np.matmul(first32[begin:end], queries[0], out=scores[0, begin:end])
         else:
             scores[:, begin:end] = queries @ first32[begin:end].T
+        if not seeding:
+            return None
+        return _seed_positions(scores[0, begin:end], seed_k) + begin
 
-    _threaded(rows, _row_spans(len(index)))
-    return scores
+    found = _threaded(rows, _row_spans(len(index)))
+    if not seeding:
+        return scores, None
+    candidates = [f for f in found if f is not None]
+    if len(candidates) == 1:
+        return scores, candidates[0]
+    # The best seeds of every share hold the best of all (any k rows would be valid).
+    merged = np.concatenate(candidates)
+    return scores, _top_positions(scores[0], merged, seed_k)
 
 
 def _float32_error(width: int, row_norm: float, token: F64) -> float:
@@ -692,7 +794,7 @@ def linear_scan(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchR
     """Exact top-k by scoring every full vector: the encrypted baseline without pruning."""
     _check(index, token, k)
     start = time.perf_counter()
-    scores = index.full @ token.full[0]
+    scores = _row_scores(index.full, np.arange(len(index), dtype=np.int64), token.full[0])
     top = _TopK(k)
     top.merge(np.arange(len(index), dtype=np.int64), scores)
     positions, best = top.ranked()

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloud.backend import ObjectNotFound, Store
+from cloud.cpus import engine_threads
 from cloud.segments import HEADER_SIZE_V2, Segment, SegmentError, read_header, read_segment
 
 HEADER_THREADS = 8  # 192-byte range requests: latency, not bandwidth
@@ -30,7 +31,8 @@ LOAD_THREADS = 8  # small segments: request latency; large ones: AHEAD_BYTES bou
 CHUNK_BYTES = 1 << 20  # hashed while in cache, then copied into the download buffer
 AHEAD_BYTES = 128 << 20  # downloading, or downloaded and not yet appended, at most
 AHEAD_SEGMENTS = 4 * LOAD_THREADS  # segments downloading or ready, at most
-APPEND_THREADS = 2  # conversions of segments at once (they release the GIL)
+MIN_APPEND_THREADS = 2  # conversions of segments at once (they release the GIL): the
+# engine's thread count (cloud/cpus.py), at least two so that one overlaps the next
 Header = tuple[int, int, tuple[int, ...]]  # key version, count, widths
 
 
@@ -57,7 +59,7 @@ class Appends:
     after the other, in key order."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(APPEND_THREADS)
+        self._pool = ThreadPoolExecutor(max(MIN_APPEND_THREADS, engine_threads()))
         self._jobs: list[Future[None]] = []
         self._written = threading.Event()  # that of the last job submitted
         self._written.set()

@@ -69,15 +69,16 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
-from cloud import codes, layout, wire
+from cloud import codes, cpus, layout, wire
 from cloud.audit import AuditLog
 from cloud.auth import RateLimiter, SignatureVerifier
 from cloud.backend import DirectoryConfig, Store, StoreError
+from cloud.gpu.backend import searcher
 from cloud.limits import MAX_BODY_BYTES, MAX_K, MAX_QUERIES
 from cloud.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cloud.metrics import Metrics, RepoFigures
 from cloud.repo_index import RepoIndex, Snapshot
-from cloud.search import ConcurrentSearches, search_batch
+from cloud.search import ConcurrentSearches
 from cloud.service_options import (
     REFRESH_INTERVAL,
     ServiceConfig,
@@ -573,6 +574,7 @@ def create_app(
     address_limiter: RateLimiter | None = None,
     owner_keys: Sequence[bytes] | None = None,
     preload: Sequence[str] = (),
+    device: str = "cpu",
 ) -> FastAPI:
     """The ASGI application; ``verifier`` authenticates every repository request (there
     is no default: a service that answers anyone must say so, with AllowAnyone).
@@ -595,6 +597,7 @@ def create_app(
             trail.close()  # the audit entries still buffered are written now
 
     engine_threads = ConcurrentSearches()  # BLAS threads by searches in flight
+    engine_search = searcher(device)  # cloud.search.search_batch, or on a GPU (cloud/gpu)
     app = FastAPI(title="Radcrypt search service", version="1", lifespan=lifespan,
                   description="Encrypted exact nearest-neighbour search. Holds no key.",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
@@ -705,7 +708,7 @@ def create_app(
             # every vector, is one pass for the whole batch.
             answers = []
             with engine_threads.running():
-                results = search_batch(version.index, token, body.k)
+                results = engine_search(version.index, token, body.k)
             for result in results:
                 hits = [Hit(image_id=version.image_ids[int(p)], score=float(s), rank=r + 1)
                         for r, (p, s) in enumerate(zip(result.positions, result.scores,
@@ -780,7 +783,7 @@ def create_app(
             if version is None:
                 return [[] for _ in range(queries)], wire.empty_stats(queries), 0.0
             with engine_threads.running():
-                results = search_batch(version.index, req.token, req.k)
+                results = engine_search(version.index, req.token, req.k)
             hits = [wire.hits_of(version.image_ids, r.positions, r.scores) for r in results]
             return hits, [r.stats.as_dict() for r in results], time.perf_counter() - started
 
@@ -855,6 +858,8 @@ def serve(config: ServiceConfig, store: Store) -> None:
     """
     import uvicorn
 
+    if config.threads is not None:  # the engine's, and the segment conversions'
+        cpus.set_threads(config.threads)
     if config.owner_keys:
         verifier: RequestVerifier = SignatureVerifier(
             store, config.owner_keys, config.service_id,
@@ -873,7 +878,7 @@ def serve(config: ServiceConfig, store: Store) -> None:
                          service_id=config.service_id, docs=config.docs,
                          address_limiter=RateLimiter(config.address_rate,
                                                      config.address_burst),
-                         preload=config.preload)
+                         preload=config.preload, device=config.device)
         server = uvicorn.Config(
             app, host=config.host, port=config.port, log_level="warning", access_log=False,
             timeout_graceful_shutdown=SHUTDOWN_SECONDS,
@@ -881,7 +886,8 @@ def serve(config: ServiceConfig, store: Store) -> None:
             ssl_keyfile=str(config.tls_key) if config.tls_key else None)
         print(f"search service {config.service_id} on {config.scheme}://{config.host}:"
               f"{config.port}, " + (f"{len(config.owner_keys)} owner key(s)"
-                                    if config.owner_keys else "NO AUTHENTICATION"),
+                                    if config.owner_keys else "NO AUTHENTICATION")
+              + f", {cpus.engine_threads()} engine thread(s), device {config.device}",
               file=sys.stderr, flush=True)
         if not received:  # a signal before the server listened: stop now
             uvicorn.Server(server).run()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import platformdirs
 
-from cloud import layout  # names only (re, secrets): light
+from cloud import cpus, layout  # names only (re, secrets), small files: light
+from cloud.gpu.device import parse_device  # re and dataclasses: light
 
 REFRESH_INTERVAL = 5.0
 MAX_NONCES = 200_000
@@ -131,6 +132,13 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repository id to load and warm at start-up (repeatable); "
                              "also RADCRYPT_SERVICE_REPOS, comma separated. /readyz answers "
                              "503 until they are loaded, and their searches 503 'warming'")
+    parser.add_argument("--threads", default=None, metavar="N",
+                        help="threads the search engine runs (default: RADCRYPT_THREADS, "
+                             "else the CPUs this process may use: affinity and cgroup "
+                             "CPU quota)")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="where searches run: cpu (default), cuda or cuda:N, the GPU "
+                             "backend (needs radcrypt[gpu]); also RADCRYPT_DEVICE")
     parser.add_argument("--refresh-interval", type=float, default=REFRESH_INTERVAL,
                         help=argparse.SUPPRESS)
 
@@ -153,6 +161,8 @@ class ServiceConfig:
     preload: tuple[str, ...] = ()
     user_rate: float = USER_RATE
     user_burst: float = USER_BURST
+    threads: int | None = None  # the engine's (cloud/cpus.py); None: as the process finds
+    device: str = "cpu"  # cpu, cuda:N (cloud/gpu/device.py)
 
     @property
     def scheme(self) -> str:
@@ -196,10 +206,15 @@ def service_config(args: argparse.Namespace,
                 preload.append(layout.validate_repo_id(item))
             except ValueError as exc:
                 raise ValueError(f"--preload: {exc}") from None
+    given = getattr(args, "threads", None)
+    threads = (cpus.parse_threads(given, "--threads") if given is not None
+               else cpus.configured_threads(env))
+    device = str(parse_device(getattr(args, "device", None)
+                              or env.get("RADCRYPT_DEVICE", "") or "cpu"))
     root = args.cache_dir or Path(platformdirs.user_cache_dir("radcrypt")) / "service"
     chosen = args.service_id or env.get("RADCRYPT_SERVICE_ID") or ""
     service_id = validate_service_id(chosen) if chosen else persisted_service_id(root)
     return ServiceConfig(args.host, args.port, root, keys, args.insecure_no_auth, service_id,
                          args.docs, args.tls_cert, args.tls_key, args.max_nonces,
                          args.address_rate, args.address_burst, args.refresh_interval,
-                         tuple(preload), user_rate, user_burst)
+                         tuple(preload), user_rate, user_burst, threads, device)

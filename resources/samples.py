@@ -131,6 +131,24 @@ def same_picture(a: DecodedImage, b: DecodedImage, tolerance: float = 0.02) -> b
     return float(np.sqrt(np.mean(np.square(la - lb)))) < tolerance
 
 
+def distinct_sample_files(count: int) -> list[Path]:
+    """The first ``count`` sample files (sample_files.json order) that show distinct
+    pictures: a file showing the same picture as an earlier one (:func:`same_picture`) is
+    skipped. The fixed test set of the extractor's robustness test and of the similarity
+    bench; fewer than ``count`` when the samples run out."""
+    chosen: list[Path] = []
+    pictures: list[DecodedImage] = []
+    for path in decodable_dicom_files():
+        img = decode_image(path)
+        if any(same_picture(img, other) for other in pictures):
+            continue
+        chosen.append(path)
+        pictures.append(img)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
 @dataclass(frozen=True)
 class _Candidate:
     """One image to export: a file to copy (``frame`` and ``crop`` None) or a rendering."""

@@ -27,7 +27,7 @@ from app.imaging import (
     features_of_file,
     get_extractor,
 )
-from resources.samples import PERTURBATIONS, decodable_dicom_files, perturb_file, same_picture
+from resources.samples import PERTURBATIONS, distinct_sample_files, perturb_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -41,16 +41,7 @@ def _short(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def originals() -> list[Path]:
-    chosen: list[Path] = []
-    pictures: list[DecodedImage] = []
-    for path in decodable_dicom_files():
-        img = decode_image(path)
-        if any(same_picture(img, other) for other in pictures):
-            continue
-        chosen.append(path)
-        pictures.append(img)
-        if len(chosen) == FIRST:
-            break
+    chosen = distinct_sample_files(FIRST)
     assert len(chosen) == FIRST
     return chosen
 

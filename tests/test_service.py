@@ -213,10 +213,10 @@ def test_a_token_of_16_queries_is_answered_by_one_batched_engine_call(
     for qi, (many, one) in enumerate(zip(batched, singles, strict=True)):
         assert [(h["image_id"], h["rank"]) for h in many["hits"]] == \
             [(h["image_id"], h["rank"]) for h in one["hits"]], qi
-        # float64 rescoring of a candidate is a product over whichever rows share its
-        # block, so scores may differ in the last bits (search.py: ~1e-12 |row| |token|)
-        np.testing.assert_allclose([h["score"] for h in many["hits"]],
-                                   [h["score"] for h in one["hits"]], rtol=1e-12, atol=0)
+        # A row's float64 score is summed in one fixed order whichever rows share the
+        # call (cloud/rescore.py; a BLAS product's order depended on them: up to 1.1e-12
+        # relative, flaky here), so the batch and the single agree to the last bit.
+        assert [h["score"] for h in many["hits"]] == [h["score"] for h in one["hits"]], qi
         assert {position[i] for i in _hit_ids(many)} == set(truth[qi]), qi
         assert many["stats"]["batch"] == 16 and one["stats"]["batch"] == 1
         assert many["stats"]["vectors"] == one["stats"]["vectors"] == 2000

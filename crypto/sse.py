@@ -1,0 +1,290 @@
+"""Static searchable symmetric encryption per segment: Pi_bas (Cash et al., NDSS 2014).
+
+Why: radiologists search by keyword ("every CT of the chest", "this accession") as well as
+by image, and the service must answer without learning the keywords. Each index segment
+carries a dictionary written once, by the client that wrote the segment; a query token for a
+keyword lets the keyless service find exactly the rows of that segment holding the keyword
+and nothing else (docs/KEYWORDS.md states what it does learn).
+
+Construction (all HMACs are HMAC-SHA256; LP(x) = u32 length || x; integers big-endian)::
+
+    token(w)  = (K1, K2)
+    K1        = HMAC(kw, LP("radcrypt/sse/k1/v1") || LP(repo) || u64 version || LP(w))
+    K2        = HMAC(kw, LP("radcrypt/sse/k2/v1") || LP(repo) || u64 version || LP(w))
+    K1_s      = HMAC(K1, LP("radcrypt/sse/label/v1") || LP(repo) || LP(segment) || u64 version)
+    K2_s      = HMAC(K2, LP("radcrypt/sse/value/v1") || LP(repo) || LP(segment) || u64 version)
+    label_c   = AES-256(K1_s, block(c))                     16 bytes
+    value_c   = (u32 row || u32 0) XOR AES-256(K2_s, block(c))[:8]
+
+where ``kw`` is the keyword key of the key version, ``block(c)`` is 8 zero bytes then the
+counter c as u64, and c runs 0, 1, ... over the rows holding w in increasing row order.
+AES is the PRF (PRP/PRF switching: at most 2^32 counters per key, a negligible bias),
+chosen over HMAC so that the service computes thousands of labels in one call of
+OpenSSL's AES-ECB. The repository, segment id and key version are bound in K1_s and K2_s
+(the "associated data"): a dictionary copied to another segment, repository or key version
+has no label a token finds there, and its values decrypt to non-zero check words.
+
+The zero check word is redundancy, not an authenticator: it catches a misplaced dictionary
+or a wrong token; the dictionary's integrity comes from the segment MAC that covers it
+(crypto/segment_mac.py) and, for a hostile service, from the client decrypting the
+metadata of every row it is sent.
+
+Serialisation (``RCSD``): header then ``count`` entries of 24 bytes sorted by label,
+``label (16) || value (8)``. ``count`` is the number of real entries (one per row and
+keyword) rounded up to a bucket (``padded_size``); dummy entries are random 24-byte
+strings, indistinguishable from real ones without a token (PRF outputs against random).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from numpy.typing import NDArray
+
+from crypto.csprng import random_bytes
+from crypto.errors import FormatError
+
+MAGIC = b"RCSD"
+VERSION = 1
+LABEL_SIZE = 16
+VALUE_SIZE = 8
+ENTRY_SIZE = LABEL_SIZE + VALUE_SIZE
+KEY_SIZE = 32
+TOKEN_SIZE = 2 * KEY_SIZE
+MIN_ENTRIES = 16
+"""The smallest dictionary: a segment with one image and few keywords still writes 16."""
+BUCKET_STEPS = 4
+"""Bucket sizes per doubling: m * 2^k for m in 4..7 (so 16, 20, 24, 28, 32, 40, ...): at
+most 25 % dummies where powers of two waste up to 50 %, at the price of two bits more of
+the real count leaking (docs/KEYWORDS.md)."""
+MAX_ROWS = 1 << 32
+MAX_ENTRIES = 1 << 31
+FIRST_BATCH = 16
+SECOND_BATCH = 1024
+"""Labels computed per AES call: 16 first (most keywords of a segment are rare, and an
+absent one is settled by its first label), then 1024, then fourfold while every label is
+found. AES of 1024 blocks costs microseconds; each batch costs ~0.1 ms of numpy calls."""
+_HEAD = struct.Struct(">4sBBBBQ")  # magic, version, label size, value size, reserved, count
+_U64 = struct.Struct(">Q")
+
+U32 = NDArray[np.uint32]
+
+
+def _lp(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _hmac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.digest(key, b"".join(parts), hashlib.sha256)
+
+
+@dataclass(frozen=True, eq=False)
+class KeywordToken:
+    """What the service needs to find one keyword's rows in every segment of one key
+    version of one repository: (K1, K2). It reveals nothing about other keywords."""
+
+    k1: bytes
+    k2: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.k1) != KEY_SIZE or len(self.k2) != KEY_SIZE:
+            raise ValueError(f"a keyword token is two {KEY_SIZE}-byte keys")
+
+    def __repr__(self) -> str:
+        return "KeywordToken(<secret>)"
+
+    def to_bytes(self) -> bytes:
+        return self.k1 + self.k2
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> KeywordToken:
+        if len(data) != TOKEN_SIZE:
+            raise FormatError(f"keyword token: {len(data)} bytes, expected {TOKEN_SIZE}")
+        return cls(bytes(data[:KEY_SIZE]), bytes(data[KEY_SIZE:]))
+
+
+def keyword_token(keyword_key: bytes, repo_id: str, key_version: int, keyword: str
+                  ) -> KeywordToken:
+    """The token of ``keyword`` under the keyword key of one key version."""
+    if len(keyword_key) != KEY_SIZE:
+        raise ValueError(f"a keyword key is {KEY_SIZE} bytes, not {len(keyword_key)}")
+    if not keyword:
+        raise ValueError("an empty keyword has no token")
+    tail = _lp(repo_id.encode("utf-8")) + _U64.pack(key_version) + _lp(keyword.encode("utf-8"))
+    return KeywordToken(_hmac(keyword_key, _lp(b"radcrypt/sse/k1/v1"), tail),
+                        _hmac(keyword_key, _lp(b"radcrypt/sse/k2/v1"), tail))
+
+
+def _segment_keys(token: KeywordToken, repo_id: str, segment_id: str, key_version: int
+                  ) -> tuple[bytes, bytes]:
+    place = _lp(repo_id.encode("utf-8")) + _lp(segment_id.encode("utf-8")) + _U64.pack(
+        key_version)
+    return (_hmac(token.k1, _lp(b"radcrypt/sse/label/v1"), place),
+            _hmac(token.k2, _lp(b"radcrypt/sse/value/v1"), place))
+
+
+def _prf_blocks(key: bytes, start: int, count: int) -> bytes:
+    """AES-256 of block(start) .. block(start + count - 1), 16 bytes each, in one call."""
+    counters = np.zeros((count, 2), dtype=">u8")
+    counters[:, 1] = np.arange(start, start + count, dtype=np.uint64)
+    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    return encryptor.update(counters.tobytes()) + encryptor.finalize()
+
+
+def padded_size(real: int, steps: int = BUCKET_STEPS, minimum: int = MIN_ENTRIES) -> int:
+    """The bucket a dictionary of ``real`` entries is padded to: the smallest
+    m * 2^k >= real with steps <= m < 2 * steps, and at least ``minimum``."""
+    if real < 0 or steps < 1:
+        raise ValueError("a dictionary size is a non-negative count")
+    size = max(real, minimum, 1)
+    k = max(0, (size - 1).bit_length() - steps.bit_length())
+    while True:
+        for m in range(steps, 2 * steps):
+            if m << k >= size:
+                return m << k
+        k += 1
+
+
+def build_dictionary(keyword_key: bytes, repo_id: str, key_version: int, segment_id: str,
+                     rows_by_keyword: Mapping[str, Iterable[int]], *,
+                     steps: int = BUCKET_STEPS, minimum: int = MIN_ENTRIES) -> bytes:
+    """The padded, serialised dictionary of one segment.
+
+    ``rows_by_keyword`` maps each keyword to the segment rows (0-based positions) holding
+    it; duplicates are ignored and rows are stored in increasing order.
+    """
+    labels: list[bytes] = []
+    values: list[bytes] = []
+    for keyword, rows in rows_by_keyword.items():
+        ordered = sorted(set(int(r) for r in rows))
+        if not ordered:
+            continue
+        if ordered[0] < 0 or ordered[-1] >= MAX_ROWS:
+            raise ValueError(f"a row of keyword dictionary segment {segment_id} is out of range")
+        token = keyword_token(keyword_key, repo_id, key_version, keyword)
+        k1s, k2s = _segment_keys(token, repo_id, segment_id, key_version)
+        n = len(ordered)
+        lab = _prf_blocks(k1s, 0, n)
+        pads = np.frombuffer(_prf_blocks(k2s, 0, n), dtype=np.uint8).reshape(n, 16)[:, :8]
+        plain = np.zeros((n, 2), dtype=">u4")
+        plain[:, 0] = np.asarray(ordered, dtype=np.uint64).astype(np.uint32)
+        val = np.bitwise_xor(plain.view(np.uint8).reshape(n, 8), pads)
+        labels.append(lab)
+        values.append(val.tobytes())
+    real = sum(len(x) // LABEL_SIZE for x in labels)
+    total = padded_size(real, steps, minimum)
+    if total > MAX_ENTRIES:
+        raise ValueError(f"keyword dictionary of segment {segment_id} is too large")
+    dummies = total - real
+    entries = np.empty((total, ENTRY_SIZE), dtype=np.uint8)
+    if real:
+        entries[:real, :LABEL_SIZE] = np.frombuffer(b"".join(labels), np.uint8).reshape(real, 16)
+        entries[:real, LABEL_SIZE:] = np.frombuffer(b"".join(values), np.uint8).reshape(real, 8)
+    for _attempt in range(4):
+        if dummies:
+            entries[real:] = np.frombuffer(random_bytes(dummies * ENTRY_SIZE),
+                                           np.uint8).reshape(dummies, ENTRY_SIZE)
+        keys = _label_keys(entries[:, :LABEL_SIZE])
+        order = np.lexsort((keys[:, 1], keys[:, 0]))
+        if total < 2 or np.all(keys[order[1:], 0] > keys[order[:-1], 0]):
+            break
+        # Two labels share their first 8 bytes (probability ~ total^2 / 2^65): draw the
+        # dummies again rather than write a dictionary the parser would refuse.
+    else:
+        raise ValueError(f"keyword dictionary of segment {segment_id}: two labels collide "
+                         "in their first 8 bytes (astronomically unlikely; retry the import)")
+    entries = entries[order]
+    return _HEAD.pack(MAGIC, VERSION, LABEL_SIZE, VALUE_SIZE, 0, total) + entries.tobytes()
+
+
+def _label_keys(labels: NDArray[np.uint8]) -> NDArray[np.uint64]:
+    """Each 16-byte label as two big-endian u64 (so numeric order is byte order)."""
+    return np.ascontiguousarray(labels).view(">u8").reshape(-1, 2).astype(np.uint64)
+
+
+@dataclass(frozen=True)
+class Dictionary:
+    """A parsed segment dictionary: labels (as two u64 each, strictly increasing in the
+    first) and the encrypted values. Holds no key; the service keeps one per segment."""
+
+    hi: NDArray[np.uint64]
+    lo: NDArray[np.uint64]
+    values: NDArray[np.uint8]
+
+    def __len__(self) -> int:
+        return int(self.hi.shape[0])
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview, name: str = "<dictionary>") -> Dictionary:
+        """Parse and validate; a FormatError names ``name`` and the field at fault."""
+        if len(data) < _HEAD.size:
+            raise FormatError(f"keyword dictionary {name} is truncated (header)")
+        magic, version, label_size, value_size, reserved, count = _HEAD.unpack_from(data)
+        if magic != MAGIC:
+            raise FormatError(f"keyword dictionary {name}: bad magic bytes")
+        if version != VERSION:
+            raise FormatError(f"keyword dictionary {name}: unsupported version {version}")
+        if (label_size, value_size, reserved) != (LABEL_SIZE, VALUE_SIZE, 0):
+            raise FormatError(f"keyword dictionary {name}: unexpected entry layout")
+        if count > MAX_ENTRIES or len(data) != _HEAD.size + count * ENTRY_SIZE:
+            raise FormatError(f"keyword dictionary {name}: length {len(data)} does not match "
+                              f"its count of {count} entries")
+        entries = np.frombuffer(data, np.uint8, count * ENTRY_SIZE, _HEAD.size).reshape(
+            count, ENTRY_SIZE)
+        keys = _label_keys(entries[:, :LABEL_SIZE])
+        if count > 1 and not np.all(keys[1:, 0] > keys[:-1, 0]):
+            raise FormatError(f"keyword dictionary {name}: labels are not sorted and unique")
+        return cls(keys[:, 0].copy(), keys[:, 1].copy(),
+                   np.ascontiguousarray(entries[:, LABEL_SIZE:]))
+
+    def _find(self, labels: bytes) -> NDArray[np.int64]:
+        """Index of each 16-byte label in this dictionary, -1 where absent."""
+        keys = _label_keys(np.frombuffer(labels, np.uint8).reshape(-1, LABEL_SIZE))
+        if len(self) == 0:
+            return np.full(keys.shape[0], -1, dtype=np.int64)
+        # Searching sorted labels walks the table in order (cache-friendly): twice as fast
+        # as random order for 500,000 labels in 2^20 entries.
+        order = np.argsort(keys[:, 0])
+        pos = np.empty(keys.shape[0], dtype=np.intp)
+        pos[order] = np.searchsorted(self.hi, keys[order, 0])
+        clipped = np.minimum(pos, len(self) - 1)
+        hit = (self.hi[clipped] == keys[:, 0]) & (self.lo[clipped] == keys[:, 1])
+        return np.where(hit, clipped, -1).astype(np.int64)
+
+    def search(self, token: KeywordToken, repo_id: str, segment_id: str, key_version: int,
+               row_count: int = MAX_ROWS) -> U32:
+        """The rows holding the token's keyword, in increasing order.
+
+        Labels are computed in batches (16, 1024, then growing fourfold) until the first
+        counter without a label. A found entry whose check word is not zero, or whose row
+        is not below ``row_count``, means the dictionary does not belong here: FormatError.
+        """
+        k1s, k2s = _segment_keys(token, repo_id, segment_id, key_version)
+        found: list[U32] = []
+        start, batch = 0, FIRST_BATCH
+        while start < len(self):
+            batch = min(batch, len(self) - start)
+            where = self._find(_prf_blocks(k1s, start, batch))
+            missing = np.flatnonzero(where < 0)
+            n = int(missing[0]) if missing.size else batch
+            if n:
+                pads = np.frombuffer(_prf_blocks(k2s, start, n), np.uint8).reshape(n, 16)[:, :8]
+                plain = np.bitwise_xor(self.values[where[:n]], pads)
+                words = np.ascontiguousarray(plain).view(">u4").reshape(n, 2)
+                if np.any(words[:, 1] != 0) or np.any(words[:, 0] >= row_count):
+                    raise FormatError(f"keyword dictionary of segment {segment_id} does not "
+                                      "belong to this segment, repository or key version")
+                found.append(words[:, 0].astype(np.uint32))
+            if n < batch:
+                break
+            start += batch
+            batch = SECOND_BATCH if batch < SECOND_BATCH else 4 * batch
+        if not found:
+            return np.zeros(0, dtype=np.uint32)
+        return np.concatenate(found)
