@@ -362,11 +362,15 @@ def cmd_repo(args: argparse.Namespace) -> int:
     with _client(args) as client:
         repo = client.create_repository(args.name, args.extractor,
                                         bound_levels=args.bound_levels,
-                                        storage_format=args.format)
+                                        storage_format=args.format, policy=args.policy)
         m = repo.manifest
+        kept = ("de-identified copies (DICOM PS3.15 Annex E basic profile, modified dates, "
+                "clean descriptors; no file names)" if m.policy == "research" else
+                "the original files, encrypted, with every patient tag")
         _emit(args, facade.manifest_dict(m),
               lambda: print(f"created repository {m.repo_id} (extractor {m.extractor}, "
-                            f"key version {m.key_version}, storage format {args.format})"))
+                            f"key version {m.key_version}, storage format {args.format}, "
+                            f"policy {m.policy}: it stores {kept})"))
     return EXIT_OK
 
 
@@ -388,7 +392,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         repo = client.open_repository(args.repo)
         with _progress(not args.json, "importing") as progress:
             report = client.import_files(repo, args.paths, progress=progress,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.batch_size,
+                                         blackouts=args.blackout or ())
 
         def text() -> None:
             skipped = getattr(report, "skipped", [])
@@ -907,6 +912,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser -----------------------------------------------------------------------------
 
 
+def _blackout(text: str) -> Any:
+    try:
+        return facade.parse_blackout(text)
+    except RadcryptError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -1075,6 +1087,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="off: no bound levels (searches scan every full vector, slower; a "
                         "known-plaintext attacker then needs d + 1 known images, see "
                         "SECURITY.md)")
+    c.add_argument("--policy", choices=("clinical", "research"), default="clinical",
+                   help="clinical (default): the original files are stored, encrypted, with "
+                        "every patient tag; research: de-identified copies only (PS3.15 "
+                        "Annex E basic profile with modified dates and clean descriptors, "
+                        "pseudonyms from the repository's key, no file names)")
     c.add_argument("--format", type=int, choices=(2,), default=2,
                    help="storage format: 2, the only one for new repositories (packs and a "
                         "signed segment log; search answers are checked for completeness; "
@@ -1149,6 +1166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
                    help=f"images per index segment, the unit of commit and resume "
                         f"(default {DEFAULT_BATCH})")
+    p.add_argument("--blackout", action="append", type=_blackout, metavar="X,Y,W,H",
+                   help="research repositories: a rectangle (pixels from the top left) "
+                        "painted over every image before de-identification; repeatable. "
+                        "Images that may carry burned-in text (BurnedInAnnotation YES, or "
+                        "US/SC/OT without it) are refused without one")
 
     p = _command(sub, "search", "nearest archived images of query images", cmd_search)
     p.add_argument("--repo", required=True, help="repository name")

@@ -342,13 +342,16 @@ def _check_upgraded(manifest: Manifest) -> None:
 def create_repository_as(session: Session, owner: Identity, name: str,
                          extractor: str = "radcrypt-v1",
                          basis_sample: np.ndarray | None = None, *,
-                         bound_levels: str = "auto", storage_format: int = 2) -> Repository:
+                         bound_levels: str = "auto", storage_format: int = 2,
+                         policy: str = "clinical") -> Repository:
     """A new repository owned by ``owner``: signed manifest (sequence 1, the owner its only
     member), owner registered and granted. ``storage_format`` 2: packs and a segment log,
-    whose genesis entry the owner writes right after the manifest."""
+    whose genesis entry the owner writes right after the manifest. ``policy``: "clinical"
+    or "research" (app/core/deid.py), in the signed manifest."""
     store = session.store
     format_name = storage_format_name(storage_format)
-    repo = new_repository(store, name, extractor, basis_sample, bound_levels=bound_levels)
+    repo = new_repository(store, name, extractor, basis_sample, bound_levels=bound_levels,
+                          policy=policy)
     repo_id, ring = repo.repo_id, repo.ring
     manifest = replace(repo.manifest, sequence=1, owner=owner.user_id, format=format_name,
                        members=(Member(owner.user_id, ring.current.version),))

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     from app.core.access import AccessList, UserRecord
     from app.core.access_log import AccessReport
     from app.core.compaction import CompactionReport
+    from app.core.deid import Blackout
     from app.core.demo import DemoReport
     from app.core.erasure import ErasurePlan, ErasureReport
     from app.core.gc import GcReport
@@ -551,21 +552,34 @@ class Client:
         return list_repositories(self.session.store)
 
     def create_repository(self, name: str, extractor: str = DEFAULT_EXTRACTOR,
-                          bound_levels: str = "auto", storage_format: int = 2
-                          ) -> Repository:
+                          bound_levels: str = "auto", storage_format: int = 2,
+                          policy: str = "clinical") -> Repository:
         """A new repository owned by this identity (new keys); RepositoryExists if taken.
         ``bound_levels``: "auto" or "off" (see SECURITY.md). ``storage_format``: 2, the
         only one a new repository may have (packs, authenticated segments and the segment
         log, whose search answers are checked for completeness: docs/FORMAT-2.md);
-        format 1 is read-only (FORMAT-2 9.1), so a new format-1 repository is refused."""
+        format 1 is read-only (FORMAT-2 9.1), so a new format-1 repository is refused.
+        ``policy``: "clinical" (originals stored, encrypted) or "research" (de-identified
+        copies: app/core/deid.py), fixed in the signed manifest."""
         from app.core.access import create_repository_as
+        from app.core.deid import check_policy
 
         if storage_format != 2:
             raise RadcryptError(f"new repositories are in storage format 2 (format 1 is "
                                 f"read-only), not {storage_format!r}")
+        extra = {} if check_policy(policy) == "clinical" else {"policy": policy}
         repo = create_repository_as(self.session, self.identity, name, extractor,
-                                    bound_levels=bound_levels, storage_format=storage_format)
+                                    bound_levels=bound_levels, storage_format=storage_format,
+                                    **extra)
         return self.remember(repo)
+
+    @staticmethod
+    def policy(repo: Repository | Manifest) -> str:
+        """"clinical" or "research": what the repository stores of an imported file."""
+        from app.core.repository import Repository as Unlocked
+
+        manifest = repo.manifest if isinstance(repo, Unlocked) else repo
+        return manifest.policy
 
     def open_repository(self, name: str) -> Repository:
         """Open through this identity's owner-signed grant; RepositoryNotFound when there
@@ -739,9 +753,12 @@ class Client:
 
     def import_files(self, repo: Repository, paths: Iterable[str | Path],
                      progress: ProgressCallback = no_progress,
-                     cancel: CancelToken | None = None, batch_size: int | None = None
-                     ) -> ImportReport:
-        """Import files and folders (recursive); safe to re-run (resumes). Cancelling keeps
+                     cancel: CancelToken | None = None, batch_size: int | None = None,
+                     blackouts: Sequence[Blackout] = ()) -> ImportReport:
+        """Import files and folders (recursive); safe to re-run (resumes). A research
+        repository stores de-identified copies (app/core/deid.py): ``blackouts`` are
+        painted over every image first, and images with burned-in text are refused without
+        them. Cancelling keeps
         what was finished (report.cancelled). The search service, when running or
         configured, is told to re-read the repository. A format-2 import holds the
         repository's shared lock (app/core/locks.py) while it runs, so that gc never
@@ -752,7 +769,8 @@ class Client:
 
         importer = Importer(self.session.store, repo, workers=self.settings.workers,
                             batch_size=batch_size or DEFAULT_BATCH, progress=progress,
-                            cancel=cancel, writer=self.identity, settings=self.settings)
+                            cancel=cancel, writer=self.identity, settings=self.settings,
+                            blackouts=tuple(blackouts))
         if importer.format2:  # gc must not delete what this import has yet to commit
             with shared(self.session.store, repo, self.identity):
                 report = importer.run(list(paths))
@@ -1177,9 +1195,18 @@ class Client:
         return self.remember(repo), made
 
 
+def parse_blackout(text: str) -> Blackout:
+    """A blackout region of a research import (``x,y,w,h`` in pixels); RadcryptError
+    naming the text when it is not four non-negative integers with an area."""
+    from app.core.deid import Blackout
+
+    return Blackout.parse(text)
+
+
 def manifest_dict(manifest: Manifest) -> dict[str, Any]:
     """A manifest as JSON-ready data (public: it is stored in clear)."""
     data: dict[str, Any] = json.loads(manifest.to_json())
+    data["policy"] = manifest.policy  # stored only when "research": said here either way
     return data
 
 

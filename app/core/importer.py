@@ -99,7 +99,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -108,6 +108,7 @@ from pathlib import Path
 import numpy as np
 
 from app.core import basis, logstate, objects
+from app.core.deid import NEUTRAL_NAME, Blackout, DeidentificationRefused, deidentify
 from app.core.errors import Cancelled, IntegrityError, RadcryptError
 from app.core.packs import ImageReader, committed_ids
 from app.core.progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
@@ -382,14 +383,16 @@ class Importer:
                  batch_size: int = DEFAULT_BATCH, progress: ProgressCallback = no_progress,
                  cancel: CancelToken | None = None, processes: bool = True,
                  memory_limit: int | None = None, writer: Identity | None = None,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, blackouts: Sequence[Blackout] = ()
+                 ) -> None:
         """``processes``: decode in memory-limited child processes (the default, and the
         only choice for files from elsewhere); False decodes on this process's threads, for
         trusted files only (the benchmark's comparison). ``memory_limit``: bytes per decoder
         child (None: RADCRYPT_DECODER_MEMORY or 2 GiB). ``writer``: the importing user's
         identity, which signs the log entries of a format-2 repository (required there).
         ``settings``: the workstation's, for the log's rollback memory (log-heads.json);
-        None verifies the log without it."""
+        None verifies the log without it. ``blackouts``: a research repository's regions
+        painted over every image before it is de-identified (app/core/deid.py)."""
         self.store = store
         self.repo = repo
         self.workers = max(1, workers)
@@ -409,6 +412,10 @@ class Importer:
         self.format2 = is_format2(repo.manifest)
         self._log: seglog.LogState | None = None
         self._kill = _KillSwitch.from_env()
+        # Issue 16: a research repository stores a de-identified copy, never the original
+        self.research = repo.manifest.policy == "research"
+        self.blackouts = tuple(blackouts)
+        self._pseudonym_key = repo.pseudonym_key if self.research else b""
 
     def run(self, paths: Iterable[str | Path]) -> ImportReport:
         start = time.perf_counter()
@@ -529,7 +536,7 @@ class Importer:
             return _Prepared(str(path), "", None, error="cancelled")
         try:
             return self._prepare(path)
-        except ImageDecodeError as exc:
+        except (ImageDecodeError, DeidentificationRefused) as exc:
             return _Prepared(str(path), "", None, error=str(exc))
         except DecoderUnavailable as exc:  # a replacement child could not start
             return _Prepared(str(path), "", None, error=f"cannot read {path}: {exc}")
@@ -542,9 +549,38 @@ class Importer:
 
     def _prepare(self, path: Path) -> _Prepared:
         """Decode, extract features, encrypt and upload one file's objects."""
+        if self.research:
+            return self._prepare_research(path)
         size = path.stat().st_size
         data = path.read_bytes() if size < objects.STREAM_THRESHOLD else None
-        digest = hashlib.sha256(data).digest() if data is not None else _file_digest(path)
+        return self._prepare_content(path, path, path.name, size, data)
+
+    def _prepare_research(self, path: Path) -> _Prepared:
+        """A research repository: the de-identified copy (app/core/deid.py) is what is
+        hashed, decoded, described and uploaded; the original's bytes and its file name
+        never leave this function. The copy is deterministic, so its image id is too
+        (a re-run import finds it committed). The decoder child reads it from a private
+        temporary file, removed before this returns (the upload uses the bytes)."""
+        size = path.stat().st_size
+        if size >= objects.STREAM_THRESHOLD:
+            raise DeidentificationRefused(
+                f"{path.name}: {size >> 20} MiB is over the "
+                f"{objects.STREAM_THRESHOLD >> 20} MiB a research import de-identifies")
+        copy = deidentify(path.read_bytes(), self._pseudonym_key, self.blackouts,
+                          where=path.name)
+        handle, name = tempfile.mkstemp(prefix=".radcrypt-deid-", suffix=".dcm")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(copy)
+            return self._prepare_content(path, Path(name), NEUTRAL_NAME, len(copy), copy)
+        finally:
+            os.unlink(name)
+
+    def _prepare_content(self, path: Path, source: Path, label: str, size: int,
+                         data: bytes | None) -> _Prepared:
+        """``path``: the file named in the report; ``source``: the file the decoder
+        reads and a streamed upload sends; ``label``: the metadata's "name"."""
+        digest = hashlib.sha256(data).digest() if data is not None else _file_digest(source)
         image_id = image_id_for(self.repo, digest)
         if image_id in self._committed:
             return _Prepared(str(path), image_id, None)
@@ -554,15 +590,17 @@ class Importer:
         preview = self.format2 or not stored
         extractor = self.repo.manifest.extractor
         if self.format2:
-            return self._prepare_frames(path, size, data, digest, image_id, stored)
+            return self._prepare_frames(path, source, label, size, data, digest, image_id,
+                                        stored)
         children = self._children
         if children is not None:
-            analysis = children.analyse(path, extractor=extractor, preview=preview,
-                                        digest=digest if data is not None else None)
+            analysis = children.analyse(source, extractor=extractor, preview=preview,
+                                        digest=digest if data is not None else None,
+                                        name=str(path))
         elif self.processes:
             raise Cancelled("the import is ending")  # its decoder pool is closed
         else:  # trusted files only: see __init__
-            image = decode_bytes(data, str(path)) if data is not None else decode_image(path)
+            image = decode_bytes(data, str(path)) if data is not None else decode_image(source)
             analysis = analyse(image, extractor, preview)
         features = analysis.features
         self._passed("file")
@@ -570,11 +608,12 @@ class Importer:
             return _Prepared(str(path), image_id, features)
         thumb = analysis.thumbnail
         assert thumb is not None
-        meta = _metadata(path, size, digest, analysis, extractor, self.format2)
-        return self._upload(path, data, image_id, features, meta, thumb)
+        meta = _metadata(label, size, digest, analysis, extractor, self.format2)
+        return self._upload(path, source, data, image_id, features, meta, thumb)
 
-    def _prepare_frames(self, path: Path, size: int, data: bytes | None, digest: bytes,
-                        image_id: str, stored: bool) -> _Prepared:
+    def _prepare_frames(self, path: Path, source: Path, label: str, size: int,
+                        data: bytes | None, digest: bytes, image_id: str, stored: bool
+                        ) -> _Prepared:
         """Format 2: every frame of the file (up to MAX_FRAMES) becomes an image with its
         own features, preview and metadata entry; the original is stored once, under
         frame 0's id, which the other frames' metadata names (``original``). Frames a
@@ -582,13 +621,14 @@ class Importer:
         extractor = self.repo.manifest.extractor
         children = self._children
         if children is not None:
-            result = children.analyse_frames(path, extractor=extractor, preview=True,
+            result = children.analyse_frames(source, extractor=extractor, preview=True,
                                              max_frames=MAX_FRAMES,
-                                             digest=digest if data is not None else None)
+                                             digest=digest if data is not None else None,
+                                             name=str(path))
         elif self.processes:
             raise Cancelled("the import is ending")  # its decoder pool is closed
         else:  # trusted files only: see __init__
-            content = data if data is not None else path.read_bytes()
+            content = data if data is not None else source.read_bytes()
             result = analyse_frames(content, str(path), extractor, True, MAX_FRAMES)
         self._passed("file")
         multi = result.total > 1
@@ -599,22 +639,23 @@ class Importer:
                 continue
             assert analysis.thumbnail is not None
             extra.append(_Prepared(str(path), frame_id, analysis.features, frame=index,
-                                   meta=_metadata(path, size, digest, analysis, extractor,
+                                   meta=_metadata(label, size, digest, analysis, extractor,
                                                   True, (index, result.total, image_id)),
                                    thumb=analysis.thumbnail))
         first = result.frames[0]
         assert first.thumbnail is not None
-        meta = _metadata(path, size, digest, first, extractor, True,
+        meta = _metadata(label, size, digest, first, extractor, True,
                          (0, result.total, image_id) if multi else None)
-        prepared = self._upload(path, data, image_id, first.features, meta, first.thumbnail,
-                                stored)
+        prepared = self._upload(path, source, data, image_id, first.features, meta,
+                                first.thumbnail, stored)
         return _Prepared(prepared.path, prepared.image_id, prepared.features,
                          uploads=prepared.uploads, meta=meta, thumb=first.thumbnail,
                          extra=tuple(extra) if prepared.features is not None else (),
                          not_indexed=_not_indexed(result))
 
-    def _upload(self, path: Path, data: bytes | None, image_id: str, features: np.ndarray,
-                meta: bytes, thumb: bytes, stored: bool = False) -> _Prepared:
+    def _upload(self, path: Path, source: Path, data: bytes | None, image_id: str,
+                features: np.ndarray, meta: bytes, thumb: bytes, stored: bool = False
+                ) -> _Prepared:
         """Start the upload of an image's original (format 1: and its preview and
         metadata objects), once per image id in flight."""
         keys, repo_id = self.repo.keys, self.repo.repo_id
@@ -627,7 +668,7 @@ class Importer:
             if data is not None:
                 objects.put_encrypted(self.store, keys, repo_id, "objects", image_id, data)
             else:
-                objects.put_encrypted_file(self.store, keys, repo_id, image_id, path)
+                objects.put_encrypted_file(self.store, keys, repo_id, image_id, source)
             self._passed("original")
             if self.format2:
                 return
@@ -848,7 +889,7 @@ def _uploaded(prepared: _Prepared) -> _Prepared:
     return prepared
 
 
-def _metadata(path: Path, size: int, digest: bytes, analysis: Analysis,
+def _metadata(name: str | Path, size: int, digest: bytes, analysis: Analysis,
               extractor: str, format2: bool = False,
               frame: tuple[int, int, str] | None = None) -> bytes:
     """The encrypted metadata object: what the client needs to name and verify a result.
@@ -856,10 +897,11 @@ def _metadata(path: Path, size: int, digest: bytes, analysis: Analysis,
     A DICOM file's clinical attributes (app/imaging/clinical.py) are kept under
     ``clinical``; ``frame`` is (frame, frames of the instance, image id of frame 0, whose
     object is the original file) for a frame of a multi-frame instance, stored as
-    ``frame``, ``frames`` and ``original`` (app/core/meta.py reads them)."""
+    ``frame``, ``frames`` and ``original`` (app/core/meta.py reads them). ``name``: the
+    file's name, or in a research repository a neutral label (app/core/deid.py)."""
     record: dict[str, object] = {
         "format": META_FORMAT_V2 if format2 else META_FORMAT,
-        "name": path.name,
+        "name": name.name if isinstance(name, Path) else name,
         "size": size,
         "sha256": digest.hex(),
         "source_format": analysis.source_format,

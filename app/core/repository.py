@@ -102,6 +102,10 @@ class Manifest:
     # the manifest, so only an owner sets or lifts it. Written only when True, so that a
     # manifest without a hold keeps the bytes of docs/FORMAT-2.md 2.3.
     legal_hold: bool = False
+    # Issue 16: "clinical" (the original is stored, encrypted) or "research" (a copy
+    # de-identified by app/core/deid.py). Written only when "research", so that a clinical
+    # manifest keeps its bytes and an older manifest reads as clinical.
+    policy: str = "clinical"
 
     @property
     def legacy(self) -> bool:
@@ -130,9 +134,11 @@ class Manifest:
 
     def to_json(self) -> bytes:
         raw = asdict(self)
-        del raw["owner_key"], raw["co_owners"], raw["legal_hold"]
+        del raw["owner_key"], raw["co_owners"], raw["legal_hold"], raw["policy"]
         if self.legal_hold:
             raw["legal_hold"] = True
+        if self.policy != "clinical":
+            raw["policy"] = self.policy
         if self.co_owners:
             raw["owner_key"] = base64.b64encode(self.owner_key).decode()
             raw["co_owners"] = [{"user_id": c.user_id,
@@ -175,6 +181,11 @@ class Manifest:
                 raise RadcryptError(f"{where}: field 'legal_hold' must be true or false, in a "
                                     "manifest with a membership list")
             fields["legal_hold"] = raw["legal_hold"]
+        if "policy" in raw:
+            if raw["policy"] not in ("clinical", "research") or "sequence" not in fields:
+                raise RadcryptError(f"{where}: field 'policy' must be 'clinical' or "
+                                    "'research', in a manifest with a membership list")
+            fields["policy"] = raw["policy"]
         return cls(**fields)
 
 
@@ -281,6 +292,14 @@ class Repository:
     def keys(self) -> VersionKeys:
         return self.ring.current
 
+    @property
+    def pseudonym_key(self) -> bytes:
+        """The research policy's pseudonym key (app/core/deid.py): derived from the ring's
+        first data key, which every rotation keeps, so pseudonyms stay stable."""
+        from app.core.deid import pseudonym_key
+
+        return pseudonym_key(self.ring.versions[0].data_key)
+
 
 def manifest_levels(dim: int, bound_levels: str = "auto") -> list[int]:
     """The levels a new repository's manifest announces: [] when switched off."""
@@ -310,14 +329,17 @@ def _now() -> str:
 
 
 def new_repository(store: Store, name: str, extractor: str,
-                   basis_sample: np.ndarray | None, *, bound_levels: str = "auto"
-                   ) -> Repository:
+                   basis_sample: np.ndarray | None, *, bound_levels: str = "auto",
+                   policy: str = "clinical") -> Repository:
     """Fresh keys and the manifest of a repository not yet in the store (nothing written).
 
     The bound basis is fitted on ``basis_sample`` (the department's own features) or,
     without one, on the first import batch (app/core/basis.py), never on public data;
-    ``bound_levels="off"``: no levels at all.
+    ``bound_levels="off"``: no levels at all. ``policy``: "clinical" or "research"
+    (app/core/deid.py), kept in the manifest.
     """
+    if policy not in ("clinical", "research"):
+        raise RadcryptError(f"policy must be 'clinical' or 'research', not {policy!r}")
     try:
         repo_id = layout.validate_repo_id(name)
         get_extractor(extractor)
@@ -329,7 +351,7 @@ def new_repository(store: Store, name: str, extractor: str,
     ring = KeyRing(repo_id, (VersionKeys.generate(1, index_key),))
     manifest = Manifest(repo_id=repo_id, extractor=extractor, dim=FEATURE_DIM,
                         levels=manifest_levels(FEATURE_DIM, bound_levels), key_version=1,
-                        created=_now())
+                        created=_now(), policy=policy)
     return Repository(manifest, ring)
 
 

@@ -24,7 +24,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.core.client import scan_paths
+from app.core.client import Client, scan_paths
 from app.core.progress import ProgressEvent
 from app.core.types import ImportReport, Repository
 from app.gui import theme
@@ -44,6 +44,24 @@ _ICONS = {WAITING: "pending", ENCRYPTED: "lock", IMPORTED: "ok", PRESENT: "ok",
           FAILED: "fail", NOT_DONE: "pending"}
 _WORDS = {WAITING: "Waiting", ENCRYPTED: "Encrypted, uploading", IMPORTED: "Imported",
           PRESENT: "Already in the archive", FAILED: "Failed", NOT_DONE: "Not imported yet"}
+
+
+CLINICAL_WORDS = (
+    "Clinical repository: the original file is kept, encrypted, with every tag it has "
+    "(patient name and id included), and its file name.")
+RESEARCH_WORDS = (
+    "Research repository: DICOM files only, of which only a de-identified copy is kept "
+    "(DICOM PS3.15 Annex E basic profile; patient name and id replaced by this repository's "
+    "pseudonyms, dates shifted, UIDs replaced, descriptions cleaned), never the original or "
+    "its file name. Images that may carry burned-in text (ultrasound, screen captures) are "
+    "refused; the command radcrypt import --blackout X,Y,W,H paints over the text first.")
+
+
+def policy_words(repo: Repository | None) -> str:
+    """What the repository keeps of an imported file (its policy), or a hint without one."""
+    if repo is None:
+        return "Open a repository: what is kept of each file depends on its policy."
+    return RESEARCH_WORDS if Client.policy(repo) == "research" else CLINICAL_WORDS
 
 
 @dataclass
@@ -148,9 +166,12 @@ class ImportPage(QWidget):
         layout.setContentsMargins(20, 16, 20, 16)
         layout.setSpacing(10)
         layout.addWidget(PageHeader(
-            "Import", "Images are encrypted on this workstation before anything is uploaded. "
-            "The original file is kept, encrypted, with every tag it has (patient name "
-            "and id included); only members of the repository can decrypt it."))
+            "Import", "Images are encrypted on this workstation before anything is uploaded; "
+            "only members of the repository can decrypt them."))
+        # Issue 16: what the open repository keeps of a file, in its policy's own words
+        self.policy_note = muted_label(policy_words(None))
+        self.policy_note.setWordWrap(True)
+        layout.addWidget(self.policy_note)
 
         self.drop = DropArea("Drop DICOM, PNG, JPEG or TIFF files or whole folders here",
                              "Folders are searched recursively; hidden files are skipped.")
@@ -215,6 +236,7 @@ class ImportPage(QWidget):
         if self.running:
             return  # the running import keeps its repository; the list stays as it is
         self.repo = repo
+        self.policy_note.setText(policy_words(repo))
         if self.model.rows and repo is not None:
             self.model.mark_all((*DONE_STATES, FAILED, ENCRYPTED, NOT_DONE), WAITING, "")
             self.was_cancelled = False
