@@ -291,7 +291,25 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{len(made)} screenshots written to {out}")
+    _release_qt()
     return 0
+
+
+def _release_qt() -> None:
+    """Delete every top-level widget while the application still exists: left to the
+    interpreter's teardown, Python destroyed them after the QApplication and the process
+    ended with a segmentation fault (exit status 139) after writing every screenshot."""
+    from PyQt6.QtCore import QCoreApplication, QEvent
+    from PyQt6.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    if app is None:
+        return
+    for widget in QApplication.topLevelWidgets():
+        widget.close()
+        widget.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete.value)
+    app.processEvents()
 
 
 if __name__ == "__main__":
