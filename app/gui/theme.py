@@ -19,7 +19,7 @@ from typing import Any
 from PyQt6.QtCore import QByteArray, QObject, QSize, Qt
 from PyQt6.QtGui import QColor, QGuiApplication, QIcon, QPainter, QPalette, QPixmap
 from PyQt6.QtSvg import QSvgRenderer
-from PyQt6.QtWidgets import QApplication, QStyleFactory
+from PyQt6.QtWidgets import QApplication
 
 ACCENT = "#17808f"
 
@@ -146,9 +146,13 @@ def apply_theme(app: QApplication, dark: bool | None = None) -> Colors:
     if dark is None:
         dark = system_is_dark()
     colors = DARK if dark else LIGHT
-    style = QStyleFactory.create("Fusion")
-    if style is not None and app.style().name().lower() != "fusion":
-        app.setStyle(style)
+    # By name: Qt creates the style and the application owns it. A QStyle made here with
+    # QStyleFactory has a Python wrapper too; one full `make test` crashed (SIGSEGV) inside
+    # setStyle on the second theme change of a test, once in 2026-11-27's runs: no style
+    # object of ours can be collected under the application any more.
+    current = app.style()
+    if current is None or current.name().lower() != "fusion":
+        app.setStyle("Fusion")
     app.setProperty("radcryptDark", dark)
     app.setPalette(_palette(colors))
     font = app.font()
