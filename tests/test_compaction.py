@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,11 +38,7 @@ FILES = 12
 BATCH = 2
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> DirectoryStore:
-    found = DirectoryStore(tmp_path / "bucket")
-    found.ensure_bucket()
-    return found
+store = fx.store  # the fixture: an empty directory store per test
 
 
 def _snapshot(store: DirectoryStore, owner: fx.Workstation, repo: Repository

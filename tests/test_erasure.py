@@ -40,11 +40,7 @@ FILES = 6
 BATCH = 2
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> DirectoryStore:
-    found = DirectoryStore(tmp_path / "bucket")
-    found.ensure_bucket()
-    return found
+store = fx.store  # the fixture: an empty directory store per test
 
 
 def _metas(store: DirectoryStore, who: fx.Workstation, repo: Repository) -> list[ImageMeta]:

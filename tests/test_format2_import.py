@@ -28,6 +28,7 @@ from app.imaging.worker import analyse
 from cloud import layout, seglog
 from cloud.backend import ObjectExists, Store, StoreError
 from cloud.directory_store import DirectoryStore
+from cloud.search import EncryptedIndex, search
 from cloud.segments import decode_segment, verify_segment_mac
 from crypto import pack
 from crypto.identity import Identity
@@ -207,24 +208,28 @@ def test_interrupted_import_resumes_without_duplicates_or_uploading_again(
 
 
 class _Racing(DirectoryStore):
-    """Holds the first log entry of each of two writers until both are ready to write it,
-    so both try the same sequence: one wins, the other must verify and retry."""
+    """Holds the first bound-basis write and the first log entry of each of two writers
+    until both are ready to write it, so both try the same object: one wins, the other must
+    recognise the loss (adopt the winner's basis; verify the log and retry its entry)."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
-        self.barrier = threading.Barrier(2, timeout=60)
-        self.held = 0
+        self.barriers = {"basis": threading.Barrier(2, timeout=60),
+                         "log": threading.Barrier(2, timeout=60)}
+        self.held: collections.Counter[str] = collections.Counter()
         self.lost: list[str] = []
         self._lock = threading.Lock()
 
     def put(self, key: str, data: bytes | bytearray | memoryview, *,
             if_absent: bool = False) -> None:
-        if "/log/" in key and not key.endswith("/" + "0" * 20):
+        race = ("basis" if "/basis/" in key
+                else "log" if "/log/" in key and not key.endswith("/" + "0" * 20) else "")
+        if race:
             with self._lock:
-                self.held += 1
-                wait = self.held <= 2
+                self.held[race] += 1
+                wait = self.held[race] <= 2
             if wait:
-                self.barrier.wait()
+                self.barriers[race].wait()
         try:
             super().put(key, data, if_absent=if_absent)
         except ObjectExists:
@@ -267,7 +272,14 @@ def test_two_concurrent_importers_commit_everything(tmp_path: Path) -> None:
     assert all(not r.failed and len(r.imported) == 8 for r in reports.values())
 
     state = logstate.verified_log(store, owner_session.settings, repo)
-    assert store.lost[0] == layout.log_entry_key(repo.repo_id, 1)  # the race happened
+    # Both races happened: one importer lost the bound basis (app/core/basis.py) and
+    # adopted the winner's, one lost log entry 1 and redid it at a later sequence (a loser
+    # may lose a later entry too). Which importer lost which varies from run to run.
+    basis = layout.basis_key(repo.repo_id, repo.keys.version)
+    assert store.lost.count(basis) == 1, store.lost
+    assert store.lost.count(layout.log_entry_key(repo.repo_id, 1)) == 1, store.lost
+    log_keys = {layout.log_entry_key(repo.repo_id, s) for s in range(1, 9)}
+    assert set(store.lost) <= log_keys | {basis}, store.lost
     assert state.head.sequence == 8  # after genesis, 4 batches each
     assert state.images() == 16 and len(state.packs()) == 8
     writers = collections.Counter()
@@ -276,6 +288,29 @@ def test_two_concurrent_importers_commit_everything(tmp_path: Path) -> None:
         writers[seglog.decode_payload(blob[101:], "entry").writer] += 1
     assert writers == {owner.user_id: 4, member.user_id: 4}
     assert ImageReader(store, repo, state).image_ids() == set(_ids(repo, files))
+    # Every image of both importers indexed exactly once, and found first by its own
+    # features. Its level rows are encrypted with the one stored basis and level keys
+    # (the basis loser adopted the winner's): a level vector is (B_m p, ||p - B_m^T B_m p||)
+    # (crypto/bounds.py), so for the query p = the image's own features each level scores
+    # exactly what the full vector scores, r ||p||^2 / 2; a row under other level keys
+    # scores garbage (its noise does not cancel).
+    assert fx.image_counts(store, owner_session.settings, repo) == dict.fromkeys(
+        _ids(repo, files), 1)
+    opened = open_repository_as(owner_session, owner, "f2")  # with the stored basis
+    order, parts = fx.index_contents(store, owner_session.settings, opened)
+    index = EncryptedIndex.concat(parts)
+    reader = ImageReader(store, opened, state)
+    for image_id in sorted(reader.image_ids()):
+        token = fx.query_token(opened, np.array([reader.meta(image_id)[0]["features"]]))
+        assert order[int(search(index, token, 1).positions[0])] == image_id
+        row = order.index(image_id)
+        full = float(index.full[row] @ token.full[0])
+        assert full > 0, image_id
+        for level, (rows, tokens) in enumerate(zip(index.levels, token.levels, strict=True)):
+            score = float(rows[row] @ tokens[0])
+            slack = 1e-9 * (float(np.linalg.norm(rows[row]) * np.linalg.norm(tokens[0]))
+                            + full)
+            assert abs(score - full) <= slack, (image_id, level, score, full)
 
 
 def test_a_pack_entry_moved_from_another_pack_does_not_open(tmp_path: Path) -> None:

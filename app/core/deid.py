@@ -270,7 +270,9 @@ def _blackout(ds: object, regions: Iterable[Blackout]) -> None:
     uncompressed (pixel_array gives RGB for YBR, which the header then says)."""
     import numpy as np
 
-    ds.decompress()  # type: ignore[attr-defined]
+    # pydicom's decompress() raises on a dataset that is not compressed (US1_UNCR.dcm)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:  # type: ignore[attr-defined]
+        ds.decompress()  # type: ignore[attr-defined]
     pixels = np.array(ds.pixel_array)  # type: ignore[attr-defined]
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)

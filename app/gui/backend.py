@@ -33,6 +33,7 @@ from app.core.settings import MEMORY, Settings
 from app.core.studies import Study, group_studies
 
 if TYPE_CHECKING:
+    from app.core.deid import Blackout
     from app.core.types import (
         DecodedImage,
         ImportReport,
@@ -338,9 +339,17 @@ class Backend:
 
     def import_files(self, repo: Repository, paths: list[str],
                      progress: ProgressCallback = no_progress,
-                     cancel: CancelToken | None = None, batch_size: int | None = None
-                     ) -> ImportReport:
-        return self._client().import_files(repo, list(paths), progress, cancel, batch_size)
+                     cancel: CancelToken | None = None, batch_size: int | None = None,
+                     blackouts: Sequence[Blackout] = ()) -> ImportReport:
+        """``blackouts``: regions painted over every image of a research repository's
+        import (app/core/deid.py), given for a file refused for burned-in text."""
+        return self._client().import_files(repo, list(paths), progress, cancel, batch_size,
+                                           blackouts=tuple(blackouts))
+
+    @staticmethod
+    def policy(repo: Repository) -> str:
+        """"clinical" or "research" (de-identified copies only: app/core/deid.py)."""
+        return Client.policy(repo)
 
     def search(self, repo: Repository, path: str, k: int) -> SearchOutcome:
         """Nearest archived images of one query file, with the hits' decrypted previews.

@@ -32,9 +32,7 @@ from PyQt6.QtWidgets import (
     QApplication,
     QDialog,
     QLabel,
-    QLineEdit,
     QMainWindow,
-    QProgressBar,
     QPushButton,
     QToolButton,
     QWidget,
@@ -44,7 +42,13 @@ from app.core.errors import AccessDenied
 from app.core.settings import DEFAULT_LOCK_MINUTES, MAX_LOCK_MINUTES
 from app.gui import theme
 from app.gui.tasks import TaskError
-from app.gui.widgets import gate_card, muted_label, primary
+from app.gui.widgets import (
+    gate_card,
+    gate_status_rows,
+    gate_titles,
+    password_edit,
+    primary,
+)
 
 LOCK_SHORTCUT = "Ctrl+L"
 WRONG_PASSWORD = "Wrong password. Radcrypt stays locked; please try again."
@@ -112,35 +116,12 @@ class LockScreen(QWidget):
         icon.setPixmap(theme.render_svg("lock", 48, theme.current_colors().accent))
         icon.setAlignment(Qt.AlignmentFlag.AlignCenter)
         layout.addWidget(icon)
-        title = QLabel("Radcrypt is locked")
-        title.setObjectName("PageTitle")
-        title.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        layout.addWidget(title)
-        self.heading = QLabel("")
-        self.heading.setObjectName("CardTitle")
-        self.heading.setWordWrap(True)
-        self.heading.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        layout.addWidget(self.heading)
-        self.explain = muted_label("")
-        self.explain.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        layout.addWidget(self.explain)
-        self.password = QLineEdit()
-        self.password.setEchoMode(QLineEdit.EchoMode.Password)
-        self.password.setPlaceholderText("Password")
+        self.heading, self.explain = gate_titles(layout, "Radcrypt is locked")
+        self.password = password_edit()
         self.password.returnPressed.connect(self.submit)
         self.password.textChanged.connect(self._validate)
         layout.addWidget(self.password)
-        self.error = QLabel("")
-        self.error.setObjectName("ErrorText")
-        self.error.setWordWrap(True)
-        self.error.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        layout.addWidget(self.error)
-        self.busy_bar = QProgressBar()
-        self.busy_bar.setRange(0, 0)
-        self.busy_bar.setFixedHeight(6)
-        self.busy_bar.setTextVisible(False)
-        self.busy_bar.hide()
-        layout.addWidget(self.busy_bar)
+        self.error, self.busy_bar = gate_status_rows(layout)
         self.unlock_button = primary(QPushButton(theme.icon("unlock", "#ffffff"), "Unlock"))
         self.unlock_button.setDefault(True)
         self.unlock_button.clicked.connect(self.submit)

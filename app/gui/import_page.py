@@ -9,6 +9,7 @@ skip what is already there, so nothing is lost or doubled).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ from PyQt6.QtWidgets import (
 )
 
 from app.core.client import Client, scan_paths
+from app.core.deid import Blackout
 from app.core.progress import ProgressEvent
 from app.core.types import ImportReport, Repository
 from app.gui import theme
+from app.gui.blackout_dialog import BlackoutDialog, is_burned_in_refusal, refusal_words
 from app.gui.context import AppContext
 from app.gui.tasks import Task, TaskContext, TaskError
 from app.gui.widgets import DropArea, PageHeader, left_headers, muted_label, primary
@@ -37,13 +40,15 @@ ENCRYPTED = "encrypted"
 IMPORTED = "imported"
 PRESENT = "already present"
 FAILED = "failed"
+NEEDS_BLACKOUT = "needs blackout"  # research repository: may show burned-in patient text
 NOT_DONE = "not imported yet"
 DONE_STATES = (IMPORTED, PRESENT)
-FINISHED_STATES = (IMPORTED, PRESENT, FAILED, ENCRYPTED)
+FINISHED_STATES = (IMPORTED, PRESENT, FAILED, ENCRYPTED, NEEDS_BLACKOUT)
 _ICONS = {WAITING: "pending", ENCRYPTED: "lock", IMPORTED: "ok", PRESENT: "ok",
-          FAILED: "fail", NOT_DONE: "pending"}
+          FAILED: "fail", NOT_DONE: "pending", NEEDS_BLACKOUT: "fail"}
 _WORDS = {WAITING: "Waiting", ENCRYPTED: "Encrypted, uploading", IMPORTED: "Imported",
-          PRESENT: "Already in the archive", FAILED: "Failed", NOT_DONE: "Not imported yet"}
+          PRESENT: "Already in the archive", FAILED: "Failed", NOT_DONE: "Not imported yet",
+          NEEDS_BLACKOUT: "Needs text blacked out"}
 
 
 CLINICAL_WORDS = (
@@ -54,7 +59,8 @@ RESEARCH_WORDS = (
     "(DICOM PS3.15 Annex E basic profile; patient name and id replaced by this repository's "
     "pseudonyms, dates shifted, UIDs replaced, descriptions cleaned), never the original or "
     "its file name. Images that may carry burned-in text (ultrasound, screen captures) are "
-    "refused; the command radcrypt import --blackout X,Y,W,H paints over the text first.")
+    "refused at first; select one and press \"Mark text to black out…\" to paint over "
+    "the text, then it is imported.")
 
 
 def policy_words(repo: Repository | None) -> str:
@@ -115,7 +121,12 @@ class ImportModel(QAbstractTableModel):
             self.dataChanged.emit(self.index(0, 1), self.index(len(self.rows) - 1, 2))
 
     def pending(self) -> list[str]:
-        return [r.path for r in self.rows if r.status not in (*DONE_STATES, FAILED)]
+        return [r.path for r in self.rows
+                if r.status not in (*DONE_STATES, FAILED, NEEDS_BLACKOUT)]
+
+    def status_of(self, path: str) -> str:
+        row = self._index.get(path)
+        return self.rows[row].status if row is not None else ""
 
     def count(self, *states: str) -> int:
         return sum(1 for r in self.rows if r.status in states)
@@ -148,7 +159,7 @@ class ImportModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DecorationRole and col == 1:
             c = theme.current_colors()
             colour = {IMPORTED: c.success, PRESENT: c.success, FAILED: c.danger,
-                      ENCRYPTED: c.accent}.get(row.status, c.muted)
+                      NEEDS_BLACKOUT: c.danger, ENCRYPTED: c.accent}.get(row.status, c.muted)
             return theme.icon(_ICONS.get(row.status, "pending"), colour)
         return None
 
@@ -200,6 +211,9 @@ class ImportPage(QWidget):
         header.setStretchLastSection(True)
         self.table.setColumnWidth(0, 300)
         self.table.setColumnWidth(1, 200)
+        selection = self.table.selectionModel()
+        assert selection is not None  # the model was just set
+        selection.selectionChanged.connect(lambda *_: self._update())
         layout.addWidget(self.table, 1)
 
         self.progress = QProgressBar()
@@ -220,7 +234,14 @@ class ImportPage(QWidget):
         self.resume_button.clicked.connect(self.start)
         self.start_button = primary(QPushButton(theme.icon("import", "#ffffff"), "Import"))
         self.start_button.clicked.connect(self.start)
+        # Issue 16: an image a research repository refused for burned-in text
+        self.blackout_button = QPushButton("Mark text to black out…")
+        self.blackout_button.setToolTip("Drag rectangles over the text in the image; the "
+                                        "file is then imported with them painted black")
+        self.blackout_button.clicked.connect(self.mark_blackout)
+        self.blackout_dialog: BlackoutDialog | None = None
         row.addWidget(self.summary, 1)
+        row.addWidget(self.blackout_button)
         row.addWidget(self.clear_button)
         row.addWidget(self.cancel_button)
         row.addWidget(self.resume_button)
@@ -238,7 +259,8 @@ class ImportPage(QWidget):
         self.repo = repo
         self.policy_note.setText(policy_words(repo))
         if self.model.rows and repo is not None:
-            self.model.mark_all((*DONE_STATES, FAILED, ENCRYPTED, NOT_DONE), WAITING, "")
+            self.model.mark_all((*DONE_STATES, FAILED, ENCRYPTED, NOT_DONE, NEEDS_BLACKOUT),
+                                WAITING, "")
             self.was_cancelled = False
             self.progress.setValue(0)
         if self.read_only and repo is not None:
@@ -317,16 +339,25 @@ class ImportPage(QWidget):
             self.summary.setText("Nothing left to import.")
             return
         self.model.mark_all((NOT_DONE, ENCRYPTED), WAITING, "")
+        self._run(repo, paths)
+
+    def _run(self, repo: Repository, paths: list[str],
+             blackouts: Sequence[Blackout] = ()) -> None:
+        """Import ``paths`` in a background task (with ``blackouts``: one refused file)."""
         for path in paths:
             self.model.set_status(path, WAITING, "")
         self.was_cancelled = False
         backend = self.ctx.backend
+        regions = tuple(blackouts)
 
         def work(ctx: TaskContext) -> ImportReport:
-            return backend.import_files(repo, paths, ctx.progress, ctx.cancel)
+            return backend.import_files(repo, paths, ctx.progress, ctx.cancel,
+                                        blackouts=regions)
 
         self._refresh_progress()
-        self.summary.setText(f"Importing {len(paths)} files into {repo.repo_id}…")
+        self.summary.setText(f"Importing {len(paths)} files into {repo.repo_id}" +
+                             (f" with {len(regions)} blacked-out regions…" if regions
+                              else "…"))
         self.task = self.ctx.runner.run(
             f"Importing {len(paths)} files", work, cancellable=True,
             on_progress=self._on_progress, on_done=self._on_done, on_error=self._on_error,
@@ -346,6 +377,8 @@ class ImportPage(QWidget):
             if event.status == "failed":
                 if event.message == "cancelled" or not event.message:
                     self.model.set_status(event.item, NOT_DONE, "")
+                elif is_burned_in_refusal(event.message):
+                    self.model.set_status(event.item, NEEDS_BLACKOUT, refusal_words())
                 else:
                     self.model.set_status(event.item, FAILED, event.message)
             elif event.status == "already present":
@@ -369,10 +402,16 @@ class ImportPage(QWidget):
         self.was_cancelled = report.cancelled
         for path, _ in report.imported:
             self.model.set_status(path, IMPORTED, "committed to the index")
+        refused = [p for p, reason in report.failed if is_burned_in_refusal(reason)]
+        for path in refused:
+            self.model.set_status(path, NEEDS_BLACKOUT, refusal_words())
         if report.cancelled:
             self.model.mark_all((WAITING, ENCRYPTED), NOT_DONE, "")
+        failed = len(report.failed) - len(refused)
         text = (f"{len(report.imported)} imported, {len(report.already_present)} already "
-                f"present, {len(report.failed)} failed in {report.seconds:.1f} s")
+                f"present, {failed} failed" +
+                (f", {len(refused)} need{'s' if len(refused) == 1 else ''} text blacked out"
+                 if refused else "") + f" in {report.seconds:.1f} s")
         if report.cancelled:
             left = len(self.model.pending())
             self.summary.setText(f"Cancelled: {text}. {left} not imported yet — press Resume "
@@ -384,7 +423,13 @@ class ImportPage(QWidget):
             "import", f"{'Cancelled import' if report.cancelled else 'Imported'} into "
             f"{repo_id}: {text}",
             "\n".join(f"failed: {p}: {r}" for p, r in report.failed), repo_id)
-        if report.failed:
+        if refused:
+            n = len(refused)
+            were, which = ("were", "one") if n != 1 else ("was", "it")
+            self.ctx.info(f"{n} image{'s' if n != 1 else ''} may show patient details "
+                          f"written into the picture and {were} not imported. Select "
+                          f"{which} and press \"Mark text to black out…\".", "warning")
+        elif report.failed:
             first = report.failed[0]
             self.ctx.info(f"{len(report.failed)} file(s) could not be imported, for example "
                           f"{Path(first[0]).name}: {first[1]}", "warning")
@@ -410,6 +455,39 @@ class ImportPage(QWidget):
         self.task = None
         self._update()
 
+    # --- blackout regions (issue 16) ----------------------------------------------------
+
+    def blackout_candidate(self) -> str:
+        """The selected row when it was refused for burned-in text, else the first such
+        row; "" when there is none."""
+        selection = self.table.selectionModel()
+        rows = selection.selectedRows() if selection is not None else []
+        if rows:
+            row = self.model.rows[rows[0].row()]
+            if row.status == NEEDS_BLACKOUT:
+                return row.path
+        return next((r.path for r in self.model.rows if r.status == NEEDS_BLACKOUT), "")
+
+    def mark_blackout(self) -> None:
+        """Open the dialog for one refused file; on "Import", import it with the regions."""
+        path = self.blackout_candidate()
+        if not path or self.running or self.repo is None:
+            return
+        dialog = BlackoutDialog(self.ctx, path, parent=self)
+        self.blackout_dialog = dialog
+        repo = self.repo
+
+        def accepted() -> None:
+            regions = dialog.regions()
+            self.blackout_dialog = None
+            if regions and not self.running and self.repo is repo:
+                self._run(repo, [path], regions)
+
+        dialog.accepted.connect(accepted)
+        dialog.rejected.connect(lambda: setattr(self, "blackout_dialog", None))
+        dialog.setWindowModality(Qt.WindowModality.WindowModal)
+        dialog.show()
+
     def _update(self) -> None:
         running = self.running
         pending = bool(self.model.pending())
@@ -426,6 +504,9 @@ class ImportPage(QWidget):
         self.clear_button.setEnabled(not running and bool(self.model.rows))
         self.add_files_button.setEnabled(True)
         self.add_folder_button.setEnabled(True)
+        refused = self.model.count(NEEDS_BLACKOUT)
+        self.blackout_button.setVisible(bool(refused))
+        self.blackout_button.setEnabled(not running and has_repo and bool(refused))
 
 
 READ_ONLY_START = "Read-only: this repository is in the old storage format 1"

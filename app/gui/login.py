@@ -11,7 +11,6 @@ from PyQt6.QtWidgets import (
     QFormLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QWidget,
 )
@@ -21,7 +20,15 @@ from app.gui import theme
 from app.gui.backend import password_problem, password_strength
 from app.gui.context import AppContext
 from app.gui.tasks import TaskError
-from app.gui.widgets import StrengthMeter, gate_card, muted_label, primary
+from app.gui.widgets import (
+    StrengthMeter,
+    gate_card,
+    gate_status_rows,
+    gate_titles,
+    muted_label,
+    password_edit,
+    primary,
+)
 
 REGISTER = "register"
 UNLOCK = "unlock"
@@ -48,30 +55,15 @@ class GatePage(QWidget):
         logo.setPixmap(theme.logo_pixmap(56))
         logo.setAlignment(Qt.AlignmentFlag.AlignCenter)
         layout.addWidget(logo)
-        title = QLabel("Radcrypt")
-        title.setObjectName("PageTitle")
-        title.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        layout.addWidget(title)
-        self.heading = QLabel("")
-        self.heading.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.heading.setWordWrap(True)
-        self.heading.setObjectName("CardTitle")
-        layout.addWidget(self.heading)
-        self.explain = muted_label("")
-        self.explain.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        layout.addWidget(self.explain)
+        self.heading, self.explain = gate_titles(layout, "Radcrypt")
 
         form = QFormLayout()
         form.setVerticalSpacing(8)
         self.name = QLineEdit()
         self.name.setPlaceholderText("e.g. Dr. Ana Silva, Radiology")
         self.name.setMaxLength(80)
-        self.password = QLineEdit()
-        self.password.setEchoMode(QLineEdit.EchoMode.Password)
-        self.password.setPlaceholderText("Password")
-        self.again = QLineEdit()
-        self.again.setEchoMode(QLineEdit.EchoMode.Password)
-        self.again.setPlaceholderText("The same password again")
+        self.password = password_edit()
+        self.again = password_edit("The same password again")
         self.strength = StrengthMeter()
         self.name_label = QLabel("Your name:")
         self.password_label = QLabel("Password:")
@@ -85,17 +77,7 @@ class GatePage(QWidget):
             edit.textChanged.connect(self._validate)
             edit.returnPressed.connect(self.submit)
 
-        self.error = QLabel("")
-        self.error.setObjectName("ErrorText")
-        self.error.setWordWrap(True)
-        self.error.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        layout.addWidget(self.error)
-        self.busy_bar = QProgressBar()
-        self.busy_bar.setRange(0, 0)
-        self.busy_bar.setFixedHeight(6)
-        self.busy_bar.setTextVisible(False)
-        self.busy_bar.hide()
-        layout.addWidget(self.busy_bar)
+        self.error, self.busy_bar = gate_status_rows(layout)
         self.submit_button = primary(QPushButton(""))
         self.submit_button.setDefault(True)
         self.submit_button.clicked.connect(self.submit)

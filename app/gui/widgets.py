@@ -31,6 +31,7 @@ from PyQt6.QtWidgets import (
     QFrame,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QListView,
     QPlainTextEdit,
     QProgressBar,
@@ -201,6 +202,52 @@ def gate_card(page: QWidget) -> tuple[QFrame, QVBoxLayout]:
     layout.setContentsMargins(32, 28, 32, 28)
     layout.setSpacing(12)
     return frame, layout
+
+
+def gate_titles(layout: QVBoxLayout, title: str) -> tuple[QLabel, QLabel]:
+    """The title, heading and explanation rows of a gate card, centred, added to
+    ``layout`` (the caller's logo or icon goes above). Returns (heading, explanation) for
+    the caller to fill: the sign-in page and the lock screen word them differently."""
+    title_label = QLabel(title)
+    title_label.setObjectName("PageTitle")
+    title_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+    layout.addWidget(title_label)
+    heading = QLabel("")
+    heading.setObjectName("CardTitle")
+    heading.setWordWrap(True)
+    heading.setAlignment(Qt.AlignmentFlag.AlignCenter)
+    layout.addWidget(heading)
+    explain = muted_label("")
+    explain.setAlignment(Qt.AlignmentFlag.AlignCenter)
+    layout.addWidget(explain)
+    return heading, explain
+
+
+def password_edit(placeholder: str = "Password") -> QLineEdit:
+    """A password field: what is typed is never shown."""
+    edit = QLineEdit()
+    edit.setEchoMode(QLineEdit.EchoMode.Password)
+    edit.setPlaceholderText(placeholder)
+    return edit
+
+
+def gate_status_rows(layout: QVBoxLayout) -> tuple[QLabel, QProgressBar]:
+    """The error line and the busy bar under a gate card's password, added to ``layout``.
+    The error line says in plain words why nothing was unlocked; the thin, hidden,
+    indeterminate bar is shown while the password is stretched (scrypt takes seconds,
+    in a worker), so the card does not look frozen."""
+    error = QLabel("")
+    error.setObjectName("ErrorText")
+    error.setWordWrap(True)
+    error.setAlignment(Qt.AlignmentFlag.AlignCenter)
+    layout.addWidget(error)
+    bar = QProgressBar()
+    bar.setRange(0, 0)
+    bar.setFixedHeight(6)
+    bar.setTextVisible(False)
+    bar.hide()
+    layout.addWidget(bar)
+    return error, bar
 
 
 def tool_button(icon_name: str, tip: str, on_click: Callable[[], None] | None = None,

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -33,11 +31,7 @@ FILES = 6
 BATCH = 2
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> DirectoryStore:
-    found = DirectoryStore(tmp_path / "bucket")
-    found.ensure_bucket()
-    return found
+store = fx.store  # the fixture: an empty directory store per test
 
 
 def _victim(store: DirectoryStore, owner: fx.Workstation, repo: object) -> ImageMeta:
