@@ -267,11 +267,14 @@ def test_repo_create_format_flag(world: World) -> None:
 def test_format_1_is_read_only(world: World) -> None:
     """An import into a format-1 repository is refused before any write, naming the
     migration; searching it still works (test above), so do showing and listing."""
-    def stored() -> dict[str, bytes]:  # the repository's objects (the audit trail aside)
+    def stored() -> dict[str, bytes]:  # the repository's objects (audit and access log aside)
         return {k: v for k, v in fx.snapshot(world.store).items()
-                if f"/repos/{REPO1}/" in k and "/audit/" not in k}
+                if f"/repos/{REPO1}/" in k and "/audit/" not in k and "/access/" not in k}
 
-    before = stored()
+    def access_entries() -> int:  # the access log records a decryption in any format
+        return sum(f"/repos/{REPO1}/access/" in k for k in fx.snapshot(world.store))
+
+    before, logged = stored(), access_entries()
     done = world.cli("import", "--repo", REPO1, str(world.files[IMAGES]))
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stderr.strip() == (
@@ -286,7 +289,8 @@ def test_format_1_is_read_only(world: World) -> None:
         assert len(ids) == 2
         assert {m.name for m in client.list_images(repo)} == {f.name for f in world.files[:2]}
         assert client.thumbnail_png(repo, ids[0]).startswith(b"\x89PNG")
-    assert stored() == before  # not one object written or changed
+    assert stored() == before  # not one object of the repository written or changed
+    assert access_entries() == logged + 1  # the preview's decryption, recorded (issue 16)
     listed = world.cli("repo", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     formats = {r["repo_id"]: r["format"] for r in json.loads(listed.stdout)["repositories"]}
