@@ -33,8 +33,8 @@ from app.core.settings import MEMORY, Settings
 from app.core.studies import Study, group_studies
 
 if TYPE_CHECKING:
-    from app.core.deid import Blackout
     from app.core.types import (
+        Blackout,
         DecodedImage,
         ImportReport,
         Manifest,

@@ -30,7 +30,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.core.deid import Blackout
+from app.core.types import Blackout
 from app.gui.context import AppContext
 from app.gui.tasks import TaskContext, TaskError
 from app.gui.widgets import muted_label, primary, qimage_from_array

@@ -26,9 +26,8 @@ from PyQt6.QtWidgets import (
 )
 
 from app.core.client import Client, scan_paths
-from app.core.deid import Blackout
 from app.core.progress import ProgressEvent
-from app.core.types import ImportReport, Repository
+from app.core.types import Blackout, ImportReport, Repository
 from app.gui import theme
 from app.gui.blackout_dialog import BlackoutDialog, is_burned_in_refusal, refusal_words
 from app.gui.context import AppContext
