@@ -146,13 +146,13 @@ def apply_theme(app: QApplication, dark: bool | None = None) -> Colors:
     if dark is None:
         dark = system_is_dark()
     colors = DARK if dark else LIGHT
-    # By name: Qt creates the style and the application owns it. A QStyle made here with
-    # QStyleFactory has a Python wrapper too; one full `make test` crashed (SIGSEGV) inside
-    # setStyle on the second theme change of a test, once in 2026-11-27's runs: no style
-    # object of ours can be collected under the application any more.
-    current = app.style()
-    if current is None or current.name().lower() != "fusion":
+    # Fusion once per application, by name (Qt creates and owns it). Not by comparing
+    # app.style().name(): once a style sheet is set, app.style() is Qt's style-sheet proxy
+    # whose name is "", so every theme change replaced the style under live widgets, and a
+    # full `make test` crashed (SIGSEGV) inside setStyle twice on 2026-11-27.
+    if app.property("radcryptFusion") is not True:
         app.setStyle("Fusion")
+        app.setProperty("radcryptFusion", True)
     app.setProperty("radcryptDark", dark)
     app.setPalette(_palette(colors))
     font = app.font()
