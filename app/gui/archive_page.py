@@ -52,7 +52,6 @@ from PyQt6.QtWidgets import (
     QLabel,
     QLineEdit,
     QListView,
-    QListWidget,
     QListWidgetItem,
     QMenu,
     QProgressBar,
@@ -90,6 +89,7 @@ from app.gui.widgets import (
     primary,
     qimage_from_png,
     set_prop,
+    tile_strip,
 )
 
 PAGE_SIZE = 48
@@ -623,16 +623,8 @@ class ArchivePage(QWidget):
         row.addWidget(self.all_images_button)
         row.addWidget(self.open_series_button)
         box.addLayout(row)
-        self.series_strip = QListWidget()
-        self.series_strip.setViewMode(QListView.ViewMode.IconMode)
-        self.series_strip.setFlow(QListView.Flow.LeftToRight)
-        self.series_strip.setWrapping(False)
-        self.series_strip.setMovement(QListView.Movement.Static)
-        self.series_strip.setIconSize(QSize(SERIES_TILE, SERIES_TILE))
-        self.series_strip.setGridSize(QSize(SERIES_TILE + 84, SERIES_TILE + 52))
-        self.series_strip.setFixedHeight(SERIES_TILE + 62)
-        self.series_strip.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
-        self.series_strip.setItemDelegate(TileDelegate(self.series_strip))
+        self.series_strip = tile_strip(SERIES_TILE, QSize(SERIES_TILE + 84, SERIES_TILE + 52),
+                                       SERIES_TILE + 62)
         self.series_strip.currentRowChanged.connect(self._series_row_chosen)
         self.series_strip.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.series_strip.customContextMenuRequested.connect(self._series_menu)

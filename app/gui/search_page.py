@@ -26,8 +26,6 @@ from PyQt6.QtWidgets import (
     QFrame,
     QHBoxLayout,
     QLabel,
-    QListView,
-    QListWidget,
     QListWidgetItem,
     QPushButton,
     QScrollArea,
@@ -52,12 +50,12 @@ from app.gui.widgets import (
     ElidedLabel,
     ImagePanel,
     PageHeader,
-    TileDelegate,
     card,
     muted_label,
     primary,
     qimage_from_array,
     qimage_from_png,
+    tile_strip,
 )
 
 STRIP_TILE = 88
@@ -330,16 +328,8 @@ class SearchPage(QWidget):
                                 wrap=False)
         strip_row.addWidget(self.hint)
         layout.addLayout(strip_row)
-        self.strip = QListWidget()
-        self.strip.setViewMode(QListView.ViewMode.IconMode)
-        self.strip.setFlow(QListView.Flow.LeftToRight)
-        self.strip.setWrapping(False)
-        self.strip.setMovement(QListView.Movement.Static)
-        self.strip.setIconSize(QSize(STRIP_TILE, STRIP_TILE))
-        self.strip.setGridSize(QSize(STRIP_TILE + 64, STRIP_TILE + 56))
-        self.strip.setFixedHeight(STRIP_TILE + 78)
-        self.strip.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
-        self.strip.setItemDelegate(TileDelegate(self.strip))  # selection: a frame, no tint
+        self.strip = tile_strip(STRIP_TILE, QSize(STRIP_TILE + 64, STRIP_TILE + 56),
+                                STRIP_TILE + 78)
         self.strip.currentRowChanged.connect(self._select_row)
         self.strip.itemDoubleClicked.connect(lambda _item: self._open_selected())
         layout.addWidget(self.strip)

@@ -33,6 +33,7 @@ from PyQt6.QtWidgets import (
     QLabel,
     QLineEdit,
     QListView,
+    QListWidget,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -248,6 +249,22 @@ def gate_status_rows(layout: QVBoxLayout) -> tuple[QLabel, QProgressBar]:
     bar.hide()
     layout.addWidget(bar)
     return error, bar
+
+
+def tile_strip(tile: int, grid: QSize, height: int) -> QListWidget:
+    """A one-row, left-to-right strip of preview tiles (the archive's series strip, the
+    search page's results): static icons of ``tile`` pixels, selection drawn as a frame."""
+    strip = QListWidget()
+    strip.setViewMode(QListView.ViewMode.IconMode)
+    strip.setFlow(QListView.Flow.LeftToRight)
+    strip.setWrapping(False)
+    strip.setMovement(QListView.Movement.Static)
+    strip.setIconSize(QSize(tile, tile))
+    strip.setGridSize(grid)
+    strip.setFixedHeight(height)
+    strip.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+    strip.setItemDelegate(TileDelegate(strip))
+    return strip
 
 
 def tool_button(icon_name: str, tip: str, on_click: Callable[[], None] | None = None,
