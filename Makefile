@@ -18,7 +18,9 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 # System libraries, installed through apt-get (Debian/Ubuntu) when one is missing: the few that
 # Qt's offscreen platform needs, the xcb platform's (the desktop client on an X display, and the
-# GUI test under Xvfb), Xvfb itself, and python3-venv. Each entry is "file:package": the file
+# GUI test under Xvfb), Xvfb itself, python3-venv, and the real PACS and DICOM tools the
+# integration tests run as separate servers (Orthanc with its DICOMweb plugin, dcmtk; both GPL,
+# never imported). Each entry is "file:package": the file
 # (a library ldconfig knows, or a program on PATH) shows whether the package is there. Other
 # distributions: README.md, "System libraries".
 SYSTEM_DEPS := \
@@ -28,13 +30,16 @@ SYSTEM_DEPS := \
   libxcb-icccm.so.4:libxcb-icccm4 libxcb-image.so.0:libxcb-image0 \
   libxcb-keysyms.so.1:libxcb-keysyms1 libxcb-randr.so.0:libxcb-randr0 \
   libxcb-render-util.so.0:libxcb-render-util0 libxcb-shape.so.0:libxcb-shape0 \
-  libxcb-xinerama.so.0:libxcb-xinerama0 libxcb-xkb.so.1:libxcb-xkb1 Xvfb:xvfb
+  libxcb-xinerama.so.0:libxcb-xinerama0 libxcb-xkb.so.1:libxcb-xkb1 Xvfb:xvfb \
+  storescu:dcmtk /usr/sbin/Orthanc:orthanc \
+  /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 
 system-deps:
 	@missing=""; \
 	for entry in $(SYSTEM_DEPS); do \
 	  file=$${entry%%:*}; package=$${entry#*:}; \
 	  case "$$file" in \
+	    /*) [ -e "$$file" ] || missing="$$missing $$package" ;; \
 	    *.so.*) ldconfig -p | grep -q "$$file" || missing="$$missing $$package" ;; \
 	    *) command -v "$$file" >/dev/null 2>&1 || missing="$$missing $$package" ;; \
 	  esac; \
