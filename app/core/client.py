@@ -30,6 +30,7 @@ Untrusted files are decoded only in the memory-limited decoder children
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import tempfile
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     from app.core.erasure import ErasurePlan, ErasureReport
     from app.core.gc import GcReport
     from app.core.importer import ImportReport
+    from app.core.keyword_search import KeywordSearch
     from app.core.locks import LockInfo
     from app.core.migration import MigrationReport
     from app.core.repo_check import DataSubset, RepoCheckReport
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # heavy modules load on first use, so `radcrypt --help` stays
     from app.core.studies import Series, Study
     from app.imaging.decode import DecodedImage
     from app.imaging.worker import DecoderPool
+    from app.integration.facade import Pacs
     from crypto.identity import Identity, PublicCard
 
 __all__ = [
@@ -428,6 +431,22 @@ class Client:
         # every original and preview in the access log (app/core/access_log.py).
         self.access_purpose = ""
         self._studies: dict[str, tuple[Any, list[Study]]] = {}  # repo id -> (signature, studies)
+
+    # --- facets: use cases grouped by domain, each in its own module ----------------------
+    # A facet takes this client and calls its public methods; it never imports this module
+    # (the import graph stays acyclic), so the front ends still see one facade.
+
+    @functools.cached_property
+    def pacs(self) -> Pacs:
+        """Hospital integration (issue 18): DICOM nodes, receive, query/retrieve, send, FHIR."""
+        from app.integration.facade import Pacs
+        return Pacs(self)
+
+    @functools.cached_property
+    def keywords(self) -> KeywordSearch:
+        """Encrypted keyword search and labels (issue 17)."""
+        from app.core.keyword_search import KeywordSearch
+        return KeywordSearch(self)
 
     # --- lifetime -----------------------------------------------------------------------
 
