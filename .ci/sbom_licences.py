@@ -36,6 +36,8 @@ ALLOWED_COPYLEFT = {"pyqt6": "gui"}
 REVIEWED = {
     "pyqt6-qt6": ("LGPL-3.0-only", "its METADATA: 'License: LGPL v3' (Qt's libraries)"),
     "antlr4-python3-runtime": ("BSD-3-Clause", "its METADATA: 'License: BSD'"),
+    "protobuf": ("BSD-3-Clause", "its METADATA: 'License: 3-Clause BSD License'"),
+    "ray": ("Apache-2.0", "its METADATA: 'License: Apache 2.0' and licenses/LICENSE.txt"),
 }
 
 _STRONG = re.compile(r"(?<![A-Za-z])A?GPL|General Public License|Affero", re.IGNORECASE)
