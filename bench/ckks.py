@@ -1,0 +1,188 @@
+"""The private search modes' trade-off, measured on the same vectors in one run (issue 19).
+
+    python -m bench.ckks --n 10000,100000 --queries 1000 --timed 20
+    python -m bench.engine --search ckks ...   (the same, through the engine bench)
+
+For each size: plaintext numpy float32 brute force (the floor), the secure-kNN engine
+(exact, fast, known-plaintext leakage) and the CKKS mode (crypto/ckks.py, cloud/ckks_engine.py):
+client query encryption, the service's encrypted scoring on every worker process, the client's
+decryption, candidate selection within the error bound and exact re-scoring. Reported: per
+query latency split by side, upload and download bytes per query, index size and encryption
+time, the largest CKKS score error seen, and top-1 agreement with plaintext over ``--queries``
+queries (the error bound and re-scoring make it exact; a disagreement is printed).
+
+A benchmark, not a test: it never fails on a time. Realistic vectors as bench.engine makes
+them (bench/realistic.py), near queries (perturbed copies of stored vectors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import datasets
+from bench.realistic import realistic
+from bench.report import write_json
+from cloud import cpus
+from cloud.ckks_engine import CkksScorer
+from cloud.search import EncryptedIndex, search
+from crypto import ckks
+from crypto.index import IndexKey
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values) * 1000.0
+    return {"median_ms": float(np.median(arr)), "p95_ms": float(np.percentile(arr, 95)),
+            "count": len(values)}
+
+
+def run_size(n: int, d: int, queries: int, timed: int, workers: int, seed: int
+             ) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    data = realistic(rng, n, d)
+    qs = datasets.perturbed_queries(rng, data, queries, noise=0.05)
+    truth, truth_dist = datasets.plaintext_topk(data, qs, 1)
+    row: dict[str, Any] = {"n": n, "d": d, "queries": queries, "workers": workers}
+
+    data32, qs32 = data.astype(np.float32), qs.astype(np.float32)
+    half32 = 0.5 * np.einsum("ij,ij->i", data32, data32)
+    times = []
+    for i in range(min(queries, 200)):
+        t = time.perf_counter()
+        int(np.argmax(data32 @ qs32[i] - half32))
+        times.append(time.perf_counter() - t)
+    row["plain_f32"] = _ms(times)
+
+    key = IndexKey.generate(d, sample=data[: min(n, 5000)])
+    index = EncryptedIndex(key.encrypt(data))
+    token = key.query(qs)
+    times = []
+    for i in range(min(queries, 200)):
+        single = token.select(i)
+        t = time.perf_counter()
+        search(index, single, 1)
+        times.append(time.perf_counter() - t)
+    row["sknn"] = _ms(times)
+    row["sknn_upload_bytes"] = len(token.select(0).to_bytes())
+
+    seed_bytes = ckks.seed_from_data_key(os.urandom(32), "bench", 1)
+    client = ckks.CkksKey(seed_bytes)
+    evaluation = client.evaluation_keys()
+    t = time.perf_counter()
+    blocks = [client.encrypt_block(data[i : i + ckks.SLOTS]) for i in range(0, n, ckks.SLOTS)]
+    row["ckks_encrypt_s"] = time.perf_counter() - t
+    row["ckks_index_mb"] = sum(len(b.data) for b in blocks) / 2**20
+    row["ckks_evaluation_keys_mb"] = len(evaluation) / 2**20
+    row["plaintext_f32_mb"] = data32.nbytes / 2**20
+    counts = [b.count for b in blocks]
+    t = time.perf_counter()
+    scorer = CkksScorer(evaluation, [b.data for b in blocks], workers=workers)
+    row["ckks_load_s"] = time.perf_counter() - t
+    enc_t, svc_t, dec_t, total_t, errors, wrong = [], [], [], [], [], []
+    upload = download = candidates = 0
+    try:
+        for i in range(queries):
+            t0 = time.perf_counter()
+            query = client.encrypt_query(qs[i], blocks[0].period)
+            t1 = time.perf_counter()
+            answer = scorer.scores(query)
+            t2 = time.perf_counter()
+            scores = client.decrypt_scores(answer, counts)
+            rows = ckks.candidates(scores, 1)
+            best = ckks.exact_top_k(data, qs[i], rows, 1)
+            t3 = time.perf_counter()
+            enc_t.append(t1 - t0)
+            svc_t.append(t2 - t1)
+            dec_t.append(t3 - t2)
+            total_t.append(t3 - t0)
+            upload, download = len(query), len(answer)
+            candidates += len(rows)
+            if i < 20:
+                exact = data @ qs[i] - 0.5 * np.einsum("ij,ij->i", data, data)
+                errors.append(float(np.abs(scores - exact).max()))
+            if not datasets.agrees(np.asarray([best[0][0]]), data, qs[i], truth_dist[i]):
+                wrong.append(i)
+            if i + 1 >= timed and i + 1 < queries and i % 50 == 0:
+                print(f"  n={n}: {i + 1}/{queries} queries checked", flush=True)
+    finally:
+        scorer.close()
+    row["ckks_client_encrypt"] = _ms(enc_t)
+    row["ckks_service"] = _ms(svc_t)
+    row["ckks_client_decrypt_rescore"] = _ms(dec_t)
+    row["ckks_total"] = _ms(total_t)
+    row["ckks_upload_bytes"] = upload
+    row["ckks_download_bytes"] = download
+    row["ckks_mean_candidates"] = candidates / max(queries, 1)
+    row["ckks_max_score_error"] = max(errors) if errors else None
+    row["ckks_error_bound"] = ckks.ERROR_BOUND
+    row["ckks_top1_agreement"] = 1.0 - len(wrong) / max(queries, 1)
+    row["ckks_disagreements"] = wrong[:20]
+    row["truth_example"] = int(truth[0][0]) if len(truth) else None
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = row["plain_f32"]["median_ms"]
+    row["ratio_sknn_vs_f32"] = row["sknn"]["median_ms"] / base
+    row["ratio_ckks_vs_f32"] = row["ckks_total"]["median_ms"] / base
+    return row
+
+
+def client_ms(r: dict[str, Any]) -> float:
+    return float(r["ckks_client_encrypt"]["median_ms"]
+                 + r["ckks_client_decrypt_rescore"]["median_ms"])
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'n':>8} {'plain ms':>9} {'sknn ms':>8} {'ckks ms':>9} {'(svc':>7} {'client)':>8} "
+          f"{'up KB':>7} {'down KB':>8} {'index MB':>9} {'top-1':>6}")
+    for r in rows:
+        print(f"{r['n']:>8} {r['plain_f32']['median_ms']:>9.2f} {r['sknn']['median_ms']:>8.2f} "
+              f"{r['ckks_total']['median_ms']:>9.1f} {r['ckks_service']['median_ms']:>7.1f} "
+              f"{client_ms(r):>8.1f} "
+              f"{r['ckks_upload_bytes'] / 1024:>7.0f} {r['ckks_download_bytes'] / 1024:>8.0f} "
+              f"{r['ckks_index_mb']:>9.0f} {r['ckks_top1_agreement']:>6.3f}")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=_ints, default=[10000, 100000])
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=1000,
+                        help="queries checked for top-1 agreement (each also timed)")
+    parser.add_argument("--timed", type=int, default=20, help="(progress lines after this)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="service worker processes (default: the CPUs this process may use)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=Path("bench/results/ckks.json"))
+    args = parser.parse_args(argv)
+    workers = args.workers or cpus.engine_threads()
+    print(f"CKKS service workers: {workers} (CPUs available {cpus.available_cpus()}, "
+          f"machine {os.cpu_count()})", flush=True)
+    rows = []
+    for n in args.n:
+        rows.append(run_size(n, args.d, args.queries, args.timed, workers, args.seed))
+        print_table(rows[-1:])
+    print_table(rows)
+    write_json(args.json, {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_average": os.getloadavg()},
+        "parameters": {"poly_degree": ckks.POLY_DEGREE, "coeff_bits": list(ckks.COEFF_BITS),
+                       "scale_bits": 40, "security": "128-bit classical (HE standard, SEAL "
+                       "TC128)", "error_bound": ckks.ERROR_BOUND},
+        "rows": rows,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

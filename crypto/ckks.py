@@ -1,0 +1,398 @@
+"""The homomorphic search scheme (issue 19, ``--search ckks``): CKKS through TenSEAL's SEAL.
+
+Why a second scheme: secure-kNN (crypto/sknn.py) is exact and fast but falls to a
+known-plaintext attacker (SECURITY.md). Under CKKS the service multiplies ciphertexts it
+cannot decrypt; it never sees a score, a feature or a query, only sizes and timing.
+
+Packing (column-major, diagonal). N = 8192 gives S = 4096 slots. A *block* holds up to S
+vectors of dimension d, padded to a period p (the smallest power of two >= d, so p divides
+S). Block ciphertext r (r = 0 .. p-1) holds in slot s the coordinate (s + r) mod p of vector
+s:  B_r[s] = X[s, (s + r) mod p].  The query is one ciphertext holding q repeated with
+period p: Q[s] = q[s mod p]. Rotating it left by r gives Q_r[s] = q[(s + r) mod p], so
+
+    score[s] = sum_r Q_r[s] * B_r[s] + N[s] = x_s . q - |x_s|^2 / 2
+
+where N is one more ciphertext per block holding -|x_s|^2 / 2 (encoded at the product's
+scale, so it is added before the single rescale). Ranking by that score is ranking by
+Euclidean distance (|x - q|^2 = |q|^2 - 2 score). A query costs p - 1 rotations by one slot
+(once per query, whatever n is) and p ciphertext products per S vectors, not one rotation-sum
+per vector. The service returns one score ciphertext per block.
+
+Parameters (SECURITY.md, docs/FORMAT-2.md): N = 8192, coefficient modulus 60 + 40 + 60 bits
+(160 <= 218, the HE standard's bound for 128-bit classical security at N = 8192, which SEAL
+checks: ``SEC_LEVEL_TYPE.TC128``), scale 2^40, one multiplicative level. Evaluation keys
+(relinearisation, and the Galois key of a rotation by one) are public and stored in the
+bucket; the secret key is never serialised: it is regenerated from a 64-byte seed derived
+from the key version's data key (HKDF), so it rotates with the key version and lives in the
+key ring like every key.
+
+CKKS is approximate: ``ERROR_BOUND`` bounds |decrypted score - true score| for vectors of
+norm at most ``MAX_NORM``; the client re-scores every candidate within twice the bound of the
+k-th score from the exact (AES-GCM) features, so the answer it shows is exact. Decrypted
+scores never go back to the service (Li and Micciancio, EUROCRYPT 2021: CKKS decryptions
+leak the secret key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import shutil
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from crypto.errors import FormatError
+
+POLY_DEGREE = 8192
+SLOTS = POLY_DEGREE // 2
+COEFF_BITS = (60, 40, 60)
+SCALE = 2.0**40
+SEED_WORDS = 8
+MAX_NORM = 64.0  # feature vectors above this norm are refused (the bound below assumes it)
+# |error| of one decrypted score, measured at 2e-6 for unit vectors (bench/ckks.py); the
+# bound leaves four orders of magnitude for norms up to MAX_NORM and d up to 4096.
+ERROR_BOUND = 1e-2
+SCORE_LIMIT = 1.5 * MAX_NORM**2 + 1.0
+MAGIC = b"RCKK"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct(">4sBBHI")  # magic, version, kind, period, count
+KIND_BLOCK, KIND_QUERY, KIND_SCORES, KIND_EVAL = 1, 2, 3, 4
+
+F64 = NDArray[np.float64]
+
+
+def _seal() -> Any:
+    """TenSEAL's SEAL bindings, imported on first use (the ckks extra)."""
+    try:
+        from tenseal import sealapi
+    except ImportError as exc:  # pragma: no cover - the ckks extra is missing
+        raise FormatError("the homomorphic search mode needs TenSEAL: "
+                          "pip install 'radcrypt[ckks]'") from exc
+    return sealapi
+
+
+def period_of(dim: int) -> int:
+    """The packing period: the smallest power of two >= dim (it divides SLOTS)."""
+    if not 1 <= dim <= SLOTS:
+        raise FormatError(f"feature dimension {dim} is outside 1..{SLOTS} for CKKS packing")
+    return 1 << (dim - 1).bit_length()
+
+
+def seed_from_data_key(data_key: bytes, repo_id: str, version: int) -> bytes:
+    """The CKKS secret key's seed of a key version: HKDF-style HMAC of the data key, bound
+    to the repository and the version (another repository or version: another key)."""
+    info = b"radcrypt/ckks/seed/v1\x00" + repo_id.encode() + b"\x00" + struct.pack(">Q", version)
+    out = b""
+    block = b""
+    counter = 1
+    while len(out) < SEED_WORDS * 8:
+        block = hmac.new(data_key, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[: SEED_WORDS * 8]
+
+
+def _parameters(seed: bytes | None = None) -> Any:
+    seal = _seal()
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(POLY_DEGREE)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(POLY_DEGREE, list(COEFF_BITS)))
+    if seed is not None:
+        words = list(struct.unpack(f">{SEED_WORDS}Q", seed))
+        parms.set_random_generator(seal.Blake2xbPRNGFactory(words))
+    return parms
+
+
+def _context(seed: bytes | None = None) -> Any:
+    seal = _seal()
+    context = seal.SEALContext(_parameters(seed), True, seal.SEC_LEVEL_TYPE.TC128)
+    if not context.parameters_set():
+        raise FormatError("the CKKS parameters are not valid for 128-bit security")
+    return context
+
+
+class _Scratch:
+    """A private folder for SEAL's file-only serialisation of public objects (ciphertexts
+    and evaluation keys; the secret key is never serialised). On /dev/shm when there is one,
+    so nothing goes to a disk; 0700; removed at exit of the process."""
+
+    _lock = threading.Lock()
+    _path: Path | None = None
+
+    @classmethod
+    def path(cls) -> Path:
+        with cls._lock:
+            if cls._path is None or not cls._path.exists():
+                base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+                cls._path = Path(tempfile.mkdtemp(prefix="radcrypt-ckks-", dir=base))
+                import atexit
+
+                atexit.register(shutil.rmtree, str(cls._path), True)
+            return cls._path
+
+    @classmethod
+    @contextmanager
+    def file(cls) -> Iterator[Path]:
+        fd, name = tempfile.mkstemp(dir=cls.path())
+        os.close(fd)
+        try:
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+
+def _save(obj: Any) -> bytes:
+    with _Scratch.file() as path:
+        obj.save(str(path))  # SEAL compresses with zstd by default
+        return path.read_bytes()
+
+
+def _load(kind: Any, context: Any, data: bytes, what: str) -> Any:
+    obj = kind()
+    with _Scratch.file() as path:
+        path.write_bytes(data)
+        try:
+            obj.load(context, str(path))
+        except Exception as exc:  # SEAL raises RuntimeError/ValueError/... on bad bytes
+            raise FormatError(f"{what} is not a valid CKKS object for these parameters "
+                              f"({type(exc).__name__})") from None
+    return obj
+
+
+def pack_parts(kind: int, period: int, count: int, parts: Sequence[bytes]) -> bytes:
+    out = [_HEAD.pack(MAGIC, FORMAT_VERSION, kind, period, count),
+           struct.pack(">I", len(parts))]
+    for part in parts:
+        out += [struct.pack(">I", len(part)), part]
+    return b"".join(out)
+
+
+def header(data: bytes, what: str) -> tuple[int, int, int]:
+    """(kind, period, count) of a serialised CKKS object, without reading its parts."""
+    if len(data) < _HEAD.size:
+        raise FormatError(f"{what} is too short for a CKKS object")
+    magic, version, kind, period, count = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise FormatError(f"{what} is not a CKKS object")
+    return kind, period, count
+
+
+def unpack_parts(data: bytes, kind: int, what: str) -> tuple[int, int, list[bytes]]:
+    if len(data) < _HEAD.size + 4:
+        raise FormatError(f"{what} is too short for a CKKS object")
+    magic, version, got, period, count = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != FORMAT_VERSION or got != kind:
+        raise FormatError(f"{what} is not a CKKS object of the expected kind")
+    (n,) = struct.unpack_from(">I", data, _HEAD.size)
+    offset, parts = _HEAD.size + 4, []
+    for _ in range(n):
+        if offset + 4 > len(data):
+            raise FormatError(f"{what} is truncated")
+        (size,) = struct.unpack_from(">I", data, offset)
+        offset += 4
+        if offset + size > len(data):
+            raise FormatError(f"{what} is truncated")
+        parts.append(data[offset : offset + size])
+        offset += size
+    if offset != len(data):
+        raise FormatError(f"{what} has trailing bytes")
+    return period, count, parts
+
+
+@dataclass(frozen=True)
+class EncryptedBlock:
+    """Up to SLOTS vectors, packed and encrypted (``period`` + 1 ciphertexts, serialised)."""
+
+    period: int
+    count: int
+    data: bytes
+
+
+class CkksKey:
+    """The client's side of a key version: encrypt blocks and queries, decrypt scores.
+
+    Holds SEAL objects, not bytes: the secret key exists only inside SEAL's memory and is
+    rebuilt from the seed (``seed_from_data_key``) whenever needed."""
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != SEED_WORDS * 8:
+            raise FormatError("a CKKS seed is 64 bytes")
+        seal = _seal()
+        self._keygen_context = _context(seed)
+        self.context = _context()  # fresh randomness for every encryption
+        keygen = seal.KeyGenerator(self._keygen_context)
+        self._secret = keygen.secret_key()
+        self._keygen = keygen
+        self._encryptor = seal.Encryptor(self.context, self._secret)
+        self._decryptor = seal.Decryptor(self.context, self._secret)
+        self._encoder = seal.CKKSEncoder(self.context)
+        self._lock = threading.Lock()  # SEAL's encryptor is not documented thread-safe
+
+    def __repr__(self) -> str:
+        return "CkksKey(<secret>)"
+
+    def evaluation_keys(self) -> bytes:
+        """Public evaluation keys for the service: relinearisation and a rotation by one
+        slot (Galois element 3). Deterministic from the seed only in the secret key; the
+        key-switching keys carry fresh randomness."""
+        seal = _seal()
+        relin, galois = seal.RelinKeys(), seal.GaloisKeys()
+        self._keygen.create_relin_keys(relin)
+        self._keygen.create_galois_keys([3], galois)
+        return pack_parts(KIND_EVAL, 0, 0, [_save(relin), _save(galois)])
+
+    def _encrypt(self, values: F64, scale: float) -> bytes:
+        seal = _seal()
+        plain, cipher = seal.Plaintext(), seal.Ciphertext()
+        with self._lock:
+            self._encoder.encode(values.tolist(), scale, plain)
+            self._encryptor.encrypt_symmetric(plain, cipher)
+        return _save(cipher)
+
+    def encrypt_block(self, vectors: F64) -> EncryptedBlock:
+        """Pack and encrypt up to SLOTS vectors (rows); rows beyond ``count`` are zero and
+        their scores are ignored by the client."""
+        x = np.asarray(vectors, dtype=np.float64)
+        if x.ndim != 2 or not 1 <= x.shape[0] <= SLOTS:
+            raise FormatError(f"a CKKS block holds 1..{SLOTS} vectors, got shape {x.shape}")
+        norms = np.einsum("ij,ij->i", x, x)
+        if not np.isfinite(norms).all() or norms.max() > MAX_NORM**2:
+            raise FormatError(f"a feature vector's norm exceeds {MAX_NORM:g} (or is not "
+                              "finite): the CKKS error bound would not hold")
+        count, dim = x.shape
+        period = period_of(dim)
+        padded = np.zeros((SLOTS, period))
+        padded[:count, :dim] = x
+        slot = np.arange(SLOTS)
+        parts = [self._encrypt(padded[slot, (slot + r) % period], SCALE) for r in range(period)]
+        half = np.zeros(SLOTS)
+        half[:count] = -0.5 * norms
+        parts.append(self._encrypt(half, SCALE * SCALE))
+        return EncryptedBlock(period, count, pack_parts(KIND_BLOCK, period, count, parts))
+
+    def encrypt_query(self, query: F64, period: int) -> bytes:
+        """One ciphertext: the query repeated with the block period."""
+        q = np.asarray(query, dtype=np.float64).reshape(-1)
+        if q.shape[0] > period or not np.isfinite(q).all() or float(q @ q) > MAX_NORM**2:
+            raise FormatError("the CKKS query does not fit the repository's feature "
+                              "dimension or norm bound")
+        padded = np.zeros(period)
+        padded[: q.shape[0]] = q
+        return pack_parts(KIND_QUERY, period, 1,
+                           [self._encrypt(np.tile(padded, SLOTS // period), SCALE)])
+
+    def decrypt_scores(self, data: bytes, counts: Sequence[int]) -> F64:
+        """The scores of every block, in block order (``counts``: vectors per block)."""
+        seal = _seal()
+        _, n, parts = unpack_parts(data, KIND_SCORES, "the CKKS scores")
+        if n != len(parts) or len(parts) != len(counts):
+            raise FormatError(f"the service returned scores for {len(parts)} blocks, "
+                              f"expected {len(counts)}")
+        out = []
+        for part, count in zip(parts, counts, strict=True):
+            cipher = _load(seal.Ciphertext, self.context, part, "a CKKS score ciphertext")
+            plain = seal.Plaintext()
+            with self._lock:
+                self._decryptor.decrypt(cipher, plain)
+                values = self._encoder.decode_double(plain)
+            out.append(np.asarray(values[:count], dtype=np.float64))
+        scores = np.concatenate(out) if out else np.zeros(0)
+        # |x.q - |x|^2/2| <= 1.5 MAX_NORM^2 for vectors within the norm bound; a ciphertext
+        # of another key, repository or version decrypts to values near the modulus (~2^60
+        # / 2^40): refused, never ranked.
+        if scores.size and not np.abs(scores).max() <= SCORE_LIMIT:
+            raise FormatError("the CKKS scores do not decrypt under this repository's key "
+                              "version: the query or a block belongs to another repository "
+                              "or key version")
+        return scores
+
+
+class CkksEvaluator:
+    """The service's side: no secret key; multiplies and adds ciphertexts it cannot read."""
+
+    def __init__(self, evaluation_keys: bytes) -> None:
+        seal = _seal()
+        self.context = _context()
+        _, _, parts = unpack_parts(evaluation_keys, KIND_EVAL, "the CKKS evaluation keys")
+        if len(parts) != 2:
+            raise FormatError("the CKKS evaluation keys hold two key sets")
+        self._relin = _load(seal.RelinKeys, self.context, parts[0], "the relinearisation keys")
+        self._galois = _load(seal.GaloisKeys, self.context, parts[1], "the Galois keys")
+        self._evaluator = seal.Evaluator(self.context)
+
+    def load_block(self, block: bytes) -> tuple[int, int, list[Any]]:
+        """(period, count, ciphertexts) of a stored block, loaded once per segment."""
+        seal = _seal()
+        period, count, parts = unpack_parts(block, KIND_BLOCK, "a CKKS block")
+        if len(parts) != period + 1:
+            raise FormatError(f"a CKKS block of period {period} holds {period + 1} "
+                              f"ciphertexts, found {len(parts)}")
+        return period, count, [_load(seal.Ciphertext, self.context, p, "a CKKS block")
+                               for p in parts]
+
+    def rotations(self, query: bytes, period: int) -> list[Any]:
+        """The query rotated by 0 .. period-1 slots: once per query, shared by all blocks."""
+        seal = _seal()
+        got, _, parts = unpack_parts(query, KIND_QUERY, "the CKKS query")
+        if got != period or len(parts) != 1:
+            raise FormatError(f"the CKKS query has period {got}, the repository {period}")
+        first = _load(seal.Ciphertext, self.context, parts[0], "the CKKS query")
+        out = [first]
+        for _ in range(1, period):
+            nxt = seal.Ciphertext()
+            self._evaluator.rotate_vector(out[-1], 1, self._galois, nxt)
+            out.append(nxt)
+        return out
+
+    def score_block(self, rotated: list[Any], block: list[Any]) -> Any:
+        """sum_r Q_r * B_r + N, relinearised and rescaled once: one score ciphertext."""
+        seal = _seal()
+        ev = self._evaluator
+        acc = seal.Ciphertext()
+        ev.multiply(rotated[0], block[0], acc)
+        product = seal.Ciphertext()
+        for r in range(1, len(rotated)):
+            ev.multiply(rotated[r], block[r], product)
+            ev.add_inplace(acc, product)
+        ev.relinearize_inplace(acc, self._relin)
+        ev.add_inplace(acc, block[-1])  # -|x|^2/2 at the product's scale
+        ev.rescale_to_next_inplace(acc)
+        return acc
+
+    def scores(self, query: bytes, blocks: Sequence[tuple[int, int, list[Any]]]) -> bytes:
+        """Encrypted scores of every block for one query (serialised, block order)."""
+        if not blocks:
+            return pack_parts(KIND_SCORES, 0, 0, [])
+        period = blocks[0][0]
+        rotated = self.rotations(query, period)
+        parts = [_save(self.score_block(rotated, b)) for _, _, b in blocks]
+        return pack_parts(KIND_SCORES, period, len(parts), parts)
+
+
+def candidates(scores: F64, k: int, bound: float = ERROR_BOUND) -> NDArray[np.int64]:
+    """Rows whose true score may be among the top k: every row within 2 * bound of the k-th
+    decrypted score (each decrypted score is within ``bound`` of the true one)."""
+    if scores.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    k = min(k, scores.size)
+    kth = np.partition(scores, scores.size - k)[scores.size - k]
+    return np.flatnonzero(scores >= kth - 2 * bound).astype(np.int64)
+
+
+def exact_top_k(features: F64, query: F64, rows: NDArray[np.int64], k: int
+                ) -> list[tuple[int, float]]:
+    """Re-score the candidate rows exactly (float64 Euclidean distance): (row, distance)."""
+    x = np.asarray(features, dtype=np.float64)[rows]
+    d2 = np.einsum("ij,ij->i", x - query, x - query)
+    order = np.lexsort((rows, d2))[:k]
+    return [(int(rows[i]), float(np.sqrt(d2[i]))) for i in order]
