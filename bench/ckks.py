@@ -43,8 +43,10 @@ def _ms(values: list[float]) -> dict[str, float]:
             "count": len(values)}
 
 
-def run_size(n: int, d: int, queries: int, timed: int, workers: int, seed: int
-             ) -> dict[str, Any]:
+def run_size(n: int, d: int, queries: int, timed: int, workers: int, seed: int,
+             block: int = 4096) -> dict[str, Any]:
+    """``block``: vectors per CKKS block: 4,096 as compaction writes them (diagonal), or
+    an import batch's 64 (rows) for an uncompacted repository."""
     rng = np.random.default_rng(seed)
     data = realistic(rng, n, d)
     qs = datasets.perturbed_queries(rng, data, queries, noise=0.05)
@@ -74,9 +76,12 @@ def run_size(n: int, d: int, queries: int, timed: int, workers: int, seed: int
 
     seed_bytes = ckks.seed_from_data_key(os.urandom(32), "bench", 1)
     client = ckks.CkksKey(seed_bytes)
-    evaluation = client.evaluation_keys()
+    evaluation = client.evaluation_keys(ckks.period_of(d))
     t = time.perf_counter()
-    blocks = [client.encrypt_block(data[i : i + ckks.SLOTS]) for i in range(0, n, ckks.SLOTS)]
+    blocks = [client.encrypt_block(data[i : i + block]) for i in range(0, n, block)]
+    row["ckks_block"] = block
+    row["ckks_layouts"] = sorted({"rows" if ckks.header(b.data, "block")[0] == ckks.KIND_ROWS
+                                  else "diagonal" for b in blocks})
     row["ckks_encrypt_s"] = time.perf_counter() - t
     row["ckks_index_mb"] = sum(len(b.data) for b in blocks) / 2**20
     row["ckks_evaluation_keys_mb"] = len(evaluation) / 2**20
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="service worker processes (default: the CPUs this process may use)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block", type=int, default=4096,
+                        help="vectors per CKKS block (4096: compacted; 64: import batches)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/ckks.json"))
     args = parser.parse_args(argv)
     workers = args.workers or cpus.engine_threads()
@@ -169,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
           f"machine {os.cpu_count()})", flush=True)
     rows = []
     for n in args.n:
-        rows.append(run_size(n, args.d, args.queries, args.timed, workers, args.seed))
+        rows.append(run_size(n, args.d, args.queries, args.timed, workers, args.seed,
+                             args.block))
         print_table(rows[-1:])
     print_table(rows)
     write_json(args.json, {

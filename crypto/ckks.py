@@ -18,6 +18,12 @@ Euclidean distance (|x - q|^2 = |q|^2 - 2 score). A query costs p - 1 rotations 
 (once per query, whatever n is) and p ciphertext products per S vectors, not one rotation-sum
 per vector. The service returns one score ciphertext per block.
 
+A block of few vectors (an import batch of 64) would still cost p + 1 ciphertexts
+diagonally, so small blocks use the ROWS layout: S/p vectors side by side per ciphertext,
+with a second ciphertext holding -|x|^2/2 at each window's first slot; the service multiplies
+by the query, sums each window with log2(p) rotations and adds the norms (``layout_for``
+picks whichever stores fewer ciphertexts; compaction writes full diagonal blocks).
+
 Parameters (SECURITY.md, docs/FORMAT-2.md): N = 8192, coefficient modulus 60 + 40 + 60 bits
 (160 <= 218, the HE standard's bound for 128-bit classical security at N = 8192, which SEAL
 checks: ``SEC_LEVEL_TYPE.TC128``), scale 2^40, one multiplicative level. Evaluation keys
@@ -66,7 +72,9 @@ SCORE_LIMIT = 1.5 * MAX_NORM**2 + 1.0
 MAGIC = b"RCKK"
 FORMAT_VERSION = 1
 _HEAD = struct.Struct(">4sBBHI")  # magic, version, kind, period, count
-KIND_BLOCK, KIND_QUERY, KIND_SCORES, KIND_EVAL = 1, 2, 3, 4
+KIND_BLOCK, KIND_QUERY, KIND_SCORES, KIND_EVAL, KIND_ROWS = 1, 2, 3, 4, 5
+DIAGONAL, ROWS = "diagonal", "rows"
+
 
 F64 = NDArray[np.float64]
 
@@ -86,6 +94,11 @@ def period_of(dim: int) -> int:
     if not 1 <= dim <= SLOTS:
         raise FormatError(f"feature dimension {dim} is outside 1..{SLOTS} for CKKS packing")
     return 1 << (dim - 1).bit_length()
+
+
+def galois_elements(period: int) -> list[int]:
+    """Rotations left by 1, 2, 4, ..., period/2 slots: Galois element 3^step mod 2N."""
+    return [pow(3, 1 << i, 2 * POLY_DEGREE) for i in range(max(1, (period - 1).bit_length()))]
 
 
 def seed_from_data_key(data_key: bytes, repo_id: str, version: int) -> bytes:
@@ -241,14 +254,15 @@ class CkksKey:
     def __repr__(self) -> str:
         return "CkksKey(<secret>)"
 
-    def evaluation_keys(self) -> bytes:
-        """Public evaluation keys for the service: relinearisation and a rotation by one
-        slot (Galois element 3). Deterministic from the seed only in the secret key; the
-        key-switching keys carry fresh randomness."""
+    def evaluation_keys(self, period: int) -> bytes:
+        """Public evaluation keys for the service: relinearisation and the rotations by
+        1, 2, 4, ..., period/2 slots (Galois elements 3^step mod 2N), all both layouts need.
+        Only the secret key is deterministic from the seed; the key-switching keys carry
+        fresh randomness."""
         seal = _seal()
         relin, galois = seal.RelinKeys(), seal.GaloisKeys()
         self._keygen.create_relin_keys(relin)
-        self._keygen.create_galois_keys([3], galois)
+        self._keygen.create_galois_keys(galois_elements(period), galois)
         return pack_parts(KIND_EVAL, 0, 0, [_save(relin), _save(galois)])
 
     def _encrypt(self, values: F64, scale: float) -> bytes:
@@ -259,9 +273,9 @@ class CkksKey:
             self._encryptor.encrypt_symmetric(plain, cipher)
         return _save(cipher)
 
-    def encrypt_block(self, vectors: F64) -> EncryptedBlock:
-        """Pack and encrypt up to SLOTS vectors (rows); rows beyond ``count`` are zero and
-        their scores are ignored by the client."""
+    def encrypt_block(self, vectors: F64, layout: str | None = None) -> EncryptedBlock:
+        """Pack and encrypt up to SLOTS vectors (rows of ``vectors``) in the layout that
+        needs fewer ciphertexts (``layout_for``) unless one is named."""
         x = np.asarray(vectors, dtype=np.float64)
         if x.ndim != 2 or not 1 <= x.shape[0] <= SLOTS:
             raise FormatError(f"a CKKS block holds 1..{SLOTS} vectors, got shape {x.shape}")
@@ -271,17 +285,33 @@ class CkksKey:
                               "finite): the CKKS error bound would not hold")
         count, dim = x.shape
         period = period_of(dim)
-        padded = np.zeros((SLOTS, period))
-        padded[:count, :dim] = x
-        slot = np.arange(SLOTS)
-        parts = [self._encrypt(padded[slot, (slot + r) % period], SCALE) for r in range(period)]
-        half = np.zeros(SLOTS)
-        half[:count] = -0.5 * norms
-        parts.append(self._encrypt(half, SCALE * SCALE))
-        return EncryptedBlock(period, count, pack_parts(KIND_BLOCK, period, count, parts))
+        layout = layout or layout_for(count, period)
+        if layout == DIAGONAL:
+            padded = np.zeros((SLOTS, period))
+            padded[:count, :dim] = x
+            slot = np.arange(SLOTS)
+            parts = [self._encrypt(padded[slot, (slot + r) % period], SCALE)
+                     for r in range(period)]
+            half = np.zeros(SLOTS)
+            half[:count] = -0.5 * norms
+            parts.append(self._encrypt(half, SCALE * SCALE))
+            return EncryptedBlock(period, count, pack_parts(KIND_BLOCK, period, count, parts))
+        if layout != ROWS:
+            raise FormatError(f"unknown CKKS block layout {layout!r}")
+        per = SLOTS // period  # vectors per ciphertext
+        parts = []
+        for start in range(0, count, per):
+            chunk = x[start : start + per]
+            padded = np.zeros((per, period))
+            padded[: len(chunk), :dim] = chunk
+            half = np.zeros((per, period))
+            half[: len(chunk), 0] = -0.5 * norms[start : start + per]
+            parts += [self._encrypt(padded.reshape(-1), SCALE),
+                      self._encrypt(half.reshape(-1), SCALE * SCALE)]
+        return EncryptedBlock(period, count, pack_parts(KIND_ROWS, period, count, parts))
 
     def encrypt_query(self, query: F64, period: int) -> bytes:
-        """One ciphertext: the query repeated with the block period."""
+        """One ciphertext: the query repeated with the block period (both layouts)."""
         q = np.asarray(query, dtype=np.float64).reshape(-1)
         if q.shape[0] > period or not np.isfinite(q).all() or float(q @ q) > MAX_NORM**2:
             raise FormatError("the CKKS query does not fit the repository's feature "
@@ -289,23 +319,37 @@ class CkksKey:
         padded = np.zeros(period)
         padded[: q.shape[0]] = q
         return pack_parts(KIND_QUERY, period, 1,
-                           [self._encrypt(np.tile(padded, SLOTS // period), SCALE)])
+                          [self._encrypt(np.tile(padded, SLOTS // period), SCALE)])
+
+    def _decrypt(self, part: bytes) -> F64:
+        seal = _seal()
+        cipher = _load(seal.Ciphertext, self.context, part, "a CKKS score ciphertext")
+        plain = seal.Plaintext()
+        with self._lock:
+            self._decryptor.decrypt(cipher, plain)
+            values = self._encoder.decode_double(plain)
+        return np.asarray(values, dtype=np.float64)
 
     def decrypt_scores(self, data: bytes, counts: Sequence[int]) -> F64:
         """The scores of every block, in block order (``counts``: vectors per block)."""
-        seal = _seal()
         _, n, parts = unpack_parts(data, KIND_SCORES, "the CKKS scores")
         if n != len(parts) or len(parts) != len(counts):
             raise FormatError(f"the service returned scores for {len(parts)} blocks, "
                               f"expected {len(counts)}")
         out = []
         for part, count in zip(parts, counts, strict=True):
-            cipher = _load(seal.Ciphertext, self.context, part, "a CKKS score ciphertext")
-            plain = seal.Plaintext()
-            with self._lock:
-                self._decryptor.decrypt(cipher, plain)
-                values = self._encoder.decode_double(plain)
-            out.append(np.asarray(values[:count], dtype=np.float64))
+            kind, period, got = header(part, "a CKKS block's scores")
+            _, _, cts = unpack_parts(part, kind, "a CKKS block's scores")
+            if got != count or kind not in (KIND_BLOCK, KIND_ROWS) or not cts:
+                raise FormatError("the service returned scores of another block")
+            if kind == KIND_BLOCK:
+                out.append(self._decrypt(cts[0])[:count])
+                continue
+            per = SLOTS // max(period, 1)
+            if len(cts) != -(-count // per):
+                raise FormatError("the service returned scores of another block")
+            rows = [self._decrypt(c)[::period] for c in cts]  # a window's sum at its start
+            out.append(np.concatenate(rows)[:count])
         scores = np.concatenate(out) if out else np.zeros(0)
         # |x.q - |x|^2/2| <= 1.5 MAX_NORM^2 for vectors within the norm bound; a ciphertext
         # of another key, repository or version decrypts to values near the modulus (~2^60
@@ -315,6 +359,19 @@ class CkksKey:
                               "version: the query or a block belongs to another repository "
                               "or key version")
         return scores
+
+
+def layout_for(count: int, period: int) -> str:
+    """DIAGONAL (period + 1 ciphertexts whatever the count; p products per 4,096 vectors)
+    or ROWS (two ciphertexts per SLOTS/period vectors; a product and log2(period)
+    rotations per ciphertext): whichever stores fewer ciphertexts. An import batch of 64
+    vectors at d = 128 is 4 ciphertexts in rows, 129 diagonally; compaction's full blocks
+    are diagonal."""
+    rows = 2 * -(-count // (SLOTS // period))
+    return ROWS if rows < period + 1 else DIAGONAL
+
+
+Loaded = tuple[int, int, int, list[Any]]  # (kind, period, count, ciphertexts)
 
 
 class CkksEvaluator:
@@ -330,31 +387,37 @@ class CkksEvaluator:
         self._galois = _load(seal.GaloisKeys, self.context, parts[1], "the Galois keys")
         self._evaluator = seal.Evaluator(self.context)
 
-    def load_block(self, block: bytes) -> tuple[int, int, list[Any]]:
-        """(period, count, ciphertexts) of a stored block, loaded once per segment."""
+    def load_block(self, block: bytes) -> Loaded:
+        """(kind, period, count, ciphertexts) of a stored block, loaded once per segment."""
         seal = _seal()
-        period, count, parts = unpack_parts(block, KIND_BLOCK, "a CKKS block")
-        if len(parts) != period + 1:
-            raise FormatError(f"a CKKS block of period {period} holds {period + 1} "
-                              f"ciphertexts, found {len(parts)}")
-        return period, count, [_load(seal.Ciphertext, self.context, p, "a CKKS block")
-                               for p in parts]
+        kind, _, _ = header(block, "a CKKS block")
+        if kind not in (KIND_BLOCK, KIND_ROWS):
+            raise FormatError("a CKKS block is not a CKKS object of the expected kind")
+        period, count, parts = unpack_parts(block, kind, "a CKKS block")
+        want = period + 1 if kind == KIND_BLOCK else 2 * -(-count // (SLOTS // period))
+        if len(parts) != want:
+            raise FormatError(f"a CKKS block of period {period} and {count} vectors holds "
+                              f"{want} ciphertexts, found {len(parts)}")
+        return kind, period, count, [_load(seal.Ciphertext, self.context, p, "a CKKS block")
+                                     for p in parts]
 
-    def rotations(self, query: bytes, period: int) -> list[Any]:
-        """The query rotated by 0 .. period-1 slots: once per query, shared by all blocks."""
-        seal = _seal()
+    def query(self, query: bytes, period: int) -> Any:
         got, _, parts = unpack_parts(query, KIND_QUERY, "the CKKS query")
         if got != period or len(parts) != 1:
             raise FormatError(f"the CKKS query has period {got}, the repository {period}")
-        first = _load(seal.Ciphertext, self.context, parts[0], "the CKKS query")
+        return _load(_seal().Ciphertext, self.context, parts[0], "the CKKS query")
+
+    def rotations(self, first: Any, period: int) -> list[Any]:
+        """The query rotated by 0 .. period-1 slots: once per query, shared by every
+        diagonal block."""
         out = [first]
         for _ in range(1, period):
-            nxt = seal.Ciphertext()
+            nxt = _seal().Ciphertext()
             self._evaluator.rotate_vector(out[-1], 1, self._galois, nxt)
             out.append(nxt)
         return out
 
-    def score_block(self, rotated: list[Any], block: list[Any]) -> Any:
+    def score_diagonal(self, rotated: list[Any], block: list[Any]) -> Any:
         """sum_r Q_r * B_r + N, relinearised and rescaled once: one score ciphertext."""
         seal = _seal()
         ev = self._evaluator
@@ -369,13 +432,42 @@ class CkksEvaluator:
         ev.rescale_to_next_inplace(acc)
         return acc
 
-    def scores(self, query: bytes, blocks: Sequence[tuple[int, int, list[Any]]]) -> bytes:
+    def score_rows(self, query: Any, data: Any, half: Any, period: int) -> Any:
+        """Q * R summed over each window of ``period`` slots (log2 period rotations), plus
+        -|x|^2/2 at the window's first slot: a vector's score sits at its window's start."""
+        seal = _seal()
+        ev = self._evaluator
+        acc = seal.Ciphertext()
+        ev.multiply(query, data, acc)
+        ev.relinearize_inplace(acc, self._relin)
+        step = 1
+        while step < period:
+            turned = seal.Ciphertext()
+            ev.rotate_vector(acc, step, self._galois, turned)
+            ev.add_inplace(acc, turned)
+            step *= 2
+        ev.add_inplace(acc, half)
+        ev.rescale_to_next_inplace(acc)
+        return acc
+
+    def scores(self, query: bytes, blocks: Sequence[Loaded]) -> bytes:
         """Encrypted scores of every block for one query (serialised, block order)."""
         if not blocks:
             return pack_parts(KIND_SCORES, 0, 0, [])
-        period = blocks[0][0]
-        rotated = self.rotations(query, period)
-        parts = [_save(self.score_block(rotated, b)) for _, _, b in blocks]
+        period = blocks[0][1]
+        first = self.query(query, period)
+        rotated: list[Any] | None = None
+        parts = []
+        for kind, got, count, cts in blocks:
+            if got != period:
+                raise FormatError(f"CKKS blocks of periods {period} and {got} in one index")
+            if kind == KIND_BLOCK:
+                rotated = rotated or self.rotations(first, period)
+                out = [_save(self.score_diagonal(rotated, cts))]
+            else:
+                out = [_save(self.score_rows(first, cts[i], cts[i + 1], period))
+                       for i in range(0, len(cts), 2)]
+            parts.append(pack_parts(kind, period, count, out))
         return pack_parts(KIND_SCORES, period, len(parts), parts)
 
 

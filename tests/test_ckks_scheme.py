@@ -27,14 +27,21 @@ def _brute(data: np.ndarray, query: np.ndarray, k: int) -> list[int]:
     return [int(i) for i in np.lexsort((np.arange(len(data)), d2))[:k]]
 
 
-def test_exact_top_k_equals_plaintext_brute_force() -> None:
+@pytest.mark.parametrize("layout", [ckks.DIAGONAL, ckks.ROWS, None])
+def test_exact_top_k_equals_plaintext_brute_force(layout: str | None) -> None:
+    """Both layouts, and the automatic choice (a full diagonal block, then 904 vectors
+    in rows: 2 x 8 ciphertexts instead of 33)."""
     rng = np.random.default_rng(SEED)
     data = rng.random((5000, 24)) * 2.0  # two blocks, the second partly full
     key = _key()
-    blocks = [key.encrypt_block(data[i : i + ckks.SLOTS]) for i in range(0, 5000, ckks.SLOTS)]
+    blocks = [key.encrypt_block(data[i : i + ckks.SLOTS], layout)
+              for i in range(0, 5000, ckks.SLOTS)]
     assert [b.count for b in blocks] == [ckks.SLOTS, 5000 - ckks.SLOTS]
+    kinds = [ckks.header(b.data, "block")[0] for b in blocks]
+    assert kinds == {ckks.DIAGONAL: [ckks.KIND_BLOCK] * 2, ckks.ROWS: [ckks.KIND_ROWS] * 2,
+                     None: [ckks.KIND_BLOCK, ckks.KIND_ROWS]}[layout]
     assert blocks[0].period == 32
-    scorer = CkksScorer(key.evaluation_keys(), [b.data for b in blocks], workers=1)
+    scorer = CkksScorer(key.evaluation_keys(32), [b.data for b in blocks], workers=1)
     worst = 0.0
     for i in range(12):
         query = data[rng.integers(5000)] + rng.normal(0, 0.05, 24) if i % 2 else rng.random(24)
@@ -53,7 +60,7 @@ def test_a_query_of_another_key_version_is_refused() -> None:
     data = rng.random((300, 16))
     old, new = _key(version=1), _key(version=2)
     block = old.encrypt_block(data)
-    scorer = CkksScorer(old.evaluation_keys(), [block.data], workers=1)
+    scorer = CkksScorer(old.evaluation_keys(16), [block.data], workers=1)
     answer = scorer.scores(new.encrypt_query(data[0], block.period))
     with pytest.raises(FormatError, match="another repository or key version"):
         new.decrypt_scores(answer, [block.count])
@@ -66,7 +73,7 @@ def test_a_block_of_another_repository_is_refused() -> None:
     data = rng.random((200, 16))
     ours, theirs = _key("repo-a"), _key("repo-b")
     foreign = theirs.encrypt_block(data)
-    scorer = CkksScorer(ours.evaluation_keys(), [foreign.data], workers=1)
+    scorer = CkksScorer(ours.evaluation_keys(16), [foreign.data], workers=1)
     answer = scorer.scores(ours.encrypt_query(data[0], foreign.period))
     with pytest.raises(FormatError, match="another repository or key version"):
         ours.decrypt_scores(answer, [foreign.count])
@@ -84,13 +91,13 @@ def test_seeds_are_bound_to_repository_and_version() -> None:
 def test_malformed_objects_are_refused_with_their_name() -> None:
     key = _key()
     block = key.encrypt_block(np.ones((10, 8)))
-    evaluator = ckks.CkksEvaluator(key.evaluation_keys())
+    evaluator = ckks.CkksEvaluator(key.evaluation_keys(8))
     with pytest.raises(FormatError, match="a CKKS block is truncated"):
         evaluator.load_block(block.data[:-1000])
     with pytest.raises(FormatError, match="not a CKKS object of the expected kind"):
         evaluator.load_block(key.encrypt_query(np.ones(8), 8))
     with pytest.raises(FormatError, match="period 16, the repository 8"):
-        evaluator.rotations(key.encrypt_query(np.ones(8), 16), 8)
+        evaluator.scores(key.encrypt_query(np.ones(8), 16), [evaluator.load_block(block.data)])
     with pytest.raises(FormatError, match="norm exceeds"):
         key.encrypt_block(np.full((2, 8), 1000.0))
     with pytest.raises(FormatError, match="expected 2"):
@@ -107,11 +114,11 @@ def test_worker_processes_give_the_same_scores_as_one_process() -> None:
     blocks = [key.encrypt_block(data[i : i + 64]) for i in range(0, len(data), 64)]
     query = key.encrypt_query(data[3], 8)
     counts = [b.count for b in blocks]
-    with CkksScorer(key.evaluation_keys(), [b.data for b in blocks], workers=2) as parallel:
+    with CkksScorer(key.evaluation_keys(8), [b.data for b in blocks], workers=2) as parallel:
         assert parallel.workers == 2
         spread = key.decrypt_scores(parallel.scores(query), counts)
     single = key.decrypt_scores(
-        CkksScorer(key.evaluation_keys(), [b.data for b in blocks], workers=1).scores(query),
+        CkksScorer(key.evaluation_keys(8), [b.data for b in blocks], workers=1).scores(query),
         counts)
     exact = data @ data[3] - 0.5 * np.einsum("ij,ij->i", data, data)
     assert np.abs(spread - exact).max() < 1e-3
