@@ -20,6 +20,7 @@ Layout::
     radcrypt/v1/repos/<repo_id>/packs/<pack_id>       (format 2: a batch's meta, previews, features)
     radcrypt/v1/repos/<repo_id>/log/<SEQ20>           (format 2: one signed segment-log entry)
     radcrypt/v1/repos/<repo_id>/checkpoints/<SEQ20>   (format 2: owner-signed live set)
+    radcrypt/v1/repos/<repo_id>/labels/<label_id>     (format 2: a label's keyword dictionary)
     radcrypt/v1/repos/<repo_id>/locks/<lock_id>       (restic-style locks: app/core/locks.py)
     radcrypt/v1/repos/<repo_id>/access/<user_id>/<SEQ20>  (access log, owners only:
                                                        app/core/access_log.py)
@@ -248,6 +249,21 @@ def pack_key(repo_id: str, pack_id: str) -> str:
     return packs_prefix(repo_id) + validate_pack_id(pack_id)
 
 
+def labels_prefix(repo_id: str) -> str:
+    """Label objects (format 2, issue 17: crypto/labels.py)."""
+    return repo_prefix(repo_id) + "labels/"
+
+
+def label_key(repo_id: str, label_id: str) -> str:
+    """A label object: a small keyword dictionary naming rows of one segment (format 2)."""
+    return labels_prefix(repo_id) + _check("label_id", label_id, _HEX_ID_RE, _HEX_RULE)
+
+
+def parse_label_key(key: str) -> tuple[str, str]:
+    """(repo id, label id) of a label object's key."""
+    return _repo_item(key, "label")
+
+
 def log_entry_key(repo_id: str, sequence: int) -> str:
     """Log entry ``sequence``: created if absent, never replaced (format 2)."""
     return log_prefix(repo_id) + seq20(sequence)
@@ -320,6 +336,9 @@ def _parse_repo_item(key: str, repo_id: str, folder: str, name: str) -> ParsedKe
     if folder == "packs":
         pack_id = _as_field(key, "pack", validate_pack_id, name)
         return ParsedKey("pack", repo_id, item_id=pack_id)
+    if folder == "labels":
+        label_id = _as_field(key, "label", validate_pack_id, name)
+        return ParsedKey("label", repo_id, item_id=label_id)
     if folder in ("log", "checkpoints"):
         kind = "log" if folder == "log" else "checkpoint"
         seq = _as_field(key, kind, lambda v: _check("sequence", v, _SEQ20_RE, _SEQ20_RULE), name)

@@ -62,10 +62,12 @@ from cloud.seglog_format import (
     REASON_COMPACTION,
     REASON_ERASURE,
     REASON_IMPORT,
+    REASON_LABEL,
     REASON_MIGRATION,
     REASON_REPAIR,
     REASON_REVOCATION,
     REASON_WORDS,
+    TYPE_LABEL,
     TYPE_PACK,
     TYPE_SEGMENT,
     TYPE_V1_SEGMENT,
@@ -83,8 +85,9 @@ from crypto.identity import Identity, SignatureError
 
 __all__ = [
     "KIND_ADD", "KIND_GENESIS", "KIND_MEMBERSHIP", "KIND_REMOVE", "KIND_REPLACE",
-    "REASON_COMPACTION", "REASON_ERASURE", "REASON_IMPORT", "REASON_MIGRATION",
-    "REASON_REPAIR", "REASON_REVOCATION", "TYPE_PACK", "TYPE_SEGMENT", "TYPE_V1_SEGMENT",
+    "REASON_COMPACTION", "REASON_ERASURE", "REASON_IMPORT", "REASON_LABEL", "REASON_MIGRATION",
+    "REASON_REPAIR", "REASON_REVOCATION", "TYPE_LABEL", "TYPE_PACK", "TYPE_SEGMENT",
+    "TYPE_V1_SEGMENT",
     "Added", "AnswerError", "AppendAbandoned", "Checkpoint", "LiveObject", "LogAhead",
     "LogEntry", "LogError", "LogHead", "LogState", "LogTrust", "Removed", "StaticTrust", "Verdict",
     "append", "check_hits", "checkpoint_payload", "decode_payload", "encode_payload",
@@ -98,8 +101,8 @@ CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_FORMAT = "radcrypt-checkpoint-v1"
 MAX_APPEND_ATTEMPTS = 256
 _SET_DOMAIN = b"radcrypt/segment-set/v2"
-_TYPE_BY_WORD = {"segment": TYPE_SEGMENT, "pack": TYPE_PACK}
-_WORD_BY_TYPE = {TYPE_SEGMENT: "segment", TYPE_PACK: "pack"}
+_TYPE_BY_WORD = {"segment": TYPE_SEGMENT, "pack": TYPE_PACK, "label": TYPE_LABEL}
+_WORD_BY_TYPE = {TYPE_SEGMENT: "segment", TYPE_PACK: "pack", TYPE_LABEL: "label"}
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -231,6 +234,10 @@ class LogState:
     def packs(self, key_version: int | None = None) -> list[LiveObject]:
         """Live packs (of one key version, or all), sorted by id."""
         return self._objects(TYPE_PACK, key_version)
+
+    def labels(self, key_version: int | None = None) -> list[LiveObject]:
+        """Live label objects (issue 17; of one key version, or all), sorted by id."""
+        return self._objects(TYPE_LABEL, key_version)
 
     def set_digest(self, key_version: int) -> bytes:
         """Segment-set digest (FORMAT-2 6.1) of the live segments of ``key_version`` at head."""
@@ -372,7 +379,7 @@ def open_entry(blob: bytes, repo_id: str, sequence: int, trust: LogTrust,
 
 
 _REASONS = {
-    KIND_ADD: {REASON_IMPORT, REASON_REVOCATION, REASON_REPAIR},
+    KIND_ADD: {REASON_IMPORT, REASON_REVOCATION, REASON_REPAIR, REASON_LABEL},
     KIND_REPLACE: {REASON_COMPACTION, REASON_ERASURE, REASON_REVOCATION, REASON_MIGRATION,
                    REASON_REPAIR},
     KIND_REMOVE: {REASON_ERASURE, REASON_REVOCATION, REASON_REPAIR},
@@ -454,6 +461,10 @@ def _check_objects(state: LogState, entry: LogEntry) -> None:
         _check_counts(entry, removed_live)
     if kind == KIND_ADD and entry.reason == REASON_IMPORT:
         _check_import(entry)
+    if entry.reason == REASON_LABEL and not all(a.type == TYPE_LABEL for a in entry.added):
+        raise _log_error(n, "kind rule", "a label entry adds label objects only")
+    if entry.reason == REASON_IMPORT and any(a.type == TYPE_LABEL for a in entry.added):
+        raise _log_error(n, "kind rule", "an import adds no label object")
 
 
 def _check_import(entry: LogEntry) -> None:

@@ -27,8 +27,13 @@ from crypto.errors import FormatError
 MAGIC = b"RCLE"
 VERSION = 1
 
-TYPE_SEGMENT, TYPE_PACK, TYPE_V1_SEGMENT = 1, 2, 3
-TYPE_WORDS = {TYPE_SEGMENT: "segment", TYPE_PACK: "pack", TYPE_V1_SEGMENT: "format-1 segment"}
+TYPE_SEGMENT, TYPE_PACK, TYPE_V1_SEGMENT, TYPE_LABEL = 1, 2, 3, 4
+TYPE_WORDS = {TYPE_SEGMENT: "segment", TYPE_PACK: "pack", TYPE_V1_SEGMENT: "format-1 segment",
+              TYPE_LABEL: "label"}
+ADDED_TYPES = (TYPE_SEGMENT, TYPE_PACK, TYPE_LABEL)
+"""Types an entry may add. A label (issue 17, crypto/labels.py) is a small keyword
+dictionary naming rows of one segment: added by its own entries (reason label), removed
+with its segment by the rewrite that replaces that segment."""
 
 KIND_GENESIS, KIND_ADD, KIND_REPLACE, KIND_REMOVE, KIND_MEMBERSHIP = 0, 1, 2, 3, 4
 KIND_WORDS = {KIND_GENESIS: "genesis", KIND_ADD: "add", KIND_REPLACE: "replace",
@@ -36,9 +41,10 @@ KIND_WORDS = {KIND_GENESIS: "genesis", KIND_ADD: "add", KIND_REPLACE: "replace",
 
 (REASON_IMPORT, REASON_COMPACTION, REASON_ERASURE, REASON_REVOCATION, REASON_MIGRATION,
  REASON_REPAIR) = range(6)
+REASON_LABEL = 16  # issue 17; 6..15 stay free (the vectors' "unknown reason" case is 6)
 REASON_WORDS = {REASON_IMPORT: "import", REASON_COMPACTION: "compaction",
                 REASON_ERASURE: "erasure", REASON_REVOCATION: "revocation",
-                REASON_MIGRATION: "migration", REASON_REPAIR: "repair"}
+                REASON_MIGRATION: "migration", REASON_REPAIR: "repair", REASON_LABEL: "label"}
 
 HEAD_SIZE = 132          # fixed part up to and including the writer
 ADDED_SIZE = 56
@@ -154,8 +160,9 @@ def encode_payload(entry: LogEntry) -> bytes:
     out += struct.pack(">I", len(entry.added))
     keys: list[tuple[int, bytes]] = []
     for item in entry.added:
-        if item.type not in (TYPE_SEGMENT, TYPE_PACK):
-            raise _fail(name, "added type", f"{item.type!r} is not 1 (segment) or 2 (pack)")
+        if item.type not in ADDED_TYPES:
+            raise _fail(name, "added type", f"{item.type!r} is not 1 (segment), 2 (pack) or "
+                        "4 (label)")
         raw = _id16(name, "added id", item.id)
         if not isinstance(item.sha256, bytes) or len(item.sha256) != 32:
             raise _fail(name, "added sha256", "must be 32 bytes")
@@ -212,8 +219,9 @@ def decode_payload(payload: bytes, name: str, sequence: int | None = None) -> Lo
     for _ in range(count):
         kind_a, pad, raw, digest, images = _ADDED.unpack_from(payload, offset)
         offset += ADDED_SIZE
-        if kind_a not in (TYPE_SEGMENT, TYPE_PACK):
-            raise _fail(name, "added type", f"{kind_a} is not 1 (segment) or 2 (pack)")
+        if kind_a not in ADDED_TYPES:
+            raise _fail(name, "added type", f"{kind_a} is not 1 (segment), 2 (pack) or "
+                        "4 (label)")
         if any(pad):
             raise _fail(name, "added reserved bytes", "are not zero")
         added.append(Added(kind_a, raw.hex(), digest, images))

@@ -30,8 +30,12 @@ sections behind a 192-byte header and a 64-byte trailer::
     36  u64 base_sequence (the log head the writer had verified)
     44  writer W64: u8 length, the user id in ASCII, zero bytes to 64
     108 u32 widths[levels + 1]      ..  zero padding to 192
-    192 ids, levels, full as in version 1; B = their end
-    B   HMAC-SHA256 under the index MAC key (crypto/segment_mac.py)
+    192 ids, levels, full as in version 1
+        [flags bit 0, FLAG_KEYWORDS: the segment's keyword dictionary (crypto/sse.py RCSD
+        bytes, docs/KEYWORDS.md), its length D as u64 at header offset 184, zero-padded
+        to 64; D >= 16, else the flag is not set and offset 184 is zero padding]
+        B = the end of the last section
+    B   HMAC-SHA256 under the index MAC key (crypto/segment_mac.py): covers the dictionary
     B+32 SHA-256 of bytes 0..B+31
 
 The reader here (decode_segment, read_segment) checks everything a keyless reader can:
@@ -77,6 +81,10 @@ _V2_WIDTHS = _FIXED.size + _V2_FIELDS.size  # 108
 _USER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # F3, as cloud/layout.py
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 MAX_BASE_SEQUENCE = (1 << 64) - 1
+FLAG_KEYWORDS = 0x0001
+"""Version 2 only: a keyword dictionary section follows the full vectors (issue 17)."""
+DICTIONARY_AT = HEADER_SIZE_V2 - 8  # u64 dictionary length, in the header's last 8 bytes
+MIN_DICTIONARY = 16  # the RCSD header alone
 
 
 class SegmentError(ValueError):
@@ -113,6 +121,7 @@ class SegmentHeader:
     seg_id: str | None = None
     base_sequence: int | None = None
     writer: str | None = None
+    dictionary_size: int = 0
 
     @property
     def header_size(self) -> int:
@@ -121,13 +130,18 @@ class SegmentHeader:
     @property
     def size(self) -> int:
         """The whole object's size in bytes."""
-        return _sized(self.format_version, self.count, self.widths)
+        return _sized(self.format_version, self.count, self.widths, self.dictionary_size)
 
     @property
     def body_end(self) -> int:
         """B: the end of the last section (version 2: where the MAC starts)."""
         trailer = DIGEST_SIZE if self.format_version == VERSION else TRAILER_SIZE_V2
         return self.size - trailer
+
+    @property
+    def dictionary_offset(self) -> int:
+        """Where the keyword dictionary starts (meaningful when dictionary_size > 0)."""
+        return self.body_end - self.dictionary_size - _pad(self.dictionary_size)
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,8 @@ class Segment:
     writer: str | None = None
     base_sequence: int | None = None
     sha256: bytes | None = None
+    dictionary: memoryview | None = None
+    """The keyword dictionary (RCSD bytes, a view into the segment), None without one."""
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -164,12 +180,14 @@ def _header(key_version: int, count: int, widths: tuple[int, ...]) -> bytes:
 
 
 def _header_v2(key_version: int, count: int, widths: tuple[int, ...], seg_id: str,
-               base_sequence: int, writer: str) -> bytes:
-    head = _FIXED.pack(MAGIC, VERSION_2, 0, key_version, count, len(widths) - 1,
+               base_sequence: int, writer: str, dictionary_size: int = 0) -> bytes:
+    flags = FLAG_KEYWORDS if dictionary_size else 0
+    head = _FIXED.pack(MAGIC, VERSION_2, flags, key_version, count, len(widths) - 1,
                        DTYPE_FLOAT64, 0)
     head += _V2_FIELDS.pack(bytes.fromhex(seg_id), base_sequence, _w64(writer))
     head += struct.pack(f"<{len(widths)}I", *widths)
-    return head + b"\0" * (HEADER_SIZE_V2 - len(head))
+    head += b"\0" * (DICTIONARY_AT - len(head))
+    return head + struct.pack("<Q", dictionary_size)
 
 
 def _w64(user_id: str) -> bytes:
@@ -204,11 +222,13 @@ def encode_segment(image_ids: list[str], vectors: EncryptedVectors, key_version:
 
 def encode_segment_v2(image_ids: list[str], vectors: EncryptedVectors, key_version: int, *,
                       seg_id: str, writer: str, base_sequence: int, repo_id: str,
-                      mac_key: bytes) -> bytes:
+                      mac_key: bytes, dictionary: bytes | None = None) -> bytes:
     """Serialize one batch as format version 2: the v1 sections behind a header that
     names the segment, its writer and the log head the writer had verified, then the
     MAC under ``mac_key`` (crypto.segment_mac.index_mac_key of the data key of
-    ``key_version``) and the SHA-256 of everything before it."""
+    ``key_version``) and the SHA-256 of everything before it. ``dictionary``: the
+    segment's keyword dictionary (crypto.sse.build_dictionary), placed after the full
+    vectors inside the MAC'd body."""
     if not isinstance(seg_id, str) or not _HEX_ID.fullmatch(seg_id):
         raise ValueError("seg_id must be 32 lowercase hexadecimal characters")
     if not isinstance(writer, str) or not _USER_ID.fullmatch(writer):
@@ -218,18 +238,23 @@ def encode_segment_v2(image_ids: list[str], vectors: EncryptedVectors, key_versi
         raise ValueError(f"base_sequence {base_sequence} is not a u64")
     if not 0 <= key_version < 1 << 32:
         raise ValueError(f"key_version {key_version} is not a u32")
+    if dictionary is not None and len(dictionary) < MIN_DICTIONARY:
+        raise ValueError(f"a keyword dictionary is at least {MIN_DICTIONARY} bytes")
     sections = _sections(image_ids, vectors)
-    head = _header_v2(key_version, len(image_ids), vectors.widths, seg_id, base_sequence, writer)
+    if dictionary is not None:
+        sections += [bytes(dictionary), b"\0" * _pad(len(dictionary))]
+    head = _header_v2(key_version, len(image_ids), vectors.widths, seg_id, base_sequence, writer,
+                      len(dictionary) if dictionary is not None else 0)
     body = b"".join([head, *sections])
     signed = body + segment_mac(mac_key, repo_id, body)
     return signed + hashlib.sha256(signed).digest()
 
 
-def _sized(version: int, count: int, widths: tuple[int, ...]) -> int:
+def _sized(version: int, count: int, widths: tuple[int, ...], dictionary_size: int = 0) -> int:
     if version == VERSION:
         size = len(_header(0, count, widths)) + DIGEST_SIZE
     else:
-        size = HEADER_SIZE_V2 + TRAILER_SIZE_V2
+        size = HEADER_SIZE_V2 + TRAILER_SIZE_V2 + dictionary_size + _pad(dictionary_size)
     size += ID_SIZE * count + _pad(ID_SIZE * count)
     for width in widths:
         raw = 8 * count * width
@@ -237,9 +262,11 @@ def _sized(version: int, count: int, widths: tuple[int, ...]) -> int:
     return size
 
 
-def expected_size(count: int, widths: tuple[int, ...], version: int = VERSION) -> int:
-    """The size in bytes of a segment of ``count`` images (format ``version``)."""
-    return _sized(version, count, widths)
+def expected_size(count: int, widths: tuple[int, ...], version: int = VERSION,
+                  dictionary_size: int = 0) -> int:
+    """The size in bytes of a segment of ``count`` images (format ``version``), with a
+    keyword dictionary of ``dictionary_size`` bytes (version 2)."""
+    return _sized(version, count, widths, dictionary_size)
 
 
 def parse_header(data: Buffer, name: str) -> SegmentHeader:
@@ -260,7 +287,8 @@ def parse_header(data: Buffer, name: str) -> SegmentHeader:
     if version == VERSION_2 and len(data) < HEADER_SIZE_V2:
         raise SegmentError(name, f"truncated: {len(data)} bytes is shorter than the "
                                  f"{HEADER_SIZE_V2}-byte header of format version 2")
-    if flags != 0 or reserved != 0:
+    allowed = FLAG_KEYWORDS if version == VERSION_2 else 0
+    if flags & ~allowed or reserved != 0:
         raise SegmentError(name, "unknown flags set")
     if dtype != DTYPE_FLOAT64:
         raise SegmentError(name, f"unsupported dtype code {dtype}")
@@ -283,10 +311,16 @@ def parse_header(data: Buffer, name: str) -> SegmentHeader:
     if named is not None and named != seg_id:
         raise SegmentError(name, f"seg_id {seg_id} differs from the object's name")
     writer = _read_w64(name, raw_writer)
-    if any(data[end:HEADER_SIZE_V2]):
+    if any(data[end:DICTIONARY_AT]):
         raise SegmentError(name, "non-zero bytes in the header padding")
+    (dictionary_size,) = struct.unpack_from("<Q", data, DICTIONARY_AT)
+    if not flags & FLAG_KEYWORDS and dictionary_size:
+        raise SegmentError(name, "non-zero bytes in the header padding")
+    if flags & FLAG_KEYWORDS and not MIN_DICTIONARY <= dictionary_size <= MAX_SEGMENT_BYTES:
+        raise SegmentError(name, f"keyword dictionary length {dictionary_size} out of range "
+                                 f"{MIN_DICTIONARY}..{MAX_SEGMENT_BYTES}")
     return SegmentHeader(VERSION_2, int(key_version), int(count), widths, seg_id,
-                         int(base_sequence), writer)
+                         int(base_sequence), writer, int(dictionary_size))
 
 
 def _name_id(name: str) -> str | None:
@@ -318,6 +352,16 @@ def ids_range(header: bytes, name: str) -> tuple[int, int]:
     """(offset, length) of the ids section, from the first HEADER_SIZE_V2 bytes."""
     parsed = parse_header(header, name)
     return parsed.header_size, ID_SIZE * parsed.count
+
+
+def dictionary_range(header: bytes, name: str) -> tuple[int, int] | None:
+    """(offset, length) of the keyword dictionary, from the first HEADER_SIZE_V2 bytes;
+    None for a segment without one. A range read of it is checked against nothing: use
+    it only where the whole segment's SHA-256 is checked elsewhere (or re-read whole)."""
+    parsed = parse_header(header, name)
+    if not parsed.dictionary_size:
+        return None
+    return parsed.dictionary_offset, parsed.dictionary_size
 
 
 def decode_segment(data: Buffer, name: str = "<segment>", *,
@@ -456,9 +500,13 @@ def _decode_checked(data: Buffer, name: str, header: SegmentHeader, digest: hash
         arrays.append(array.reshape(count, width))
         offset += 8 * count * width + _pad(8 * count * width)
     vectors = EncryptedVectors(full=arrays[-1], levels=tuple(arrays[:-1]))
+    dictionary = None
+    if header.dictionary_size:
+        dictionary = memoryview(data)[offset : offset + header.dictionary_size]
     return Segment(key_version=header.key_version, ids=ids, vectors=vectors,
                    format_version=header.format_version, seg_id=header.seg_id,
-                   writer=header.writer, base_sequence=header.base_sequence, sha256=sha256)
+                   writer=header.writer, base_sequence=header.base_sequence, sha256=sha256,
+                   dictionary=dictionary)
 
 
 def _has_duplicates(ids: NDArray[np.void]) -> bool:

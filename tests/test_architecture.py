@@ -25,6 +25,7 @@ PACKAGES = ("app", "crypto", "cloud")
 # The core modules the front ends (app.cli, app.gui) may import: the facade and plain types.
 ALLOWED_CORE = {"app.core.client", "app.core.errors", "app.core.progress",
                 "app.core.settings", "app.core.meta", "app.core.similarity", "app.core.studies",
+                "app.core.keyword_search",
                 "app.core.types"}
 
 

@@ -73,7 +73,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core import basis, compaction, logstate
+from app.core import basis, compaction, keyword_dicts, labels, logstate
 from app.core.errors import AccessDenied, IntegrityError, RadcryptError, RepositoryExists
 from app.core.identity import RequestSigner
 from app.core.logstate import remember_head, write_private
@@ -804,13 +804,19 @@ def _commit_copies(session: Session, owner: Identity, repo: Repository,
     vectors = keys.index_key.encrypt(batch, basis.norm_bound(manifest))
     pack_id, pack_blob = compaction.build_pack(repo, version, images, batch)
     seg_id, seg_blob = compaction.build_segment(repo, owner, version, state.head.sequence,
-                                                ids, vectors)
+                                                ids, vectors,
+                                                keywords=keyword_dicts.keywords_by_id(images))
+    # Issue 17: the images' labels under the old versions, as a label of the new one
+    carried = labels.carry_to_version(store, repo, state, version, seg_id, ids)
     store.put(layout.pack_key(repo.repo_id, pack_id), pack_blob, if_absent=True)
     store.put(layout.segment_key(repo.repo_id, seg_id), seg_blob, if_absent=True)
+    for item, blob in carried:
+        store.put(layout.label_key(repo.repo_id, item.id), blob, if_absent=True)
     trust = logstate.repository_trust(store, repo)
     return _append(session, owner, trust, state, kind=seglog.KIND_ADD, key_version=version,
                    added=[compaction.added(seglog.TYPE_SEGMENT, seg_id, seg_blob, len(ids)),
-                          compaction.added(seglog.TYPE_PACK, pack_id, pack_blob, len(ids))])
+                          compaction.added(seglog.TYPE_PACK, pack_id, pack_blob, len(ids)),
+                          *(item for item, _ in carried)])
 
 
 def _has_segments(state: seglog.LogState, version: int) -> bool:

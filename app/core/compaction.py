@@ -34,14 +34,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from app.core import logstate
+from app.core import keyword_dicts, labels, logstate
 from app.core.errors import AccessDenied, Cancelled, IntegrityError
 from app.core.progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import Repository, check_still_current, is_format2
@@ -50,16 +50,18 @@ from cloud import layout, seglog
 from cloud.backend import ObjectNotFound, Store
 from cloud.seglog_format import KIND_WORDS
 from cloud.segments import (
+    HEADER_SIZE_V2,
     Segment,
     SegmentAuthError,
     SegmentError,
     decode_segment,
-    encode_segment_v2,
+    parse_header,
     verify_segment_mac,
 )
 from crypto import pack as packs
 from crypto.errors import DecryptionError, FormatError
 from crypto.identity import Identity
+from crypto.labels import LabelObject
 from crypto.segment_mac import index_mac_key
 from crypto.tokens import EncryptedVectors
 
@@ -67,6 +69,9 @@ TARGET_IMAGES = 65536  # images per compacted segment (FORMAT-2 7.1)
 PACK_IMAGES = 4096  # images per compacted pack
 PACK_BYTES = 256 << 20  # bytes per pack (FORMAT-2 3.5)
 GRACE_SECONDS = 900  # FORMAT-2 7.4, contract: 15 minutes
+LABEL_FOLD = 16
+"""A segment named by this many live label objects gets them folded into one (issue 17):
+the service evaluates every label object of a segment for every token."""
 FETCH_THREADS = 8  # log entries are small objects: the wait is the network
 _RECORD_HEAD = 4 + 1 + 32 + 64  # "RCSR" | version | signer key | signature (crypto/signed.py)
 
@@ -89,10 +94,12 @@ class CompactionReport:
     deferred: int = 0
     cancelled: bool = False
     seconds: float = 0.0
+    labels_folded: int = 0  # label objects folded into one per segment (issue 17)
 
     def as_dict(self) -> dict[str, object]:
         return {"segments_before": self.segments_before, "segments_after": self.segments_after,
                 "packs_before": self.packs_before, "packs_after": self.packs_after,
+                "labels_folded": self.labels_folded,
                 "entries": list(self.entries), "abandoned": self.abandoned,
                 "deleted": self.deleted, "deferred": self.deferred,
                 "cancelled": self.cancelled, "seconds": round(self.seconds, 3)}
@@ -177,9 +184,11 @@ def _payload(blob: bytes, repo_id: str, sequence: int) -> seglog.LogEntry:
 
 
 def object_key(repo_id: str, kind: int, object_id: str) -> str:
-    """The bucket name of a log object: segments (both formats) or packs."""
+    """The bucket name of a log object: segments (both formats), packs or labels."""
     if kind == seglog.TYPE_PACK:
         return layout.pack_key(repo_id, object_id)
+    if kind == keyword_dicts.TYPE_LABEL:
+        return layout.label_key(repo_id, object_id)
     return layout.segment_key(repo_id, object_id)
 
 
@@ -216,13 +225,19 @@ def merge_rows(parts: Sequence[tuple[list[str], EncryptedVectors]]
 
 
 def build_segment(repo: Repository, writer: Identity, key_version: int, base_sequence: int,
-                  ids: list[str], vectors: EncryptedVectors) -> tuple[str, bytes]:
-    """(seg_id, bytes) of a new authenticated segment holding exactly these rows."""
+                  ids: list[str], vectors: EncryptedVectors, *,
+                  keywords: Mapping[str, Iterable[str]] | None = None) -> tuple[str, bytes]:
+    """(seg_id, bytes) of a new authenticated segment holding exactly these rows, with
+    the keyword dictionary of ``keywords`` (image id -> its keywords, every id; issue 17)
+    in its MAC'd body. ``keywords`` None: no dictionary (the segment cannot be found by
+    keyword until a compaction rewrites it)."""
     seg_id = layout.new_id()
     mac_key = index_mac_key(repo.ring.version(key_version).data_key)
-    blob = encode_segment_v2(ids, vectors, key_version, seg_id=seg_id, writer=writer.user_id,
-                             base_sequence=base_sequence, repo_id=repo.repo_id,
-                             mac_key=mac_key)
+    dictionary = (None if keywords is None else
+                  keyword_dicts.dictionary_for(repo, key_version, seg_id, ids, keywords))
+    blob = keyword_dicts.encode(ids, vectors, key_version, seg_id=seg_id,
+                                writer=writer.user_id, base_sequence=base_sequence,
+                                repo_id=repo.repo_id, mac_key=mac_key, dictionary=dictionary)
     written = decode_segment(blob, seg_id).id_strings()
     if sorted(written) != sorted(ids) or len(written) != len(ids):
         raise IntegrityError(f"new segment {seg_id} would not hold exactly the images of "
@@ -301,7 +316,7 @@ def delete_replaced(store: Store, state: seglog.LogState, grace_seconds: float,
     now = time.time() if now is None else now
     repo_id = state.repo_id
     live = {object_key(repo_id, kind, object_id) for kind, object_id in state.live}
-    present = {key for prefix in (layout.segments_prefix(repo_id), layout.packs_prefix(repo_id))
+    present = {key for prefix in _object_prefixes(repo_id)
                for key in store.list_keys(prefix)} - live
     deleted = deferred = 0
     if not present:  # nothing but live objects: no need to read the log's history
@@ -318,6 +333,13 @@ def delete_replaced(store: Store, state: seglog.LogState, grace_seconds: float,
             present.discard(key)
             deleted += 1
     return deleted, deferred
+
+
+def _object_prefixes(repo_id: str) -> list[str]:
+    prefixes = [layout.segments_prefix(repo_id), layout.packs_prefix(repo_id)]
+    if hasattr(layout, "labels_prefix"):  # /work/p16-H4-layout.patch (issue 17)
+        prefixes.append(layout.labels_prefix(repo_id))
+    return prefixes
 
 
 # --- compaction --------------------------------------------------------------------------------
@@ -364,7 +386,25 @@ def compact(store: Store, settings: Settings, repo: Repository, writer: Identity
 
 
 def _word(kind: int) -> str:
+    if kind == keyword_dicts.TYPE_LABEL:
+        return "label set"
     return "pack" if kind == seglog.TYPE_PACK else "segment"
+
+
+def _label_heavy(store: Store, repo_id: str, state: seglog.LogState, version: int,
+                 skip: set[str]) -> list[seglog.LiveObject]:
+    """The live segments of ``version`` outside ``skip`` named by LABEL_FOLD or more live
+    label objects (planning only: the fold itself reads and checks everything)."""
+    named: dict[str, int] = {}
+    for live in labels.live_labels(state, version):
+        try:
+            blob = keyword_dicts.read_label_blob(store, repo_id, live)
+            target = LabelObject.from_bytes(blob, live.id).segment_id
+        except (IntegrityError, FormatError):
+            continue  # the fold (or the repository check) reports it
+        named[target] = named.get(target, 0) + 1
+    return [o for o in state.segments(version)
+            if o.id not in skip and named.get(o.id, 0) >= LABEL_FOLD]
 
 
 def _plan(store: Store, repo: Repository, state: seglog.LogState, target_images: int,
@@ -381,13 +421,41 @@ def _plan(store: Store, repo: Repository, state: seglog.LogState, target_images:
             repo.ring.version(version)
         except KeyError:
             continue
-        for group in _groups(state.segments(version), target_images, lambda o: 0, 0):
+        groups = _groups(state.segments(version), target_images, lambda o: 0, 0)
+        grouped = {o.id for group in groups for o in group}
+        # Issue 17: a segment written before keyword search is rewritten alone to get
+        # its dictionary (rows and scores unchanged, as in any merge).
+        groups += [[o] for o in _without_dictionary(
+            store, repo.repo_id, [o for o in state.segments(version) if o.id not in grouped])]
+        for group in groups:
             plan.append((seglog.TYPE_SEGMENT, version, group))
+        grouped |= {o.id for group in groups for o in group}  # their labels move anyway
+        for heavy in _label_heavy(store, repo.repo_id, state, version, grouped):
+            plan.append((keyword_dicts.TYPE_LABEL, version, [heavy]))
         for group in _groups(state.packs(version), pack_images,
                              lambda o: sizes.get(layout.pack_key(repo.repo_id, o.id), 0),
                              PACK_BYTES):
             plan.append((seglog.TYPE_PACK, version, group))
     return plan
+
+
+def _without_dictionary(store: Store, repo_id: str, segments: list[seglog.LiveObject]
+                        ) -> list[seglog.LiveObject]:
+    """The segments whose header says they carry no keyword dictionary (one range read of
+    192 bytes each; a header that does not parse is left to the group's full check)."""
+    if not segments or not keyword_dicts.can_embed():
+        return []
+
+    def lacks(live: seglog.LiveObject) -> bool:
+        try:
+            head = store.get_range(layout.segment_key(repo_id, live.id), 0, HEADER_SIZE_V2)
+            return not getattr(parse_header(head, live.id), "dictionary_size", 0)
+        except (ObjectNotFound, SegmentError):
+            return True
+
+    with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="radcrypt-seghead") as pool:
+        flags = list(pool.map(lacks, segments))
+    return [o for o, lacking in zip(segments, flags, strict=True) if lacking]
 
 
 def _groups(objects: list[seglog.LiveObject], limit: int,
@@ -417,8 +485,15 @@ def _compact_group(store: Store, settings: Settings, repo: Repository, writer: I
     if not all((o.type, o.id) in state.live for o in group):
         report.abandoned += 1  # an earlier group's race moved the log on
         return state, "abandoned", ""
+    extra: list[tuple[seglog.Added, bytes]] = []
+    gone: list[seglog.Removed] = []
+    if kind == keyword_dicts.TYPE_LABEL:
+        return _fold_labels(store, settings, repo, writer, state, version, group[0], report)
     if kind == seglog.TYPE_SEGMENT:
-        new_id, blob, count = _merge_segments(store, repo, writer, state, version, group)
+        new_id, blob, count, ids = _merge_segments(store, repo, writer, state, version, group)
+        # Issue 17: the group's labels move to the new segment in the same entry.
+        extra, gone = labels.carry(store, repo, state, version, [o.id for o in group],
+                                   new_id, ids)
     else:
         new_id, blob, count = _merge_packs(store, repo, version, group)
     if count != sum(o.count for o in group):
@@ -433,8 +508,9 @@ def _compact_group(store: Store, settings: Settings, repo: Repository, writer: I
 
     done = commit_replace(
         store, settings, repo, writer, trust, state, reason=seglog.REASON_COMPACTION,
-        key_version=version, new_objects=[(added(kind, new_id, blob, count), blob)],
-        removed=[seglog.Removed(o.type, o.id) for o in group], verify=verify)
+        key_version=version, new_objects=[(added(kind, new_id, blob, count), blob), *extra],
+        removed=sorted([seglog.Removed(o.type, o.id) for o in group] + gone,
+                       key=lambda r: (r.type, r.id)), verify=verify)
     if done.sequence is None:
         report.abandoned += 1
         return done.state, "abandoned", new_id
@@ -442,16 +518,47 @@ def _compact_group(store: Store, settings: Settings, repo: Repository, writer: I
     return done.state, "compacted", new_id
 
 
+def _fold_labels(store: Store, settings: Settings, repo: Repository, writer: Identity,
+                 state: seglog.LogState, version: int, segment: seglog.LiveObject,
+                 report: CompactionReport) -> tuple[seglog.LogState, str, str]:
+    """One segment's live label objects become one ``add`` object (their net labels),
+    in one ``replace`` entry (reason compaction) that removes them. The segment's ids
+    come from the segment read whole and checked (its MAC): the rows must be right."""
+    ids = checked_segment(store, repo, segment, version).id_strings()
+    new, gone = labels.carry(store, repo, state, version, [segment.id], segment.id, ids)
+    if not gone:
+        return state, "abandoned", ""
+    check_still_current(store, repo)
+    trust = logstate.repository_trust(store, repo)
+
+    def verify(since: seglog.LogState) -> seglog.LogState:
+        return logstate.verified_log(store, settings, repo, since=since)
+
+    done = commit_replace(store, settings, repo, writer, trust, state,
+                          reason=seglog.REASON_COMPACTION, key_version=version,
+                          new_objects=new, removed=gone, verify=verify)
+    if done.sequence is None:
+        report.abandoned += 1
+        return done.state, "abandoned", segment.id
+    report.entries.append(done.sequence)
+    report.labels_folded += len(gone)
+    return done.state, "compacted", segment.id
+
+
 def _merge_segments(store: Store, repo: Repository, writer: Identity,
                     state: seglog.LogState, version: int, group: list[seglog.LiveObject],
-                    ) -> tuple[str, bytes, int]:
+                    ) -> tuple[str, bytes, int, list[str]]:
     parts = []
     for live in group:
         segment = checked_segment(store, repo, live, version)
         parts.append((segment.id_strings(), segment.vectors))
     ids, vectors = merge_rows(parts)
-    seg_id, blob = build_segment(repo, writer, version, state.head.sequence, ids, vectors)
-    return seg_id, blob, len(ids)
+    # The dictionary is rebuilt from the images' metadata (a dictionary cannot be read
+    # without the keywords): the rows keep exactly their keywords, under new positions.
+    keywords = keyword_dicts.keywords_from_packs(store, repo, state, version, ids)
+    seg_id, blob = build_segment(repo, writer, version, state.head.sequence, ids, vectors,
+                                 keywords=keywords)
+    return seg_id, blob, len(ids), ids
 
 
 def checked_segment(store: Store, repo: Repository, live: seglog.LiveObject, version: int,

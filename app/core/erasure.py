@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from app.core import compaction, logstate
+from app.core import compaction, keyword_dicts, labels, logstate
 from app.core.errors import AccessDenied, IntegrityError, RadcryptError
 from app.core.meta import ImageMeta
 from app.core.packs import ImageReader, read_toc
@@ -74,6 +74,8 @@ from cloud.segments import HEADER_SIZE_V2, SegmentError, decode_segment, ids_ran
 from crypto import pack as packs
 from crypto.errors import DecryptionError, FormatError
 from crypto.identity import Identity
+from crypto.labels import LabelObject, open_label
+from crypto.segment_mac import index_mac_key
 from crypto.tokens import EncryptedVectors
 
 KINDS = ("image", "series", "study", "patient")
@@ -428,6 +430,14 @@ def _rewrites(store: Store, repo: Repository, writer: Identity, state: seglog.Lo
         rewrite.removed.append(seglog.Removed(live.type, live.id))
         if kept:
             rewrite.new.append(kept)
+        if live.type == seglog.TYPE_SEGMENT:
+            # Issue 17: the segment's labels go with it; the kept images' labels are
+            # carried to the new segment in the same entry (the erased ones' are not).
+            carried, dropped = labels.carry(
+                store, repo, state, live.key_version, [live.id],
+                kept[0].id if kept else "", _kept_ids(kept))
+            rewrite.new += carried
+            rewrite.removed += dropped
         pack = live.type == seglog.TYPE_PACK
         if kept and pack:
             report.packs_rewritten += 1
@@ -438,6 +448,13 @@ def _rewrites(store: Store, repo: Repository, writer: Identity, state: seglog.Lo
         else:
             report.segments_removed += 1
     return [by_version[v] for v in sorted(by_version)]
+
+
+def _kept_ids(kept: tuple[seglog.Added, bytes] | tuple[()]) -> list[str]:
+    """The image ids of a rewritten segment, in row order ([] when it was removed)."""
+    if not kept:
+        return []
+    return decode_segment(kept[1], kept[0].id).id_strings()
 
 
 def _holders(store: Store, repo: Repository, state: seglog.LogState, erased: set[str]
@@ -534,8 +551,12 @@ def _segment_without(store: Store, repo: Repository, writer: Identity,
     rows = EncryptedVectors(full=vectors.full[keep],
                             levels=tuple(level[keep] for level in vectors.levels))
     kept_ids = [i for i, k in zip(ids, keep, strict=True) if k]
+    # Issue 17: the kept rows' keywords, from their metadata in the live packs.
+    keywords = keyword_dicts.keywords_from_packs(store, repo, state, live.key_version,
+                                                 kept_ids)
     seg_id, blob = compaction.build_segment(repo, writer, live.key_version,
-                                            state.head.sequence, kept_ids, rows)
+                                            state.head.sequence, kept_ids, rows,
+                                            keywords=keywords)
     return compaction.added(seglog.TYPE_SEGMENT, seg_id, blob, len(kept_ids)), blob
 
 
@@ -592,7 +613,27 @@ def _delete_holders(store: Store, repo: Repository, state: seglog.LogState,
         if _pack_holds(store, repo, key, erased):
             store.delete(key)
             deleted += 1
+    if hasattr(layout, "labels_prefix"):  # issue 17: labels name erased images too
+        for key in sorted(store.list_keys(layout.labels_prefix(repo_id))):
+            if key not in live and _label_names(store, repo, key, erased):
+                store.delete(key)
+                deleted += 1
     return deleted
+
+
+def _label_names(store: Store, repo: Repository, key: str, erased: set[str]) -> bool:
+    """Whether the (not live) label object ``key`` names an erased image. One that does
+    not open with this ring is left (the repository check lists strays)."""
+    name = key.rsplit("/", 1)[-1]
+    try:
+        blob = store.get(key)
+        version = LabelObject.from_bytes(blob, name).key_version
+        keys = repo.ring.version(version)
+        _, words = open_label(blob, name, repo_id=repo.repo_id, data_key=keys.data_key,
+                              mac_key=index_mac_key(keys.data_key))
+    except (ObjectNotFound, FormatError, DecryptionError, KeyError):
+        return False
+    return any(erased.intersection(ids) for ids in words.values())
 
 
 def _pack_holds(store: Store, repo: Repository, key: str, erased: set[str]) -> bool:

@@ -107,7 +107,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core import basis, logstate, objects
+from app.core import basis, keyword_dicts, logstate, objects
 from app.core.deid import NEUTRAL_NAME, Blackout, DeidentificationRefused, deidentify
 from app.core.errors import Cancelled, IntegrityError, RadcryptError
 from app.core.packs import ImageReader, committed_ids
@@ -132,7 +132,7 @@ from app.imaging.worker import (
 )
 from cloud import layout, seglog
 from cloud.backend import ObjectExists, Store, StoreError, stored_after_conflict
-from cloud.segments import encode_segment, encode_segment_v2
+from cloud.segments import encode_segment
 from crypto import pack
 from crypto.errors import FormatError
 from crypto.identity import Identity
@@ -758,10 +758,15 @@ class Importer:
         self._log = logstate.verified_log(store, self.settings, repo, since=self._log)
         blob = pack.build_pack(keys.data_key, repo_id, pack_id, keys.version,
                                [(i, new[i].meta, new[i].thumb) for i in ids], batch)
-        segment = encode_segment_v2(ids, vectors, keys.version, seg_id=seg_id,
-                                    writer=self.writer.user_id,
-                                    base_sequence=self._log.head.sequence, repo_id=repo_id,
-                                    mac_key=index_mac_key(keys.data_key))
+        # Issue 17: the batch's keyword dictionary, inside the segment's MAC'd body.
+        dictionary = keyword_dicts.dictionary_for(
+            repo, keys.version, seg_id, ids,
+            {i: keyword_dicts.keywords_of_record(i, new[i].meta) for i in ids})
+        segment = keyword_dicts.encode(ids, vectors, keys.version, seg_id=seg_id,
+                                       writer=self.writer.user_id,
+                                       base_sequence=self._log.head.sequence, repo_id=repo_id,
+                                       mac_key=index_mac_key(keys.data_key),
+                                       dictionary=dictionary)
         self._store_batch(repo_id, pack_id, blob, seg_id, segment)
         trust = logstate.repository_trust(store, repo)  # step 3: the manifest read again
         if trust.key_version != keys.version:

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from app.core import basis, logstate, objects
+from app.core import basis, keyword_dicts, logstate, objects
 from app.core.compaction import (
     PACK_IMAGES,
     added,
@@ -313,9 +313,9 @@ def _migrate_group(store: Store, settings: Settings, owner: Identity, repo: Repo
     if keep:
         ids = [i for i, _, _ in keep]
         vectors = _select(group, loaded, keep)
-        seg_id, segment_blob = build_segment(repo, owner, version, state.head.sequence, ids,
-                                             vectors)
         images = [(i, contents[i][0], contents[i][1]) for i in ids]
+        seg_id, segment_blob = build_segment(repo, owner, version, state.head.sequence, ids,
+                                             vectors, keywords=keyword_dicts.keywords_by_id(images))
         features = np.stack([contents[i][2] for i in ids])
         pack_id, pack_blob = build_pack(repo, version, images, features)
         new_objects = [(added(seglog.TYPE_PACK, pack_id, pack_blob, len(ids)), pack_blob),
