@@ -72,6 +72,7 @@ bench: $(STAMP)
 	  --query-modes near,fresh --queries 100 --json bench/results/engine.json
 	$(BIN)/python -m bench.ingest --images 200 --workers 2 --json bench/results/ingest.json
 	$(BIN)/python -m bench.e2e --n 100000 --queries 30 --json bench/results/e2e.json
+	$(BIN)/python -m bench.receive --images 200 --repeat 2 --out bench/results/receive.json
 
 # The release's software bill of materials (CycloneDX JSON, docs/DEPLOYMENT.md "SBOM"), made
 # offline from the packages installed in .venv, then the licence gate: no GPL/AGPL package

@@ -362,7 +362,8 @@ def cmd_repo(args: argparse.Namespace) -> int:
     with _client(args) as client:
         repo = client.create_repository(args.name, args.extractor,
                                         bound_levels=args.bound_levels,
-                                        storage_format=args.format, policy=args.policy)
+                                        storage_format=args.format, policy=args.policy,
+                                        search=args.search)
         m = repo.manifest
         kept = ("de-identified copies (DICOM PS3.15 Annex E basic profile, modified dates, "
                 "clean descriptors; no file names)" if m.policy == "research" else
@@ -370,7 +371,8 @@ def cmd_repo(args: argparse.Namespace) -> int:
         _emit(args, facade.manifest_dict(m),
               lambda: print(f"created repository {m.repo_id} (extractor {m.extractor}, "
                             f"key version {m.key_version}, storage format {args.format}, "
-                            f"policy {m.policy}: it stores {kept})"))
+                            f"policy {m.policy}: it stores {kept}; search mode "
+                            f"{m.search})"))
     return EXIT_OK
 
 
@@ -388,6 +390,12 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    if getattr(args, "from_pacs", None):  # a study from a DICOM node (app/cli_pacs.py)
+        from app.cli_pacs import cmd_import_from_pacs
+
+        return cmd_import_from_pacs(args)
+    if not args.paths:
+        _usage(args, "give files or folders to import, or --from-pacs NODE --study UID")
     with _client(args) as client:
         repo = client.open_repository(args.repo)
         with _progress(not args.json, "importing") as progress:
@@ -423,6 +431,14 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     if not args.images and not args.similar_to:
         _usage(args, "give query image files, or --similar-to IMAGE_ID")
+    where = [t for w in args.where or () for t in shlex.split(w)] or None
+    if where is not None:
+        from app.core.keyword_search import KeywordSearch
+
+        try:
+            KeywordSearch.check(where)  # a usage error before any password is asked
+        except ValueError as exc:
+            _usage(args, f"--where: {exc}")
     with _client(args) as client:
         repo = client.open_repository(args.repo)
         results: list[Any] = []
@@ -430,11 +446,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             with _progress(not args.json and len(args.images) > 1, "searching") as progress:
                 results = client.search_files(repo, args.images, k=args.k, progress=progress,
                                               allow_incomplete=args.allow_incomplete,
-                                              group=not args.no_group)
+                                              group=not args.no_group, where=where)
         for image_id in args.similar_to or ():
             results.append(client.search_by_image_id(
                 repo, image_id, k=args.k, allow_incomplete=args.allow_incomplete,
-                group=not args.no_group))
+                group=not args.no_group, where=where))
         incomplete = [r for r in results if r.complete is False]
 
         def text() -> None:
@@ -489,10 +505,14 @@ def cmd_get(args: argparse.Namespace) -> int:
             else:
                 size = client.get_original(repo, args.image_id, Path(args.output),
                                            progress=progress)
+        from app import cli_fhir  # get --fhir FILE (issue 18)
+
+        fhir = cli_fhir.after_get(args, client, repo)
     where = "standard output" if to_stdout else args.output
     if args.json and not to_stdout:
         _emit(args, {"image_id": args.image_id, "path": args.output, "size": size,
-                     "verified": True}, lambda: None)
+                     "verified": True, **({"fhir": str(fhir)} if fhir else {})},
+              lambda: None)
     else:
         print(f"wrote {where} ({size} bytes, integrity verified)", file=sys.stderr)
     return EXIT_OK
@@ -1092,6 +1112,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "every patient tag; research: de-identified copies only (PS3.15 "
                         "Annex E basic profile with modified dates and clean descriptors, "
                         "pseudonyms from the repository's key, no file names)")
+    c.add_argument("--search", choices=("sknn", "workstation", "ckks"), default="sknn",
+                   help="sknn (default): the search service ranks secure-kNN ciphertexts "
+                        "(fast; weak against a known-plaintext attacker, see SECURITY.md); "
+                        "workstation: no ciphertexts on the server, each member's client "
+                        "keeps an encrypted local copy of the feature arrays and searches "
+                        "it here (the server learns nothing of queries); ckks: not built "
+                        "yet")
     c.add_argument("--format", type=int, choices=(2,), default=2,
                    help="storage format: 2, the only one for new repositories (packs and a "
                         "signed segment log; search answers are checked for completeness; "
@@ -1162,7 +1189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "import", "import files or folders (recursive)", cmd_import)
     p.add_argument("--repo", required=True, help="repository name")
-    p.add_argument("paths", nargs="+", help="files or folders")
+    p.add_argument("paths", nargs="*", help="files or folders")
     p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
                    help=f"images per index segment, the unit of commit and resume "
                         f"(default {DEFAULT_BATCH})")
@@ -1188,6 +1215,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every hit; by default hits of one series collapse into one "
                         "line (its best image, 'N more from this series') and the k lines "
                         "name k different series where the archive has them")
+    p.add_argument("--where", action="append", metavar="TERMS",
+                   help="only among images matching these keywords (as for 'radcrypt "
+                        "find', e.g. --where 'modality=MR bodypart=KNEE'); repeatable, ANDed")
+
+    from app import cli_keywords
+
+    cli_keywords.register(sub, _command)  # find, label (issue 17)
 
     p = _command(sub, "get", "download, verify and decrypt an original", cmd_get)
     p.add_argument("--repo", required=True, help="repository name")
@@ -1197,6 +1231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purpose", metavar="TEXT",
                    help="why you open it (e.g. 'tumour board'): kept in the repository's "
                         "access log with your name, the time and the image")
+    from app import cli_fhir  # get --fhir FILE, and `radcrypt fhir` (issue 18)
+
+    cli_fhir.add_get_options(p)
+    cli_fhir.register(sub, _command)
 
     p = _command(sub, "ls", "list the images, studies or series of a repository", cmd_ls)
     p.add_argument("--repo", required=True, help="repository name")
@@ -1230,6 +1268,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample images to import (default 300)")
     p.add_argument("--queries", type=_positive_int, default=20,
                    help="perturbed queries (default 20)")
+
+    from app import cli_pacs  # receive, send, pacs ...; import --from-pacs (issue 18)
+
+    cli_pacs.register(sub, _command)
     return parser
 
 

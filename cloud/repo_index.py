@@ -117,6 +117,10 @@ class RepoIndex:
     # Read the new rows' cache files into memory before the snapshot that maps them is
     # served (warm_now): the first queries after a load then do not wait for the disk.
     warm_before_serving: bool = True
+    # Called with (segment key, segment) for every segment accepted (its SHA-256 checked
+    # against the log), before its buffer is released: the keyword side keeps its ids and
+    # dictionary (cloud/keyword_store.py) without reading the segment a second time.
+    on_segment: Callable[[str, Segment], None] | None = None
     snapshot: Snapshot = field(default_factory=lambda: Snapshot({}, 0, 0, {}, 0.0))
 
     def refresh(self, min_head: int = 0) -> Snapshot:
@@ -278,6 +282,8 @@ class RepoIndex:
             log.error("rejected segment %s: %s", key, self._rejected[key])
             release()
             return True
+        if self.on_segment is not None:
+            self.on_segment(key, segment)
         rows.add(segment, appends, release)
         self._known[key] = segment.key_version
         return True

@@ -790,6 +790,117 @@ def _top_positions(scores: Scores, positions: I64, count: int) -> I64:
     return positions[part]
 
 
+SUBSET_DIRECT_ROWS = 1024
+"""Up to this many rows (or k), a row subset is ranked by scoring its full vectors
+directly: fewer bytes read than the first level of the subset plus the refinement."""
+
+
+def search_subset(index: EncryptedIndex, token: QueryToken, k: int, rows: I64
+                  ) -> list[SearchResult]:
+    """Exact top-k of every query among the given rows only (a keyword filter's rows):
+    a combined "keyword + nearest neighbour" query.
+
+    A small subset is scored in full directly (exact by construction, the same fixed
+    summation order as every reported score). A larger one goes through filter and
+    refine: first-level scores of the subset's rows only (the other rows at minus
+    infinity, never a candidate), seeded from the subset's best, then blocks of the
+    subset's rows best first through the finer levels, or, when the bounds prune too
+    little, a scan of the subset's sixteen-bit codes (as an unfiltered search would scan
+    every row's); should that ever leave the subset, the subset is scored in full
+    instead: exactness never depends on the pruning."""
+    _check(index, token, k)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size > 1 and not bool(np.all(rows[1:] > rows[:-1])):
+        rows = np.unique(rows)  # the service's rows are increasing already (IdLookup)
+    if rows.size and (rows[0] < 0 or rows[-1] >= len(index)):
+        raise ValueError("a row of the subset is outside the index")
+    direct = not index.levels or rows.size <= max(k, SUBSET_DIRECT_ROWS)
+    results: list[SearchResult] = []
+    for qi in range(len(token)):
+        began = time.perf_counter()
+        result = None if direct else _subset_refine(index, token, qi, k, rows)
+        if result is None:
+            result = _subset_scored(index, token.full[qi], k, rows)
+        result.stats.milliseconds = (time.perf_counter() - began) * 1000.0
+        result.stats.batch = len(token)
+        results.append(result)
+    return results
+
+
+def _subset_scored(index: EncryptedIndex, t_full: F64, k: int, rows: I64) -> SearchResult:
+    top = _TopK(k)
+    if rows.size:
+        top.merge(rows, _row_scores(index.full, rows, t_full))
+    positions, scores = top.ranked()
+    levels = [0] * len(index.levels)
+    return SearchResult(positions, scores, SearchStats(int(rows.size), levels,
+                                                       int(rows.size), 0.0))
+
+
+def _subset_refine(index: EncryptedIndex, token: QueryToken, qi: int, k: int, rows: I64
+                   ) -> SearchResult | None:
+    assert index.first32 is not None
+    t_first = token.levels[0][qi].astype(np.float32)
+    first = np.full(len(index), -np.inf, dtype=np.float32)
+    # Within the float32 error bound of any summation order (_float32_error), as the
+    # full scan's scores are.
+    first[rows] = index.first32[rows] @ t_first
+    refiner = _Refiner(index, token, qi, k)
+
+    def refine(block: I64) -> None:
+        first[block] = np.nan  # never visited twice: NaN fails every comparison
+        refiner.refine(block)
+
+    # As _refine_query, without its retreat to a scan of every row's codes (those rows
+    # are not all the subset's): the subset's best first-level rows set a threshold, then
+    # blocks of growing size, best first, each cut by the threshold the blocks before
+    # them raised, through the finer levels before any full score.
+    refine(rows[_top_positions(first[rows], np.arange(rows.size, dtype=np.int64), k)])
+    remaining = rows[first[rows] >= refiner.first_floor()]
+    if remaining.size > SCAN_FRACTION * rows.size:
+        # The bounds prune too little (the subset's nearest are far from the query):
+        # as an unfiltered search does, scan the sixteen-bit codes, of the rows the first
+        # level left (a row below its floor cannot reach the top k) and the seeds.
+        left = np.union1d(remaining, refiner.top.positions).astype(np.int64)
+        result = _subset_scan(index, refiner.t_full, k, left, refiner.full_floor())
+        result.stats.vectors = int(rows.size)
+        return result
+    block_size = FIRST_BLOCK
+    while remaining.size:
+        block = (remaining if remaining.size <= block_size
+                 else _top_positions(first, remaining, block_size))
+        refine(block)
+        block_size = min(MAX_BLOCK, block_size * BLOCK_GROWTH)
+        remaining = remaining[first[remaining] >= refiner.first_floor()]
+    result = refiner.result()
+    if not np.isin(result.positions, rows).all():
+        return None
+    result.stats.vectors = int(rows.size)
+    result.stats.level_scored[0] = int(rows.size)
+    return result
+
+
+def _subset_scan(index: EncryptedIndex, t_full: F64, k: int, rows: I64, floor: float
+                 ) -> SearchResult:
+    """Exact top-k among ``rows`` by a scan of their full vectors' codes, then float64 on
+    the candidates the codes cannot tell apart (as _scan_codes, on the subset's codes)."""
+    coded = index.full_codes
+    subset = RowCodes(np.ascontiguousarray(coded.codes[rows]),
+                      np.ascontiguousarray(coded.offset[rows]),
+                      np.ascontiguousarray(coded.step[rows]),
+                      np.ascontiguousarray(coded.slack[rows]),
+                      np.ascontiguousarray(coded.size[rows]))
+    found = codes.scan(subset, t_full[None, :], k, np.array([floor]),
+                       _row_spans(rows.size), _threaded)
+    candidates = rows[found.rows[0]]
+    top = _TopK(k)
+    top.merge(candidates, _row_scores(index.full, candidates, t_full))
+    positions, scores = top.ranked()
+    levels = [int(rows.size)] + [0] * (len(index.levels) - 1)
+    return SearchResult(positions, scores, SearchStats(int(rows.size), levels,
+                                                       int(candidates.size), 0.0))
+
+
 def linear_scan(index: EncryptedIndex, token: QueryToken, k: int = 1) -> SearchResult:
     """Exact top-k by scoring every full vector: the encrypted baseline without pruning."""
     _check(index, token, k)

@@ -74,11 +74,13 @@ from cloud.audit import AuditLog
 from cloud.auth import RateLimiter, SignatureVerifier
 from cloud.backend import DirectoryConfig, Store, StoreError
 from cloud.gpu.backend import searcher
+from cloud.keyword_index import IdLookup, KeywordSource, KeywordView, TokenQuery
+from cloud.keyword_store import default_keyword_source
 from cloud.limits import MAX_BODY_BYTES, MAX_K, MAX_QUERIES
 from cloud.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cloud.metrics import Metrics, RepoFigures
 from cloud.repo_index import RepoIndex, Snapshot
-from cloud.search import ConcurrentSearches
+from cloud.search import ConcurrentSearches, search_subset
 from cloud.service_options import (
     REFRESH_INTERVAL,
     ServiceConfig,
@@ -456,6 +458,8 @@ class ServiceState:
         # "warming" rather than wait behind the load (a set read on the event loop).
         self.warming: frozenset[str] = frozenset(self.preload)
         self._stop = threading.Event()
+        # Given every segment the index accepts (the keyword side keeps its dictionary).
+        self.segment_hook: Callable[[str, str, Any], None] | None = None
 
     def start_preload(self, retry_seconds: float = 2.0) -> threading.Thread | None:
         """Load (and warm, cloud/repo_index.py) every repository of ``preload`` in a
@@ -501,8 +505,12 @@ class ServiceState:
     def repo(self, repo_id: str) -> RepoIndex:
         with self._lock:
             if repo_id not in self._repos:
-                self._repos[repo_id] = RepoIndex(self.store, repo_id, self.cache_dir,
-                                                 owner_keys=self.owner_keys)
+                index = RepoIndex(self.store, repo_id, self.cache_dir,
+                                  owner_keys=self.owner_keys)
+                if self.segment_hook is not None and hasattr(index, "on_segment"):
+                    hook = self.segment_hook
+                    index.on_segment = lambda key, segment: hook(repo_id, key, segment)
+                self._repos[repo_id] = index
             return self._repos[repo_id]
 
     def current(self, repo_id: str, key_version: int | None = None,
@@ -550,6 +558,89 @@ class ServiceState:
         return age > self.refresh_interval or (unseen and age > 1.0)
 
 
+class KeywordViews:
+    """The keyword side of every repository served (issue 17): per repository and key
+    version a cloud.keyword_index.KeywordView, brought up to the snapshot a search reads
+    (new segments' dictionaries loaded once, label objects read again when the log head
+    moved), and per snapshot version the id lookup that turns matched images into the
+    engine's row subset. Holds no key: only the tokens of each request."""
+
+    def __init__(self, source: KeywordSource) -> None:
+        self.source = source
+        self._views: dict[tuple[str, int], tuple[object, KeywordView]] = {}
+        self._lookups: dict[tuple[str, int], tuple[object, IdLookup]] = {}
+        self._lock = threading.Lock()
+
+    def view(self, index: RepoIndex, snap: Snapshot, key_version: int) -> KeywordView:
+        key = (index.repo_id, key_version)
+        with self._lock:
+            known = self._views.get(key)
+            if known is not None and known[0] is snap:
+                return known[1]
+            view = known[1] if known is not None else KeywordView(index.repo_id, key_version)
+        view.update(self.source, snap.segment_ids.get(key_version, []), index)
+        with self._lock:
+            self._views[key] = (snap, view)
+        return view
+
+    def lookup(self, repo_id: str, key_version: int, version: Any) -> IdLookup:
+        key = (repo_id, key_version)
+        with self._lock:
+            known = self._lookups.get(key)
+        if known is not None and known[0] is version:
+            return known[1]
+        built = IdLookup(_raw_ids(version.image_ids))
+        with self._lock:
+            self._lookups[key] = (version, built)
+        return built
+
+    def answer(self, index: RepoIndex, snap: Snapshot, req: wire.SearchRequestV2,
+               query: TokenQuery, engine_threads: ConcurrentSearches
+               ) -> tuple[wire.SearchAnswerV2, float]:
+        """A keyword-only or combined search's answer and the seconds it took. The
+        segments it names are those searched by keyword (the ones with a dictionary):
+        a segment without one makes the answer incomplete, never silently partial."""
+        started = time.perf_counter()
+        version = snap.versions.get(req.key_version)
+        view = self.view(index, snap, req.key_version)
+        found = view.evaluate(query)
+        queries = req.queries
+        stats: list[dict[str, object]] = wire.empty_stats(queries)
+        if req.token is None:  # keyword-only: the first k image ids
+            hits = [[(bytes(i).hex(), 0.0) for i in found.ids[: req.k]]]
+            matched, images = int(found.ids.size), found.images
+        elif version is None:
+            hits, matched, images = [[] for _ in range(queries)], 0, 0
+        else:
+            rows = self.lookup(index.repo_id, req.key_version, version).positions(found.ids)
+            with engine_threads.running():
+                results = search_subset(version.index, req.token, req.k, rows)
+            hits = [wire.hits_of(version.image_ids, r.positions, r.scores) for r in results]
+            stats = [r.stats.as_dict() for r in results]
+            matched, images = int(rows.size), len(version.image_ids)
+        elapsed = time.perf_counter() - started
+        seg_ids = found.segment_ids
+        return wire.SearchAnswerV2(
+            key_version=req.key_version, k=req.k, segments=len(seg_ids), images=images,
+            head_sequence=snap.head, head_hash=snap.head_hash,
+            set_digest=wire.segment_set_digest(index.repo_id, req.key_version, seg_ids),
+            engine_us=round(elapsed * 1e6), hits=hits,
+            stats=stats if req.flags & wire.FLAG_STATS else None,
+            segment_ids=list(seg_ids) if req.flags & wire.FLAG_LIST_SEGMENTS else None,
+            matched=matched), elapsed
+
+
+def _raw_ids(image_ids: Sequence[str]) -> Any:
+    """The 16-byte ids of a key version's rows as one array (cloud.index_rows.ImageIds
+    keeps them so; another sequence of hex strings is converted)."""
+    import numpy as np
+
+    raw = getattr(image_ids, "_raw", None)
+    if raw is not None:
+        return raw
+    return np.frombuffer(b"".join(bytes.fromhex(i) for i in image_ids), dtype="V16")
+
+
 def _store_down(exc: StoreError) -> HTTPException:
     return HTTPException(status_code=503, detail=f"object store unavailable: {exc}",
                          headers={"Retry-After": "5"})
@@ -575,12 +666,20 @@ def create_app(
     owner_keys: Sequence[bytes] | None = None,
     preload: Sequence[str] = (),
     device: str = "cpu",
+    keywords: KeywordSource | None = None,
+    cluster: Any = None,
 ) -> FastAPI:
     """The ASGI application; ``verifier`` authenticates every repository request (there
     is no default: a service that answers anyone must say so, with AllowAnyone).
     ``preload``: repositories loaded and warmed at start-up, in the background; /readyz
-    answers 503 until they are, and their searches 503 "warming" with Retry-After."""
+    answers 503 until they are, and their searches 503 "warming" with Retry-After.
+    ``keywords``: where the segments' keyword dictionaries are read (issue 17); by
+    default from the store, as the importer writes them (cloud.keyword_store)."""
+    # cluster: a cloud.cluster.front.ClusterFront (--ray-address); the repository routes
+    # then search and refresh on its shards (docs/SCALING.md)
     trail = audit or AuditLog(store)
+    keyword_source = keywords if keywords is not None else default_keyword_source(store)
+    keyword_views = KeywordViews(keyword_source)
     service_id = validate_service_id(service_id or new_service_id())
     metrics = Metrics()
 
@@ -605,6 +704,7 @@ def create_app(
     if owner_keys is None:  # the keys the verifier trusts are those the log is checked with
         owner_keys = list(getattr(verifier, "owner_keys", ()))
     state = ServiceState(store, refresh_interval, cache_dir, owner_keys, preload)
+    state.segment_hook = getattr(keyword_source, "capture", None)
     app.state.radcrypt = state
     app.state.audit = trail
     app.state.service_id = service_id
@@ -667,6 +767,8 @@ def create_app(
     async def refresh(repo: str, who: str = Depends(principal)) -> RefreshResponse:
         repo_id = _repo_id(repo)
         not_warming(repo_id)
+        if cluster is not None:
+            return RefreshResponse(**await cluster.refresh_v1(repo_id))
         try:
             snap = await run_in_threadpool(state.repo(repo_id).refresh)
         except StoreError as exc:
@@ -689,6 +791,9 @@ def create_app(
             raise HTTPException(status_code=422, detail="token: not valid base64") from None
         except FormatError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
+        if cluster is not None:
+            return SearchResponse(**await cluster.search_v1(
+                repo_id, token, body.k, body.key_version, who, request, trail))
         try:
             snap = await run_in_threadpool(state.current, repo_id, body.key_version)
         except StoreError as exc:
@@ -730,6 +835,8 @@ def create_app(
     async def refresh_v2(repo: str, who: str = Depends(principal)) -> dict[str, Any]:
         repo_id = _repo_id(repo)
         not_warming(repo_id)
+        if cluster is not None:
+            return await cluster.refresh(repo_id)
         try:
             snap = await run_in_threadpool(state.repo(repo_id).refresh)
         except StoreError as exc:
@@ -737,6 +844,34 @@ def create_app(
         return {"head": snap.head, "head_hash": snap.head_hash.hex(), "images": snap.images,
                 "segments": snap.segments, "key_versions": sorted(snap.versions),
                 "rejected": snap.rejected, "log_error": snap.log_error}
+
+    def vector_answer(repo_id: str, snap: Snapshot, version: Any, req: wire.SearchRequestV2
+                      ) -> tuple[wire.SearchAnswerV2, float]:
+        """An image search's answer and the engine's seconds (timed in the worker
+        thread: engine_us excludes the wait for a thread)."""
+        assert req.token is not None
+        started = time.perf_counter()
+        queries = len(req.token)
+        if version is None:
+            hits: list[list[tuple[str, float]]] = [[] for _ in range(queries)]
+            stats = wire.empty_stats(queries)
+        else:
+            with engine_threads.running():
+                results = engine_search(version.index, req.token, req.k)
+            hits = [wire.hits_of(version.image_ids, r.positions, r.scores) for r in results]
+            stats = [r.stats.as_dict() for r in results]
+        elapsed = time.perf_counter() - started
+        seg_ids = snap.segment_ids.get(req.key_version, [])
+        digest = snap.set_digests.get(req.key_version) or wire.segment_set_digest(
+            repo_id, req.key_version, seg_ids)
+        return wire.SearchAnswerV2(
+            key_version=req.key_version, k=req.k, segments=len(seg_ids),
+            images=len(version.image_ids) if version is not None else 0,
+            head_sequence=snap.head, head_hash=snap.head_hash, set_digest=digest,
+            engine_us=round(elapsed * 1e6), hits=hits,
+            stats=stats if req.flags & wire.FLAG_STATS else None,
+            segment_ids=list(seg_ids) if req.flags & wire.FLAG_LIST_SEGMENTS else None
+        ), elapsed
 
     @app.post("/v2/repos/{repo}/search", response_class=Response,
               responses={200: {"content": {wire.ANSWER_MEDIA_TYPE: {"schema": {
@@ -749,11 +884,16 @@ def create_app(
                                      "type": "string", "format": "binary"}}},
                                  "description": "the request (docs/FORMAT-2.md 8.2): magic, "
                                                 "version 2, flags, k, key version, min head, "
-                                                "then a QueryToken"}})
+                                                "[a keyword query section (flag 4)], then a "
+                                                "QueryToken (absent with flag 8, keyword-"
+                                                "only)"}})
     async def search_v2(repo: str, request: Request,
                         who: str = Depends(principal)) -> Response:
         """Protocol 2 (docs/FORMAT-2.md 8.2, 8.3): binary request and answer, the
-        answer naming the log head and the digest of the segments searched."""
+        answer naming the log head and the digest of the segments searched. With a
+        keyword query (issue 17) the segments' encrypted dictionaries are evaluated on
+        its tokens: the image ids themselves (keyword-only), or the exact nearest among
+        the matching images (KeywordViews)."""
         repo_id = _repo_id(repo)
         not_warming(repo_id)
         try:
@@ -763,6 +903,8 @@ def create_app(
             if exc.status == 400:
                 content["supported"] = list(wire.SUPPORTED)
             return JSONResponse(content, status_code=exc.status)
+        if cluster is not None:
+            return await cluster.search_v2(repo_id, req, who, request, trail)
         snap = state.fresh(repo_id, req.key_version, req.min_head)
         if snap is None:
             try:
@@ -771,33 +913,22 @@ def create_app(
             except StoreError as exc:
                 raise _store_down(exc) from None
         version = snap.versions.get(req.key_version)
-        queries = len(req.token)
-        if version is not None and req.token.widths != version.index.widths:
+        queries = req.queries
+        if (version is not None and req.token is not None
+                and req.token.widths != version.index.widths):
             raise HTTPException(status_code=422,
                                 detail="token does not match this repository's key version")
-
-        def run() -> tuple[list[list[tuple[str, float]]], list[dict[str, object]], float]:
-            """The hits, the statistics, the engine's seconds (timed in the worker thread:
-            engine_us excludes the wait for a thread)."""
-            started = time.perf_counter()
-            if version is None:
-                return [[] for _ in range(queries)], wire.empty_stats(queries), 0.0
-            with engine_threads.running():
-                results = engine_search(version.index, req.token, req.k)
-            hits = [wire.hits_of(version.image_ids, r.positions, r.scores) for r in results]
-            return hits, [r.stats.as_dict() for r in results], time.perf_counter() - started
-
-        hits, stats, elapsed = await run_in_threadpool(run)
-        seg_ids = snap.segment_ids.get(req.key_version, [])
-        digest = snap.set_digests.get(req.key_version) or wire.segment_set_digest(
-            repo_id, req.key_version, seg_ids)
-        answer = wire.SearchAnswerV2(
-            key_version=req.key_version, k=req.k, segments=len(seg_ids),
-            images=len(version.image_ids) if version is not None else 0,
-            head_sequence=snap.head, head_hash=snap.head_hash, set_digest=digest,
-            engine_us=round(elapsed * 1e6), hits=hits,
-            stats=stats if req.flags & wire.FLAG_STATS else None,
-            segment_ids=list(seg_ids) if req.flags & wire.FLAG_LIST_SEGMENTS else None)
+        if req.flags & wire.FLAG_KEYWORDS:
+            try:
+                keyword_query = TokenQuery.from_bytes(req.keywords)
+            except FormatError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            answer, elapsed = await run_in_threadpool(
+                keyword_views.answer, state.repo(repo_id), snap, req, keyword_query,
+                engine_threads)
+        else:
+            answer, elapsed = await run_in_threadpool(vector_answer, repo_id, snap, version, req)
+        hits = answer.hits
         trail.record(who, repo_id, "search", sum(len(h) for h in hits), elapsed * 1000)
         log.info("search v2 repo=%s user=%s queries=%d k=%d head=%d", repo_id, who,
                  queries, req.k, snap.head)
@@ -873,12 +1004,16 @@ def serve(config: ServiceConfig, store: Store) -> None:
     previous = _note_signals(received)
     config.cache_root.mkdir(parents=True, exist_ok=True)
     private = Path(tempfile.mkdtemp(prefix=f"index-{os.getpid()}-", dir=config.cache_root))
+    cluster, limiter = None, RateLimiter(config.address_rate, config.address_burst)
+    if config.ray_address:  # the shards search; nonces and limits shared (docs/SCALING.md)
+        from cloud.cluster.front import connect
+
+        cluster, limiter = connect(config, store, verifier)
     try:
         app = create_app(store, verifier, config.refresh_interval, cache_dir=private,
                          service_id=config.service_id, docs=config.docs,
-                         address_limiter=RateLimiter(config.address_rate,
-                                                     config.address_burst),
-                         preload=config.preload, device=config.device)
+                         address_limiter=limiter, cluster=cluster,
+                         preload=() if cluster else config.preload, device=config.device)
         server = uvicorn.Config(
             app, host=config.host, port=config.port, log_level="warning", access_log=False,
             timeout_graceful_shutdown=SHUTDOWN_SECONDS,
@@ -887,7 +1022,9 @@ def serve(config: ServiceConfig, store: Store) -> None:
         print(f"search service {config.service_id} on {config.scheme}://{config.host}:"
               f"{config.port}, " + (f"{len(config.owner_keys)} owner key(s)"
                                     if config.owner_keys else "NO AUTHENTICATION")
-              + f", {cpus.engine_threads()} engine thread(s), device {config.device}",
+              + f", {cpus.engine_threads()} engine thread(s), device {config.device}"
+              + (f", Ray cluster {config.ray_address}: {config.shards} shard(s) x "
+                 f"{config.replicas}" if cluster else ""),
               file=sys.stderr, flush=True)
         if not received:  # a signal before the server listened: stop now
             uvicorn.Server(server).run()

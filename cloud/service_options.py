@@ -33,6 +33,8 @@ ADDRESS_BURST = 200.0
 USER_RATE = 50.0  # requests a second per authenticated user
 USER_BURST = 100.0
 SERVICE_ID_FILE = "service-id"
+SHARD_DEADLINE = 10.0  # seconds a cluster front waits for a shard (cloud/cluster)
+MAX_SHARDS, MAX_REPLICAS = 1024, 16
 SERVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -141,6 +143,20 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                              "backend (needs radcrypt[gpu]); also RADCRYPT_DEVICE")
     parser.add_argument("--refresh-interval", type=float, default=REFRESH_INTERVAL,
                         help=argparse.SUPPRESS)
+    cluster = parser.add_argument_group("cluster (radcrypt[cluster], docs/SCALING.md)")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="search on this Ray cluster (host:port of its head): shard "
+                              "actors hold the segments, this process authenticates, fans "
+                              "out and merges")
+    cluster.add_argument("--shards", type=int, default=None, metavar="N",
+                         help="shards the segments are split into (default 1; with "
+                              "--ray-address only)")
+    cluster.add_argument("--replicas", type=int, default=None, metavar="R",
+                         help="actors serving each shard (default 1; with --ray-address "
+                              "only)")
+    cluster.add_argument("--shard-deadline", type=float, default=None, metavar="SECONDS",
+                         help="a shard that has not answered by then makes the search a "
+                              "503 naming it (default 10)")
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,10 @@ class ServiceConfig:
     user_burst: float = USER_BURST
     threads: int | None = None  # the engine's (cloud/cpus.py); None: as the process finds
     device: str = "cpu"  # cpu, cuda:N (cloud/gpu/device.py)
+    ray_address: str | None = None  # cloud/cluster: search on this Ray cluster
+    shards: int = 1
+    replicas: int = 1
+    shard_deadline: float = SHARD_DEADLINE
 
     @property
     def scheme(self) -> str:
@@ -211,10 +231,37 @@ def service_config(args: argparse.Namespace,
                else cpus.configured_threads(env))
     device = str(parse_device(getattr(args, "device", None)
                               or env.get("RADCRYPT_DEVICE", "") or "cpu"))
+    ray_address, shards, replicas, deadline = _cluster_options(args)
     root = args.cache_dir or Path(platformdirs.user_cache_dir("radcrypt")) / "service"
     chosen = args.service_id or env.get("RADCRYPT_SERVICE_ID") or ""
     service_id = validate_service_id(chosen) if chosen else persisted_service_id(root)
     return ServiceConfig(args.host, args.port, root, keys, args.insecure_no_auth, service_id,
                          args.docs, args.tls_cert, args.tls_key, args.max_nonces,
                          args.address_rate, args.address_burst, args.refresh_interval,
-                         tuple(preload), user_rate, user_burst, threads, device)
+                         tuple(preload), user_rate, user_burst, threads, device,
+                         ray_address, shards, replicas, deadline)
+
+
+def _cluster_options(args: argparse.Namespace) -> tuple[str | None, int, int, float]:
+    """--ray-address, --shards, --replicas, --shard-deadline, checked: the last three
+    only with the first (a lone --shards would otherwise be silently ignored)."""
+    address = (getattr(args, "ray_address", None) or "").strip() or None
+    given = {"--shards": getattr(args, "shards", None),
+             "--replicas": getattr(args, "replicas", None),
+             "--shard-deadline": getattr(args, "shard_deadline", None)}
+    if address is None:
+        named = [name for name, value in given.items() if value is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)} only with --ray-address (the cluster)")
+        return None, 1, 1, SHARD_DEADLINE
+    shards = given["--shards"] if given["--shards"] is not None else 1
+    replicas = given["--replicas"] if given["--replicas"] is not None else 1
+    deadline = given["--shard-deadline"] if given["--shard-deadline"] is not None \
+        else SHARD_DEADLINE
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"--shards {shards}: must be 1..{MAX_SHARDS}")
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"--replicas {replicas}: must be 1..{MAX_REPLICAS}")
+    if not 0 < deadline <= 600:
+        raise ValueError(f"--shard-deadline {deadline}: must be more than 0 and at most 600 s")
+    return address, int(shards), int(replicas), float(deadline)

@@ -20,7 +20,17 @@ answer    magic "RCSA" | protocol u16 = 2 | flags u16 | queries u32 | k u32 | ke
           engine_us u32 | reserved u32 = 0 | hit counts u32 x Q | zero pad to 8 |
           image ids 16 x H | scores f64 x H | [segment ids 16 x S] | [stats, per query:
           vectors u64 | full_scored u64 | milliseconds f64 | batch u32 | levels u32 |
-          level_scored u64 x levels]
+          level_scored u64 x levels] | [keywords: matched u64 | reserved u64 = 0]
+
+Keyword search (issue 17, docs/KEYWORDS.md): the request flag KEYWORDS puts a keyword
+section right behind the 32-byte header, ``length u32 | reserved u32 = 0 | RCKQ query
+(cloud/keyword_index.py TokenQuery) | zero pad to 8``, then the query token as before:
+the engine ranks only the rows the keyword query matches (a combined query). With
+KEYWORDS_ONLY as well there is no query token at all: one query, and ``k`` (1..
+MAX_KEYWORD_HITS) bounds the image ids answered, every score 0.0, in the order of the
+segments (ascending id) and their rows. Either way the answer carries the KEYWORDS
+section: how many images the keyword query matched in the segments searched (more than
+the hits when a keyword-only answer was cut at k).
 """
 
 from __future__ import annotations
@@ -42,7 +52,13 @@ PROTOCOL = 2
 SUPPORTED = (1, 2)
 FLAG_LIST_SEGMENTS = 1  # request: list the searched segment ids; answer: the list is present
 FLAG_STATS = 2  # request: per-query engine statistics; answer: the section is present
-KNOWN_FLAGS = FLAG_LIST_SEGMENTS | FLAG_STATS
+FLAG_KEYWORDS = 4  # request: a keyword query section; answer: the matched count
+FLAG_KEYWORDS_ONLY = 8  # request: no query token, the keyword query alone (with KEYWORDS)
+KNOWN_FLAGS = FLAG_LIST_SEGMENTS | FLAG_STATS | FLAG_KEYWORDS | FLAG_KEYWORDS_ONLY
+ANSWER_FLAGS = FLAG_LIST_SEGMENTS | FLAG_STATS | FLAG_KEYWORDS
+MAX_KEYWORD_HITS = 100_000
+"""Image ids a keyword-only answer may carry (2.4 MB): a query matching more says so
+(``matched``) and the client asks for a narrower one."""
 PROTOCOL_HEADER = "x-radcrypt-protocol"
 REQUEST_MEDIA_TYPE = "application/x-radcrypt-search"
 ANSWER_MEDIA_TYPE = "application/x-radcrypt-answer"
@@ -59,6 +75,8 @@ _REQUEST = struct.Struct("<4sHHIIQQ")  # 32 bytes
 _TOKEN = struct.Struct("<4sHHII")  # 16 bytes
 _ANSWER = struct.Struct("<4sHHIIIIQQ32s32sII")  # 112 bytes
 _STATS = struct.Struct("<QQdII")  # 32 bytes, then level_scored u64 x levels
+_KEYWORDS = struct.Struct("<II")  # keyword section of a request: length, reserved
+_MATCHED = struct.Struct("<QQ")  # keyword section of an answer: matched, reserved
 
 
 class WireError(ValueError):
@@ -134,18 +152,35 @@ def decode_token_v2(data: bytes | memoryview, max_queries: int = MAX_QUERIES) ->
 
 @dataclass(frozen=True)
 class SearchRequestV2:
-    """One protocol-2 search: a token of Q queries, k nearest each, for one key version."""
+    """One protocol-2 search: a token of Q queries, k nearest each, for one key version.
+
+    ``keywords``: the RCKQ bytes of a keyword query (flag KEYWORDS), b"" without; with
+    the flag KEYWORDS_ONLY ``token`` is None and ``k`` bounds the ids answered."""
 
     key_version: int
     k: int
     min_head: int
     flags: int
-    token: QueryToken
+    token: QueryToken | None
+    keywords: bytes = b""
+
+    @property
+    def queries(self) -> int:
+        return 1 if self.token is None else len(self.token)
 
 
 def encode_request(req: SearchRequestV2) -> bytes:
-    return _REQUEST.pack(REQUEST_MAGIC, PROTOCOL, req.flags, req.key_version, req.k,
-                         req.min_head, 0) + encode_token_v2(req.token)
+    head = _REQUEST.pack(REQUEST_MAGIC, PROTOCOL, req.flags, req.key_version, req.k,
+                         req.min_head, 0)
+    if not req.flags & FLAG_KEYWORDS:
+        assert req.token is not None, "a search without keywords needs a query token"
+        return head + encode_token_v2(req.token)
+    section = _KEYWORDS.pack(len(req.keywords), 0) + req.keywords
+    section += bytes(_pad8(len(section)))
+    if req.flags & FLAG_KEYWORDS_ONLY:
+        return head + section
+    assert req.token is not None, "a combined search needs a query token"
+    return head + section + encode_token_v2(req.token)
 
 
 def body_protocol(body: bytes) -> int | None:
@@ -175,17 +210,42 @@ def decode_request(body: bytes) -> SearchRequestV2:
         raise WireError(422, f"search request: unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
     if key_version < 1:
         raise WireError(422, "search request: key_version must be >= 1")
-    if not 1 <= k <= MAX_K:
+    if k < 1 or (k > MAX_K and not flags & FLAG_KEYWORDS_ONLY):
         raise WireError(422, f"search request: k {k} not in 1..{MAX_K}")
     if min_head >= 1 << 63:
         raise WireError(422, "search request: min_head out of range")
     if reserved != 0:
         raise WireError(422, "search request: reserved field must be zero")
+    offset, keywords = _REQUEST.size, b""
+    if flags & FLAG_KEYWORDS_ONLY and not flags & FLAG_KEYWORDS:
+        raise WireError(422, "search request: flag KEYWORDS_ONLY without KEYWORDS")
+    if flags & FLAG_KEYWORDS:
+        if len(body) < offset + _KEYWORDS.size:
+            raise WireError(422, "search request is truncated (keyword section)")
+        length, kw_reserved = _KEYWORDS.unpack_from(body, offset)
+        end = offset + _KEYWORDS.size + length
+        padded = end + _pad8(end)
+        if kw_reserved != 0:
+            raise WireError(422, "search request: keyword section's reserved field must be zero")
+        if len(body) < padded:
+            raise WireError(422, "search request is truncated (keyword query)")
+        if any(body[end:padded]):
+            raise WireError(422, "search request: padding after the keyword query must be zero")
+        keywords = bytes(body[offset + _KEYWORDS.size:end])
+        offset = padded
+    if flags & FLAG_KEYWORDS_ONLY:
+        if k > MAX_KEYWORD_HITS:
+            raise WireError(422, f"search request: k {k} not in 1..{MAX_KEYWORD_HITS}")
+        if len(body) != offset:
+            raise WireError(422, "search request: a keyword-only request has trailing bytes")
+        return SearchRequestV2(key_version, k, min_head, flags, None, keywords)
+    if not 1 <= k <= MAX_K:
+        raise WireError(422, f"search request: k {k} not in 1..{MAX_K}")
     try:
-        token = decode_token_v2(memoryview(body)[_REQUEST.size:], MAX_QUERIES)
+        token = decode_token_v2(memoryview(body)[offset:], MAX_QUERIES)
     except FormatError as exc:
         raise WireError(422, str(exc)) from None
-    return SearchRequestV2(key_version, k, min_head, flags, token)
+    return SearchRequestV2(key_version, k, min_head, flags, token, keywords)
 
 
 # --- search answer ---------------------------------------------------------------------
@@ -207,6 +267,7 @@ class SearchAnswerV2:
     hits: list[list[tuple[str, float]]]
     stats: list[dict[str, object]] | None
     segment_ids: list[str] | None
+    matched: int | None = None  # images the keyword query matched (keyword requests only)
 
 
 def _number(stats: dict[str, object], key: str, default: float) -> float:
@@ -229,7 +290,8 @@ def _stats_bytes(stats: dict[str, object]) -> bytes:
 
 def encode_answer(answer: SearchAnswerV2) -> bytes:
     flags = (FLAG_LIST_SEGMENTS if answer.segment_ids is not None else 0) | (
-        FLAG_STATS if answer.stats is not None else 0)
+        FLAG_STATS if answer.stats is not None else 0) | (
+        FLAG_KEYWORDS if answer.matched is not None else 0)
     counts = [len(h) for h in answer.hits]
     if answer.segment_ids is not None and len(answer.segment_ids) != answer.segments:
         raise ValueError(f"answer lists {len(answer.segment_ids)} segments but says "
@@ -248,6 +310,8 @@ def encode_answer(answer: SearchAnswerV2) -> bytes:
         parts.append(b"".join(bytes.fromhex(s) for s in sorted(answer.segment_ids)))
     if answer.stats is not None:
         parts.extend(_stats_bytes(s) for s in answer.stats)
+    if answer.matched is not None:
+        parts.append(_MATCHED.pack(answer.matched, 0))
     return b"".join(parts)
 
 
@@ -262,8 +326,10 @@ def _malformed(what: str) -> WireError:
 
 
 def decode_answer(body: bytes, *, queries: int, k: int, key_version: int,
-                  repo_id: str | None = None) -> SearchAnswerV2:
+                  repo_id: str | None = None, keywords: bool = False) -> SearchAnswerV2:
     """The answer to a request of ``queries`` queries, or WireError("malformed answer: ...").
+    ``keywords``: the request carried a keyword query, so the answer must say how many
+    images it matched (and must not otherwise).
 
     With ``repo_id``, a segment list must hash to the answer's own set_digest (FORMAT-2 6.3
     step 4): a service that lists other segments than it digested is refused here."""
@@ -276,8 +342,11 @@ def decode_answer(body: bytes, *, queries: int, k: int, key_version: int,
         raise _malformed("bad magic bytes")
     if protocol != PROTOCOL:
         raise _malformed(f"protocol {protocol}, expected {PROTOCOL}")
-    if flags & ~KNOWN_FLAGS:
-        raise _malformed(f"unknown flag bits {flags & ~KNOWN_FLAGS:#x}")
+    if flags & ~ANSWER_FLAGS:
+        raise _malformed(f"unknown flag bits {flags & ~ANSWER_FLAGS:#x}")
+    if bool(flags & FLAG_KEYWORDS) != keywords:
+        raise _malformed("the keyword section is missing" if keywords
+                         else "a keyword section was not asked for")
     if reserved != 0:
         raise _malformed("reserved field must be zero")
     if n_queries != queries:
@@ -348,10 +417,21 @@ def decode_answer(body: bytes, *, queries: int, k: int, key_version: int,
                           "full_scored": full_scored,
                           "fraction_fully_scored": full_scored / vectors if vectors else 0.0,
                           "milliseconds": millis, "batch": batch})
+    matched: int | None = None
+    if flags & FLAG_KEYWORDS:
+        if len(body) < offset + _MATCHED.size:
+            raise _malformed("truncated (keyword section)")
+        matched, kw_reserved = _MATCHED.unpack_from(body, offset)
+        offset += _MATCHED.size
+        if kw_reserved != 0:
+            raise _malformed("keyword section's reserved field must be zero")
+        if any(c > matched for c in counts) or matched > images:
+            raise _malformed(f"keyword section: {matched} images matched, inconsistent with "
+                             f"the hits or the {images} images searched")
     if len(body) != offset:
         raise _malformed(f"{len(body) - offset} trailing bytes")
     return SearchAnswerV2(got_version, got_k, segments, images, head_sequence, head_hash,
-                          set_digest, engine_us, hits, stats, segment_ids)
+                          set_digest, engine_us, hits, stats, segment_ids, matched)
 
 
 def empty_stats(queries: int) -> list[dict[str, object]]:

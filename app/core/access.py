@@ -343,15 +343,16 @@ def create_repository_as(session: Session, owner: Identity, name: str,
                          extractor: str = "radcrypt-v1",
                          basis_sample: np.ndarray | None = None, *,
                          bound_levels: str = "auto", storage_format: int = 2,
-                         policy: str = "clinical") -> Repository:
+                         policy: str = "clinical", search: str = "sknn") -> Repository:
     """A new repository owned by ``owner``: signed manifest (sequence 1, the owner its only
     member), owner registered and granted. ``storage_format`` 2: packs and a segment log,
     whose genesis entry the owner writes right after the manifest. ``policy``: "clinical"
-    or "research" (app/core/deid.py), in the signed manifest."""
+    or "research" (app/core/deid.py), in the signed manifest. ``search``: "sknn" or
+    "workstation" (issue 19, app/core/workstation.py), in the signed manifest too."""
     store = session.store
     format_name = storage_format_name(storage_format)
     repo = new_repository(store, name, extractor, basis_sample, bound_levels=bound_levels,
-                          policy=policy)
+                          policy=policy, search=search)
     repo_id, ring = repo.repo_id, repo.ring
     manifest = replace(repo.manifest, sequence=1, owner=owner.user_id, format=format_name,
                        members=(Member(owner.user_id, ring.current.version),))
@@ -801,7 +802,9 @@ def _commit_copies(session: Session, owner: Identity, repo: Repository,
     keys = basis.ensure_version(store, repo.repo_id, manifest.levels, manifest.dim,
                                 repo.ring.version(version), batch,
                                 has_segments=functools.partial(_has_segments, state))
-    vectors = keys.index_key.encrypt(batch, basis.norm_bound(manifest))
+    from app.core.workstation_index import segment_vectors  # issue 19: by search mode
+
+    vectors = segment_vectors(manifest, keys, batch, basis.norm_bound(manifest))
     pack_id, pack_blob = compaction.build_pack(repo, version, images, batch)
     seg_id, seg_blob = compaction.build_segment(repo, owner, version, state.head.sequence,
                                                 ids, vectors,

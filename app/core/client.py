@@ -572,14 +572,17 @@ class Client:
 
     def create_repository(self, name: str, extractor: str = DEFAULT_EXTRACTOR,
                           bound_levels: str = "auto", storage_format: int = 2,
-                          policy: str = "clinical") -> Repository:
+                          policy: str = "clinical", search: str = "sknn") -> Repository:
         """A new repository owned by this identity (new keys); RepositoryExists if taken.
         ``bound_levels``: "auto" or "off" (see SECURITY.md). ``storage_format``: 2, the
         only one a new repository may have (packs, authenticated segments and the segment
         log, whose search answers are checked for completeness: docs/FORMAT-2.md);
         format 1 is read-only (FORMAT-2 9.1), so a new format-1 repository is refused.
         ``policy``: "clinical" (originals stored, encrypted) or "research" (de-identified
-        copies: app/core/deid.py), fixed in the signed manifest."""
+        copies: app/core/deid.py), fixed in the signed manifest. ``search``: "sknn" (the
+        service ranks secure-kNN ciphertexts) or "workstation" (searched here from a local
+        encrypted copy of the feature arrays: app/core/workstation.py); "ckks" is refused,
+        not built yet."""
         from app.core.access import create_repository_as
         from app.core.deid import check_policy
 
@@ -587,10 +590,20 @@ class Client:
             raise RadcryptError(f"new repositories are in storage format 2 (format 1 is "
                                 f"read-only), not {storage_format!r}")
         extra = {} if check_policy(policy) == "clinical" else {"policy": policy}
+        if search != "sknn":
+            extra["search"] = search
         repo = create_repository_as(self.session, self.identity, name, extractor,
                                     bound_levels=bound_levels, storage_format=storage_format,
                                     **extra)
         return self.remember(repo)
+
+    @staticmethod
+    def search_mode(repo: Repository | Manifest) -> str:
+        """"sknn", "workstation" or "ckks": where the repository is searched (issue 19)."""
+        from app.core.repository import Repository as Unlocked
+
+        manifest = repo.manifest if isinstance(repo, Unlocked) else repo
+        return str(manifest.search)
 
     @staticmethod
     def policy(repo: Repository | Manifest) -> str:
@@ -830,15 +843,18 @@ class Client:
     def search_files(self, repo: Repository, paths: list[str | Path], k: int = 1,
                      progress: ProgressCallback = no_progress,
                      cancel: CancelToken | None = None, *, allow_incomplete: bool = False,
-                     group: bool = True) -> list[QueryResult]:
+                     group: bool = True, where: Any = None) -> list[QueryResult]:
         """Nearest archived images of each query file (features here, the match on the
         service, names and true distances decrypted here). Progress: one "features" event
         per file, then "search". Format 2: IncompleteAnswer when the service left live
         segments out, unless ``allow_incomplete`` (then the results are marked:
         ``QueryResult.complete`` False). ``group``: also the k nearest series
         (``QueryResult.groups``, hits of one series collapsed); ``hits`` stays the
-        ungrouped top-k either way."""
-        self.service()  # the service starts now, trusting the owners pinned so far
+        ungrouped top-k either way. ``where``: a keyword filter (issue 17; terms as for
+        ``client.keywords.find``, e.g. "modality=MR bodypart=KNEE"): the nearest among
+        the matching images only, exactly (app/core/searcher.py)."""
+        if repo.manifest.search == "sknn":  # workstation mode (issue 19) needs no service
+            self.service()  # the service starts now, trusting the owners pinned so far
         start = time.perf_counter()
         features = self.features(paths, repo.manifest.extractor, progress, cancel)
         features_ms = (time.perf_counter() - start) * 1000 / max(1, len(paths))
@@ -846,35 +862,49 @@ class Client:
             cancel.check()
         progress(ProgressEvent("search", 0, 1, message="searching"))
         results = self.search_features(repo, features, [str(p) for p in paths], k,
-                                       allow_incomplete=allow_incomplete, group=group)
+                                       allow_incomplete=allow_incomplete, group=group,
+                                       where=where)
         progress(ProgressEvent("search", 1, 1, message="searched"))
         for result in results:
             result.timings_ms["features"] = features_ms
         return results
 
     def search_features(self, repo: Repository, features: np.ndarray, labels: list[str],
-                        k: int = 1, *, allow_incomplete: bool = False, group: bool = True
-                        ) -> list[QueryResult]:
+                        k: int = 1, *, allow_incomplete: bool = False, group: bool = True,
+                        where: Any = None) -> list[QueryResult]:
         """Nearest archived images of each feature vector (rows); k between 1 and MAX_K;
-        ``allow_incomplete`` and ``group`` as in ``search_files``."""
+        ``allow_incomplete``, ``group`` and ``where`` as in ``search_files``."""
+        if repo.manifest.search != "sknn":  # issue 19: searched on this workstation
+            from app.core import workstation
+
+            return workstation.search_features(self.session, repo, features, labels, k,
+                                               allow_incomplete=allow_incomplete, group=group,
+                                               where=where, identity=self.identity)
         from app.core.searcher import search_features
 
         return search_features(self.session, repo, features, labels, k=k,
-                               allow_incomplete=allow_incomplete, group=group)
+                               allow_incomplete=allow_incomplete, group=group, where=where)
 
     def search_by_image_id(self, repo: Repository, image_id: str, k: int = 1, *,
                            allow_incomplete: bool = False, group: bool = True,
-                           exclude_self: bool = True) -> QueryResult:
+                           exclude_self: bool = True, where: Any = None) -> QueryResult:
         """"Find similar" on an archived image, no local file needed: its stored features
         (decrypted from its pack's feature array) are the query. The image itself is left
         out of the answer unless ``exclude_self`` is False; other images of its series
         stay (grouped as one series with ``group``)."""
+        if repo.manifest.search != "sknn":  # issue 19: searched on this workstation
+            from app.core import workstation
+
+            return workstation.search_image(self.session, repo, self._image_id(image_id), k,
+                                            allow_incomplete=allow_incomplete, group=group,
+                                            exclude_self=exclude_self, where=where,
+                                            identity=self.identity)
         from app.core.searcher import search_image
 
         self.service()  # the service starts now, trusting the owners pinned so far
         return search_image(self.session, repo, self._image_id(image_id), k,
                             allow_incomplete=allow_incomplete, group=group,
-                            exclude_self=exclude_self)
+                            exclude_self=exclude_self, where=where)
 
     # --- studies and series (grouped here, after decryption: DESIGN.md section 9) --------
 
@@ -1103,6 +1133,9 @@ class Client:
         with self._lock:
             self._repos.clear()
             self._studies.clear()
+            from app.core.workstation import forget_all
+
+            forget_all()  # plaintext local indexes of workstation-mode repositories
             if not isinstance(self.identity, LockedIdentity):
                 self.identity = LockedIdentity(self.identity.user_id, self.identity.name)
             session = self._session
@@ -1226,6 +1259,7 @@ def manifest_dict(manifest: Manifest) -> dict[str, Any]:
     """A manifest as JSON-ready data (public: it is stored in clear)."""
     data: dict[str, Any] = json.loads(manifest.to_json())
     data["policy"] = manifest.policy  # stored only when "research": said here either way
+    data["search"] = manifest.search  # stored only when not "sknn": said here either way
     return data
 
 

@@ -727,8 +727,10 @@ class Importer:
             batch = np.stack([new[i].features for i in ids])
             # a version's first batch fits B
             self.repo = basis.ensure(self.store, self.repo, batch, log=self._log)
-            vectors = self.repo.keys.index_key.encrypt(batch,
-                                                       basis.norm_bound(self.repo.manifest))
+            from app.core.workstation_index import segment_vectors  # issue 19: by search mode
+
+            vectors = segment_vectors(self.repo.manifest, self.repo.keys, batch,
+                                      basis.norm_bound(self.repo.manifest))
             seg_id = layout.new_id()
             if self.format2:
                 report.packs.append(self._commit_format2(ids, new, batch, vectors, seg_id))

@@ -20,6 +20,16 @@ records, checkpoints and owner-only log entries. Clients keep pinning the owner'
 a co-owner's signature counts because the owner's endorsement of it is in the manifest
 (crypto.identity.manifest_owners). A manifest without co-owners has neither field and
 its bytes are unchanged.
+
+Search mode (issue 19, docs/WORKSTATION.md). The manifest's ``search`` field says where a
+repository is searched: "sknn" (the default: secure-kNN ciphertexts in segments, searched
+by the keyless service), "workstation" (segments carry image ids only; each member's
+client syncs the packs' AES-encrypted feature arrays into a local cache and searches in
+plaintext on the workstation, app/core/workstation.py) or "ckks" (reserved for the
+homomorphic mode: read, but a repository cannot be created or searched in it yet). Written
+only when not "sknn", so that every older manifest keeps its bytes and reads as sknn; it
+is inside the owner-signed payload like every other field, so the cloud cannot switch a
+repository's mode.
 """
 
 from __future__ import annotations
@@ -58,6 +68,12 @@ STORAGE_FORMATS = {1: MANIFEST_FORMAT, 2: MANIFEST_FORMAT_V2}
 SCHEME = "aspe-split-v1+aes-256-gcm-stream-v1"
 PASSWORD_OWNER = "password-owner"
 BOUND_LEVELS = ("auto", "off")  # the repository option (radcrypt repo create --bound-levels)
+# Search modes (issue 19): the manifest's ``search`` field. "ckks" is reserved: a manifest
+# may name it (a later version builds it), this one refuses to create or search such a
+# repository in plain words (search_not_built).
+SKNN, WORKSTATION, CKKS = "sknn", "workstation", "ckks"
+SEARCH_MODES = (SKNN, WORKSTATION, CKKS)
+SEARCH_BUILT = (SKNN, WORKSTATION)
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,9 @@ class Manifest:
     # de-identified by app/core/deid.py). Written only when "research", so that a clinical
     # manifest keeps its bytes and an older manifest reads as clinical.
     policy: str = "clinical"
+    # Issue 19: where the repository is searched (SEARCH_MODES). Written only when not
+    # "sknn", so that an sknn manifest keeps its bytes and an older manifest reads as sknn.
+    search: str = SKNN
 
     @property
     def legacy(self) -> bool:
@@ -135,6 +154,9 @@ class Manifest:
     def to_json(self) -> bytes:
         raw = asdict(self)
         del raw["owner_key"], raw["co_owners"], raw["legal_hold"], raw["policy"]
+        del raw["search"]
+        if self.search != SKNN:
+            raw["search"] = self.search
         if self.legal_hold:
             raw["legal_hold"] = True
         if self.policy != "clinical":
@@ -186,6 +208,12 @@ class Manifest:
                 raise RadcryptError(f"{where}: field 'policy' must be 'clinical' or "
                                     "'research', in a manifest with a membership list")
             fields["policy"] = raw["policy"]
+        if "search" in raw:
+            if raw["search"] not in SEARCH_MODES or "sequence" not in fields:
+                raise RadcryptError(f"{where}: field 'search' must be one of "
+                                    f"{', '.join(repr(m) for m in SEARCH_MODES)}, in a "
+                                    "manifest with a membership list")
+            fields["search"] = raw["search"]
         return cls(**fields)
 
 
@@ -270,6 +298,28 @@ def storage_format_name(storage_format: int) -> str:
         raise RadcryptError(f"storage format must be 1 or 2, not {storage_format!r}") from None
 
 
+def search_not_built(mode: str) -> str:
+    """The plain refusal of a search mode this version does not build (issue 19)."""
+    return (f"search mode {mode!r} is not built yet: choose 'sknn' (the default, searched "
+            "by the service on secure-kNN ciphertexts) or 'workstation' (searched on this "
+            "workstation from a local encrypted copy of the feature arrays)")
+
+
+def check_search_mode(mode: str) -> str:
+    """``mode`` if a new repository may be created in it, else RadcryptError in words."""
+    if mode not in SEARCH_MODES:
+        raise RadcryptError(f"search mode must be one of {', '.join(SEARCH_BUILT)}, not "
+                            f"{mode!r}")
+    if mode not in SEARCH_BUILT:
+        raise RadcryptError(search_not_built(mode))
+    return mode
+
+
+def search_mode(manifest: Manifest) -> str:
+    """Where the repository is searched: "sknn", "workstation" or "ckks" (issue 19)."""
+    return manifest.search
+
+
 def with_members(manifest: Manifest, members: list[Member], **changes: Any) -> Manifest:
     """The next manifest: ``sequence`` + 1, the members sorted by user id."""
     ordered = tuple(sorted(members, key=lambda m: m.user_id))
@@ -330,14 +380,19 @@ def _now() -> str:
 
 def new_repository(store: Store, name: str, extractor: str,
                    basis_sample: np.ndarray | None, *, bound_levels: str = "auto",
-                   policy: str = "clinical") -> Repository:
+                   policy: str = "clinical", search: str = SKNN) -> Repository:
     """Fresh keys and the manifest of a repository not yet in the store (nothing written).
 
     The bound basis is fitted on ``basis_sample`` (the department's own features) or,
     without one, on the first import batch (app/core/basis.py), never on public data;
     ``bound_levels="off"``: no levels at all. ``policy``: "clinical" or "research"
-    (app/core/deid.py), kept in the manifest.
+    (app/core/deid.py), kept in the manifest. ``search``: "sknn" or "workstation"
+    ("ckks" is refused: not built yet); a workstation repository has no bound levels (its
+    segments hold no ciphertexts to bound).
     """
+    check_search_mode(search)
+    if search == WORKSTATION:
+        bound_levels = "off"
     if policy not in ("clinical", "research"):
         raise RadcryptError(f"policy must be 'clinical' or 'research', not {policy!r}")
     try:
@@ -351,7 +406,7 @@ def new_repository(store: Store, name: str, extractor: str,
     ring = KeyRing(repo_id, (VersionKeys.generate(1, index_key),))
     manifest = Manifest(repo_id=repo_id, extractor=extractor, dim=FEATURE_DIM,
                         levels=manifest_levels(FEATURE_DIM, bound_levels), key_version=1,
-                        created=_now(), policy=policy)
+                        created=_now(), policy=policy, search=search)
     return Repository(manifest, ring)
 
 

@@ -45,8 +45,12 @@ from cloud.backend import Store
 from cloud.limits import MAX_K, MAX_QUERIES
 
 if TYPE_CHECKING:
+    from app.core.keywords import Query
     from app.core.packs import ImageReader
     from cloud.seglog import LogState, Verdict
+
+Where = Any
+"""A keyword filter: app.core.keywords.Query, or terms it parses (str or list of str)."""
 
 ORDER_RTOL = 1e-9
 NOT_VERIFIABLE = "completeness not verifiable (format 1)"
@@ -173,14 +177,14 @@ def features_of_files(repo: Repository, paths: list[Path], *,
 
 
 def search_files(session: Session, repo: Repository, paths: list[str | Path], k: int = 1,
-                 *, allow_incomplete: bool = False) -> list[QueryResult]:
-    """Nearest archived images of each query file."""
+                 *, allow_incomplete: bool = False, where: Where = None) -> list[QueryResult]:
+    """Nearest archived images of each query file (among those matching ``where``)."""
     start = time.perf_counter()
     files = [Path(p) for p in paths]
     features = features_of_files(repo, files)
     features_ms = (time.perf_counter() - start) * 1000 / max(1, len(files))
     results = search_features(session, repo, features, [str(p) for p in files], k,
-                              allow_incomplete=allow_incomplete)
+                              allow_incomplete=allow_incomplete, where=where)
     for result in results:
         result.timings_ms["features"] = features_ms
     return results
@@ -188,26 +192,42 @@ def search_files(session: Session, repo: Repository, paths: list[str | Path], k:
 
 def search_features(session: Session, repo: Repository, features: np.ndarray,
                     labels: list[str], k: int = 1, *, allow_incomplete: bool = False,
-                    group: bool = False) -> list[QueryResult]:
+                    group: bool = False, where: Where = None) -> list[QueryResult]:
     """Nearest archived images of each feature vector (one encrypted request for all).
 
     Format 2: an answer that left out live segments raises IncompleteAnswer, unless
     ``allow_incomplete``: then its results come back marked (``complete`` False).
     ``group``: also the k nearest series (``QueryResult.groups``), see the module's
-    docstring."""
+    docstring. ``where``: a keyword filter (issue 17): the engine ranks only the images
+    it matches, exactly (their tokens travel in the same request); every hit is checked
+    against it here after decryption."""
     if not 1 <= k <= MAX_K:
         raise RadcryptError(f"k must be between 1 and {MAX_K}")
+    query = as_query(where)
     queries = np.atleast_2d(np.asarray(features, dtype=np.float64))
     results: list[QueryResult] = []
     for start in range(0, len(queries), MAX_QUERIES):  # the most the service takes at once
         chunk = queries[start : start + MAX_QUERIES]
         results += _search_chunk(session, repo, chunk, labels[start : start + MAX_QUERIES], k,
-                                 allow_incomplete)
+                                 allow_incomplete, query)
     for result in results:
         result.asked = k
     if group:
-        _group(session, repo, queries, labels, k, allow_incomplete, results)
+        _group(session, repo, queries, labels, k, allow_incomplete, results, query)
     return results
+
+
+def as_query(where: Where) -> Query | None:
+    """A keyword filter as a parsed query (QueryError names a bad term), None for none."""
+    if where is None or (not isinstance(where, str) and hasattr(where, "clauses")):
+        return where
+    if isinstance(where, str) and not where.strip():
+        return None
+    if not isinstance(where, str) and not list(where):
+        return None
+    from app.core.keywords import parse_query
+
+    return parse_query(where)
 
 
 GROW = 4
@@ -220,7 +240,8 @@ def _series_count(hits: list[Hit]) -> int:
 
 
 def _group(session: Session, repo: Repository, queries: np.ndarray, labels: list[str],
-           k: int, allow_incomplete: bool, results: list[QueryResult]) -> None:
+           k: int, allow_incomplete: bool, results: list[QueryResult],
+           where: Query | None = None) -> None:
     """Group ``results`` (in place) into at most k series each, asking the engine again
     for more hits for the queries whose answer names fewer than k series while it was full
     (the archive may hold more) and MAX_K allows. Why this is exact: the engine's answer is
@@ -235,7 +256,7 @@ def _group(session: Session, repo: Repository, queries: np.ndarray, labels: list
             break
         asked = min(MAX_K, asked * GROW)
         again = search_features(session, repo, queries[need], [labels[i] for i in need],
-                                asked, allow_incomplete=allow_incomplete)
+                                asked, allow_incomplete=allow_incomplete, where=where)
         for i, result in zip(need, again, strict=True):
             for stage, ms in results[i].timings_ms.items():  # the rounds before count too
                 result.timings_ms[stage] = result.timings_ms.get(stage, 0.0) + ms
@@ -265,7 +286,7 @@ def group_hits(hits: list[Hit], k: int) -> list[HitGroup]:
 
 def search_image(session: Session, repo: Repository, image_id: str, k: int = 1, *,
                  allow_incomplete: bool = False, group: bool = True,
-                 exclude_self: bool = True) -> QueryResult:
+                 exclude_self: bool = True, where: Where = None) -> QueryResult:
     """"Find similar" without a local file: the stored features of an archived image
     (from its pack's feature array in format 2) as the query. ``exclude_self`` leaves the
     image itself out (it is always its own nearest hit); its series' other images stay."""
@@ -275,11 +296,11 @@ def search_image(session: Session, repo: Repository, image_id: str, k: int = 1, 
     meta = ImageMeta.from_record(image_id, record, version)
     if not meta.features:
         raise IntegrityError(f"metadata of image {image_id} lacks its features")
-    label = f"{meta.name} ({where})" if (where := instance_label(meta)) else meta.name
+    label = f"{meta.name} ({place})" if (place := instance_label(meta)) else meta.name
     ask = min(MAX_K, k + 1) if exclude_self else k
     result = search_features(session, repo, np.asarray(meta.features, dtype=np.float64),
                              [label], ask, allow_incomplete=allow_incomplete,
-                             group=group)[0]
+                             group=group, where=where)[0]
     if exclude_self:
         _drop(result, image_id, k)
     return result
@@ -300,14 +321,16 @@ def _drop(result: QueryResult, image_id: str, k: int) -> None:
 
 
 def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, labels: list[str],
-                  k: int, allow_incomplete: bool) -> list[QueryResult]:
+                  k: int, allow_incomplete: bool, where: Query | None = None
+                  ) -> list[QueryResult]:
     t_log = time.perf_counter()
     state = log_state(session, repo) if is_format2(repo.manifest) else None
     t0 = time.perf_counter()
     repo = basis.load(session.store, repo)  # levels fitted since the repository was opened
     token = repo.keys.index_key.query(queries)
+    keywords = None if where is None else keyword_tokens(repo, where)
     t1 = time.perf_counter()
-    answer, verdict, state = _ask(session, repo, token, k, state)
+    answer, verdict, state = _ask(session, repo, token, k, state, keywords)
     t2 = time.perf_counter()
     if verdict is not None and not verdict.complete and not allow_incomplete:
         raise IncompleteAnswer(repo.keys.version, verdict.expected, verdict.searched,
@@ -322,6 +345,8 @@ def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, label
                                "twice (malformed answer)")
         f0 = time.perf_counter()
         hits = _resolve(reader, queries[qi], raw)
+        if where is not None:
+            check_matches(where, [h.image for h in hits], session, repo)
         f1 = time.perf_counter()
         distances = [h.distance for h in hits]
         verified = all(b >= a - ORDER_RTOL * (abs(a) + float(queries[qi] @ queries[qi]))
@@ -375,22 +400,26 @@ def image_reader(session: Session, repo: Repository, state: LogState | None = No
     return reader
 
 
-def _ask(session: Session, repo: Repository, token: Any, k: int, state: LogState | None
-         ) -> tuple[Any, Verdict | None, LogState | None]:
+def _ask(session: Session, repo: Repository, token: Any, k: int, state: LogState | None,
+         keywords: Any = None) -> tuple[Any, Verdict | None, LogState | None]:
     """The service's answer and, in format 2, its verdict: asked once, again with the
     searched segments listed when the digests differ, the log verified again once when
-    the service names a newer head than this client verified."""
+    the service names a newer head than this client verified. ``keywords``: a
+    cloud.keyword_index.TokenQuery travelling in the same request (``token`` None: a
+    keyword-only search, ``k`` bounding the ids answered)."""
     service = session.service
     version = repo.keys.version
+    extra = {} if keywords is None else {"keywords": keywords}
     if state is None:
-        return service.search_v2(repo.repo_id, token, k, version), None, None
+        return service.search_v2(repo.repo_id, token, k, version, **extra), None, None
     from cloud.seglog import LogAhead
 
     listed = False
     verified_again = False
     while True:
         answer = service.search_v2(repo.repo_id, token, k, version,
-                                   min_head=state.head.sequence, list_segments=listed)
+                                   min_head=state.head.sequence, list_segments=listed,
+                                   **extra)
         try:
             verdict = _judge(state, version, answer)
         except LogAhead:
@@ -466,3 +495,120 @@ def _resolve(reader: ImageReader, query: np.ndarray,
         return []
     with ThreadPoolExecutor(min(8, len(raw_hits))) as pool:
         return list(pool.map(one, range(1, len(raw_hits) + 1), raw_hits))
+
+
+# --- keyword search (issue 17; docs/KEYWORDS.md) ----------------------------------------
+
+
+def keyword_tokens(repo: Repository, query: Query) -> Any:
+    """The query's tokens under the keyword key of the repository's current key version:
+    the version image searches ask for too (older versions' segments are rewritten under
+    the new one at revocation, FORMAT-2 7.3)."""
+    return query.tokens(repo.keys.keyword_key, repo.repo_id, repo.keys.version)
+
+
+def check_matches(query: Query, images: list[ImageMeta], session: Session,
+                  repo: Repository, labels: Any = None) -> None:
+    """Every image the service named must match the query in plaintext (its decrypted
+    metadata, and its labels when the query asks for labels): a service that names
+    other images is caught here (ServiceError), its answer never shown."""
+    from app.core.keywords import keywords_of
+
+    wants_labels = any(c.field == "label" for c in query.clauses)
+    by_image: dict[str, set[str]] = {}
+    if wants_labels and images:
+        by_image = labels() if labels is not None else labels_by_image(session, repo)
+    for meta in images:
+        if meta.error:
+            raise ServiceError(f"the search service named image {meta.image_id}, whose "
+                               f"metadata does not verify: {meta.error}")
+        words = keywords_of(meta) | {f"label={w}" for w in by_image.get(meta.image_id, ())}
+        if not query.matches(words):
+            raise ServiceError(f"the search service named image {meta.image_id}, which "
+                               "does not match the keyword query (malformed or hostile "
+                               "answer)")
+
+
+def labels_by_image(session: Session, repo: Repository) -> dict[str, set[str]]:
+    """Image id -> its label words now, for every labelled image of the current key
+    version (decrypted here from the live label objects, app/core/labels.py); {} for a
+    format-1 repository, which has no labels."""
+    if not is_format2(repo.manifest):
+        return {}
+    from app.core import labels as label_module
+
+    state = log_state(session, repo)
+    version = repo.keys.version
+    if not label_module.live_labels(state, version):
+        return {}
+    segments = [o.id for o in state.segments(version)]
+    _, net = label_module.net_labels(session.store, repo, state, segments, version)
+    return {image_id: set(words) for image_id, words in net.items()}
+
+
+@dataclass
+class KeywordFound:
+    """What a keyword-only search found: the images (decrypted, checked), how many the
+    service matched, and the completeness verdict as for an image search."""
+
+    images: list[ImageMeta]
+    matched: int
+    truncated: bool
+    complete: bool | None
+    segments_expected: int | None
+    segments_searched: int | None
+    segments_missing: list[str]
+    timings_ms: dict[str, float]
+
+
+def keyword_find(session: Session, repo: Repository, query: Query, *,
+                 allow_incomplete: bool = False, limit: int | None = None,
+                 labels: Any = None) -> KeywordFound:
+    """The images matching a keyword query: tokens here, the evaluation on the service
+    (one signed protocol-2 request, keyword-only), each named image's metadata fetched,
+    decrypted and checked against the query here. Completeness as for an image search
+    (IncompleteAnswer unless ``allow_incomplete``). ``limit``: image ids asked for
+    (default and most: cloud.wire.MAX_KEYWORD_HITS); ``truncated`` when more matched.
+    ``labels``: a callable giving image id -> labels, for queries on labels."""
+    from cloud.wire import MAX_KEYWORD_HITS
+
+    limit = MAX_KEYWORD_HITS if limit is None else limit
+    if not is_format2(repo.manifest):
+        raise RadcryptError(f"repository {repo.repo_id} is in storage format 1, which has no "
+                            "keyword dictionaries: migrate it (radcrypt repo migrate "
+                            "--format 2)")
+    if not 1 <= limit <= MAX_KEYWORD_HITS:
+        raise RadcryptError(f"a keyword search answers 1 to {MAX_KEYWORD_HITS} images")
+    t_log = time.perf_counter()
+    state = log_state(session, repo) if is_format2(repo.manifest) else None
+    t0 = time.perf_counter()
+    tokens = keyword_tokens(repo, query)
+    t1 = time.perf_counter()
+    answer, verdict, state = _ask(session, repo, None, limit, state, tokens)
+    t2 = time.perf_counter()
+    if verdict is not None and not verdict.complete and not allow_incomplete:
+        raise IncompleteAnswer(repo.keys.version, verdict.expected, verdict.searched,
+                               verdict.missing)
+    ids = [image_id for image_id, _ in answer.hits[0]]
+    reader = image_reader(session, repo, state)
+
+    def one(image_id: str) -> ImageMeta:
+        try:
+            record, version = reader.meta(image_id)
+        except RadcryptError as exc:
+            return ImageMeta.damaged(image_id, str(exc))
+        return ImageMeta.from_record(image_id, record, version)
+
+    images: list[ImageMeta] = []
+    if ids:
+        with ThreadPoolExecutor(min(8, len(ids)), thread_name_prefix="radcrypt-meta") as pool:
+            images = list(pool.map(one, ids))
+    check_matches(query, images, session, repo, labels)
+    t3 = time.perf_counter()
+    matched = int(answer.matched or 0)
+    timings = {"token": (t1 - t0) * 1000, "server": (t2 - t1) * 1000,
+               "fetch_decrypt": (t3 - t2) * 1000}
+    if state is not None:
+        timings["log"] = (t0 - t_log) * 1000
+    return KeywordFound(images, matched, matched > len(ids), **_completeness(answer, verdict),
+                        timings_ms=timings)

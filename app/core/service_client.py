@@ -37,6 +37,7 @@ from app.core.errors import ServiceError
 from app.core.http_keepalive import KeepAlivePoster, PostResponse, StaleConnection, usable_for
 from cloud import wire
 from cloud.backend import DirectoryConfig
+from cloud.keyword_index import TokenQuery
 from cloud.processes import start_watched, stop_process
 from cloud.store import StoreConfig
 from crypto.tokens import QueryToken
@@ -231,21 +232,35 @@ class ServiceClient:
                    "key_version": key_version}
         return self._post(f"/v1/repos/{repo_id}/search", payload)
 
-    def search_v2(self, repo_id: str, token: QueryToken, k: int, key_version: int, *,
+    def search_v2(self, repo_id: str, token: QueryToken | None, k: int, key_version: int, *,
                   min_head: int = 0, list_segments: bool = False,
-                  stats: bool = True) -> wire.SearchAnswerV2:
+                  stats: bool = True, keywords: TokenQuery | None = None
+                  ) -> wire.SearchAnswerV2:
         """One protocol-2 search of ``len(token)`` queries (at most cloud.limits
         MAX_QUERIES): the hits, the service's log head and the digest of the segments it
         searched (with their ids when ``list_segments``), and per-query engine statistics
-        when ``stats``. A malformed answer is a ServiceError, never a partial result."""
+        when ``stats``. A malformed answer is a ServiceError, never a partial result.
+
+        ``keywords`` (issue 17): the keyword query's tokens travel in the same signed
+        request; with a token the engine ranks only the matching images (a combined
+        query), with ``token`` None the answer is the matching image ids themselves (at
+        most ``k``, up to cloud.wire.MAX_KEYWORD_HITS) and how many matched."""
+        if token is None and keywords is None:
+            raise ValueError("a search needs a query token, keywords, or both")
         flags = (wire.FLAG_LIST_SEGMENTS if list_segments else 0) | (
             wire.FLAG_STATS if stats else 0)
+        raw_keywords = b""
+        if keywords is not None:
+            flags |= wire.FLAG_KEYWORDS | (wire.FLAG_KEYWORDS_ONLY if token is None else 0)
+            raw_keywords = keywords.to_bytes()
         body = wire.encode_request(wire.SearchRequestV2(key_version, k, min_head, flags,
-                                                        token))
+                                                        token, raw_keywords))
         response = self._exchange(f"/v2/repos/{repo_id}/search", body, protocol=wire.PROTOCOL)
+        queries = 1 if token is None else len(token)
         try:
-            answer = wire.decode_answer(response.content, queries=len(token), k=k,
-                                        key_version=key_version, repo_id=repo_id)
+            answer = wire.decode_answer(response.content, queries=queries, k=k,
+                                        key_version=key_version, repo_id=repo_id,
+                                        keywords=keywords is not None)
         except wire.WireError as exc:
             raise ServiceError(f"the search service at {self.base_url} sent a "
                                f"{exc.detail}") from None

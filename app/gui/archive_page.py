@@ -81,6 +81,7 @@ from app.gui import theme
 from app.gui.backend import ArchiveEntry
 from app.gui.context import AppContext
 from app.gui.erase_dialog import EraseDialog, erase_block_reason
+from app.gui.send_dialog import add_send_actions
 from app.gui.tasks import TaskContext, TaskError
 from app.gui.widgets import (
     PageHeader,
@@ -406,6 +407,12 @@ class ArchivePage(QWidget):
         self.similar_button.setToolTip("Search the archive with the selected image's own "
                                        "encrypted features (no file needed)")
         self.similar_button.clicked.connect(self.find_similar_selected)
+        self.send_button = theme.themed(QPushButton("Send to…"), "connect")
+        self.send_button.setToolTip("Send the selected image or study to a PACS or viewer "
+                                    "(decrypted); export its study as FHIR")
+        self.send_menu = QMenu(self.send_button)
+        self.send_menu.aboutToShow.connect(self._fill_send_menu)
+        self.send_button.setMenu(self.send_menu)
         self.delete_button = theme.themed(QPushButton("Delete…"), "clear")
         set_prop(self.delete_button, "danger", True)
         self.delete_menu = QMenu(self.delete_button)
@@ -427,6 +434,7 @@ class ArchivePage(QWidget):
         bar.addWidget(self.sort_combo)
         bar.addStretch(1)
         bar.addWidget(self.similar_button)
+        bar.addWidget(self.send_button)
         bar.addWidget(self.delete_button)
         bar.addWidget(self.refresh_button)
         bar.addSpacing(12)
@@ -1045,6 +1053,8 @@ class ArchivePage(QWidget):
         self.sort_combo.setVisible(global_scope)
         self.sort_label.setVisible(global_scope)
         self.similar_button.setEnabled(self.selected_entry() is not None)
+        self.send_button.setEnabled(self.repo is not None and (
+            self.selected_entry() is not None or self.current_study is not None))
         reason = self.erase_block_reason()
         chosen = (self.selected_entry() is not None or self.current_series is not None
                   or self.current_study is not None)
@@ -1122,6 +1132,8 @@ class ArchivePage(QWidget):
                            lambda: self.open_series(series,
                                                     series.image_ids.index(entry.image_id)))
         menu.addAction("Find similar", lambda: self.findSimilarRequested.emit(entry))
+        menu.addSeparator()
+        add_send_actions(menu, self.ctx, self, self.repo, entry, self.study_of(entry))
         menu.addSeparator()
         self._add_delete_actions(menu, entry, self.study_of(entry))
         viewport = self.view.viewport()
@@ -1209,6 +1221,16 @@ class ArchivePage(QWidget):
             assert action is not None
             action.setEnabled(False)
 
+    def _fill_send_menu(self) -> None:
+        """Issue 18: "Send to…" for the selected image, else the chosen study."""
+        self.send_menu.clear()
+        entry = self.selected_entry()
+        study = self.study_of(entry) if entry is not None else self.current_study
+        if not add_send_actions(self.send_menu, self.ctx, self, self.repo, entry, study):
+            action = self.send_menu.addAction("Select an image or a study first")
+            assert action is not None
+            action.setEnabled(False)
+
     def _study_menu(self, point: QPoint) -> None:
         index = self.table.indexAt(point)
         study = index.data(Qt.ItemDataRole.UserRole) if index.isValid() else None
@@ -1216,6 +1238,8 @@ class ArchivePage(QWidget):
             return
         menu = QMenu(self)
         menu.addAction("Open the largest series", lambda: self.open_study(study))
+        menu.addSeparator()
+        add_send_actions(menu, self.ctx, self, self.repo, None, study)
         menu.addSeparator()
         self._add_delete_actions(menu, None, study)
         viewport = self.table.viewport()

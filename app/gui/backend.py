@@ -225,14 +225,16 @@ class Backend:
             raise AccessDenied("no identity is unlocked: register or unlock yours first")
         return self.identity
 
-    def create_repository(self, name: str, storage_format: int = 2) -> Repository:
+    def create_repository(self, name: str, storage_format: int = 2,
+                          search: str = "sknn") -> Repository:
         """A new repository owned by the user's identity (none is locked by a password
         alone, and the demo's throw-away identity creates none here), in storage format 2
         (format 1 is read-only: the facade refuses a new one)."""
         if not self.identity_mode or self.identity is None:
             raise RadcryptError("a new repository belongs to an identity: register or unlock "
                                 "your identity first")
-        return self._client().create_repository(name, storage_format=storage_format)
+        return self._client().create_repository(name, storage_format=storage_format,
+                                                search=search)
 
     def open_repository(self, name: str) -> Repository:
         self._identity()
@@ -351,12 +353,15 @@ class Backend:
         """"clinical" or "research" (de-identified copies only: app/core/deid.py)."""
         return Client.policy(repo)
 
-    def search(self, repo: Repository, path: str, k: int) -> SearchOutcome:
+    def search(self, repo: Repository, path: str, k: int,
+               where: Sequence[str] = ()) -> SearchOutcome:
         """Nearest archived images of one query file, with the hits' decrypted previews.
         An answer that left segments out (format 2) comes back marked, not as an error:
-        the search page shows it under a red banner (``result.complete`` False)."""
+        the search page shows it under a red banner (``result.complete`` False).
+        ``where``: keyword terms (issue 17); only the images they match are ranked."""
         client = self._client()
-        result = client.search_files(repo, [path], k=k, allow_incomplete=True)[0]
+        keyword = {"where": list(where)} if where else {}
+        result = client.search_files(repo, [path], k=k, allow_incomplete=True, **keyword)[0]
         return self._with_previews(repo, result)
 
     def _with_previews(self, repo: Repository, result: QueryResult) -> SearchOutcome:
@@ -373,10 +378,14 @@ class Backend:
         """Decrypted PNG previews of search hits (image id -> PNG)."""
         return self._client().thumbnails(repo, hits)
 
-    def search_by_image_id(self, repo: Repository, image_id: str, k: int) -> SearchOutcome:
+    def search_by_image_id(self, repo: Repository, image_id: str, k: int,
+                           where: Sequence[str] = ()) -> SearchOutcome:
         """"Find similar": the archived image's own stored features as the query (no local
-        file), through the facade's ``search_by_image_id``, with the hits' previews."""
-        result = self._client().search_by_image_id(repo, image_id, k, allow_incomplete=True)
+        file), through the facade's ``search_by_image_id``, with the hits' previews;
+        ``where`` as in ``search``."""
+        keyword = {"where": list(where)} if where else {}
+        result = self._client().search_by_image_id(repo, image_id, k, allow_incomplete=True,
+                                                   **keyword)
         if isinstance(result, list):
             result = result[0]
         return self._with_previews(repo, result)

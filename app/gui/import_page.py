@@ -189,8 +189,13 @@ class ImportPage(QWidget):
         self.add_files_button.clicked.connect(self.choose_files)
         self.add_folder_button = theme.themed(QPushButton("Add folder…"), "folder")
         self.add_folder_button.clicked.connect(self.choose_folder)
+        # Issue 18: studies from a PACS (the same dialog as File › Import from PACS…)
+        self.pacs_button = theme.themed(QPushButton("From PACS…"), "connect")
+        self.pacs_button.setToolTip("Find studies on a PACS and import them (Ctrl+Shift+I)")
+        self.pacs_button.clicked.connect(self.import_from_pacs)
         self.drop.add_button(self.add_files_button)
         self.drop.add_button(self.add_folder_button)
+        self.drop.add_button(self.pacs_button)
         self.drop.finish_buttons()
         self.drop.dropped.connect(self.add_paths)
         layout.addWidget(self.drop)
@@ -276,6 +281,11 @@ class ImportPage(QWidget):
     @property
     def running(self) -> bool:
         return self.task is not None
+
+    def import_from_pacs(self) -> Any:
+        from app.gui.pacs_dialog import open_import_dialog
+
+        return open_import_dialog(self.ctx, self.window())
 
     def choose_files(self) -> None:
         files = self.ctx.dialogs.open_files(self, "Add images to import")

@@ -75,7 +75,24 @@ class NewRepositoryDialog(QDialog):
             "the index, so that a search that left part of the archive out is detected. "
             "It is the only format for new repositories: format 1 is read-only.")
         form.addRow("Format:", self.storage_format)
+        self.search = QComboBox()  # issue 19: where the repository is searched
+        self.search.addItem("On the search service (fast)", "sknn")
+        self.search.addItem("On each workstation (private queries)", "workstation")
+        self.search.setToolTip(
+            "On the search service: the server ranks encrypted vectors, fast even for "
+            "millions of images, but an attacker who knows some archived images and can "
+            "read the index could learn about the others. On each workstation: the server "
+            "stores no searchable index and learns nothing of your queries; every member's "
+            "computer keeps an encrypted copy of the image features (about 1 GB per "
+            "million images) and searches it itself.")
+        self.search.currentIndexChanged.connect(self._explain_search)
+        form.addRow("Search:", self.search)
         layout.addLayout(form)
+        self.search_note = QLabel("")
+        self.search_note.setWordWrap(True)  # room for the longer of the two sentences
+        self.search_note.setMinimumHeight(self.search_note.fontMetrics().lineSpacing() * 3 + 6)
+        layout.addWidget(self.search_note)
+        self._explain_search()
         self.problem = QLabel("")
         self.problem.setObjectName("ErrorText")
         self.problem.setWordWrap(True)
@@ -109,6 +126,18 @@ class NewRepositoryDialog(QDialog):
     def values(self) -> tuple[str, int]:
         """(name, storage format: 2)."""
         return self.name.text().strip(), int(self.storage_format.currentData())
+
+    def search_mode(self) -> str:
+        """"sknn" or "workstation" (issue 19)."""
+        return str(self.search.currentData())
+
+    def _explain_search(self) -> None:
+        self.search_note.setText(
+            "The trade-off: the server computes nothing and sees no query; each member's "
+            "computer downloads the encrypted features once (then only what is new) and "
+            "searches them itself." if self.search_mode() == "workstation" else
+            "The trade-off: fastest, nothing to download; the server ranks encrypted "
+            "vectors (see the security notes on known-plaintext attacks).")
 
 
 class BackupIdentityDialog(QDialog):
@@ -539,7 +568,8 @@ class KeysPage(QWidget):
 
     def open_new_repository(self) -> NewRepositoryDialog:
         dialog = NewRepositoryDialog(self)
-        dialog.accepted.connect(lambda: self.create_repository(*dialog.values()))
+        dialog.accepted.connect(lambda: self.create_repository(
+            *dialog.values(), search=dialog.search_mode()))
         dialog.finished.connect(lambda _: setattr(self, "dialog", None))
         self.dialog = dialog
         dialog.open()
@@ -577,7 +607,8 @@ class KeysPage(QWidget):
                             lambda t: backend.upgrade_storage_format(repo, t.progress),
                             on_done=done, on_error=self.ctx.error, on_finish=finish)
 
-    def create_repository(self, name: str, storage_format: int = 2) -> None:
+    def create_repository(self, name: str, storage_format: int = 2,
+                          search: str = "sknn") -> None:
         backend = self.ctx.backend
 
         def done(repo: Repository) -> None:
@@ -588,7 +619,8 @@ class KeysPage(QWidget):
             self.repositoryCreated.emit(repo)
 
         self.ctx.runner.run(f"Creating repository {name}",
-                            lambda _: backend.create_repository(name, storage_format),
+                            lambda _: backend.create_repository(name, storage_format,
+                                                                search),
                             on_done=done, on_error=self.ctx.error)
 
     def register_user(self) -> None:

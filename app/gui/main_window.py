@@ -43,6 +43,7 @@ from app.gui.context import AppContext, Dialogs
 from app.gui.idle_lock import install_lock
 from app.gui.import_page import ImportPage
 from app.gui.keys_page import KeysPage
+from app.gui.keyword_page import KeywordPage
 from app.gui.login import REGISTER, UNLOCK, GatePage
 from app.gui.search_page import SearchPage
 from app.gui.settings_page import SettingsPage
@@ -50,7 +51,8 @@ from app.gui.tasks import Task, TaskContext, TaskError, TaskRunner
 from app.gui.widgets import MessageBar
 
 PAGES = (("archive", "Archive", "archive"), ("import", "Import", "import"),
-         ("search", "Search by image", "search"), ("keys", "Repository key", "key"),
+         ("search", "Search by image", "search"), ("keywords", "Search by keyword", "tag"),
+         ("keys", "Repository key", "key"),
          ("activity", "Activity", "activity"), ("settings", "Settings", "settings"))
 CHOOSE = "Choose a repository…"
 NEW = "New repository…"
@@ -123,6 +125,8 @@ class MainWindow(QMainWindow):
         self.archive_page.createRequested.connect(self._create_requested)
         self.archive_page.demoRequested.connect(self.try_demo_images)
         self.archive_page.findSimilarRequested.connect(self.find_similar)
+        self.keyword_page.findSimilarRequested.connect(self.find_similar)
+        self.keyword_page.imageSearchRequested.connect(self.search_with_filter)
         self.settings_page.saved.connect(self.apply_settings)
         self._pending_settings: Any = None
         self.runner.taskStarted.connect(self._task_started)
@@ -200,12 +204,13 @@ class MainWindow(QMainWindow):
         self.archive_page = ArchivePage(self.ctx)
         self.import_page = ImportPage(self.ctx)
         self.search_page = SearchPage(self.ctx)
+        self.keyword_page = KeywordPage(self.ctx)
         self.keys_page = KeysPage(self.ctx)
         self.activity_page = ActivityPage(self.ctx)
         self.settings_page = SettingsPage(self.ctx)
         self.page_widgets: dict[str, QWidget] = {
             "archive": self.archive_page, "import": self.import_page,
-            "search": self.search_page, "keys": self.keys_page,
+            "search": self.search_page, "keywords": self.keyword_page, "keys": self.keys_page,
             "activity": self.activity_page, "settings": self.settings_page}
         for key, label, icon_name in PAGES:
             item = QListWidgetItem(theme.icon(icon_name), label)
@@ -272,6 +277,8 @@ class MainWindow(QMainWindow):
                                         self.open_query, "search")
         self.import_action = action(file_menu, "Import images…", "Ctrl+I",
                                     self.import_files, "import")
+        self.pacs_import_action = action(file_menu, "Import from PACS…", "Ctrl+Shift+I",
+                                         self.import_from_pacs, "import")
         self.sample_action = action(file_menu, SAMPLE_QUERY, "Ctrl+T", self.try_sample_query,
                                     "search")
         self.sample_action.setEnabled(False)
@@ -281,8 +288,12 @@ class MainWindow(QMainWindow):
         file_menu.addSeparator()
         action(file_menu, "Quit", QKeySequence.StandardKey.Quit, self.close)
         for number, (key, label, icon_name) in enumerate(PAGES, start=1):
-            action(view_menu, label, f"Ctrl+{number}", lambda _=False, k=key: self.show_page(k),
-                   icon_name)
+            page_action = action(view_menu, label, f"Ctrl+{number}",
+                                 lambda _=False, k=key: self.show_page(k), icon_name)
+            if key == "keywords":  # Ctrl+F, as find is everywhere; Ctrl+N still works
+                page_action.setShortcuts([QKeySequence("Ctrl+F"),
+                                          QKeySequence(f"Ctrl+{number}")])
+                page_action.triggered.connect(self.keyword_page.focus_first)
         action(help_menu, "Keyboard shortcuts", "F1", self._show_shortcuts)
         action(help_menu, "About Radcrypt", None, self._about)
         for act in (self.open_query_action, self.import_action):
@@ -651,6 +662,12 @@ class MainWindow(QMainWindow):
         self.show_page("search")
         self.search_page.find_similar(meta)
 
+    def search_with_filter(self, terms: list[str]) -> None:
+        """"Use as image-search filter" on the keyword page: Search by image with these
+        keywords in its filter row (the next search ranks only the matching images)."""
+        self.show_page("search")
+        self.search_page.set_filter(terms)
+
     def open_query(self) -> None:
         self.show_page("search")
         self.search_page.choose_query()
@@ -659,19 +676,27 @@ class MainWindow(QMainWindow):
         self.show_page("import")
         self.import_page.choose_files()
 
+    def import_from_pacs(self) -> Any:
+        """File › Import from PACS… (issue 18): study search and import, in a dialog."""
+        from app.gui.pacs_dialog import open_import_dialog
+
+        self.pacs_dialog = open_import_dialog(self.ctx, self)
+        return self.pacs_dialog
+
     def _show_shortcuts(self) -> None:
         QMessageBox.information(
             self, "Keyboard shortcuts",
             "Ctrl+O  open a query image (Search by image)\n"
-            "Ctrl+I  import images\n"
+            "Ctrl+I  import images · Ctrl+Shift+I  import from PACS\n"
             "Ctrl+,  settings\n"
             "Ctrl+T  try a sample query (the demo repository)\n"
-            "Ctrl+1…6  go to a page\n\n"
+            "Ctrl+1…7  go to a page\n\n"
             "In the image viewer:\n"
             "left-drag  window/level · middle-drag  pan · right-drag  zoom\n"
             "wheel or Up / Down  previous / next image · Ctrl+wheel  zoom\n"
             "z or + / -  zoom · =  fit · r / l  rotate · h / v  flip · i  invert\n"
-            "Space  reset · 1-5  CT presets (soft tissue, lung, liver, bone, brain)")
+            "Space  reset · 1-5  CT presets (soft tissue, lung, liver, bone, brain)\n\n"
+            "Ctrl+F  search by keyword (fields, labels, study date range)")
 
     def _about(self) -> None:
         QMessageBox.about(
@@ -779,9 +804,11 @@ class MainWindow(QMainWindow):
         event.ignore()
         if self.closing:
             return
-        running = self.runner.running()
+        running = [t.title for t in self.runner.running()]
+        if self.settings_page.receive_panel.running:
+            running.append("Receiving from PACS")
         if running:
-            names = "\n".join(f"• {t.title}" for t in running[:5])
+            names = "\n".join(f"• {title}" for title in running[:5])
             if not self.ctx.dialogs.confirm(
                     self, "Quit Radcrypt?",
                     f"Work is still running:\n{names}\n\nStop it and quit? Whatever is "
@@ -805,8 +832,11 @@ class MainWindow(QMainWindow):
         self._shutdown_started = True
         demo = self.demo
         backend = self.backend
+        receiver = self.settings_page.receive_panel.detach()  # issue 18's Storage SCP
 
         def work(_: TaskContext) -> None:
+            if receiver is not None:
+                receiver.stop()
             backend.close()
             if demo is not None and demo.remove_workdir:
                 shutil.rmtree(demo.workdir, ignore_errors=True)

@@ -195,6 +195,18 @@ def make_screenshots(out: Path, work: Path) -> list[Path]:
     shoot(window, "06-search-dark")
     theme.apply_theme(app, dark=False)
 
+    window.show_page("keywords")  # Ctrl+F: the MR images, as a study list
+    keywords = window.keyword_page
+    wait_until(lambda: bool(keywords.fields["modality"].present), what="the keyword values")
+    keywords.set_terms({"modality": ["MR"]})
+    keywords.search()
+    wait_until(lambda: keywords.task is None and keywords.result is not None,
+               what="the keyword search")
+    keywords.choose_study(keywords.visible_studies()[0].key)
+    wait_until(lambda: not window.runner.running(tracked_only=False), what="the previews")
+    window.message_bar.dismiss()
+    shoot(window, "05b-keyword-search")
+
     repo = window.ctx.repo
     assert repo is not None
     window.show_page("archive")

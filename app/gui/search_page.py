@@ -27,6 +27,7 @@ from PyQt6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidgetItem,
+    QMenu,
     QPushButton,
     QScrollArea,
     QSpinBox,
@@ -43,6 +44,7 @@ from app.gui import theme
 from app.gui.archive_page import square_tile
 from app.gui.backend import SearchOutcome
 from app.gui.context import AppContext
+from app.gui.filter_row import KeywordFilterRow
 from app.gui.tasks import Task, TaskContext, TaskError
 from app.gui.widgets import (
     SUBTITLE_ROLE,
@@ -259,7 +261,24 @@ class SearchPage(QWidget):
         form_box.setSpacing(8)
         title = QLabel("Result")
         title.setObjectName("CardTitle")
-        form_box.addWidget(title)
+        title_row = QHBoxLayout()
+        title_row.addWidget(title)
+        title_row.addStretch(1)
+        # Issue 18: send the result (or its study) to a PACS or viewer, export FHIR; in the
+        # title row, as the card has no height to spare at a laptop's window size.
+        self.send_button = QToolButton()
+        self.send_button.setText("Send to…")
+        theme.themed(self.send_button, "connect")
+        self.send_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.send_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.send_button.setAutoRaise(True)
+        self.send_button.setToolTip("Send the decrypted original (or its whole study) to a "
+                                    "PACS or viewer; export its study as FHIR")
+        self.send_menu = QMenu(self.send_button)
+        self.send_menu.aboutToShow.connect(self._fill_send_menu)
+        self.send_button.setMenu(self.send_menu)
+        title_row.addWidget(self.send_button)
+        form_box.addLayout(title_row)
         # The distance in words first (raw distance in the tooltip): app/core/similarity.py.
         self.similarity = QLabel("—")
         self.similarity.setObjectName("SimilarityWord")
@@ -323,13 +342,18 @@ class SearchPage(QWidget):
                                     "slices look alike); off: the nearest images as ranked")
         self.group_check.toggled.connect(lambda _: self._fill_strip())
         strip_row.addWidget(self.group_check)
-        strip_row.addStretch(1)
-        self.hint = muted_label("Click an image to compare it; double-click to open it.",
-                                wrap=False)
-        strip_row.addWidget(self.hint)
+        strip_row.addSpacing(16)
+        # "The nearest MR of a knee" (issue 17): keyword terms travel with the query as
+        # encrypted tokens and the engine ranks only the images they match. In this row,
+        # over the images it filters: a line of its own would squeeze the result card at
+        # a laptop's 1280 x 820.
+        self.filter_row = KeywordFilterRow(ctx)
+        self.filter_row.edit.returnPressed.connect(self.search)
+        strip_row.addWidget(self.filter_row, 1)
         layout.addLayout(strip_row)
         self.strip = tile_strip(STRIP_TILE, QSize(STRIP_TILE + 64, STRIP_TILE + 56),
                                 STRIP_TILE + 78)
+        self.strip.setToolTip("Click an image to compare it; double-click to open it.")
         self.strip.currentRowChanged.connect(self._select_row)
         self.strip.itemDoubleClicked.connect(lambda _item: self._open_selected())
         layout.addWidget(self.strip)
@@ -440,6 +464,13 @@ class SearchPage(QWidget):
                                 tracked=False, on_done=shown, on_error=lambda _: None)
         self.search()
 
+    def set_filter(self, terms: list[str]) -> None:
+        """The keyword filter row's terms (from the keyword page); searches again at once
+        when a query is shown."""
+        self.filter_row.set_terms(terms)
+        if self.has_query:
+            self.search()
+
     @property
     def has_query(self) -> bool:
         return bool(self.query_path) or self.query_image is not None
@@ -463,7 +494,12 @@ class SearchPage(QWidget):
             self.ctx.info("Open a repository first: the search runs in the repository "
                           "chosen at the top.", "warning")
             return
+        if self.filter_row.problem:
+            self.ctx.info(f"{self.filter_row.problem}. Correct the keyword filter, or "
+                          "empty it to search every image.", "warning")
+            return
         path, image, k = self.query_path, self.query_image, self.k_spin.value()
+        where = self.filter_row.terms()
         backend = self.ctx.backend
         self._clear_result()
         self.nearest_panel.set_busy("Searching the encrypted index…")
@@ -471,9 +507,9 @@ class SearchPage(QWidget):
 
         def work(_: TaskContext) -> tuple[SearchOutcome, dict[str, QImage], dict[str, QImage]]:
             if image is not None:
-                outcome = backend.search_by_image_id(repo, image.image_id, k)
+                outcome = backend.search_by_image_id(repo, image.image_id, k, where=where)
             else:
-                outcome = backend.search(repo, path, k)
+                outcome = backend.search(repo, path, k, where=where)
             full = {i: qimage_from_png(png) for i, png in outcome.thumbnails.items()}
             tiles = {i: square_tile(png, STRIP_TILE * 2) for i, png in
                      outcome.thumbnails.items()}
@@ -516,8 +552,13 @@ class SearchPage(QWidget):
         full_scored = int(stats.get("full_scored", 0))
         self.banner.show_result(result)
         partial = " (INCOMPLETE)" if result.complete is False else ""
-        self.fields["searched"].setText(f"{vectors} images{partial}")
-        self.fields["searched"].setToolTip(f"{vectors} encrypted vectors in the index; "
+        here = stats.get("mode") == "workstation"  # issue 19: which mode answered
+        mode = " on this workstation" if here else ""
+        self.fields["searched"].setText(f"{vectors} images{mode}{partial}")
+        self.fields["searched"].setToolTip(("Searched on this workstation from its "
+                                            "encrypted local copy: the server saw no "
+                                            "query. " if here else "") +
+                                           f"{vectors} encrypted vectors in the index; "
                                            f"{full_scored} needed a full score, the rest "
                                            "were ruled out by their lower bounds; "
                                            f"{result.completeness}")
@@ -535,6 +576,8 @@ class SearchPage(QWidget):
                 "search", f"Searched {repo_id} with {self._query_name()}: nearest "
                 f"{best.name} (distance {best.distance:.4g}) in {format_ms(self.total_ms)}",
                 repository=repo_id)
+        elif self.filter_row.active:
+            self.nearest_panel.set_busy("No archived image has the keywords of the filter.")
         else:
             self.nearest_panel.set_busy("The repository has no images to compare with yet.")
         self._update()
@@ -771,6 +814,16 @@ class SearchPage(QWidget):
                      hit.key_version, query_image=self.query_image,
                      meta=ImageMeta.from_record(hit.image_id, hit.meta, hit.key_version))
 
+    def _fill_send_menu(self) -> None:
+        """Issue 18: "Send to…" and "Export FHIR…" for the selected result."""
+        from app.gui.send_dialog import add_send_actions
+
+        self.send_menu.clear()
+        hit = self.selected
+        if hit is not None:
+            meta = ImageMeta.from_record(hit.image_id, hit.meta, hit.key_version)
+            add_send_actions(self.send_menu, self.ctx, self, self.repo, meta, None)
+
     def _open_query(self) -> None:
         if self.query_image is not None and self.repo is not None:
             from app.gui.viewer import open_archived
@@ -791,6 +844,7 @@ class SearchPage(QWidget):
         self.search_button.setText("Searching…" if busy else "Search")
         self.open_full_button.setEnabled(self.selected is not None)
         self.compare_button.setEnabled(self.selected is not None and self.has_query)
+        self.send_button.setEnabled(self.selected is not None)
         self.group_check.setEnabled(self.outcome is not None
                                     and bool(getattr(self.outcome.result, "groups", None)))
 

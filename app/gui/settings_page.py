@@ -1,7 +1,8 @@
 """Settings: where the storage and the search service are, a "Test connection" that
 says, part by part and in plain words, what works, and "Check repository" (issue 14:
 ``radcrypt check --repo`` for the repository open now, run off the UI thread with its
-progress, the result in plain words)."""
+progress, the result in plain words), and the hospital integration (issue 18): the DICOM
+nodes (app/gui/nodes_settings.py) and "Receive from PACS" (app/gui/receive_panel.py)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ from app.core.settings import (
 from app.gui import theme
 from app.gui.backend import CheckResult
 from app.gui.context import AppContext
+from app.gui.nodes_settings import NodesBox
+from app.gui.receive_panel import ReceivePanel
 from app.gui.tasks import TaskContext, TaskError
 from app.gui.widgets import PageHeader, muted_label, primary
 
@@ -196,6 +199,10 @@ class SettingsPage(QWidget):
         sl.addLayout(save_row)
         right.addWidget(save_box)
         right.addStretch(1)
+        self.nodes_box = NodesBox(ctx)  # issue 18: hospital integration, full width
+        self.receive_panel = ReceivePanel(ctx)
+        layout.addWidget(self.nodes_box)
+        layout.addWidget(self.receive_panel)
         layout.addStretch(1)
         self.load(ctx.backend.settings)
         ctx.repositoryChanged.connect(self._repository_changed)

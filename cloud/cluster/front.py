@@ -1,0 +1,359 @@
+"""The front of a cluster: the shard actors, the fan-out with a deadline, the merge.
+
+cloud/service.py keeps doing what it does for one machine (the Gate: rate limits,
+protocol, authentication; audit; metrics) and hands the four repository routes to a
+ClusterFront when it runs with ``--ray-address`` (its ``cluster`` hook). For a search the
+front asks one replica of every shard, waits at most ``deadline`` seconds, and:
+
+* a shard that did not answer in time, or whose actor died, is a 503 naming the shard
+  (``Retry-After``), never an answer without its rows; a dead replica is replaced (Ray
+  restarts it, the replacement reloads its segments); with replicas the request is hedged
+  (_ask_slot), so one replica failing or restarting costs no answer;
+* the shards must agree on the log head: a shard behind the highest head is asked again
+  with that head as its ``min_head`` (it re-reads the log), once; then a 503;
+* the answer is the exact top k of the union (merge.py), names the head and the digest
+  of the union of the segment sets the shards searched (docs/FORMAT-2.md 6.1), and so
+  passes or fails the client's completeness check exactly as one service's would.
+
+Actors are named (``radcrypt-<service id>-shard-<slot>-r<replica>`` and
+``radcrypt-<service id>-guard``), detached and restartable, so that every front replica of
+one deployment (the same service id) finds the same shards and the same guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from itertools import count
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
+
+from cloud import wire
+from cloud.backend import DirectoryConfig, Store
+from cloud.cluster.guard import Guard, SharedLimiter, SharedNonces
+from cloud.cluster.merge import ShardAnswer, covered, merge_hits, merge_stats
+from cloud.cluster.shard import Shard
+from cloud.store import StoreConfig
+from crypto.tokens import QueryToken
+
+log = logging.getLogger("radcrypt.cluster")
+
+DEADLINE_SECONDS = 10.0
+SHARD_CPUS = 1.0
+SHARD_CONCURRENCY = 4  # searches one shard replica runs at once (threads)
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How the cluster is laid out; every front replica of a deployment passes the same."""
+
+    service_id: str
+    shards: int = 1
+    replicas: int = 1
+    deadline: float = DEADLINE_SECONDS
+    shard_cpus: float = SHARD_CPUS
+    device: str = "cpu"
+    refresh_interval: float = 5.0
+    max_nonces: int = 200_000
+    rates: dict[str, tuple[float, float]] = field(default_factory=dict)
+    cache_root: str | None = None  # on each node; None: rows in memory
+
+    @property
+    def prefix(self) -> str:
+        return f"radcrypt-{self.service_id}"
+
+    def shard_name(self, slot: int, replica: int) -> str:
+        return f"{self.prefix}-shard-{slot}-r{replica}"
+
+
+class ShardUnavailable(Exception):
+    def __init__(self, slot: int, name: str, why: str) -> None:
+        super().__init__(f"shard {slot} ({name}) {why}")
+        self.slot, self.name, self.why = slot, name, why
+
+
+def store_spec(store: Store) -> StoreConfig | DirectoryConfig:
+    """What the shards open: the front's store without its credentials (each node has its
+    own, from its environment). Only S3 and directory stores can be shared."""
+    root = getattr(store, "root", None)
+    if root is not None and type(store).__name__ == "DirectoryStore":
+        return DirectoryConfig(root)
+    config = getattr(store, "config", None)
+    if isinstance(config, StoreConfig):
+        return replace(config, access_key=None, secret_key=None)
+    raise ValueError(f"a cluster needs an S3 or a directory store, not {type(store).__name__}")
+
+
+class ClusterFront:
+    """The shards of one deployment, and the fan-out and merge of every request."""
+
+    def __init__(self, options: ClusterOptions, store: StoreConfig | DirectoryConfig,
+                 owner_keys: Sequence[bytes], preload: Sequence[str] = ()) -> None:
+        import ray
+
+        self.ray = ray
+        self.options = options
+        self.store = store
+        self.owner_keys = list(owner_keys)
+        self._served: set[str] = set()
+        self._turn = count()
+        guard_class: Any = ray.remote(Guard)
+        self.guard: Any = guard_class.options(
+            name=f"{options.prefix}-guard", lifetime="detached", get_if_exists=True,
+            num_cpus=0, max_restarts=-1, max_concurrency=16).remote(
+                options.max_nonces, options.rates)
+        for repo_id in preload:  # before the shards start: they load these at once
+            ray.get(self.guard.note_repo.remote(repo_id), timeout=60)
+        self.handles = [[self._shard(slot, r) for r in range(options.replicas)]
+                        for slot in range(options.shards)]
+
+    def _shard(self, slot: int, replica: int) -> Any:
+        opts = self.options
+        threads = max(1, int(opts.shard_cpus)) if opts.shard_cpus >= 1 else 1
+        shard_class: Any = self.ray.remote(Shard)
+        actor = shard_class.options(
+            name=opts.shard_name(slot, replica), lifetime="detached", get_if_exists=True,
+            num_cpus=opts.shard_cpus, max_restarts=-1, max_task_retries=0,
+            max_concurrency=SHARD_CONCURRENCY)
+        return actor.remote(opts.shard_name(slot, replica), slot, opts.shards, self.store,
+                            self.owner_keys, opts.refresh_interval, opts.device, threads,
+                            self.guard, opts.cache_root)
+
+    # --- shared replay state ---------------------------------------------------------------
+
+    def nonces(self) -> SharedNonces:
+        return SharedNonces(self.guard)
+
+    def limiter(self, kind: str) -> SharedLimiter:
+        rate, _ = self.options.rates.get(kind, (50.0, 100.0))
+        return SharedLimiter(self.guard, kind, rate)
+
+    def share_replay_state(self, verifier: Any) -> None:
+        """Point a SignatureVerifier's nonce cache and user limits at the guard."""
+        if hasattr(verifier, "nonces"):
+            verifier.nonces = self.nonces()
+        if hasattr(verifier, "limiter"):
+            verifier.limiter = self.limiter("user")
+
+    # --- fan-out -------------------------------------------------------------------------
+
+    async def _note(self, repo_id: str) -> None:
+        if repo_id not in self._served:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(
+                    self.guard.note_repo.remote(repo_id).future()), 2.0)
+                self._served.add(repo_id)
+            except Exception:  # only the reload after a restart needs it: next time
+                pass
+
+    async def _ask_slot(self, slot: int, method: str, args: tuple[Any, ...],
+                        until: float) -> ShardAnswer:
+        """One answer from a replica of ``slot`` before ``until`` (monotonic);
+        ShardUnavailable otherwise. With replicas the request is hedged: a replica that
+        fails is replaced by the next at once, and one that is silent for its share of
+        the deadline (a replica being restarted queues the call) gets the next replica
+        asked beside it; the first answer wins."""
+        replicas = self.handles[slot]
+        first = next(self._turn) % len(replicas)
+        order = [(first + i) % len(replicas) for i in range(len(replicas))]
+        share = self.options.deadline / len(replicas)
+        pending: dict[asyncio.Future[Any], int] = {}
+        why = f"did not answer within {self.options.deadline:g} s"
+        refs: list[Any] = []
+        try:
+            while order or pending:
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                if order:
+                    replica = order.pop(0)
+                    ref = getattr(replicas[replica], method).remote(*args)
+                    refs.append(ref)
+                    pending[asyncio.wrap_future(ref.future())] = replica
+                wait = left if not order else min(left, share)
+                done, _ = await asyncio.wait(pending, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    replica = pending.pop(future)
+                    try:
+                        answer: ShardAnswer = future.result()
+                        return answer
+                    except Exception as exc:  # RayActorError, ActorUnavailableError, ...
+                        why = f"failed ({type(exc).__name__})"
+                        log.warning("shard %s failed: %s",
+                                    self.options.shard_name(slot, replica), exc)
+                        self._replace_if_dead(slot, replica, exc)
+        finally:
+            for future in pending:
+                future.cancel()
+        names = ", ".join(self.options.shard_name(slot, r) for r in range(len(replicas)))
+        raise ShardUnavailable(slot, names, why)
+
+    def _replace_if_dead(self, slot: int, replica: int, exc: Exception) -> None:
+        """Ray restarts a replica whose process died; one that is gone for good (its name
+        free again) is created anew, and reloads its segments."""
+        if type(exc).__name__ == "ActorDiedError":
+            try:
+                self.handles[slot][replica] = self._shard(slot, replica)
+            except Exception as again:  # the next request tries again
+                log.error("replacing shard %s failed: %s",
+                          self.options.shard_name(slot, replica), again)
+
+    async def fan_out(self, method: str, args: tuple[Any, ...],
+                      min_head: int = 0) -> list[ShardAnswer]:
+        """Every shard's answer, at one log head; ShardUnavailable or HTTPException."""
+        until = time.monotonic() + self.options.deadline
+        answers = await asyncio.gather(
+            *(self._ask_slot(s, method, (*args, min_head), until)
+              for s in range(len(self.handles))))
+        for answer in answers:
+            if answer.error is not None:
+                status, detail = answer.error
+                raise HTTPException(status_code=status, detail=detail,
+                                    headers={"Retry-After": "5"} if status == 503 else None)
+            if answer.layout != (answer.layout[0], len(self.handles)):
+                raise ShardUnavailable(answer.layout[0], answer.shard,
+                                       "is laid out for another shard count")
+        head = max(a.head for a in answers)
+        behind = [i for i, a in enumerate(answers) if a.head < head]
+        if behind:  # ask the late ones to re-read the log up to the head the others saw
+            again = await asyncio.gather(
+                *(self._ask_slot(i, method, (*args, head), until) for i in behind))
+            for i, answer in zip(behind, again, strict=True):
+                if answer.error is not None or answer.head != head:
+                    raise ShardUnavailable(i, answer.shard, f"is behind the log head {head}")
+                answers[i] = answer
+        hashes = {a.head_hash for a in answers}
+        if len(hashes) != 1:
+            raise HTTPException(status_code=503, detail="shards disagree on the segment log "
+                                "(two different entries at one head)",
+                                headers={"Retry-After": "5"})
+        return list(answers)
+
+    # --- the routes ------------------------------------------------------------------------
+
+    async def search(self, repo_id: str, key_version: int, token: QueryToken, k: int,
+                     min_head: int = 0) -> tuple[list[ShardAnswer], list[list[tuple[str, float]]]]:
+        """The shards' answers and the merged hits (raises ShardUnavailable, HTTPException)."""
+        await self._note(repo_id)
+        answers = await self.fan_out("search", (repo_id, key_version, token, k), min_head)
+        widths = {a.widths for a in answers if a.widths is not None}
+        if len(widths) > 1:
+            raise HTTPException(status_code=503, detail="shards serve different vector widths "
+                                "for this key version", headers={"Retry-After": "5"})
+        return answers, merge_hits([a.hits for a in answers], len(token), k)
+
+    async def search_v2(self, repo_id: str, req: wire.SearchRequestV2, who: str,
+                        request: Request, trail: Any) -> Response:
+        """POST /v2/repos/<repo>/search on the cluster (docs/FORMAT-2.md 8.3)."""
+        started = time.perf_counter()
+        if req.flags & getattr(wire, "FLAG_KEYWORDS", 0) or req.token is None:
+            raise HTTPException(status_code=501, detail="keyword search is not served by "
+                                "a cluster front yet (docs/SCALING.md); use a single service")
+        try:
+            answers, hits = await self.search(repo_id, req.key_version, req.token, req.k,
+                                              req.min_head)
+        except ShardUnavailable as exc:
+            raise _unavailable(exc) from None
+        seg_ids = covered(answers)
+        queries = len(req.token)
+        answer = wire.SearchAnswerV2(
+            key_version=req.key_version, k=req.k, segments=len(seg_ids),
+            images=sum(a.images for a in answers), head_sequence=answers[0].head,
+            head_hash=answers[0].head_hash,
+            set_digest=wire.segment_set_digest(repo_id, req.key_version, seg_ids),
+            engine_us=round(max(a.engine_seconds for a in answers) * 1e6), hits=hits,
+            stats=merge_stats([a.stats for a in answers], queries)
+            if req.flags & wire.FLAG_STATS else None,
+            segment_ids=seg_ids if req.flags & wire.FLAG_LIST_SEGMENTS else None)
+        elapsed = (time.perf_counter() - started) * 1000
+        trail.record(who, repo_id, "search", sum(len(h) for h in hits), elapsed)
+        log.info("search v2 (cluster, %d shards) repo=%s user=%s queries=%d k=%d head=%d",
+                 len(answers), repo_id, who, queries, req.k, answer.head_sequence)
+        request.scope.setdefault("state", {})["radcrypt_queries"] = queries
+        return Response(wire.encode_answer(answer), media_type=wire.ANSWER_MEDIA_TYPE)
+
+    async def search_v1(self, repo_id: str, token: QueryToken, k: int, key_version: int,
+                        who: str, request: Request, trail: Any) -> dict[str, Any]:
+        """POST /v1/repos/<repo>/search on the cluster (protocol 1's JSON shape)."""
+        started = time.perf_counter()
+        try:
+            answers, hits = await self.search(repo_id, key_version, token, k)
+        except ShardUnavailable as exc:
+            raise _unavailable(exc) from None
+        stats = merge_stats([a.stats for a in answers], len(token))
+        results = [{"hits": [{"image_id": i, "score": s, "rank": r + 1}
+                             for r, (i, s) in enumerate(query)], "stats": stats[q]}
+                   for q, query in enumerate(hits)]
+        trail.record(who, repo_id, "search", sum(len(h) for h in hits),
+                     (time.perf_counter() - started) * 1000)
+        request.scope.setdefault("state", {})["radcrypt_queries"] = len(token)
+        return {"results": results, "images": sum(a.images for a in answers),
+                "segments": len(covered(answers))}
+
+    async def refresh(self, repo_id: str) -> dict[str, Any]:
+        """POST /v2/repos/<repo>/refresh on the cluster: every shard re-reads the log."""
+        await self._note(repo_id)
+        try:
+            answers = await self.fan_out("refresh", (repo_id,))
+        except ShardUnavailable as exc:
+            raise _unavailable(exc) from None
+        versions: set[int] = set()
+        rejected: dict[str, str] = {}
+        for a in answers:
+            rejected.update(a.rejected)
+            versions.update(a.key_versions)
+        seg_ids = covered(answers)
+        errors = [a.log_error for a in answers if a.log_error]
+        return {"head": answers[0].head, "head_hash": answers[0].head_hash.hex(),
+                "images": sum(a.images for a in answers), "segments": len(seg_ids),
+                "key_versions": sorted(versions), "rejected": rejected,
+                "log_error": errors[0] if errors else None}
+
+    async def refresh_v1(self, repo_id: str) -> dict[str, Any]:
+        answer = await self.refresh(repo_id)
+        return {"images": answer["images"], "segments": answer["segments"],
+                "key_versions": answer["key_versions"], "rejected_segments": answer["rejected"]}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def pids(self) -> list[list[tuple[str, int, float]]]:
+        """(name, pid, started) of every replica of every shard (tests, operators)."""
+        return [self.ray.get([h.ping.remote() for h in replicas], timeout=60)
+                for replicas in self.handles]
+
+    def kill(self) -> None:
+        """End the deployment's actors (the last front of a deployment, tests)."""
+        for replicas in self.handles:
+            for handle in replicas:
+                self.ray.kill(handle, no_restart=True)
+        self.ray.kill(self.guard, no_restart=True)
+
+
+def _unavailable(exc: ShardUnavailable) -> HTTPException:
+    return HTTPException(status_code=503, detail=f"cluster incomplete: {exc}; no partial "
+                         "answer is given, try again", headers={"Retry-After": "2"})
+
+
+def connect(config: Any, store: Store, verifier: Any) -> tuple[ClusterFront, SharedLimiter]:
+    """`radcrypt serve --ray-address`: join the Ray cluster, find or start the shards and
+    the guard of this service id, share the verifier's replay state; the front and the
+    per-address limiter the Gate is to use."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray_address, namespace="radcrypt", logging_level=logging.WARNING,
+                 log_to_driver=False)
+    options = ClusterOptions(
+        config.service_id, config.shards, config.replicas, config.shard_deadline,
+        device=config.device, refresh_interval=config.refresh_interval,
+        max_nonces=config.max_nonces,
+        rates={"user": (config.user_rate, config.user_burst),
+               "address": (config.address_rate, config.address_burst)})
+    front = ClusterFront(options, store_spec(store), config.owner_keys, config.preload)
+    front.share_replay_state(verifier)
+    return front, front.limiter("address")

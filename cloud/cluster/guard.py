@@ -1,0 +1,105 @@
+"""Replay protection and rate limits shared by every front replica: one Ray actor.
+
+With one front process the nonce cache and the token buckets live in its memory
+(cloud/auth.py). With several behind a load balancer, a request captured on its way to one
+replica could be replayed to another, and a user could multiply their rate by the number
+of replicas; so the fronts ask one guard actor instead (SharedNonces and SharedLimiter
+below stand in for NonceCache and RateLimiter in SignatureVerifier and the Gate).
+
+A guard that restarts (its process died) has forgotten the nonces it had seen, so it
+refuses every request signed before it started (a 401: the client signs again with a
+fresh time), until those leave the window; a request that cannot reach the guard in time
+is a 503 "replay guard unavailable", never a request let through unchecked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from fastapi import HTTPException
+
+from cloud.auth import WINDOW_SECONDS, NonceCache, NonceCacheFull, RateLimiter
+
+GUARD_SECONDS = 2.0  # the longest a request waits for the guard
+CLOCK_SLACK = 1.0  # seconds: a request stamped just before the guard started is accepted
+
+
+class Guard:
+    """The shared state: nonces seen, token buckets by kind ("user", "address"), and the
+    repositories served (so that a restarted shard knows what to reload)."""
+
+    def __init__(self, max_nonces: int, rates: dict[str, tuple[float, float]],
+                 window: int = WINDOW_SECONDS) -> None:
+        self.started = time.time()
+        self.window = window
+        self.nonces = NonceCache(max_nonces)
+        self.limiters = {kind: RateLimiter(rate, burst) for kind, (rate, burst) in
+                         rates.items()}
+        self._repos: list[str] = []
+
+    def add_nonce(self, key: str, expires: float) -> int:
+        """1: new; 0: seen (a replay) or signed before this guard started; -n: the cache
+        is full, retry after n seconds."""
+        issued = expires - self.window - 1
+        if issued < self.started - CLOCK_SLACK:
+            return 0
+        try:
+            return 1 if self.nonces.add(key, expires) else 0
+        except NonceCacheFull as full:
+            return -max(1, full.retry_after)
+
+    def allow(self, kind: str, key: str) -> bool:
+        limiter = self.limiters.get(kind)
+        return True if limiter is None else limiter.allow(key)
+
+    def note_repo(self, repo_id: str) -> None:
+        if repo_id not in self._repos:
+            self._repos.append(repo_id)
+
+    def repos(self) -> list[str]:
+        return list(self._repos)
+
+    def started_at(self) -> float:
+        return self.started
+
+
+def _unavailable() -> HTTPException:
+    return HTTPException(status_code=503, detail="replay guard unavailable, try again",
+                         headers={"Retry-After": "1"})
+
+
+def _ask(ref: Any) -> Any:
+    import ray
+
+    try:
+        return ray.get(ref, timeout=GUARD_SECONDS)
+    except Exception:  # GetTimeoutError, RayActorError: never let a request through
+        raise _unavailable() from None
+
+
+class SharedNonces:
+    """NonceCache's interface over the guard actor (SignatureVerifier.nonces)."""
+
+    def __init__(self, guard: Any) -> None:
+        self.guard = guard
+
+    def add(self, key: str, expires: float) -> bool:
+        verdict = int(_ask(self.guard.add_nonce.remote(key, expires)))
+        if verdict < 0:
+            raise NonceCacheFull(-verdict)
+        return verdict == 1
+
+
+class SharedLimiter:
+    """RateLimiter's interface over the guard actor, for one kind of key."""
+
+    def __init__(self, guard: Any, kind: str, rate: float) -> None:
+        self.guard, self.kind, self.rate = guard, kind, rate
+
+    def allow(self, key: str) -> bool:
+        return bool(_ask(self.guard.allow.remote(self.kind, key)))
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(1.0 / self.rate)) if self.rate > 0 else 60

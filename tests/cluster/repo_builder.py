@@ -1,0 +1,91 @@
+"""A format-2 repository written at the bucket level with the real modules, as in
+tests/test_repo_index_log.py: an owner signs the manifest, the user records and the
+genesis entry; a member writes version-2 segments and appends their log entries. Small and
+fast (no image, no feature extraction), so the cluster tests spend their time on Ray."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cloud import layout, seglog
+from cloud.directory_store import DirectoryStore
+from cloud.log_trust import MANIFEST_FORMAT_V2, service_trust
+from cloud.segments import encode_segment_v2
+from crypto.identity import Identity
+from crypto.index import IndexKey
+from crypto.segment_mac import index_mac_key
+from crypto.signed import sign_json
+from crypto.tokens import QueryToken
+
+DIM = 16
+MAC_KEY = index_mac_key(bytes(range(32)))
+
+
+@dataclass
+class BucketRepo:
+    store: DirectoryStore
+    repo_id: str
+    key: IndexKey
+    owner: Identity
+    member: Identity
+    state: seglog.LogState
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # image id -> plaintext row
+
+    @classmethod
+    def create(cls, root: Path, repo_id: str, seed: int = 0, dim: int = DIM,
+               sample: np.ndarray | None = None) -> BucketRepo:
+        """``sample``: plaintext rows the key's basis is fitted on (default: Gaussian);
+        ``dim`` > 16 gets the product's default bound levels (crypto.index)."""
+        rng = np.random.default_rng(seed)
+        sample = rng.normal(size=(200, dim)) if sample is None else sample
+        key = IndexKey.generate(dim, sample=sample)
+        owner, member = Identity.generate("Owner", "owner"), Identity.generate("Member", "member")
+        root.mkdir(parents=True, exist_ok=True)
+        store = DirectoryStore(root)
+        for user in (owner, member):
+            name = layout.user_key(user.user_id)
+            store.put(name, sign_json(owner, "user", name, {"card": user.card().to_json()}))
+        manifest = {"repo_id": repo_id, "extractor": "radcrypt-v1", "dim": dim,
+                    "levels": list(key.levels),
+                    "key_version": 1, "created": "2026-11-27T00:00:00+00:00",
+                    "scheme": "test", "format": MANIFEST_FORMAT_V2, "sequence": 1,
+                    "owner": owner.user_id,
+                    "members": [{"user_id": u.user_id, "key_version": 1}
+                                for u in (owner, member)]}
+        name = layout.manifest_key(repo_id)
+        store.put(name, sign_json(owner, "manifest", name, manifest))
+        state = seglog.write_genesis(store, repo_id, owner, owner.user_id, 1, 1)
+        return cls(store, repo_id, key, owner, member, state)
+
+    def add(self, data: np.ndarray) -> tuple[str, list[str]]:
+        """An import batch: a segment, its pack, the log entry committing them."""
+        seg_id, ids = layout.new_id(), [layout.new_id() for _ in range(len(data))]
+        blob = encode_segment_v2(ids, self.key.encrypt(data), 1, seg_id=seg_id,
+                                 writer=self.member.user_id,
+                                 base_sequence=self.state.head.sequence,
+                                 repo_id=self.repo_id, mac_key=MAC_KEY)
+        self.store.put(layout.segment_key(self.repo_id, seg_id), blob)
+        pack_id, pack = layout.new_id(), b"pack of " + seg_id.encode()
+        self.store.put(layout.pack_key(self.repo_id, pack_id), pack)
+        trust = service_trust(self.store, self.repo_id, [self.owner.sign_public])
+        assert trust is not None
+        self.state = seglog.append(
+            self.store, self.repo_id, self.member, self.member.user_id, trust, self.state,
+            kind=seglog.KIND_ADD, reason=seglog.REASON_IMPORT, key_version=1,
+            added=[seglog.Added(seglog.TYPE_SEGMENT, seg_id, hashlib.sha256(blob).digest(),
+                                len(ids)),
+                   seglog.Added(seglog.TYPE_PACK, pack_id, hashlib.sha256(pack).digest(),
+                                len(ids))],
+            removed=[])
+        self.rows.update(zip(ids, data, strict=True))
+        return seg_id, ids
+
+    def token(self, queries: np.ndarray) -> QueryToken:
+        return self.key.query(queries)
+
+    def live_segments(self) -> list[str]:
+        return sorted(obj.id for obj in self.state.segments())
