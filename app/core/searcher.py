@@ -201,6 +201,11 @@ def search_features(session: Session, repo: Repository, features: np.ndarray,
     docstring. ``where``: a keyword filter (issue 17): the engine ranks only the images
     it matches, exactly (their tokens travel in the same request); every hit is checked
     against it here after decryption."""
+    if repo.manifest.search != "sknn":  # issue 19: not the service's to search
+        raise RadcryptError(f"repository {repo.repo_id!r} is in search mode "
+                            f"{repo.manifest.search!r}: it is searched on the workstation "
+                            "(Client.search_features runs app/core/workstation.py), not by "
+                            "the search service")
     if not 1 <= k <= MAX_K:
         raise RadcryptError(f"k must be between 1 and {MAX_K}")
     query = as_query(where)
