@@ -29,8 +29,8 @@ def _brute(data: np.ndarray, query: np.ndarray, k: int) -> list[int]:
 
 @pytest.mark.parametrize("layout", [ckks.DIAGONAL, ckks.ROWS, None])
 def test_exact_top_k_equals_plaintext_brute_force(layout: str | None) -> None:
-    """Both layouts, and the automatic choice (a full diagonal block, then 904 vectors
-    in rows: 2 x 8 ciphertexts instead of 33)."""
+    """Both layouts, and the automatic choice (a full block and one of 904 vectors, both
+    diagonal; a block of at most four ciphertexts of vectors goes in rows)."""
     rng = np.random.default_rng(SEED)
     data = rng.random((5000, 24)) * 2.0  # two blocks, the second partly full
     key = _key()
@@ -39,7 +39,9 @@ def test_exact_top_k_equals_plaintext_brute_force(layout: str | None) -> None:
     assert [b.count for b in blocks] == [ckks.SLOTS, 5000 - ckks.SLOTS]
     kinds = [ckks.header(b.data, "block")[0] for b in blocks]
     assert kinds == {ckks.DIAGONAL: [ckks.KIND_BLOCK] * 2, ckks.ROWS: [ckks.KIND_ROWS] * 2,
-                     None: [ckks.KIND_BLOCK, ckks.KIND_ROWS]}[layout]
+                     None: [ckks.KIND_BLOCK, ckks.KIND_BLOCK]}[layout]
+    assert ckks.layout_for(4 * 128, 32) == ckks.ROWS
+    assert ckks.layout_for(4 * 128 + 1, 32) == ckks.DIAGONAL
     assert blocks[0].period == 32
     scorer = CkksScorer(key.evaluation_keys(32), [b.data for b in blocks], workers=1)
     worst = 0.0
