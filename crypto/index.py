@@ -14,7 +14,9 @@ data): app/core/basis.py keeps the levels of a key version, B with its level key
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -36,6 +38,23 @@ _LEVELS_MAGIC = b"RCBL"
 _LEVELS_VERSION = 1
 
 
+class WipedKey(RuntimeError):
+    """The index key was wiped (workstation lock): open the repository again."""
+
+
+def _zero(arrays: tuple[Any, ...]) -> None:
+    """Zero in place every array we own that numpy lets us write (a read-only view of
+    someone else's buffer is left alone: it is not ours to change)."""
+    for array in arrays:
+        if isinstance(array, np.ndarray) and array.flags.writeable:
+            array.fill(0)
+
+
+def _sknn_arrays(key: SknnKey) -> tuple[Any, ...]:
+    """The secret arrays of a secure-kNN key, the inverses it caches included."""
+    return (key.split, key.m1, key.m2, key._m1_inv_t, key._m2_inv_t)
+
+
 def default_levels(dim: int) -> tuple[int, ...]:
     """The bound levels that make sense for a dimension: each strictly below it."""
     return tuple(m for m in DEFAULT_LEVELS if m < dim) or (max(1, dim // 2),)
@@ -50,6 +69,7 @@ class IndexKey:
     basis: F64
     full: SknnKey
     level_keys: tuple[SknnKey, ...]
+    _wiped: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if list(self.levels) != sorted(set(self.levels)):
@@ -64,6 +84,35 @@ class IndexKey:
 
     def __repr__(self) -> str:
         return f"IndexKey(dim={self.dim}, levels={self.levels}, <secret>)"
+
+    @property
+    def wiped(self) -> bool:
+        return self._wiped
+
+    def wipe(self) -> None:
+        """Zero the basis and every secure-kNN matrix of this key in place, now, and refuse
+        any later encrypt or query (WipedKey) instead of computing with zeros. Only for a
+        key nobody else still uses: the secure-kNN keys may be shared with another
+        IndexKey (with_levels keeps ``full``); the lock path uses wipe_on_release."""
+        object.__setattr__(self, "_wiped", True)
+        _zero((self.basis,))
+        for key in (self.full, *self.level_keys):
+            _zero(_sknn_arrays(key))
+
+    def wipe_on_release(self) -> None:
+        """Zero this key's arrays as soon as nothing references their holder any more
+        (weakref.finalize on the IndexKey for the basis, on each SknnKey for its
+        matrices): work still running with the key (an import during a workstation lock)
+        keeps it intact until it lets go, and a secure-kNN key shared with a live
+        IndexKey is zeroed only once that one is gone too."""
+        weakref.finalize(self, _zero, (self.basis,))
+        for key in (self.full, *self.level_keys):
+            weakref.finalize(key, _zero, _sknn_arrays(key))
+
+    def _check(self) -> None:
+        if self._wiped:
+            raise WipedKey("this repository's index key was wiped when the workstation "
+                           "was locked: open the repository again")
 
     @classmethod
     def generate(
@@ -104,6 +153,7 @@ class IndexKey:
         """Ciphertexts of the full vectors and of every level. ``norm_bound``: the norm the
         vectors do not usually exceed (the extractor's), so that ciphertext norms say
         nothing about the plaintexts even for a batch of one (SknnKey.encrypt)."""
+        self._check()
         x = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
         if x.shape[1] != self.dim:
             raise ValueError(f"expected vectors of dimension {self.dim}, got {x.shape[1]}")
@@ -115,6 +165,7 @@ class IndexKey:
         return EncryptedVectors(full=self.full.encrypt(x, sq_norms, norm_bound), levels=levels)
 
     def query(self, queries: F64) -> QueryToken:
+        self._check()
         q = np.atleast_2d(np.asarray(queries, dtype=np.float64))
         if q.shape[1] != self.dim:
             raise ValueError(f"expected queries of dimension {self.dim}, got {q.shape[1]}")

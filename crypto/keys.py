@@ -94,6 +94,23 @@ class KeyRing:
     def current(self) -> VersionKeys:
         return self.versions[-1]
 
+    def wipe(self) -> None:
+        """Zero now what Python lets us zero: every version's index key (numpy arrays,
+        IndexKey.wipe; searching or encrypting with them then fails). The data and keyword
+        keys are immutable ``bytes``: Python offers no way to overwrite them, so they are
+        only dropped with the ring and their memory is reused whenever the allocator
+        decides (docs/PRIVACY.md). Only for a ring nobody else still uses."""
+        for keys in self.versions:
+            keys.index_key.wipe()
+
+    def wipe_on_release(self) -> None:
+        """The workstation lock's wipe: each version's index key is zeroed as soon as no
+        ring, repository or running task references it any more (IndexKey.wipe_on_release),
+        so work still running keeps working keys until it ends. The ``bytes`` keys: see
+        ``wipe``."""
+        for keys in self.versions:
+            keys.index_key.wipe_on_release()
+
     def version(self, number: int) -> VersionKeys:
         for keys in self.versions:
             if keys.version == number:

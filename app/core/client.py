@@ -1128,9 +1128,10 @@ class Client:
         repository and the decrypted study lists (app/core/session.py LockedIdentity,
         Session.forget_secrets); ``resume`` with the identity unlocked again by its
         password. Work already running keeps what it holds until it ends."""
-        from app.core.session import LockedIdentity
+        from app.core.session import LockedIdentity, wipe_rings
 
         with self._lock:
+            rings = [repo.ring for repo in self._repos.values()]
             self._repos.clear()
             self._studies.clear()
             from app.core.workstation import forget_all
@@ -1140,7 +1141,9 @@ class Client:
                 self.identity = LockedIdentity(self.identity.user_id, self.identity.name)
             session = self._session
         if session is not None:
-            session.forget_secrets(signer=True)
+            session.forget_secrets(signer=True, rings=rings)
+        else:
+            wipe_rings(rings)
 
     def resume(self, identity: Identity) -> None:
         """Take the identity back after ``lock``; AccessDenied for another user's."""

@@ -16,6 +16,7 @@ store in ``<data dir>/objects``, persistent like SeaweedFS; a log line says so a
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from types import TracebackType
@@ -225,15 +226,32 @@ class Session:
         self._store = None
         self.forget_secrets()
 
-    def forget_secrets(self, *, signer: bool = False) -> None:
+    def forget_secrets(self, *, signer: bool = False, rings: list[Any] | None = None) -> None:
         """Drop what holds repository keys (the image readers hold unlocked repositories,
         the access-log writers the identity) and, with ``signer``, the identity in the
         request signer (``resume`` gives it back), so that a locked workstation keeps no
         reference to them here; the store and the service stay connected (they hold no
-        key). Everything else is made again on next use."""
+        key). Everything else is made again on next use. ``rings``: the key rings the
+        client forgot (Client.lock), wiped where Python allows (wipe_rings)."""
         if signer and self.signer is not None:
             self.signer.replace(None)
         with self.log_lock:
             self.log_states.clear()
             self.readers.clear()
             self.access_logs.clear()
+        wipe_rings(rings or [])
+
+
+def wipe_rings(rings: list[Any]) -> None:
+    """Zero the index keys of forgotten key rings (crypto.keys.KeyRing.wipe_on_release):
+    each as soon as nothing references it, so at once for a ring nobody else holds (the
+    caller's list is emptied and a collection run, in case a cycle still holds one); a
+    task still running keeps its keys until it ends. The rings' ``bytes`` keys cannot be
+    overwritten in Python (KeyRing.wipe)."""
+    if not rings:
+        return
+    for ring in rings:
+        ring.wipe_on_release()
+    del ring
+    rings.clear()
+    gc.collect()

@@ -92,6 +92,7 @@ class Backend:
         self.identity: Any = None  # the user's unlocked identity (crypto.identity)
         self.client: Client | None = None
         self._lock = threading.RLock()
+        self._purpose = ""  # the access log's purpose field (app/gui/purpose_field.py)
 
     # --- identity ---------------------------------------------------------------------
 
@@ -135,7 +136,22 @@ class Backend:
                 identity = self.identity if self.identity is not None else (
                     facade.demo_identity())
                 self.client = Client(self.settings, identity).open()
+                self.client.access_purpose = self._purpose
             return self.client.where()
+
+    @property
+    def access_purpose(self) -> str:
+        """Why the user opens images now (optional): written with every decryption of an
+        original or a preview into the repository's access log (Client.access_purpose);
+        kept across reconnections."""
+        return self._purpose
+
+    @access_purpose.setter
+    def access_purpose(self, purpose: str) -> None:
+        with self._lock:
+            self._purpose = purpose.strip()
+            if self.client is not None:
+                self.client.access_purpose = self._purpose
 
     def _client(self) -> Client:
         client = self.client

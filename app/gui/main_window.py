@@ -45,6 +45,7 @@ from app.gui.import_page import ImportPage
 from app.gui.keys_page import KeysPage
 from app.gui.keyword_page import KeywordPage
 from app.gui.login import REGISTER, UNLOCK, GatePage
+from app.gui.purpose_field import install_purpose_field
 from app.gui.search_page import SearchPage
 from app.gui.settings_page import SettingsPage
 from app.gui.tasks import Task, TaskContext, TaskError, TaskRunner
@@ -117,6 +118,7 @@ class MainWindow(QMainWindow):
         self.workspace = self._build_workspace()
         self.stack.addWidget(self.workspace)
         self._build_status_bar()
+        self.purpose_field = install_purpose_field(self)  # the access log's purpose
         self._build_actions()
 
         self.ctx.message.connect(self._message)
