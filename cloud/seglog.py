@@ -384,7 +384,10 @@ _REASONS = {
                    REASON_REPAIR},
     KIND_REMOVE: {REASON_ERASURE, REASON_REVOCATION, REASON_REPAIR},
 }
-_OWNER_REASONS = {REASON_REVOCATION, REASON_MIGRATION}
+# Erasure removes images for good (issue 16): only an owner or co-owner may, as the client
+# already enforces; a member (or anyone holding a member's key) writing an erasure entry
+# would otherwise make images disappear from every search.
+_OWNER_REASONS = {REASON_REVOCATION, REASON_MIGRATION, REASON_ERASURE}
 
 
 def _check_header(state: LogState, entry: LogEntry, trust: LogTrust) -> None:

@@ -138,7 +138,7 @@ def test_append_refuses_a_bad_entry_before_writing(logged: tuple[DirectoryStore,
     store, state = logged
     before = list(store.list_keys(layout.log_prefix(REPO)))
     with pytest.raises(sl.LogError) as info:
-        sl.append(store, REPO, ZOE, ZOE.user_id, trust(), state, kind=sl.KIND_REMOVE,
+        sl.append(store, REPO, OWNER, OWNER.user_id, trust(), state, kind=sl.KIND_REMOVE,
                   reason=sl.REASON_ERASURE, key_version=1, added=[],
                   removed=[sl.Removed(sl.TYPE_SEGMENT, layout.new_id())])
     assert info.value.reason == "not live"
@@ -488,7 +488,7 @@ def test_lost_race_abandons_a_replace_of_removed_objects(
     target = state.segments(1)[0]
     pack = state.packs(1)[0]
     removed = [sl.Removed(target.type, target.id), sl.Removed(pack.type, pack.id)]
-    first = sl.append(store, REPO, ZOE, ZOE.user_id, trust(), state, kind=sl.KIND_REMOVE,
+    first = sl.append(store, REPO, OWNER, OWNER.user_id, trust(), state, kind=sl.KIND_REMOVE,
                       reason=sl.REASON_ERASURE, key_version=1, added=[], removed=removed)
     with pytest.raises(sl.AppendAbandoned) as info:   # compaction still at the old head
         sl.append(store, REPO, OWNER, OWNER.user_id, trust(), state, kind=sl.KIND_REPLACE,
@@ -519,7 +519,7 @@ def test_a_retried_put_of_our_own_entry_is_not_a_lost_race(
     store, state = logged
     target = state.segments(1)[0]
     retried = RetriedPut(store.root)
-    after = sl.append(retried, REPO, ZOE, ZOE.user_id, trust(), state, kind=sl.KIND_REMOVE,
+    after = sl.append(retried, REPO, OWNER, OWNER.user_id, trust(), state, kind=sl.KIND_REMOVE,
                       reason=sl.REASON_ERASURE, key_version=1, added=[],
                       removed=[sl.Removed(target.type, target.id)])
     assert retried.lost and after.head.sequence == 5
@@ -546,7 +546,8 @@ def _raw_append(store: DirectoryStore, state: sl.LogState, who: Identity, kind: 
     (ZOE, sl.KIND_ADD, sl.REASON_COMPACTION, "batch", 1, "kind rule"),
     (ZOE, sl.KIND_GENESIS, sl.REASON_IMPORT, "none", 1, "genesis"),
     (ZOE, sl.KIND_REPLACE, sl.REASON_MIGRATION, "v1", 1, "not owner"),
-    (ZOE, sl.KIND_REMOVE, sl.REASON_ERASURE, "v1", 1, "kind rule"),
+    (OWNER, sl.KIND_REMOVE, sl.REASON_ERASURE, "v1", 1, "kind rule"),
+    (ZOE, sl.KIND_REMOVE, sl.REASON_ERASURE, "batch", 1, "not owner"),
 ])
 def test_kind_rules(logged: tuple[DirectoryStore, sl.LogState], who: Identity, kind: int,
                     reason: int, shape: str, key_version: int, why: str) -> None:
@@ -611,7 +612,7 @@ def test_owner_rotation_and_migration_entries(logged: tuple[DirectoryStore, sl.L
     moved = [sl.Added(sl.TYPE_SEGMENT, layout.new_id(), b"\0" * 32, seg.count - 1)]
     for added, kv, why in ((grown, 1, "counts"), (moved, 2, "key version")):
         with pytest.raises(sl.LogError) as info:
-            sl.append(store, REPO, ZOE, ZOE.user_id, trust(key_version=2), state,
+            sl.append(store, REPO, OWNER, OWNER.user_id, trust(key_version=2), state,
                       kind=sl.KIND_REPLACE, reason=sl.REASON_ERASURE, key_version=kv,
                       added=added, removed=[sl.Removed(seg.type, seg.id)])
         assert info.value.reason == why

@@ -161,7 +161,7 @@ def main_chain(people: dict[str, Identity]) -> list[Built]:
     nxt("zoe", sl.KIND_ADD, sl.REASON_IMPORT, 1, (o["D"], o["PD"]))
     nxt("owner", sl.KIND_MEMBERSHIP, sl.REASON_REVOCATION, 2)
     nxt("zoe", sl.KIND_ADD, sl.REASON_IMPORT, 2, (o["E"], o["PE"]))
-    nxt("zoe", sl.KIND_REMOVE, sl.REASON_ERASURE, 2, (), (gone(o["D"]), gone(o["PD"])))
+    nxt("owner", sl.KIND_REMOVE, sl.REASON_ERASURE, 2, (), (gone(o["D"]), gone(o["PD"])))
     return chain
 
 
