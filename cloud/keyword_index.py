@@ -245,7 +245,10 @@ class _Labelled(SegmentKeywords):
         object.__setattr__(self, "_labels", loaded.labels)
 
     def rows(self, token: KeywordToken) -> U32:
-        rows = super().rows(token)
+        return self._labelled(super().rows(token), token)
+
+    def _labelled(self, rows: U32, token: KeywordToken) -> U32:
+        """``rows`` of the segment's dictionary with the label objects applied in order."""
         labels: list[tuple[bool, SegmentKeywords]] = object.__getattribute__(self, "_labels")
         for removal, label in labels:
             found = label.rows(token)
@@ -258,32 +261,20 @@ class _Labelled(SegmentKeywords):
         return rows
 
 
-class _Prepared(SegmentKeywords):
+class _Prepared(_Labelled):
     """A segment whose tokens' rows were found already (the merged lookup), labels then
     applied in order: the same boolean evaluation as any segment."""
 
     def __init__(self, loaded: _Loaded, found: dict[bytes, U32]) -> None:
-        base = loaded.keywords
-        super().__init__(base.repo_id, base.segment_id, base.key_version, base.row_count,
-                         base.dictionary)
-        object.__setattr__(self, "_labels", loaded.labels)
+        super().__init__(loaded)
         object.__setattr__(self, "_found", found)
 
     def rows(self, token: KeywordToken) -> U32:
         found: dict[bytes, U32] = object.__getattribute__(self, "_found")
         rows = found.get(token.to_bytes())
         if rows is None:
-            rows = super().rows(token)
-        labels: list[tuple[bool, SegmentKeywords]] = object.__getattribute__(self, "_labels")
-        for removal, label in labels:
-            extra = label.rows(token)
-            if not extra.size:
-                continue
-            if removal:
-                rows = np.setdiff1d(rows, extra).astype(np.uint32)
-            else:
-                rows = np.union1d(rows, extra).astype(np.uint32)
-        return rows
+            rows = SegmentKeywords.rows(self, token)
+        return self._labelled(rows, token)
 
 
 class _Merged:

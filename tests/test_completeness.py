@@ -12,7 +12,6 @@ an image of the third. A format-1 repository says completeness is not verifiable
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,10 +37,12 @@ from crypto.segment_mac import index_mac_key
 try:
     import e2e_support as support
     import owned_repos
+    from fixtures import cli_support
     from fixtures import format2_support as fx
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
     from tests import owned_repos
+    from tests.fixtures import cli_support
     from tests.fixtures import format2_support as fx
 
 PASSWORD = owned_repos.STRONG_PASSWORD
@@ -71,15 +72,7 @@ class World:
         return facade.Client(self.settings, self.identity).open()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RADCRYPT_", "AWS_"))}
-        for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
-            (self.root / var.lower()).mkdir(exist_ok=True)
-            env[var] = str(self.root / var.lower())
-        env["RADCRYPT_PASSWORD"] = PASSWORD
-        return subprocess.run(
-            [support.PYTHON, "main.py", "--store", "directory", "--data-dir",
-             str(self.settings.data_path), *args],
-            cwd=support.PROJECT, env=env, capture_output=True, text=True, timeout=300)
+        return cli_support.run_cli(self.root, self.settings.data_path, PASSWORD, *args)
 
     def segment_path(self, seg_id: str) -> Path:
         return self.store.root / layout.segment_key(REPO2, seg_id)  # type: ignore[attr-defined]

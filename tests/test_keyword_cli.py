@@ -9,7 +9,6 @@ images' decrypted metadata (app.core.keywords), computed here through the facade
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +27,11 @@ from cloud.backend import DirectoryConfig
 try:
     import e2e_support as support
     import owned_repos
+    from fixtures import cli_support
 except ImportError:  # pragma: no cover
     from tests import e2e_support as support
     from tests import owned_repos
+    from tests.fixtures import cli_support
 
 PASSWORD = owned_repos.STRONG_PASSWORD
 REPO = "keywords-cli"
@@ -45,15 +46,8 @@ class World:
     service_url: str
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RADCRYPT_", "AWS_"))}
-        for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
-            (self.root / var.lower()).mkdir(exist_ok=True)
-            env[var] = str(self.root / var.lower())
-        env["RADCRYPT_PASSWORD"] = PASSWORD
-        return subprocess.run(
-            [support.PYTHON, "main.py", "--store", "directory", "--data-dir",
-             str(self.settings.data_path), "--service-url", self.service_url, *args],
-            cwd=support.PROJECT, env=env, capture_output=True, text=True, timeout=300)
+        return cli_support.run_cli(self.root, self.settings.data_path, PASSWORD,
+                                   "--service-url", self.service_url, *args)
 
     def truth(self, terms: str, labels: dict[str, set[str]] | None = None) -> set[str]:
         query = parse_query(terms)

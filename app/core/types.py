@@ -10,6 +10,7 @@ imports it only where it needs it.
 from __future__ import annotations
 
 from app.core.access import AccessEntry, AccessList, UserRecord
+from app.core.access_log import MAX_PURPOSE
 from app.core.deid import Blackout
 from app.core.demo import DemoReport, DemoRow
 from app.core.importer import ImportReport
@@ -23,8 +24,8 @@ from cloud.store import StoreError
 from crypto.identity import Identity, PublicCard
 
 __all__ = [
-    "AccessEntry", "AccessList", "Blackout", "DecodedImage", "DemoReport", "DemoRow",
-    "EmbeddedStoreError", "Hit", "HitGroup", "Identity", "ImageDecodeError", "ImportReport",
-    "Manifest", "Member", "PublicCard", "QueryResult", "Repository", "Session", "StoreError",
-    "UserRecord",
+    "MAX_PURPOSE", "AccessEntry", "AccessList", "Blackout", "DecodedImage", "DemoReport",
+    "DemoRow", "EmbeddedStoreError", "Hit", "HitGroup", "Identity", "ImageDecodeError",
+    "ImportReport", "Manifest", "Member", "PublicCard", "QueryResult", "Repository", "Session",
+    "StoreError", "UserRecord",
 ]

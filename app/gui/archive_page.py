@@ -25,17 +25,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
 from PyQt6.QtCore import (
     QAbstractListModel,
     QAbstractTableModel,
-    QDate,
     QModelIndex,
     QPoint,
-    QRectF,
     QSize,
     QSortFilterProxyModel,
     Qt,
@@ -43,12 +40,8 @@ from PyQt6.QtCore import (
 )
 from PyQt6.QtGui import QColor, QIcon, QImage, QPainter, QPixmap
 from PyQt6.QtWidgets import (
-    QAbstractItemView,
-    QCheckBox,
     QComboBox,
-    QDateEdit,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QListView,
@@ -58,7 +51,6 @@ from PyQt6.QtWidgets import (
     QPushButton,
     QSplitter,
     QStackedWidget,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
@@ -82,13 +74,13 @@ from app.gui.backend import ArchiveEntry
 from app.gui.context import AppContext
 from app.gui.erase_dialog import EraseDialog, erase_block_reason
 from app.gui.send_dialog import add_send_actions
+from app.gui.study_views import date_range, fetch_tiles, study_table, tile_view
+from app.gui.study_views import square_tile as square_tile  # where the other pages import it
 from app.gui.tasks import TaskContext, TaskError
 from app.gui.widgets import (
     PageHeader,
-    TileDelegate,
     muted_label,
     primary,
-    qimage_from_png,
     set_prop,
     tile_strip,
 )
@@ -104,22 +96,6 @@ STUDY_COLUMNS = ("Patient", "Patient ID", "Study date", "Modality", "Description
 """The study list's columns, in the order PACS worklists show them."""
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 DATE_COLUMN = STUDY_COLUMNS.index("Study date")
-
-
-def square_tile(png: bytes, side: int) -> QImage:
-    """A preview centred on a black square (worker-safe: QImage and QPainter only)."""
-    image = qimage_from_png(png)
-    tile = QImage(side, side, QImage.Format.Format_RGB32)
-    tile.fill(QColor("#000000"))
-    if not image.isNull():
-        size = image.size().scaled(side, side, Qt.AspectRatioMode.KeepAspectRatio)
-        painter = QPainter(tile)
-        painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
-        x = (side - size.width()) / 2
-        y = (side - size.height()) / 2
-        painter.drawImage(QRectF(x, y, size.width(), size.height()), image)
-        painter.end()
-    return tile
 
 
 def import_time(entry: ArchiveEntry) -> datetime:
@@ -491,19 +467,7 @@ class ArchivePage(QWidget):
         self.start_buttons.hide()
         self.model = ThumbModel(self)
         self.model.set_dpr(max(1.0, self.devicePixelRatioF()))
-        self.view = QListView()
-        self.view.setViewMode(QListView.ViewMode.IconMode)
-        self.view.setResizeMode(QListView.ResizeMode.Adjust)
-        self.view.setMovement(QListView.Movement.Static)
-        self.view.setUniformItemSizes(True)
-        self.view.setIconSize(QSize(TILE, TILE))
-        self.view.setGridSize(QSize(TILE + 28, TILE + 34))
-        self.view.setSpacing(4)
-        self.view.setWordWrap(False)
-        self.view.setTextElideMode(Qt.TextElideMode.ElideMiddle)
-        self.view.setSelectionMode(QListView.SelectionMode.SingleSelection)
-        self.view.setModel(self.model)
-        self.view.setItemDelegate(TileDelegate(self.view))  # framed, never tinted
+        self.view = tile_view(self.model, TILE, QListView.SelectionMode.SingleSelection)
         self.view.doubleClicked.connect(self._open)
         self.view.activated.connect(self._open)
         self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
@@ -550,17 +514,9 @@ class ArchivePage(QWidget):
         self.modality_combo.addItem(ALL_MODALITIES)
         self.modality_combo.setToolTip("Only studies with a series of this modality")
         self.modality_combo.currentTextChanged.connect(self._filter_changed)
-        self.date_check = QCheckBox("Study date from")
-        self.date_check.setToolTip("Only studies dated within this range (undated ones are "
-                                   "left out while it is on)")
-        self.date_check.toggled.connect(self._filter_changed)
-        today = QDate.currentDate()
-        self.date_from = QDateEdit(today.addYears(-1))
-        self.date_to = QDateEdit(today)
-        for edit in (self.date_from, self.date_to):
-            edit.setCalendarPopup(True)
-            edit.setDisplayFormat("yyyy-MM-dd")
-            edit.dateChanged.connect(self._filter_changed)
+        self.date_check, self.date_from, self.date_to = date_range(
+            "Only studies dated within this range (undated ones are left out while it is "
+            "on)", self._filter_changed)
         self.clear_filter_button = QPushButton("Clear filter")
         self.clear_filter_button.clicked.connect(self.clear_filter)
         filters.addWidget(self.studies_label)
@@ -577,37 +533,16 @@ class ArchivePage(QWidget):
         self.study_model = StudyModel(self)
         self.study_filter = StudyFilter(self)
         self.study_filter.setSourceModel(self.study_model)
-        self.table = QTableView()
-        self.table.setModel(self.study_filter)
-        self.table.setSortingEnabled(True)
-        self.table.sortByColumn(DATE_COLUMN, Qt.SortOrder.DescendingOrder)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setAlternatingRowColors(True)
-        self.table.setWordWrap(False)
-        vertical = self.table.verticalHeader()
-        if vertical is not None:
-            vertical.hide()
-            vertical.setDefaultSectionSize(26)
-        header = self.table.horizontalHeader()
-        if header is not None:
-            header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-            header.setStretchLastSection(False)
-            header.setSectionResizeMode(STUDY_COLUMNS.index("Description"),
-                                        QHeaderView.ResizeMode.Stretch)
-            for column, width in enumerate((190, 110, 100, 80, 0, 60, 70)):
-                if width:
-                    self.table.setColumnWidth(column, width)
+        self.table = study_table(
+            self.study_filter, sort_column=DATE_COLUMN,
+            stretch_column=STUDY_COLUMNS.index("Description"), min_height=120,
+            tooltip="Click a study for its series; double-click to open its largest series")
         table_selection = self.table.selectionModel()
         assert table_selection is not None
         table_selection.currentRowChanged.connect(lambda *_: self._study_chosen())
         self.table.doubleClicked.connect(lambda *_: self.open_study(self.current_study))
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.table.customContextMenuRequested.connect(self._study_menu)
-        self.table.setToolTip("Click a study for its series; double-click to open its "
-                              "largest series")
-        self.table.setMinimumHeight(120)
         box.addWidget(self.table, 1)
         return self.study_section
 
@@ -966,28 +901,11 @@ class ArchivePage(QWidget):
         self._series_task = self._fetch_tiles(wanted, TILE, self._series_tile)
 
     def _fetch_tiles(self, wanted: Sequence[ArchiveEntry], tile: int, arrived: Any) -> Any:
-        repo = self.repo
-        if repo is None or not wanted:
-            return None
         generation = self._generation
-        side = round(tile * max(1.0, self.devicePixelRatioF()))
-        backend = self.ctx.backend
-
-        def work(ctx: TaskContext) -> int:
-            def one(entry: ArchiveEntry) -> None:
-                if ctx.cancel.cancelled:
-                    return
-                png = backend.thumbnail_png(repo, entry.image_id, entry.key_version or None)
-                ctx.progress((entry.image_id, square_tile(png, side)))
-
-            with ThreadPoolExecutor(4, thread_name_prefix="radcrypt-thumbs") as pool:
-                list(pool.map(one, wanted))
-            return len(wanted)
-
-        return self.ctx.runner.run(
-            "Loading previews", work, cancellable=True, tracked=False,
-            light=True, on_progress=lambda item: arrived(generation, item),
-            on_error=lambda err: self._tiles_failed(generation, err))
+        return fetch_tiles(
+            self.ctx, self.repo, wanted, round(tile * max(1.0, self.devicePixelRatioF())),
+            thread_prefix="radcrypt-thumbs", arrived=lambda item: arrived(generation, item),
+            failed=lambda err: self._tiles_failed(generation, err))
 
     def _tile(self, generation: int, item: tuple[str, QImage]) -> None:
         if generation == self._generation:

@@ -136,6 +136,64 @@ def load_values(ctx: AppContext, repo: Repository,
                           on_error=on_error or (lambda error: ctx.error(error)))
 
 
+class RepositoryValues:
+    """The keyword values present in the open repository, listed again only when the
+    widget shows after the repository or its images changed (an import, a label):
+    listing them decrypts every image's metadata, so not before a user looks.
+
+    A mixin for a QWidget (before QWidget in the bases) with ``ctx``, ``repo`` and
+    ``_stale``; the widget defines ``set_values`` and what a different repository clears
+    (``_repository_switched``)."""
+
+    ctx: AppContext | None
+    repo: Repository | None
+    _stale: bool
+
+    def set_values(self, values: Mapping[str, Sequence[str]]) -> None:
+        raise NotImplementedError
+
+    def _repository_switched(self) -> None:
+        """Another repository than the one shown: forget what belonged to the old one."""
+
+    def _values_failed(self, error: TaskError) -> None:
+        if self.ctx is not None:
+            self.ctx.error(error)
+
+    def set_repository(self, repo: Repository | None) -> None:
+        same = (repo is not None and self.repo is not None
+                and repo.repo_id == self.repo.repo_id)
+        self.repo = repo
+        if not same:
+            self._repository_switched()
+        self._values_changed()
+
+    def _archive_changed(self, repo_id: str) -> None:
+        if self.repo is not None and self.repo.repo_id == repo_id:
+            self._values_changed()
+
+    def _values_changed(self) -> None:
+        self._stale = True
+        if self.isVisible():  # type: ignore[attr-defined]
+            self.reload_values()
+
+    def showEvent(self, event: Any) -> None:
+        super().showEvent(event)  # type: ignore[misc]
+        if self._stale:
+            self.reload_values()
+
+    def reload_values(self) -> Task | None:
+        repo, ctx = self.repo, self.ctx
+        if repo is None or ctx is None:
+            return None
+        self._stale = False
+
+        def done(values: dict[str, list[str]]) -> None:
+            if self.repo is repo:
+                self.set_values(values)
+
+        return load_values(ctx, repo, done, on_error=self._values_failed)
+
+
 class LastWordCompleter(QCompleter):
     """Completes the last word of a line (terms are separated by ``separator``), keeping
     the words before it: Qt's completer would replace the whole line."""
@@ -175,7 +233,7 @@ class LastWordCompleter(QCompleter):
         return head + sep + ("" if self.separator == " " else " ") + chosen
 
 
-class KeywordFilterRow(QWidget):
+class KeywordFilterRow(RepositoryValues, QWidget):
     """"Only images with: [modality=MR bodypart=KNEE] [Fields ▾] [×]" above the query.
 
     ``terms()`` is what the search sends as ``where=`` ([] when the line is empty); a line
@@ -193,7 +251,6 @@ class KeywordFilterRow(QWidget):
         self.repo: Repository | None = None
         self.values: dict[str, list[str]] = {}
         self.problem = ""
-        self._values_task: Task | None = None
         self._stale = False  # the values shown may be out of date: load them when shown
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
@@ -269,42 +326,13 @@ class KeywordFilterRow(QWidget):
         self.values = {str(f): list(v) for f, v in values.items()}
         self.completer.set_words(completions(self.values))
 
-    def set_repository(self, repo: Repository | None) -> None:
-        same = (repo is not None and self.repo is not None
-                and repo.repo_id == self.repo.repo_id)
-        self.repo = repo
-        if not same:
-            self.edit.clear()
-            self.set_values({})
-        self._values_changed()
+    def _repository_switched(self) -> None:
+        self.edit.clear()
+        self.set_values({})
 
-    def _archive_changed(self, repo_id: str) -> None:
-        if self.repo is not None and self.repo.repo_id == repo_id:
-            self._values_changed()
-
-    def _values_changed(self) -> None:
-        self._stale = True
-        if self.isVisible():
-            self.reload_values()
-
-    def showEvent(self, event: Any) -> None:
-        super().showEvent(event)
-        if self._stale:
-            self.reload_values()
-
-    def reload_values(self) -> None:
-        repo, ctx = self.repo, self.ctx
-        if repo is None or ctx is None:
-            return
-        self._stale = False
-
-        def done(values: dict[str, list[str]]) -> None:
-            if self.repo is repo:
-                self.set_values(values)
-
-        # A repository without keyword support yet is still searchable by image: the
-        # completer stays empty and the failure is not shown as an error here.
-        self._values_task = load_values(ctx, repo, done, on_error=lambda _error: None)
+    def _values_failed(self, error: TaskError) -> None:
+        """A repository without keyword support yet is still searchable by image: the
+        completer stays empty and the failure is not shown as an error here."""
 
     def _fill_menu(self) -> None:
         self.menu.clear()

@@ -23,20 +23,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from PyQt6.QtCore import QDate, QModelIndex, QSize, Qt, pyqtSignal
+from PyQt6.QtCore import QDate, QModelIndex, Qt, pyqtSignal
 from PyQt6.QtGui import QAction, QImage
 from PyQt6.QtWidgets import (
-    QAbstractItemView,
-    QCheckBox,
     QComboBox,
-    QDateEdit,
     QGridLayout,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QListView,
@@ -44,7 +39,6 @@ from PyQt6.QtWidgets import (
     QPushButton,
     QSplitter,
     QStackedWidget,
-    QTableView,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -62,23 +56,22 @@ from app.gui.archive_page import (
     StudyModel,
     ThumbModel,
     series_caption,
-    square_tile,
 )
 from app.gui.context import AppContext
 from app.gui.filter_row import (
     FIELD_LABELS,
     LastWordCompleter,
+    RepositoryValues,
     TermsError,
     join_terms,
     keyword_facet,
-    load_values,
 )
 from app.gui.search_page import IncompleteBanner
+from app.gui.study_views import date_range, fetch_tiles, study_table, tile_view
 from app.gui.tasks import Task, TaskContext, TaskError
 from app.gui.widgets import (
     ElidedLabel,
     PageHeader,
-    TileDelegate,
     card,
     muted_label,
     primary,
@@ -256,7 +249,7 @@ class FieldChooser(QWidget):
 # --- the page ------------------------------------------------------------------------------------
 
 
-class KeywordPage(QWidget):
+class KeywordPage(RepositoryValues, QWidget):
     findSimilarRequested = pyqtSignal(object)  # ImageMeta: "Find similar" on a result
     imageSearchRequested = pyqtSignal(list)  # the terms, for "Search by image"'s filter row
 
@@ -315,17 +308,9 @@ class KeywordPage(QWidget):
 
         row = QHBoxLayout()
         row.setSpacing(8)
-        self.date_check = QCheckBox("Study date from")
-        self.date_check.setToolTip("Only studies dated within this range (both days "
-                                   "included); undated images are left out while it is on")
-        self.date_check.toggled.connect(self._form_changed)
-        today = QDate.currentDate()
-        self.date_from = QDateEdit(today.addYears(-1))
-        self.date_to = QDateEdit(today)
-        for edit in (self.date_from, self.date_to):
-            edit.setCalendarPopup(True)
-            edit.setDisplayFormat("yyyy-MM-dd")
-            edit.dateChanged.connect(self._form_changed)
+        self.date_check, self.date_from, self.date_to = date_range(
+            "Only studies dated within this range (both days included); undated images "
+            "are left out while it is on", self._form_changed)
         self.clear_button = QPushButton("Clear")
         self.clear_button.setToolTip("Empty every field")
         self.clear_button.clicked.connect(self.clear_form)
@@ -402,30 +387,11 @@ class KeywordPage(QWidget):
         self.study_model = StudyModel(self)
         self.study_sorter = StudyFilter(self)  # sorting only: the query did the filtering
         self.study_sorter.setSourceModel(self.study_model)
-        self.table = QTableView()
-        self.table.setModel(self.study_sorter)
-        self.table.setSortingEnabled(True)
-        self.table.sortByColumn(DATE_COLUMN, Qt.SortOrder.DescendingOrder)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setAlternatingRowColors(True)
-        self.table.setWordWrap(False)
-        self.table.setMinimumHeight(110)
-        self.table.setToolTip("Click a study for its matching images; double-click to open "
-                              "its largest series")
-        vertical = self.table.verticalHeader()
-        if vertical is not None:
-            vertical.hide()
-            vertical.setDefaultSectionSize(26)
-        header = self.table.horizontalHeader()
-        if header is not None:
-            header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-            header.setSectionResizeMode(STUDY_COLUMNS.index("Description"),
-                                        QHeaderView.ResizeMode.Stretch)
-            for column, width in enumerate((190, 110, 100, 80, 0, 60, 70)):
-                if width:
-                    self.table.setColumnWidth(column, width)
+        self.table = study_table(
+            self.study_sorter, sort_column=DATE_COLUMN,
+            stretch_column=STUDY_COLUMNS.index("Description"), min_height=110,
+            tooltip="Click a study for its matching images; double-click to open its "
+            "largest series")
         selection = self.table.selectionModel()
         assert selection is not None
         selection.currentRowChanged.connect(lambda *_: self._study_chosen())
@@ -441,18 +407,7 @@ class KeywordPage(QWidget):
         images_box.addWidget(self.images_label)
         self.thumbs = ThumbModel(self)
         self.thumbs.set_dpr(max(1.0, self.devicePixelRatioF()))
-        self.view = QListView()
-        self.view.setViewMode(QListView.ViewMode.IconMode)
-        self.view.setResizeMode(QListView.ResizeMode.Adjust)
-        self.view.setMovement(QListView.Movement.Static)
-        self.view.setUniformItemSizes(True)
-        self.view.setIconSize(QSize(TILE, TILE))
-        self.view.setGridSize(QSize(TILE + 28, TILE + 34))
-        self.view.setSpacing(4)
-        self.view.setTextElideMode(Qt.TextElideMode.ElideMiddle)
-        self.view.setSelectionMode(QListView.SelectionMode.ExtendedSelection)
-        self.view.setModel(self.thumbs)
-        self.view.setItemDelegate(TileDelegate(self.view))
+        self.view = tile_view(self.thumbs, TILE, QListView.SelectionMode.ExtendedSelection)
         self.view.setToolTip("Select images (Ctrl or Shift for several) to label them; "
                              "double-click to open one")
         self.view.doubleClicked.connect(self._open_image)
@@ -470,43 +425,13 @@ class KeywordPage(QWidget):
     # --- repository and its values ------------------------------------------------------------
 
     def set_repository(self, repo: Repository | None) -> None:
-        same = (repo is not None and self.repo is not None
-                and repo.repo_id == self.repo.repo_id)
-        self.repo = repo
-        if not same:
-            self.clear_form()
-            self.set_values({})
-            self._clear_results()
-        self._values_changed()
+        super().set_repository(repo)
         self._update()
 
-    def _archive_changed(self, repo_id: str) -> None:
-        if self.repo is not None and self.repo.repo_id == repo_id:
-            self._values_changed()
-
-    def _values_changed(self) -> None:
-        """Listing the values decrypts every image's metadata: done when the page shows
-        (or now, if it does), not for each repository opened elsewhere."""
-        self._stale = True
-        if self.isVisible():
-            self.reload_values()
-
-    def showEvent(self, event: Any) -> None:
-        super().showEvent(event)
-        if self._stale:
-            self.reload_values()
-
-    def reload_values(self) -> Task | None:
-        repo = self.repo
-        if repo is None:
-            return None
-        self._stale = False
-
-        def done(values: dict[str, list[str]]) -> None:
-            if self.repo is repo:
-                self.set_values(values)
-
-        return load_values(self.ctx, repo, done)
+    def _repository_switched(self) -> None:
+        self.clear_form()
+        self.set_values({})
+        self._clear_results()
 
     def set_values(self, values: Mapping[str, Sequence[str]]) -> None:
         """The values present in the repository: each field's completer and menu, and the
@@ -737,33 +662,17 @@ class KeywordPage(QWidget):
         if self._tiles_task is not None:
             self._tiles_task.cancel()
             self._tiles_task = None
-        repo = self.repo
         wanted = [e for e in entries[:TILE_LIMIT]
                   if e.image_id not in self.thumbs.tiles and not e.error]
-        if repo is None or not wanted:
-            return
         generation = self._generation
-        side = round(TILE * max(1.0, self.devicePixelRatioF()))
-        backend = self.ctx.backend
-
-        def work(task: TaskContext) -> int:
-            def one(entry: ImageMeta) -> None:
-                if task.cancel.cancelled:
-                    return
-                png = backend.thumbnail_png(repo, entry.image_id, entry.key_version or None)
-                task.progress((entry.image_id, square_tile(png, side)))
-
-            with ThreadPoolExecutor(4, thread_name_prefix="radcrypt-kw-thumbs") as pool:
-                list(pool.map(one, wanted))
-            return len(wanted)
 
         def arrived(item: tuple[str, QImage]) -> None:
             if generation == self._generation:
                 self.thumbs.set_tile(*item)
 
-        self._tiles_task = self.ctx.runner.run(
-            "Loading previews", work, cancellable=True, tracked=False, light=True,
-            on_progress=arrived, on_error=self.ctx.error)
+        self._tiles_task = fetch_tiles(
+            self.ctx, self.repo, wanted, round(TILE * max(1.0, self.devicePixelRatioF())),
+            thread_prefix="radcrypt-kw-thumbs", arrived=arrived, failed=self.ctx.error)
 
     # --- labels ---------------------------------------------------------------------------
 

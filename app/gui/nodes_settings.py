@@ -12,19 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from PyQt6.QtCore import Qt, pyqtSignal
+from PyQt6.QtCore import pyqtSignal
 from PyQt6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
-    QLabel,
     QLineEdit,
     QPushButton,
     QSpinBox,
-    QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
@@ -34,7 +31,7 @@ from app.core.errors import RadcryptError
 from app.gui import theme
 from app.gui.context import AppContext
 from app.gui.tasks import TaskError
-from app.gui.widgets import left_headers, muted_label, primary
+from app.gui.widgets import ResultLabel, list_table, muted_label, primary
 from app.integration.model import DicomNode, EchoResult
 
 NODE_COLUMNS = ("Name", "AE title", "Host", "Port", "DICOMweb URL", "Last test")
@@ -127,23 +124,10 @@ class NodesBox(QGroupBox):
         layout.addWidget(muted_label(
             "Where studies come from and where results go. Passwords for DICOMweb are kept "
             "in this computer's keyring, never in the settings file."))
-        self.table = QTableWidget(0, len(NODE_COLUMNS))
-        self.table.setHorizontalHeaderLabels(NODE_COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setAlternatingRowColors(True)
+        self.table = list_table(NODE_COLUMNS, NODE_COLUMNS.index("Last test"),
+                                QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setMinimumHeight(110)
         self.table.setMaximumHeight(210)
-        left_headers(self.table)
-        vertical = self.table.verticalHeader()
-        if vertical is not None:
-            vertical.hide()
-        header = self.table.horizontalHeader()
-        if header is not None:
-            header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-            header.setSectionResizeMode(NODE_COLUMNS.index("Last test"),
-                                        QHeaderView.ResizeMode.Stretch)
         self.table.itemSelectionChanged.connect(self._selected)
         layout.addWidget(self.table)
 
@@ -183,9 +167,7 @@ class NodesBox(QGroupBox):
         form_row.addLayout(right, 1)
         layout.addLayout(form_row)
 
-        self.message = QLabel("")
-        self.message.setWordWrap(True)
-        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.message = ResultLabel()
         layout.addWidget(self.message)
 
         buttons = QHBoxLayout()
@@ -297,15 +279,11 @@ class NodesBox(QGroupBox):
         self._update()
 
     def _say(self, text: str, ok: bool | None = None) -> None:
-        c = theme.current_colors()
-        colour = {True: c.success, False: c.danger}.get(ok, c.muted)  # type: ignore[arg-type]
-        self.message.setText(f"<span style='color:{colour}'>{_escape(text)}</span>"
-                             if text else "")
-        self.message.setProperty("plain", text)
+        self.message.say(text, ok)
 
     def message_text(self) -> str:
         """The line under the table as shown, in plain text (tests)."""
-        return str(self.message.property("plain") or "")
+        return self.message.plain_text()
 
     # --- background calls ------------------------------------------------------------------
 
@@ -439,7 +417,3 @@ def _brush(colour: str) -> Any:
     from PyQt6.QtGui import QBrush, QColor
 
     return QBrush(QColor(colour))
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -19,12 +19,9 @@ from PyQt6.QtWidgets import (
     QDialog,
     QGridLayout,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
-    QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
@@ -37,7 +34,13 @@ from app.gui import theme
 from app.gui.context import AppContext
 from app.gui.nodes_settings import ask_password_then, missing_password, pacs_of
 from app.gui.tasks import Task, TaskContext, TaskError
-from app.gui.widgets import left_headers, muted_label, primary
+from app.gui.widgets import (
+    ResultLabel,
+    hidden_progress,
+    list_table,
+    muted_label,
+    primary,
+)
 from app.integration.model import DicomNode, RemoteStudy
 
 STUDY_COLUMNS = ("Patient", "Patient ID", "Study date", "Modalities", "Description",
@@ -156,33 +159,16 @@ class ImportFromPacsDialog(QDialog):
         search_row.addWidget(self.search_button)
         layout.addLayout(search_row)
 
-        self.table = QTableWidget(0, len(STUDY_COLUMNS))
-        self.table.setHorizontalHeaderLabels(STUDY_COLUMNS)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setAlternatingRowColors(True)
+        self.table = list_table(STUDY_COLUMNS, STUDY_COLUMNS.index("Description"),
+                                QAbstractItemView.SelectionMode.ExtendedSelection)
         self.table.setWordWrap(False)
-        left_headers(self.table)
-        vertical = self.table.verticalHeader()
-        if vertical is not None:
-            vertical.hide()
-        header = self.table.horizontalHeader()
-        if header is not None:
-            header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-            header.setSectionResizeMode(STUDY_COLUMNS.index("Description"),
-                                        QHeaderView.ResizeMode.Stretch)
         self.table.itemSelectionChanged.connect(self._update)
         self.table.doubleClicked.connect(lambda *_: self.import_selected())
         layout.addWidget(self.table, 1)
 
-        self.progress = QProgressBar()
-        self.progress.setTextVisible(True)
-        self.progress.hide()
+        self.progress = hidden_progress()
         layout.addWidget(self.progress)
-        self.result_label = QLabel("")
-        self.result_label.setWordWrap(True)
-        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.result_label = ResultLabel()
         layout.addWidget(self.result_label)
 
         buttons = QHBoxLayout()
@@ -258,6 +244,11 @@ class ImportFromPacsDialog(QDialog):
                 if studies else f"No study on {name} matches.")
 
         def failed(error: TaskError) -> None:
+            # This search is over: the retry below may start before its "finished"
+            # arrives (the password is stored by a task of its own), and must not be
+            # refused as a search still running.
+            if self.search_task is task:
+                self.search_task = None
             if not retried and missing_password(error) and ask_password_then(
                     ctx, self, name, lambda: self.search(retried=True)):
                 self.found_label.setText(f"Searching {name} with the password…")
@@ -266,10 +257,11 @@ class ImportFromPacsDialog(QDialog):
             self._failed(error)
 
         def finish() -> None:
-            self.search_task = None
+            if self.search_task is task:  # not a retry started since
+                self.search_task = None
             self._update()
 
-        self.search_task = ctx.runner.run(
+        task = self.search_task = ctx.runner.run(
             f"Searching {name}", lambda _: list(pacs_of(ctx).find_studies(name, **filters)),
             on_done=done, on_error=failed, on_finish=finish)
         self._update()
@@ -382,13 +374,10 @@ class ImportFromPacsDialog(QDialog):
     # --- state --------------------------------------------------------------------------
 
     def _result(self, text: str, ok: bool) -> None:
-        c = theme.current_colors()
-        self.result_label.setText(f"<span style='color:{c.success if ok else c.danger}'>"
-                            f"{_escape(text)}</span>")
-        self.result_label.setProperty("plain", text)
+        self.result_label.say(text, ok)
 
     def result_text(self) -> str:
-        return str(self.result_label.property("plain") or "")
+        return self.result_label.plain_text()
 
     def _failed(self, error: TaskError) -> None:
         self.ctx.error(error)
@@ -426,7 +415,3 @@ def open_import_dialog(ctx: AppContext, parent: QWidget | None) -> ImportFromPac
     dialog = ImportFromPacsDialog(ctx, ctx.repo, parent)
     dialog.show()
     return dialog
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -16,7 +16,7 @@ from typing import Any
 
 from PyQt6.QtWidgets import QLabel, QLineEdit
 
-from app.core.access_log import MAX_PURPOSE
+from app.core.types import MAX_PURPOSE
 
 PLACEHOLDER = "Purpose of access (optional)"
 

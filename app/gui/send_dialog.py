@@ -10,11 +10,11 @@ Export FHIR: an HL7 FHIR R4 ImagingStudy of the image's study written to a JSON 
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 from typing import Any
 
-from PyQt6.QtCore import Qt
 from PyQt6.QtGui import QAction
 from PyQt6.QtWidgets import (
     QCheckBox,
@@ -24,7 +24,6 @@ from PyQt6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QMenu,
-    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -38,7 +37,7 @@ from app.gui import theme
 from app.gui.context import AppContext
 from app.gui.nodes_settings import ask_password_then, missing_password, pacs_of
 from app.gui.tasks import Task, TaskContext, TaskError
-from app.gui.widgets import muted_label, primary
+from app.gui.widgets import ResultLabel, hidden_progress, muted_label, primary
 from app.integration.model import DicomNode, SendReport
 
 
@@ -89,13 +88,9 @@ class SendDialog(QDialog):
         self.whole_study.setChecked(whole_study)
         form.addRow("", self.whole_study)
         layout.addLayout(form)
-        self.progress = QProgressBar()
-        self.progress.setTextVisible(True)
-        self.progress.hide()
+        self.progress = hidden_progress()
         layout.addWidget(self.progress)
-        self.result_label = QLabel("")
-        self.result_label.setWordWrap(True)
-        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.result_label = ResultLabel()
         layout.addWidget(self.result_label)
         buttons = QHBoxLayout()
         buttons.addStretch(1)
@@ -178,13 +173,10 @@ class SendDialog(QDialog):
         self._update()
 
     def _result(self, text: str, ok: bool) -> None:
-        c = theme.current_colors()
-        self.result_label.setText(f"<span style='color:{c.success if ok else c.danger}'>"
-                            f"{_escape(text)}</span>")
-        self.result_label.setProperty("plain", text)
+        self.result_label.say(text, ok)
 
     def result_text(self) -> str:
-        return str(self.result_label.property("plain") or "")
+        return self.result_label.plain_text()
 
     def _update(self) -> None:
         busy = self.task is not None
@@ -281,4 +273,4 @@ def elide_middle(text: str, limit: int) -> str:
 
 
 def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return html.escape(text, quote=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from PyQt6.QtGui import (
     QPixmap,
 )
 from PyQt6.QtWidgets import (
+    QAbstractItemView,
     QFrame,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QListView,
@@ -41,6 +44,7 @@ from PyQt6.QtWidgets import (
     QStyle,
     QStyledItemDelegate,
     QStyleOptionViewItem,
+    QTableWidget,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -580,3 +584,52 @@ class ElidedLabel(QLabel):
         super().setText(shown)
         if shown != self._full:
             self.setToolTip(self._full)
+
+
+class ResultLabel(QLabel):
+    """The outcome line of a dialog: green when it went well, red when not, muted when
+    neither; selectable, and its plain words kept for the tests (``plain_text``)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__("", parent)
+        self.setWordWrap(True)
+        self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+    def say(self, text: str, ok: bool | None = None) -> None:
+        c = theme.current_colors()
+        colour = c.muted if ok is None else c.success if ok else c.danger
+        self.setText(f"<span style='color:{colour}'>{html.escape(text, quote=False)}</span>"
+                     if text else "")
+        self.setProperty("plain", text)
+
+    def plain_text(self) -> str:
+        return str(self.property("plain") or "")
+
+
+def hidden_progress() -> QProgressBar:
+    """A progress bar with its text, hidden until work starts."""
+    bar = QProgressBar()
+    bar.setTextVisible(True)
+    bar.hide()
+    return bar
+
+
+def list_table(columns: tuple[str, ...] | list[str], stretch: int,
+               selection: QAbstractItemView.SelectionMode) -> QTableWidget:
+    """A read-only row-selection table (nodes, remote studies): columns sized to their
+    contents but ``stretch``, headers left-aligned, no row numbers."""
+    table = QTableWidget(0, len(columns))
+    table.setHorizontalHeaderLabels(list(columns))
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(selection)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.setAlternatingRowColors(True)
+    left_headers(table)
+    vertical = table.verticalHeader()
+    if vertical is not None:
+        vertical.hide()
+    header = table.horizontalHeader()
+    if header is not None:
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(stretch, QHeaderView.ResizeMode.Stretch)
+    return table

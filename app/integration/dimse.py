@@ -43,6 +43,30 @@ class TransferIncomplete(DicomNetworkError):
     """A retrieve did not bring the whole study: nothing of it is imported."""
 
 
+def _study_query(study_uid: str) -> Any:
+    """The identifier of a study-level C-GET or C-MOVE."""
+    from pydicom.dataset import Dataset
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = study_uid
+    return q
+
+
+def _final_status(assoc: Any, responses: Any, cancel: CancelToken) -> Any:
+    """The last non-pending status of a C-GET or C-MOVE (None when the node answered
+    none); a cancel aborts the association and raises Cancelled."""
+    final = None
+    for status, _ in responses:
+        if cancel.cancelled:
+            assoc.abort()
+            raise Cancelled("retrieve cancelled; nothing was imported")
+        code = int(getattr(status, "Status", -1)) if status else -1
+        if code not in PENDING:
+            final = status if code >= 0 else None
+    return final
+
+
 def _where(node: DicomNode) -> str:
     return f"node {node.name} ({node.aet} at {node.host}:{node.port})"
 
@@ -249,7 +273,6 @@ class Scu:
                   progress: ProgressCallback = no_progress,
                   cancel: CancelToken | None = None) -> list[Path]:
         """C-GET the whole study into ``spool``; TransferIncomplete unless all of it came."""
-        from pydicom.dataset import Dataset
         from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, build_role, evt
         from pynetdicom.sop_class import (  # type: ignore[attr-defined]
             StudyRootQueryRetrieveInformationModelGet as GET,
@@ -277,20 +300,11 @@ class Scu:
         contexts = [(GET, DEFAULT_TRANSFER_SYNTAXES)] + \
             [(c, family) for c in classes for family in families]
         roles = [build_role(c, scp_role=True) for c in classes]
-        q = Dataset()
-        q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = study_uid
-        final = None
         progress(ProgressEvent("retrieve", 0, len(instances), message="C-GET"))
         with self.associate(node, contexts, ext_neg=roles,
                             evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
-            for status, _ in assoc.send_c_get(q, GET):
-                if cancel.cancelled:
-                    assoc.abort()
-                    raise Cancelled("retrieve cancelled; nothing was imported")
-                code = int(getattr(status, "Status", -1)) if status else -1
-                if code not in PENDING:
-                    final = status if code >= 0 else None
+            final = _final_status(assoc, assoc.send_c_get(_study_query(study_uid), GET),
+                                  cancel)
         self._check_final(node, "C-GET", final, len(instances), len(got))
         return got
 
@@ -300,7 +314,6 @@ class Scu:
                    cancel: CancelToken | None = None) -> list[Path]:
         """C-MOVE the study to our AE title: a Storage SCP of our own listens on ``port``
         for the node's C-STOREs (only the node may associate) while the move runs."""
-        from pydicom.dataset import Dataset
         from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
         from pynetdicom.sop_class import (  # type: ignore[attr-defined]
             StudyRootQueryRetrieveInformationModelMove as MOVE,
@@ -321,20 +334,11 @@ class Scu:
                                peers=[Peer(node.aet, node.host)], on_instance=arrived,
                                check=False)
         server.start()
-        q = Dataset()
-        q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = study_uid
-        final = None
         progress(ProgressEvent("retrieve", 0, len(instances), message="C-MOVE"))
         try:
             with self.associate(node, [(MOVE, DEFAULT_TRANSFER_SYNTAXES)]) as assoc:
-                for status, _ in assoc.send_c_move(q, self.aet, MOVE):
-                    if cancel.cancelled:
-                        assoc.abort()
-                        raise Cancelled("retrieve cancelled; nothing was imported")
-                    code = int(getattr(status, "Status", -1)) if status else -1
-                    if code not in PENDING:
-                        final = status if code >= 0 else None
+                final = _final_status(
+                    assoc, assoc.send_c_move(_study_query(study_uid), self.aet, MOVE), cancel)
         finally:
             server.stop()
         with lock:

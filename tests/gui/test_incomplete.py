@@ -22,11 +22,12 @@ from PyQt6.QtGui import QColor, QImage
 
 from app.core import client as facade
 from app.core.settings import Settings
-from app.gui.activity import ActivityLog
-from app.gui.backend import Backend
-from app.gui.context import AppContext
 from app.gui.search_page import BANNER_RED, SearchPage
-from app.gui.tasks import TaskRunner
+
+try:
+    from fixtures import gui_support
+except ImportError:  # pragma: no cover
+    from tests.fixtures import gui_support
 from cloud import layout
 from cloud.segments import decode_segment
 
@@ -62,14 +63,8 @@ def _rgb_at(image: QImage, point: QPoint) -> tuple[int, int, int]:
 
 
 def test_incomplete_answer_shows_a_red_banner(qtbot, format2_repo) -> None:
-    from app.gui.app import make_application
-
     settings, kept, segment_file, seg_id = format2_repo
-    make_application()
-    backend = Backend(settings)
-    backend.unlock(PASSWORD)
-    backend.connect()
-    ctx = AppContext(backend, TaskRunner(), ActivityLog(None))
+    backend, ctx = gui_support.connected(settings, PASSWORD)
     page = SearchPage(ctx)
     qtbot.addWidget(page)
     page.resize(1100, 760)
@@ -127,17 +122,7 @@ def test_incomplete_answer_shows_a_red_banner(qtbot, format2_repo) -> None:
 def test_new_repository_dialog_creates_format_2(qtbot, tmp_path: Path) -> None:
     """The New repository dialog offers storage format 2 only (format 1 is read-only), and
     creates a format-2 repository through the backend."""
-    from app.gui.app import make_application
-    from app.gui.keys_page import KeysPage
-
-    make_application()
-    settings = Settings(store="directory", data_dir=str(tmp_path / "data"), workers=1)
-    backend = Backend(settings)
-    backend.register("Dr. Format", PASSWORD)
-    backend.connect()
-    ctx = AppContext(backend, TaskRunner(), ActivityLog(None))
-    page = KeysPage(ctx)
-    qtbot.addWidget(page)
+    page, backend, ctx = gui_support.keys_page(qtbot, tmp_path, "Dr. Format", PASSWORD)
     try:
         dialog = page.open_new_repository()
         dialog.name.setText("two")

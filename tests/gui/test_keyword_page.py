@@ -48,6 +48,11 @@ from app.gui.keyword_page import (
 )
 from app.gui.tasks import TaskRunner
 
+try:
+    from fixtures import gui_support
+except ImportError:  # pragma: no cover
+    from tests.fixtures import gui_support
+
 PASSWORD = "quiet harbour lantern 47 violet"
 REPO = "gui-keywords"
 SHOTS = Path(os.environ.get("RADCRYPT_SCREENSHOT_DIR", "/tmp"))
@@ -221,16 +226,10 @@ def keyword_repo(tmp_path: Path):
 
 
 def test_keyword_page_flow_on_real_files(qtbot, keyword_repo):
-    from app.gui.app import make_application
-
     started = time.perf_counter()
     settings, files = keyword_repo
-    make_application()
-    backend = Backend(settings)
-    backend.unlock(PASSWORD)
-    backend.connect()
     dialogs = FakeDialogs()
-    ctx = AppContext(backend, TaskRunner(), ActivityLog(None), dialogs)
+    backend, ctx = gui_support.connected(settings, PASSWORD, dialogs=dialogs)
     page = KeywordPage(ctx)
     errors: list[str] = []
     ctx.message.connect(lambda level, text, details: errors.append(f"{text}\n{details}")

@@ -11,28 +11,17 @@ from pathlib import Path
 
 from guitools import WAIT_MS
 
-from app.core.settings import Settings
-from app.gui.activity import ActivityLog
-from app.gui.backend import Backend
-from app.gui.context import AppContext
-from app.gui.tasks import TaskRunner
+try:
+    from fixtures import gui_support
+except ImportError:  # pragma: no cover
+    from tests.fixtures import gui_support
 
 PASSWORD = "quiet harbour lantern 47 violet"
 SHOT = Path("/tmp/radcrypt-new-repository-workstation.png")
 
 
 def test_new_repository_dialog_chooses_workstation_search(qtbot, tmp_path: Path) -> None:
-    from app.gui.app import make_application
-    from app.gui.keys_page import KeysPage
-
-    make_application()
-    settings = Settings(store="directory", data_dir=str(tmp_path / "data"), workers=1)
-    backend = Backend(settings)
-    backend.register("Dr. Workstation", PASSWORD)
-    backend.connect()
-    ctx = AppContext(backend, TaskRunner(), ActivityLog(None))
-    page = KeysPage(ctx)
-    qtbot.addWidget(page)
+    page, backend, ctx = gui_support.keys_page(qtbot, tmp_path, "Dr. Workstation", PASSWORD)
     try:
         dialog = page.open_new_repository()
         dialog.name.setText("private-queries")
