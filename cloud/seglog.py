@@ -19,7 +19,7 @@ What verification (``verify_log``) refuses, and how:
 
 Kind rules as built (FORMAT-2 5.2's table, made precise): reasons per kind are add: import,
 revocation, repair; replace: compaction, erasure, revocation, migration, repair; remove:
-erasure, revocation, repair (revocation and migration: the owner only; genesis and
+erasure, revocation, repair (revocation, migration and erasure: an owner only; genesis and
 membership: the owner, any reason). An import adds exactly one segment and one pack of the
 same image count. Compaction keeps the image count per type, erasure never grows it, and a
 replace that adds objects removes only objects of its own key version. ``key_version`` is
