@@ -307,12 +307,13 @@ def search_image(session: Session, repo: Repository, image_id: str, k: int = 1, 
                              [label], ask, allow_incomplete=allow_incomplete,
                              group=group, where=where)[0]
     if exclude_self:
-        _drop(result, image_id, k)
+        drop_image(result, image_id, k)
     return result
 
 
-def _drop(result: QueryResult, image_id: str, k: int) -> None:
-    """Remove one image from ``result`` (hits and groups), keep k of each, number again."""
+def drop_image(result: QueryResult, image_id: str, k: int) -> None:
+    """Remove one image from ``result`` (hits and groups), keep k of each, number again:
+    "Find similar" leaves out the image it starts from (here and in app/core/workstation.py)."""
     seen: dict[str, Hit] = {h.image_id: h for h in result.hits}
     for g in result.groups:
         seen.update((h.image_id, h) for h in g.hits)

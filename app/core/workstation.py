@@ -54,7 +54,7 @@ from app.core.repository import (
     read_signed_manifest,
     search_not_built,
 )
-from app.core.searcher import Hit, QueryResult, group_hits
+from app.core.searcher import Hit, QueryResult, drop_image, group_hits
 from app.core.studies import instance_label, series_key
 from app.core.workstation_index import CachedPack, CacheError, CacheState, LocalCache
 from cloud import layout, seglog
@@ -454,23 +454,8 @@ def search_image(session: Any, repo: Repository, image_id: str, k: int = 1, *,
                              allow_incomplete=allow_incomplete, group=group, where=where,
                              identity=identity)[0]
     if exclude_self:
-        _drop(result, image_id, k)
+        drop_image(result, image_id, k)
     return result
-
-
-def _drop(result: QueryResult, image_id: str, k: int) -> None:
-    """Remove one image from ``result`` (hits and groups), keep k of each, number again
-    (as app/core/searcher.py does for the service's answer)."""
-    seen: dict[str, Hit] = {h.image_id: h for h in result.hits}
-    for g in result.groups:
-        seen.update((h.image_id, h) for h in g.hits)
-    ordered = sorted((h for h in seen.values() if h.image_id != image_id),
-                     key=lambda h: h.rank)
-    for rank, hit in enumerate(ordered, 1):
-        hit.rank = rank
-    result.hits = [h for h in result.hits if h.image_id != image_id][:k]
-    if result.grouped:
-        result.groups = group_hits(ordered, k)
 
 
 def _as_query(where: Any) -> Any:
