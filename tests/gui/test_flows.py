@@ -421,8 +421,8 @@ def test_shortcuts_and_pages(qtbot, make_window):
     shortcuts = {a.shortcut().toString() for a in window.findChildren(type(
         window.open_query_action))}
     assert {"Ctrl+O", "Ctrl+I", "Ctrl+,"} <= shortcuts
-    for number, key in enumerate(("archive", "import", "search", "keys", "activity",
-                                  "settings"), start=1):
+    for number, key in enumerate(("archive", "import", "search", "keywords", "keys",
+                                  "activity", "settings"), start=1):
         window.show_page(key)
         assert window.current_page() == key
         assert window.pages.currentIndex() == number - 1
