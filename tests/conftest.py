@@ -8,6 +8,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import signal
+import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +58,30 @@ def isolated_env(
         (root / sub).mkdir()
         monkeypatch.setenv(var, str(root / sub))
     return root
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+_DEFAULTS = {signal.SIGINT: signal.default_int_handler}
+
+
+@pytest.fixture(autouse=True)
+def signal_dispositions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test leaves Ctrl+C, SIGTERM and SIGHUP handled, not ignored.
+
+    Why: an ignored signal is inherited by every child process the later tests start, so
+    one test that ends with SIGINT, SIGTERM or SIGHUP ignored in the test process (a
+    shutdown handler of ours run in-process ignores further signals while it unwinds)
+    makes unrelated tests of Ctrl+C and SIGTERM hang until their timeouts. Such a test is
+    named in a warning and the defaults are put back."""
+    yield
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in _SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            signal.signal(signum, _DEFAULTS.get(signum, signal.SIG_DFL))
+            warnings.warn(f"{request.node.nodeid} left {signal.Signals(signum).name} "
+                          "ignored in the test process; the default is restored",
+                          stacklevel=1)
 
 
 # --- S3 servers and stores --------------------------------------------------------------
