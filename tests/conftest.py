@@ -64,24 +64,40 @@ _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if 
 _DEFAULTS = {signal.SIGINT: signal.default_int_handler}
 
 
-@pytest.fixture(autouse=True)
-def signal_dispositions(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test leaves Ctrl+C, SIGTERM and SIGHUP handled, not ignored.
-
-    Why: an ignored signal is inherited by every child process the later tests start, so
-    one test that ends with SIGINT, SIGTERM or SIGHUP ignored in the test process (a
-    shutdown handler of ours run in-process ignores further signals while it unwinds)
-    makes unrelated tests of Ctrl+C and SIGTERM hang until their timeouts. Such a test is
-    named in a warning and the defaults are put back."""
-    yield
+def _restore_ignored_signals() -> list[str]:
+    """Put back the default of SIGINT, SIGTERM and SIGHUP where they are ignored; the names
+    of those restored. Main thread only (elsewhere nothing can be changed)."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return []
+    restored = []
     for signum in _SIGNALS:
         if signal.getsignal(signum) is signal.SIG_IGN:
             signal.signal(signum, _DEFAULTS.get(signum, signal.SIG_DFL))
-            warnings.warn(f"{request.node.nodeid} left {signal.Signals(signum).name} "
-                          "ignored in the test process; the default is restored",
-                          stacklevel=1)
+            restored.append(signal.Signals(signum).name)
+    return restored
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signals_handled_from_the_start() -> None:
+    """The suite's Ctrl+C and SIGTERM tests need those signals to reach the children they
+    start. A run launched in the background by a non-interactive shell (`make test &`,
+    `nohup make test`) starts with SIGINT and SIGHUP ignored, and an ignored signal is
+    inherited by every child: such tests then hang until their timeouts. The defaults are
+    put back once, at the start."""
+    _restore_ignored_signals()
+
+
+@pytest.fixture(autouse=True)
+def signal_dispositions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test leaves Ctrl+C, SIGTERM and SIGHUP handled, not ignored (a shutdown
+    handler of ours run in-process ignores further signals while it unwinds); a test that
+    does not is named in a warning and the defaults are put back, so that it cannot make
+    later tests of signals hang."""
+    yield
+    restored = _restore_ignored_signals()
+    if restored:
+        warnings.warn(f"{request.node.nodeid} left {', '.join(restored)} ignored in the test "
+                      "process; the defaults are restored", stacklevel=1)
 
 
 # --- S3 servers and stores --------------------------------------------------------------
