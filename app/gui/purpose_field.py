@@ -49,6 +49,6 @@ def install_purpose_field(window: Any) -> PurposeField:
     label = QLabel("Purpose:")  # the placeholder goes once something is typed
     label.setBuddy(field)
     status = window.statusBar()
-    status.insertPermanentWidget(0, label)
-    status.insertPermanentWidget(1, field)
+    status.addPermanentWidget(label)  # installed before the others: first from the left
+    status.addPermanentWidget(field)
     return field

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from guitools import TEST_PASSWORD, FakeDialogs, new_window
+from PyQt6.QtCore import QCoreApplication, QEvent
 from PyQt6.QtGui import QGuiApplication
 from PyQt6.QtWidgets import QApplication
 
@@ -67,6 +68,8 @@ def main(out: Path) -> int:
     window.close()
     wait_until(lambda: bool(window.shutdown_done), "the window's shutdown")
     app.processEvents()
+    window.deleteLater()  # as app.gui.app.run does: widgets go while the application lives
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete.value)
     return 0
 
 
