@@ -348,6 +348,8 @@ class ImportFromPacsDialog(QDialog):
             ctx.archiveChanged.emit(repo.repo_id)
 
         def failed(error: TaskError) -> None:
+            if self.import_task is task:  # over: a retry must not be refused as running
+                self.import_task = None
             if not retried and missing_password(error) and ask_password_then(
                     ctx, self, name, lambda: self.import_selected(retried=True)):
                 return
@@ -355,12 +357,14 @@ class ImportFromPacsDialog(QDialog):
             self._failed(error)
 
         def finish() -> None:
-            self.import_task = None
-            self.progress.hide()
-            self.cancel_button.hide()
+            if self.import_task is task:  # not a retry started since
+                self.import_task = None
+            if self.import_task is None:
+                self.progress.hide()
+                self.cancel_button.hide()
             self._update()
 
-        self.import_task = ctx.runner.run(
+        task = self.import_task = ctx.runner.run(
             f"Importing from PACS {name}", work, on_done=done, on_error=failed,
             on_progress=progressed, on_cancel=cancelled, on_finish=finish, cancellable=True)
         self._update()

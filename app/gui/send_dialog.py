@@ -157,6 +157,8 @@ class SendDialog(QDialog):
                                 repo.repo_id)
 
         def failed(error: TaskError) -> None:
+            if self.task is task:  # over: a retry must not be refused as running
+                self.task = None
             if not retried and missing_password(error) and ask_password_then(
                     ctx, self, name, lambda: self.send(retried=True)):
                 return
@@ -164,11 +166,13 @@ class SendDialog(QDialog):
             ctx.error(error)
 
         def finish() -> None:
-            self.task = None
-            self.progress.hide()
+            if self.task is task:  # not a retry started since
+                self.task = None
+            if self.task is None:
+                self.progress.hide()
             self._update()
 
-        self.task = ctx.runner.run(f"Sending to {name}", work, on_done=done,
+        task = self.task = ctx.runner.run(f"Sending to {name}", work, on_done=done,
                                    on_error=failed, on_progress=progressed, on_finish=finish)
         self._update()
 
