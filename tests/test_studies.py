@@ -190,7 +190,8 @@ def test_hits_of_one_series_collapse_under_their_best_hit() -> None:
 
 
 def test_find_similar_leaves_the_query_image_out_and_keeps_k_series() -> None:
-    from app.core.searcher import QueryResult, _drop
+    from app.core.searcher import QueryResult
+    from app.core.searcher import drop_image as _drop
 
     def answer(k: int) -> QueryResult:
         hits = [hit(1, "A", 0.0), hit(2, "A", 0.1), hit(3, "B", 0.2), hit(4, "C", 0.3),
