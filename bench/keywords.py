@@ -12,9 +12,9 @@
 2. Combined "keyword + nearest neighbour": the same rows as an encrypted index at d = 128
    (bench.realistic features, the repository's bound levels), each query answered
    unfiltered (cloud.search.search) and filtered (the service's path: evaluation, the
-   id lookup, cloud.search.search_subset), median and p95 over the queries, and the
-   filtered answer checked against plaintext brute force among the matching rows
-   (agreement must be 1.0). Goal: filtered no slower than unfiltered.
+   engine's rows of the matching images, cloud.search.search_subset), median and p95 over
+   the queries, and the filtered answer checked against plaintext brute force among the
+   matching rows (agreement must be 1.0). Goal: filtered no slower than unfiltered.
 3. Size: dictionary bytes per image against the bytes of an index row at d = 128 (the
    16-byte id, every level and the full vector as float64). Goal: under 20 %.
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def filtered(i: int, q: TokenQuery = query) -> Any:
             view.forget_answers()  # each query pays its lookup (no repeated filter)
-            rows = lookup.positions(view.evaluate(q).ids)
+            rows = lookup.answer_positions(view.evaluate(q))
             return rows, search_subset(index, singles[i], 10, rows)[0]
 
         times, answers = _timed(filtered, args.queries)

@@ -37,7 +37,9 @@ from cloud.keyword_index import (
 from cloud.search import EncryptedIndex, search_subset
 from cloud.segments import encode_segment
 from cloud.service import create_app
+from crypto import sse
 from crypto.csprng import random_bytes
+from crypto.errors import FormatError
 from crypto.identity import Identity
 from crypto.index import IndexKey
 from crypto.labels import OP_ADD, OP_REMOVE, LabelObject, build_label, order_key
@@ -156,10 +158,11 @@ class Source:
         return list(self.label_objects)
 
     def add_segment(self, keys: Keys, repo_id: str, seg_id: str,
-                    metas: list[ImageMeta]) -> None:
+                    metas: list[ImageMeta], version: int = sse.VERSION) -> None:
         ids = np.frombuffer(b"".join(bytes.fromhex(m.image_id) for m in metas), dtype="V16")
         self.segments[seg_id] = SegmentDictionary(ids, build_dictionary(
-            keys.keyword_key, repo_id, keys.version, seg_id, rows_by_keyword(metas)))
+            keys.keyword_key, repo_id, keys.version, seg_id, rows_by_keyword(metas),
+            version=version))
 
     def add_label(self, keys: Keys, repo_id: str, seg_id: str, seg_metas: list[ImageMeta],
                   op: int, word: str, image_ids: list[str], order: int) -> None:
@@ -186,7 +189,9 @@ def _plain(metas: list[ImageMeta], labels: dict[str, set[str]], terms: str) -> l
 def test_view_equals_plaintext_filter_with_labels_and_tombstones(
         merged: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every query against the plaintext filter, the segments searched one by one or
-    as one merged table (keyword_index._Merged), before and after a segment is added."""
+    as one merged table (keyword_index._Merged), before and after a segment is added;
+    one segment written in the older Pi_bas layout among the Pi_pack ones. The engine's
+    rows of each answer (IdLookup.answer_positions) equal those of looking every id up."""
     monkeypatch.setattr(keyword_index, "MERGE_MIN", 1 if merged else 10**6)
     monkeypatch.setattr(keyword_index, "UNMERGED_MAX", 0)
     rng = np.random.default_rng(11)
@@ -194,7 +199,8 @@ def test_view_equals_plaintext_filter_with_labels_and_tombstones(
     segments = {layout.new_id(): synthetic_metas(rng, n) for n in (1, 57, 300, 143)}
     source = Source()
     for seg_id, metas in segments.items():
-        source.add_segment(keys, repo_id, seg_id, metas)
+        source.add_segment(keys, repo_id, seg_id, metas,
+                           version=sse.BASIC if len(metas) == 57 else sse.PACKED)
     ordered = [m for seg_id in sorted(segments) for m in segments[seg_id]]
     # labels: added, removed from some, added back to one, in log order
     labels: dict[str, set[str]] = {}
@@ -224,6 +230,10 @@ def test_view_equals_plaintext_filter_with_labels_and_tombstones(
         assert got == _plain(ordered, labels, terms), terms
         assert found.segment_ids == sorted(segments)
         assert found.images == len(ordered)
+        assert found.distinct
+        lookup = IdLookup(np.concatenate([source.segments[s].ids for s in segments]))
+        assert lookup.answer_positions(found).tolist() == \
+            lookup.positions(found.ids).tolist(), terms
     late = layout.new_id()  # imported later: the merged table is built again
     segments[late] = synthetic_metas(rng, 90)
     source.add_segment(keys, repo_id, late, segments[late])
@@ -234,6 +244,54 @@ def test_view_equals_plaintext_filter_with_labels_and_tombstones(
         assert [bytes(i).hex() for i in found.ids] == _plain(ordered, labels, terms), terms
     if merged:
         assert view._merged is not None and view._merged.usable and late in view._merged.index
+
+
+def test_an_image_in_two_segments_is_answered_once() -> None:
+    """The same image imported twice (two segments hold its id): the keyword answer and
+    the engine's rows name it once, the row the index keeps."""
+    rng = np.random.default_rng(12)
+    repo_id, keys = "kw-" + layout.new_id()[:8], Keys(1)
+    first, second = synthetic_metas(rng, 40), synthetic_metas(rng, 30)
+    second[5] = first[3]  # imported again
+    source = Source()
+    seg_a, seg_b = sorted([layout.new_id(), layout.new_id()])
+    source.add_segment(keys, repo_id, seg_a, first)
+    source.add_segment(keys, repo_id, seg_b, second)
+    view = KeywordView(repo_id, 1)
+    view.update(source, [seg_a, seg_b])
+    query = parse_query(f"accession={first[3].clinical['AccessionNumber']}")
+    found = view.evaluate(query.tokens(keys.keyword_key, repo_id, 1))
+    hex_ids = [bytes(i).hex() for i in found.ids]
+    assert not found.distinct and hex_ids.count(first[3].image_id) == 1
+    assert hex_ids == _plain(first + [m for i, m in enumerate(second) if i != 5], {},
+                             f"accession={first[3].clinical['AccessionNumber']}")
+    index_ids = np.concatenate([source.segments[seg_a].ids,
+                                np.delete(source.segments[seg_b].ids, 5)])
+    lookup = IdLookup(index_ids)
+    assert lookup.answer_positions(found).tolist() == lookup.positions(found.ids).tolist()
+
+
+def test_a_damaged_packed_dictionary_is_named_in_the_merged_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nine segments looked up together (one merged table, their entries decoded at
+    once): the one whose values were altered is refused by name, not read as rows."""
+    monkeypatch.setattr(keyword_index, "MERGE_MIN", 1)
+    rng = np.random.default_rng(13)
+    repo_id, keys = "kw-" + layout.new_id()[:8], Keys(1)
+    source = Source()
+    seg_ids = sorted(layout.new_id() for _ in range(9))
+    for seg_id in seg_ids:
+        source.add_segment(keys, repo_id, seg_id, synthetic_metas(rng, 60))
+    victim = seg_ids[4]
+    broken = bytearray(source.segments[victim].dictionary)
+    entry = sse.LABEL_SIZE + sse.PACKED_VALUE_SIZE
+    for offset in range(16 + sse.LABEL_SIZE, len(broken), entry):
+        broken[offset] ^= 0x80  # the check word of every entry
+    source.segments[victim] = SegmentDictionary(source.segments[victim].ids, bytes(broken))
+    view = KeywordView(repo_id, 1)
+    view.update(source, seg_ids)
+    with pytest.raises(FormatError, match=f"segment {victim} does not belong"):
+        view.evaluate(parse_query("modality=CT").tokens(keys.keyword_key, repo_id, 1))
 
 
 def test_revoked_users_old_token_finds_nothing_in_new_segments() -> None:

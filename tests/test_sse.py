@@ -1,4 +1,5 @@
-"""Static SSE per segment (crypto/sse.py, Pi_bas): exactness, padding, bindings, parsing.
+"""Static SSE per segment (crypto/sse.py: Pi_pack, written, and Pi_bas, still read):
+exactness, padding, bindings, parsing, in both layouts.
 
 Randomness is seeded; the seed is in every assertion message so a failure can be replayed.
 """
@@ -18,6 +19,11 @@ from crypto.sse import Dictionary, KeywordToken, build_dictionary, keyword_token
 REPO = "repo-a"
 SEG = "0f" * 16
 SEED = 20261127
+LAYOUTS = [sse.BASIC, sse.PACKED]
+
+
+def _entry(layout: int) -> int:
+    return sse.LABEL_SIZE + sse.VALUE_SIZES[layout]
 
 
 def _key(rng: random.Random) -> bytes:
@@ -39,29 +45,40 @@ def _search(data: bytes, key: bytes, keyword: str, repo: str = REPO, seg: str = 
     return Dictionary.from_bytes(data).search(token, repo, seg, version).tolist()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("seed", [SEED, SEED + 1, SEED + 2])
-def test_every_keyword_finds_exactly_its_rows_as_a_plaintext_inverted_index(seed: int) -> None:
+def test_every_keyword_finds_exactly_its_rows_as_a_plaintext_inverted_index(seed: int,
+                                                                            layout: int) -> None:
     rng = random.Random(seed)
     key = _key(rng)
     index = _random_index(rng, rows=rng.randint(1, 400), vocabulary=60)
-    data = build_dictionary(key, REPO, 1, SEG, index)
+    for word in range(3):  # keywords on exactly 14, 15 and 16 rows: a packed entry's edges
+        index[f"edge={word}"] = sorted(rng.sample(range(400), 14 + word))
+    data = build_dictionary(key, REPO, 1, SEG, index, version=layout)
+    assert data[4] == layout
     for word in range(60):
         keyword = f"w={word}"
         assert _search(data, key, keyword) == sorted(index.get(keyword, [])), \
             f"seed {seed}, {keyword}"
+    for word in range(3):
+        assert _search(data, key, f"edge={word}") == index[f"edge={word}"], f"seed {seed}"
     assert _search(data, key, "w=absent") == [], f"seed {seed}"
 
 
-def test_a_keyword_on_many_rows_crosses_several_label_batches() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_keyword_on_many_rows_crosses_several_label_batches(layout: int) -> None:
     rng = random.Random(SEED)
     key = _key(rng)
-    rows = sorted(rng.sample(range(100_000), 5_000))
-    data = build_dictionary(key, REPO, 3, SEG, {"modality=CT": rows, "modality=MR": [7]})
+    rows = sorted(rng.sample(range(100_000), 30_000))  # 2,000 packed entries: 3 batches
+    data = build_dictionary(key, REPO, 3, SEG, {"modality=CT": rows, "modality=MR": [7]},
+                            version=layout)
     assert _search(data, key, "modality=CT", version=3) == rows
     assert _search(data, key, "modality=MR", version=3) == [7]
 
 
-def test_padding_rounds_the_entry_count_up_to_a_bucket_of_four_steps_per_doubling() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padding_rounds_the_entry_count_up_to_a_bucket_of_four_steps_per_doubling(
+        layout: int) -> None:
     assert [padded_size(n) for n in (0, 1, 16, 17, 20, 21, 29, 33, 100, 1000, 1025)] == \
         [16, 16, 16, 20, 20, 24, 32, 40, 112, 1024, 1280]
     for n in range(1, 5000):
@@ -70,38 +87,45 @@ def test_padding_rounds_the_entry_count_up_to_a_bucket_of_four_steps_per_doublin
     assert padded_size(100, steps=1) == 128  # powers of two when asked
     rng = random.Random(SEED)
     key = _key(rng)
+    per_entry = 1 if layout == sse.BASIC else sse.PACK
     for real in (0, 1, 15, 16, 17, 40, 41, 300):
-        data = build_dictionary(key, REPO, 1, SEG, {"w=x": list(range(real))})
-        assert len(data) == 16 + padded_size(real) * sse.ENTRY_SIZE, real
+        data = build_dictionary(key, REPO, 1, SEG, {"w=x": list(range(real))}, version=layout)
+        entries = -(-real // per_entry)
+        assert len(data) == 16 + padded_size(entries) * _entry(layout), real
 
 
 def test_dictionaries_of_different_content_in_one_bucket_have_the_same_size() -> None:
     rng = random.Random(SEED)
     key = _key(rng)
-    a = build_dictionary(key, REPO, 1, SEG, {"w=a": list(range(21))})
+    # 21 packed entries (one keyword on 301 rows) and 24 (24 keywords on one row each)
+    # share the bucket of 24 entries
+    a = build_dictionary(key, REPO, 1, SEG, {"w=a": list(range(301))})
     b = build_dictionary(key, REPO, 1, SEG, {f"w={i}": [i] for i in range(24)})
-    assert len(a) == len(b)
+    assert len(a) == len(b) == 16 + 24 * _entry(sse.PACKED)
 
 
-def test_dummy_and_real_entries_look_alike_and_no_keyword_is_in_clear() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dummy_and_real_entries_look_alike_and_no_keyword_is_in_clear(layout: int) -> None:
     rng = random.Random(SEED)
     key = _key(rng)
-    index = {"modality=CT": list(range(0, 300, 2)), "bodypart=CHEST": list(range(0, 300, 3))}
-    data = build_dictionary(key, REPO, 1, SEG, index)
-    for needle in (b"modality", b"CT", b"CHEST", b"bodypart"):
+    index = {"modality=CT": list(range(0, 3000, 2)),
+             "bodypart=CHEST": list(range(0, 3000, 3))}
+    data = build_dictionary(key, REPO, 1, SEG, index, version=layout)
+    for needle in (b"modality", b"modality=CT", b"CHEST", b"bodypart"):
         assert needle not in data
-    entries = np.frombuffer(data[16:], np.uint8).reshape(-1, sse.ENTRY_SIZE)
+    entries = np.frombuffer(data[16:], np.uint8).reshape(-1, _entry(layout))
     bits = np.unpackbits(entries, axis=1).mean(axis=0)
     # Real values are row ids XOR a PRF pad: no column of bits is biased (a plain row id or
     # zero check word would give columns of constant bits).
     assert bits.min() > 0.35 and bits.max() < 0.65, (bits.min(), bits.max())
 
 
-def test_a_wrong_key_segment_repository_or_version_finds_nothing() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_wrong_key_segment_repository_or_version_finds_nothing(layout: int) -> None:
     rng = random.Random(SEED)
     key, other = _key(rng), _key(rng)
     index = {"modality=CT": [0, 1, 2, 3]}
-    data = build_dictionary(key, REPO, 2, SEG, index)
+    data = build_dictionary(key, REPO, 2, SEG, index, version=layout)
     assert _search(data, key, "modality=CT", version=2) == [0, 1, 2, 3]
     assert _search(data, other, "modality=CT", version=2) == []
     assert _search(data, key, "modality=CT", seg="1e" * 16, version=2) == []
@@ -130,15 +154,18 @@ def test_the_same_keyword_in_two_repositories_gives_unrelated_tokens() -> None:
     assert a != b and a[:32] != b[:32] and a[32:] != b[32:]
 
 
-def test_a_tampered_value_is_refused_not_turned_into_a_wrong_row() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_tampered_value_is_refused_not_turned_into_a_wrong_row(layout: int) -> None:
     rng = random.Random(SEED)
     key = _key(rng)
     data = bytearray(build_dictionary(key, REPO, 1, SEG, {"w=x": [4], "w=y": [9]}, steps=1,
-                                      minimum=2))
-    assert len(data) == 16 + 2 * sse.ENTRY_SIZE  # both entries real, no dummies
+                                      minimum=2, version=layout))
+    size = _entry(layout)
+    assert len(data) == 16 + 2 * size  # both entries real, no dummies
+    check = 20 if layout == sse.BASIC else 16  # the check word's place in the entry
     for entry in range(2):
         broken = bytearray(data)
-        broken[16 + entry * sse.ENTRY_SIZE + 20] ^= 1  # a bit of the check word
+        broken[16 + entry * size + check] ^= 1  # a bit of the check word
         results = []
         for word in ("w=x", "w=y"):
             try:
@@ -148,18 +175,22 @@ def test_a_tampered_value_is_refused_not_turned_into_a_wrong_row() -> None:
         assert None in results and ([4] in results or [9] in results), results
 
 
-def test_a_row_beyond_the_segment_is_refused() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_row_beyond_the_segment_is_refused(layout: int) -> None:
     key = bytes(32)
-    data = build_dictionary(key, REPO, 1, SEG, {"w=x": [10]})
+    data = build_dictionary(key, REPO, 1, SEG, {"w=x": [10]}, version=layout)
     token = keyword_token(key, REPO, 1, "w=x")
     with pytest.raises(FormatError, match="does not belong"):
         Dictionary.from_bytes(data).search(token, REPO, SEG, 1, row_count=10)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("damage", ["truncated", "magic", "version", "layout", "count",
                                     "unsorted"])
-def test_malformed_dictionaries_are_refused_naming_the_field(damage: str) -> None:
-    data = bytearray(build_dictionary(bytes(32), REPO, 1, SEG, {"w=x": [1, 2, 3]}))
+def test_malformed_dictionaries_are_refused_naming_the_field(damage: str, layout: int) -> None:
+    data = bytearray(build_dictionary(bytes(32), REPO, 1, SEG, {"w=x": [1, 2, 3]},
+                                      version=layout))
+    size = _entry(layout)
     if damage == "truncated":
         data = data[:10]
     elif damage == "magic":
@@ -171,8 +202,8 @@ def test_malformed_dictionaries_are_refused_naming_the_field(damage: str) -> Non
     elif damage == "count":
         data[15] += 1
     else:
-        first, second = bytes(data[16:40]), bytes(data[40:64])
-        data[16:40], data[40:64] = second, first
+        first, second = bytes(data[16 : 16 + size]), bytes(data[16 + size : 16 + 2 * size])
+        data[16 : 16 + size], data[16 + size : 16 + 2 * size] = second, first
     with pytest.raises(FormatError, match="keyword dictionary seg"):
         Dictionary.from_bytes(bytes(data), "seg")
 
@@ -230,3 +261,55 @@ def test_colliding_dummies_are_drawn_again_and_a_lasting_collision_is_refused(
     monkeypatch.setattr(sse, "random_bytes", bytes)
     with pytest.raises(ValueError, match="two labels collide"):
         build_dictionary(bytes(32), REPO, 1, SEG, {"w=x": [1]})
+
+
+@pytest.mark.parametrize("plain", ["filler inside", "decreasing", "all fillers",
+                                   "count too high", "second check word"])
+def test_a_packed_entry_out_of_order_is_refused(plain: str, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    """Pi_pack's redundancy: a writer (or a forger holding a token) whose entries have a
+    filler before a row, rows out of order, nothing but fillers, a first entry counting
+    more entries than there are, or a non-zero check word after the first is refused,
+    never read as some rows. (A count too low reads as a keyword on fewer rows: the
+    writer's word, as the rows are; the segment MAC keeps anyone else from writing it.)
+    The keyword has 20 rows: two entries."""
+    real = sse._plain_values
+
+    def broken(ordered: list[int], version: int) -> np.ndarray:
+        values = real(ordered, version).copy()
+        words = values.view(">u4")
+        if plain == "filler inside":
+            words[1, 1] = sse.FILLER  # the last entry's fillers are at its end only
+        elif plain == "decreasing":
+            words[0, 1], words[0, 2] = words[0, 2], words[0, 1]
+        elif plain == "all fillers":
+            words[1, 1:] = sse.FILLER
+        elif plain == "count too high":
+            words[0, 0] = 3
+        else:
+            words[1, 0] = 1
+        return values
+
+    rows = list(range(1, 21))
+    for monkeyed in (False, True):
+        if monkeyed:
+            monkeypatch.setattr(sse, "_plain_values", broken)
+        data = build_dictionary(bytes(32), REPO, 1, SEG, {"w=x": rows})
+        if not monkeyed:
+            assert _search(data, bytes(32), "w=x") == rows
+            continue
+        with pytest.raises(FormatError, match="does not belong"):
+            _search(data, bytes(32), "w=x")
+
+
+def test_a_pi_bas_token_layout_never_meets_a_packed_entry() -> None:
+    """The two layouts derive different segment keys from the same token: a version-1
+    dictionary read as if packed (or the reverse) finds no label."""
+    key = bytes(range(32))
+    token = keyword_token(key, REPO, 1, "w=x")
+    basic = Dictionary.from_bytes(build_dictionary(key, REPO, 1, SEG, {"w=x": [1]},
+                                                   version=sse.BASIC))
+    packed = Dictionary.from_bytes(build_dictionary(key, REPO, 1, SEG, {"w=x": [1]}))
+    assert basic.keys(token, REPO, SEG, 1) != packed.keys(token, REPO, SEG, 1)
+    assert basic.search(token, REPO, SEG, 1).tolist() == [1]
+    assert packed.search(token, REPO, SEG, 1).tolist() == [1]
