@@ -30,154 +30,47 @@ import json
 import logging
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# The helpers every topic module shares, here under their old names (app/cli_common.py).
+from app.cli_common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    JSON_SCHEMA,
+    _add_globals,
+    _client,
+    _command,
+    _emit,
+    _exit_code,
+    _password,
+    _positive_int,
+    _progress,
+    _secret,
+    _settings,
+    _usage,
+)
+from app.cli_common import EXIT_NOT_FOUND as EXIT_NOT_FOUND
+from app.cli_common import EXIT_USAGE as EXIT_USAGE
+from app.cli_common import EXIT_WRONG_PASSWORD as EXIT_WRONG_PASSWORD
+from app.cli_common import _password_from_command as _password_from_command
 from app.core import client as facade
 from app.core import studies
-from app.core.errors import RadcryptError, RepositoryNotFound, WrongPassword
+from app.core.errors import RadcryptError
 from app.core.progress import ProgressEvent
-from app.core.settings import Settings, load_settings
+from app.core.settings import Settings
 from app.core.similarity import similarity_word
 
 log = logging.getLogger("radcrypt")
 
-JSON_SCHEMA = 1
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_PARTIAL = 3
-EXIT_NOT_FOUND = 10
-EXIT_WRONG_PASSWORD = 12
-EXIT_INTERRUPTED = 130
 DEFAULT_BATCH = 64  # app.core.importer.DEFAULT_BATCH, without importing numpy for --help
 MAX_K = facade.MAX_K  # the service's limit, defined once in cloud/limits.py
-
-
-# --- helpers ----------------------------------------------------------------------------
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(store=args.store, endpoint_url=args.endpoint, bucket=args.bucket,
-                         service_url=args.service_url, data_dir=args.data_dir,
-                         workers=args.workers)
-
-
-def _password_from_command(command: str) -> str:
-    """The first line of a command's standard output (like restic's --password-command).
-    The command is split like a shell would (shlex) but run without one, unless the user
-    wrote one (e.g. ``sh -c '...'``); its stderr goes to ours, its output is never shown."""
-    try:
-        argv = shlex.split(command)
-    except ValueError as exc:
-        raise RadcryptError(f"cannot parse --password-command: {exc}") from None
-    if not argv:
-        raise RadcryptError("--password-command is empty")
-    try:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              check=False, timeout=300)
-    except FileNotFoundError:
-        raise RadcryptError(f"--password-command: no such program {argv[0]!r}") from None
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RadcryptError(f"--password-command {argv[0]!r} failed: "
-                            f"{type(exc).__name__}") from None
-    if done.returncode != 0:
-        raise RadcryptError(f"--password-command {argv[0]!r} failed with exit status "
-                            f"{done.returncode}")
-    try:
-        text = done.stdout.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RadcryptError(f"--password-command {argv[0]!r} printed something that is not "
-                            "UTF-8 text") from None
-    return text.splitlines()[0] if text.splitlines() else ""
-
-
-def _password(args: argparse.Namespace, confirm: bool = False, prompt: str = "Password: "
-              ) -> str:
-    """--password-file, else --password-command, else RADCRYPT_PASSWORD, else a prompt
-    (twice when ``confirm``)."""
-    if args.password_file:
-        try:
-            text = Path(args.password_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RadcryptError(f"cannot read password file {args.password_file}: "
-                                f"{exc.strerror}") from None
-        password = text.rstrip("\r\n")
-    elif args.password_command:
-        password = _password_from_command(args.password_command)
-    elif os.environ.get("RADCRYPT_PASSWORD"):
-        password = os.environ["RADCRYPT_PASSWORD"]
-    elif sys.stdin.isatty():
-        password = getpass.getpass(prompt)
-        if confirm and getpass.getpass("Again: ") != password:
-            raise RadcryptError("the two passwords differ")
-    else:
-        raise RadcryptError("a password is needed: use --password-file, --password-command, "
-                            "RADCRYPT_PASSWORD or run in a terminal")
-    if not password:
-        raise RadcryptError("the password is empty")
-    return password
-
-
-def _emit(args: argparse.Namespace, data: dict[str, Any], text: Callable[[], object]
-          ) -> None:
-    """JSON (one object, "schema": 1 first) with --json, else the text."""
-    if getattr(args, "json", False):
-        print(json.dumps({"schema": JSON_SCHEMA, **data}, indent=2))
-    else:
-        text()
-
-
-@contextmanager
-def _progress(enabled: bool, description: str, unit: str = "files"
-              ) -> Iterator[Callable[[ProgressEvent], None]]:
-    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
-    if not enabled or not sys.stderr.isatty():
-        yield lambda event: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeRemainingColumn,
-    )
-
-    count = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
-    with Progress("[progress.description]{task.description}", BarColumn(), count,
-                  TimeRemainingColumn(), console=Console(stderr=True),
-                  transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(event: ProgressEvent) -> None:
-            label = f"{description} {Path(event.item).name}" if unit == "files" else description
-            bar.update(task, completed=event.done, total=event.total or None,
-                       description=label[:60])
-
-        yield update
-
-
-@contextmanager
-def _client(args: argparse.Namespace) -> Iterator[facade.Client]:
-    """The facade, with this workstation's identity unlocked by the password."""
-    settings = _settings(args)
-    if not facade.identity_exists(settings):
-        raise RadcryptError(facade.NO_IDENTITY)
-    with facade.Client.unlock(settings, _password(args)) as client:
-        yield client
-
-
-def _usage(args: argparse.Namespace, message: str) -> None:
-    """A usage error (exit 2) of the running subcommand, with its usage line."""
-    parser: argparse.ArgumentParser = args.parser
-    parser.error(message)
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -679,25 +572,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _passphrase(args: argparse.Namespace, confirm: bool) -> str:
     """The identity backup passphrase: --passphrase-file, else RADCRYPT_BACKUP_PASSPHRASE,
     else asked (twice when ``confirm``). Never the login password (the core refuses it)."""
-    if args.passphrase_file:
-        try:
-            text = Path(args.passphrase_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RadcryptError(f"cannot read passphrase file {args.passphrase_file}: "
-                                f"{exc.strerror}") from None
-        passphrase = text.rstrip("\r\n")
-    elif os.environ.get("RADCRYPT_BACKUP_PASSPHRASE"):
-        passphrase = os.environ["RADCRYPT_BACKUP_PASSPHRASE"]
-    elif sys.stdin.isatty():
-        passphrase = getpass.getpass("Backup passphrase: ")
-        if confirm and getpass.getpass("Again: ") != passphrase:
-            raise RadcryptError("the two passphrases differ")
-    else:
-        raise RadcryptError("a backup passphrase is needed: use --passphrase-file, "
-                            "RADCRYPT_BACKUP_PASSPHRASE or run in a terminal")
-    if not passphrase:
-        raise RadcryptError("the backup passphrase is empty")
-    return passphrase
+    return _secret(file=args.passphrase_file, env="RADCRYPT_BACKUP_PASSPHRASE",
+                   prompt="Backup passphrase: ", confirm=confirm, kind="passphrase",
+                   name="backup passphrase",
+                   sources="--passphrase-file, RADCRYPT_BACKUP_PASSPHRASE")
 
 
 def _identity_backup(args: argparse.Namespace, settings: Settings) -> int:
@@ -939,81 +817,11 @@ def _blackout(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _k(text: str) -> int:
     value = _positive_int(text)
     if value > MAX_K:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_K}, not {value}")
     return value
-
-
-_GLOBAL_HELP = {
-    "--store": "where the data lives: embedded (SeaweedFS on this workstation, the "
-               "default; 'local' is its old name), directory (files in the data directory, "
-               "no server), s3 (an S3 endpoint, see --endpoint) or memory (nothing is kept; "
-               "tests, needs the dev extra)",
-    "--endpoint": "S3 endpoint URL (with --store s3; empty: AWS S3)",
-    "--bucket": "bucket name (default radcrypt)",
-    "--service-url": "search service URL (default: start one on this workstation)",
-    "--data-dir": "data directory: identity, embedded store, pinned owners (default: the "
-                  "user data directory)",
-    "--workers": "parallel decoding workers for import (1 to 64)",
-    "--password-file": "read the identity password from the first line of this file",
-    "--password-command": "run this command and read the identity password from its "
-                          "standard output (split like a shell, run without one)",
-    "--verbose": "log more (to stderr)",
-    "--json": "print one JSON object (with \"schema\": 1) instead of text",
-}
-
-
-def _add_globals(parser: argparse.ArgumentParser, top: bool, json_flag: bool = True
-                 ) -> None:
-    """The global options, on the top parser (with defaults) and again on every
-    subcommand (defaults suppressed, so a value given before the subcommand is kept)."""
-    group = parser.add_argument_group("global options (before or after the command)")
-
-    def default(value: Any) -> Any:
-        return value if top else argparse.SUPPRESS
-
-    group.add_argument("--store", choices=["embedded", "directory", "memory", "s3", "local"],
-                       default=default(None), help=_GLOBAL_HELP["--store"])
-    group.add_argument("--endpoint", metavar="URL", default=default(None),
-                       help=_GLOBAL_HELP["--endpoint"])
-    group.add_argument("--bucket", metavar="NAME", default=default(None),
-                       help=_GLOBAL_HELP["--bucket"])
-    group.add_argument("--service-url", metavar="URL", default=default(None),
-                       help=_GLOBAL_HELP["--service-url"])
-    group.add_argument("--data-dir", metavar="DIR", default=default(None),
-                       help=_GLOBAL_HELP["--data-dir"])
-    group.add_argument("--workers", type=_positive_int, metavar="N", default=default(None),
-                       help=_GLOBAL_HELP["--workers"])
-    group.add_argument("--password-file", metavar="FILE", default=default(None),
-                       help=_GLOBAL_HELP["--password-file"])
-    group.add_argument("--password-command", metavar="CMD", default=default(None),
-                       help=_GLOBAL_HELP["--password-command"])
-    group.add_argument("-v", "--verbose", action="store_true", default=default(False),
-                       help=_GLOBAL_HELP["--verbose"])
-    if json_flag:
-        group.add_argument("--json", action="store_true", default=default(False),
-                           help=_GLOBAL_HELP["--json"])
-
-
-def _command(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int],
-             json_flag: bool = True, **kwargs: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help,
-                                                     **kwargs)
-    _add_globals(parser, top=False, json_flag=json_flag)
-    parser.set_defaults(func=func, parser=parser)
-    return parser
 
 
 def _version() -> str:
@@ -1052,10 +860,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "--repo, check a repository instead", cmd_check)
     p.add_argument("--repo", metavar="NAME",
                    help="check this repository: manifest, segment log, segments, packs, "
-                        "images and stray objects; exit status 1 when a problem is found")
+                        "labels, images and stray objects; exit status 1 when a problem "
+                        "is found")
     p.add_argument("--read-data", action="store_true",
                    help="with --repo: also read every pack whole and decrypt every "
-                        "original (reads the whole repository)")
+                        "original (reads the whole repository; one access-log entry, "
+                        "'integrity check', names every image decrypted)")
     p.add_argument("--read-data-subset", metavar="SUBSET",
                    help="with --repo: read only a part: a percentage (10%%, a random choice "
                         "whose seed is printed) or n/m (the n-th of m parts; m runs read "
@@ -1063,8 +873,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="the seed of a percentage --read-data-subset (repeats a run)")
 
-    p = _command(sub, "gc", "remove the orphans of dead imports (objects no log entry "
-                 "names) older than the grace period; owner only", cmd_gc)
+    p = _command(sub, "gc", "remove the orphans of dead imports and label changes (objects "
+                 "no log entry names) older than the grace period; owner only", cmd_gc)
     p.add_argument("--repo", required=True, metavar="NAME", help="repository name")
     p.add_argument("--grace", default="24h", metavar="DURATION",
                    help="keep orphans younger than this (default 24h; 30m, 90s, 2d, or "
@@ -1117,8 +927,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fast; weak against a known-plaintext attacker, see SECURITY.md); "
                         "workstation: no ciphertexts on the server, each member's client "
                         "keeps an encrypted local copy of the feature arrays and searches "
-                        "it here (the server learns nothing of queries); ckks: not built "
-                        "yet")
+                        "it here (the server learns nothing of queries); ckks: the service "
+                        "computes encrypted scores under homomorphic encryption, decrypted "
+                        "and re-scored exactly here (the server learns nothing of queries, "
+                        "scores or ranking; slower, about 0.3 s at 10,000 images)")
     c.add_argument("--format", type=int, choices=(2,), default=2,
                    help="storage format: 2, the only one for new repositories (packs and a "
                         "signed segment log; search answers are checked for completeness; "
@@ -1273,14 +1085,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_pacs.register(sub, _command)
     return parser
-
-
-def _exit_code(exc: BaseException) -> int:
-    if isinstance(exc, WrongPassword):
-        return EXIT_WRONG_PASSWORD
-    if isinstance(exc, RepositoryNotFound):
-        return EXIT_NOT_FOUND
-    return EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 Why a module of its own: app/cli.py is shared by every helper; this one only adds options
 and a subcommand, and reaches the use case through the facade (``client.pacs.export_fhir``,
-app/integration/facade.py, which runs app/integration/fhir.py). app.cli is imported lazily
-inside functions, so importing this module costs nothing at start-up.
+app/integration/facade.py, which runs app/integration/fhir.py). The CLI's shared helpers
+come from app/cli_common.py (app.cli imports this module, so it cannot import it back).
 
 Wiring (the patch to app/cli.py): ``cli_fhir.register(sub, _command)`` in build_parser,
 ``cli_fhir.add_get_options(p)`` on the ``get`` parser, and ``cli_fhir.after_get(args,
@@ -18,12 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app.cli_common import EXIT_OK, _client, _emit
+
 FHIR_HELP = ("also write an HL7 FHIR R4 Bundle to FILE: the ImagingStudy of the image's "
              "study (series, instances, modality, body site, started; pseudonyms in a "
              "research repository) and a DocumentReference for the decrypted file")
-
-
-_CLI: Any = None
 
 
 def add_get_options(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +46,6 @@ def after_get(args: argparse.Namespace, client: Any, repo: Any) -> Path | None:
 def register(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     """`radcrypt fhir --repo R IMAGE_ID -o out.json [--document FILE] [--instance-only]`:
     the FHIR export without writing the decrypted file."""
-    global _CLI
-    _CLI = sys.modules[command.__module__]
     p = command(sub, "fhir", "write an HL7 FHIR R4 Bundle (ImagingStudy, and a "
                 "DocumentReference with --document) for an archived image's study", cmd_fhir)
     p.add_argument("--repo", required=True, help="repository name")
@@ -64,12 +61,11 @@ def register(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_fhir(args: argparse.Namespace) -> int:
-    cli = _CLI  # app.cli, handed over by register (importing it here would be a cycle)
-    with cli._client(args) as client:
+    with _client(args) as client:
         repo = client.open_repository(args.repo)
         written = client.pacs.export_fhir(
             repo, args.image_id, Path(args.output), whole_study=not args.instance_only,
             document=Path(args.document) if args.document else None)
-    cli._emit(args, {"image_id": args.image_id, "fhir": str(written)},
-              lambda: print(f"wrote FHIR R4 Bundle {written}"))
-    return cli.EXIT_OK
+    _emit(args, {"image_id": args.image_id, "fhir": str(written)},
+          lambda: print(f"wrote FHIR R4 Bundle {written}"))
+    return EXIT_OK

@@ -6,9 +6,9 @@
     radcrypt label ls  --repo R IMAGE_ID
 
 (``radcrypt search --where TERMS`` filters an image search: app/cli.py.) Why a module of
-its own: app/cli.py stays one file per topic's registration (``register``), whose
-helpers (``_client``, ``_emit``, ``_usage``) this module reaches through the module that
-registered it (no import back: no cycle). A query the parser refuses is a usage error
+its own: app/cli.py stays one file per topic's registration (``register``); the shared
+helpers (``_client``, ``_emit``, ``_usage``) come from app/cli_common.py (app.cli imports
+this module, so it cannot import app.cli back). A query the parser refuses is a usage error
 (exit 2) naming the term; an answer that left segments out fails (exit 1) unless
 --allow-incomplete, as for search.
 """
@@ -20,17 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-EXIT_OK = 0
-_CLI: Any = None  # the CLI module that registered us (app.cli), for its helpers
-
-
-def _cli() -> Any:
-    """app.cli's helpers (_client, _emit, _usage, exit codes), reached through the module
-    that called ``register``: app.cli imports this module, and an import back, even inside
-    a function, would close an import cycle (tests/test_architecture.py)."""
-    if _CLI is None:
-        raise RuntimeError("app.cli_keywords is used before app.cli registered it")
-    return _CLI
+from app.cli_common import EXIT_OK, _client, _emit, _usage
 
 TERMS_HELP = ("keyword terms, ANDed across fields, ORed within one: field=v1,v2; "
               "NOT field=v or field!=v (or -field=v after --); date=2024, "
@@ -39,10 +29,8 @@ TERMS_HELP = ("keyword terms, ANDed across fields, ORed within one: field=v1,v2;
 
 
 def register(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
-    """Add ``find`` and ``label`` to the subcommands (``command`` is app.cli._command:
-    its module gives this one the CLI's helpers)."""
-    global _CLI
-    _CLI = sys.modules[command.__module__]
+    """Add ``find`` and ``label`` to the subcommands (``command`` is
+    app.cli_common's ``_command``)."""
     p = command(sub, "find", "images matching keywords, searched encrypted: the service "
                 "sees tokens, never a keyword", cmd_find)
     p.add_argument("--repo", required=True, help="repository name")
@@ -76,13 +64,11 @@ def cmd_label_help(args: argparse.Namespace) -> int:  # pragma: no cover - argpa
 def cmd_find(args: argparse.Namespace) -> int:
     from app.core.keyword_search import KeywordSearch
 
-    cli = _cli()
-
     try:
         KeywordSearch.check(args.terms)  # a usage error before any password is asked
     except ValueError as exc:
-        cli._usage(args, str(exc))
-    with cli._client(args) as client:
+        _usage(args, str(exc))
+    with _client(args) as client:
         repo = client.open_repository(args.repo)
         result = client.keywords.find(repo, args.terms,
                                       allow_incomplete=args.allow_incomplete)
@@ -111,7 +97,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 
     if result.complete is None:
         print("radcrypt: note: completeness not verifiable (format 1)", file=sys.stderr)
-    cli._emit(args, result.as_dict(), text)
+    _emit(args, result.as_dict(), text)
     return EXIT_OK
 
 
@@ -122,15 +108,13 @@ def _date(da: str) -> str:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    cli = _cli()
-
-    with cli._client(args) as client:
+    with _client(args) as client:
         repo = client.open_repository(args.repo)
         if args.action == "ls":
             image_id = args.image_ids[0]
             words = client.keywords.labels(repo, image_id)
-            cli._emit(args, {"image_id": image_id, "labels": words},
-                      lambda: print(" ".join(words) if words else "(no label)"))
+            _emit(args, {"image_id": image_id, "labels": words},
+                  lambda: print(" ".join(words) if words else "(no label)"))
             return EXIT_OK
         change = (client.keywords.label_add if args.action == "add"
                   else client.keywords.label_remove)
@@ -138,6 +122,6 @@ def cmd_label(args: argparse.Namespace) -> int:
     data = report.as_dict() if hasattr(report, "as_dict") else {}
     done = "labelled" if args.action == "add" else "unlabelled"
     shown = ", ".join(data.get("words", [args.word]))
-    cli._emit(args, {"action": args.action, **data},
-              lambda: print(f"{done} {len(args.image_ids)} image(s): {shown}"))
+    _emit(args, {"action": args.action, **data},
+          lambda: print(f"{done} {len(args.image_ids)} image(s): {shown}"))
     return EXIT_OK

@@ -5,8 +5,8 @@ Why a module of its own: app/cli.py is shared by every helper; this one register
 subcommands (``register(sub, _command)``, called from cli.build_parser) and reaches the use
 cases through the facade's facet (``client.pacs``, app/integration/facade.py). Node
 commands, echo and find need no identity (no repository is touched), so they do not ask
-for the password. app.cli is never imported here (it imports this module, and a cycle is
-refused even inside functions): its helpers come from the module that registered us.
+for the password. The CLI's shared helpers come from app/cli_common.py (app.cli imports
+this module, so it cannot import app.cli back).
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app.cli_common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, _client, _emit, _progress, _usage
 from app.core.errors import RadcryptError
 from app.integration.model import DicomNode
-
-_CLI: Any = None  # the CLI module that registered us (app.cli), for its helpers
-
-
-def _cli() -> Any:
-    """app.cli's helpers (_client, _emit, _progress, _usage, exit codes), reached through
-    the module that called ``register`` rather than imported: app.cli imports this module,
-    and an import back, even inside a function, would close an import cycle
-    (tests/test_architecture.py)."""
-    if _CLI is None:
-        raise RuntimeError("app.cli_pacs is used before app.cli registered it")
-    return _CLI
 
 
 def _quiet(args: argparse.Namespace) -> None:
@@ -55,10 +44,8 @@ def _pacs() -> Any:
 def register(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     """Add `receive`, `send` and `pacs` to the parser, and `--from-pacs`/`--study` to
     `import` (its files become optional: cli.cmd_import hands over to
-    ``cmd_import_from_pacs`` when --from-pacs is given). ``command`` is app.cli's
-    ``_command``: its module gives this one the CLI's helpers."""
-    global _CLI
-    _CLI = sys.modules[command.__module__]
+    ``cmd_import_from_pacs`` when --from-pacs is given). ``command`` is
+    app.cli_common's ``_command``."""
     p = command(sub, "receive", "run a DICOM Storage SCP that imports what the configured "
                 "PACS and modalities send (C-STORE; C-ECHO answered) until Ctrl+C", cmd_receive)
     p.add_argument("--repo", required=True, help="repository name")
@@ -150,36 +137,34 @@ def register(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def cmd_import_from_pacs(args: argparse.Namespace) -> int:
-    cli = _cli()
     _quiet(args)
     if not args.study:
-        cli._usage(args, "--from-pacs needs --study UID (find it with `radcrypt pacs find`)")
+        _usage(args, "--from-pacs needs --study UID (find it with `radcrypt pacs find`)")
     if args.paths:
-        cli._usage(args, "give files or --from-pacs, not both")
-    with cli._client(args) as client:
+        _usage(args, "give files or --from-pacs, not both")
+    with _client(args) as client:
         repo = client.open_repository(args.repo)
-        with cli._progress(not args.json, "retrieving") as progress:
+        with _progress(not args.json, "retrieving") as progress:
             report = client.pacs.import_study(repo, args.from_pacs, args.study,
                                               progress=progress, method=args.retrieve)
-        cli._emit(args, {"node": args.from_pacs, "study": args.study, **report.as_dict()},
-                  lambda: print(f"study {args.study} from {args.from_pacs}: imported "
-                                f"{len(report.imported)}, already present "
-                                f"{len(report.already_present)}, failed "
-                                f"{len(report.failed)} in {report.seconds:.1f} s"))
+        _emit(args, {"node": args.from_pacs, "study": args.study, **report.as_dict()},
+              lambda: print(f"study {args.study} from {args.from_pacs}: imported "
+                            f"{len(report.imported)}, already present "
+                            f"{len(report.already_present)}, failed "
+                            f"{len(report.failed)} in {report.seconds:.1f} s"))
         for _, reason in report.failed:
             print(f"  failed: {reason}", file=sys.stderr)
     if report.failed:
-        return int(cli.EXIT_PARTIAL if report.imported or report.already_present
-                   else cli.EXIT_ERROR)
-    return int(cli.EXIT_OK)
+        return (EXIT_PARTIAL if report.imported or report.already_present
+                else EXIT_ERROR)
+    return EXIT_OK
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    cli = _cli()
     _quiet(args)
-    with cli._client(args) as client:
+    with _client(args) as client:
         repo = client.open_repository(args.repo)
-        with cli._progress(not args.json, "sending") as progress:
+        with _progress(not args.json, "sending") as progress:
             report = client.pacs.send(repo, args.image_ids, args.to, whole_study=args.study,
                                       progress=progress)
 
@@ -188,8 +173,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         for image_id, reason in report.failed:
             print(f"  failed: {image_id}: {reason}", file=sys.stderr)
 
-    cli._emit(args, report.as_dict(), text)
-    return int(cli.EXIT_ERROR if report.failed else cli.EXIT_OK)
+    _emit(args, report.as_dict(), text)
+    return EXIT_ERROR if report.failed else EXIT_OK
 
 
 def _tls_files(args: argparse.Namespace) -> Any:
@@ -201,9 +186,8 @@ def _tls_files(args: argparse.Namespace) -> Any:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    cli = _cli()
     _quiet(args)
-    with cli._client(args) as client:
+    with _client(args) as client:
         repo = client.open_repository(args.repo)
         mine = client.pacs.receiver_settings()
         receiver = client.pacs.receiver(
@@ -229,11 +213,11 @@ def cmd_receive(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("stopping: importing what was received ...", file=sys.stderr)
         final = receiver.stop()
-    cli._emit(args, final.as_dict(),
-              lambda: print(f"received {final.received}, imported {final.imported}, refused "
-                            f"{final.refused}, failed {final.failed} in {final.associations} "
-                            "associations"))
-    return int(cli.EXIT_OK)
+    _emit(args, final.as_dict(),
+          lambda: print(f"received {final.received}, imported {final.imported}, refused "
+                        f"{final.refused}, failed {final.failed} in {final.associations} "
+                        "associations"))
+    return EXIT_OK
 
 
 def _node_line(node: DicomNode) -> str:
@@ -246,39 +230,38 @@ def _node_line(node: DicomNode) -> str:
 
 
 def cmd_pacs(args: argparse.Namespace) -> int:
-    cli = _cli()
     _quiet(args)
     pacs = _pacs()
     if args.action in ("echo", "find"):
         if args.dicomweb and args.node:
-            cli._usage(args, "give a node name or --dicomweb URL, not both")
+            _usage(args, "give a node name or --dicomweb URL, not both")
         args.node = args.node or args.dicomweb
         if not args.node:
-            cli._usage(args, "name a node (`radcrypt pacs node ls`) or give --dicomweb URL")
+            _usage(args, "name a node (`radcrypt pacs node ls`) or give --dicomweb URL")
     if args.action == "echo":
         result = pacs.echo(args.node)
-        cli._emit(args, result.as_dict(),
-                  lambda: print(f"{args.node}: {'ok' if result.ok else 'FAILED'} - "
-                                f"{result.message}"))
-        return int(cli.EXIT_OK if result.ok else cli.EXIT_ERROR)
+        _emit(args, result.as_dict(),
+              lambda: print(f"{args.node}: {'ok' if result.ok else 'FAILED'} - "
+                            f"{result.message}"))
+        return EXIT_OK if result.ok else EXIT_ERROR
     if args.action == "find":
         if args.study:
             series = pacs.find_series(args.node, args.study)
-            cli._emit(args, {"node": args.node, "study": args.study,
-                             "series": [s.as_dict() for s in series]},
-                      lambda: [print(f"{s.number:>4} {s.modality:<4} {s.instance_count:>5} "
-                                     f"{s.description[:30]:<30} {s.series_uid}")
-                               for s in series])
-            return int(cli.EXIT_OK)
+            _emit(args, {"node": args.node, "study": args.study,
+                         "series": [s.as_dict() for s in series]},
+                  lambda: [print(f"{s.number:>4} {s.modality:<4} {s.instance_count:>5} "
+                                 f"{s.description[:30]:<30} {s.series_uid}")
+                           for s in series])
+            return EXIT_OK
         studies = pacs.find_studies(args.node, patient_id=args.patient_id,
                                     patient_name=args.patient_name, study_date=args.date,
                                     accession=args.accession, modality=args.modality)
-        cli._emit(args, {"node": args.node, "studies": [s.as_dict() for s in studies]},
-                  lambda: [print(f"{s.study_date or '-':<8} {s.patient_name[:24]:<24} "
-                                 f"{s.patient_id[:12]:<12} {'/'.join(s.modalities):<6} "
-                                 f"{s.instance_count:>5} {s.description[:24]:<24} "
-                                 f"{s.study_uid}") for s in studies])
-        return int(cli.EXIT_OK)
+        _emit(args, {"node": args.node, "studies": [s.as_dict() for s in studies]},
+              lambda: [print(f"{s.study_date or '-':<8} {s.patient_name[:24]:<24} "
+                             f"{s.patient_id[:12]:<12} {'/'.join(s.modalities):<6} "
+                             f"{s.instance_count:>5} {s.description[:24]:<24} "
+                             f"{s.study_uid}") for s in studies])
+        return EXIT_OK
     if args.action == "local":
         return _local(args, pacs)
     return _node(args, pacs)
@@ -287,7 +270,6 @@ def cmd_pacs(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace, pacs: Any) -> int:
     from dataclasses import replace
 
-    cli = _cli()
     settings = pacs.receiver_settings()
     changes = {k: v for k, v in (("aet", args.aet), ("port", args.port),
                                  ("cert_file", args.cert_file), ("key_file", args.key_file),
@@ -296,30 +278,29 @@ def _local(args: argparse.Namespace, pacs: Any) -> int:
         changes["tls"] = args.tls == "on"
     if changes:
         settings = pacs.save_receiver_settings(replace(settings, **changes))
-    cli._emit(args, settings.as_dict(),
-              lambda: print(f"our AE title {settings.aet}, receiver port {settings.port}, "
-                            f"TLS {'on' if settings.tls else 'off'}"))
-    return int(cli.EXIT_OK)
+    _emit(args, settings.as_dict(),
+          lambda: print(f"our AE title {settings.aet}, receiver port {settings.port}, "
+                        f"TLS {'on' if settings.tls else 'off'}"))
+    return EXIT_OK
 
 
 def _node(args: argparse.Namespace, pacs: Any) -> int:
-    cli = _cli()
     action = args.node_action
     if action == "ls":
         nodes = pacs.nodes()
-        cli._emit(args, {"nodes": [n.as_dict() for n in nodes]},
-                  lambda: [print(_node_line(n)) for n in nodes] if nodes
-                  else print("no DICOM nodes yet: `radcrypt pacs node add NAME --aet AET "
-                             "--host HOST --port PORT`"))
+        _emit(args, {"nodes": [n.as_dict() for n in nodes]},
+              lambda: [print(_node_line(n)) for n in nodes] if nodes
+              else print("no DICOM nodes yet: `radcrypt pacs node add NAME --aet AET "
+                         "--host HOST --port PORT`"))
     elif action == "add":
         node = pacs.save_node(DicomNode(
             name=args.name, aet=args.aet, host=args.host, port=args.port,
             dicomweb_url=args.dicomweb, username=args.user, tls=args.tls,
             ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file))
-        cli._emit(args, {"node": node.as_dict()}, lambda: print(f"saved {_node_line(node)}"))
+        _emit(args, {"node": node.as_dict()}, lambda: print(f"saved {_node_line(node)}"))
     elif action == "rm":
         pacs.remove_node(args.name)
-        cli._emit(args, {"removed": args.name}, lambda: print(f"removed node {args.name}"))
+        _emit(args, {"removed": args.name}, lambda: print(f"removed node {args.name}"))
     elif action == "passwd":
         pacs.node(args.name)  # an unknown node fails before the prompt
         if sys.stdin.isatty():
@@ -329,6 +310,6 @@ def _node(args: argparse.Namespace, pacs: Any) -> int:
         if not password:
             raise RadcryptError("the password is empty")
         pacs.set_web_password(args.name, password)
-        cli._emit(args, {"node": args.name, "password_kept": True},
-                  lambda: print(f"password of node {args.name} kept in the OS keyring"))
-    return int(cli.EXIT_OK)
+        _emit(args, {"node": args.name, "password_kept": True},
+              lambda: print(f"password of node {args.name} kept in the OS keyring"))
+    return EXIT_OK

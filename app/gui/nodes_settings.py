@@ -30,7 +30,7 @@ from PyQt6.QtWidgets import (
 from app.core.errors import RadcryptError
 from app.gui import theme
 from app.gui.context import AppContext
-from app.gui.tasks import TaskError
+from app.gui.tasks import Task, TaskContext, TaskError
 from app.gui.widgets import ResultLabel, list_table, muted_label, primary
 from app.integration.model import DicomNode, EchoResult
 
@@ -97,6 +97,52 @@ def ask_password_then(ctx: AppContext, parent: QWidget | None, name: str,
                    lambda _task: pacs_of(ctx).set_web_password(name, password),
                    on_done=done, on_error=ctx.error)
     return True
+
+
+def run_asking_password(ctx: AppContext, owner: QWidget, slot: str, name: str, title: str,
+                        work: Callable[[TaskContext], Any], *,
+                        retry: Callable[[], None] | None,
+                        on_error: Callable[[TaskError], None],
+                        on_retry: Callable[[], None] | None = None,
+                        on_idle: Callable[[], None] | None = None,
+                        on_finish: Callable[[], None] | None = None,
+                        **callbacks: Any) -> Task:
+    """Run ``work`` on node ``name`` (a search, an import, a send) as ``owner.<slot>``, the
+    attribute that says it is running. When it fails for want of the node's DICOMweb
+    password, ask for it (ask_password_then), keep it, call ``on_retry`` and then ``retry``
+    (which runs the task again, passing ``retry=None`` so that it is asked only once);
+    any other failure, or a declined password, goes to ``on_error``.
+
+    Why one helper: the race the three dialogs had (commit ce4eebd). The failed task stops
+    counting as running before its retry (the retry may start before the failed task's
+    "finished" arrives, and must not be refused as still running), and that late
+    "finished" cannot clear a retry started since. ``on_idle`` runs at a finish that
+    leaves nothing running (hide the progress bar); ``on_finish`` after every finish.
+    ``callbacks`` (on_done, on_progress, ...) go to ctx.runner.run as they are."""
+
+    def release() -> None:
+        if getattr(owner, slot) is task:
+            setattr(owner, slot, None)
+
+    def failed(error: TaskError) -> None:
+        release()
+        if retry is not None and missing_password(error) and ask_password_then(
+                ctx, owner, name, retry):
+            if on_retry is not None:
+                on_retry()
+            return
+        on_error(error)
+
+    def finish() -> None:
+        release()  # unless a retry started since
+        if getattr(owner, slot) is None and on_idle is not None:
+            on_idle()
+        if on_finish is not None:
+            on_finish()
+
+    task = ctx.runner.run(title, work, on_error=failed, on_finish=finish, **callbacks)
+    setattr(owner, slot, task)
+    return task
 
 
 def echo_words(result: EchoResult) -> str:

@@ -32,7 +32,7 @@ from app.core.studies import date_display, patient_display
 from app.core.types import Repository
 from app.gui import theme
 from app.gui.context import AppContext
-from app.gui.nodes_settings import ask_password_then, missing_password, pacs_of
+from app.gui.nodes_settings import pacs_of, run_asking_password
 from app.gui.tasks import Task, TaskContext, TaskError
 from app.gui.widgets import (
     ResultLabel,
@@ -244,26 +244,16 @@ class ImportFromPacsDialog(QDialog):
                 if studies else f"No study on {name} matches.")
 
         def failed(error: TaskError) -> None:
-            # This search is over: the retry below may start before its "finished"
-            # arrives (the password is stored by a task of its own), and must not be
-            # refused as a search still running.
-            if self.search_task is task:
-                self.search_task = None
-            if not retried and missing_password(error) and ask_password_then(
-                    ctx, self, name, lambda: self.search(retried=True)):
-                self.found_label.setText(f"Searching {name} with the password…")
-                return
             self.found_label.setText(f"{name}: the search failed.")
             self._failed(error)
 
-        def finish() -> None:
-            if self.search_task is task:  # not a retry started since
-                self.search_task = None
-            self._update()
-
-        task = self.search_task = ctx.runner.run(
-            f"Searching {name}", lambda _: list(pacs_of(ctx).find_studies(name, **filters)),
-            on_done=done, on_error=failed, on_finish=finish)
+        run_asking_password(
+            ctx, self, "search_task", name, f"Searching {name}",
+            lambda _: list(pacs_of(ctx).find_studies(name, **filters)),
+            retry=None if retried else (lambda: self.search(retried=True)),
+            on_error=failed,
+            on_retry=lambda: self.found_label.setText(f"Searching {name} with the password…"),
+            on_finish=self._update, on_done=done)
         self._update()
 
     def set_studies(self, studies: list[RemoteStudy]) -> None:
@@ -348,25 +338,18 @@ class ImportFromPacsDialog(QDialog):
             ctx.archiveChanged.emit(repo.repo_id)
 
         def failed(error: TaskError) -> None:
-            if self.import_task is task:  # over: a retry must not be refused as running
-                self.import_task = None
-            if not retried and missing_password(error) and ask_password_then(
-                    ctx, self, name, lambda: self.import_selected(retried=True)):
-                return
             self._result(f"The import from {name} failed: {error.message}", False)
             self._failed(error)
 
-        def finish() -> None:
-            if self.import_task is task:  # not a retry started since
-                self.import_task = None
-            if self.import_task is None:
-                self.progress.hide()
-                self.cancel_button.hide()
-            self._update()
+        def idle() -> None:
+            self.progress.hide()
+            self.cancel_button.hide()
 
-        task = self.import_task = ctx.runner.run(
-            f"Importing from PACS {name}", work, on_done=done, on_error=failed,
-            on_progress=progressed, on_cancel=cancelled, on_finish=finish, cancellable=True)
+        run_asking_password(
+            ctx, self, "import_task", name, f"Importing from PACS {name}", work,
+            retry=None if retried else (lambda: self.import_selected(retried=True)),
+            on_error=failed, on_idle=idle, on_finish=self._update, on_done=done,
+            on_progress=progressed, on_cancel=cancelled, cancellable=True)
         self._update()
 
     def cancel_import(self) -> None:

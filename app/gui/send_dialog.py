@@ -35,7 +35,7 @@ from app.core.studies import LONE_PREFIX, Study, date_display
 from app.core.types import Repository
 from app.gui import theme
 from app.gui.context import AppContext
-from app.gui.nodes_settings import ask_password_then, missing_password, pacs_of
+from app.gui.nodes_settings import pacs_of, run_asking_password
 from app.gui.tasks import Task, TaskContext, TaskError
 from app.gui.widgets import ResultLabel, hidden_progress, muted_label, primary
 from app.integration.model import DicomNode, SendReport
@@ -157,23 +157,14 @@ class SendDialog(QDialog):
                                 repo.repo_id)
 
         def failed(error: TaskError) -> None:
-            if self.task is task:  # over: a retry must not be refused as running
-                self.task = None
-            if not retried and missing_password(error) and ask_password_then(
-                    ctx, self, name, lambda: self.send(retried=True)):
-                return
             self._result(f"Nothing was sent to {name}: {error.message}", False)
             ctx.error(error)
 
-        def finish() -> None:
-            if self.task is task:  # not a retry started since
-                self.task = None
-            if self.task is None:
-                self.progress.hide()
-            self._update()
-
-        task = self.task = ctx.runner.run(f"Sending to {name}", work, on_done=done,
-                                   on_error=failed, on_progress=progressed, on_finish=finish)
+        run_asking_password(
+            ctx, self, "task", name, f"Sending to {name}", work,
+            retry=None if retried else (lambda: self.send(retried=True)),
+            on_error=failed, on_idle=self.progress.hide, on_finish=self._update,
+            on_done=done, on_progress=progressed)
         self._update()
 
     def _result(self, text: str, ok: bool) -> None:

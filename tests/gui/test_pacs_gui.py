@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pydicom
 import pytest
-from guitools import WAIT_MS, close_window, create_repository, pass_gate
+from guitools import (
+    WAIT_MS,
+    close_window,
+    create_repository,
+    pass_gate,
+    wait_connected,
+)
 from integration.servers import (
     Orthanc,
     free_port,
@@ -36,7 +43,13 @@ from series_data import write_ct_study, write_mr_series
 
 from app.core.progress import ProgressEvent
 from app.gui import theme
-from app.gui.nodes_settings import NodesBox, echo_words, node_problem
+from app.gui.nodes_settings import (
+    NodesBox,
+    echo_words,
+    node_problem,
+    pacs_of,
+    run_asking_password,
+)
 from app.gui.pacs_dialog import (
     ImportFromPacsDialog,
     ImportSummary,
@@ -102,6 +115,92 @@ def test_status_summary_and_report_words():
     assert fhir_file_name("../CT 1.dcm") == "CT_1.fhir.json"
     assert elide_middle("1.2.3.4.5.6.7.8.9", 9) == "1.2.….8.9"
     assert elide_middle("short", 9) == "short"
+
+
+def test_password_retry_runs_once_and_a_late_finish_keeps_it(qtbot, make_window, dialogs,
+                                                             keyring_memory, monkeypatch):
+    """The one helper behind the search, import and send of a DICOMweb node whose password
+    the keyring lacks (run_asking_password): asked once, kept, the task run again; the
+    failed task's "finished" arriving after the retry started does not clear it (the race
+    of commit ce4eebd); a retry refused again, or a declined password, is an error, not a
+    second question. No server: the node's password is missing before any connection."""
+    from app.integration.secrets import PasswordMissing
+
+    window = make_window()
+    pass_gate(qtbot, window)
+    wait_connected(qtbot, window)
+    ctx = window.ctx
+    pacs_of(ctx).save_node(DicomNode("WEB-ASK", dicomweb_url="http://127.0.0.1:9/dicom-web",
+                                     username="reader"))
+    finishes: list[Any] = []  # each task's finish callback, to deliver one again late
+    real_run = ctx.runner.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        finishes.append(kwargs.get("on_finish"))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(ctx.runner, "run", run)
+    owner = QWidget()
+    qtbot.addWidget(owner)
+    owner.task = None  # type: ignore[attr-defined]
+    attempts: list[int] = []
+    errors: list[Any] = []
+    events: list[str] = []
+    release = threading.Event()
+
+    def needs_password_once(_: Any) -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise PasswordMissing("node WEB-ASK: no DICOMweb password kept")
+        release.wait(WAIT_MS / 1000)
+        return "found"
+
+    def always_needs_password(_: Any) -> str:
+        attempts.append(1)
+        raise PasswordMissing("node WEB-ASK: no DICOMweb password kept")
+
+    def retrying() -> None:  # the failed task no longer counts as running
+        events.append("retry" if owner.task is None else "retry while still running")
+
+    def start(work: Any, first: bool = True) -> None:
+        run_asking_password(ctx, owner, "task", "WEB-ASK", "Searching WEB-ASK", work,
+                            retry=(lambda: start(work, False)) if first else None,
+                            on_error=errors.append, on_retry=retrying,
+                            on_idle=lambda: events.append("idle"), on_done=events.append)
+
+    dialogs.passwords.append("asked-pw-for-test")
+    start(needs_password_once)
+    failing = owner.task
+    qtbot.waitUntil(lambda: owner.task not in (None, failing), timeout=WAIT_MS)
+    retry = owner.task
+    assert list(keyring_memory.items.values()) == ["asked-pw-for-test"]
+    assert dialogs.passwords == [] and events == ["retry", "idle"]
+    finishes[0]()  # the failed task's "finished", late: the retry keeps running
+    assert owner.task is retry and events == ["retry", "idle"]
+    release.set()
+    qtbot.waitUntil(lambda: owner.task is None and ctx.runner.idle, timeout=WAIT_MS)
+    assert events == ["retry", "idle", "found", "idle"] and errors == []
+    assert len(attempts) == 2
+
+    # refused again after the password was given: one error, no second question
+    attempts.clear()
+    events.clear()
+    dialogs.passwords.extend(["wrong-pw-for-test", "never-asked"])
+    start(always_needs_password)
+    qtbot.waitUntil(lambda: bool(errors) and owner.task is None and ctx.runner.idle,
+                    timeout=WAIT_MS)
+    assert len(attempts) == 2 and len(errors) == 1 and dialogs.passwords == ["never-asked"]
+    assert "password" in errors[0].message.lower(), errors[0].message
+
+    # the password declined (the dialog cancelled): the failure is shown, nothing retried
+    attempts.clear()
+    errors.clear()
+    events.clear()
+    dialogs.passwords.clear()
+    start(always_needs_password)
+    qtbot.waitUntil(lambda: bool(errors) and owner.task is None and ctx.runner.idle,
+                    timeout=WAIT_MS)
+    assert len(attempts) == 1 and len(errors) == 1 and "retry" not in events
 
 
 # --- against Orthanc and storescp ---------------------------------------------------------
