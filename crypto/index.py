@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from crypto import memlock
 from crypto.bounds import bound_vectors, fit_basis
 from crypto.errors import FormatError
 from crypto.sknn import MIN_EXTRA, SknnKey, query_scales
@@ -44,10 +45,12 @@ class WipedKey(RuntimeError):
 
 def _zero(arrays: tuple[Any, ...]) -> None:
     """Zero in place every array we own that numpy lets us write (a read-only view of
-    someone else's buffer is left alone: it is not ours to change)."""
+    someone else's buffer is left alone: it is not ours to change), then let its pages
+    out of RAM (crypto/memlock.py: locked while the key lived)."""
     for array in arrays:
         if isinstance(array, np.ndarray) and array.flags.writeable:
             array.fill(0)
+            memlock.unlock(array)
 
 
 def _sknn_arrays(key: SknnKey) -> tuple[Any, ...]:
@@ -81,6 +84,10 @@ class IndexKey:
         for m, key in zip(self.levels, self.level_keys, strict=True):
             if key.dim != m + 1:
                 raise ValueError("a level key does not match its level")
+        # Best effort: its pages are kept out of swap while it lives (crypto/memlock.py);
+        # a refusal (RLIMIT_MEMLOCK) is counted and logged once, never raised.
+        memlock.lock_all(self.basis, *(a for key in (self.full, *self.level_keys)
+                                       for a in _sknn_arrays(key)))
 
     def __repr__(self) -> str:
         return f"IndexKey(dim={self.dim}, levels={self.levels}, <secret>)"

@@ -11,8 +11,12 @@ Layout. Each user appends to a chain of their own under the repository::
 
     radcrypt/v1/repos/<repo_id>/access/<user_id>/<SEQ20>
 
-one object per recording (one call of ``record``: one original, or the previews of one
-result page), created only if absent, never replaced. The object::
+one object per recording (one call of ``record``: one original, the previews of one
+result page or archive view, or every image a ``radcrypt check --read-data`` run
+decrypts), created only if absent, never replaced. A recording of more than MAX_EVENTS
+images (MAX_CHECK_EVENTS for a check) is split into consecutive entries, all written
+before anything is decrypted: an entry stays below MAX_ENTRY_BYTES, which the owner's
+reader refuses unread. The object::
 
     "RCAL" | version u8 (1) | recipients u8 (n)
            | n x ( id length u8 | recipient user id | wrapped length u16 | wrapped key )
@@ -25,19 +29,20 @@ that an owner signed. Members other than owners cannot read the log, not even th
 entries: the cloud learns only that user X recorded something, when, and its size.
 
 The document is signed by the user who recorded it (crypto/signed.sign_json, kind
-"access", bound to the object name) and holds ``repo``, ``user``, ``user_name``, ``host``,
-``sequence`` (equal to the name's), ``previous`` (SHA-256, hex, of the stored bytes of the
-entry before it; "" for entry 0), ``time`` and ``events`` (``action`` "original" or
-"preview", ``image``, ``study``, ``series``, ``purpose``). The owner's reader verifies
-each chain from entry 0: a gap (a deleted entry), an entry moved to another name or user
-(signature, associated data), one not signed by the user it names (forged: the cloud,
-or another member), or a ``previous`` that does not match (reordered, replaced) stops
-that user's chain there: the entries before it are reported, the rest are not, and the
-problem names the object. Every writer addresses the owner, so an entry the owner
-cannot open is rejected too; a co-owner counts the entries written before they became
-one as unreadable. A cloud that hides the newest entries of a chain is noticed by
-a workstation that read them before (``access-heads.json`` in the data directory,
-remembered per repository and user, like log-heads.json).
+"access", bound to the object name) and holds ``repo``, ``user``, ``user_name``,
+``host``, ``sequence`` (equal to the name's), ``previous`` (SHA-256, hex, of the stored
+bytes of the entry before it; "" for entry 0), ``time`` and ``events`` (``action``
+"original", "preview" or "check" (an integrity check that read the image's original and
+preview, purpose "integrity check"), ``image``, ``study``, ``series``, ``purpose``). The
+owner's reader verifies each chain from entry 0: a gap (a deleted entry), an entry moved
+to another name or user (signature, associated data), one not signed by the user it
+names (forged: the cloud, or another member), or a ``previous`` that does not match
+(reordered, replaced) stops that user's chain there: the entries before it are reported,
+the rest are not, and the problem names the object. Every writer addresses the owner, so
+an entry the owner cannot open is rejected too; a co-owner counts the entries written
+before they became one as unreadable. A cloud that hides the newest entries of a chain
+is noticed by a workstation that read them before (``access-heads.json`` in the data
+directory, remembered per repository and user, like log-heads.json).
 
 Fail closed: the facade records before it decrypts (app/core/client.py), so an original
 or a preview is never shown when its record could not be written.
@@ -81,8 +86,13 @@ from crypto.signed import open_json, sign_json
 
 ACCESS_DIR = "access/"
 HEADS_FILE = "access-heads.json"
-ACTIONS = ("original", "preview")
+ACTIONS = ("original", "preview", "check")
 MAX_EVENTS = 1000  # per entry: a page of previews; larger calls are split
+# A check run's events carry no study or series (the check does not read metadata to
+# record): about 170 bytes each as signed JSON, so 20,000 stay below MAX_ENTRY_BYTES
+# (tests/test_access_batch.py writes and reads back an entry of this many).
+MAX_CHECK_EVENTS = 20_000
+CHECK_PURPOSE = "integrity check"
 MAX_ENTRY_BYTES = 4 << 20  # a hostile object larger than this is refused unread
 MAX_PURPOSE = 200  # characters of the optional purpose kept
 APPEND_ATTEMPTS = 20  # another process of the same user appending at the same time
@@ -315,14 +325,15 @@ class AccessLogWriter:
         return _Head(sequence + 1, hashlib.sha256(self.store.get(last)).hexdigest())
 
     def record(self, action: str, image_ids: Iterable[str],
-               records: dict[str, dict[str, Any]] | None = None, purpose: str = "") -> int:
-        """Write one entry (several when there are more than MAX_EVENTS ids) naming each
-        image; returns the number of entries written. RadcryptError (nothing may be
+               records: dict[str, dict[str, Any]] | None = None, purpose: str = "", *,
+               per_entry: int = MAX_EVENTS) -> int:
+        """Write one entry (several when there are more than ``per_entry`` ids) naming
+        each image; returns the number of entries written. RadcryptError (nothing may be
         decrypted then) when it cannot be written."""
         events = [_event(action, i, (records or {}).get(i), purpose) for i in image_ids]
         written = 0
-        for start in range(0, len(events), MAX_EVENTS):
-            self._append(events[start:start + MAX_EVENTS])
+        for start in range(0, len(events), per_entry):
+            self._append(events[start:start + per_entry])
             written += 1
         return written
 
@@ -388,6 +399,18 @@ def record_access(session: Any, repo: Repository, identity: Identity, action: st
                 except (RadcryptError, StoreError, FormatError, DecryptionError, ValueError):
                     known[image_id] = {}
     writer_for(session, repo, identity).record(action, ids, known, purpose)
+
+
+def record_check(session: Any, repo: Repository, identity: Identity,
+                 image_ids: Iterable[str]) -> int:
+    """Record that an integrity check (``radcrypt check --read-data``, repo_check's
+    ``before_decrypting``) is about to decrypt the previews and originals of
+    ``image_ids``: ONE entry for the run (action "check", purpose "integrity check"; more
+    only past MAX_CHECK_EVENTS images), before the first decryption. Returns the number
+    of entries written; RadcryptError when it cannot be written (the check then stops,
+    nothing decrypted)."""
+    return writer_for(session, repo, identity).record(
+        "check", image_ids, None, CHECK_PURPOSE, per_entry=MAX_CHECK_EVENTS)
 
 
 # --- reading (owners) ------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 An import writes originals, a pack and a segment before the log entry that commits them
 (app/core/importer.py); an import that dies before that entry leaves them behind,
-unreferenced. ``radcrypt check`` lists them (strays in state "unreferenced", and
-originals of no live image); gc deletes those older than a grace period.
+unreferenced. A label change (app/core/labels.py, issue 17) does the same with its label
+objects (``labels/<label_id>``): written, then named by a log entry. ``radcrypt check``
+lists them all (strays in state "unreferenced", and originals of no live image); gc
+deletes those older than a grace period, label objects exactly as packs and segments.
 
 Why it is safe:
 

@@ -23,12 +23,16 @@ Storage format 2 (docs/FORMAT-2.md 4, 5, 7.4):
 * per key version: every image id in exactly one live segment and one live pack (an import
   batch's segment and pack, or the compacted objects holding them), same vector widths in
   every segment, and the original ``objects/<image_id>`` of every image present;
-* every other object under ``segments/`` and ``packs/`` is listed (``strays``): removed by a
-  log entry and not yet deleted (grace period, FORMAT-2 7.4), named only by log entries after
-  a break, or unreferenced (no entry added it: an import that died before its commit, or a
-  forgery). Strays are read: one that does not authenticate under the repository's keys is
-  also a problem (a member's crashed import writes authentic objects; the cloud or a
-  non-member cannot). Originals of no live image are listed too.
+* every live label object (issue 17, log type 4; app/core/label_check.py): present, the
+  SHA-256 its log entry names, parses, MAC and sealed labels open under its key version,
+  and the segment it names live in that key version with the row count it says;
+* every other object under ``segments/``, ``packs/`` and ``labels/`` is listed (``strays``):
+  removed by a log entry and not yet deleted (grace period, FORMAT-2 7.4), named only by
+  log entries after a break, or unreferenced (no entry added it: an import or a label
+  change that died before its commit, or a forgery). Strays are read: one that does not
+  authenticate under the repository's keys is also a problem (a member's crashed import
+  writes authentic objects; the cloud or a non-member cannot). Originals of no live image
+  are listed too.
 
 Storage format 1 (read-only since issue 13): every segment parses and its checksum verifies
 (what the search service checks), one vector width per key version, no image in two
@@ -44,6 +48,13 @@ original replaced by another image's, or altered, does not open). ``DataSubset``
 only a part: "10%" (a seeded random choice, the seed printed so that a run can be
 repeated) or "n/m" (restic's: the n-th of m parts, by object id, so m runs read all).
 Segments are always read whole (they are small next to the packs and originals).
+
+Reading the data decrypts previews (in the packs) and originals, so it is recorded in the
+access log like any other decryption (issue 16): ``before_decrypting`` (the facade passes
+app/core/access_log.record_check) is called ONCE per run, with every image whose pack
+entries or original the run will open, BEFORE the first of them is decrypted; it raising
+stops the check there, nothing decrypted. For that the packs are checked in two passes:
+the tables of contents of all (their image ids), then the chosen packs read whole.
 
 Ages. Strays carry ``age_s`` from the store's last-modified time
 (cloud.backend.list_with_times: S3 LastModified, the directory store's mtime), taken
@@ -71,6 +82,7 @@ from typing import Any
 
 from app.core import logstate, objects
 from app.core.errors import RadcryptError
+from app.core.label_check import TYPE_LABEL, LabelChecker, check_live_labels
 from app.core.packs import toc_tail
 from app.core.progress import ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import Repository, is_format2
@@ -118,7 +130,7 @@ GRANT = "grant"                  # a member's grant missing or not signed by an 
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong, naming its object: ``type`` is "manifest", "log entry",
-    "checkpoint", "segment", "pack", "image" or "original" (an image's original object,
+    "checkpoint", "segment", "pack", "label", "image" or "original" (an image's original object,
     ``id`` its image id); ``id`` the object's id (a log sequence as
     decimal text for log entries and checkpoints); ``sequence`` the log entry concerned
     (the one that added the object), when there is one."""
@@ -142,7 +154,7 @@ class Problem:
 
 @dataclass(frozen=True)
 class Stray:
-    """An object under segments/, packs/ or objects/ that is not live.
+    """An object under segments/, packs/, labels/ or objects/ that is not live.
 
     ``state``: "removed" (a log entry removed it at ``removed_at``, ``removed_age_s``
     seconds ago: deleted after the grace period), "unverified" (named only by log entries
@@ -154,7 +166,7 @@ class Stray:
     its base, ``base_sequence`` (it was written after that entry; the header is
     unauthenticated unless ``authentic``)."""
 
-    type: str          # "segment", "pack", "format-1 segment", "original"
+    type: str          # "segment", "pack", "label", "format-1 segment", "original"
     id: str
     key: str
     size: int
@@ -315,7 +327,8 @@ class RepoCheckReport:
 
 def check_repository(store: Store, settings: Settings | None, repo: Repository, *,
                      progress: ProgressCallback = no_progress, read_data: bool = False,
-                     subset: DataSubset | None = None, now: float | None = None
+                     subset: DataSubset | None = None, now: float | None = None,
+                     before_decrypting: Callable[[list[str]], None] | None = None
                      ) -> RepoCheckReport:
     """Check ``repo`` (opened by a member: its key ring authenticates what is read) and
     return the report; nothing in the bucket is written. ``settings``: the workstation's,
@@ -323,15 +336,19 @@ def check_repository(store: Store, settings: Settings | None, repo: Repository, 
     ``read_data``: also read every live pack whole (SHA-256, every entry opened) and
     every live image's original (decrypted under its key version). ``subset``: read
     only these packs and originals whole (implies ``read_data``). ``now``: the clock
-    for ages (tests).
+    for ages (tests). ``before_decrypting``: called once with the ids of every image whose
+    preview or original the data reading will decrypt, before the first (module
+    docstring: the access log); what it raises is raised, nothing decrypted.
 
-    Progress events: "log" (once), then "segments", "packs", "originals" (with
-    read_data), "strays" (per object).
-    Raises only for the store being unreachable (StoreError) and programming errors.
+    Progress events: "log" (once), then "segments", "packs", "labels" (when there are
+    live labels), "pack data" and "originals" (with read_data), "strays" (per object).
+    Raises only for the store being unreachable (StoreError), ``before_decrypting``'s
+    exceptions and programming errors.
     """
     start = time.perf_counter()
     checker = _Checker(store, settings, repo, progress, read_data or subset is not None,
                        time.time() if now is None else now, subset)
+    checker.before_decrypting = before_decrypting
     if is_format2(repo.manifest):
         checker.format2()
     else:
@@ -434,6 +451,10 @@ class _Checker:
         self.mac_keys = {v.version: index_mac_key(v.data_key) for v in repo.ring.versions}
         self.entries: dict[int, seglog.LogEntry] = {}
         self.modified: Callable[[str], float | None] | None = getattr(store, "modified", None)
+        self.before_decrypting: Callable[[list[str]], None] | None = None
+        self.labels: LabelChecker | None = None
+        self._stored: dict[str, tuple[str, int]] | None = None  # originals, listed once
+        self._pack_images: dict[str, list[str]] = {}  # pack id -> ids (read_data only)
 
     # --- format 2 ------------------------------------------------------------------------------
 
@@ -448,10 +469,34 @@ class _Checker:
             return
         segments = self._listing(layout.segments_prefix(self.repo_id), layout.parse_segment_key)
         pack_sizes = self._listing(layout.packs_prefix(self.repo_id), layout.parse_pack_key)
+        label_sizes = self._listing(layout.labels_prefix(self.repo_id), layout.parse_label_key)
+        self.labels = LabelChecker(self.store, self.repo, state)
         seg_ids = self._check_segments(state, segments)
         pack_ids = self._check_packs(state, pack_sizes)
+        self._check_labels(state, label_sizes)
+        if self.read_data:
+            self._read_pack_data(state, pack_sizes, seg_ids, pack_ids)
         self._check_images(state, seg_ids, pack_ids)
-        self._strays(state, unverified, segments, pack_sizes)
+        self._strays(state, unverified, segments, pack_sizes, label_sizes)
+
+    def _check_labels(self, state: seglog.LogState, listing: dict[str, tuple[str, int]]
+                      ) -> None:
+        """Every live label object (app/core/label_check.py); counted only when there is
+        one (a repository without labels reports what it did before labels existed)."""
+        assert self.labels is not None
+        if not state.labels():
+            return
+
+        def each(done: int, total: int, label_id: str) -> None:
+            self.progress(ProgressEvent("labels", done, total, item=label_id))
+
+        for found in check_live_labels(self.labels, listing, each):
+            if found.kind == "note":
+                self.report.notes.append(f"label {found.label_id}: {found.detail}")
+            else:
+                self.report.add(found.kind, "label", found.label_id, found.detail,
+                                found.sequence)
+        self.report.counts["labels"] = len(state.labels())
 
     def _listing(self, prefix: str, parse: Callable[[str], tuple[str, str]]
                  ) -> dict[str, tuple[str, int]]:
@@ -710,10 +755,74 @@ class _Checker:
         with ThreadPoolExecutor(READ_THREADS * 2, thread_name_prefix="radcrypt-check") as pool:
             for done, (obj, ids) in enumerate(zip(live, pool.map(one, live), strict=True), 1):
                 self.progress(ProgressEvent("packs", done, len(live), item=obj.id))
+                if ids and self.read_data:
+                    self._pack_images[obj.id] = ids
                 for image_id in ids or ():
                     images[obj.key_version][image_id].append(obj.id)
         self.report.counts["packs"] = len(live)
         return images
+
+    def _read_pack_data(self, state: seglog.LogState, listing: dict[str, tuple[str, int]],
+                        seg_ids: dict[int, dict[str, list[str]]],
+                        pack_ids: dict[int, dict[str, list[str]]]) -> None:
+        """The data reading's first half: record what will be decrypted (the access
+        log), then read each chosen pack whole; a pack that fails no longer counts as
+        holding its images (they are then named as unpaired)."""
+        chosen = [obj for obj in state.packs()
+                  if obj.id in self._pack_images and self._reads(obj.id)]
+        if self.before_decrypting is not None:
+            previews = {i for obj in chosen for i in self._pack_images[obj.id]}
+            images = {i for by_id in (*seg_ids.values(), *pack_ids.values()) for i in by_id}
+            stored = self._stored_originals()
+            originals = {i for i in images if i in stored and self._reads(i)}
+            wanted = sorted(previews | originals)
+            if wanted:
+                self.before_decrypting(wanted)
+
+        def one(obj: seglog.LiveObject) -> bool:
+            return self._read_pack(obj, listing)
+
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="radcrypt-check") as pool:
+            for done, (obj, whole) in enumerate(zip(chosen, pool.map(one, chosen),
+                                                    strict=True), 1):
+                self.progress(ProgressEvent("pack data", done, len(chosen), item=obj.id))
+                if whole:
+                    continue
+                by_id = pack_ids[obj.key_version]
+                for image_id in self._pack_images[obj.id]:
+                    holders = by_id.get(image_id, [])
+                    if obj.id in holders:
+                        holders.remove(obj.id)
+                    if not holders:
+                        by_id.pop(image_id, None)
+
+    def _read_pack(self, obj: seglog.LiveObject, listing: dict[str, tuple[str, int]]
+                   ) -> bool:
+        """Read one pack whole (its table of contents opened already): SHA-256 against
+        the log, every entry opened. False, the problem reported, when it fails."""
+        report, seq = self.report, obj.added_at
+        key = listing[obj.id][0]
+        try:
+            data_key = self.repo.ring.version(obj.key_version).data_key
+            blob = self.store.get(key)
+            if hashlib.sha256(blob).digest() != obj.sha256:
+                report.add(ALTERED, "pack", obj.id, "its SHA-256 is not the one its log "
+                           "entry names (altered, truncated or replaced in the bucket)", seq)
+                return False
+            packs.open_pack(data_key, self.repo_id, obj.id, blob)
+        except ObjectNotFound:
+            report.add(MISSING, "pack", obj.id, "listed but gone when read", seq)
+            return False
+        except DecryptionError as exc:
+            report.add(NOT_AUTHENTICATED, "pack", obj.id, f"does not open under key version "
+                       f"{obj.key_version}: {exc or 'authentication failed'} (altered, "
+                       "forged or moved)", seq)
+            return False
+        except (FormatError, ValueError, KeyError) as exc:
+            report.add(DAMAGED, "pack", obj.id, str(exc), seq)
+            return False
+        self._count("packs read")
+        return True
 
     def _pack(self, obj: seglog.LiveObject, listing: dict[str, tuple[str, int]]
               ) -> list[str] | None:
@@ -730,17 +839,7 @@ class _Checker:
                                 "this key ring, it was not opened")
             return None
         try:
-            if self._reads(obj.id):
-                blob = self.store.get(key)
-                if hashlib.sha256(blob).digest() != obj.sha256:
-                    report.add(ALTERED, "pack", obj.id, "its SHA-256 is not the one its log "
-                               "entry names (altered, truncated or replaced in the bucket)",
-                               seq)
-                    return None
-                toc, _ = packs.open_pack(keys.data_key, self.repo_id, obj.id, blob)
-                self._count("packs read")
-            else:
-                toc = self._toc(key, size, obj.id, keys.data_key)
+            toc = self._toc(key, size, obj.id, keys.data_key)  # read whole: _read_pack
         except ObjectNotFound:
             report.add(MISSING, "pack", obj.id, "listed but gone when read", seq)
             return None
@@ -852,9 +951,16 @@ class _Checker:
             return
         self._count("originals read")
 
+    def _stored_originals(self) -> dict[str, tuple[str, int]]:
+        """image id -> (key, size) of every original in the bucket (listed once)."""
+        if self._stored is None:
+            self._stored = self._listing(layout.objects_prefix(self.repo_id),
+                                         layout.parse_object_key)
+        return self._stored
+
     def _originals(self, live_images: set[str], list_strays: bool = True,
                    state: seglog.LogState | None = None) -> dict[str, tuple[str, int]]:
-        stored = self._listing(layout.objects_prefix(self.repo_id), layout.parse_object_key)
+        stored = self._stored_originals()
         frames = self._frames_of_stored(live_images - set(stored), live_images, stored, state)
         for image_id in sorted(live_images - set(stored) - frames):
             self.report.add(MISSING_OBJECT, "image", image_id, "its original "
@@ -904,8 +1010,8 @@ class _Checker:
         return None if when is None else max(0.0, self.now - when)
 
     def _strays(self, state: seglog.LogState, unverified: dict[tuple[int, str], int],
-                segments: dict[str, tuple[str, int]], pack_sizes: dict[str, tuple[str, int]]
-                ) -> None:
+                segments: dict[str, tuple[str, int]], pack_sizes: dict[str, tuple[str, int]],
+                label_sizes: dict[str, tuple[str, int]] | None = None) -> None:
         removed_by: dict[tuple[int, str], int] = {
             key: removed_at for key, (_, removed_at) in state.history.items()}
         for entry in self.entries.values():  # format-1 segments a migration replaced
@@ -918,6 +1024,9 @@ class _Checker:
         found += [(seglog.TYPE_PACK, object_id, key, size)
                   for object_id, (key, size) in pack_sizes.items()
                   if (seglog.TYPE_PACK, object_id) not in state.live]
+        found += [(TYPE_LABEL, object_id, key, size)
+                  for object_id, (key, size) in (label_sizes or {}).items()
+                  if (TYPE_LABEL, object_id) not in state.live]
         for done, (type_, object_id, key, size) in enumerate(sorted(found), 1):
             self.progress(ProgressEvent("strays", done, len(found), item=object_id))
             stray = self._stray(type_, object_id, key, size, removed_by, unverified)
@@ -949,8 +1058,11 @@ class _Checker:
                   if state == "unverified" else "")
         base: int | None = None
         written_after: float | None = None
-        if type_ == seglog.TYPE_SEGMENT:
-            authentic, why, base = self._segment_authentic(key, object_id)
+        if type_ in (seglog.TYPE_SEGMENT, TYPE_LABEL):
+            if type_ == TYPE_LABEL and self.labels is not None:
+                authentic, why, base = self.labels.stray_authentic(key, object_id)
+            else:
+                authentic, why, base = self._segment_authentic(key, object_id)
             entry = None if base is None else self.entries.get(base)
             if entry is not None:
                 written_after = max(0.0, self.now - entry.time_ms / 1000)

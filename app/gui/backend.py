@@ -297,6 +297,13 @@ class Backend:
                       ) -> bytes:
         return self._client().thumbnail_png(repo, image_id, version)
 
+    def archive_previews(self, repo: Repository, entries: Sequence[ArchiveEntry], *,
+                         arrived: Callable[[str, bytes], None] | None = None,
+                         cancel: CancelToken | None = None) -> dict[str, bytes]:
+        """The previews of a view's tiles with ONE access-log entry for all of them
+        (Client.previews); ``arrived`` runs in a worker thread as each is ready."""
+        return self._client().previews(repo, entries, arrived=arrived, cancel=cancel)
+
     def fetch_image(self, repo: Repository, image_id: str, name: str = "",
                     version: int | None = None) -> DecodedImage:
         """Download, verify, decrypt and decode an original (decoded in a child)."""

@@ -4,7 +4,6 @@ archive and the keyword page both show: one build, so the two pages look and beh
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PyQt6.QtCore import QAbstractItemModel, QDate, QRectF, QSize, Qt
@@ -110,23 +109,22 @@ def date_range(tooltip: str, changed: Callable[..., Any]
 def fetch_tiles(ctx: Any, repo: Repository | None, wanted: Sequence[Any], side: int, *,
                 thread_prefix: str, arrived: Callable[[tuple[str, QImage]], None],
                 failed: Callable[[TaskError], None]) -> Task | None:
-    """Decrypt the previews of ``wanted`` (``image_id``, ``key_version``) four at a time in
-    a light, cancellable, untracked task; each ``(image_id, tile)`` goes to ``arrived``.
-    ``ctx`` is the page's AppContext (backend and runner); None when nothing is wanted."""
+    """Decrypt the previews of ``wanted`` (archive entries: ``image_id``, ``key_version``,
+    ``clinical``) in a light, cancellable, untracked task, recorded as ONE access-log entry
+    naming them all (Backend.archive_previews); each ``(image_id, tile)`` goes to ``arrived`` as it
+    is ready. ``ctx`` is the page's AppContext (backend and runner); None when nothing is
+    wanted. ``thread_prefix``: kept for the callers; the facade's pool decrypts now."""
     if repo is None or not wanted:
         return None
     backend = ctx.backend
 
     def work(task: TaskContext) -> int:
-        def one(entry: Any) -> None:
-            if task.cancel.cancelled:
-                return
-            png = backend.thumbnail_png(repo, entry.image_id, entry.key_version or None)
-            task.progress((entry.image_id, square_tile(png, side)))
+        def one(image_id: str, png: bytes) -> None:
+            if not task.cancel.cancelled:
+                task.progress((image_id, square_tile(png, side)))
 
-        with ThreadPoolExecutor(4, thread_name_prefix=thread_prefix) as pool:
-            list(pool.map(one, wanted))
-        return len(wanted)
+        return len(backend.archive_previews(repo, list(wanted), arrived=one,
+                                            cancel=task.cancel))
 
     task: Task = ctx.runner.run(
         "Loading previews", work, cancellable=True, tracked=False, light=True,

@@ -120,6 +120,16 @@ def test_study_list_sorts_filters_and_drills_down_to_a_series(qtbot, make_window
     assert archive.count_label.text().endswith("in this series")
     qtbot.waitUntil(lambda: archive.visible_tiles() == len(series.images), timeout=WAIT_MS)
 
+    # the previews of a view are ONE access-log entry naming each of its images, not one
+    # entry per preview (Client.previews; issue 17 maintenance)
+    report = window.backend.client.access_log(window.ctx.repo)
+    views: dict[str, set[str]] = {}
+    for event in report.events:
+        if event.action == "preview":
+            views.setdefault(event.entry, set()).add(event.image_id)
+    assert report.ok and set(archive.model.tiles) <= set().union(*views.values())
+    assert len(views) < sum(len(ids) for ids in views.values()), views
+
     # "Find similar" on an image: the page asks for a search by the image's id
     asked = []
     archive.findSimilarRequested.connect(asked.append)
