@@ -34,6 +34,10 @@ sections behind a 192-byte header and a 64-byte trailer::
         [flags bit 0, FLAG_KEYWORDS: the segment's keyword dictionary (crypto/sse.py RCSD
         bytes, docs/KEYWORDS.md), its length D as u64 at header offset 184, zero-padded
         to 64; D >= 16, else the flag is not set and offset 184 is zero padding]
+        [flags bit 1, FLAG_CKKS: the segment's CKKS block (crypto/ckks.py RCKK bytes,
+        issue 19, a repository in search mode "ckks"), its length C as u64 at header offset
+        176, zero-padded to 64, after the dictionary; C >= 12, else the flag is not set and
+        offset 176 is zero padding]
         B = the end of the last section
     B   HMAC-SHA256 under the index MAC key (crypto/segment_mac.py): covers the dictionary
     B+32 SHA-256 of bytes 0..B+31
@@ -85,6 +89,10 @@ FLAG_KEYWORDS = 0x0001
 """Version 2 only: a keyword dictionary section follows the full vectors (issue 17)."""
 DICTIONARY_AT = HEADER_SIZE_V2 - 8  # u64 dictionary length, in the header's last 8 bytes
 MIN_DICTIONARY = 16  # the RCSD header alone
+FLAG_CKKS = 0x0002
+"""Version 2 only: a CKKS block section follows the dictionary (issue 19, search mode ckks)."""
+CKKS_AT = DICTIONARY_AT - 8  # u64 CKKS block length
+MIN_CKKS = 12  # the RCKK header alone
 
 
 class SegmentError(ValueError):
@@ -122,6 +130,7 @@ class SegmentHeader:
     base_sequence: int | None = None
     writer: str | None = None
     dictionary_size: int = 0
+    ckks_size: int = 0
 
     @property
     def header_size(self) -> int:
@@ -130,7 +139,8 @@ class SegmentHeader:
     @property
     def size(self) -> int:
         """The whole object's size in bytes."""
-        return _sized(self.format_version, self.count, self.widths, self.dictionary_size)
+        return _sized(self.format_version, self.count, self.widths, self.dictionary_size,
+                      self.ckks_size)
 
     @property
     def body_end(self) -> int:
@@ -141,7 +151,12 @@ class SegmentHeader:
     @property
     def dictionary_offset(self) -> int:
         """Where the keyword dictionary starts (meaningful when dictionary_size > 0)."""
-        return self.body_end - self.dictionary_size - _pad(self.dictionary_size)
+        return (self.ckks_offset - self.dictionary_size - _pad(self.dictionary_size))
+
+    @property
+    def ckks_offset(self) -> int:
+        """Where the CKKS block starts (meaningful when ckks_size > 0)."""
+        return self.body_end - self.ckks_size - _pad(self.ckks_size)
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,8 @@ class Segment:
     sha256: bytes | None = None
     dictionary: memoryview | None = None
     """The keyword dictionary (RCSD bytes, a view into the segment), None without one."""
+    ckks: memoryview | None = None
+    """The CKKS block (RCKK bytes, a view into the segment), None without one."""
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -180,14 +197,15 @@ def _header(key_version: int, count: int, widths: tuple[int, ...]) -> bytes:
 
 
 def _header_v2(key_version: int, count: int, widths: tuple[int, ...], seg_id: str,
-               base_sequence: int, writer: str, dictionary_size: int = 0) -> bytes:
-    flags = FLAG_KEYWORDS if dictionary_size else 0
+               base_sequence: int, writer: str, dictionary_size: int = 0,
+               ckks_size: int = 0) -> bytes:
+    flags = (FLAG_KEYWORDS if dictionary_size else 0) | (FLAG_CKKS if ckks_size else 0)
     head = _FIXED.pack(MAGIC, VERSION_2, flags, key_version, count, len(widths) - 1,
                        DTYPE_FLOAT64, 0)
     head += _V2_FIELDS.pack(bytes.fromhex(seg_id), base_sequence, _w64(writer))
     head += struct.pack(f"<{len(widths)}I", *widths)
-    head += b"\0" * (DICTIONARY_AT - len(head))
-    return head + struct.pack("<Q", dictionary_size)
+    head += b"\0" * (CKKS_AT - len(head))
+    return head + struct.pack("<QQ", ckks_size, dictionary_size)
 
 
 def _w64(user_id: str) -> bytes:
@@ -222,13 +240,15 @@ def encode_segment(image_ids: list[str], vectors: EncryptedVectors, key_version:
 
 def encode_segment_v2(image_ids: list[str], vectors: EncryptedVectors, key_version: int, *,
                       seg_id: str, writer: str, base_sequence: int, repo_id: str,
-                      mac_key: bytes, dictionary: bytes | None = None) -> bytes:
+                      mac_key: bytes, dictionary: bytes | None = None,
+                      ckks: bytes | None = None) -> bytes:
     """Serialize one batch as format version 2: the v1 sections behind a header that
     names the segment, its writer and the log head the writer had verified, then the
     MAC under ``mac_key`` (crypto.segment_mac.index_mac_key of the data key of
     ``key_version``) and the SHA-256 of everything before it. ``dictionary``: the
     segment's keyword dictionary (crypto.sse.build_dictionary), placed after the full
-    vectors inside the MAC'd body."""
+    vectors inside the MAC'd body. ``ckks``: the segment's CKKS block (issue 19), after
+    the dictionary, inside the MAC'd body too."""
     if not isinstance(seg_id, str) or not _HEX_ID.fullmatch(seg_id):
         raise ValueError("seg_id must be 32 lowercase hexadecimal characters")
     if not isinstance(writer, str) or not _USER_ID.fullmatch(writer):
@@ -240,21 +260,28 @@ def encode_segment_v2(image_ids: list[str], vectors: EncryptedVectors, key_versi
         raise ValueError(f"key_version {key_version} is not a u32")
     if dictionary is not None and len(dictionary) < MIN_DICTIONARY:
         raise ValueError(f"a keyword dictionary is at least {MIN_DICTIONARY} bytes")
+    if ckks is not None and len(ckks) < MIN_CKKS:
+        raise ValueError(f"a CKKS block is at least {MIN_CKKS} bytes")
     sections = _sections(image_ids, vectors)
     if dictionary is not None:
         sections += [bytes(dictionary), b"\0" * _pad(len(dictionary))]
+    if ckks is not None:
+        sections += [bytes(ckks), b"\0" * _pad(len(ckks))]
     head = _header_v2(key_version, len(image_ids), vectors.widths, seg_id, base_sequence, writer,
-                      len(dictionary) if dictionary is not None else 0)
+                      len(dictionary) if dictionary is not None else 0,
+                      len(ckks) if ckks is not None else 0)
     body = b"".join([head, *sections])
     signed = body + segment_mac(mac_key, repo_id, body)
     return signed + hashlib.sha256(signed).digest()
 
 
-def _sized(version: int, count: int, widths: tuple[int, ...], dictionary_size: int = 0) -> int:
+def _sized(version: int, count: int, widths: tuple[int, ...], dictionary_size: int = 0,
+           ckks_size: int = 0) -> int:
     if version == VERSION:
         size = len(_header(0, count, widths)) + DIGEST_SIZE
     else:
-        size = HEADER_SIZE_V2 + TRAILER_SIZE_V2 + dictionary_size + _pad(dictionary_size)
+        size = (HEADER_SIZE_V2 + TRAILER_SIZE_V2 + dictionary_size + _pad(dictionary_size)
+                + ckks_size + _pad(ckks_size))
     size += ID_SIZE * count + _pad(ID_SIZE * count)
     for width in widths:
         raw = 8 * count * width
@@ -263,10 +290,11 @@ def _sized(version: int, count: int, widths: tuple[int, ...], dictionary_size: i
 
 
 def expected_size(count: int, widths: tuple[int, ...], version: int = VERSION,
-                  dictionary_size: int = 0) -> int:
+                  dictionary_size: int = 0, ckks_size: int = 0) -> int:
     """The size in bytes of a segment of ``count`` images (format ``version``), with a
-    keyword dictionary of ``dictionary_size`` bytes (version 2)."""
-    return _sized(version, count, widths, dictionary_size)
+    keyword dictionary of ``dictionary_size`` bytes and a CKKS block of ``ckks_size``
+    bytes (version 2)."""
+    return _sized(version, count, widths, dictionary_size, ckks_size)
 
 
 def parse_header(data: Buffer, name: str) -> SegmentHeader:
@@ -287,7 +315,7 @@ def parse_header(data: Buffer, name: str) -> SegmentHeader:
     if version == VERSION_2 and len(data) < HEADER_SIZE_V2:
         raise SegmentError(name, f"truncated: {len(data)} bytes is shorter than the "
                                  f"{HEADER_SIZE_V2}-byte header of format version 2")
-    allowed = FLAG_KEYWORDS if version == VERSION_2 else 0
+    allowed = FLAG_KEYWORDS | FLAG_CKKS if version == VERSION_2 else 0
     if flags & ~allowed or reserved != 0:
         raise SegmentError(name, "unknown flags set")
     if dtype != DTYPE_FLOAT64:
@@ -311,16 +339,21 @@ def parse_header(data: Buffer, name: str) -> SegmentHeader:
     if named is not None and named != seg_id:
         raise SegmentError(name, f"seg_id {seg_id} differs from the object's name")
     writer = _read_w64(name, raw_writer)
-    if any(data[end:DICTIONARY_AT]):
+    if any(data[end:CKKS_AT]):
         raise SegmentError(name, "non-zero bytes in the header padding")
-    (dictionary_size,) = struct.unpack_from("<Q", data, DICTIONARY_AT)
+    (ckks_size, dictionary_size) = struct.unpack_from("<QQ", data, CKKS_AT)
+    if not flags & FLAG_CKKS and ckks_size:
+        raise SegmentError(name, "non-zero bytes in the header padding")
+    if flags & FLAG_CKKS and not MIN_CKKS <= ckks_size <= MAX_SEGMENT_BYTES:
+        raise SegmentError(name, f"CKKS block length {ckks_size} out of range "
+                                 f"{MIN_CKKS}..{MAX_SEGMENT_BYTES}")
     if not flags & FLAG_KEYWORDS and dictionary_size:
         raise SegmentError(name, "non-zero bytes in the header padding")
     if flags & FLAG_KEYWORDS and not MIN_DICTIONARY <= dictionary_size <= MAX_SEGMENT_BYTES:
         raise SegmentError(name, f"keyword dictionary length {dictionary_size} out of range "
                                  f"{MIN_DICTIONARY}..{MAX_SEGMENT_BYTES}")
     return SegmentHeader(VERSION_2, int(key_version), int(count), widths, seg_id,
-                         int(base_sequence), writer, int(dictionary_size))
+                         int(base_sequence), writer, int(dictionary_size), int(ckks_size))
 
 
 def _name_id(name: str) -> str | None:
@@ -503,10 +536,13 @@ def _decode_checked(data: Buffer, name: str, header: SegmentHeader, digest: hash
     dictionary = None
     if header.dictionary_size:
         dictionary = memoryview(data)[offset : offset + header.dictionary_size]
+    ckks = None
+    if header.ckks_size:
+        ckks = memoryview(data)[header.ckks_offset : header.ckks_offset + header.ckks_size]
     return Segment(key_version=header.key_version, ids=ids, vectors=vectors,
                    format_version=header.format_version, seg_id=header.seg_id,
                    writer=header.writer, base_sequence=header.base_sequence, sha256=sha256,
-                   dictionary=dictionary)
+                   dictionary=dictionary, ckks=ckks)
 
 
 def _has_duplicates(ids: NDArray[np.void]) -> bool:

@@ -72,6 +72,7 @@ SCORE_LIMIT = 1.5 * MAX_NORM**2 + 1.0
 MAGIC = b"RCKK"
 FORMAT_VERSION = 1
 _HEAD = struct.Struct(">4sBBHI")  # magic, version, kind, period, count
+HEADER_SIZE = _HEAD.size  # 12: what ``header`` reads
 KIND_BLOCK, KIND_QUERY, KIND_SCORES, KIND_EVAL, KIND_ROWS = 1, 2, 3, 4, 5
 DIAGONAL, ROWS = "diagonal", "rows"
 

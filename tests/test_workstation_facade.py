@@ -1,7 +1,7 @@
 """Workstation search mode (issue 19) through the facade and the CLI: the same calls as an
 sknn repository (create with ``search``, import, search by file and by image id, get the
 original, ``radcrypt repo create --search``, ``radcrypt search``), no search service
-started, ``ckks`` refused in plain words. Real sample DICOM files, a directory store.
+started (``ckks``: tests/test_ckks_mode.py). Real sample DICOM files, a directory store.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def test_facade_create_import_search_get(tmp_path: Path) -> None:
     facade.create_identity(settings, "Dr. Owner", "correct horse battery staple 19")
     files = sample_files(3)
     with Client.unlock(settings, "correct horse battery staple 19") as client:
-        with pytest.raises(RadcryptError, match="not built yet"):
-            client.create_repository("he", search="ckks")
+        with pytest.raises(RadcryptError, match="search mode must be one of"):
+            client.create_repository("he", search="quantum")
         repo = client.create_repository("ws", search="workstation")
         assert client.search_mode(repo) == "workstation"
         assert facade.manifest_dict(repo.manifest)["search"] == "workstation"
@@ -52,8 +52,6 @@ def test_cli_repo_create_search_and_search(tmp_path: Path, monkeypatch: pytest.M
                                            capsys: pytest.CaptureFixture[str]) -> None:
     run = cli_runner(tmp_path / "data", "workstation cli password 19", monkeypatch, capsys)
     assert run("identity", "create", "--name", "Dr. Local")[0] == 0
-    code, _, err = run("repo", "create", "he", "--search", "ckks")
-    assert code != 0 and "not built yet" in err
     code, out, _ = run("repo", "create", "local", "--search", "workstation", "--json")
     assert code == 0 and json.loads(out)["search"] == "workstation"
     files = [str(f) for f in sample_files(2)]

@@ -124,14 +124,16 @@ def test_manifest_search_field_defaults_and_refusals(store: DirectoryStore) -> N
     raw = json.loads(signed.to_json())
     assert raw["search"] == "workstation"
     assert Manifest.from_json(signed.to_json(), "m").search == "workstation"
-    with pytest.raises(RadcryptError, match="not built yet"):
-        new_repository(store, "he", "radcrypt-v1", None, search="ckks")
+    he = new_repository(store, "he", "radcrypt-v1", None, search="ckks").manifest
+    assert he.search == "ckks" and he.levels == []  # built (issue 19, tests/test_ckks_mode.py)
+    with pytest.raises(RadcryptError, match="search mode must be one of"):
+        new_repository(store, "qu", "radcrypt-v1", None, search="quantum")
     raw["search"] = "quantum"
     with pytest.raises(RadcryptError, match="field 'search'"):
         Manifest.from_json(json.dumps(raw).encode(), "m")
-    raw["search"] = "ckks"  # reserved: read, but never searched by this version
+    raw["search"] = "ckks"  # searched by the service, never by the workstation's index
     ckks = Manifest.from_json(json.dumps(raw).encode(), "m")
-    with pytest.raises(RadcryptError, match="not built yet"):
+    with pytest.raises(RadcryptError, match="not searched here"):
         workstation.search_features(None, replace_manifest(ckks), np.zeros(128), ["q"], 1)
 
 

@@ -368,6 +368,11 @@ def create_repository_as(session: Session, owner: Identity, name: str,
         state = seglog.write_genesis(store, repo_id, owner, owner.user_id, manifest.sequence,
                                      manifest.key_version)
         remember_head(session.settings, repo_id, state.head)
+    if manifest.search == "ckks":  # issue 19: the version's public evaluation keys, now
+        from app.core.ckks_blocks import ensure_eval_keys
+
+        ensure_eval_keys(store, Repository(manifest, ring, owner.sign_public),
+                         ring.current.version)
     return Repository(manifest, ring, owner.sign_public)
 
 
@@ -808,7 +813,8 @@ def _commit_copies(session: Session, owner: Identity, repo: Repository,
     pack_id, pack_blob = compaction.build_pack(repo, version, images, batch)
     seg_id, seg_blob = compaction.build_segment(repo, owner, version, state.head.sequence,
                                                 ids, vectors,
-                                                keywords=keyword_dicts.keywords_by_id(images))
+                                                keywords=keyword_dicts.keywords_by_id(images),
+                                                features=batch, store=store)  # issue 19: ckks
     # Issue 17: the images' labels under the old versions, as a label of the new one
     carried = labels.carry_to_version(store, repo, state, version, seg_id, ids)
     store.put(layout.pack_key(repo.repo_id, pack_id), pack_blob, if_absent=True)

@@ -581,8 +581,9 @@ class Client:
         ``policy``: "clinical" (originals stored, encrypted) or "research" (de-identified
         copies: app/core/deid.py), fixed in the signed manifest. ``search``: "sknn" (the
         service ranks secure-kNN ciphertexts) or "workstation" (searched here from a local
-        encrypted copy of the feature arrays: app/core/workstation.py); "ckks" is refused,
-        not built yet."""
+        encrypted copy of the feature arrays: app/core/workstation.py) or "ckks" (the
+        service computes encrypted scores under homomorphic encryption, decrypted and
+        re-scored exactly here: app/core/ckks_search.py)."""
         from app.core.access import create_repository_as
         from app.core.deid import check_policy
 
@@ -704,12 +705,20 @@ class Client:
         (strays); format 1, every segment and each indexed image's objects. The report's
         ``problems`` name each object (``ok`` when there is none). ``read_data``: also
         read every pack whole and decrypt every original; ``subset`` (repo_check.
-        parse_subset): only a part of them. Progress: "log", then "segments", "packs",
-        "originals" (read_data), "strays" events."""
+        parse_subset): only a part of them. Reading the data decrypts previews and
+        originals: ONE access-log entry (action "check", purpose "integrity check") names
+        every image it will decrypt, written before the first (RadcryptError and nothing
+        decrypted when it cannot be). Progress: "log", then "segments", "packs", "labels",
+        "pack data" and "originals" (read_data), "strays" events."""
+        from app.core.access_log import record_check
         from app.core.repo_check import check_repository
 
+        def before_decrypting(image_ids: list[str]) -> None:
+            record_check(self.session, repo, self.identity, image_ids)
+
         return check_repository(self.session.store, self.settings, repo, progress=progress,
-                                read_data=read_data, subset=subset)
+                                read_data=read_data, subset=subset,
+                                before_decrypting=before_decrypting)
 
     def gc(self, repo: Repository, *, grace_seconds: float | None = None,
            dry_run: bool = False, progress: ProgressCallback = no_progress) -> GcReport:
@@ -853,7 +862,7 @@ class Client:
         ungrouped top-k either way. ``where``: a keyword filter (issue 17; terms as for
         ``client.keywords.find``, e.g. "modality=MR bodypart=KNEE"): the nearest among
         the matching images only, exactly (app/core/searcher.py)."""
-        if repo.manifest.search == "sknn":  # workstation mode (issue 19) needs no service
+        if repo.manifest.search != "workstation":  # workstation mode (issue 19): no service
             self.service()  # the service starts now, trusting the owners pinned so far
         start = time.perf_counter()
         features = self.features(paths, repo.manifest.extractor, progress, cancel)
@@ -874,7 +883,7 @@ class Client:
                         where: Any = None) -> list[QueryResult]:
         """Nearest archived images of each feature vector (rows); k between 1 and MAX_K;
         ``allow_incomplete``, ``group`` and ``where`` as in ``search_files``."""
-        if repo.manifest.search != "sknn":  # issue 19: searched on this workstation
+        if repo.manifest.search == "workstation":  # issue 19: searched on this workstation
             from app.core import workstation
 
             return workstation.search_features(self.session, repo, features, labels, k,
@@ -892,7 +901,7 @@ class Client:
         (decrypted from its pack's feature array) are the query. The image itself is left
         out of the answer unless ``exclude_self`` is False; other images of its series
         stay (grouped as one series with ``group``)."""
-        if repo.manifest.search != "sknn":  # issue 19: searched on this workstation
+        if repo.manifest.search == "workstation":  # issue 19: searched on this workstation
             from app.core import workstation
 
             return workstation.search_image(self.session, repo, self._image_id(image_id), k,
@@ -964,6 +973,43 @@ class Client:
 
         with ThreadPoolExecutor(min(8, len(hits))) as pool:
             return dict(pool.map(one, hits))
+
+    def previews(self, repo: Repository, images: Sequence[str | ImageMeta], *,
+                 arrived: Callable[[str, bytes], None] | None = None,
+                 cancel: CancelToken | None = None) -> dict[str, bytes]:
+        """Decrypted PNG previews (image id -> PNG) of ``images`` (ids, or the metadata
+        the caller holds: its key version and study then need no second read), with ONE
+        access-log entry naming every image, written before the first is decrypted (an
+        archive view of 200 tiles is one recording, not 200). ``arrived(image_id, png)``:
+        called from a worker thread as each is ready; ``cancel``: the rest are skipped
+        (the entry names them all already)."""
+        metas = {m.image_id: m for m in images if isinstance(m, ImageMeta)}
+        ids = list(dict.fromkeys(self._image_id(m if isinstance(m, str) else m.image_id)
+                                 for m in images))
+        if not ids:
+            return {}
+        self._record_access(repo, "preview", ids,
+                            {i: {"clinical": m.clinical} for i, m in metas.items()})
+        cancel = cancel or CancelToken()
+        reader = self._reader(repo) if self._format2(repo) else None
+
+        def one(image_id: str) -> tuple[str, bytes | None]:
+            if cancel.cancelled:
+                return image_id, None
+            if reader is not None:
+                png = bytes(reader.thumb(image_id))
+            else:
+                from app.core.objects import get_decrypted
+
+                meta = metas.get(image_id)
+                png, _ = get_decrypted(self.session.store, repo.ring, repo.repo_id, "thumbs",
+                                       image_id, (meta.key_version or None) if meta else None)
+            if arrived is not None:
+                arrived(image_id, png)
+            return image_id, png
+
+        with ThreadPoolExecutor(min(8, len(ids)), thread_name_prefix="radcrypt-previews") as pool:
+            return {i: png for i, png in pool.map(one, ids) if png is not None}
 
     # --- images ---------------------------------------------------------------------------
 
@@ -1137,6 +1183,9 @@ class Client:
             from app.core.workstation import forget_all
 
             forget_all()  # plaintext local indexes of workstation-mode repositories
+            from app.core.ckks_blocks import forget
+
+            forget()  # CKKS secret keys (SEAL objects) of ckks-mode repositories
             if not isinstance(self.identity, LockedIdentity):
                 self.identity = LockedIdentity(self.identity.user_id, self.identity.name)
             session = self._session

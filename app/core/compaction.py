@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from app.core import keyword_dicts, labels, logstate
+from app.core import ckks_blocks, keyword_dicts, labels, logstate
 from app.core.errors import AccessDenied, Cancelled, IntegrityError
 from app.core.progress import CancelToken, ProgressCallback, ProgressEvent, no_progress
 from app.core.repository import Repository, check_still_current, is_format2
@@ -55,6 +55,7 @@ from cloud.segments import (
     SegmentAuthError,
     SegmentError,
     decode_segment,
+    encode_segment_v2,
     parse_header,
     verify_segment_mac,
 )
@@ -226,18 +227,31 @@ def merge_rows(parts: Sequence[tuple[list[str], EncryptedVectors]]
 
 def build_segment(repo: Repository, writer: Identity, key_version: int, base_sequence: int,
                   ids: list[str], vectors: EncryptedVectors, *,
-                  keywords: Mapping[str, Iterable[str]] | None = None) -> tuple[str, bytes]:
+                  keywords: Mapping[str, Iterable[str]] | None = None,
+                  features: np.ndarray | None = None, store: Store | None = None
+                  ) -> tuple[str, bytes]:
     """(seg_id, bytes) of a new authenticated segment holding exactly these rows, with
     the keyword dictionary of ``keywords`` (image id -> its keywords, every id; issue 17)
     in its MAC'd body. ``keywords`` None: no dictionary (the segment cannot be found by
-    keyword until a compaction rewrites it)."""
+    keyword until a compaction rewrites it). In a CKKS repository (issue 19) ``features``
+    (the rows' plaintext features, row order) is required: the new segment's CKKS block is
+    encrypted from them (a block cannot be cut or merged), and with ``store`` the key
+    version's evaluation keys are written first when absent."""
     seg_id = layout.new_id()
     mac_key = index_mac_key(repo.ring.version(key_version).data_key)
     dictionary = (None if keywords is None else
                   keyword_dicts.dictionary_for(repo, key_version, seg_id, ids, keywords))
-    blob = keyword_dicts.encode(ids, vectors, key_version, seg_id=seg_id,
-                                writer=writer.user_id, base_sequence=base_sequence,
-                                repo_id=repo.repo_id, mac_key=mac_key, dictionary=dictionary)
+    block = ckks_blocks.rewrite_block(store, repo, key_version, ids, features)
+    if block is None:
+        blob = keyword_dicts.encode(ids, vectors, key_version, seg_id=seg_id,
+                                    writer=writer.user_id, base_sequence=base_sequence,
+                                    repo_id=repo.repo_id, mac_key=mac_key,
+                                    dictionary=dictionary)
+    else:
+        blob = encode_segment_v2(ids, vectors, key_version, seg_id=seg_id,
+                                 writer=writer.user_id, base_sequence=base_sequence,
+                                 repo_id=repo.repo_id, mac_key=mac_key,
+                                 dictionary=dictionary, ckks=block)
     written = decode_segment(blob, seg_id).id_strings()
     if sorted(written) != sorted(ids) or len(written) != len(ids):
         raise IntegrityError(f"new segment {seg_id} would not hold exactly the images of "
@@ -365,6 +379,8 @@ def compact(store: Store, settings: Settings, repo: Repository, writer: Identity
     report = CompactionReport()
     state = logstate.verified_log(store, settings, repo)
     report.segments_before, report.packs_before = len(state.segments()), len(state.packs())
+    if ckks_blocks.is_ckks(repo.manifest):  # issue 19: one CKKS block per segment
+        target_images = min(target_images, ckks_blocks.BLOCK_IMAGES)
     plan = _plan(store, repo, state, target_images, pack_images)
     try:
         for done, (kind, version, group) in enumerate(plan, 1):
@@ -556,8 +572,10 @@ def _merge_segments(store: Store, repo: Repository, writer: Identity,
     # The dictionary is rebuilt from the images' metadata (a dictionary cannot be read
     # without the keywords): the rows keep exactly their keywords, under new positions.
     keywords = keyword_dicts.keywords_from_packs(store, repo, state, version, ids)
+    features = (ckks_blocks.features_from_packs(store, repo, state, version, ids)
+                if ckks_blocks.is_ckks(repo.manifest) else None)
     seg_id, blob = build_segment(repo, writer, version, state.head.sequence, ids, vectors,
-                                 keywords=keywords)
+                                 keywords=keywords, features=features, store=store)
     return seg_id, blob, len(ids), ids
 
 

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from app.core import compaction, keyword_dicts, labels, logstate
+from app.core import ckks_blocks, compaction, keyword_dicts, labels, logstate
 from app.core.errors import AccessDenied, IntegrityError, RadcryptError
 from app.core.meta import ImageMeta
 from app.core.packs import ImageReader, read_toc
@@ -554,9 +554,12 @@ def _segment_without(store: Store, repo: Repository, writer: Identity,
     # Issue 17: the kept rows' keywords, from their metadata in the live packs.
     keywords = keyword_dicts.keywords_from_packs(store, repo, state, live.key_version,
                                                  kept_ids)
+    features = (ckks_blocks.features_from_packs(store, repo, state, live.key_version,
+                                                kept_ids)
+                if ckks_blocks.is_ckks(repo.manifest) else None)  # issue 19
     seg_id, blob = compaction.build_segment(repo, writer, live.key_version,
                                             state.head.sequence, kept_ids, rows,
-                                            keywords=keywords)
+                                            keywords=keywords, features=features, store=store)
     return compaction.added(seglog.TYPE_SEGMENT, seg_id, blob, len(kept_ids)), blob
 
 

@@ -107,7 +107,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core import basis, keyword_dicts, logstate, objects
+from app.core import basis, ckks_blocks, keyword_dicts, logstate, objects
 from app.core.deid import NEUTRAL_NAME, Blackout, DeidentificationRefused, deidentify
 from app.core.errors import Cancelled, IntegrityError, RadcryptError
 from app.core.packs import ImageReader, committed_ids
@@ -132,7 +132,7 @@ from app.imaging.worker import (
 )
 from cloud import layout, seglog
 from cloud.backend import ObjectExists, Store, StoreError, stored_after_conflict
-from cloud.segments import encode_segment
+from cloud.segments import encode_segment, encode_segment_v2
 from crypto import pack
 from crypto.errors import FormatError
 from crypto.identity import Identity
@@ -401,6 +401,7 @@ class Importer:
         self.cancel = cancel or CancelToken()
         self.extract = get_extractor(repo.manifest.extractor)
         self._committed: set[str] = set()
+        self._ckks_ready: set[int] = set()  # key versions whose CKKS evaluation keys exist
         self._uploaded: set[str] = set()
         self._claims: dict[str, Future[None]] = {}  # image id -> its uploads, until committed
         self._claims_lock = threading.Lock()
@@ -729,8 +730,11 @@ class Importer:
             self.repo = basis.ensure(self.store, self.repo, batch, log=self._log)
             from app.core.workstation_index import segment_vectors  # issue 19: by search mode
 
-            vectors = segment_vectors(self.repo.manifest, self.repo.keys, batch,
-                                      basis.norm_bound(self.repo.manifest))
+            if ckks_blocks.is_ckks(self.repo.manifest):  # no secure-kNN ciphertext at all
+                vectors = EncryptedVectors(full=np.zeros((len(batch), 1)), levels=())
+            else:
+                vectors = segment_vectors(self.repo.manifest, self.repo.keys, batch,
+                                          basis.norm_bound(self.repo.manifest))
             seg_id = layout.new_id()
             if self.format2:
                 report.packs.append(self._commit_format2(ids, new, batch, vectors, seg_id))
@@ -764,11 +768,25 @@ class Importer:
         dictionary = keyword_dicts.dictionary_for(
             repo, keys.version, seg_id, ids,
             {i: keyword_dicts.keywords_of_record(i, new[i].meta) for i in ids})
-        segment = keyword_dicts.encode(ids, vectors, keys.version, seg_id=seg_id,
-                                       writer=self.writer.user_id,
-                                       base_sequence=self._log.head.sequence, repo_id=repo_id,
-                                       mac_key=index_mac_key(keys.data_key),
-                                       dictionary=dictionary)
+        # Issue 19: a CKKS repository's segment carries the batch's CKKS block too, and the
+        # key version's evaluation keys exist before any segment of it is committed.
+        block = ckks_blocks.block_for(repo, keys.version, batch)
+        if block is None:
+            segment = keyword_dicts.encode(ids, vectors, keys.version, seg_id=seg_id,
+                                           writer=self.writer.user_id,
+                                           base_sequence=self._log.head.sequence,
+                                           repo_id=repo_id,
+                                           mac_key=index_mac_key(keys.data_key),
+                                           dictionary=dictionary)
+        else:
+            if keys.version not in self._ckks_ready:
+                ckks_blocks.ensure_eval_keys(store, repo, keys.version)
+                self._ckks_ready.add(keys.version)
+            segment = encode_segment_v2(ids, vectors, keys.version, seg_id=seg_id,
+                                        writer=self.writer.user_id,
+                                        base_sequence=self._log.head.sequence,
+                                        repo_id=repo_id, mac_key=index_mac_key(keys.data_key),
+                                        dictionary=dictionary, ckks=block)
         self._store_batch(repo_id, pack_id, blob, seg_id, segment)
         trust = logstate.repository_trust(store, repo)  # step 3: the manifest read again
         if trust.key_version != keys.version:

@@ -25,8 +25,9 @@ Search mode (issue 19, docs/WORKSTATION.md). The manifest's ``search`` field say
 repository is searched: "sknn" (the default: secure-kNN ciphertexts in segments, searched
 by the keyless service), "workstation" (segments carry image ids only; each member's
 client syncs the packs' AES-encrypted feature arrays into a local cache and searches in
-plaintext on the workstation, app/core/workstation.py) or "ckks" (reserved for the
-homomorphic mode: read, but a repository cannot be created or searched in it yet). Written
+plaintext on the workstation, app/core/workstation.py) or "ckks" (segments carry image ids
+and a CKKS block each, app/core/ckks_blocks.py; the service computes encrypted scores, the
+client decrypts and re-scores exactly, app/core/ckks_search.py). Written
 only when not "sknn", so that every older manifest keeps its bytes and reads as sknn; it
 is inside the owner-signed payload like every other field, so the cloud cannot switch a
 repository's mode.
@@ -68,12 +69,10 @@ STORAGE_FORMATS = {1: MANIFEST_FORMAT, 2: MANIFEST_FORMAT_V2}
 SCHEME = "aspe-split-v1+aes-256-gcm-stream-v1"
 PASSWORD_OWNER = "password-owner"
 BOUND_LEVELS = ("auto", "off")  # the repository option (radcrypt repo create --bound-levels)
-# Search modes (issue 19): the manifest's ``search`` field. "ckks" is reserved: a manifest
-# may name it (a later version builds it), this one refuses to create or search such a
-# repository in plain words (search_not_built).
+# Search modes (issue 19): the manifest's ``search`` field; every one is built.
 SKNN, WORKSTATION, CKKS = "sknn", "workstation", "ckks"
 SEARCH_MODES = (SKNN, WORKSTATION, CKKS)
-SEARCH_BUILT = (SKNN, WORKSTATION)
+SEARCH_BUILT = (SKNN, WORKSTATION, CKKS)
 
 
 @dataclass(frozen=True)
@@ -298,19 +297,41 @@ def storage_format_name(storage_format: int) -> str:
         raise RadcryptError(f"storage format must be 1 or 2, not {storage_format!r}") from None
 
 
+def _ckks_ready() -> bool:
+    """Whether cloud/segments.py writes CKKS block sections (FLAG_CKKS, issue 19): until
+    it does, the ckks mode is refused as not built (the tree stays consistent)."""
+    import inspect
+
+    from cloud.segments import encode_segment_v2
+
+    return "ckks" in inspect.signature(encode_segment_v2).parameters
+
+
+def built_modes() -> tuple[str, ...]:
+    """The search modes a new repository may be created in."""
+    return SEARCH_BUILT if _ckks_ready() else (SKNN, WORKSTATION)
+
+
 def search_not_built(mode: str) -> str:
-    """The plain refusal of a search mode this version does not build (issue 19)."""
+    """The plain refusal of a search mode this version does not build (issue 19), or, for
+    a built mode, of a search asked of the wrong side (the workstation's local search for a
+    repository the service searches)."""
+    if mode in built_modes():
+        return (f"the repository is in search mode {mode!r}, which is not searched here: "
+                "'sknn' and 'ckks' repositories are searched by the search service, "
+                "'workstation' ones on this workstation")
     return (f"search mode {mode!r} is not built yet: choose 'sknn' (the default, searched "
-            "by the service on secure-kNN ciphertexts) or 'workstation' (searched on this "
-            "workstation from a local encrypted copy of the feature arrays)")
+            "by the service on secure-kNN ciphertexts), 'workstation' (searched on this "
+            "workstation from a local encrypted copy of the feature arrays) or 'ckks' "
+            "(encrypted scores computed by the service under homomorphic encryption)")
 
 
 def check_search_mode(mode: str) -> str:
     """``mode`` if a new repository may be created in it, else RadcryptError in words."""
     if mode not in SEARCH_MODES:
-        raise RadcryptError(f"search mode must be one of {', '.join(SEARCH_BUILT)}, not "
+        raise RadcryptError(f"search mode must be one of {', '.join(built_modes())}, not "
                             f"{mode!r}")
-    if mode not in SEARCH_BUILT:
+    if mode not in built_modes():
         raise RadcryptError(search_not_built(mode))
     return mode
 
@@ -386,12 +407,12 @@ def new_repository(store: Store, name: str, extractor: str,
     The bound basis is fitted on ``basis_sample`` (the department's own features) or,
     without one, on the first import batch (app/core/basis.py), never on public data;
     ``bound_levels="off"``: no levels at all. ``policy``: "clinical" or "research"
-    (app/core/deid.py), kept in the manifest. ``search``: "sknn" or "workstation"
-    ("ckks" is refused: not built yet); a workstation repository has no bound levels (its
-    segments hold no ciphertexts to bound).
+    (app/core/deid.py), kept in the manifest. ``search``: "sknn", "workstation" or
+    "ckks"; a workstation or CKKS repository has no bound levels (its segments hold no
+    secure-kNN ciphertexts to bound).
     """
     check_search_mode(search)
-    if search == WORKSTATION:
+    if search in (WORKSTATION, CKKS):
         bound_levels = "off"
     if policy not in ("clinical", "research"):
         raise RadcryptError(f"policy must be 'clinical' or 'research', not {policy!r}")

@@ -26,6 +26,7 @@ many hits were looked at).
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -201,7 +202,8 @@ def search_features(session: Session, repo: Repository, features: np.ndarray,
     docstring. ``where``: a keyword filter (issue 17): the engine ranks only the images
     it matches, exactly (their tokens travel in the same request); every hit is checked
     against it here after decryption."""
-    if repo.manifest.search != "sknn":  # issue 19: not the service's to search
+    ckks_mode = repo.manifest.search == "ckks"  # issue 19: app/core/ckks_search.py
+    if repo.manifest.search != "sknn" and not ckks_mode:  # issue 19: not the service's to search
         raise RadcryptError(f"repository {repo.repo_id!r} is in search mode "
                             f"{repo.manifest.search!r}: it is searched on the workstation "
                             "(Client.search_features runs app/core/workstation.py), not by "
@@ -213,6 +215,13 @@ def search_features(session: Session, repo: Repository, features: np.ndarray,
     results: list[QueryResult] = []
     for start in range(0, len(queries), MAX_QUERIES):  # the most the service takes at once
         chunk = queries[start : start + MAX_QUERIES]
+        if ckks_mode:
+            from app.core.ckks_search import search_chunk
+
+            results += search_chunk(sys.modules[__name__], session, repo, chunk,
+                                    labels[start : start + MAX_QUERIES], k, allow_incomplete,
+                                    query)
+            continue
         results += _search_chunk(session, repo, chunk, labels[start : start + MAX_QUERIES], k,
                                  allow_incomplete, query)
     for result in results:

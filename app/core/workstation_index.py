@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from app.core.errors import RadcryptError
-from app.core.repository import WORKSTATION, Manifest
+from app.core.repository import CKKS, WORKSTATION, Manifest
 from crypto.csprng import random_bytes
 from crypto.tokens import EncryptedVectors
 
@@ -83,8 +83,9 @@ def segment_vectors(manifest: Manifest, keys: Any, batch: np.ndarray,
     (``keys.index_key.encrypt``) in an sknn repository; in a workstation repository no
     ciphertext at all, one zero per row (the segment container requires one column), so
     the segment carries the image ids, its writer and MAC and the commit rule, nothing of
-    the features."""
-    if manifest.search == WORKSTATION:
+    the features. A CKKS repository's segment holds the same zero column (its CKKS block
+    is a separate section, app/core/ckks_blocks.py)."""
+    if manifest.search in (WORKSTATION, CKKS):
         return EncryptedVectors(full=np.zeros((len(batch), 1), dtype=np.float64), levels=())
     vectors: EncryptedVectors = keys.index_key.encrypt(batch, norm_bound)
     return vectors

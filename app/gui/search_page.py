@@ -553,11 +553,17 @@ class SearchPage(QWidget):
         self.banner.show_result(result)
         partial = " (INCOMPLETE)" if result.complete is False else ""
         here = stats.get("mode") == "workstation"  # issue 19: which mode answered
-        mode = " on this workstation" if here else ""
+        encrypted = stats.get("mode") == "ckks"
+        mode = (" on this workstation" if here else
+                " by encrypted scores (CKKS)" if encrypted else "")
         self.fields["searched"].setText(f"{vectors} images{mode}{partial}")
         self.fields["searched"].setToolTip(("Searched on this workstation from its "
                                             "encrypted local copy: the server saw no "
-                                            "query. " if here else "") +
+                                            "query. " if here else
+                                            "The server computed encrypted scores it "
+                                            "cannot read; they were decrypted and the "
+                                            "nearest re-scored exactly here. "
+                                            if encrypted else "") +
                                            f"{vectors} encrypted vectors in the index; "
                                            f"{full_scored} needed a full score, the rest "
                                            "were ruled out by their lower bounds; "

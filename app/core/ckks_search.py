@@ -1,0 +1,142 @@
+"""The client's side of a CKKS search (issue 19, search mode "ckks").
+
+Why this shape: the service holds the repository's CKKS blocks and the public evaluation
+keys, never a secret key; it returns one encrypted score per stored image. Here the query
+is encrypted under the key version's CKKS key (app/core/ckks_blocks.py), the scores
+decrypted, every image whose decrypted score is within twice the error bound of the k-th
+(crypto.ckks.candidates) re-scored exactly from its AES-GCM features in the packs, and the
+exact top-k returned as in the other modes (app/core/searcher.py's QueryResult).
+
+Decrypted scores never leave this process: the Li-Micciancio attack on CKKS needs
+decryptions, and nothing decrypted is ever sent to the service. The answer names the
+segments it covered and the log head it read; the completeness check of FORMAT-2 6.3 is
+the same as for secure-kNN answers (a live segment without a block, or one the service
+left out, makes the answer incomplete).
+
+``searcher`` below is app.core.searcher, handed in by its caller (it imports this module:
+importing it back would make a cycle): its QueryResult, log verification, completeness
+judgement and hit resolution are the same for every mode the service answers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from app.core import ckks_blocks
+from app.core.errors import IncompleteAnswer, IntegrityError, RadcryptError, ServiceError
+from app.core.repository import CKKS, Repository
+from app.core.session import Session
+from cloud import ckks_store
+from cloud.backend import ObjectNotFound
+from crypto import ckks
+from crypto.errors import FormatError
+
+MODE = CKKS
+
+
+def _ask(searcher: Any, session: Session, repo: Repository, query: bytes, digest: bytes,
+         state: Any) -> tuple[ckks_store.CkksAnswer, Any, Any, int]:
+    """(answer, verdict, state, bytes downloaded); the log verified once more when the
+    service answered for a newer head than this client verified."""
+    from cloud.seglog import LogAhead
+
+    version = repo.keys.version
+    path = f"/v2/repos/{repo.repo_id}/{ckks_store.ROUTE}"
+    for attempt in range(2):
+        body = ckks_store.encode_request(version, state.head.sequence, digest, query)
+        # ServiceClient's signed POST (the same signature and refusals as every request)
+        response = session.service._exchange(path, body, protocol=2)
+        try:
+            answer = ckks_store.decode_answer(response.content)
+        except FormatError as exc:
+            raise ServiceError(f"the search service's CKKS answer is malformed: {exc}"
+                               ) from None
+        try:
+            verdict = searcher._judge(state, version, answer)
+        except LogAhead:
+            if attempt:
+                raise IntegrityError(
+                    f"the search service answered for log entry {answer.head_sequence} of "
+                    f"repository {repo.repo_id}, which this client cannot read") from None
+            state = searcher.log_state(session, repo)
+            continue
+        if verdict is None:
+            raise ServiceError("the search service's CKKS answer names segments that do not "
+                               "hash to its segment-set digest (malformed answer)")
+        return answer, verdict, state, len(response.content)
+    raise AssertionError("unreachable")
+
+
+def search_chunk(searcher: Any, session: Session, repo: Repository, queries: np.ndarray,
+                 labels: list[str], k: int, allow_incomplete: bool, where: Any = None
+                 ) -> list[Any]:
+    """app.core.searcher._search_chunk for a CKKS repository (one request per query)."""
+    QueryResult, log_state = searcher.QueryResult, searcher.log_state
+
+    if where is not None:
+        raise RadcryptError(f"repository {repo.repo_id!r} is searched under homomorphic "
+                            "encryption (ckks): a keyword filter is not combined with it yet; "
+                            "search by keyword alone, or without a filter")
+    version, store = repo.keys.version, session.store
+    period = ckks.period_of(repo.manifest.dim)
+    out = []
+    for label, query in zip(labels, queries, strict=True):
+        t0 = time.perf_counter()
+        state = log_state(session, repo)
+        t1 = time.perf_counter()
+        if not state.segments(version):  # nothing stored under this key version yet
+            out.append(QueryResult(label, [], {"mode": MODE, "vectors": 0}, {}, True,
+                                   complete=True, segments_expected=0, segments_searched=0,
+                                   asked=k))
+            continue
+        try:
+            digest = ckks_blocks.eval_digest(store, repo, version)
+        except ObjectNotFound:
+            raise IntegrityError(f"repository {repo.repo_id!r} has segments of key version "
+                                 f"{version} but no CKKS evaluation keys "
+                                 f"({ckks_store.eval_keys_key(repo.repo_id, version)}): "
+                                 "deleted from the store; it cannot be searched") from None
+        key = ckks_blocks.key_of(repo, version)
+        try:
+            encrypted = key.encrypt_query(np.asarray(query, dtype=np.float64), period)
+        except FormatError as exc:
+            raise RadcryptError(f"the query cannot be encrypted for {repo.repo_id!r}: {exc}"
+                                ) from None
+        t2 = time.perf_counter()
+        answer, verdict, state, down = _ask(searcher, session, repo, encrypted, digest, state)
+        t3 = time.perf_counter()
+        if not verdict.complete and not allow_incomplete:
+            raise IncompleteAnswer(version, verdict.expected, verdict.searched,
+                                   verdict.missing)
+        try:
+            scores = key.decrypt_scores(answer.scores, answer.counts)
+        except FormatError as exc:
+            raise IntegrityError(f"the CKKS scores of repository {repo.repo_id!r} are not "
+                                 f"usable ({exc}): a block or the evaluation keys were "
+                                 "altered, or belong to another repository or key version; "
+                                 "nothing was ranked") from None
+        ids = [image_id for seg in answer.image_ids for image_id in seg]
+        if len(set(ids)) != len(ids) or len(ids) != len(scores):
+            raise ServiceError("the search service's CKKS answer names an image twice "
+                               "(malformed answer)")
+        rows = ckks.candidates(scores, k)
+        reader = searcher.image_reader(session, repo, state)
+        exact = np.stack([np.asarray(reader.meta(ids[r])[0]["features"], dtype=np.float64)
+                          for r in rows]) if len(rows) else np.zeros((0, len(query)))
+        diff = exact - np.asarray(query, dtype=np.float64)
+        d2 = np.einsum("ij,ij->i", diff, diff)  # exact, float64; ties by image id
+        order = np.lexsort((np.array([ids[int(r)] for r in rows], dtype=object), d2))[:k]
+        raw = [(ids[int(rows[i])], float(scores[int(rows[i])])) for i in order]
+        hits = searcher._resolve(reader, np.asarray(query, dtype=np.float64), raw)
+        t4 = time.perf_counter()
+        timings = {"log": (t1 - t0) * 1000, "encrypt": (t2 - t1) * 1000,
+                   "server": (t3 - t2) * 1000, "decrypt_rescore": (t4 - t3) * 1000}
+        stats = {"mode": MODE, "vectors": len(ids), "milliseconds": answer.engine_us / 1000,
+                 "candidates": len(rows), "upload_bytes": len(encrypted),
+                 "download_bytes": down}
+        out.append(QueryResult(label, hits, stats, timings, True,
+                               **searcher._completeness(answer, verdict)))
+    return out

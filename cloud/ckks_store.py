@@ -1,0 +1,283 @@
+"""Keyless side of the CKKS search mode (issue 19): where the blocks and evaluation keys are,
+how the service checks them, and the scorer it keeps per repository key version.
+
+Why here and not in cloud/service.py: the service only routes; what it reads (a segment's
+CKKS block section, cloud/segments.py FLAG_CKKS; the evaluation-keys object of a key
+version) and how it checks it without a key lives in one place that the client's writer
+(app/core/ckks_blocks.py) mirrors.
+
+Evaluation-keys object, ``repos/<repo>/ckks/<key version>`` (one per key version, written
+create-if-absent by the first writer of that version), big-endian::
+
+    0   4  magic "RCEK"     4 u8 version (1)   5 3 reserved (0)   8 u32 key version
+    12  32 SHA-256 of the body
+    44  32 HMAC-SHA256 under the index MAC key of the key version over
+           LP("radcrypt/ckks-eval-keys/v1") || LP(repo id) || LP("eval-keys") || bytes 0..43
+    76  .. body: crypto/ckks.py's RCKK evaluation keys (relinearisation, Galois)
+
+A member authenticates the 76-byte head (one range read) and sends the body's SHA-256 in
+its signed request; the keyless service loads the body only when its SHA-256 equals both
+the head's and the request's. An altered body, or a head moved from another repository or
+version, is refused (never used): by the service (digest) or by the client (MAC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cloud import layout
+from cloud.backend import ObjectNotFound, Store
+from cloud.ckks_engine import CkksScorer
+from cloud.segments import SegmentError, decode_segment
+from cloud.wire import segment_set_digest
+from crypto import ckks
+from crypto.errors import FormatError
+
+EVAL_MAGIC = b"RCEK"
+EVAL_VERSION = 1
+EVAL_HEAD = struct.Struct(">4sB3sI32s32s")
+EVAL_HEAD_SIZE = EVAL_HEAD.size  # 76
+EVAL_LABEL = b"radcrypt/ckks-eval-keys/v1"
+ROUTE = "ckks"  # /v2/repos/<repo>/ckks
+REQUEST_MAGIC = b"RCKQ"
+ANSWER_MAGIC = b"RCKA"
+
+
+def eval_keys_key(repo_id: str, key_version: int) -> str:
+    """The bucket key of a key version's evaluation keys."""
+    return layout.repo_prefix(repo_id) + f"ckks/{layout.validate_key_version(key_version)}"
+
+
+def _lp(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def eval_mac(mac_key: bytes, repo_id: str, head: bytes) -> bytes:
+    """The MAC of an evaluation-keys object's first 44 bytes (associated data: repository,
+    kind, key version, which the head carries)."""
+    return hmac.new(mac_key, _lp(EVAL_LABEL) + _lp(repo_id.encode()) + _lp(b"eval-keys")
+                    + head[:44], hashlib.sha256).digest()
+
+
+def build_eval_object(mac_key: bytes, repo_id: str, key_version: int, body: bytes) -> bytes:
+    digest = hashlib.sha256(body).digest()
+    head = struct.pack(">4sB3sI32s", EVAL_MAGIC, EVAL_VERSION, b"\0\0\0", key_version, digest)
+    return head + eval_mac(mac_key, repo_id, head) + body
+
+
+@dataclass(frozen=True)
+class EvalHead:
+    key_version: int
+    digest: bytes
+    mac: bytes
+
+
+def parse_eval_head(data: bytes, what: str) -> EvalHead:
+    if len(data) < EVAL_HEAD_SIZE:
+        raise FormatError(f"{what} is too short for a CKKS evaluation-keys object")
+    magic, version, reserved, key_version, digest, mac = EVAL_HEAD.unpack_from(data)
+    if magic != EVAL_MAGIC or version != EVAL_VERSION or reserved != b"\0\0\0":
+        raise FormatError(f"{what} is not a CKKS evaluation-keys object")
+    return EvalHead(int(key_version), bytes(digest), bytes(mac))
+
+
+def eval_body(data: bytes, what: str, key_version: int, wanted: bytes) -> bytes:
+    """The body of an evaluation-keys object, refused unless its SHA-256 equals the head's
+    and ``wanted`` (what the client authenticated) and the head names ``key_version``."""
+    head = parse_eval_head(data, what)
+    body = data[EVAL_HEAD_SIZE:]
+    if head.key_version != key_version:
+        raise FormatError(f"{what} names key version {head.key_version}, not {key_version}")
+    digest = hashlib.sha256(body).digest()
+    if not (hmac.compare_digest(digest, head.digest) and hmac.compare_digest(digest, wanted)):
+        raise FormatError(f"{what} does not match the digest the client authenticated "
+                          "(altered or replaced in the store): not used")
+    return body
+
+
+# --- the request and the answer (binary, behind the signed-request gate) ----------------
+
+
+def encode_request(key_version: int, min_head: int, eval_digest: bytes, query: bytes) -> bytes:
+    head = json.dumps({"key_version": key_version, "min_head": min_head,
+                       "eval_sha256": eval_digest.hex()}, separators=(",", ":")).encode()
+    return REQUEST_MAGIC + struct.pack(">I", len(head)) + head + query
+
+
+def _split(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], bytes]:
+    if len(data) < 8 or data[:4] != magic:
+        raise FormatError(f"{what} is not a CKKS search {what.split()[-1]}")
+    (size,) = struct.unpack_from(">I", data, 4)
+    if size > 1 << 24 or 8 + size > len(data):
+        raise FormatError(f"{what} is truncated")
+    try:
+        head = json.loads(data[8 : 8 + size])
+    except ValueError:
+        raise FormatError(f"{what} has a malformed header") from None
+    if not isinstance(head, dict):
+        raise FormatError(f"{what} has a malformed header")
+    return head, data[8 + size :]
+
+
+@dataclass(frozen=True)
+class CkksRequest:
+    key_version: int
+    min_head: int
+    eval_digest: bytes
+    query: bytes
+
+
+def decode_request(data: bytes) -> CkksRequest:
+    head, query = _split(data, REQUEST_MAGIC, "the CKKS request")
+    try:
+        version, min_head = int(head["key_version"]), int(head["min_head"])
+        digest = bytes.fromhex(str(head["eval_sha256"]))
+    except (KeyError, TypeError, ValueError):
+        raise FormatError("the CKKS request's header lacks a field") from None
+    if len(digest) != 32 or version < 1 or min_head < 0:
+        raise FormatError("the CKKS request's header has a field out of range")
+    return CkksRequest(version, min_head, digest, query)
+
+
+@dataclass(frozen=True)
+class CkksAnswer:
+    key_version: int
+    head_sequence: int
+    head_hash: bytes
+    set_digest: bytes
+    segment_ids: list[str]
+    counts: list[int]
+    image_ids: list[list[str]]  # per segment, row order
+    engine_us: int
+    scores: bytes
+
+    @property
+    def segments(self) -> int:
+        return len(self.segment_ids)
+
+
+def encode_answer(answer: CkksAnswer) -> bytes:
+    head = json.dumps({
+        "key_version": answer.key_version, "head_sequence": answer.head_sequence,
+        "head_hash": answer.head_hash.hex(), "set_digest": answer.set_digest.hex(),
+        "segment_ids": answer.segment_ids, "counts": answer.counts,
+        "engine_us": answer.engine_us}, separators=(",", ":")).encode()
+    ids = b"".join(bytes.fromhex(i) for seg in answer.image_ids for i in seg)
+    return (ANSWER_MAGIC + struct.pack(">I", len(head)) + head + struct.pack(">Q", len(ids))
+            + ids + answer.scores)
+
+
+def decode_answer(data: bytes) -> CkksAnswer:
+    head, rest = _split(data, ANSWER_MAGIC, "the CKKS answer")
+    try:
+        counts = [int(c) for c in head["counts"]]
+        seg_ids = [str(s) for s in head["segment_ids"]]
+        (size,) = struct.unpack_from(">Q", rest)
+    except (KeyError, TypeError, ValueError, struct.error):
+        raise FormatError("the CKKS answer's header lacks a field") from None
+    if len(counts) != len(seg_ids) or size != 16 * sum(counts) or 8 + size > len(rest):
+        raise FormatError("the CKKS answer's image ids do not match its counts")
+    raw, at, ids = rest[8 : 8 + size], 0, []
+    for count in counts:
+        ids.append([raw[i : i + 16].hex() for i in range(at, at + 16 * count, 16)])
+        at += 16 * count
+    try:
+        return CkksAnswer(int(head["key_version"]), int(head["head_sequence"]),
+                          bytes.fromhex(head["head_hash"]), bytes.fromhex(head["set_digest"]),
+                          seg_ids, counts, ids, int(head["engine_us"]), rest[8 + size :])
+    except (KeyError, TypeError, ValueError):
+        raise FormatError("the CKKS answer's header lacks a field") from None
+
+
+# --- the service's side ------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    key: tuple[Any, ...]
+    scorer: CkksScorer
+    seg_ids: list[str]
+    counts: list[int]
+    image_ids: list[list[str]]
+
+
+class CkksScorers:
+    """One CkksScorer per repository key version, rebuilt when the live segment set or the
+    evaluation keys change (blocks are loaded once, not per query)."""
+
+    def __init__(self, store: Store, workers: int | None = None) -> None:
+        self.store = store
+        self.workers = workers
+        self._loaded: dict[tuple[str, int], _Loaded] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            loaded, self._loaded = list(self._loaded.values()), {}
+        for item in loaded:
+            item.scorer.close()
+
+    def answer(self, repo_id: str, log: Any, seg_ids: list[str], head: int, head_hash: bytes,
+               req: CkksRequest) -> CkksAnswer:
+        """Encrypted scores of every live segment of ``req.key_version`` that carries a
+        CKKS block (``seg_ids``: the snapshot's searched segments of that version; ``log``:
+        the verified log state naming each segment's SHA-256). A segment without a block
+        is left out of the covered set, so the client's completeness check reports it."""
+        started = time.perf_counter()
+        loaded = self._scorer(repo_id, log, seg_ids, req)
+        scores = (loaded.scorer.scores(req.query) if loaded.seg_ids
+                  else ckks.pack_parts(ckks.KIND_SCORES, 0, 0, []))
+        return CkksAnswer(req.key_version, head, head_hash,
+                          segment_set_digest(repo_id, req.key_version, loaded.seg_ids),
+                          list(loaded.seg_ids), list(loaded.counts), loaded.image_ids,
+                          round((time.perf_counter() - started) * 1e6), scores)
+
+    def _scorer(self, repo_id: str, log: Any, seg_ids: list[str], req: CkksRequest) -> _Loaded:
+        key = (tuple(seg_ids), req.eval_digest)
+        with self._lock:
+            known = self._loaded.get((repo_id, req.key_version))
+        if known is not None and known.key == key:
+            return known
+        name = eval_keys_key(repo_id, req.key_version)
+        try:
+            blob = self.store.get(name)
+        except ObjectNotFound:
+            raise FormatError(f"the CKKS evaluation keys of key version {req.key_version} "
+                              f"({name}) are missing from the store") from None
+        body = eval_body(blob, name, req.key_version, req.eval_digest)
+        sha = {o.id: o.sha256 for o in log.segments(req.key_version)} if log else {}
+        blocks, kept, counts, ids = [], [], [], []
+        for seg_id in sorted(seg_ids):
+            seg_key = layout.segment_key(repo_id, seg_id)
+            try:
+                segment = decode_segment(self.store.get(seg_key), seg_id,
+                                         expected_sha256=sha.get(seg_id))
+            except (ObjectNotFound, SegmentError):
+                continue  # not covered: the client's completeness check names it
+            block = getattr(segment, "ckks", None)
+            if block is None or segment.key_version != req.key_version:
+                continue
+            try:
+                if ckks.header(bytes(block[:ckks.HEADER_SIZE]), seg_key)[2] != len(segment):
+                    continue  # a block of other rows: not covered
+            except FormatError:
+                continue
+            blocks.append(bytes(block))
+            kept.append(seg_id)
+            counts.append(len(segment))
+            ids.append(segment.id_strings())
+        scorer = CkksScorer(body, blocks, workers=self.workers)
+        loaded = _Loaded(key, scorer, kept, counts, ids)
+        with self._lock:
+            old = self._loaded.get((repo_id, req.key_version))
+            self._loaded[(repo_id, req.key_version)] = loaded
+        if old is not None:
+            old.scorer.close()
+        return loaded
