@@ -73,14 +73,18 @@ from cloud import codes, cpus, layout, wire
 from cloud.audit import AuditLog
 from cloud.auth import RateLimiter, SignatureVerifier
 from cloud.backend import DirectoryConfig, Store, StoreError
+from cloud.ckks_store import CkksScorers
+from cloud.ckks_store import decode_request as ckks_decode_request
+from cloud.ckks_store import encode_answer as ckks_encode_answer
 from cloud.gpu.backend import searcher
-from cloud.keyword_index import IdLookup, KeywordSource, KeywordView, TokenQuery
+from cloud.keyword_index import KeywordSource, TokenQuery
 from cloud.keyword_store import default_keyword_source
+from cloud.keyword_views import KeywordViews
 from cloud.limits import MAX_BODY_BYTES, MAX_K, MAX_QUERIES
 from cloud.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cloud.metrics import Metrics, RepoFigures
 from cloud.repo_index import RepoIndex, Snapshot
-from cloud.search import ConcurrentSearches, search_subset
+from cloud.search import ConcurrentSearches
 from cloud.service_options import (
     REFRESH_INTERVAL,
     ServiceConfig,
@@ -241,7 +245,7 @@ class Gate:
                 return
             scope.setdefault("state", {})["radcrypt_user"] = user
         try:
-            if not path.startswith("/v2/") or not path.endswith("/search"):
+            if not path.startswith("/v2/") or not path.endswith(("/search", "/ckks")):
                 body.decode("utf-8")
         except UnicodeDecodeError:  # FastAPI would fail on it with a 500 while parsing JSON
             await self._refuse(send, 400, "request body is not UTF-8 JSON")
@@ -558,89 +562,6 @@ class ServiceState:
         return age > self.refresh_interval or (unseen and age > 1.0)
 
 
-class KeywordViews:
-    """The keyword side of every repository served (issue 17): per repository and key
-    version a cloud.keyword_index.KeywordView, brought up to the snapshot a search reads
-    (new segments' dictionaries loaded once, label objects read again when the log head
-    moved), and per snapshot version the id lookup that turns matched images into the
-    engine's row subset. Holds no key: only the tokens of each request."""
-
-    def __init__(self, source: KeywordSource) -> None:
-        self.source = source
-        self._views: dict[tuple[str, int], tuple[object, KeywordView]] = {}
-        self._lookups: dict[tuple[str, int], tuple[object, IdLookup]] = {}
-        self._lock = threading.Lock()
-
-    def view(self, index: RepoIndex, snap: Snapshot, key_version: int) -> KeywordView:
-        key = (index.repo_id, key_version)
-        with self._lock:
-            known = self._views.get(key)
-            if known is not None and known[0] is snap:
-                return known[1]
-            view = known[1] if known is not None else KeywordView(index.repo_id, key_version)
-        view.update(self.source, snap.segment_ids.get(key_version, []), index)
-        with self._lock:
-            self._views[key] = (snap, view)
-        return view
-
-    def lookup(self, repo_id: str, key_version: int, version: Any) -> IdLookup:
-        key = (repo_id, key_version)
-        with self._lock:
-            known = self._lookups.get(key)
-        if known is not None and known[0] is version:
-            return known[1]
-        built = IdLookup(_raw_ids(version.image_ids))
-        with self._lock:
-            self._lookups[key] = (version, built)
-        return built
-
-    def answer(self, index: RepoIndex, snap: Snapshot, req: wire.SearchRequestV2,
-               query: TokenQuery, engine_threads: ConcurrentSearches
-               ) -> tuple[wire.SearchAnswerV2, float]:
-        """A keyword-only or combined search's answer and the seconds it took. The
-        segments it names are those searched by keyword (the ones with a dictionary):
-        a segment without one makes the answer incomplete, never silently partial."""
-        started = time.perf_counter()
-        version = snap.versions.get(req.key_version)
-        view = self.view(index, snap, req.key_version)
-        found = view.evaluate(query)
-        queries = req.queries
-        stats: list[dict[str, object]] = wire.empty_stats(queries)
-        if req.token is None:  # keyword-only: the first k image ids
-            hits = [[(bytes(i).hex(), 0.0) for i in found.ids[: req.k]]]
-            matched, images = int(found.ids.size), found.images
-        elif version is None:
-            hits, matched, images = [[] for _ in range(queries)], 0, 0
-        else:
-            rows = self.lookup(index.repo_id, req.key_version, version).positions(found.ids)
-            with engine_threads.running():
-                results = search_subset(version.index, req.token, req.k, rows)
-            hits = [wire.hits_of(version.image_ids, r.positions, r.scores) for r in results]
-            stats = [r.stats.as_dict() for r in results]
-            matched, images = int(rows.size), len(version.image_ids)
-        elapsed = time.perf_counter() - started
-        seg_ids = found.segment_ids
-        return wire.SearchAnswerV2(
-            key_version=req.key_version, k=req.k, segments=len(seg_ids), images=images,
-            head_sequence=snap.head, head_hash=snap.head_hash,
-            set_digest=wire.segment_set_digest(index.repo_id, req.key_version, seg_ids),
-            engine_us=round(elapsed * 1e6), hits=hits,
-            stats=stats if req.flags & wire.FLAG_STATS else None,
-            segment_ids=list(seg_ids) if req.flags & wire.FLAG_LIST_SEGMENTS else None,
-            matched=matched), elapsed
-
-
-def _raw_ids(image_ids: Sequence[str]) -> Any:
-    """The 16-byte ids of a key version's rows as one array (cloud.index_rows.ImageIds
-    keeps them so; another sequence of hex strings is converted)."""
-    import numpy as np
-
-    raw = getattr(image_ids, "_raw", None)
-    if raw is not None:
-        return raw
-    return np.frombuffer(b"".join(bytes.fromhex(i) for i in image_ids), dtype="V16")
-
-
 def _store_down(exc: StoreError) -> HTTPException:
     return HTTPException(status_code=503, detail=f"object store unavailable: {exc}",
                          headers={"Retry-After": "5"})
@@ -693,6 +614,7 @@ def create_app(
             yield
         finally:
             state.stop()
+            ckks_scorers.close()  # the CKKS worker processes, if any were started
             trail.close()  # the audit entries still buffered are written now
 
     engine_threads = ConcurrentSearches()  # BLAS threads by searches in flight
@@ -738,7 +660,11 @@ def create_app(
               "description": "the repositories to preload are not all loaded and warm"}})
     def readyz() -> JSONResponse:
         """Ready: every repository the service was asked to preload (--preload) is loaded
-        and its cache files warm. Counts only, no repository id."""
+        and its cache files warm. Counts only, no repository id. On a cluster front: every
+        segment of the live set owned by a ready shard (cloud/cluster/health.py)."""
+        if cluster is not None:
+            answer: JSONResponse = cluster.readyz()
+            return answer
         pending = len(state.warming)
         body = Readiness(status="warming" if pending else "ready",
                          repositories=len(state.preload), loading=pending)
@@ -753,6 +679,8 @@ def create_app(
         """Prometheus text (cloud/metrics.py): counters, a latency histogram, sizes per
         repository, memory. No user id, no token, nothing of a query."""
         text = metrics.render(state.figures(), not state.warming if state.preload else None)
+        if cluster is not None:  # per shard: segments, rows, last load, query latency
+            text += cluster.metrics_text()
         return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/info", response_model=Info, responses=_refusals(*_GATE))
@@ -934,6 +862,55 @@ def create_app(
                  queries, req.k, snap.head)
         request.scope.setdefault("state", {})["radcrypt_queries"] = queries
         return Response(wire.encode_answer(answer), media_type=wire.ANSWER_MEDIA_TYPE)
+
+    ckks_scorers = CkksScorers(store)
+
+    @app.post("/v2/repos/{repo}/ckks", response_class=Response,
+              responses={200: {"content": {"application/octet-stream": {"schema": {
+                  "type": "string", "format": "binary"}}},
+                  "description": "encrypted scores of every live segment (cloud/ckks_store.py)"},
+                  **_refusals(*_GUARDED)},
+              openapi_extra={"parameters": [*_SIGNATURE_HEADERS, _PROTOCOL_2_HEADER]})
+    async def ckks_v2(repo: str, request: Request, who: str = Depends(principal)) -> Response:
+        """Issue 19, search mode ckks: the encrypted scores of every live segment of the
+        request's key version that carries a CKKS block, under the public evaluation keys
+        whose SHA-256 the client authenticated; the covered segments listed, so the
+        client's completeness check holds. Nothing here can decrypt a score."""
+        repo_id = _repo_id(repo)
+        not_warming(repo_id)
+        if cluster is not None:
+            raise HTTPException(status_code=501, detail="the CKKS search mode is not served "
+                                "by a cluster front; run a single service")
+        try:
+            req = ckks_decode_request(await request.body())
+        except FormatError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        try:
+            snap = await run_in_threadpool(state.current, repo_id, req.key_version,
+                                           req.min_head)
+        except StoreError as exc:
+            raise _store_down(exc) from None
+        index = state.repo(repo_id)
+        seg_ids = list(snap.segment_ids.get(req.key_version, []))
+
+        def run() -> bytes:
+            answer = ckks_scorers.answer(repo_id, getattr(index, "_log", None), seg_ids,
+                                         snap.head, snap.head_hash, req)
+            return ckks_encode_answer(answer)
+
+        started = time.perf_counter()
+        try:
+            body = await run_in_threadpool(run)
+        except FormatError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        except StoreError as exc:
+            raise _store_down(exc) from None
+        elapsed = time.perf_counter() - started
+        trail.record(who, repo_id, "search", 0, elapsed * 1000)
+        log.info("search ckks repo=%s user=%s segments=%d head=%d", repo_id, who,
+                 len(seg_ids), snap.head)
+        request.scope.setdefault("state", {})["radcrypt_queries"] = 1
+        return Response(body, media_type="application/octet-stream")
 
     app.add_middleware(Gate, limit=MAX_BODY_BYTES, verifier=verifier,
                        address_limiter=address_limiter, metrics=metrics)

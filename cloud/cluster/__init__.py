@@ -6,8 +6,11 @@ its rows with the single-machine engine (shard.py). A front service (cloud/servi
 with ``--ray-address``) authenticates once, fans the query out, merges by score and
 answers with the union of the segment sets the shards searched (front.py, merge.py), so
 the client's completeness check (docs/FORMAT-2.md 6) holds across the cluster. A shard
-that does not answer in time is a 503 naming it, never a partial answer. Nonces and rate
-limits live in one guard actor shared by every front replica (guard.py).
+that does not answer in time is a 503 naming it, never a partial answer. Keyword and
+combined queries (issue 17) run the single service's keyword code on each shard's segments
+(cloud/keyword_views.py) and merge to its answer. Nonces and rate limits live in one guard
+actor shared by every front replica (guard.py); /readyz and /metrics of a front say which
+shards are ready and what each holds (health.py).
 
 Ray is an optional extra (radcrypt[cluster]): nothing here imports it at module level
 except front.py's functions, which import it when a cluster is used.

@@ -1,9 +1,10 @@
 """The front of a cluster: the shard actors, the fan-out with a deadline, the merge.
 
 cloud/service.py keeps doing what it does for one machine (the Gate: rate limits,
-protocol, authentication; audit; metrics) and hands the four repository routes to a
-ClusterFront when it runs with ``--ray-address`` (its ``cluster`` hook). For a search the
-front asks one replica of every shard, waits at most ``deadline`` seconds, and:
+protocol, authentication; audit; metrics) and hands the four repository routes, /readyz
+and the shards' part of /metrics (health.py) to a ClusterFront when it runs with
+``--ray-address`` (its ``cluster`` hook). For a search, image or keyword, the front asks
+one replica of every shard, waits at most ``deadline`` seconds, and:
 
 * a shard that did not answer in time, or whose actor died, is a 503 naming the shard
   (``Retry-After``), never an answer without its rows; a dead replica is replaced (Ray
@@ -31,13 +32,18 @@ from itertools import count
 from typing import Any
 
 from fastapi import HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 
 from cloud import wire
 from cloud.backend import DirectoryConfig, Store
 from cloud.cluster.guard import Guard, SharedLimiter, SharedNonces
-from cloud.cluster.merge import ShardAnswer, covered, merge_hits, merge_stats
+from cloud.cluster.health import STATUS_SECONDS, Probe, metrics_lines, not_ready
+from cloud.cluster.merge import ShardAnswer, covered, merge_hits, merge_keywords, merge_stats
 from cloud.cluster.shard import Shard
+from cloud.keyword_index import TokenQuery
+from cloud.metrics import Histogram
 from cloud.store import StoreConfig
+from crypto.errors import FormatError
 from crypto.tokens import QueryToken
 
 log = logging.getLogger("radcrypt.cluster")
@@ -101,6 +107,7 @@ class ClusterFront:
         self.owner_keys = list(owner_keys)
         self._served: set[str] = set()
         self._turn = count()
+        self.latency: dict[int, Histogram] = {}  # slot -> its search answers' latency
         guard_class: Any = ray.remote(Guard)
         self.guard: Any = guard_class.options(
             name=f"{options.prefix}-guard", lifetime="detached", get_if_exists=True,
@@ -164,6 +171,7 @@ class ClusterFront:
         pending: dict[asyncio.Future[Any], int] = {}
         why = f"did not answer within {self.options.deadline:g} s"
         refs: list[Any] = []
+        sent = time.monotonic()
         try:
             while order or pending:
                 left = until - time.monotonic()
@@ -181,6 +189,9 @@ class ClusterFront:
                     replica = pending.pop(future)
                     try:
                         answer: ShardAnswer = future.result()
+                        if method in ("search", "keywords"):
+                            self.latency.setdefault(slot, Histogram()).observe(
+                                time.monotonic() - sent)
                         return answer
                     except Exception as exc:  # RayActorError, ActorUnavailableError, ...
                         why = f"failed ({type(exc).__name__})"
@@ -241,26 +252,27 @@ class ClusterFront:
         """The shards' answers and the merged hits (raises ShardUnavailable, HTTPException)."""
         await self._note(repo_id)
         answers = await self.fan_out("search", (repo_id, key_version, token, k), min_head)
-        widths = {a.widths for a in answers if a.widths is not None}
-        if len(widths) > 1:
-            raise HTTPException(status_code=503, detail="shards serve different vector widths "
-                                "for this key version", headers={"Retry-After": "5"})
+        _same_widths(answers)
         return answers, merge_hits([a.hits for a in answers], len(token), k)
 
     async def search_v2(self, repo_id: str, req: wire.SearchRequestV2, who: str,
                         request: Request, trail: Any) -> Response:
-        """POST /v2/repos/<repo>/search on the cluster (docs/FORMAT-2.md 8.3)."""
+        """POST /v2/repos/<repo>/search on the cluster (docs/FORMAT-2.md 8.3); with a
+        keyword query (issue 17), every shard evaluates it on its own segments with the
+        single service's code and the front merges (keyword_search)."""
         started = time.perf_counter()
-        if req.flags & getattr(wire, "FLAG_KEYWORDS", 0) or req.token is None:
-            raise HTTPException(status_code=501, detail="keyword search is not served by "
-                                "a cluster front yet (docs/SCALING.md); use a single service")
+        queries = req.queries
+        matched = None
         try:
-            answers, hits = await self.search(repo_id, req.key_version, req.token, req.k,
-                                              req.min_head)
+            if req.flags & wire.FLAG_KEYWORDS:
+                answers, hits, matched = await self.keyword_search(repo_id, req)
+            else:
+                assert req.token is not None  # wire.decode_request: no keywords, a token
+                answers, hits = await self.search(repo_id, req.key_version, req.token,
+                                                  req.k, req.min_head)
         except ShardUnavailable as exc:
             raise _unavailable(exc) from None
         seg_ids = covered(answers)
-        queries = len(req.token)
         answer = wire.SearchAnswerV2(
             key_version=req.key_version, k=req.k, segments=len(seg_ids),
             images=sum(a.images for a in answers), head_sequence=answers[0].head,
@@ -269,13 +281,36 @@ class ClusterFront:
             engine_us=round(max(a.engine_seconds for a in answers) * 1e6), hits=hits,
             stats=merge_stats([a.stats for a in answers], queries)
             if req.flags & wire.FLAG_STATS else None,
-            segment_ids=seg_ids if req.flags & wire.FLAG_LIST_SEGMENTS else None)
+            segment_ids=seg_ids if req.flags & wire.FLAG_LIST_SEGMENTS else None,
+            matched=matched)
         elapsed = (time.perf_counter() - started) * 1000
         trail.record(who, repo_id, "search", sum(len(h) for h in hits), elapsed)
         log.info("search v2 (cluster, %d shards) repo=%s user=%s queries=%d k=%d head=%d",
                  len(answers), repo_id, who, queries, req.k, answer.head_sequence)
         request.scope.setdefault("state", {})["radcrypt_queries"] = queries
         return Response(wire.encode_answer(answer), media_type=wire.ANSWER_MEDIA_TYPE)
+
+    async def keyword_search(self, repo_id: str, req: wire.SearchRequestV2
+                             ) -> tuple[list[ShardAnswer], list[list[tuple[str, float]]], int]:
+        """A keyword-only or combined query on every shard (cloud/cluster/shard.py
+        ``keywords``): the shards' answers, the merged hits and the matched count. The
+        segment set is the union of the segments each shard searched by keyword, so a
+        segment without a dictionary leaves the answer incomplete as on one service."""
+        try:
+            query = TokenQuery.from_bytes(req.keywords)
+        except FormatError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        await self._note(repo_id)
+        answers = await self.fan_out(
+            "keywords", (repo_id, req.key_version, query, req.token, req.k), req.min_head)
+        _same_widths(answers)
+        try:
+            hits, matched = merge_keywords(answers, None if req.token is None
+                                           else len(req.token), req.k)
+        except ValueError as exc:  # a shard's counts that do not add up
+            raise HTTPException(status_code=503, detail=str(exc),
+                                headers={"Retry-After": "5"}) from None
+        return answers, hits, matched
 
     async def search_v1(self, repo_id: str, token: QueryToken, k: int, key_version: int,
                         who: str, request: Request, trail: Any) -> dict[str, Any]:
@@ -319,6 +354,64 @@ class ClusterFront:
         return {"images": answer["images"], "segments": answer["segments"],
                 "key_versions": answer["key_versions"], "rejected_segments": answer["rejected"]}
 
+    # --- readiness and metrics (cloud/cluster/health.py) ------------------------------------
+
+    def probe(self) -> list[Probe]:
+        """Every replica's status within STATUS_SECONDS (blocking: /readyz and /metrics
+        run in a worker thread). A replica gone for good is replaced, as a search would."""
+        asked = [(slot, r, handle.status.remote())
+                 for slot, replicas in enumerate(self.handles)
+                 for r, handle in enumerate(replicas)]
+        done, _ = self.ray.wait([ref for _, _, ref in asked], num_returns=len(asked),
+                                timeout=STATUS_SECONDS)
+        answered = set(done)
+        probes = []
+        for slot, replica, ref in asked:
+            name = self.options.shard_name(slot, replica)
+            if ref not in answered:
+                probes.append(Probe(slot, replica, name, None,
+                                    f"no status within {STATUS_SECONDS:g} s"))
+                continue
+            try:
+                probes.append(Probe(slot, replica, name, self.ray.get(ref, timeout=0)))
+            except Exception as exc:  # RayActorError, ActorUnavailableError, ...
+                probes.append(Probe(slot, replica, name, None, type(exc).__name__))
+                self._replace_if_dead(slot, replica, exc)
+        return probes
+
+    def _repos(self) -> list[str] | None:
+        """The repositories the deployment serves (the guard's list); None: no guard."""
+        try:
+            repos: list[str] = self.ray.get(self.guard.repos.remote(), timeout=STATUS_SECONDS)
+        except Exception:  # the guard restarting: no request can be checked meanwhile
+            return None
+        return sorted(set(repos) | self._served)
+
+    def readiness(self) -> tuple[list[Probe], list[str], int]:
+        """(the probes, why the cluster is not ready, how many repositories it serves)."""
+        probes = self.probe()
+        repos = self._repos()
+        if repos is None:
+            return probes, ["replay guard unavailable"], 0
+        return probes, not_ready(probes, repos, len(self.handles)), len(repos)
+
+    def readyz(self) -> JSONResponse:
+        """GET /readyz of a cluster front: 200 when every live segment is owned by a
+        ready shard, else 503 naming the shards (unreachable, or loading)."""
+        _, reasons, repos = self.readiness()
+        unreachable = any("unreachable" in r or "guard" in r for r in reasons)
+        body = {"status": "ready" if not reasons else
+                "unavailable" if unreachable else "warming",
+                "repositories": repos, "loading": len(reasons),
+                "shards": len(self.handles), "detail": "; ".join(reasons) or None}
+        return JSONResponse(body, status_code=503 if reasons else 200,
+                            headers={"Retry-After": "2"} if reasons else None)
+
+    def metrics_text(self) -> str:
+        """The shards' series for GET /metrics (appended to the front's own)."""
+        probes, reasons, _ = self.readiness()
+        return "\n".join(metrics_lines(probes, dict(self.latency), reasons)) + "\n"
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def pids(self) -> list[list[tuple[str, int, float]]]:
@@ -332,6 +425,13 @@ class ClusterFront:
             for handle in replicas:
                 self.ray.kill(handle, no_restart=True)
         self.ray.kill(self.guard, no_restart=True)
+
+
+def _same_widths(answers: Sequence[ShardAnswer]) -> None:
+    widths = {a.widths for a in answers if a.widths is not None}
+    if len(widths) > 1:
+        raise HTTPException(status_code=503, detail="shards serve different vector widths "
+                            "for this key version", headers={"Retry-After": "5"})
 
 
 def _unavailable(exc: ShardUnavailable) -> HTTPException:

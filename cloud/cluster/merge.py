@@ -15,6 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cloud import keyword_index
+from cloud.keyword_views import id_hits
 
 Hits = list[tuple[str, float]]
 
@@ -25,7 +31,14 @@ class ShardAnswer:
 
     ``segment_ids``: the segments of the requested key version the shard searched;
     ``layout``: (slot, shards) the shard assigned its segments by; ``error``: an HTTP
-    status and one line when the shard refuses (422 widths, 503 store)."""
+    status and one line when the shard refuses (422 widths, 503 store).
+
+    A keyword answer (``keywords`` True; cloud/keyword_views.py KeywordMatch) also has
+    ``segment_ids`` the segments searched by keyword (those with a dictionary), ``found``
+    the 16-byte ids of the images counted as matched (numpy V16: keyword-only, each
+    segment's matching rows' ids, segment after segment, ``counts[i]`` of them from
+    ``segment_ids[i]``, not yet de-duplicated; combined, those the engine ranked among)
+    and ``images`` as the single service counts them."""
 
     shard: str
     layout: tuple[int, int]
@@ -41,6 +54,9 @@ class ShardAnswer:
     error: tuple[int, str] | None = None
     rejected: dict[str, str] = field(default_factory=dict)
     key_versions: tuple[int, ...] = ()
+    keywords: bool = False
+    found: Any = None
+    counts: tuple[int, ...] = ()
 
 
 def merge_hits(per_shard: Sequence[Sequence[Hits]], queries: int, k: int) -> list[Hits]:
@@ -92,3 +108,42 @@ def covered(answers: Sequence[ShardAnswer]) -> list[str]:
     """The segment ids searched by all shards together, sorted (a segment two shards
     report, during a re-assignment, counts once: its rows are deduplicated by image)."""
     return sorted({seg for answer in answers for seg in answer.segment_ids})
+
+
+def merge_found(answers: Sequence[ShardAnswer]) -> Any:
+    """A keyword-only query's images over all shards, as one service orders them: the
+    runs of every segment in segment id order, each image once at its first place (an
+    image two segments hold, imported twice, is answered once, from the first segment;
+    a segment two shards report during a re-assignment gives the same run twice)."""
+    runs: list[tuple[str, int, Any]] = []
+    for n, answer in enumerate(answers):
+        ids = answer.found if answer.found is not None else np.zeros(0, keyword_index.ID16)
+        if len(answer.counts) != len(answer.segment_ids) or sum(answer.counts) != len(ids):
+            raise ValueError(f"shard {answer.shard}: keyword counts do not match its ids")
+        ends = np.cumsum(answer.counts, dtype=np.int64)
+        for seg_id, end, count in zip(answer.segment_ids, ends.tolist(), answer.counts,
+                                      strict=True):
+            runs.append((seg_id, n, ids[end - count:end]))
+    runs.sort(key=lambda run: (run[0], run[1]))
+    if not runs:
+        return np.zeros(0, keyword_index.ID16)
+    return keyword_index._first_of_each(np.concatenate([run[2] for run in runs]))
+
+
+def count_found(answers: Sequence[ShardAnswer]) -> int:
+    """How many distinct images the shards' keyword matches name together."""
+    parts = [a.found for a in answers if a.found is not None and len(a.found)]
+    if not parts:
+        return 0
+    return int(keyword_index._first_of_each(np.concatenate(parts)).size)
+
+
+def merge_keywords(answers: Sequence[ShardAnswer], queries: int | None, k: int
+                   ) -> tuple[list[Hits], int]:
+    """The hits and matched count of a keyword query over all shards: keyword-only
+    (``queries`` None), the first k images in segment order; combined, the exact top k of
+    each query among every shard's matching rows. The count names each image once."""
+    if queries is None:
+        found = merge_found(answers)
+        return id_hits(found, k), int(found.size)
+    return merge_hits([a.hits for a in answers], queries, k), count_found(answers)

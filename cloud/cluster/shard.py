@@ -7,6 +7,9 @@ with the owner keys (it trusts the bucket no more than the single service does),
 segments from the store itself (credentials from its own node's environment: they never
 travel through Ray), and answers with its head, its searched segment ids and its images,
 so that the front can check that the shards agree and name the union it covered.
+Keyword and combined queries run the single service's code (cloud/keyword_views.py) on
+the shard's segments' dictionaries and the label objects naming them; ``status`` tells
+the front's /readyz and /metrics what the shard has loaded (health.py).
 
 ``Shard`` is a plain class; front.py makes it a Ray actor (restarted by Ray when its
 process dies: __init__ then runs again and reloads, in the background, the repositories
@@ -24,13 +27,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cloud import cpus
+import numpy as np
+
+from cloud import cpus, layout
 from cloud.backend import DirectoryConfig, Store, StoreError
-from cloud.cluster.assignment import owns_key
+from cloud.cluster.assignment import owner, owns_key
 from cloud.cluster.merge import ShardAnswer
+from cloud.keyword_index import TokenQuery
+from cloud.keyword_store import default_keyword_source
+from cloud.keyword_views import KeywordViews
 from cloud.repo_index import RepoIndex, Snapshot
 from cloud.store import StoreConfig
 from cloud.stores import open_store
+from crypto.errors import FormatError
 from crypto.tokens import QueryToken
 
 log = logging.getLogger("radcrypt.cluster.shard")
@@ -63,9 +72,11 @@ class ShardState:
     snapshot (a head that cannot be reached is tried again at most once a second)."""
 
     def __init__(self, owns: Callable[[str], bool], store: Store, refresh_interval: float,
-                 cache_dir: Path | None, owner_keys: Sequence[bytes]) -> None:
+                 cache_dir: Path | None, owner_keys: Sequence[bytes],
+                 segment_hook: Callable[[str, str, Any], None] | None = None) -> None:
         self.owns, self.store, self.refresh_interval = owns, store, refresh_interval
         self.cache_dir, self.owner_keys = cache_dir, tuple(owner_keys)
+        self.segment_hook = segment_hook  # the keyword side keeps each segment's dictionary
         self._repos: dict[str, ShardIndex] = {}
         self._unreached: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -73,9 +84,17 @@ class ShardState:
     def repo(self, repo_id: str) -> ShardIndex:
         with self._lock:
             if repo_id not in self._repos:
-                self._repos[repo_id] = ShardIndex(self.store, repo_id, self.cache_dir,
-                                                  owner_keys=self.owner_keys, owns=self.owns)
+                index = ShardIndex(self.store, repo_id, self.cache_dir,
+                                   owner_keys=self.owner_keys, owns=self.owns)
+                hook = self.segment_hook
+                if hook is not None:
+                    index.on_segment = lambda key, segment: hook(repo_id, key, segment)
+                self._repos[repo_id] = index
             return self._repos[repo_id]
+
+    def indexes(self) -> list[tuple[str, ShardIndex]]:
+        with self._lock:
+            return sorted(self._repos.items())
 
     def current(self, repo_id: str, key_version: int, min_head: int = 0) -> Snapshot:
         index = self.repo(repo_id)
@@ -122,8 +141,12 @@ class Shard:
         self.name, self.slot, self.shards = name, slot, shards
         self.started = time.time()
         cache = Path(cache_root) / f"{name}-{os.getpid()}" if cache_root else None
-        self.state = ShardState(self._owns, open_store(worker_store_config(store)),
-                                refresh_interval, cache, owner_keys)
+        opened = open_store(worker_store_config(store))
+        source = default_keyword_source(opened)
+        self.state = ShardState(self._owns, opened, refresh_interval, cache, owner_keys,
+                                getattr(source, "capture", None))
+        self.keyword_views = KeywordViews(source)
+        self._owned: dict[str, tuple[bytes, list[str], list[int]]] = {}
         self.engine = searcher(device)
         self.threads = ConcurrentSearches()
         self._loading = threading.Thread(target=self._reload, args=(guard,), daemon=True,
@@ -189,6 +212,82 @@ class Shard:
         return self._answer(snap, key_version, hits, [r.stats.as_dict() for r in results],
                             elapsed, version.index.widths)
 
+    def keywords(self, repo_id: str, key_version: int, query: TokenQuery,
+                 token: QueryToken | None, k: int, min_head: int = 0) -> ShardAnswer:
+        """A keyword-only (``token`` None) or combined query over this shard's segments,
+        with the single service's code (cloud/keyword_views.py): the tokens evaluated on
+        each segment's dictionary and the labels naming it, then, combined, the exact
+        top-k among the matching rows only."""
+        try:
+            snap = self.state.current(repo_id, key_version, min_head)
+        except StoreError as exc:
+            return self._error(503, f"object store unavailable: {exc}")
+        version = snap.versions.get(key_version)
+        widths = version.index.widths if version is not None else None
+        if token is not None and widths is not None and token.widths != widths:
+            return self._error(422, "token does not match this repository's key version")
+        try:
+            # keyword-only: no hits here (k 0), the front takes the first k of the merge
+            found = self.keyword_views.match(self.state.repo(repo_id), snap, key_version,
+                                             query, token, 0 if token is None else k,
+                                             self.threads)
+        except StoreError as exc:
+            return self._error(503, f"object store unavailable: {exc}")
+        except FormatError as exc:  # a label object that does not fit its segment
+            return self._error(503, f"keyword dictionaries unreadable: {exc}")
+        seg_ids = list(found.found.segment_ids)
+        if token is None:  # every segment's run, so that the front can interleave shards
+            runs = {seg_id: ids_of[rows] for seg_id, ids_of, rows in found.found.parts}
+            counts = tuple(len(runs[s]) if s in runs else 0 for s in seg_ids)
+            ids = np.concatenate([runs[s] for s in seg_ids if s in runs]
+                                 or [found.found.ids[:0]])
+        else:
+            counts, ids = (), found.matched_ids()
+        return ShardAnswer(self.name, (self.slot, self.shards), snap.head, snap.head_hash,
+                           seg_ids, found.images, found.hits, found.stats, found.seconds,
+                           snap.log_error, widths if token is not None else None,
+                           rejected=dict(snap.rejected),
+                           key_versions=tuple(sorted(snap.versions)), keywords=True,
+                           found=ids, counts=counts)
+
+    def status(self) -> dict[str, Any]:
+        """What the front's /readyz and /metrics report of this replica: per repository
+        it holds, the segments and rows loaded, when, the log head, the live segments it
+        owns that are neither loaded nor rejected (``pending``), and which slots own live
+        segments at its head (``owners``; None before its log is verified)."""
+        repos: dict[str, dict[str, Any]] = {}
+        for repo_id, index in self.state.indexes():
+            snap = index.snapshot
+            loaded = {s for ids in snap.segment_ids.values() for s in ids}
+            owners, owned = self._ownership(repo_id, index)
+            done = loaded | {_segment_id(key) for key in snap.rejected}
+            repos[repo_id] = {
+                "loaded_at": snap.loaded_at, "head": snap.head, "segments": len(loaded),
+                "images": snap.images, "rejected": len(snap.rejected),
+                "owned": None if owned is None else len(owned),
+                "pending": None if owned is None else len(set(owned) - done),
+                "owners": owners}
+        return {"name": self.name, "pid": os.getpid(), "started": self.started,
+                "repos": repos}
+
+    def _ownership(self, repo_id: str, index: ShardIndex
+                   ) -> tuple[list[int] | None, list[str] | None]:
+        """(slots owning live segments, the live segments this slot owns) of the log the
+        index verified last; (None, None) before one is (or for a format-1 repository).
+        Kept per log head: a status probe costs no hashing while the log stands still."""
+        state = getattr(index, "_log", None)
+        if state is None:
+            return None, None
+        head = state.head.hash
+        known = self._owned.get(repo_id)
+        if known is None or known[0] != head:
+            live = [obj.id for obj in state.segments()]
+            slots = [owner(seg_id, self.shards) for seg_id in live]
+            known = (head, [s for s, slot in zip(live, slots, strict=True) if slot == self.slot],
+                     sorted(set(slots)))
+            self._owned[repo_id] = known
+        return known[2], known[1]
+
     def _answer(self, snap: Snapshot, key_version: int | None, hits: list[Any],
                 stats: list[dict[str, object]], elapsed: float,
                 widths: tuple[int, ...] | None = None) -> ShardAnswer:
@@ -206,3 +305,11 @@ class Shard:
     def _error(self, status: int, detail: str) -> ShardAnswer:
         return ShardAnswer(self.name, (self.slot, self.shards), 0, b"\0" * 32, [], 0, [], [],
                            0.0, error=(status, detail))
+
+
+def _segment_id(key: str) -> str:
+    """The segment id of a rejected object's key (the key itself when it is not one)."""
+    try:
+        return layout.parse_segment_key(key)[1]
+    except ValueError:
+        return key

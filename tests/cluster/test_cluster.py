@@ -54,6 +54,7 @@ SERVICE_ID = "svc-cluster-test"
 SEED = int(os.environ.get("RADCRYPT_TEST_SEED", "2111"))
 K = 8
 DEADLINE = 4.0
+WORDS = ("modality=CT", "modality=MR", "modality=US", "part=KNEE", "part=CHEST")
 
 
 @dataclass
@@ -123,6 +124,11 @@ def _app(repo: BucketRepo, root: Path, front: ClusterFront | None) -> Any:
                       service_id=SERVICE_ID, cluster=front)
 
 
+def _keywords(rng: np.random.Generator, size: int) -> dict[str, list[int]]:
+    """A segment's dictionary content: each keyword on about 40% of the rows."""
+    return {w: [r for r in range(size) if rng.random() < 0.4] for w in WORDS}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     from fastapi.testclient import TestClient
@@ -130,10 +136,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("cluster")
     rng = np.random.default_rng(SEED)
     repo = BucketRepo.create(root / "bucket", REPO, SEED)
-    for size in (30, 25, 40, 35, 20, 30):
-        repo.add(rng.normal(size=(size, DIM)))
+    for n, size in enumerate((30, 25, 40, 35, 20, 30)):  # the third: no dictionary
+        repo.add(rng.normal(size=(size, DIM)), None if n == 2 else _keywords(rng, size))
     while not all(assignment.split(repo.live_segments(), 2)):  # segment ids are random
-        repo.add(rng.normal(size=(20, DIM)))
+        repo.add(rng.normal(size=(20, DIM)), _keywords(rng, 20))
+    for seg_id in list(repo.keywords)[:2]:  # labels, and a tombstone, on two segments
+        repo.label(seg_id, repo.segments[seg_id][:6], "urgent")
+    repo.label(seg_id, repo.segments[seg_id][:2], "urgent", remove=True)
     with ExitStack() as stack:
         cluster = stack.enter_context(local_cluster())
         import ray
@@ -364,3 +373,150 @@ def test_with_two_replicas_a_killed_replica_costs_no_answer(world: World) -> Non
         assert front.pids()[0][0][1] != pid, f"{name} was not restarted"
     finally:
         front.kill()
+
+
+def _keyword_search(http: Any, repo: BucketRepo, raw: bytes, queries: np.ndarray | None,
+                    k: int) -> Any:
+    """A signed keyword-only (``queries`` None) or combined request, segments listed."""
+    token = None if queries is None else repo.token(queries)
+    flags = wire.FLAG_KEYWORDS | wire.FLAG_LIST_SEGMENTS | (
+        wire.FLAG_KEYWORDS_ONLY if token is None else 0)
+    body = wire.encode_request(wire.SearchRequestV2(1, k, 0, flags, token, raw))
+    return body, _search(http, repo, np.zeros((1, DIM)), body=body)
+
+
+def _keyword_answer(response: Any, queries: int, k: int) -> wire.SearchAnswerV2:
+    assert response.status_code == 200, response.text
+    return wire.decode_answer(response.content, queries=queries, k=k, key_version=1,
+                              repo_id=REPO, keywords=True)
+
+
+def _whole(answer: wire.SearchAnswerV2) -> tuple[Any, ...]:
+    return (answer.hits, answer.matched, answer.segment_ids, answer.set_digest,
+            answer.head_sequence)
+
+
+def _assert_same_keywords(cluster: wire.SearchAnswerV2, single: wire.SearchAnswerV2) -> None:
+    _assert_same(cluster, single)
+    assert (cluster.matched, cluster.segment_ids) == (single.matched, single.segment_ids)
+
+
+def test_keyword_and_combined_answers_equal_the_single_service(world: World) -> None:
+    """Each shard evaluates the tokens on its own segments' dictionaries and labels; the
+    front's merge is the single service's answer: ids in segment order and the match
+    count (keyword-only), exact top k among the matches (combined), the same segment set,
+    incomplete alike (one segment has no dictionary). Then /metrics has every shard."""
+    repo = world.repo
+    queries = [[(["modality=CT"], False)], [(["modality=MR", "modality=US"], False)],
+               [(["part=KNEE"], False), (["modality=CT"], True)],
+               [(["label=urgent"], False)], [(["part=CHEST"], True)],
+               [(["modality=CT"], False), (["modality=MR"], False), (["part=KNEE"], False)]]
+    with_dictionary = sorted(s for s in repo.live_segments() if s in repo.keywords)
+    for clauses in queries:
+        raw = repo.keyword_query(*clauses)
+        for k in (1000, 5):  # keyword-only: every image, then the first five
+            body, response = _keyword_search(world.front_a, repo, raw, None, k)
+            cluster = _keyword_answer(response, 1, k)
+            single = _keyword_answer(_search(world.single, repo, np.zeros((1, DIM)),
+                                             body=body), 1, k)
+            _assert_same_keywords(cluster, single)
+        assert cluster.segment_ids == with_dictionary, "not incomplete as the single's"
+        assert cluster.set_digest != repo.state.set_digest(1)
+        near = np.vstack([np.stack([repo.rows[repo.segments[with_dictionary[0]][3]]]),
+                          world.rng.normal(size=(2, DIM))])
+        body, response = _keyword_search(world.front_b, repo, raw, near, K)
+        cluster = _keyword_answer(response, 3, K)
+        single = _keyword_answer(_search(world.single, repo, near, body=body), 3, K)
+        _assert_same_keywords(cluster, single)
+    # the plaintext truth of one keyword: every segment's rows holding it, segment order
+    body, response = _keyword_search(world.front_a, repo, repo.keyword_query(
+        (["modality=CT"], False)), None, 1000)
+    truth = [repo.segments[s][r] for s in with_dictionary
+             for r in repo.keywords[s]["modality=CT"]]
+    got = _keyword_answer(response, 1, 1000)
+    assert [i for i, _ in got.hits[0]] == truth and got.matched == len(truth)
+    text = world.front_a.get("/metrics").text
+    parts = assignment.split(repo.live_segments(), 2)
+    for slot in (0, 1):
+        labels = f'shard="{slot}",replica="0",repo="{REPO}"'
+        assert f"radcrypt_shard_segments{{{labels}}} {len(parts[slot])}" in text, text
+        assert f"radcrypt_shard_last_load_timestamp_seconds{{{labels}}}" in text
+        assert f'radcrypt_shard_up{{shard="{slot}",replica="0"}} 1' in text
+        count = [line for line in text.splitlines() if line.startswith(
+            f'radcrypt_shard_query_duration_seconds_count{{shard="{slot}"}}')]
+        assert count and int(count[0].rsplit(" ", 1)[1]) > 0, text
+    images = sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("radcrypt_shard_images{"))
+    assert images == len(repo.rows)
+    assert "radcrypt_cluster_ready 1" in text
+
+
+def test_a_killed_shard_is_a_keyword_503_and_not_ready_then_whole_and_ready(
+        world: World) -> None:
+    """SIGKILL shard 1's process: a keyword query is a 503 naming it (never a partial
+    answer), /readyz a 503 naming it; once Ray restarted it and it reloaded its segments,
+    the answer is whole and /readyz 200 again."""
+    repo = world.repo
+    raw = repo.keyword_query((["part=KNEE"], False))
+    body, _ = _keyword_search(world.single, repo, raw, None, 1000)
+    expected = _keyword_answer(_search(world.single, repo, np.zeros((1, DIM)), body=body),
+                               1, 1000)
+    deadline = time.monotonic() + 30  # the previous test's kill may still be reloading
+    while world.front_a.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, world.front_a.get("/readyz").text
+        time.sleep(0.2)
+    (name, pid, _), = world.cluster_front.pids()[1]
+    os.kill(pid, signal.SIGKILL)
+    refused, not_ready, wrong = [], [], []
+    whole = ready = False
+    killed_at = time.monotonic()
+    while not (whole and ready) and time.monotonic() < killed_at + 45:
+        if not whole:
+            response = _search(world.front_a, repo, np.zeros((1, DIM)), body=body)
+            if response.status_code != 200:
+                refused.append((response.status_code, response.text))
+            elif _whole(_keyword_answer(response, 1, 1000)) != _whole(expected):
+                wrong.append(response.content)
+            else:
+                whole = bool(refused)
+        if not ready:
+            readyz = world.front_a.get("/readyz")
+            if readyz.status_code != 200:
+                not_ready.append((readyz.status_code, readyz.json()["detail"]))
+            else:
+                ready = bool(not_ready)
+        time.sleep(0.05)
+    assert not wrong, "a 200 that is not the whole answer"
+    assert refused and all(status == 503 and f"shard 1 ({name})" in text
+                           for status, text in refused), refused[:2]
+    assert not_ready and all(status == 503 and f"shard 1 ({name})" in detail
+                             for status, detail in not_ready), not_ready[:2]
+    assert whole and ready, f"not whole and ready {time.monotonic() - killed_at:.0f} s " \
+                            f"after the kill: {refused[-1:]}, {not_ready[-1:]}"
+
+
+def test_a_shard_past_the_deadline_is_a_keyword_503_naming_it(world: World) -> None:
+    """A shard that is alive but silent (its process stopped): the combined query waits
+    the deadline and is a 503 naming the shard, /readyz a 503 naming it; resumed, both
+    are whole again at once (nothing to reload)."""
+    repo = world.repo
+    raw = repo.keyword_query((["modality=MR", "modality=US"], False), (["part=CHEST"], True))
+    near = world.rng.normal(size=(2, DIM))
+    (name, pid, _), = world.cluster_front.pids()[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        _, response = _keyword_search(world.front_a, repo, raw, near, K)
+        waited = time.monotonic() - started
+        readyz = world.front_a.get("/readyz")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert response.status_code == 503, response.text
+    assert f"shard 0 ({name}) did not answer within {DEADLINE:g} s" in response.text
+    assert waited >= DEADLINE * 0.9, waited
+    assert readyz.status_code == 503 and f"shard 0 ({name}) unreachable" in \
+        readyz.json()["detail"], readyz.text
+    body, response = _keyword_search(world.front_a, repo, raw, near, K)
+    single = _keyword_answer(_search(world.single, repo, near, body=body), 2, K)
+    _assert_same_keywords(_keyword_answer(response, 2, K), single)
+    assert world.front_a.get("/readyz").status_code == 200

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud import layout
+from cloud import layout, wire
 from cloud.auth import WINDOW_SECONDS
 from cloud.backend import DirectoryConfig
 from cloud.cluster import assignment
 from cloud.cluster.front import store_spec
 from cloud.cluster.guard import Guard
+from cloud.cluster.health import Probe, metrics_lines, not_ready
 from cloud.cluster.merge import covered, merge_hits
 from cloud.cluster.shard import ShardIndex
 from cloud.directory_store import DirectoryStore
@@ -170,3 +171,138 @@ def test_the_cluster_options_are_checked() -> None:
         service_config(_options("--ray-address", "h:1", "--shards", "0"), environ={})
     with pytest.raises(ValueError, match="--replicas 99"):
         service_config(_options("--ray-address", "h:1", "--replicas", "99"), environ={})
+
+
+WORDS = ("modality=CT", "modality=MR", "modality=US", "part=KNEE", "part=CHEST")
+
+
+def _keyword_repo(root: Path, rng: np.random.Generator) -> BucketRepo:
+    """Twelve segments with dictionaries but one, images imported twice into other
+    segments, labels added and taken away: what a shard's split must not change."""
+    repo = BucketRepo.create(root, "kw", SEED)
+    for n in range(12):
+        size = int(rng.integers(5, 25))
+        data, ids = rng.normal(size=(size, DIM)), None
+        if n in (7, 9, 11):  # a second workstation imported some images again
+            earlier = repo.segments[list(repo.segments)[n - 6]]
+            again = [str(i) for i in rng.choice(earlier, size=4, replace=False)]
+            ids = again + [layout.new_id() for _ in range(size - 4)]
+            data[:4] = np.stack([repo.rows[i] for i in again])
+        keywords = {w: [r for r in range(size) if rng.random() < 0.4] for w in WORDS}
+        repo.add(data, None if n == 3 else keywords, ids)
+    labelled = [s for s in repo.segments if s in repo.keywords][:3]
+    for seg_id in labelled:
+        repo.label(seg_id, repo.segments[seg_id][:4], "urgent")
+    repo.label(labelled[0], repo.segments[labelled[0]][:2], "urgent", remove=True)
+    return repo
+
+
+def test_shards_keyword_answers_merge_to_the_single_services(tmp_path: Path) -> None:
+    """Every shard runs the single service's keyword code on its own segments
+    (cloud/keyword_views.py); merged, keyword-only and combined answers are the single
+    service's: the same images in the same order, scores, matched count, segment set."""
+    from cloud.cluster.merge import merge_keywords
+    from cloud.cluster.shard import Shard
+    from cloud.keyword_index import TokenQuery
+    from cloud.keyword_store import StoreKeywords
+    from cloud.keyword_views import KeywordViews
+    from cloud.search import ConcurrentSearches
+
+    rng = np.random.default_rng(SEED)
+    repo = _keyword_repo(tmp_path / "bucket", rng)
+    whole = RepoIndex(repo.store, "kw", owner_keys=[repo.owner.sign_public])
+    snap = whole.refresh()
+    views = KeywordViews(StoreKeywords(repo.store))
+    shards = [Shard(f"s{slot}", slot, 3, DirectoryConfig(tmp_path / "bucket"),
+                    [repo.owner.sign_public], 60.0) for slot in range(3)]
+    queries = [[(["modality=CT"], False)], [(["modality=MR", "modality=US"], False)],
+               [(["part=KNEE"], False), (["modality=CT"], True)],
+               [(["label=urgent"], False)], [(["part=CHEST"], True)],
+               [(["modality=CT"], False), (["modality=MR"], False), (["part=KNEE"], False)]]
+    twice = 0
+    for clauses in queries:
+        raw = repo.keyword_query(*clauses)
+        for token in (None, repo.token(rng.normal(size=(3, DIM)))):
+            k = 1000 if token is None else 7
+            flags = wire.FLAG_KEYWORDS | wire.FLAG_LIST_SEGMENTS | (
+                wire.FLAG_KEYWORDS_ONLY if token is None else 0)
+            req = wire.SearchRequestV2(1, k, 0, flags, token, raw)
+            single, _ = views.answer(whole, snap, req, TokenQuery.from_bytes(raw),
+                                     ConcurrentSearches())
+            answers = [s.keywords("kw", 1, TokenQuery.from_bytes(raw), token, k)
+                       for s in shards]
+            assert all(a.error is None for a in answers), [a.error for a in answers]
+            hits, matched = merge_keywords(answers, None if token is None else len(token), k)
+            where = f"query {clauses}, {'combined' if token else 'keyword-only'}, seed {SEED}"
+            assert (matched, covered(answers)) == (single.matched, single.segment_ids), where
+            for mine, theirs in zip(hits, single.hits, strict=True):
+                assert [i for i, _ in mine] == [i for i, _ in theirs], where
+                np.testing.assert_allclose([s for _, s in mine], [s for _, s in theirs],
+                                           rtol=1e-12, atol=0)
+            if token is None:
+                assert sum(a.images for a in answers) == single.images, where
+                twice += sum(a.found.size for a in answers) - matched
+    assert twice > 0, "no image matched in two shards' segments: the dedupe went untested"
+    no_dictionary = [s for s in repo.segments if s not in repo.keywords]
+    assert single.segment_ids is not None and no_dictionary[0] not in single.segment_ids
+
+
+def _probe(slot: int, replica: int = 0, repos: dict[str, dict[str, object]] | None = None,
+           up: bool = True) -> Probe:
+    return Probe(slot, replica, f"shard-{slot}-r{replica}",
+                 {"repos": repos or {}} if up else None, "" if up else "ActorDiedError")
+
+
+def _loaded(owners: list[int] | None, pending: int | None = 0,
+            loaded_at: float = 1.0) -> dict[str, object]:
+    return {"loaded_at": loaded_at, "pending": pending, "owners": owners, "segments": 2,
+            "images": 9, "rejected": 0, "head": 3, "owned": 2}
+
+
+def test_readiness_names_the_shard_that_owns_live_segments_and_is_not_ready() -> None:
+    ready = [_probe(0, repos={"r": _loaded([0, 1])}), _probe(1, repos={"r": _loaded([0, 1])})]
+    assert not_ready(ready, ["r"], 2) == []
+    down = [ready[0], _probe(1, up=False)]
+    assert not_ready(down, ["r"], 2) == [
+        "shard 1 (shard-1-r0) unreachable: ActorDiedError"]
+    restarted = [ready[0], _probe(1)]  # alive again, its repository not loaded yet
+    assert not_ready(restarted, ["r"], 2) == [
+        "shard 1 (shard-1-r0) has not loaded its segments of 1 repository"]
+    loading = [ready[0], _probe(1, repos={"r": _loaded([0, 1], pending=1)})]
+    assert not_ready(loading, ["r"], 2) == not_ready(restarted, ["r"], 2)
+    # a shard that owns no live segment may be down: every segment has a ready owner
+    assert not_ready([_probe(0, repos={"r": _loaded([0])}), _probe(1, up=False)], ["r"],
+                     2) == []
+    # nobody has verified the log yet: every slot is taken to own segments
+    assert len(not_ready([_probe(0), _probe(1)], ["r"], 2)) == 2
+    # no repository known yet: every shard must answer
+    assert not_ready([_probe(0), _probe(1)], [], 2) == []
+    assert not_ready([_probe(0), _probe(1, up=False)], [], 2) != []
+    # one ready replica of a slot is enough
+    replicas = [ready[0], _probe(1, 0, up=False), _probe(1, 1, repos={"r": _loaded([0, 1])})]
+    assert not_ready(replicas, ["r"], 2) == []
+
+
+def test_shard_metrics_lines_are_prometheus_text_per_shard() -> None:
+    from cloud.metrics import Histogram
+
+    histogram = Histogram()
+    histogram.observe(0.004)
+    probes = [_probe(0, repos={"r": _loaded([0, 1])}), _probe(1, up=False)]
+    lines = metrics_lines(probes, {0: histogram}, ["shard 1 down"])
+    assert "radcrypt_cluster_ready 0" in lines
+    assert 'radcrypt_shard_up{shard="0",replica="0"} 1' in lines
+    assert 'radcrypt_shard_up{shard="1",replica="0"} 0' in lines
+    assert 'radcrypt_shard_segments{shard="0",replica="0",repo="r"} 2' in lines
+    assert 'radcrypt_shard_images{shard="0",replica="0",repo="r"} 9' in lines
+    assert 'radcrypt_shard_last_load_timestamp_seconds{shard="0",replica="0",repo="r"} ' \
+           '1.000' in lines
+    assert 'radcrypt_shard_query_duration_seconds_count{shard="0"} 1' in lines
+    typed = {line.split()[2] for line in lines if line.startswith("# TYPE ")}
+    for line in lines:  # every sample: "name{labels} number", its family TYPEd
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            float(value)
+            family = name.split("{")[0]
+            assert family in typed or any(family.removesuffix(suffix) in typed for suffix
+                                          in ("_bucket", "_sum", "_count")), line
