@@ -897,11 +897,11 @@ def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64
         first = np.full(n, -np.inf, dtype=np.float32)
         first[rows] = index.first32[rows] @ t_first.astype(np.float32)
         return first
-    first = _first_level_scores(index, t_first)[0][0]
+    scores: NDArray[np.float32] = _first_level_scores(index, t_first)[0][0]
     outside = np.ones(n, dtype=bool)
     outside[rows] = False
-    first[outside] = -np.inf
-    return first
+    scores[outside] = -np.inf
+    return scores
 
 
 def _all_within(positions: I64, rows: I64) -> bool:
