@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", action="store_true",
+                        help="both sides keep their float64 rows in cache files (the "
+                             "service's --cache-dir; resident: the float32 first level and "
+                             "the codes), as a deployment of millions of images per node does")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
 
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_at_start": os.getloadavg()},
         "images_per_shard": args.n, "shards": args.shards, "images": total, "d": 128,
-        "k": K, "seconds_per_point": args.seconds, "seed": args.seed}
+        "k": K, "seconds_per_point": args.seconds, "seed": args.seed,
+        "cache_files": args.cache}
     with tempfile.TemporaryDirectory(prefix="radcrypt-bench-cluster-") as work:
         started = time.monotonic()
         data = realistic(rng, total, 128)
@@ -160,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         del data
 
         started, before = time.monotonic(), _rss_mib(os.getpid())
-        whole = RepoIndex(repo.store, "bench-cluster", owner_keys=[repo.owner.sign_public])
+        whole = RepoIndex(repo.store, "bench-cluster", owner_keys=[repo.owner.sign_public],
+                          cache_dir=Path(work) / "cache-single" if args.cache else None)
         snap = whole.refresh()
         version = snap.versions[1]
         report["single_load_seconds"] = round(time.monotonic() - started, 1)
@@ -180,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                      log_to_driver=False)
             try:
                 options = ClusterOptions(SERVICE_ID, shards=args.shards, deadline=120.0,
-                                         shard_cpus=2 / args.shards, refresh_interval=3600)
+                                         shard_cpus=2 / args.shards, refresh_interval=3600,
+                                         cache_root=(str(Path(work) / "cache-cluster")
+                                                     if args.cache else None))
                 started = time.monotonic()
                 front = ClusterFront(options, DirectoryConfig(Path(work) / "bucket"),
                                      [repo.owner.sign_public], preload=["bench-cluster"])

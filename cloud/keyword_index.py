@@ -27,6 +27,7 @@ turns the ids into the engine's row subset for a combined query
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from collections import OrderedDict
@@ -46,7 +47,6 @@ from crypto.sse import (
     Dictionary,
     KeywordToken,
     decode_packed_many,
-    first_count,
 )
 from crypto.sse import _entry_stream as entry_stream
 
@@ -309,17 +309,19 @@ class _Merged:
         hi = np.concatenate([empty, *(s.dictionary.hi for s in self.segments)])
         lo = np.concatenate([empty, *(s.dictionary.lo for s in self.segments)])
         owner = np.repeat(np.arange(len(self.segments), dtype=np.int32), sizes)
-        local = np.concatenate([np.zeros(0, dtype=np.int64),
-                                *(np.arange(n, dtype=np.int64) for n in sizes)])
         order = np.lexsort((lo, hi))
         self.hi, self.lo = hi[order], lo[order]
-        self.owner, self.local = owner[order], local[order]
+        self.owner = owner[order]
+        # The values too, in table order (64 bytes an entry, 75 MB at a million images):
+        # a query's entries are then gathered in one call, not one per segment.
+        self.values = np.concatenate([np.zeros((0, PACKED_VALUE_SIZE), dtype=np.uint8),
+                                      *(s.dictionary.values for s in self.segments)])[order]
         # Two segments' labels sharing their first 8 bytes (probability ~ n^2 / 2^65):
         # the single search would find one of them only; such a table is not used.
         self.usable = hi.size < 2 or bool(np.all(self.hi[1:] > self.hi[:-1]))
 
     def _find(self, labels: NDArray[np.uint8], owners: NDArray[np.int32]) -> NDArray[np.int64]:
-        """Each label's entry in its owner's dictionary, -1 where absent."""
+        """Each label's place in the table (its owner's entry), -1 where absent."""
         if not self.hi.size:
             return np.full(labels.shape[0], -1, dtype=np.int64)
         needles = np.ascontiguousarray(labels).view(">u8").astype(np.uint64)
@@ -330,59 +332,60 @@ class _Merged:
         np.minimum(at, self.hi.size - 1, out=at)
         hit = ((self.hi[at] == needles[:, 0]) & (self.lo[at] == needles[:, 1])
                & (self.owner[at] == owners))
-        return np.where(hit, self.local[at], -1)
+        return np.where(hit, at, -1)
 
     def rows(self, token: KeywordToken, wanted: Sequence[str]) -> dict[str, U32]:
         """Rows of the token's keyword in each segment of ``wanted`` (all in this table)."""
         chosen = [self.index[s] for s in wanted]
         segments = [self.segments[i] for i in chosen]
-        keys = [s.dictionary.keys(token, s.repo_id, s.segment_id, s.key_version)[0]
-                for s in segments]
         out: dict[str, U32] = {s.segment_id: _NO_ROWS for s in segments}
         if not segments:
             return out
+        keys = [s.dictionary.keys(token, s.repo_id, s.segment_id, s.key_version)[0]
+                for s in segments]
         firsts = np.concatenate([entry_stream(key, 0, 1) for key in keys])
         owners = np.asarray(chosen, dtype=np.int32)
         where = self._find(firsts[:, :LABEL_SIZE], owners)
-        present = np.flatnonzero(where >= 0).tolist()
-        if not present:
+        present = np.flatnonzero(where >= 0)
+        if not present.size:
             return out
-        counts = []
-        for j in present:
-            count = first_count(segments[j].dictionary.values[where[j]],
-                                firsts[j, LABEL_SIZE:], len(segments[j].dictionary))
-            if count is None:
-                raise _not_here(segments[j].segment_id)
-            counts.append(count)
-        more = [(j, c) for j, c in zip(present, counts, strict=True) if c > 1]
-        rest: dict[int, tuple[NDArray[np.int64], NDArray[np.uint8]]] = {}
-        if more:
-            streams = [entry_stream(keys[j], 1, c - 1) for j, c in more]
+        # Each found first entry's count of entries (its check word), checked at once.
+        words = np.bitwise_xor(self.values[where[present], :4],
+                               firsts[present, LABEL_SIZE : LABEL_SIZE + 4])
+        counts = np.ascontiguousarray(words).view(">u4").reshape(-1).astype(np.int64)
+        sizes = np.asarray([len(segments[j].dictionary) for j in present.tolist()])
+        wrong = (counts < 1) | (counts > sizes)
+        if wrong.any():
+            raise _not_here(segments[int(present[np.argmax(wrong)])].segment_id)
+        places: list[NDArray[np.int64]] = [where[present]]
+        pads: list[NDArray[np.uint8]] = [firsts[present, LABEL_SIZE:]]
+        owner_of = [np.arange(present.size, dtype=np.int64)]
+        more = np.flatnonzero(counts > 1)
+        if more.size:
+            streams = [entry_stream(keys[int(present[m])], 1, int(counts[m]) - 1)
+                       for m in more.tolist()]
             stream = np.concatenate(streams)
-            sizes = np.asarray([c - 1 for _, c in more])
-            found = self._find(stream[:, :LABEL_SIZE],
-                               np.repeat(owners[[j for j, _ in more]], sizes))
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            for n, (j, _) in enumerate(more):
-                entries = found[starts[n] : starts[n + 1]]
-                if np.any(entries < 0):  # the count names entries that are not there
-                    raise _not_here(segments[j].segment_id)
-                rest[j] = entries, stream[starts[n] : starts[n + 1], LABEL_SIZE:]
-        values, pads, sizes_all = [], [], []
-        for j in present:
-            entries, entry_pads = rest.get(j, (np.zeros(0, dtype=np.int64),
-                                               np.zeros((0, PACKED_VALUE_SIZE), np.uint8)))
-            values.append(segments[j].dictionary.values[
-                np.concatenate([where[j : j + 1], entries])])
-            pads.append(np.concatenate([firsts[j : j + 1, LABEL_SIZE:], entry_pads]))
-            sizes_all.append(1 + entries.size)
-        row_counts = np.asarray([segments[j].row_count for j in present], dtype=np.int64)
+            extra = counts[more] - 1
+            found = self._find(stream[:, :LABEL_SIZE], np.repeat(owners[present[more]], extra))
+            if np.any(found < 0):  # a count names entries that are not there
+                missing = np.repeat(more, extra)[np.flatnonzero(found < 0)[0]]
+                raise _not_here(segments[int(present[missing])].segment_id)
+            places.append(found)
+            pads.append(stream[:, LABEL_SIZE:])
+            owner_of.append(np.repeat(more, extra))
+        # Group every entry by its segment, in counter order (the first entries, then the
+        # rest in the order they were computed: a stable sort by segment keeps it).
+        owner_all = np.concatenate(owner_of)
+        order = np.argsort(owner_all, kind="stable")
+        row_counts = np.asarray([segments[j].row_count for j in present.tolist()],
+                                dtype=np.int64)
         rows, per_segment, bad = decode_packed_many(
-            np.concatenate(values), np.concatenate(pads),
-            np.repeat(np.arange(len(present), dtype=np.int64), sizes_all), row_counts)
+            self.values[np.concatenate(places)[order]], np.concatenate(pads)[order],
+            owner_all[order], row_counts)
         if bad.any():
-            raise _not_here(segments[present[int(np.argmax(bad))]].segment_id)
-        for j, part in zip(present, np.split(rows, np.cumsum(per_segment)[:-1]), strict=True):
+            raise _not_here(segments[int(present[np.argmax(bad)])].segment_id)
+        split = np.split(rows, np.cumsum(per_segment)[:-1])
+        for j, part in zip(present.tolist(), split, strict=True):
             out[segments[j].segment_id] = part
         return out
 
@@ -397,16 +400,44 @@ def _not_here(segment_id: str) -> FormatError:
 
 @dataclass(frozen=True)
 class KeywordAnswer:
-    """The images a keyword query matched in the segments searched (unique, in segment
-    then row order), and which segments those were (sorted). ``parts``: per segment with
-    a match, its ids and the matching rows (what IdLookup.answer_positions maps to the
-    engine's rows without looking every id up); ``distinct``: no id is in two segments."""
+    """The images a keyword query matched in the segments searched, and which segments
+    those were (sorted). ``parts``: per segment with a match, its ids and the matching
+    rows (what IdLookup.answer_positions maps to the engine's rows without looking every
+    id up); ``distinct``: no id is in two segments. ``ids`` (unique, in segment then row
+    order) is made when asked: a combined query never needs it, a keyword-only answer
+    only its first k (``first``) and how many (``matched``)."""
 
-    ids: NDArray[np.void]
     segment_ids: list[str]
     images: int  # rows of the segments searched
     parts: tuple[tuple[str, NDArray[np.void], U32], ...] = ()
     distinct: bool = False
+
+    @functools.cached_property
+    def ids(self) -> NDArray[np.void]:
+        if not self.parts:
+            return np.zeros(0, dtype=ID16)
+        found = np.concatenate([ids[rows] for _, ids, rows in self.parts])
+        return found if self.distinct else _first_of_each(found)
+
+    @property
+    def matched(self) -> int:
+        """How many images matched (each once)."""
+        if self.distinct:
+            return sum(int(rows.size) for _, _, rows in self.parts)
+        return int(self.ids.size)
+
+    def first(self, k: int) -> NDArray[np.void]:
+        """The first ``k`` of ``ids``, without making the others when ids are distinct."""
+        if not self.distinct:
+            return self.ids[:k]
+        taken: list[NDArray[np.void]] = []
+        left = k
+        for _, ids, rows in self.parts:
+            if left <= 0:
+                break
+            taken.append(ids[rows[:left]])
+            left -= min(left, int(rows.size))
+        return np.concatenate(taken) if taken else np.zeros(0, dtype=ID16)
 
 
 class KeywordView:
@@ -546,22 +577,15 @@ class KeywordView:
     def _evaluate(query: TokenQuery,
                   segments: list[tuple[str, SegmentKeywords, NDArray[np.void]]],
                   distinct: bool) -> KeywordAnswer:
-        parts: list[NDArray[np.void]] = []
         matched: list[tuple[str, NDArray[np.void], U32]] = []
         images = 0
         for seg_id, keywords, ids in segments:
             images += len(ids)
             rows = keywords.evaluate(query)
             if rows.size:
-                parts.append(ids[rows])
                 matched.append((seg_id, ids, rows))
         seg_ids = [s for s, _, _ in segments]
-        if not parts:
-            return KeywordAnswer(np.zeros(0, dtype=ID16), seg_ids, images, (), distinct)
-        found = np.concatenate(parts)
-        if not distinct:
-            found = _first_of_each(found)
-        return KeywordAnswer(found, seg_ids, images, tuple(matched), distinct)
+        return KeywordAnswer(seg_ids, images, tuple(matched), distinct)
 
 
 def _first_of_each(ids: NDArray[np.void]) -> NDArray[np.void]:

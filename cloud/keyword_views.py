@@ -123,7 +123,7 @@ class KeywordViews:
         stats: list[dict[str, object]] = wire.empty_stats(queries)
         rows: NDArray[np.int64] | None = None
         if token is None:  # keyword-only: the first k image ids
-            hits, matched, images = id_hits(found.ids, k), int(found.ids.size), found.images
+            hits, matched, images = id_hits(found.first(k), k), found.matched, found.images
         elif version is None:
             hits, matched, images = [[] for _ in range(queries)], 0, 0
             rows = np.zeros(0, dtype=np.int64)

@@ -61,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -165,14 +166,33 @@ def _segment_keys(token: KeywordToken, repo_id: str, segment_id: str, key_versio
             _hmac(token.k2, _lp(b"radcrypt/sse/value/v1"), place))
 
 
+_STREAM_BLOCKS = 5  # per version-2 entry: its label, then four blocks of pad
+_counters = b""  # block(j, c) for c = 0, 1, ..., j = 0..4: grown on demand, then sliced
+_counters_lock = threading.Lock()
+
+
+def _counter_bytes(start: int, count: int) -> bytes:
+    """block(j, c) for c in start .. start+count-1, j = 0..4, as one byte string: sliced
+    from a table grown by doubling, since building it per call (numpy) cost three times
+    the AES call it feeds for the one-entry lookups of a query."""
+    global _counters
+    end = (start + count) * _STREAM_BLOCKS * 16
+    table = _counters
+    if len(table) < end:
+        with _counters_lock:
+            entries = max(1024, 2 * (start + count))
+            grid = np.zeros((entries, _STREAM_BLOCKS, 2), dtype=">u8")
+            grid[:, :, 0] = np.arange(_STREAM_BLOCKS, dtype=np.uint64)[None, :]
+            grid[:, :, 1] = np.arange(entries, dtype=np.uint64)[:, None]
+            table = _counters = grid.tobytes()
+    return table[start * _STREAM_BLOCKS * 16 : end]
+
+
 def _entry_stream(key: bytes, start: int, count: int) -> NDArray[np.uint8]:
     """(count, 80): label (16) then pad (64) of version-2 entries start .. start+count-1,
     AES-256(K_s, block(j, c)) for j = 0..4, in one call."""
-    counters = np.zeros((count, 5, 2), dtype=">u8")
-    counters[:, :, 0] = np.arange(5, dtype=np.uint64)[None, :]
-    counters[:, :, 1] = np.arange(start, start + count, dtype=np.uint64)[:, None]
     encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
-    out = encryptor.update(counters.tobytes()) + encryptor.finalize()
+    out = encryptor.update(_counter_bytes(start, count)) + encryptor.finalize()
     return np.frombuffer(out, np.uint8).reshape(count, LABEL_SIZE + PACKED_VALUE_SIZE)
 
 
@@ -442,23 +462,17 @@ def decode_packed_many(values: NDArray[np.uint8], pads: NDArray[np.uint8],
     last = np.ones(m, dtype=bool)
     last[:-1] = owners[1:] != owners[:-1]
     first = np.ones(m, dtype=bool)
-    first[1:] = owners[1:] != owners[:-1]
+    first[1:] = last[:-1]
     entries = np.bincount(owners, minlength=segments)
     expected = np.where(first, entries[owners], 0)
-    entry_bad = ((words[:, 0] != expected) | filler.all(axis=1)
-                 | (filler.any(axis=1) & ~last)
+    # Fillers only as a suffix of a segment's last entry; so every entry but the last is
+    # full, and rows increase inside each entry and from one entry to the next.
+    entry_bad = ((words[:, 0] != expected) | filler[:, 0]
+                 | (filler[:, -1] & ~last)
                  | np.any(filler[:, :-1] & ~filler[:, 1:], axis=1)
-                 | np.any(~filler & (rows >= row_counts[owners][:, None]), axis=1))
-    flat = rows.reshape(-1)
-    keep = ~filler.reshape(-1)
-    flat_owner = np.repeat(owners, PACK)
-    # Fillers are only at the end of each segment's run, so a segment's rows are
-    # contiguous among the kept ones: each must exceed the one before it of its segment.
-    kept_rows, kept_owner = flat[keep], flat_owner[keep]
-    same = kept_owner[1:] == kept_owner[:-1]
-    out_of_order = same & (kept_rows[1:] <= kept_rows[:-1])
+                 | np.any(~filler & (rows >= row_counts[owners][:, None]), axis=1)
+                 | np.any((rows[:, 1:] <= rows[:, :-1]) & ~filler[:, 1:], axis=1))
+    entry_bad[:-1] |= ~last[:-1] & (rows[1:, 0] <= rows[:-1, -1])
     bad |= np.bincount(owners, weights=entry_bad, minlength=segments) > 0
-    if out_of_order.any():
-        bad[kept_owner[1:][out_of_order]] = True
-    counts[:] = np.bincount(kept_owner, minlength=segments)
-    return kept_rows, counts, bad
+    counts[:] = np.bincount(owners, weights=PACK - filler.sum(axis=1), minlength=segments)
+    return rows[~filler], counts, bad

@@ -230,7 +230,9 @@ def test_view_equals_plaintext_filter_with_labels_and_tombstones(
         assert got == _plain(ordered, labels, terms), terms
         assert found.segment_ids == sorted(segments)
         assert found.images == len(ordered)
-        assert found.distinct
+        assert found.distinct and found.matched == found.ids.size
+        for k in (1, 7, 500):
+            assert found.first(k).tobytes() == found.ids[:k].tobytes(), (terms, k)
         lookup = IdLookup(np.concatenate([source.segments[s].ids for s in segments]))
         assert lookup.answer_positions(found).tolist() == \
             lookup.positions(found.ids).tolist(), terms
@@ -263,6 +265,7 @@ def test_an_image_in_two_segments_is_answered_once() -> None:
     found = view.evaluate(query.tokens(keys.keyword_key, repo_id, 1))
     hex_ids = [bytes(i).hex() for i in found.ids]
     assert not found.distinct and hex_ids.count(first[3].image_id) == 1
+    assert found.matched == len(hex_ids) and found.first(2).tobytes() == found.ids[:2].tobytes()
     assert hex_ids == _plain(first + [m for i, m in enumerate(second) if i != 5], {},
                              f"accession={first[3].clinical['AccessionNumber']}")
     index_ids = np.concatenate([source.segments[seg_a].ids,
