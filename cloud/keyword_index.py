@@ -160,14 +160,22 @@ class SegmentKeywords:
             for other in sets[1:]:
                 if not rows.size:
                     break
-                rows = np.intersect1d(rows, other, assume_unique=True)
+                rows = rows[self._holds(other, rows)]
         else:
             rows = np.arange(self.row_count, dtype=np.uint32)
         for i, clause in negative:
             if not rows.size:
                 break
-            rows = np.setdiff1d(rows, rows_of(i, clause), assume_unique=True)
+            rows = rows[~self._holds(rows_of(i, clause), rows)]
         return rows.astype(np.uint32)
+
+    def _holds(self, members: U32, rows: U32) -> NDArray[np.bool_]:
+        """Which of ``rows`` are among ``members`` (both rows of this segment): one mask
+        of the segment's rows, linear, where np.intersect1d sorts both (an AND of two
+        keywords on a quarter and an eighth of a segment cost twice as much)."""
+        mask = np.zeros(self.row_count, dtype=bool)
+        mask[members] = True
+        return mask[rows]
 
 
 # --- the service's keyword view of a repository (issue 17, query side) ---------------------
