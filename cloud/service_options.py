@@ -157,6 +157,10 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--shard-deadline", type=float, default=None, metavar="SECONDS",
                          help="a shard that has not answered by then makes the search a "
                               "503 naming it (default 10)")
+    cluster.add_argument("--resize", action="store_true", default=None,
+                         help="when the deployment (this --service-id) runs with another "
+                              "shard count, resize it to --shards while it serves "
+                              "(without: join it as it is laid out)")
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ class ServiceConfig:
     shards: int = 1
     replicas: int = 1
     shard_deadline: float = SHARD_DEADLINE
+    resize: bool = False  # --resize: bring the running deployment to --shards shards
 
     @property
     def scheme(self) -> str:
@@ -239,7 +244,8 @@ def service_config(args: argparse.Namespace,
                          args.docs, args.tls_cert, args.tls_key, args.max_nonces,
                          args.address_rate, args.address_burst, args.refresh_interval,
                          tuple(preload), user_rate, user_burst, threads, device,
-                         ray_address, shards, replicas, deadline)
+                         ray_address, shards, replicas, deadline,
+                         bool(getattr(args, "resize", None)) and ray_address is not None)
 
 
 def _cluster_options(args: argparse.Namespace) -> tuple[str | None, int, int, float]:
@@ -248,7 +254,8 @@ def _cluster_options(args: argparse.Namespace) -> tuple[str | None, int, int, fl
     address = (getattr(args, "ray_address", None) or "").strip() or None
     given = {"--shards": getattr(args, "shards", None),
              "--replicas": getattr(args, "replicas", None),
-             "--shard-deadline": getattr(args, "shard_deadline", None)}
+             "--shard-deadline": getattr(args, "shard_deadline", None),
+             "--resize": getattr(args, "resize", None)}
     if address is None:
         named = [name for name, value in given.items() if value is not None]
         if named:

@@ -10,7 +10,9 @@ that does not answer in time is a 503 naming it, never a partial answer. Keyword
 combined queries (issue 17) run the single service's keyword code on each shard's segments
 (cloud/keyword_views.py) and merge to its answer. Nonces and rate limits live in one guard
 actor shared by every front replica (guard.py); /readyz and /metrics of a front say which
-shards are ready and what each holds (health.py).
+shards are ready and what each holds (health.py). Shards join and leave a running
+cluster (resize.py, ``ClusterFront.resize``, ``radcrypt serve --resize``): the next layout
+is staged beside the one serving and switched to when every shard of it has loaded.
 
 Ray is an optional extra (radcrypt[cluster]): nothing here imports it at module level
 except front.py's functions, which import it when a cluster is used.

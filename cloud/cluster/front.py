@@ -19,6 +19,13 @@ one replica of every shard, waits at most ``deadline`` seconds, and:
 Actors are named (``radcrypt-<service id>-shard-<slot>-r<replica>`` and
 ``radcrypt-<service id>-guard``), detached and restartable, so that every front replica of
 one deployment (the same service id) finds the same shards and the same guard.
+
+The shards a request goes to are one immutable ``Layout`` (a generation, the shard count,
+the actors), read once per request: a resize (cloud/cluster/resize.py) stages the next
+layout on the shards while this one serves, then replaces ``self.layout`` in one
+assignment, so a request is answered wholly by one layout or the other. Every request
+names its layout to the shards; one a shard no longer serves is refused and the front
+re-reads the current layout from the guard (another replica resized) and asks again once.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from crypto.tokens import QueryToken
 log = logging.getLogger("radcrypt.cluster")
 
 DEADLINE_SECONDS = 10.0
+LAYOUT_CHECK_SECONDS = 2.0  # how often a front asks the guard whether another resized
+STALE = "not serving that layout"  # a shard's refusal of a layout it no longer holds
 SHARD_CPUS = 1.0
 SHARD_CONCURRENCY = 4  # searches one shard replica runs at once (threads)
 
@@ -74,6 +83,21 @@ class ClusterOptions:
 
     def shard_name(self, slot: int, replica: int) -> str:
         return f"{self.prefix}-shard-{slot}-r{replica}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shards requests go to: ``handles[slot][replica]`` of ``shards`` slots, the
+    layout ``generation`` (0 until the first resize). Replaced whole, never changed but
+    for a dead replica's handle."""
+
+    generation: int
+    shards: int
+    handles: list[list[Any]]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.generation, self.shards
 
 
 class ShardUnavailable(Exception):
@@ -108,6 +132,9 @@ class ClusterFront:
         self._served: set[str] = set()
         self._turn = count()
         self.latency: dict[int, Histogram] = {}  # slot -> its search answers' latency
+        self._inflight: dict[int, int] = {}  # layout generation -> requests running
+        self.attempted = 0  # the last layout generation a resize staged (resize.py)
+        self._checked = time.monotonic()
         guard_class: Any = ray.remote(Guard)
         self.guard: Any = guard_class.options(
             name=f"{options.prefix}-guard", lifetime="detached", get_if_exists=True,
@@ -115,10 +142,87 @@ class ClusterFront:
                 options.max_nonces, options.rates)
         for repo_id in preload:  # before the shards start: they load these at once
             ray.get(self.guard.note_repo.remote(repo_id), timeout=60)
-        self.handles = [[self._shard(slot, r) for r in range(options.replicas)]
-                        for slot in range(options.shards)]
+        # a deployment resized since: its layout, not --shards (cloud/cluster/resize.py)
+        try:
+            generation, shards = ray.get(self.guard.layout.remote(), timeout=60) or (
+                0, options.shards)
+        except Exception as exc:  # a guard of an older version: never resized
+            log.warning("layout not read from the guard (%s): %d shards", exc,
+                        options.shards)
+            generation, shards = 0, options.shards
+        self.layout = self._open(generation, shards)
 
-    def _shard(self, slot: int, replica: int) -> Any:
+    @property
+    def handles(self) -> list[list[Any]]:
+        """The current layout's actors, ``[slot][replica]``."""
+        return self.layout.handles
+
+    def _open(self, generation: int, shards: int) -> Layout:
+        """Find (or start) the actors of a layout."""
+        return Layout(generation, shards,
+                      [[self._shard(slot, r, shards, generation)
+                        for r in range(self.options.replicas)] for slot in range(shards)])
+
+    def switch(self, layout: Layout) -> None:
+        """Serve ``layout`` from the next request on (one assignment: a request reads
+        ``self.layout`` once)."""
+        self.layout = layout
+
+    def inflight(self, generation: int) -> int:
+        """Requests of this front still running under layout ``generation``."""
+        return self._inflight.get(generation, 0)
+
+    def resize(self, shards: int, timeout: float | None = None) -> dict[str, Any]:
+        """Resize the deployment to ``shards`` shards while it serves (blocking: call it
+        from a thread); ResizeError, the old layout still serving, when it fails.
+        cloud/cluster/resize.py says how."""
+        from cloud.cluster import resize
+
+        report = resize.run(self, shards, resize.RESIZE_SECONDS if timeout is None
+                            else timeout)
+        return report.as_dict()
+
+    async def _sync_layout(self, force: bool = False, ask_shards: bool = False) -> bool:
+        """Adopt the layout the guard names when it is newer than this front's (another
+        replica resized); True when it changed. At most every LAYOUT_CHECK_SECONDS
+        unless ``force``. ``ask_shards`` (a shard refused this front's layout): when the
+        guard knows nothing newer, the layout the first shard committed."""
+        now = time.monotonic()
+        if not force and now - self._checked < LAYOUT_CHECK_SECONDS:
+            return False
+        self._checked = now
+        try:
+            found = await asyncio.wait_for(asyncio.wrap_future(
+                self.guard.layout.remote().future()), STATUS_SECONDS)
+        except Exception:  # the guard restarting: keep serving what we have
+            found = None
+        if ask_shards and (found is None or int(found[0]) <= self.layout.generation):
+            found = await self._committed_layout()
+        if found is None or int(found[0]) <= self.layout.generation:
+            return False
+        loop = asyncio.get_running_loop()  # get_if_exists: a blocking Ray call
+        layout = await loop.run_in_executor(None, self._open, int(found[0]), int(found[1]))
+        if layout.generation > self.layout.generation:
+            log.info("adopting layout %d (%d shards) from the guard", *layout.key)
+            self.switch(layout)
+            return True
+        return False
+
+    async def _committed_layout(self) -> tuple[int, int] | None:
+        """The layout the first shard committed, told back to the guard: a guard that
+        restarted has forgotten the layout, while the shards refuse older ones."""
+        try:
+            status = await asyncio.wait_for(asyncio.wrap_future(
+                self.layout.handles[0][0].status.remote().future()), STATUS_SECONDS)
+            found = status.get("layout")
+        except Exception:  # restarting: the next refused request asks again
+            return None
+        if not found:
+            return None
+        self.guard.set_layout.remote(int(found[0]), int(found[1]))
+        return int(found[0]), int(found[1])
+
+    def _shard(self, slot: int, replica: int, shards: int, generation: int) -> Any:
         opts = self.options
         threads = max(1, int(opts.shard_cpus)) if opts.shard_cpus >= 1 else 1
         shard_class: Any = self.ray.remote(Shard)
@@ -126,9 +230,9 @@ class ClusterFront:
             name=opts.shard_name(slot, replica), lifetime="detached", get_if_exists=True,
             num_cpus=opts.shard_cpus, max_restarts=-1, max_task_retries=0,
             max_concurrency=SHARD_CONCURRENCY)
-        return actor.remote(opts.shard_name(slot, replica), slot, opts.shards, self.store,
+        return actor.remote(opts.shard_name(slot, replica), slot, shards, self.store,
                             self.owner_keys, opts.refresh_interval, opts.device, threads,
-                            self.guard, opts.cache_root)
+                            self.guard, opts.cache_root, generation)
 
     # --- shared replay state ---------------------------------------------------------------
 
@@ -157,14 +261,15 @@ class ClusterFront:
             except Exception:  # only the reload after a restart needs it: next time
                 pass
 
-    async def _ask_slot(self, slot: int, method: str, args: tuple[Any, ...],
-                        until: float) -> ShardAnswer:
+    async def _ask_slot(self, layout: Layout, slot: int, method: str, args: tuple[Any, ...],
+                        until: float, dead: list[tuple[int, int]]) -> ShardAnswer:
         """One answer from a replica of ``slot`` before ``until`` (monotonic);
         ShardUnavailable otherwise. With replicas the request is hedged: a replica that
         fails is replaced by the next at once, and one that is silent for its share of
         the deadline (a replica being restarted queues the call) gets the next replica
-        asked beside it; the first answer wins."""
-        replicas = self.handles[slot]
+        asked beside it; the first answer wins. A replica gone for good is added to
+        ``dead`` (fan_out replaces it once it knows the layout is still current)."""
+        replicas = layout.handles[slot]
         first = next(self._turn) % len(replicas)
         order = [(first + i) % len(replicas) for i in range(len(replicas))]
         share = self.options.deadline / len(replicas)
@@ -179,7 +284,8 @@ class ClusterFront:
                     break
                 if order:
                     replica = order.pop(0)
-                    ref = getattr(replicas[replica], method).remote(*args)
+                    ref = getattr(replicas[replica], method).remote(*args,
+                                                                    layout=layout.key)
                     refs.append(ref)
                     pending[asyncio.wrap_future(ref.future())] = replica
                 wait = left if not order else min(left, share)
@@ -197,43 +303,71 @@ class ClusterFront:
                         why = f"failed ({type(exc).__name__})"
                         log.warning("shard %s failed: %s",
                                     self.options.shard_name(slot, replica), exc)
-                        self._replace_if_dead(slot, replica, exc)
+                        if type(exc).__name__ == "ActorDiedError":
+                            dead.append((slot, replica))
         finally:
             for future in pending:
                 future.cancel()
         names = ", ".join(self.options.shard_name(slot, r) for r in range(len(replicas)))
         raise ShardUnavailable(slot, names, why)
 
-    def _replace_if_dead(self, slot: int, replica: int, exc: Exception) -> None:
+    def _replace(self, layout: Layout, slot: int, replica: int) -> None:
         """Ray restarts a replica whose process died; one that is gone for good (its name
-        free again) is created anew, and reloads its segments."""
-        if type(exc).__name__ == "ActorDiedError":
-            try:
-                self.handles[slot][replica] = self._shard(slot, replica)
-            except Exception as again:  # the next request tries again
-                log.error("replacing shard %s failed: %s",
-                          self.options.shard_name(slot, replica), again)
+        free again) is created anew, and reloads its segments. Only in the current layout:
+        a surplus shard a resize stopped is not brought back."""
+        if layout is not self.layout:
+            return
+        try:
+            layout.handles[slot][replica] = self._shard(slot, replica, layout.shards,
+                                                        layout.generation)
+        except Exception as again:  # the next request tries again
+            log.error("replacing shard %s failed: %s",
+                      self.options.shard_name(slot, replica), again)
 
     async def fan_out(self, method: str, args: tuple[Any, ...],
                       min_head: int = 0) -> list[ShardAnswer]:
-        """Every shard's answer, at one log head; ShardUnavailable or HTTPException."""
+        """Every shard's answer, at one log head, all of one layout; ShardUnavailable or
+        HTTPException. A refusal of the layout (another front replica resized) or a dead
+        shard makes the front re-read the layout from the guard; when it changed, the
+        request is asked again once, of the new layout."""
+        await self._sync_layout()
+        for again in (False, True):
+            layout = self.layout
+            dead: list[tuple[int, int]] = []
+            self._inflight[layout.generation] = self.inflight(layout.generation) + 1
+            try:
+                return await self._fan_out(layout, method, args, min_head, dead)
+            except (ShardUnavailable, HTTPException) as exc:
+                refused = isinstance(exc, HTTPException) and STALE in str(exc.detail)
+                if again or not (refused or isinstance(exc, ShardUnavailable)) or \
+                        not await self._sync_layout(force=True, ask_shards=refused):
+                    raise
+            finally:
+                self._inflight[layout.generation] -= 1
+                for slot, replica in dead:  # nothing when the layout was replaced
+                    self._replace(layout, slot, replica)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fan_out(self, layout: Layout, method: str, args: tuple[Any, ...],
+                       min_head: int, dead: list[tuple[int, int]]) -> list[ShardAnswer]:
         until = time.monotonic() + self.options.deadline
         answers = await asyncio.gather(
-            *(self._ask_slot(s, method, (*args, min_head), until)
-              for s in range(len(self.handles))))
+            *(self._ask_slot(layout, s, method, (*args, min_head), until, dead)
+              for s in range(layout.shards)))
         for answer in answers:
             if answer.error is not None:
                 status, detail = answer.error
                 raise HTTPException(status_code=status, detail=detail,
                                     headers={"Retry-After": "5"} if status == 503 else None)
-            if answer.layout != (answer.layout[0], len(self.handles)):
+            if answer.layout != (answer.layout[0], layout.shards):
                 raise ShardUnavailable(answer.layout[0], answer.shard,
                                        "is laid out for another shard count")
         head = max(a.head for a in answers)
         behind = [i for i, a in enumerate(answers) if a.head < head]
         if behind:  # ask the late ones to re-read the log up to the head the others saw
             again = await asyncio.gather(
-                *(self._ask_slot(i, method, (*args, head), until) for i in behind))
+                *(self._ask_slot(layout, i, method, (*args, head), until, dead)
+                  for i in behind))
             for i, answer in zip(behind, again, strict=True):
                 if answer.error is not None or answer.head != head:
                     raise ShardUnavailable(i, answer.shard, f"is behind the log head {head}")
@@ -356,11 +490,13 @@ class ClusterFront:
 
     # --- readiness and metrics (cloud/cluster/health.py) ------------------------------------
 
-    def probe(self) -> list[Probe]:
-        """Every replica's status within STATUS_SECONDS (blocking: /readyz and /metrics
-        run in a worker thread). A replica gone for good is replaced, as a search would."""
-        asked = [(slot, r, handle.status.remote())
-                 for slot, replicas in enumerate(self.handles)
+    def probe(self, layout: Layout | None = None) -> list[Probe]:
+        """Every replica's status, for ``layout`` (default: the current one), within
+        STATUS_SECONDS (blocking: /readyz and /metrics run in a worker thread). A replica
+        gone for good is replaced, as a search would."""
+        layout = layout or self.layout
+        asked = [(slot, r, handle.status.remote(layout.key))
+                 for slot, replicas in enumerate(layout.handles)
                  for r, handle in enumerate(replicas)]
         done, _ = self.ray.wait([ref for _, _, ref in asked], num_returns=len(asked),
                                 timeout=STATUS_SECONDS)
@@ -376,7 +512,8 @@ class ClusterFront:
                 probes.append(Probe(slot, replica, name, self.ray.get(ref, timeout=0)))
             except Exception as exc:  # RayActorError, ActorUnavailableError, ...
                 probes.append(Probe(slot, replica, name, None, type(exc).__name__))
-                self._replace_if_dead(slot, replica, exc)
+                if type(exc).__name__ == "ActorDiedError":
+                    self._replace(layout, slot, replica)
         return probes
 
     def _repos(self) -> list[str] | None:
@@ -389,11 +526,12 @@ class ClusterFront:
 
     def readiness(self) -> tuple[list[Probe], list[str], int]:
         """(the probes, why the cluster is not ready, how many repositories it serves)."""
-        probes = self.probe()
+        layout = self.layout
+        probes = self.probe(layout)
         repos = self._repos()
         if repos is None:
             return probes, ["replay guard unavailable"], 0
-        return probes, not_ready(probes, repos, len(self.handles)), len(repos)
+        return probes, not_ready(probes, repos, layout.shards), len(repos)
 
     def readyz(self) -> JSONResponse:
         """GET /readyz of a cluster front: 200 when every live segment is owned by a
@@ -450,10 +588,21 @@ def connect(config: Any, store: Store, verifier: Any) -> tuple[ClusterFront, Sha
                  log_to_driver=False)
     options = ClusterOptions(
         config.service_id, config.shards, config.replicas, config.shard_deadline,
+        shard_cpus=getattr(config, "shard_cpus", SHARD_CPUS),
         device=config.device, refresh_interval=config.refresh_interval,
         max_nonces=config.max_nonces,
         rates={"user": (config.user_rate, config.user_burst),
                "address": (config.address_rate, config.address_burst)})
     front = ClusterFront(options, store_spec(store), config.owner_keys, config.preload)
     front.share_replay_state(verifier)
+    if getattr(config, "resize", False) and front.layout.shards != config.shards:
+        from cloud.cluster.resize import ResizeError
+
+        try:  # --resize: the deployment is to have --shards shards; it serves meanwhile
+            report = front.resize(config.shards)
+            log.warning("resized to %d shards (was %d): %d of %d segments moved, %.1f s",
+                        report["shards"], report["previous"], report["moved"],
+                        report["segments"], report["seconds"])
+        except ResizeError as exc:  # the deployment serves on with its layout, and so do we
+            log.error("%s", exc)
     return front, front.limiter("address")

@@ -27,8 +27,10 @@ CLOCK_SLACK = 1.0  # seconds: a request stamped just before the guard started is
 
 
 class Guard:
-    """The shared state: nonces seen, token buckets by kind ("user", "address"), and the
-    repositories served (so that a restarted shard knows what to reload)."""
+    """The shared state: nonces seen, token buckets by kind ("user", "address"), the
+    repositories served (so that a restarted shard knows what to reload) and the current
+    layout (generation, shard count) a resize switched to, so that every front replica
+    and a restarted shard find it (cloud/cluster/resize.py)."""
 
     def __init__(self, max_nonces: int, rates: dict[str, tuple[float, float]],
                  window: int = WINDOW_SECONDS) -> None:
@@ -38,6 +40,7 @@ class Guard:
         self.limiters = {kind: RateLimiter(rate, burst) for kind, (rate, burst) in
                          rates.items()}
         self._repos: list[str] = []
+        self._layout: tuple[int, int] | None = None
 
     def add_nonce(self, key: str, expires: float) -> int:
         """1: new; 0: seen (a replay) or signed before this guard started; -n: the cache
@@ -63,6 +66,19 @@ class Guard:
 
     def started_at(self) -> float:
         return self.started
+
+    def set_layout(self, generation: int, shards: int) -> bool:
+        """Record the layout a front switched to; False (nothing changed) when a layout
+        of that generation or a later one is recorded already (two resizes at once)."""
+        if self._layout is not None and generation <= self._layout[0]:
+            return False
+        self._layout = (generation, shards)
+        return True
+
+    def layout(self) -> tuple[int, int] | None:
+        """The current (generation, shards); None: never resized (every front's
+        --shards holds)."""
+        return self._layout
 
 
 def _unavailable() -> HTTPException:

@@ -13,7 +13,15 @@ the front's /readyz and /metrics what the shard has loaded (health.py).
 
 ``Shard`` is a plain class; front.py makes it a Ray actor (restarted by Ray when its
 process dies: __init__ then runs again and reloads, in the background, the repositories
-the guard remembers having been served).
+the guard remembers having been served, in the layout the guard says is current).
+
+Resizing (cloud/cluster/resize.py): a shard holds one *layout* (a generation and a shard
+count) per ShardState, each with its own index of the segments its slot owns in that
+layout. While a resize is staged a shard holds two: the one the front still queries and
+the next one, loading (``prepare``); every request names the layout it was sent under, so
+an answer is always that of one whole layout; ``commit`` then drops the old one. A
+layout older than the one committed is refused (the front re-reads the current one from
+the guard), never answered from the wrong split.
 """
 
 from __future__ import annotations
@@ -126,53 +134,161 @@ def worker_store_config(config: StoreConfig | DirectoryConfig) -> StoreConfig | 
                    secret_key=env.get("RADCRYPT_S3_SECRET_KEY") or None)
 
 
+@dataclass
+class ShardLayout:
+    """What a shard holds for one layout: its segments' index and keyword views, and
+    (while staged by a resize) the shard count it moves from (``previous``)."""
+
+    generation: int
+    shards: int
+    state: ShardState
+    keyword_views: KeywordViews
+    previous: int | None = None
+    loading: threading.Thread | None = None
+
+
 class Shard:
-    """One shard replica: ``slot`` of ``shards``; ``name`` is how errors name it."""
+    """One shard replica: ``slot`` of ``shards`` (layout ``generation``); ``name`` is how
+    errors name it."""
 
     def __init__(self, name: str, slot: int, shards: int,
                  store: StoreConfig | DirectoryConfig, owner_keys: Sequence[bytes],
                  refresh_interval: float, device: str = "cpu", threads: int | None = None,
-                 guard: Any = None, cache_root: str | None = None) -> None:
+                 guard: Any = None, cache_root: str | None = None,
+                 generation: int = 0) -> None:
         from cloud.gpu.backend import searcher
         from cloud.search import ConcurrentSearches
 
         if threads is not None:
             cpus.set_threads(threads)
-        self.name, self.slot, self.shards = name, slot, shards
+        self.name, self.slot = name, slot
         self.started = time.time()
-        cache = Path(cache_root) / f"{name}-{os.getpid()}" if cache_root else None
-        opened = open_store(worker_store_config(store))
-        source = default_keyword_source(opened)
-        self.state = ShardState(self._owns, opened, refresh_interval, cache, owner_keys,
-                                getattr(source, "capture", None))
-        self.keyword_views = KeywordViews(source)
-        self._owned: dict[str, tuple[bytes, list[str], list[int]]] = {}
+        self._cache = Path(cache_root) / f"{name}-{os.getpid()}" if cache_root else None
+        self._opened = open_store(worker_store_config(store))
+        self._refresh_interval, self._owner_keys = refresh_interval, tuple(owner_keys)
+        self._layouts: dict[int, ShardLayout] = {}
+        self._layouts_lock = threading.Lock()
+        self.generation, self.shards = generation, shards  # the committed layout
+        self._layout(generation, shards)
+        self._owned: dict[tuple[int, str], tuple[bytes, list[str], list[int], int]] = {}
         self.engine = searcher(device)
         self.threads = ConcurrentSearches()
         self._loading = threading.Thread(target=self._reload, args=(guard,), daemon=True,
                                          name="radcrypt-shard-reload")
         self._loading.start()
 
-    def _owns(self, key: str) -> bool:
-        return owns_key(key, self.slot, self.shards)
+    # --- layouts -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ShardState:
+        """The committed layout's repositories."""
+        return self._layouts[self.generation].state
+
+    @property
+    def keyword_views(self) -> KeywordViews:
+        return self._layouts[self.generation].keyword_views
+
+    def _layout(self, generation: int, shards: int) -> ShardLayout:
+        """The layout ``generation`` (``shards`` shards), made empty when new (its
+        repositories load on first use or by ``prepare``). ValueError when this slot is
+        not in it, or it is older than the committed one, or it names another count."""
+        with self._layouts_lock:
+            known = self._layouts.get(generation)
+            if known is not None:
+                if known.shards != shards:
+                    raise ValueError(f"layout {generation} has {known.shards} shards here, "
+                                     f"not {shards}")
+                return known
+            if generation < self.generation:
+                raise ValueError(f"layout {generation} is older than the committed layout "
+                                 f"{self.generation} ({self.shards} shards)")
+            if not 0 <= self.slot < shards:
+                raise ValueError(f"slot {self.slot} is not in a layout of {shards} shards")
+            slot = self.slot
+            source = default_keyword_source(self._opened)
+            state = ShardState(lambda key: owns_key(key, slot, shards), self._opened,
+                               self._refresh_interval, None if self._cache is None
+                               else self._cache / f"g{generation}", self._owner_keys,
+                               getattr(source, "capture", None))
+            made = ShardLayout(generation, shards, state, KeywordViews(source))
+            self._layouts[generation] = made
+            return made
 
     def _reload(self, guard: Any) -> None:
-        """After a (re)start: load the repositories the cluster has served so far, so that
-        the next query finds this shard whole rather than waiting for the load."""
+        """After a (re)start: adopt the layout the guard says is current (Ray restarts an
+        actor with the arguments it was first made with: its shard count may be an old
+        one), then load the repositories the cluster has served so far, so that the next
+        query finds this shard whole rather than waiting for the load."""
         if guard is None:
             return
-        try:
-            import ray
+        import ray
 
+        try:
+            current = ray.get(guard.layout.remote(), timeout=30)
+        except Exception as exc:  # restarting (or older): the front's next request says
+            log.warning("shard %s: current layout not read (%s)", self.name, exc)
+            current = None
+        try:
             repos = ray.get(guard.repos.remote(), timeout=30)
         except Exception as exc:  # the guard may be restarting: the first query loads
             log.warning("shard %s: repository list not read (%s)", self.name, exc)
             return
+        if current is not None and current[0] > self.generation and self.slot < current[1]:
+            try:
+                self._layout(*current)
+                self.commit(*current)
+            except ValueError as exc:  # a resize moved on meanwhile: its prepare loads
+                log.warning("shard %s: layout %s not adopted: %s", self.name, current, exc)
+        self._load_all(self._layouts[self.generation], repos)
+
+    def _load_all(self, lay: ShardLayout, repos: Sequence[str]) -> None:
         for repo_id in repos:
             try:
-                self.state.repo(repo_id).refresh()
+                lay.state.repo(repo_id).refresh()
             except Exception as exc:  # a query will try again and report it
                 log.error("shard %s: loading %s failed: %s", self.name, repo_id, exc)
+
+    def prepare(self, generation: int, shards: int, repos: Sequence[str],
+                previous: int | None = None) -> bool:
+        """Stage the layout ``generation`` of ``shards`` shards: load, in the background,
+        the segments this slot owns in it of every repository in ``repos``. Idempotent
+        (the front repeats it until ``status`` says loaded: a restarted actor lost what it
+        staged). True when the layout is staged or committed here."""
+        try:
+            lay = self._layout(generation, shards)
+        except ValueError as exc:
+            log.warning("shard %s: %s", self.name, exc)
+            return False
+        if previous is not None and lay.previous is None:
+            lay.previous = previous
+            self._owned = {k: v for k, v in self._owned.items() if k[0] != generation}
+        with self._layouts_lock:
+            if lay.loading is None or not lay.loading.is_alive():
+                lay.loading = threading.Thread(target=self._load_all, args=(lay, list(repos)),
+                                               daemon=True, name="radcrypt-shard-stage")
+                lay.loading.start()
+        return True
+
+    def commit(self, generation: int, shards: int) -> None:
+        """Make layout ``generation`` the committed one and drop every older layout (and
+        a newer one abandoned): the front switched to it and its requests under the old
+        layout have ended."""
+        lay = self._layout(generation, shards)
+        with self._layouts_lock:
+            self.generation, self.shards = lay.generation, lay.shards
+            for gen in [g for g in self._layouts if g != generation]:
+                del self._layouts[gen]
+            self._owned = {k: v for k, v in self._owned.items() if k[0] == generation}
+
+    def abort(self, generation: int) -> None:
+        """Drop the staged layout ``generation`` (a resize that failed); the committed one
+        stays."""
+        with self._layouts_lock:
+            if generation != self.generation:
+                self._layouts.pop(generation, None)
+
+    def _serving(self, layout: tuple[int, int] | None) -> ShardLayout:
+        return self._layouts[self.generation] if layout is None else self._layout(*layout)
 
     # --- what the front calls ------------------------------------------------------------
 
@@ -180,28 +296,41 @@ class Shard:
         """(name, process id, start time): the front's liveness probe, the tests' target."""
         return self.name, os.getpid(), self.started
 
-    def refresh(self, repo_id: str, min_head: int = 0) -> ShardAnswer:
+    def refresh(self, repo_id: str, min_head: int = 0,
+                layout: tuple[int, int] | None = None) -> ShardAnswer:
         try:
-            snap = self.state.repo(repo_id).refresh(min_head=min_head)
+            lay = self._serving(layout)
+        except ValueError as exc:
+            return self._error(503, f"not serving that layout: {exc}", layout)
+        try:
+            snap = lay.state.repo(repo_id).refresh(min_head=min_head)
         except StoreError as exc:
-            return self._error(503, f"object store unavailable: {exc}")
-        return self._answer(snap, None, [], [], 0.0)
+            return self._error(503, f"object store unavailable: {exc}", layout)
+        return self._answer(lay, snap, None, [], [], 0.0)
 
     def search(self, repo_id: str, key_version: int, token: QueryToken, k: int,
-               min_head: int = 0) -> ShardAnswer:
-        """Exact top-k of this shard's rows of ``key_version`` for every query of the token."""
+               min_head: int = 0, layout: tuple[int, int] | None = None) -> ShardAnswer:
+        """Exact top-k of this shard's rows of ``key_version`` for every query of the
+        token, among the segments it owns in ``layout`` (generation, shards; None: the
+        committed one)."""
         try:
-            snap = self.state.current(repo_id, key_version, min_head)
+            lay = self._serving(layout)
+        except ValueError as exc:
+            return self._error(503, f"not serving that layout: {exc}", layout)
+        try:
+            snap = lay.state.current(repo_id, key_version, min_head)
         except StoreError as exc:
-            return self._error(503, f"object store unavailable: {exc}")
+            return self._error(503, f"object store unavailable: {exc}", layout)
         version = snap.versions.get(key_version)
         queries = len(token)
         if version is None:
             empty = [{"vectors": 0, "level_scored": [], "full_scored": 0,
                       "milliseconds": 0.0, "batch": queries} for _ in range(queries)]
-            return self._answer(snap, key_version, [[] for _ in range(queries)], empty, 0.0)
+            return self._answer(lay, snap, key_version, [[] for _ in range(queries)], empty,
+                                0.0)
         if token.widths != version.index.widths:
-            return self._error(422, "token does not match this repository's key version")
+            return self._error(422, "token does not match this repository's key version",
+                               layout)
         started = time.perf_counter()
         with self.threads.running():
             results = self.engine(version.index, token, k)
@@ -209,32 +338,38 @@ class Shard:
         ids = version.image_ids
         hits = [[(ids[int(p)], float(s)) for p, s in zip(r.positions, r.scores, strict=True)]
                 for r in results]
-        return self._answer(snap, key_version, hits, [r.stats.as_dict() for r in results],
-                            elapsed, version.index.widths)
+        return self._answer(lay, snap, key_version, hits,
+                            [r.stats.as_dict() for r in results], elapsed, version.index.widths)
 
     def keywords(self, repo_id: str, key_version: int, query: TokenQuery,
-                 token: QueryToken | None, k: int, min_head: int = 0) -> ShardAnswer:
+                 token: QueryToken | None, k: int, min_head: int = 0,
+                 layout: tuple[int, int] | None = None) -> ShardAnswer:
         """A keyword-only (``token`` None) or combined query over this shard's segments,
         with the single service's code (cloud/keyword_views.py): the tokens evaluated on
         each segment's dictionary and the labels naming it, then, combined, the exact
         top-k among the matching rows only."""
         try:
-            snap = self.state.current(repo_id, key_version, min_head)
+            lay = self._serving(layout)
+        except ValueError as exc:
+            return self._error(503, f"not serving that layout: {exc}", layout)
+        try:
+            snap = lay.state.current(repo_id, key_version, min_head)
         except StoreError as exc:
-            return self._error(503, f"object store unavailable: {exc}")
+            return self._error(503, f"object store unavailable: {exc}", layout)
         version = snap.versions.get(key_version)
         widths = version.index.widths if version is not None else None
         if token is not None and widths is not None and token.widths != widths:
-            return self._error(422, "token does not match this repository's key version")
+            return self._error(422, "token does not match this repository's key version",
+                               layout)
         try:
             # keyword-only: no hits here (k 0), the front takes the first k of the merge
-            found = self.keyword_views.match(self.state.repo(repo_id), snap, key_version,
-                                             query, token, 0 if token is None else k,
-                                             self.threads)
+            found = lay.keyword_views.match(lay.state.repo(repo_id), snap, key_version,
+                                            query, token, 0 if token is None else k,
+                                            self.threads)
         except StoreError as exc:
-            return self._error(503, f"object store unavailable: {exc}")
+            return self._error(503, f"object store unavailable: {exc}", layout)
         except FormatError as exc:  # a label object that does not fit its segment
-            return self._error(503, f"keyword dictionaries unreadable: {exc}")
+            return self._error(503, f"keyword dictionaries unreadable: {exc}", layout)
         seg_ids = list(found.found.segment_ids)
         if token is None:  # every segment's run, so that the front can interleave shards
             runs = {seg_id: ids_of[rows] for seg_id, ids_of, rows in found.found.parts}
@@ -243,53 +378,65 @@ class Shard:
                                  or [found.found.ids[:0]])
         else:
             counts, ids = (), found.matched_ids()
-        return ShardAnswer(self.name, (self.slot, self.shards), snap.head, snap.head_hash,
+        return ShardAnswer(self.name, (self.slot, lay.shards), snap.head, snap.head_hash,
                            seg_ids, found.images, found.hits, found.stats, found.seconds,
                            snap.log_error, widths if token is not None else None,
                            rejected=dict(snap.rejected),
                            key_versions=tuple(sorted(snap.versions)), keywords=True,
                            found=ids, counts=counts)
 
-    def status(self) -> dict[str, Any]:
-        """What the front's /readyz and /metrics report of this replica: per repository
-        it holds, the segments and rows loaded, when, the log head, the live segments it
-        owns that are neither loaded nor rejected (``pending``), and which slots own live
-        segments at its head (``owners``; None before its log is verified)."""
+    def status(self, layout: tuple[int, int] | None = None) -> dict[str, Any]:
+        """What the front's /readyz and /metrics report of this replica (and what a
+        resize waits on, for the staged ``layout``): per repository it holds, the segments
+        and rows loaded, when, the log head, the live segments it owns that are neither
+        loaded nor rejected (``pending``), which slots own live segments at its head
+        (``owners``; None before its log is verified) and, in a staged layout, how many
+        of its segments it did not own in the layout before (``moved_in``). A layout it
+        does not hold (lost in a restart) reports no repository."""
+        with self._layouts_lock:
+            lay = self._layouts.get(self.generation if layout is None else layout[0])
+        if lay is None or (layout is not None and lay.shards != layout[1]):
+            return {"name": self.name, "pid": os.getpid(), "started": self.started,
+                    "layout": None, "repos": {}}
         repos: dict[str, dict[str, Any]] = {}
-        for repo_id, index in self.state.indexes():
+        for repo_id, index in lay.state.indexes():
             snap = index.snapshot
             loaded = {s for ids in snap.segment_ids.values() for s in ids}
-            owners, owned = self._ownership(repo_id, index)
+            owners, owned, moved_in = self._ownership(lay, repo_id, index)
             done = loaded | {_segment_id(key) for key in snap.rejected}
             repos[repo_id] = {
                 "loaded_at": snap.loaded_at, "head": snap.head, "segments": len(loaded),
                 "images": snap.images, "rejected": len(snap.rejected),
                 "owned": None if owned is None else len(owned),
                 "pending": None if owned is None else len(set(owned) - done),
-                "owners": owners}
+                "owners": owners, "moved_in": moved_in}
         return {"name": self.name, "pid": os.getpid(), "started": self.started,
-                "repos": repos}
+                "layout": [lay.generation, lay.shards], "repos": repos}
 
-    def _ownership(self, repo_id: str, index: ShardIndex
-                   ) -> tuple[list[int] | None, list[str] | None]:
-        """(slots owning live segments, the live segments this slot owns) of the log the
-        index verified last; (None, None) before one is (or for a format-1 repository).
-        Kept per log head: a status probe costs no hashing while the log stands still."""
+    def _ownership(self, lay: ShardLayout, repo_id: str, index: ShardIndex
+                   ) -> tuple[list[int] | None, list[str] | None, int | None]:
+        """(slots owning live segments, the live segments this slot owns, how many of
+        those another slot owned in the layout before) of the log the index verified
+        last; (None, None, None) before one is (or for a format-1 repository). Kept per
+        log head: a status probe costs no hashing while the log stands still."""
         state = getattr(index, "_log", None)
         if state is None:
-            return None, None
+            return None, None, None
         head = state.head.hash
-        known = self._owned.get(repo_id)
+        known = self._owned.get((lay.generation, repo_id))
         if known is None or known[0] != head:
             live = [obj.id for obj in state.segments()]
-            slots = [owner(seg_id, self.shards) for seg_id in live]
-            known = (head, [s for s, slot in zip(live, slots, strict=True) if slot == self.slot],
-                     sorted(set(slots)))
-            self._owned[repo_id] = known
-        return known[2], known[1]
+            slots = [owner(seg_id, lay.shards) for seg_id in live]
+            mine = [s for s, slot in zip(live, slots, strict=True) if slot == self.slot]
+            before = lay.previous
+            moved = 0 if before is None else sum(
+                self.slot >= before or owner(s, before) != self.slot for s in mine)
+            known = (head, mine, sorted(set(slots)), moved)
+            self._owned[lay.generation, repo_id] = known
+        return known[2], known[1], (known[3] if lay.previous is not None else None)
 
-    def _answer(self, snap: Snapshot, key_version: int | None, hits: list[Any],
-                stats: list[dict[str, object]], elapsed: float,
+    def _answer(self, lay: ShardLayout, snap: Snapshot, key_version: int | None,
+                hits: list[Any], stats: list[dict[str, object]], elapsed: float,
                 widths: tuple[int, ...] | None = None) -> ShardAnswer:
         if key_version is None:
             seg_ids = sorted({s for ids in snap.segment_ids.values() for s in ids})
@@ -298,12 +445,14 @@ class Shard:
             seg_ids = list(snap.segment_ids.get(key_version, []))
             version = snap.versions.get(key_version)
             images = len(version.image_ids) if version is not None else 0
-        return ShardAnswer(self.name, (self.slot, self.shards), snap.head, snap.head_hash,
+        return ShardAnswer(self.name, (self.slot, lay.shards), snap.head, snap.head_hash,
                            seg_ids, images, hits, stats, elapsed, snap.log_error, widths,
                            rejected=dict(snap.rejected), key_versions=tuple(sorted(snap.versions)))
 
-    def _error(self, status: int, detail: str) -> ShardAnswer:
-        return ShardAnswer(self.name, (self.slot, self.shards), 0, b"\0" * 32, [], 0, [], [],
+    def _error(self, status: int, detail: str,
+               layout: tuple[int, int] | None = None) -> ShardAnswer:
+        shards = self.shards if layout is None else layout[1]
+        return ShardAnswer(self.name, (self.slot, shards), 0, b"\0" * 32, [], 0, [], [],
                            0.0, error=(status, detail))
 
 

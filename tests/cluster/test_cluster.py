@@ -13,7 +13,9 @@ by PID at the end. A format-2 repository is written at the bucket level
   answer's digest is that of the new live set;
 * a shard process killed while queries run gives 503s naming the shard, never an answer
   without its rows, and whole answers again within 30 s (Ray restarts the actor, which
-  reloads its segments).
+  reloads its segments);
+* shards join and leave (resize 2 -> 3 -> 2) while clients query both fronts: every
+  answer whole and the single service's; a resize that fails leaves the old layout serving.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from cloud.auth import SignatureVerifier
 from cloud.backend import DirectoryConfig
 from cloud.cluster import assignment
 from cloud.cluster.front import ClusterFront, ClusterOptions
+from cloud.cluster.health import not_ready
 from cloud.service import create_app
 
 try:
@@ -520,3 +523,169 @@ def test_a_shard_past_the_deadline_is_a_keyword_503_naming_it(world: World) -> N
     single = _keyword_answer(_search(world.single, repo, near, body=body), 2, K)
     _assert_same_keywords(_keyword_answer(response, 2, K), single)
     assert world.front_a.get("/readyz").status_code == 200
+
+
+def _differs(got: wire.SearchAnswerV2, single: wire.SearchAnswerV2) -> str | None:
+    """Why a cluster answer is not the single service's (None: the same, scores within
+    1e-12 relative): head, segment set (ids and digest), images, hits."""
+    if (got.head_sequence, got.head_hash, got.set_digest, got.segments, got.images,
+            got.segment_ids) != (single.head_sequence, single.head_hash, single.set_digest,
+                                 single.segments, single.images, single.segment_ids):
+        return f"head/segment set differ: {got.segments} segments, {got.images} images"
+    for q, (mine, theirs) in enumerate(zip(got.hits, single.hits, strict=True)):
+        if [i for i, _ in mine] != [i for i, _ in theirs]:
+            return f"query {q}: other images"
+        if not np.allclose([s for _, s in mine], [s for _, s in theirs], rtol=1e-12, atol=0):
+            return f"query {q}: other scores"
+    return None
+
+
+def test_a_failed_resize_leaves_the_old_layout_serving_and_says_why(world: World) -> None:
+    """A resize whose new layout cannot load in time (here: no time at all) raises
+    ResizeError saying so; the actor it started is stopped, the old layout answers whole."""
+    from cloud.cluster.resize import ResizeError
+
+    front = world.cluster_front
+    before = front.layout
+    with pytest.raises(ResizeError, match=r"from 2 to 3 shards failed, the 2 shards serve "
+                                          r"on: the new layout was not loaded in time"):
+        front.resize(3, timeout=0.05)
+    assert front.layout is before
+    queries = world.rng.normal(size=(2, DIM))
+    body = _body(world.repo, queries)
+    _assert_same(_answer(_search(world.front_a, world.repo, queries, body=body), 2),
+                 _answer(_search(world.single, world.repo, queries, body=body), 2))
+    _gone(front.options.shard_name(2, 0))
+
+
+def _gone(name: str) -> None:
+    """Wait until the actor ``name`` is gone (ray.kill is asynchronous: the name is freed
+    once the actor has ended); fail after 10 s."""
+    import ray
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        assert time.monotonic() < deadline, f"{name} still runs"
+        time.sleep(0.2)
+
+
+def test_shards_join_and_leave_while_a_client_queries(world: World) -> None:
+    """Resize 2 -> 3 -> 2 while two clients query back to back, one through the
+    resizing front, one through the other front replica (which learns the layout from
+    the guard): every answer, during and after, is 200 and the single service's (ids,
+    scores within 1e-12, head, segment set and its digest); the segments that moved are
+    those whose rendezvous owner changed (about a third), all to or from the third shard;
+    /readyz and /metrics show the third shard while it serves, not after it left."""
+    repo = world.repo
+    for _ in range(30):  # enough segments for "about a third" to mean something
+        repo.add(world.rng.normal(size=(4, DIM)), _keywords(world.rng, 4))
+    live = repo.live_segments()
+    stored = list(repo.rows)
+    queries = np.vstack([np.stack([repo.rows[stored[7]], repo.rows[stored[-3]]]),
+                         world.rng.normal(size=(1, DIM))])
+    body = _body(repo, queries, min_head=repo.state.head.sequence,
+                 flags=wire.FLAG_LIST_SEGMENTS)
+    single = _answer(_search(world.single, repo, queries, body=body), 3)
+    assert single.segments == len(live)
+    outcomes: dict[str, list[str]] = {"front_a": [], "front_b": []}
+    stop = threading.Event()
+
+    def ask(which: str, http: Any) -> None:
+        while not stop.is_set():
+            response = _search(http, repo, queries, body=body)
+            if response.status_code != 200:
+                outcomes[which].append(f"{response.status_code}: {response.text}")
+            else:
+                outcomes[which].append(_differs(_answer(response, 3), single) or "ok")
+
+    threads = [threading.Thread(target=ask, args=(name, http), daemon=True)
+               for name, http in (("front_a", world.front_a), ("front_b", world.front_b))]
+    for thread in threads:
+        thread.start()
+    front = world.cluster_front
+    at_switch: list[list[str]] = []  # what the shards of the new layout said at the switch
+
+    def switch(layout: Any) -> None:
+        at_switch.append(not_ready(front.probe(layout), [REPO], layout.shards))
+        ClusterFront.switch(front, layout)
+
+    front.switch = switch  # type: ignore[method-assign]
+    try:
+        while min(len(o) for o in outcomes.values()) < 2:
+            time.sleep(0.05)
+        grown = front.resize(3, timeout=60)
+        readyz = world.front_a.get("/readyz")
+        metrics = world.front_a.get("/metrics").text
+        during = {name: len(o) for name, o in outcomes.items()}
+        shrunk = front.resize(2, timeout=60)
+        time.sleep(1.0)  # a few answers after
+    finally:
+        del front.switch
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert at_switch == [[], []], "switched before the new layout had loaded"
+    for name, seen in outcomes.items():
+        assert seen and set(seen) == {"ok"}, (name, [o for o in seen if o != "ok"][:3])
+        assert len(seen) > during[name], f"{name}: no answer after the second resize"
+    moved = assignment.split(live, 3)[2]
+    assert (grown["shards"], grown["previous"], grown["moved"], grown["segments"]) == (
+        3, 2, len(moved), len(live)), grown
+    assert 0.1 < len(moved) / len(live) < 0.6, f"{len(moved)} of {len(live)}"
+    assert (shrunk["shards"], shrunk["moved"], shrunk["segments"]) == (2, len(moved),
+                                                                        len(live)), shrunk
+    assert grown["started"] == shrunk["stopped"] == [front.options.shard_name(2, 0)]
+    assert readyz.status_code == 200 and readyz.json()["shards"] == 3, readyz.text
+    assert 'radcrypt_shard_up{shard="2",replica="0"} 1' in metrics
+    assert (f'radcrypt_shard_segments{{shard="2",replica="0",repo="{REPO}"}} '
+            f"{len(moved)}") in metrics, metrics
+    after = world.front_a.get("/metrics").text
+    assert 'shard="2"' not in after.split("radcrypt_shard_query_duration")[0]
+    assert world.front_a.get("/readyz").json()["shards"] == 2
+    assert front.layout.shards == 2 and len(front.pids()) == 2
+    _gone(front.options.shard_name(2, 0))
+
+
+def test_a_front_started_with_resize_brings_the_deployment_to_its_shards(
+        world: World) -> None:
+    """`radcrypt serve --ray-address ... --shards 3 --resize` (cloud/cluster/front.py
+    connect): the new front resizes the running deployment to 3 shards; the other fronts
+    learn the layout from the guard and answer whole; a front started later without
+    --resize joins the 3 shards whatever its --shards says. Then back to 2."""
+    from types import SimpleNamespace
+
+    from cloud.cluster.front import connect
+
+    repo = world.repo
+
+    def config(shards: int, resize: bool) -> Any:
+        return SimpleNamespace(
+            ray_address=world.address, service_id=SERVICE_ID, shards=shards, replicas=1,
+            shard_deadline=DEADLINE, device="cpu", refresh_interval=1.0, max_nonces=1000,
+            user_rate=1000.0, user_burst=1000.0, address_rate=1000.0, address_burst=1000.0,
+            owner_keys=[repo.owner.sign_public], preload=(), resize=resize,
+            shard_cpus=0.5)  # two nodes of one CPU: a whole CPU would not fit beside
+
+    def verifier() -> SignatureVerifier:
+        return SignatureVerifier(repo.store, [repo.owner.sign_public], SERVICE_ID)
+
+    resizer, _ = connect(config(3, True), repo.store, verifier())
+    assert resizer.layout.shards == 3
+    queries = world.rng.normal(size=(2, DIM))
+    body = _body(repo, queries, min_head=repo.state.head.sequence,
+                 flags=wire.FLAG_LIST_SEGMENTS)
+    single = _answer(_search(world.single, repo, queries, body=body), 2)
+    for http in (world.front_a, world.front_b):
+        assert _differs(_answer(_search(http, repo, queries, body=body), 2), single) is None
+    assert world.cluster_front.layout.shards == 3, "front_a did not learn the layout"
+    joiner, _ = connect(config(2, False), repo.store, verifier())
+    assert joiner.layout.key == resizer.layout.key
+    assert world.cluster_front.resize(2, timeout=60)["stopped"] == [
+        world.cluster_front.options.shard_name(2, 0)]
+    for http in (world.front_a, world.front_b):
+        assert _differs(_answer(_search(http, repo, queries, body=body), 2), single) is None
+    _gone(world.cluster_front.options.shard_name(2, 0))

@@ -171,6 +171,11 @@ def test_the_cluster_options_are_checked() -> None:
         service_config(_options("--ray-address", "h:1", "--shards", "0"), environ={})
     with pytest.raises(ValueError, match="--replicas 99"):
         service_config(_options("--ray-address", "h:1", "--replicas", "99"), environ={})
+    assert not config.resize
+    assert service_config(_options("--ray-address", "h:1", "--shards", "3", "--resize"),
+                          environ={}).resize
+    with pytest.raises(ValueError, match="--resize only with --ray-address"):
+        service_config(_options("--resize"), environ={})
 
 
 WORDS = ("modality=CT", "modality=MR", "modality=US", "part=KNEE", "part=CHEST")
@@ -306,3 +311,83 @@ def test_shard_metrics_lines_are_prometheus_text_per_shard() -> None:
             family = name.split("{")[0]
             assert family in typed or any(family.removesuffix(suffix) in typed for suffix
                                           in ("_bucket", "_sum", "_count")), line
+
+
+def _staged(shard: object, layout: tuple[int, int], repo_id: str) -> dict[str, object]:
+    """The staged layout's report of ``repo_id`` once loaded (the load is a thread)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        report = shard.status(layout)["repos"].get(repo_id)  # type: ignore[attr-defined]
+        if report is not None and report["loaded_at"] and report["pending"] == 0:
+            return dict(report)
+        assert time.monotonic() < deadline, f"layout {layout} not loaded: {report}"
+        time.sleep(0.02)
+
+
+def test_a_shard_stages_a_new_layout_beside_the_one_it_serves(tmp_path: Path) -> None:
+    """Resizing, a shard's side (cloud/cluster/resize.py): while the next layout loads,
+    requests naming the old one are answered from it, whole; requests naming the staged
+    one from it, whole too; only the moved segments count as moved in; a commit drops the
+    old layout (refused after, never answered from the wrong split); an abort drops a
+    staged one; a slot outside a layout refuses it."""
+    from cloud.cluster.shard import Shard
+
+    rng = np.random.default_rng(SEED)
+    repo = BucketRepo.create(tmp_path / "bucket", "grow", SEED)
+    for _ in range(15):
+        repo.add(rng.normal(size=(int(rng.integers(3, 9)), DIM)))
+    live = repo.live_segments()
+    spec, keys, k = DirectoryConfig(tmp_path / "bucket"), [repo.owner.sign_public], 6
+    token = repo.token(np.vstack([np.stack(list(repo.rows.values())[:2]),
+                                  rng.normal(size=(2, DIM))]))
+    whole = RepoIndex(repo.store, "grow", owner_keys=keys).refresh()
+    expected = [[(whole.versions[1].image_ids[int(p)], float(s))
+                 for p, s in zip(r.positions, r.scores, strict=True)]
+                for r in search_batch(whole.versions[1].index, token, k)]
+
+    def answer(shards: list[Shard], layout: tuple[int, int]) -> tuple[list[str], object]:
+        found = [s.search("grow", 1, token, k, layout=layout) for s in shards]
+        assert all(a.error is None and a.layout == (n, layout[1])
+                   for n, a in enumerate(found)), [a.error for a in found]
+        return covered(found), merge_hits([a.hits for a in found], len(token), k)
+
+    two = [Shard(f"s{slot}", slot, 2, spec, keys, 60.0) for slot in (0, 1)]
+    assert answer(two, (0, 2)) == (live, expected)
+    third = Shard("s2", 2, 3, spec, keys, 60.0, generation=1)
+    three = [*two, third]
+    assert all(s.prepare(1, 3, ["grow"], previous=2) for s in three)
+    reports = [_staged(s, (1, 3), "grow") for s in three]
+    moved = assignment.split(live, 3)[2]
+    assert [r["moved_in"] for r in reports] == [0, 0, len(moved)], f"seed {SEED}"
+    assert sum(int(r["owned"]) for r in reports) == len(live)  # type: ignore[call-overload]
+    assert answer(two, (0, 2)) == (live, expected)  # the old layout serves, whole
+    assert answer(three, (1, 3)) == (live, expected)
+    for shard in three:
+        shard.commit(1, 3)
+    stale = two[0].search("grow", 1, token, k, layout=(0, 2))
+    assert stale.error is not None and stale.error[0] == 503
+    assert "not serving that layout" in stale.error[1] and "older" in stale.error[1]
+    assert two[0].status()["layout"] == [1, 3]
+    # leaving: the two kept shards take the third's segments back; an abort drops them
+    assert not third.prepare(2, 2, ["grow"], previous=3), "slot 2 is not in 2 shards"
+    assert all(s.prepare(2, 2, ["grow"], previous=3) for s in two)
+    back = [_staged(s, (2, 2), "grow") for s in two]
+    assert sum(int(r["moved_in"]) for r in back) == len(moved)  # type: ignore[call-overload]
+    assert answer(two, (2, 2)) == (live, expected)
+    assert answer(three, (1, 3)) == (live, expected)
+    two[0].abort(2)
+    assert two[0].status((2, 2))["layout"] is None
+    assert two[1].status((2, 2))["layout"] == [2, 2]
+    mismatch = two[1].search("grow", 1, token, k, layout=(2, 3))
+    assert mismatch.error is not None and "has 2 shards here" in mismatch.error[1]
+
+
+def test_the_guard_records_one_layout_per_generation() -> None:
+    guard = Guard(max_nonces=10, rates={})
+    assert guard.layout() is None
+    assert guard.set_layout(1, 3) and guard.layout() == (1, 3)
+    assert not guard.set_layout(1, 4), "a second resize to the same generation"
+    assert not guard.set_layout(0, 2) and guard.layout() == (1, 3)
+    assert guard.set_layout(2, 2) and guard.layout() == (2, 2)
