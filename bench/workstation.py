@@ -32,6 +32,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,18 +65,33 @@ class Session:
 def commit(store: Any, settings: Settings, owner: Identity, repo: Any, data: np.ndarray,
            rows_per_pack: int) -> list[str]:
     """Commit ``data`` as the importer does in workstation mode; returns the image ids."""
+    keys = repo.keys
+
+    def segment(seg_id: str, batch_ids: list[str], batch: np.ndarray, state: Any) -> bytes:
+        vectors = segment_vectors(repo.manifest, keys, batch, 0.0)
+        return encode_segment_v2(batch_ids, vectors, keys.version, seg_id=seg_id,
+                                 writer=owner.user_id, base_sequence=state.head.sequence,
+                                 repo_id=repo.repo_id, mac_key=index_mac_key(keys.data_key))
+
+    return commit_batches(store, settings, owner, repo, data, rows_per_pack, segment,
+                          b"\x89PNG\r\n\x1a\n")
+
+
+def commit_batches(store: Any, settings: Settings, owner: Identity, repo: Any,
+                   data: np.ndarray, rows: int,
+                   segment: Callable[[str, list[str], np.ndarray, Any], bytes],
+                   preview: bytes) -> list[str]:
+    """Commit ``data`` as import batches of ``rows`` images: per batch one pack (metadata,
+    ``preview``, AES-GCM features) and the segment ``segment(seg_id, ids, rows, log
+    state)`` encodes, one owner-signed log entry each (the benches of the workstation and
+    CKKS modes build repositories of 100,000 images this way, without decoding images)."""
     keys, repo_id = repo.keys, repo.repo_id
     ids = [layout.new_id() for _ in range(len(data))]
     state = logstate.verified_log(store, settings, repo)
-    preview = b"\x89PNG\r\n\x1a\n"
-    for begin in range(0, len(data), rows_per_pack):
-        rows = slice(begin, begin + rows_per_pack)
-        batch_ids, batch = ids[rows], data[rows]
+    for begin in range(0, len(data), rows):
+        batch_ids, batch = ids[begin : begin + rows], data[begin : begin + rows]
         seg_id, pack_id = layout.new_id(), layout.new_id()
-        vectors = segment_vectors(repo.manifest, keys, batch, 0.0)
-        blob = encode_segment_v2(batch_ids, vectors, keys.version, seg_id=seg_id,
-                                 writer=owner.user_id, base_sequence=state.head.sequence,
-                                 repo_id=repo_id, mac_key=index_mac_key(keys.data_key))
+        blob = segment(seg_id, batch_ids, batch, state)
         metas = [(i, json.dumps({"format": "radcrypt-meta-v2",
                                  "name": f"image-{begin + j}.dcm"}).encode(), preview)
                  for j, i in enumerate(batch_ids)]

@@ -153,3 +153,67 @@ def rewrite_block(store: Store | None, repo: Repository, version: int, ids: list
     if store is not None:
         ensure_eval_keys(store, repo, version)
     return block_for(repo, version, features)
+
+
+def block_shape(block: bytes, what: str) -> tuple[int, int, int, int]:
+    """(kind, period, count, ciphertexts) of a segment's CKKS block, FormatError when it does
+    not parse (magic, kind, truncated parts) or holds another number of ciphertexts than
+    its kind, period and count need (crypto.ckks.CkksEvaluator.load_block's rule)."""
+    kind, _, _ = ckks.header(block[: ckks.HEADER_SIZE], what)
+    if kind not in (ckks.KIND_BLOCK, ckks.KIND_ROWS):
+        raise FormatError(f"{what} is a CKKS object of kind {kind}, not a block")
+    period, count, parts = ckks.unpack_parts(block, kind, what)
+    if not 1 <= period <= ckks.SLOTS or period & (period - 1):
+        raise FormatError(f"{what} has period {period}, not a power of two up to "
+                          f"{ckks.SLOTS}")
+    want = period + 1 if kind == ckks.KIND_BLOCK else 2 * -(-count // (ckks.SLOTS // period))
+    if len(parts) != want:
+        raise FormatError(f"{what} of period {period} and {count} vectors needs {want} "
+                          f"ciphertexts, it holds {len(parts)}")
+    return kind, period, count, len(parts)
+
+
+def block_decrypts(repo: Repository, version: int, block: bytes, what: str) -> bool:
+    """Whether the block's first ciphertext decrypts under key version ``version``'s CKKS
+    key to feature values (each within crypto.ckks.MAX_NORM): a block encrypted under
+    another version's or repository's key decrypts to values near the modulus, which the
+    service would score and the client refuse at every search (`radcrypt check` names it
+    first). One decryption: about 10 ms."""
+    kind, _, _ = ckks.header(block[: ckks.HEADER_SIZE], what)
+    _, _, parts = ckks.unpack_parts(block, kind, what)
+    # CkksKey keeps decryption to itself for scores; the same SEAL call reads a block part
+    values = key_of(repo, version)._decrypt(parts[0])
+    return bool(np.isfinite(values).all() and np.abs(values).max() <= ckks.MAX_NORM + 1.0)
+
+
+def eval_keys_problem(store: Store, repo: Repository, version: int
+                      ) -> tuple[str, str] | None:
+    """What is wrong with key version ``version``'s evaluation-keys object, as (kind word
+    of app/core/repo_check.py, detail), None when it is whole: present, its head parses and
+    names the version, its MAC verifies under the version's index MAC key, its body's
+    SHA-256 is the head's and the body is a CKKS evaluation-keys object of two key sets."""
+    name = ckks_store.eval_keys_key(repo.repo_id, version)
+    try:
+        blob = store.get(name)
+    except ObjectNotFound:
+        return "missing", ("absent from the bucket: the service cannot score key version "
+                           f"{version}, every search of it fails")
+    try:
+        head = ckks_store.parse_eval_head(blob, name)
+    except FormatError as exc:
+        return "damaged", f"its head does not parse: {exc}"
+    mac_key = index_mac_key(repo.ring.version(version).data_key)
+    if head.key_version != version or not hmac.compare_digest(
+            head.mac, ckks_store.eval_mac(mac_key, repo.repo_id, blob)):
+        return "not authenticated", ("its head's MAC does not verify under key version "
+                                     f"{version} of this repository (forged, altered, or "
+                                     "moved from another repository or key version)")
+    body = blob[ckks_store.EVAL_HEAD_SIZE:]
+    if not hmac.compare_digest(hashlib.sha256(body).digest(), head.digest):
+        return "altered", ("its body's SHA-256 is not the one its authenticated head names "
+                           "(altered or truncated in the bucket)")
+    try:
+        ckks.unpack_parts(body, ckks.KIND_EVAL, name)
+    except FormatError as exc:
+        return "damaged", f"its body does not parse: {exc}"
+    return None

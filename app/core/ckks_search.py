@@ -13,6 +13,15 @@ segments it covered and the log head it read; the completeness check of FORMAT-2
 the same as for secure-kNN answers (a live segment without a block, or one the service
 left out, makes the answer incomplete).
 
+A keyword filter (``where=``, ``radcrypt search --where``, the GUI's filter row) is exact
+and simple: the client asks the service for the keyword-only answer (the matching image
+ids: the same signed keyword request as in the other modes, docs/FORMAT-2.md 8.2), then
+keeps, among the decrypted CKKS scores, only those ids before choosing and re-scoring the
+candidates (every score is decrypted anyway). Both answers are judged for completeness
+(6.3); every hit is checked against the filter in plaintext after decryption, as in the
+secure-kNN mode. The service learns the keyword tokens (as in every mode) and, as before,
+nothing of the image query.
+
 ``searcher`` below is app.core.searcher, handed in by its caller (it imports this module:
 importing it back would make a cycle): its QueryResult, log verification, completeness
 judgement and hit resolution are the same for every mode the service answers.
@@ -21,6 +30,7 @@ judgement and hit resolution are the same for every mode the service answers.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -76,22 +86,24 @@ def search_chunk(searcher: Any, session: Session, repo: Repository, queries: np.
     """app.core.searcher._search_chunk for a CKKS repository (one request per query)."""
     QueryResult, log_state = searcher.QueryResult, searcher.log_state
 
-    if where is not None:
-        raise RadcryptError(f"repository {repo.repo_id!r} is searched under homomorphic "
-                            "encryption (ckks): a keyword filter is not combined with it yet; "
-                            "search by keyword alone, or without a filter")
     version, store = repo.keys.version, session.store
     period = ckks.period_of(repo.manifest.dim)
+    allowed: Allowed | None = None
+    keywords_timed = False
     out = []
     for label, query in zip(labels, queries, strict=True):
         t0 = time.perf_counter()
         state = log_state(session, repo)
         t1 = time.perf_counter()
+        log_ms = (t1 - t0) * 1000
         if not state.segments(version):  # nothing stored under this key version yet
             out.append(QueryResult(label, [], {"mode": MODE, "vectors": 0}, {}, True,
                                    complete=True, segments_expected=0, segments_searched=0,
                                    asked=k))
             continue
+        if where is not None and allowed is None:  # once per chunk: the same filter
+            allowed = keyword_ids(searcher, session, repo, where, state, allow_incomplete)
+            t1 = time.perf_counter()  # timed apart: "keywords"
         try:
             digest = ckks_blocks.eval_digest(store, repo, version)
         except ObjectNotFound:
@@ -122,7 +134,12 @@ def search_chunk(searcher: Any, session: Session, repo: Repository, queries: np.
         if len(set(ids)) != len(ids) or len(ids) != len(scores):
             raise ServiceError("the search service's CKKS answer names an image twice "
                                "(malformed answer)")
-        rows = ckks.candidates(scores, k)
+        if allowed is None:
+            rows = ckks.candidates(scores, k)
+        else:  # only the images the filter matched compete (exact: all scores decrypted)
+            kept = np.flatnonzero(np.fromiter((i in allowed.ids for i in ids), dtype=bool,
+                                              count=len(ids)))
+            rows = kept[ckks.candidates(scores[kept], k)]
         reader = searcher.image_reader(session, repo, state)
         exact = np.stack([np.asarray(reader.meta(ids[r])[0]["features"], dtype=np.float64)
                           for r in rows]) if len(rows) else np.zeros((0, len(query)))
@@ -131,12 +148,70 @@ def search_chunk(searcher: Any, session: Session, repo: Repository, queries: np.
         order = np.lexsort((np.array([ids[int(r)] for r in rows], dtype=object), d2))[:k]
         raw = [(ids[int(rows[i])], float(scores[int(rows[i])])) for i in order]
         hits = searcher._resolve(reader, np.asarray(query, dtype=np.float64), raw)
+        if where is not None:  # a hit outside the filter: a hostile keyword answer
+            searcher.check_matches(where, [h.image for h in hits], session, repo)
         t4 = time.perf_counter()
-        timings = {"log": (t1 - t0) * 1000, "encrypt": (t2 - t1) * 1000,
+        timings = {"log": log_ms, "encrypt": (t2 - t1) * 1000,
                    "server": (t3 - t2) * 1000, "decrypt_rescore": (t4 - t3) * 1000}
         stats = {"mode": MODE, "vectors": len(ids), "milliseconds": answer.engine_us / 1000,
                  "candidates": len(rows), "upload_bytes": len(encrypted),
                  "download_bytes": down}
-        out.append(QueryResult(label, hits, stats, timings, True,
-                               **searcher._completeness(answer, verdict)))
+        completeness = searcher._completeness(answer, verdict)
+        if allowed is not None:
+            stats["matched"] = allowed.matched
+            stats["download_bytes"] = down + allowed.download_bytes
+            if not keywords_timed:  # the keyword request, made once per chunk
+                timings["keywords"], keywords_timed = allowed.milliseconds, True
+            completeness = _both(completeness, allowed.completeness)
+        out.append(QueryResult(label, hits, stats, timings, True, **completeness))
     return out
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The keyword-only answer a filtered CKKS search is restricted to."""
+
+    ids: frozenset[str]
+    matched: int
+    completeness: dict[str, Any]
+    download_bytes: int
+    milliseconds: float
+
+
+def keyword_ids(searcher: Any, session: Session, repo: Repository, where: Any, state: Any,
+                allow_incomplete: bool) -> Allowed:
+    """The ids of every image the filter matches (one signed keyword-only request, judged
+    for completeness like any answer). Refused when more match than one keyword answer
+    carries (cloud.wire.MAX_KEYWORD_HITS): a partial id list would make the top-k wrong."""
+    from cloud.wire import MAX_KEYWORD_HITS
+
+    started = time.perf_counter()
+    tokens = searcher.keyword_tokens(repo, where)
+    answer, verdict, _state = searcher._ask(session, repo, None, MAX_KEYWORD_HITS, state,
+                                            tokens)
+    if verdict is not None and not verdict.complete and not allow_incomplete:
+        raise IncompleteAnswer(repo.keys.version, verdict.expected, verdict.searched,
+                               verdict.missing)
+    ids = [image_id for image_id, _ in answer.hits[0]]
+    matched = int(answer.matched or 0)
+    if matched > len(ids):
+        raise RadcryptError(f"the keyword filter matches {matched:,} images of "
+                            f"{repo.repo_id!r}, more than the {MAX_KEYWORD_HITS:,} one keyword "
+                            "answer lists: a homomorphic (ckks) search cannot be restricted "
+                            "to them exactly; narrow the filter")
+    if len(set(ids)) != len(ids):
+        raise ServiceError("the search service's keyword answer names an image twice "
+                           "(malformed answer)")
+    return Allowed(frozenset(ids), matched, searcher._completeness(answer, verdict),
+                   16 * len(ids) + 8 * len(ids),  # ids and (zero) scores of the answer
+                   (time.perf_counter() - started) * 1000)
+
+
+def _both(scores: dict[str, Any], keywords: dict[str, Any]) -> dict[str, Any]:
+    """One completeness verdict for the two answers a filtered search is made of: complete
+    only when both are; the missing segments of either are named."""
+    missing = sorted(set(scores["segments_missing"]) | set(keywords["segments_missing"]))
+    expected = max(scores["segments_expected"] or 0, keywords["segments_expected"] or 0)
+    return {"complete": bool(scores["complete"]) and bool(keywords["complete"]),
+            "segments_expected": expected, "segments_searched": expected - len(missing),
+            "segments_missing": missing}

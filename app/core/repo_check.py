@@ -26,6 +26,13 @@ Storage format 2 (docs/FORMAT-2.md 4, 5, 7.4):
 * every live label object (issue 17, log type 4; app/core/label_check.py): present, the
   SHA-256 its log entry names, parses, MAC and sealed labels open under its key version,
   and the segment it names live in that key version with the row count it says;
+* in a CKKS repository (issue 19, docs/FORMAT-2.md 4.4, 4.5): every live segment's CKKS
+  block parses, holds the ciphertexts its kind needs, has the segment's row count and the
+  repository's period, and its first ciphertext decrypts under its key version's CKKS key
+  (a block of another version or repository does not); the evaluation-keys object
+  ``ckks/<v>`` of every key version with live segments (and of the current one) is present,
+  its head's MAC verifies, its body's SHA-256 is the head's and the body parses. Problems
+  are named by segment id and by ``ckks/<v>`` (type "evaluation keys");
 * every other object under ``segments/``, ``packs/`` and ``labels/`` is listed (``strays``):
   removed by a log entry and not yet deleted (grace period, FORMAT-2 7.4), named only by
   log entries after a break, or unreferenced (no entry added it: an import or a label
@@ -125,12 +132,14 @@ MISSING_OBJECT = "missing object"  # an indexed image without its original, meta
 WIDTHS = "widths"                # segments of one key version with different vector widths
 FORGED_STRAY = "unauthenticated stray"  # an object outside the live set that is not authentic
 GRANT = "grant"                  # a member's grant missing or not signed by an owner
+WRONG_KEY = "wrong key"          # a CKKS block that does not decrypt under its key version
 
 
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong, naming its object: ``type`` is "manifest", "log entry",
-    "checkpoint", "segment", "pack", "label", "image" or "original" (an image's original object,
+    "checkpoint", "segment", "pack", "label", "image", "evaluation keys" (``id`` "ckks/<v>",
+    issue 19) or "original" (an image's original object,
     ``id`` its image id); ``id`` the object's id (a log sequence as
     decimal text for log entries and checkpoints); ``sequence`` the log entry concerned
     (the one that added the object), when there is one."""
@@ -455,6 +464,7 @@ class _Checker:
         self.labels: LabelChecker | None = None
         self._stored: dict[str, tuple[str, int]] | None = None  # originals, listed once
         self._pack_images: dict[str, list[str]] = {}  # pack id -> ids (read_data only)
+        self.ckks = repo.manifest.search == "ckks"  # issue 19: blocks and evaluation keys
 
     # --- format 2 ------------------------------------------------------------------------------
 
@@ -472,6 +482,8 @@ class _Checker:
         label_sizes = self._listing(layout.labels_prefix(self.repo_id), layout.parse_label_key)
         self.labels = LabelChecker(self.store, self.repo, state)
         seg_ids = self._check_segments(state, segments)
+        if self.ckks:
+            self._check_eval_keys(state)
         pack_ids = self._check_packs(state, pack_sizes)
         self._check_labels(state, label_sizes)
         if self.read_data:
@@ -723,7 +735,69 @@ class _Checker:
             except SegmentAuthError as exc:
                 report.add(NOT_AUTHENTICATED, "segment", obj.id, exc.detail, seq)
         self._segment_vs_entry(obj, segment)
+        if self.ckks:
+            self._check_block(obj, segment)
         return segment
+
+    def _check_block(self, obj: seglog.LiveObject, segment: Segment) -> None:
+        """A live segment's CKKS block (issue 19): parses, has the segment's rows and the
+        repository's period, and decrypts under its key version's CKKS key."""
+        from app.core import ckks_blocks
+        from crypto import ckks
+
+        report, seq, what = self.report, obj.added_at, f"the CKKS block of segment {obj.id}"
+        self._count("ckks blocks")
+        if segment.ckks is None:
+            report.add(MISMATCH, "segment", obj.id, "carries no CKKS block in a ckks "
+                       "repository (the service leaves it out of every search)", seq)
+            return
+        block = bytes(segment.ckks)
+        try:
+            _, period, count, _ = ckks_blocks.block_shape(block, what)
+        except FormatError as exc:
+            report.add(DAMAGED, "segment", obj.id, f"its CKKS block does not parse: {exc}",
+                       seq)
+            return
+        disagree = []
+        if count != len(segment):
+            disagree.append(f"its CKKS block holds {count} vectors, the segment {len(segment)}")
+        if period != ckks.period_of(self.repo.manifest.dim):
+            disagree.append(f"its CKKS block has period {period}, the repository's "
+                            f"dimension {self.repo.manifest.dim} needs "
+                            f"{ckks.period_of(self.repo.manifest.dim)}")
+        if disagree:
+            report.add(MISMATCH, "segment", obj.id, "; ".join(disagree), seq)
+            return
+        version = segment.key_version
+        if version not in self.mac_keys:
+            return  # noted with its MAC: no key of that version here
+        try:
+            decrypts = ckks_blocks.block_decrypts(self.repo, version, block, what)
+        except FormatError as exc:
+            report.add(DAMAGED, "segment", obj.id, f"its CKKS block does not load: {exc}", seq)
+            return
+        if not decrypts:
+            report.add(WRONG_KEY, "segment", obj.id, "its CKKS block does not decrypt under "
+                       f"the CKKS key of key version {version} (encrypted under another key "
+                       "version's or repository's key): its scores would be refused at "
+                       "every search", seq)
+
+    def _check_eval_keys(self, state: seglog.LogState) -> None:
+        """The evaluation-keys object of every key version with live segments, and of the
+        current version (issue 19, docs/FORMAT-2.md 4.5)."""
+        from app.core import ckks_blocks
+
+        versions = {o.key_version for o in state.segments()} | {self.repo.keys.version}
+        for version in sorted(versions):
+            name = f"ckks/{version}"
+            if version not in self.mac_keys:
+                self.report.notes.append(f"evaluation keys {name}: key version {version} is "
+                                         "not in this key ring, not checked")
+                continue
+            found = ckks_blocks.eval_keys_problem(self.store, self.repo, version)
+            if found is not None:
+                self.report.add(found[0], "evaluation keys", name, found[1])
+        self.report.counts["evaluation keys"] = len(versions)
 
     def _segment_vs_entry(self, obj: seglog.LiveObject, segment: Segment) -> None:
         seq, disagree = obj.added_at, []
