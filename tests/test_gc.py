@@ -39,26 +39,6 @@ FILES = 2
 PASSWORD = "correct horse battery staple 14"
 
 
-class Crash(Exception):
-    """The import's process dying at its commit point."""
-
-
-class DiesAtCommit:
-    """The real store, except that writing a log entry raises Crash before any byte of
-    it is written: what a SIGKILL between the uploads and the commit leaves."""
-
-    def __init__(self, store: DirectoryStore) -> None:
-        self._store = store
-
-    def put(self, key: str, *args: Any, **kwargs: Any) -> Any:
-        if "/log/" in key:
-            raise Crash(f"killed before writing {key}")
-        return self._store.put(key, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
 class Built(fx.PristineBucket):
     def build(self, store: DirectoryStore) -> None:
         self.owner, (self.member,), self.repo = fx.repository(store, "gc-repo", FILES, 1, 2,
@@ -78,8 +58,8 @@ def _importer(who: fx.Workstation, repo: Repository, store: Any) -> Importer:
 
 def _dead_import(built: Built, store: DirectoryStore, skip: int = FILES, count: int = 2
                  ) -> None:
-    importer = _importer(built.owner, built.repo, DiesAtCommit(store))
-    with pytest.raises(Crash):
+    importer = _importer(built.owner, built.repo, fx.DiesAtCommit(store))
+    with pytest.raises(fx.Crash):
         importer.run(fx.sample_files(count, skip=skip))
 
 
@@ -327,9 +307,9 @@ def test_soak_check_read_data_and_gc_at_1000_images(tmp_path: Path) -> None:
     Importer(store, repo, batch_size=64, processes=False, writer=owner.identity
              ).run(files[:1000])
     imported_s = time.perf_counter() - start
-    crashed = Importer(DiesAtCommit(store), repo, batch_size=200, processes=False,  # type: ignore[arg-type]
+    crashed = Importer(fx.DiesAtCommit(store), repo, batch_size=200, processes=False,  # type: ignore[arg-type]
                        writer=owner.identity)
-    with pytest.raises(Crash):
+    with pytest.raises(fx.Crash):
         crashed.run(files[1000:])
     live_before = {k: v for k, v in fx.snapshot(store).items()}
     timings = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,25 +26,6 @@ from cloud import layout, seglog
 from cloud.directory_store import DirectoryStore
 from cloud.segment_keywords import segment_dictionaries
 from crypto.sse import keyword_token
-
-
-class Crash(Exception):
-    """The label change's process dying at its commit point."""
-
-
-class DiesAtCommit:
-    """The real store, except that writing a log entry raises Crash before any byte."""
-
-    def __init__(self, store: DirectoryStore) -> None:
-        self._store = store
-
-    def put(self, key: str, *args: Any, **kwargs: Any) -> Any:
-        if "/log/" in key:
-            raise Crash(f"killed before writing {key}")
-        return self._store.put(key, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 class Built(fx.PristineBucket):
@@ -88,8 +68,8 @@ def test_gc_removes_the_label_objects_of_a_crashed_label_change(built: Built,
     assert _label_keys(store, repo) == live_before and len(live_before) == 2
 
     dying = [built.segments[0][1], built.segments[1][1]]  # two segments: two objects
-    with pytest.raises(Crash):
-        labels.label_add(DiesAtCommit(store), None, repo, owner.identity, dying,  # type: ignore[arg-type]
+    with pytest.raises(fx.Crash):
+        labels.label_add(fx.DiesAtCommit(store), None, repo, owner.identity, dying,  # type: ignore[arg-type]
                          "followup")
     left = _label_keys(store, repo) - live_before
     assert len(left) == 2  # uploaded, never committed

@@ -870,6 +870,20 @@ class _Checker:
                     if not holders:
                         by_id.pop(image_id, None)
 
+    def _unreadable_pack(self, obj: seglog.LiveObject, exc: Exception) -> None:
+        """Report a pack that could not be read or opened, as the exception says: gone,
+        not authentic under its key version, or damaged (its table of contents, read
+        first, and the whole pack, read with --read-data, alike)."""
+        seq = obj.added_at
+        if isinstance(exc, ObjectNotFound):
+            self.report.add(MISSING, "pack", obj.id, "listed but gone when read", seq)
+        elif isinstance(exc, DecryptionError):
+            self.report.add(NOT_AUTHENTICATED, "pack", obj.id, f"does not open under key "
+                            f"version {obj.key_version}: {exc or 'authentication failed'} "
+                            "(altered, forged or moved)", seq)
+        else:
+            self.report.add(DAMAGED, "pack", obj.id, str(exc), seq)
+
     def _read_pack(self, obj: seglog.LiveObject, listing: dict[str, tuple[str, int]]
                    ) -> bool:
         """Read one pack whole (its table of contents opened already): SHA-256 against
@@ -884,16 +898,8 @@ class _Checker:
                            "entry names (altered, truncated or replaced in the bucket)", seq)
                 return False
             packs.open_pack(data_key, self.repo_id, obj.id, blob)
-        except ObjectNotFound:
-            report.add(MISSING, "pack", obj.id, "listed but gone when read", seq)
-            return False
-        except DecryptionError as exc:
-            report.add(NOT_AUTHENTICATED, "pack", obj.id, f"does not open under key version "
-                       f"{obj.key_version}: {exc or 'authentication failed'} (altered, "
-                       "forged or moved)", seq)
-            return False
-        except (FormatError, ValueError, KeyError) as exc:
-            report.add(DAMAGED, "pack", obj.id, str(exc), seq)
+        except (ObjectNotFound, DecryptionError, FormatError, ValueError, KeyError) as exc:
+            self._unreadable_pack(obj, exc)
             return False
         self._count("packs read")
         return True
@@ -914,16 +920,8 @@ class _Checker:
             return None
         try:
             toc = self._toc(key, size, obj.id, keys.data_key)  # read whole: _read_pack
-        except ObjectNotFound:
-            report.add(MISSING, "pack", obj.id, "listed but gone when read", seq)
-            return None
-        except DecryptionError as exc:
-            report.add(NOT_AUTHENTICATED, "pack", obj.id, f"does not open under key version "
-                       f"{obj.key_version}: {exc or 'authentication failed'} (altered, "
-                       "forged or moved)", seq)
-            return None
-        except (FormatError, ValueError) as exc:
-            report.add(DAMAGED, "pack", obj.id, str(exc), seq)
+        except (ObjectNotFound, DecryptionError, FormatError, ValueError) as exc:
+            self._unreadable_pack(obj, exc)
             return None
         ids = toc.image_ids()
         disagree = []

@@ -290,6 +290,19 @@ class Shard:
     def _serving(self, layout: tuple[int, int] | None) -> ShardLayout:
         return self._layouts[self.generation] if layout is None else self._layout(*layout)
 
+    def _current(self, repo_id: str, key_version: int, min_head: int,
+                 layout: tuple[int, int] | None) -> tuple[ShardLayout, Snapshot] | ShardAnswer:
+        """The layout asked for and its snapshot of ``key_version`` (searches and keyword
+        queries alike), or the 503 that says why there is none."""
+        try:
+            lay = self._serving(layout)
+        except ValueError as exc:
+            return self._error(503, f"not serving that layout: {exc}", layout)
+        try:
+            return lay, lay.state.current(repo_id, key_version, min_head)
+        except StoreError as exc:
+            return self._error(503, f"object store unavailable: {exc}", layout)
+
     # --- what the front calls ------------------------------------------------------------
 
     def ping(self) -> tuple[str, int, float]:
@@ -313,14 +326,10 @@ class Shard:
         """Exact top-k of this shard's rows of ``key_version`` for every query of the
         token, among the segments it owns in ``layout`` (generation, shards; None: the
         committed one)."""
-        try:
-            lay = self._serving(layout)
-        except ValueError as exc:
-            return self._error(503, f"not serving that layout: {exc}", layout)
-        try:
-            snap = lay.state.current(repo_id, key_version, min_head)
-        except StoreError as exc:
-            return self._error(503, f"object store unavailable: {exc}", layout)
+        current = self._current(repo_id, key_version, min_head, layout)
+        if isinstance(current, ShardAnswer):
+            return current
+        lay, snap = current
         version = snap.versions.get(key_version)
         queries = len(token)
         if version is None:
@@ -348,14 +357,10 @@ class Shard:
         with the single service's code (cloud/keyword_views.py): the tokens evaluated on
         each segment's dictionary and the labels naming it, then, combined, the exact
         top-k among the matching rows only."""
-        try:
-            lay = self._serving(layout)
-        except ValueError as exc:
-            return self._error(503, f"not serving that layout: {exc}", layout)
-        try:
-            snap = lay.state.current(repo_id, key_version, min_head)
-        except StoreError as exc:
-            return self._error(503, f"object store unavailable: {exc}", layout)
+        current = self._current(repo_id, key_version, min_head, layout)
+        if isinstance(current, ShardAnswer):
+            return current
+        lay, snap = current
         version = snap.versions.get(key_version)
         widths = version.index.widths if version is not None else None
         if token is not None and widths is not None and token.widths != widths:
