@@ -295,19 +295,20 @@ def test_an_answer_from_a_newer_head_is_verified_again(world: World) -> None:
     service's answer: the answer names a head beyond the verified one (LogAhead), the
     client verifies the log again, once, and then judges the answer complete. (Runs last:
     the repository has four segments afterwards.)"""
-    from app.core import searcher
+    from app.core import search_answers, search_log
 
     newcomer = world.files[IMAGES]
     with world.client() as client:
         repo = client.open_repository(REPO2)
-        before = searcher.log_state(client.session, repo)
+        before = search_log.log_state(client.session, repo)
         with world.client() as other:
             report = other.import_files(other.open_repository(REPO2), [newcomer])
             assert len(report.imported) == 1
         loaded = basis.load(client.session.store, repo)
         token = loaded.keys.index_key.query(client.features([newcomer],
                                                             repo.manifest.extractor))
-        answer, verdict, state = searcher._ask(client.session, loaded, token, 1, before)
+        answer, verdict, state = search_answers.ask_service(client.session, loaded, token, 1,
+                                                           before)
         assert answer.head_sequence == before.head.sequence + 1 == state.head.sequence
         assert verdict is not None and verdict.complete
         assert verdict.expected == verdict.searched == len(world.segments) + 1

@@ -22,9 +22,10 @@ candidates (every score is decrypted anyway). Both answers are judged for comple
 secure-kNN mode. The service learns the keyword tokens (as in every mode) and, as before,
 nothing of the image query.
 
-``searcher`` below is app.core.searcher, handed in by its caller (it imports this module:
-importing it back would make a cycle): its QueryResult, log verification, completeness
-judgement and hit resolution are the same for every mode the service answers.
+QueryResult and hit resolution (app/core/search_results.py), log verification
+(app/core/search_log.py), the completeness judgement (app/core/search_answers.py) and the
+keyword filter (app/core/search_filter.py) are the same for every mode the service answers:
+this module and app/core/searcher.py, which calls ``search_chunk``, both import them.
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ from typing import Any
 import numpy as np
 
 from app.core import ckks_blocks
-from app.core.errors import IncompleteAnswer, IntegrityError, RadcryptError, ServiceError
+from app.core.errors import IntegrityError, RadcryptError, ServiceError
 from app.core.repository import CKKS, Repository
+from app.core.search_answers import ask_service, completeness_fields, judge, refuse_incomplete
+from app.core.search_filter import check_matches, keyword_tokens
+from app.core.search_log import image_reader, log_state
+from app.core.search_results import QueryResult, resolve_hits
 from app.core.session import Session
 from cloud import ckks_store
 from cloud.backend import ObjectNotFound
@@ -47,8 +52,8 @@ from crypto.errors import FormatError
 MODE = CKKS
 
 
-def _ask(searcher: Any, session: Session, repo: Repository, query: bytes, digest: bytes,
-         state: Any) -> tuple[ckks_store.CkksAnswer, Any, Any, int]:
+def _ask(session: Session, repo: Repository, query: bytes, digest: bytes, state: Any
+         ) -> tuple[ckks_store.CkksAnswer, Any, Any, int]:
     """(answer, verdict, state, bytes downloaded); the log verified once more when the
     service answered for a newer head than this client verified."""
     from cloud.seglog import LogAhead
@@ -65,13 +70,13 @@ def _ask(searcher: Any, session: Session, repo: Repository, query: bytes, digest
             raise ServiceError(f"the search service's CKKS answer is malformed: {exc}"
                                ) from None
         try:
-            verdict = searcher._judge(state, version, answer)
+            verdict = judge(state, version, answer)
         except LogAhead:
             if attempt:
                 raise IntegrityError(
                     f"the search service answered for log entry {answer.head_sequence} of "
                     f"repository {repo.repo_id}, which this client cannot read") from None
-            state = searcher.log_state(session, repo)
+            state = log_state(session, repo)
             continue
         if verdict is None:
             raise ServiceError("the search service's CKKS answer names segments that do not "
@@ -80,12 +85,9 @@ def _ask(searcher: Any, session: Session, repo: Repository, query: bytes, digest
     raise AssertionError("unreachable")
 
 
-def search_chunk(searcher: Any, session: Session, repo: Repository, queries: np.ndarray,
-                 labels: list[str], k: int, allow_incomplete: bool, where: Any = None
-                 ) -> list[Any]:
+def search_chunk(session: Session, repo: Repository, queries: np.ndarray, labels: list[str],
+                 k: int, allow_incomplete: bool, where: Any = None) -> list[QueryResult]:
     """app.core.searcher._search_chunk for a CKKS repository (one request per query)."""
-    QueryResult, log_state = searcher.QueryResult, searcher.log_state
-
     version, store = repo.keys.version, session.store
     period = ckks.period_of(repo.manifest.dim)
     allowed: Allowed | None = None
@@ -102,7 +104,7 @@ def search_chunk(searcher: Any, session: Session, repo: Repository, queries: np.
                                    asked=k))
             continue
         if where is not None and allowed is None:  # once per chunk: the same filter
-            allowed = keyword_ids(searcher, session, repo, where, state, allow_incomplete)
+            allowed = keyword_ids(session, repo, where, state, allow_incomplete)
             t1 = time.perf_counter()  # timed apart: "keywords"
         try:
             digest = ckks_blocks.eval_digest(store, repo, version)
@@ -118,11 +120,9 @@ def search_chunk(searcher: Any, session: Session, repo: Repository, queries: np.
             raise RadcryptError(f"the query cannot be encrypted for {repo.repo_id!r}: {exc}"
                                 ) from None
         t2 = time.perf_counter()
-        answer, verdict, state, down = _ask(searcher, session, repo, encrypted, digest, state)
+        answer, verdict, state, down = _ask(session, repo, encrypted, digest, state)
         t3 = time.perf_counter()
-        if not verdict.complete and not allow_incomplete:
-            raise IncompleteAnswer(version, verdict.expected, verdict.searched,
-                                   verdict.missing)
+        refuse_incomplete(version, verdict, allow_incomplete)
         try:
             scores = key.decrypt_scores(answer.scores, answer.counts)
         except FormatError as exc:
@@ -140,23 +140,23 @@ def search_chunk(searcher: Any, session: Session, repo: Repository, queries: np.
             kept = np.flatnonzero(np.fromiter((i in allowed.ids for i in ids), dtype=bool,
                                               count=len(ids)))
             rows = kept[ckks.candidates(scores[kept], k)]
-        reader = searcher.image_reader(session, repo, state)
+        reader = image_reader(session, repo, state)
         exact = np.stack([np.asarray(reader.meta(ids[r])[0]["features"], dtype=np.float64)
                           for r in rows]) if len(rows) else np.zeros((0, len(query)))
         diff = exact - np.asarray(query, dtype=np.float64)
         d2 = np.einsum("ij,ij->i", diff, diff)  # exact, float64; ties by image id
         order = np.lexsort((np.array([ids[int(r)] for r in rows], dtype=object), d2))[:k]
         raw = [(ids[int(rows[i])], float(scores[int(rows[i])])) for i in order]
-        hits = searcher._resolve(reader, np.asarray(query, dtype=np.float64), raw)
+        hits = resolve_hits(reader, np.asarray(query, dtype=np.float64), raw)
         if where is not None:  # a hit outside the filter: a hostile keyword answer
-            searcher.check_matches(where, [h.image for h in hits], session, repo)
+            check_matches(where, [h.image for h in hits], session, repo)
         t4 = time.perf_counter()
         timings = {"log": log_ms, "encrypt": (t2 - t1) * 1000,
                    "server": (t3 - t2) * 1000, "decrypt_rescore": (t4 - t3) * 1000}
         stats = {"mode": MODE, "vectors": len(ids), "milliseconds": answer.engine_us / 1000,
                  "candidates": len(rows), "upload_bytes": len(encrypted),
                  "download_bytes": down}
-        completeness = searcher._completeness(answer, verdict)
+        completeness = completeness_fields(answer, verdict)
         if allowed is not None:
             stats["matched"] = allowed.matched
             stats["download_bytes"] = down + allowed.download_bytes
@@ -178,7 +178,7 @@ class Allowed:
     milliseconds: float
 
 
-def keyword_ids(searcher: Any, session: Session, repo: Repository, where: Any, state: Any,
+def keyword_ids(session: Session, repo: Repository, where: Any, state: Any,
                 allow_incomplete: bool) -> Allowed:
     """The ids of every image the filter matches (one signed keyword-only request, judged
     for completeness like any answer). Refused when more match than one keyword answer
@@ -186,12 +186,9 @@ def keyword_ids(searcher: Any, session: Session, repo: Repository, where: Any, s
     from cloud.wire import MAX_KEYWORD_HITS
 
     started = time.perf_counter()
-    tokens = searcher.keyword_tokens(repo, where)
-    answer, verdict, _state = searcher._ask(session, repo, None, MAX_KEYWORD_HITS, state,
-                                            tokens)
-    if verdict is not None and not verdict.complete and not allow_incomplete:
-        raise IncompleteAnswer(repo.keys.version, verdict.expected, verdict.searched,
-                               verdict.missing)
+    tokens = keyword_tokens(repo, where)
+    answer, verdict, _state = ask_service(session, repo, None, MAX_KEYWORD_HITS, state, tokens)
+    refuse_incomplete(repo.keys.version, verdict, allow_incomplete)
     ids = [image_id for image_id, _ in answer.hits[0]]
     matched = int(answer.matched or 0)
     if matched > len(ids):
@@ -202,7 +199,7 @@ def keyword_ids(searcher: Any, session: Session, repo: Repository, where: Any, s
     if len(set(ids)) != len(ids):
         raise ServiceError("the search service's keyword answer names an image twice "
                            "(malformed answer)")
-    return Allowed(frozenset(ids), matched, searcher._completeness(answer, verdict),
+    return Allowed(frozenset(ids), matched, completeness_fields(answer, verdict),
                    16 * len(ids) + 8 * len(ids),  # ids and (zero) scores of the answer
                    (time.perf_counter() - started) * 1000)
 

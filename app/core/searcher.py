@@ -21,132 +21,48 @@ ungrouped top-k stays in ``QueryResult.hits``, exact as before. The service answ
 MAX_K hits per query, so a series of more than MAX_K near-identical slices can still hide
 the next series: the answer then has fewer than k groups (``QueryResult.asked`` says how
 many hits were looked at).
+
+What every mode the service answers shares lives in modules below this one, which
+app/core/ckks_search.py (the CKKS mode, called from ``search_features``) imports as well:
+the result types and how a hit is made (app/core/search_results.py), the verified log and
+the image reader (app/core/search_log.py), asking the service and judging the answer's
+completeness (app/core/search_answers.py), the keyword filter's tokens and plaintext check
+(app/core/search_filter.py). The names other code imports from here stay importable here.
 """
 
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.core import basis
-from app.core.errors import IncompleteAnswer, IntegrityError, RadcryptError, ServiceError
+from app.core.errors import IntegrityError, RadcryptError, ServiceError
 from app.core.meta import ImageMeta
 from app.core.repository import Repository, is_format2
+from app.core.search_answers import ask_service, completeness_fields, refuse_incomplete
+from app.core.search_filter import check_matches, keyword_tokens
+from app.core.search_filter import labels_by_image as labels_by_image  # keyword_search
+from app.core.search_log import image_reader, log_state
+from app.core.search_results import Hit, HitGroup, QueryResult, resolve_hits
 from app.core.session import Session
-from app.core.studies import instance_label, series_key
+from app.core.studies import instance_label
 from app.imaging.worker import DecoderPool, DecoderUnavailable
 from cloud.backend import Store
 from cloud.limits import MAX_K, MAX_QUERIES
 
 if TYPE_CHECKING:
     from app.core.keywords import Query
-    from app.core.packs import ImageReader
-    from cloud.seglog import LogState, Verdict
 
 Where = Any
 """A keyword filter: app.core.keywords.Query, or terms it parses (str or list of str)."""
 
 ORDER_RTOL = 1e-9
-NOT_VERIFIABLE = "completeness not verifiable (format 1)"
-
-
-@dataclass
-class Hit:
-    rank: int
-    image_id: str
-    name: str
-    distance: float
-    score: float
-    key_version: int
-    meta: dict[str, Any] = field(repr=False, default_factory=dict)
-    series_key: str = ""  # app/core/studies.py series_key of the hit's image
-    group: int = 0  # rank of the hit's series among the grouped results; 0: not grouped
-
-    @property
-    def image(self) -> ImageMeta:
-        """The decrypted metadata the hit carries, typed (instance, frame, clinical)."""
-        return ImageMeta.from_record(self.image_id, self.meta, self.key_version)
-
-    def as_dict(self) -> dict[str, Any]:
-        image = self.image
-        return {"image_id": self.image_id, "name": self.name, "distance": self.distance,
-                "rank": self.rank, "series": self.series_key, "group": self.group,
-                "instance": image.attribute("InstanceNumber"), "frame": image.frame,
-                "frames": image.frames, "original_id": image.original_image_id}
-
-
-@dataclass
-class HitGroup:
-    """The hits of one series in one answer: the best one is shown, the others are
-    attached to it ("3 more from this series")."""
-
-    rank: int  # 1 = the series of the nearest hit
-    series_key: str
-    best: Hit
-    others: list[Hit] = field(default_factory=list)
-
-    @property
-    def more(self) -> int:
-        return len(self.others)
-
-    @property
-    def hits(self) -> list[Hit]:
-        return [self.best, *self.others]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "series": self.series_key, "best": self.best.as_dict(),
-                "more": self.more, "others": [h.image_id for h in self.others]}
-
-
-@dataclass
-class QueryResult:
-    query: str
-    hits: list[Hit]
-    stats: dict[str, Any]
-    timings_ms: dict[str, float]
-    order_verified: bool
-    # Completeness (FORMAT-2 6.3): True, False (only when the caller allowed an incomplete
-    # answer), None for a format-1 repository (no log to compare with).
-    complete: bool | None = None
-    segments_expected: int | None = None  # live segments of the key version (format 2)
-    segments_searched: int | None = None  # segments the service says it searched
-    segments_missing: list[str] = field(default_factory=list)  # live ids not searched
-    # Grouped by series (``group=True``): at most k groups, nearest series first; ``hits``
-    # stays the ungrouped top-k. ``asked``: how many hits the engine was asked for.
-    grouped: bool = False
-    groups: list[HitGroup] = field(default_factory=list)
-    asked: int = 0
-
-    @property
-    def completeness(self) -> str:
-        """The verdict in words, for a status line."""
-        if self.complete is None:
-            return NOT_VERIFIABLE
-        if self.complete:
-            return f"complete: all {self.segments_expected:,} segments were searched"
-        return (f"INCOMPLETE ANSWER: {len(self.segments_missing):,} of "
-                f"{self.segments_expected:,} segments were not searched")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "query": self.query,
-            "results": [h.as_dict() for h in self.hits],
-            "grouped": self.grouped,
-            "groups": [g.as_dict() for g in self.groups],
-            "stats": {**self.stats, "timings_ms": self.timings_ms,
-                      "order_verified": self.order_verified},
-            "complete": self.complete,
-            "segments_expected": self.segments_expected,
-            "segments_searched": self.segments_searched,
-            "segments_missing": list(self.segments_missing),
-        }
 
 
 def read_meta(store: Store, repo: Repository, image_id: str,
@@ -215,12 +131,11 @@ def search_features(session: Session, repo: Repository, features: np.ndarray,
     results: list[QueryResult] = []
     for start in range(0, len(queries), MAX_QUERIES):  # the most the service takes at once
         chunk = queries[start : start + MAX_QUERIES]
-        if ckks_mode:
+        if ckks_mode:  # imported here: the CKKS libraries load only for a CKKS search
             from app.core.ckks_search import search_chunk
 
-            results += search_chunk(sys.modules[__name__], session, repo, chunk,
-                                    labels[start : start + MAX_QUERIES], k, allow_incomplete,
-                                    query)
+            results += search_chunk(session, repo, chunk, labels[start : start + MAX_QUERIES],
+                                    k, allow_incomplete, query)
             continue
         results += _search_chunk(session, repo, chunk, labels[start : start + MAX_QUERIES], k,
                                  allow_incomplete, query)
@@ -345,11 +260,9 @@ def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, label
     token = repo.keys.index_key.query(queries)
     keywords = None if where is None else keyword_tokens(repo, where)
     t1 = time.perf_counter()
-    answer, verdict, state = _ask(session, repo, token, k, state, keywords)
+    answer, verdict, state = ask_service(session, repo, token, k, state, keywords)
     t2 = time.perf_counter()
-    if verdict is not None and not verdict.complete and not allow_incomplete:
-        raise IncompleteAnswer(repo.keys.version, verdict.expected, verdict.searched,
-                               verdict.missing)
+    refuse_incomplete(repo.keys.version, verdict, allow_incomplete)
     reader = image_reader(session, repo, state)
     n = len(queries)
     out = []
@@ -359,7 +272,7 @@ def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, label
             raise ServiceError(f"the search service answered query {qi + 1} with an image "
                                "twice (malformed answer)")
         f0 = time.perf_counter()
-        hits = _resolve(reader, queries[qi], raw)
+        hits = resolve_hits(reader, queries[qi], raw)
         if where is not None:
             check_matches(where, [h.image for h in hits], session, repo)
         f1 = time.perf_counter()
@@ -371,114 +284,8 @@ def _search_chunk(session: Session, repo: Repository, queries: np.ndarray, label
         if state is not None:  # verifying the segment log (format 2)
             timings["log"] = (t0 - t_log) * 1000 / n
         out.append(QueryResult(label, hits, _stats(answer, qi), timings, verified,
-                               **_completeness(answer, verdict)))
+                               **completeness_fields(answer, verdict)))
     return out
-
-
-# --- completeness (docs/FORMAT-2.md 6.3) ---------------------------------------------
-
-
-def log_state(session: Session, repo: Repository) -> LogState:
-    """The repository's segment log verified up to its head now, extending the state this
-    session verified before (one listing when nothing changed); rollback and fork are
-    refused (IntegrityError) by app.core.logstate against the remembered head."""
-    from app.core.logstate import verified_log
-
-    with session.log_lock:
-        since = session.log_states.get(repo.repo_id)
-    state = verified_log(session.store, session.settings, repo, since=since)
-    with session.log_lock:
-        session.log_states[repo.repo_id] = state
-    return state
-
-
-def image_reader(session: Session, repo: Repository, state: LogState | None = None
-                 ) -> ImageReader:
-    """Metadata and previews of ``repo``'s images: per-image objects in format 1, the live
-    packs of ``state`` (verified now when not given) in format 2."""
-    from app.core.packs import ImageReader
-
-    if not is_format2(repo.manifest):
-        return ImageReader(session.store, repo, None)
-    if state is None:
-        state = log_state(session, repo)
-    # One reader per verified head: its index of the live packs is built once.
-    key = (repo.repo_id, repo.keys.version, state.head.sequence, state.head.hash)
-    with session.log_lock:
-        cached = session.readers.get(repo.repo_id)
-    if cached is not None and cached[0] == key:
-        known: ImageReader = cached[1]
-        return known
-    reader = ImageReader(session.store, repo, state)
-    with session.log_lock:
-        session.readers[repo.repo_id] = (key, reader)
-    return reader
-
-
-def _ask(session: Session, repo: Repository, token: Any, k: int, state: LogState | None,
-         keywords: Any = None) -> tuple[Any, Verdict | None, LogState | None]:
-    """The service's answer and, in format 2, its verdict: asked once, again with the
-    searched segments listed when the digests differ, the log verified again once when
-    the service names a newer head than this client verified. ``keywords``: a
-    cloud.keyword_index.TokenQuery travelling in the same request (``token`` None: a
-    keyword-only search, ``k`` bounding the ids answered)."""
-    service = session.service
-    version = repo.keys.version
-    extra = {} if keywords is None else {"keywords": keywords}
-    if state is None:
-        return service.search_v2(repo.repo_id, token, k, version, **extra), None, None
-    from cloud.seglog import LogAhead
-
-    listed = False
-    verified_again = False
-    while True:
-        answer = service.search_v2(repo.repo_id, token, k, version,
-                                   min_head=state.head.sequence, list_segments=listed,
-                                   **extra)
-        try:
-            verdict = _judge(state, version, answer)
-        except LogAhead:
-            if verified_again:
-                raise IntegrityError(
-                    f"the search service answered for log entry {answer.head_sequence} of "
-                    f"repository {repo.repo_id}, which this client cannot read (its verified "
-                    f"head is {state.head.sequence})") from None
-            verified_again = True
-            state = log_state(session, repo)
-            verdict = _judge(state, version, answer)
-        if verdict is not None:
-            return answer, verdict, state
-        if listed:
-            raise ServiceError("the search service did not list the segments it searched "
-                               "although asked to (malformed answer)")
-        listed = True
-
-
-def _judge(state: LogState, version: int, answer: Any) -> Verdict | None:
-    """seglog.judge_answer, its errors in the client's words: LogAhead passes (the caller
-    verifies again), a fork is an IntegrityError, an answer that searched what the log
-    does not hold a ServiceError."""
-    from cloud.seglog import AnswerError, LogAhead, LogError, judge_answer
-
-    try:
-        return judge_answer(state, version, answer.head_sequence, answer.head_hash,
-                            answer.set_digest, answer.segments, answer.segment_ids)
-    except LogAhead:
-        raise
-    except LogError as exc:
-        raise IntegrityError(f"segment log of repository {state.repo_id}: {exc}") from None
-    except AnswerError as exc:
-        raise ServiceError(f"the search service's answer does not match the segment log "
-                           f"of repository {state.repo_id}: {exc}") from None
-
-
-def _completeness(answer: Any, verdict: Verdict | None) -> dict[str, Any]:
-    if verdict is None:
-        return {"complete": None, "segments_expected": None,
-                "segments_searched": int(answer.segments), "segments_missing": []}
-    return {"complete": bool(verdict.complete), "segments_expected": int(verdict.expected),
-            "segments_searched": int(verdict.searched),
-            "segments_missing": list(verdict.missing)}
 
 
 def _stats(answer: Any, qi: int) -> dict[str, Any]:
@@ -488,77 +295,6 @@ def _stats(answer: Any, qi: int) -> dict[str, Any]:
     if stats:
         return dict(stats)
     return {"vectors": int(answer.images), "milliseconds": answer.engine_us / 1000.0}
-
-
-def _resolve(reader: ImageReader, query: np.ndarray,
-             raw_hits: list[tuple[str, float]]) -> list[Hit]:
-    """Fetch and decrypt each hit's metadata (in parallel) and compute its true distance."""
-
-    def one(rank: int, raw: tuple[str, float]) -> Hit:
-        image_id, score = str(raw[0]), float(raw[1])
-        meta, version = reader.meta(image_id)
-        vector = np.asarray(meta["features"], dtype=np.float64)
-        if vector.shape != query.shape:
-            raise IntegrityError(f"metadata of image {image_id} has features of the "
-                                 "wrong dimension")
-        diff = vector - query
-        return Hit(rank=rank, image_id=image_id, name=str(meta.get("name", "")),
-                   distance=float(diff @ diff), score=score, key_version=version, meta=meta,
-                   series_key=series_key(ImageMeta.from_record(image_id, meta, version)))
-
-    if not raw_hits:
-        return []
-    with ThreadPoolExecutor(min(8, len(raw_hits))) as pool:
-        return list(pool.map(one, range(1, len(raw_hits) + 1), raw_hits))
-
-
-# --- keyword search (issue 17; docs/KEYWORDS.md) ----------------------------------------
-
-
-def keyword_tokens(repo: Repository, query: Query) -> Any:
-    """The query's tokens under the keyword key of the repository's current key version:
-    the version image searches ask for too (older versions' segments are rewritten under
-    the new one at revocation, FORMAT-2 7.3)."""
-    return query.tokens(repo.keys.keyword_key, repo.repo_id, repo.keys.version)
-
-
-def check_matches(query: Query, images: list[ImageMeta], session: Session,
-                  repo: Repository, labels: Any = None) -> None:
-    """Every image the service named must match the query in plaintext (its decrypted
-    metadata, and its labels when the query asks for labels): a service that names
-    other images is caught here (ServiceError), its answer never shown."""
-    from app.core.keywords import keywords_of
-
-    wants_labels = any(c.field == "label" for c in query.clauses)
-    by_image: dict[str, set[str]] = {}
-    if wants_labels and images:
-        by_image = labels() if labels is not None else labels_by_image(session, repo)
-    for meta in images:
-        if meta.error:
-            raise ServiceError(f"the search service named image {meta.image_id}, whose "
-                               f"metadata does not verify: {meta.error}")
-        words = keywords_of(meta) | {f"label={w}" for w in by_image.get(meta.image_id, ())}
-        if not query.matches(words):
-            raise ServiceError(f"the search service named image {meta.image_id}, which "
-                               "does not match the keyword query (malformed or hostile "
-                               "answer)")
-
-
-def labels_by_image(session: Session, repo: Repository) -> dict[str, set[str]]:
-    """Image id -> its label words now, for every labelled image of the current key
-    version (decrypted here from the live label objects, app/core/labels.py); {} for a
-    format-1 repository, which has no labels."""
-    if not is_format2(repo.manifest):
-        return {}
-    from app.core import labels as label_module
-
-    state = log_state(session, repo)
-    version = repo.keys.version
-    if not label_module.live_labels(state, version):
-        return {}
-    segments = [o.id for o in state.segments(version)]
-    _, net = label_module.net_labels(session.store, repo, state, segments, version)
-    return {image_id: set(words) for image_id, words in net.items()}
 
 
 @dataclass
@@ -599,11 +335,9 @@ def keyword_find(session: Session, repo: Repository, query: Query, *,
     t0 = time.perf_counter()
     tokens = keyword_tokens(repo, query)
     t1 = time.perf_counter()
-    answer, verdict, state = _ask(session, repo, None, limit, state, tokens)
+    answer, verdict, state = ask_service(session, repo, None, limit, state, tokens)
     t2 = time.perf_counter()
-    if verdict is not None and not verdict.complete and not allow_incomplete:
-        raise IncompleteAnswer(repo.keys.version, verdict.expected, verdict.searched,
-                               verdict.missing)
+    refuse_incomplete(repo.keys.version, verdict, allow_incomplete)
     ids = [image_id for image_id, _ in answer.hits[0]]
     reader = image_reader(session, repo, state)
 
@@ -625,5 +359,5 @@ def keyword_find(session: Session, repo: Repository, query: Query, *,
                "fetch_decrypt": (t3 - t2) * 1000}
     if state is not None:
         timings["log"] = (t0 - t_log) * 1000
-    return KeywordFound(images, matched, matched > len(ids), **_completeness(answer, verdict),
+    return KeywordFound(images, matched, matched > len(ids), **completeness_fields(answer, verdict),
                         timings_ms=timings)

@@ -97,7 +97,7 @@ class Session:
         self.store_config: StoreConfig | DirectoryConfig | None = None
         # Format 2: the segment log verified so far, per repository id (a
         # cloud.seglog.LogState), so that the next search only reads the entries added
-        # since (app.core.searcher.log_state); guarded by log_lock.
+        # since (app.core.search_log.log_state); guarded by log_lock.
         self.log_states: dict[str, Any] = {}
         # Per repository id: (the verified head it was built for, an
         # app.core.packs.ImageReader), so that its index of live packs is built once.
