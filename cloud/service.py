@@ -76,7 +76,7 @@ from cloud.backend import DirectoryConfig, Store, StoreError
 from cloud.ckks_store import CkksScorers
 from cloud.ckks_store import decode_request as ckks_decode_request
 from cloud.ckks_store import encode_answer as ckks_encode_answer
-from cloud.gpu.backend import searcher
+from cloud.gpu.backend import service_searcher
 from cloud.keyword_index import KeywordSource, TokenQuery
 from cloud.keyword_store import default_keyword_source
 from cloud.keyword_views import KeywordViews
@@ -618,7 +618,6 @@ def create_app(
             trail.close()  # the audit entries still buffered are written now
 
     engine_threads = ConcurrentSearches()  # BLAS threads by searches in flight
-    engine_search = searcher(device)  # cloud.search.search_batch, or on a GPU (cloud/gpu)
     app = FastAPI(title="Radcrypt search service", version="1", lifespan=lifespan,
                   description="Encrypted exact nearest-neighbour search. Holds no key.",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
@@ -626,7 +625,11 @@ def create_app(
     if owner_keys is None:  # the keys the verifier trusts are those the log is checked with
         owner_keys = list(getattr(verifier, "owner_keys", ()))
     state = ServiceState(store, refresh_interval, cache_dir, owner_keys, preload)
-    state.segment_hook = getattr(keyword_source, "capture", None)
+    # cloud.search.search_batch, or on a GPU (cloud/gpu) with the segment files of a
+    # directory store loaded straight into device memory; the hook keeps the keyword
+    # side's dictionaries (and, on a GPU, notes each accepted segment's SHA-256)
+    engine_search, state.segment_hook = service_searcher(
+        device, store, state.repo, getattr(keyword_source, "capture", None))
     app.state.radcrypt = state
     app.state.audit = trail
     app.state.service_id = service_id

@@ -12,6 +12,14 @@ decode_segment's words, and nothing of it reaches the index.
 
 The SHA-256 (about 1-2 GB/s on one core) bounds a thread; segments load in several
 threads (file reads, hashlib and the copies release the interpreter lock).
+
+For the search service (cloud/gpu/backend.py) two more checks, as its CPU path makes
+them: ``expected_sha256``, the whole file's SHA-256 that the service verified when it
+loaded the segment (format 2: the log's), is compared with no second pass (the checksum's
+hash extended by its last 32 bytes), so a file changed on disk since (corrupted, or
+another valid segment put in its place) is refused by name; and ``unique_ids`` keeps an
+image present in several segments once, in its first segment's row, as
+cloud/index_rows.py does, so that the rows are the service's rows in the same order.
 """
 
 from __future__ import annotations
@@ -69,10 +77,20 @@ def host_buffer(xp: ModuleType, size: int) -> NDArray[np.uint8]:
 
 
 def load_segments(xp: ModuleType, paths: Sequence[Path], *, threads: int = 4,
-                  full32: bool = True, chunk_bytes: int = CHUNK_BYTES) -> Loaded:
-    """Read, validate and copy segment files (same widths) into one device index."""
+                  full32: bool = True, chunk_bytes: int = CHUNK_BYTES,
+                  expected_sha256: Sequence[bytes | None] | None = None,
+                  unique_ids: bool = False) -> Loaded:
+    """Read, validate and copy segment files (same widths) into one device index.
+
+    ``expected_sha256``: per path, the whole file's SHA-256 (None: not compared); a
+    mismatch is SegmentError "does not match the segment the service verified".
+    ``unique_ids``: an id already in an earlier segment (in ``paths`` order) is dropped
+    with its row; without it, a repeated id across segments is kept twice.
+    """
     if not paths:
         raise ValueError("no segment files to load")
+    if expected_sha256 is not None and len(expected_sha256) != len(paths):
+        raise ValueError("expected_sha256 needs one digest (or None) per segment file")
     start = time.perf_counter()
     headers = []
     for path in paths:
@@ -93,7 +111,8 @@ def load_segments(xp: ModuleType, paths: Sequence[Path], *, threads: int = 4,
         return local.buffer  # type: ignore[no-any-return]
 
     def load(i: int) -> int:
-        raw = _read_to_device(xp, paths[i], headers[i], staging())
+        expected = expected_sha256[i] if expected_sha256 is not None else None
+        raw = _read_to_device(xp, paths[i], headers[i], staging(), expected)
         begin = int(offsets[i])
         ids[begin : begin + headers[i].count] = _sections(xp, raw, headers[i], str(paths[i]),
                                                           arrays, begin)
@@ -101,14 +120,18 @@ def load_segments(xp: ModuleType, paths: Sequence[Path], *, threads: int = 4,
 
     with ThreadPoolExecutor(max(1, min(threads, len(paths)))) as pool:
         total = sum(pool.map(load, range(len(paths))))
+    if unique_ids and len(paths) > 1 and _has_duplicates(ids):
+        ids, arrays = _first_of_each(xp, ids, arrays)
     index = DeviceIndex.from_device(xp, arrays[-1], arrays[:-1], full32=full32)
     _synchronize(xp)
     return Loaded(index, ids, total, time.perf_counter() - start)
 
 
 def _read_to_device(xp: ModuleType, path: Path, header: SegmentHeader,
-                    buffer: NDArray[np.uint8]) -> Array:
-    """The whole file in device memory, its SHA-256 checked on the way (SegmentError)."""
+                    buffer: NDArray[np.uint8], expected_sha256: bytes | None = None) -> Array:
+    """The whole file in device memory, its SHA-256 checked on the way (SegmentError):
+    first the whole file's against ``expected_sha256`` (as decode_segment compares the
+    log's before the checksum), then the checksum."""
     name, size = str(path), header.size
     actual = os.stat(path).st_size
     if actual != size:
@@ -133,6 +156,12 @@ def _read_to_device(xp: ModuleType, path: Path, header: SegmentHeader,
                 stored += bytes(view[max(0, body_end - position) : want])
             _copy(xp, raw[position : position + want], buffer[:want])
             position += want
+    if expected_sha256 is not None:
+        whole = digest.copy()
+        whole.update(stored)
+        if whole.digest() != bytes(expected_sha256):
+            raise SegmentError(name, "does not match the segment the service verified "
+                                     "(its SHA-256 differs: changed on disk since)")
     if digest.digest() != stored:
         raise SegmentError(name, "checksum mismatch: the segment is corrupted")
     return raw
@@ -169,6 +198,16 @@ def _has_duplicates(ids: NDArray[np.void]) -> bool:
     if not (first[1:] == first[:-1]).any():
         return False
     return len({bytes(i) for i in ids}) != len(ids)
+
+
+def _first_of_each(xp: ModuleType, ids: NDArray[np.void], arrays: list[Array]
+                   ) -> tuple[NDArray[np.void], list[Array]]:
+    """The rows whose id is the first of its kind (ids are distinct within a segment,
+    checked, so a repeat comes from a later segment): gathered on the device, once."""
+    _, first = np.unique(ids, return_index=True)
+    keep = np.sort(first)
+    rows = xp.asarray(keep)
+    return ids[keep], [a[rows] for a in arrays]
 
 
 def _copy(xp: ModuleType, target: Array, chunk: NDArray[np.uint8]) -> None:
