@@ -136,23 +136,30 @@ def _in_order(fn: Callable[[Span], Part], spans: list[Span]) -> list[Part]:
 
 
 def scan(coded: RowCodes, tokens: F64, k: int, floors: F64,
-         spans: list[Span] | None = None, mapper: Mapper = _in_order) -> Candidates:
+         spans: list[Span] | None = None, mapper: Mapper = _in_order,
+         rows: I64 | None = None) -> Candidates:
     """Rows whose exact score may reach each query's k-th best.
 
     ``floors`` are known lower bounds on the k-th best exact score (-inf when none):
     rows that cannot reach them are dropped at once. The rows are scanned in ``spans``
-    (all of them by default), which ``mapper`` may hand to threads.
+    (all of them by default), which ``mapper`` may hand to threads. With ``rows`` (one
+    query only), only those rows are scanned, read where they are (a keyword filter's
+    rows: copying a quarter of a million rows' codes first cost more than scanning
+    them), and ``spans`` share the list of rows, not the index.
     """
-    n = len(coded)
     t = np.atleast_2d(np.asarray(tokens, dtype=np.float64))
     queries = t.shape[0]
+    if rows is not None and queries != 1:
+        raise ValueError("a scan of chosen rows takes one query")
+    chosen = rows
+    n = len(coded) if chosen is None else int(chosen.size)
     # Lower bounds are compared with float32 estimates: one step down keeps them valid.
     start_floor = _down32(np.asarray(floors, dtype=np.float64))
     prepared = _prepared(t)
 
     def part(span: Span) -> Part:
         if queries == 1:
-            return _part_one(coded, span, k, t[0], start_floor)
+            return _part_one(coded, span, k, t[0], start_floor, chosen)
         return _part_many(coded, span, k, prepared, start_floor)
 
     parts = mapper(part, spans if spans is not None else [(0, n)])
@@ -183,30 +190,47 @@ def scan(coded: RowCodes, tokens: F64, k: int, floors: F64,
     return Candidates(result, floor.astype(np.float64))
 
 
-def _part_one(coded: RowCodes, span: Span, k: int, token: F64, start_floor: F32) -> Part:
+def _part_one(coded: RowCodes, span: Span, k: int, token: F64, start_floor: F32,
+              rows: I64 | None = None) -> Part:
     """One query: a compiled loop reads each row's codes once, in float64 (memory-bound:
     the arithmetic is free, and its rounding negligible), then the candidates are
-    picked in one pass."""
+    picked in one pass. ``rows``: the span is of this list of rows, not of the index."""
     begin, end = span
-    lower, upper = _bounds_one(coded, begin, end, token)
+    if rows is None:
+        lower, upper = _bounds_one(coded, begin, end, token)
+    else:
+        lower, upper = _bounds_rows(coded, rows[begin:end], token)
     floor = start_floor.copy()
     if upper.size >= k:
         np.maximum(floor, _down32(np.asarray(_kth_lower(lower[:, None], k), np.float64)),
                    out=floor)
     hits = np.flatnonzero(upper >= floor[0])
-    found: Found = [(hits + begin, np.zeros(hits.size, dtype=np.int64),
+    found: Found = [(hits + begin if rows is None else rows[begin:end][hits],
+                     np.zeros(hits.size, dtype=np.int64),
                      _down32(lower[hits]), _up32(upper[hits]))]
     return floor, found
 
 
 def _bounds_one(coded: RowCodes, begin: int, end: int, token: F64) -> tuple[F64, F64]:
-    lower = np.empty(end - begin)
-    upper = np.empty(end - begin)
-    width = coded.codes.shape[1]
-    _kernel()(coded.codes[begin:end], token, coded.offset[begin:end], coded.step[begin:end],
-              coded.slack[begin:end], coded.size[begin:end], float(token.sum()),
-              float(np.linalg.norm(token)) * (1.0 + 1e-12),
-              _rounding(width, FLOAT64_UNIT), upper, lower)
+    return _bounds(coded, _NO_ROWS, begin, end - begin, token)
+
+
+def _bounds_rows(coded: RowCodes, rows: I64, token: F64) -> tuple[F64, F64]:
+    """As _bounds_one, of the chosen rows (each read in place)."""
+    return _bounds(coded, np.ascontiguousarray(rows, dtype=np.int64), 0, int(rows.size), token)
+
+
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
+def _bounds(coded: RowCodes, rows: I64, first: int, count: int, token: F64
+            ) -> tuple[F64, F64]:
+    lower = np.empty(count)
+    upper = np.empty(count)
+    if count:
+        _kernel()(coded.codes, rows, first, token, coded.offset, coded.step, coded.slack,
+                  coded.size, float(token.sum()), float(np.linalg.norm(token)) * (1.0 + 1e-12),
+                  _rounding(coded.codes.shape[1], FLOAT64_UNIT), upper, lower)
     return lower, upper
 
 
@@ -285,7 +309,8 @@ def warm_up() -> threading.Thread:
         from cloud import rescore  # on first use, as the engine itself does
 
         tiny = RowCodes.of(np.zeros((1, 2)))  # the quantizer
-        _bounds_one(tiny, 0, 1, np.zeros(2))  # and the scan
+        _bounds_one(tiny, 0, 1, np.zeros(2))  # and the scans
+        _bounds_rows(tiny, np.zeros(1, dtype=np.int64), np.zeros(2))
         rescore.row_scores(np.zeros((1, 2)), np.zeros(1, dtype=np.int64), np.zeros(2))
 
     thread = threading.Thread(target=compile_now, name="radcrypt-compile", daemon=True)
@@ -295,24 +320,28 @@ def warm_up() -> threading.Thread:
 
 @functools.cache
 def _kernel() -> Callable[..., None]:
-    """Made on first use, not on import: the client never scans."""
+    """Made on first use, not on import: the client never scans. One loop for both
+    scans: ``rows`` empty, the rows from ``first`` on, as many as ``upper`` holds
+    (contiguous reads); otherwise those rows, each read where it is."""
 
-    def bounds_one(codes: Codes, token: F64, offset: F32, step: F32, slack: F32, size: F32,
-                   token_sum: float, token_norm: float, rounding: float, upper: F64,
-                   lower: F64) -> None:  # pragma: no cover - compiled
-        rows, width = codes.shape
-        for i in range(rows):
+    def bounds(codes: Codes, rows: I64, first: int, token: F64, offset: F32, step: F32,
+               slack: F32, size: F32, token_sum: float, token_norm: float, rounding: float,
+               upper: F64, lower: F64) -> None:  # pragma: no cover - compiled
+        width = codes.shape[1]
+        chosen = rows.shape[0] > 0
+        for i in range(upper.shape[0]):
+            r = rows[i] if chosen else first + i
             acc = 0.0
             for j in range(width):
-                acc += np.float64(codes[i, j]) * token[j]
-            estimate = np.float64(offset[i, 0]) * token_sum + np.float64(step[i, 0]) * acc
-            margin = (np.float64(slack[i, 0]) + rounding * np.float64(size[i, 0])) * token_norm
+                acc += np.float64(codes[r, j]) * token[j]
+            estimate = np.float64(offset[r, 0]) * token_sum + np.float64(step[r, 0]) * acc
+            margin = (np.float64(slack[r, 0]) + rounding * np.float64(size[r, 0])) * token_norm
             upper[i] = estimate + margin
             lower[i] = estimate - margin
 
     # reassoc and contract let the compiler vectorise the sum (any order, fused
     # multiply-adds): the rounding bound of _rounding holds for every order.
-    return jit(bounds_one, {"reassoc", "contract"})
+    return jit(bounds, {"reassoc", "contract"})
 
 
 @functools.cache

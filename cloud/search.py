@@ -711,10 +711,13 @@ def _float32_floor(value: float) -> np.float32:
     return rounded
 
 
-def _first_level_scores(index: EncryptedIndex, tokens: F64, seed_k: int = 0
+def _first_level_scores(index: EncryptedIndex, tokens: F64, seed_k: int = 0,
+                        outside: NDArray[np.bool_] | None = None
                         ) -> tuple[NDArray[np.float32], I64 | None]:
     """(Q, n) float32 first-level scores (rows are fresh arrays the caller may mark)
     and, for one query with ``seed_k``, k rows with high scores to seed its threshold.
+    ``outside`` (one query): rows set to minus infinity, by each thread on its share
+    while its scores are in cache (a keyword filter's other rows).
 
     From OWN_THREADS_ROWS on, computed by the engine's threads over shares of the rows
     (see _own_threads), each finding the seeds of its share while its scores are in
@@ -730,6 +733,8 @@ def _first_level_scores(index: EncryptedIndex, tokens: F64, seed_k: int = 0
         begin, end = span
         if queries.shape[0] == 1:
             np.matmul(first32[begin:end], queries[0], out=scores[0, begin:end])
+            if outside is not None:
+                np.copyto(scores[0, begin:end], -np.inf, where=outside[begin:end])
         else:
             scores[:, begin:end] = queries @ first32[begin:end].T
         if not seeding:
@@ -844,7 +849,7 @@ def _subset_scored(index: EncryptedIndex, t_full: F64, k: int, rows: I64) -> Sea
 
 def _subset_refine(index: EncryptedIndex, token: QueryToken, qi: int, k: int, rows: I64
                    ) -> SearchResult | None:
-    first = _subset_first_level(index, token.levels[0][qi], rows)
+    first, seeds = _subset_first_level(index, token.levels[0][qi], rows, k)
     refiner = _Refiner(index, token, qi, k)
     wide = rows.size * SUBSET_WIDE_SHARE >= len(index)
 
@@ -856,7 +861,7 @@ def _subset_refine(index: EncryptedIndex, token: QueryToken, qi: int, k: int, ro
     # are not all the subset's): the subset's best first-level rows set a threshold, then
     # blocks of growing size, best first, each cut by the threshold the blocks before
     # them raised, through the finer levels before any full score.
-    refine(rows[_top_positions(first[rows], np.arange(rows.size, dtype=np.int64), k)])
+    refine(seeds)
     # A wide subset's other rows are at minus infinity: one threaded pass over every
     # score finds the survivors faster than gathering the subset's scores.
     remaining = (np.flatnonzero(first >= refiner.first_floor()) if wide
@@ -885,25 +890,29 @@ def _subset_refine(index: EncryptedIndex, token: QueryToken, qi: int, k: int, ro
     return result
 
 
-def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64
-                        ) -> NDArray[np.float32]:
+def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64, k: int
+                        ) -> tuple[NDArray[np.float32], I64]:
     """float32 first-level scores of the subset's rows, minus infinity elsewhere (never a
     candidate), within the float32 error bound of any summation order (_float32_error),
-    as the full scan's scores are. A narrow subset gathers its rows; a wide one (a
-    keyword on a quarter of the archive) scores every row with the engine's threads,
-    contiguous reads as an unfiltered search makes, and masks the others: gathering a
-    quarter of a million rows cost more than scoring all of them."""
+    as the full scan's scores are, and up to k of the subset's rows with high scores (the
+    seeds of the threshold). A narrow subset gathers its rows; a wide one (a keyword on a
+    quarter of the archive) scores every row with the engine's threads, contiguous reads
+    as an unfiltered search makes, masks the others and picks its seeds while each share
+    is in cache: gathering a quarter of a million rows cost more than scoring all of
+    them."""
     assert index.first32 is not None
     n = len(index)
     if rows.size * SUBSET_WIDE_SHARE < n:
         first = np.full(n, -np.inf, dtype=np.float32)
         first[rows] = index.first32[rows] @ t_first.astype(np.float32)
-        return first
-    scores: NDArray[np.float32] = _first_level_scores(index, t_first)[0][0]
+        return first, rows[_top_positions(first[rows], np.arange(rows.size, dtype=np.int64),
+                                          k)]
     outside = np.ones(n, dtype=bool)
     outside[rows] = False
-    scores[outside] = -np.inf
-    return scores
+    scores, seeds = _first_level_scores(index, t_first, seed_k=k, outside=outside)
+    assert seeds is not None
+    # A share with fewer than k of the subset's rows seeds masked rows too: never those.
+    return scores[0], seeds[np.isfinite(scores[0][seeds])]
 
 
 def _all_within(positions: I64, rows: I64) -> bool:
@@ -921,15 +930,9 @@ def _subset_scan(index: EncryptedIndex, t_full: F64, k: int, rows: I64, floor: f
                  ) -> SearchResult:
     """Exact top-k among ``rows`` by a scan of their full vectors' codes, then float64 on
     the candidates the codes cannot tell apart (as _scan_codes, on the subset's codes)."""
-    coded = index.full_codes
-    subset = RowCodes(np.ascontiguousarray(coded.codes[rows]),
-                      np.ascontiguousarray(coded.offset[rows]),
-                      np.ascontiguousarray(coded.step[rows]),
-                      np.ascontiguousarray(coded.slack[rows]),
-                      np.ascontiguousarray(coded.size[rows]))
-    found = codes.scan(subset, t_full[None, :], k, np.array([floor]),
-                       _row_spans(rows.size), _threaded)
-    candidates = rows[found.rows[0]]
+    found = codes.scan(index.full_codes, t_full[None, :], k, np.array([floor]),
+                       _row_spans(rows.size), _threaded, rows=rows)
+    candidates = found.rows[0]
     top = _TopK(k)
     top.merge(candidates, _row_scores(index.full, candidates, t_full))
     positions, scores = top.ranked()
