@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cloud import layout
 from cloud.backend import ObjectNotFound, Store
-from cloud.ckks_engine import CkksScorer
+from cloud.ckks_engine import CkksScorer, workers_for
 from cloud.segments import SegmentError, decode_segment
 from cloud.wire import segment_set_digest
 from crypto import ckks
@@ -48,6 +49,7 @@ EVAL_LABEL = b"radcrypt/ckks-eval-keys/v1"
 ROUTE = "ckks"  # /v2/repos/<repo>/ckks
 REQUEST_MAGIC = b"RCKQ"
 ANSWER_MAGIC = b"RCKA"
+_loads = itertools.count(1)  # names every block load (CkksScorers)
 
 
 def eval_keys_key(repo_id: str, key_version: int) -> str:
@@ -199,30 +201,69 @@ def decode_answer(data: bytes) -> CkksAnswer:
 # --- the service's side ------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Held:
+    """One segment the scorer holds the block of: its row count and image ids, under the
+    SHA-256 the verified log named when it was read (None: no log, never reused). ``tag``
+    names its block in the scorer: a reload gets a new one, so the scorer never keeps the
+    block it replaces. The block's bytes are not kept here (the workers hold it loaded;
+    keeping the bytes too would double the memory: about 30 MB per 4,096 images)."""
+
+    seg_id: str
+    sha256: bytes | None
+    count: int
+    ids: list[str]
+    tag: tuple[str, int]
+
+
 @dataclass
-class _Loaded:
-    key: tuple[Any, ...]
-    scorer: CkksScorer
-    seg_ids: list[str]
-    counts: list[int]
-    image_ids: list[list[str]]
+class _Version:
+    """What the service holds for one repository key version. ``lock`` serialises its
+    updates and queries (a query scores exactly the blocks of its snapshot)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    key: tuple[Any, ...] | None = None          # (segment ids with SHA-256, eval digest)
+    eval_digest: bytes | None = None
+    eval_body: bytes = b""
+    scorer: CkksScorer | None = None
+    held: dict[str, _Held] = field(default_factory=dict)
+    covered: list[_Held] = field(default_factory=list)  # of ``key``, sorted by segment id
+
+    def drop(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+        self.scorer, self.key, self.eval_digest, self.eval_body = None, None, None, b""
+        self.held, self.covered = {}, []
 
 
 class CkksScorers:
-    """One CkksScorer per repository key version, rebuilt when the live segment set or the
-    evaluation keys change (blocks are loaded once, not per query)."""
+    """One CkksScorer per repository key version, kept in step with the live segment set:
+    a segment that joins the set costs one segment read and one block load, one that
+    leaves it is dropped, and every other block stays loaded (a block is reused only
+    under the SHA-256 the verified log names for it now: a segment whose digest changed
+    is read again, never served stale). A set that wants more worker processes gets them
+    started empty, for the blocks that join next. Only new evaluation keys, or a set that
+    first outgrows the in-process scorer, rebuild the scorer, reading the held segments
+    again: their bytes are not kept here (the scorer holds each block loaded, once)."""
 
     def __init__(self, store: Store, workers: int | None = None) -> None:
         self.store = store
         self.workers = workers
-        self._loaded: dict[tuple[str, int], _Loaded] = {}
+        self._versions: dict[tuple[str, int], _Version] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
-            loaded, self._loaded = list(self._loaded.values()), {}
-        for item in loaded:
-            item.scorer.close()
+            held, self._versions = list(self._versions.values()), {}
+        for item in held:
+            with item.lock:
+                item.drop()
+
+    def __enter__(self) -> CkksScorers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def answer(self, repo_id: str, log: Any, seg_ids: list[str], head: int, head_hash: bytes,
                req: CkksRequest) -> CkksAnswer:
@@ -231,53 +272,112 @@ class CkksScorers:
         the verified log state naming each segment's SHA-256). A segment without a block
         is left out of the covered set, so the client's completeness check reports it."""
         started = time.perf_counter()
-        loaded = self._scorer(repo_id, log, seg_ids, req)
-        scores = (loaded.scorer.scores(req.query) if loaded.seg_ids
-                  else ckks.pack_parts(ckks.KIND_SCORES, 0, 0, []))
+        with self._lock:
+            slot = self._versions.setdefault((repo_id, req.key_version), _Version())
+        with slot.lock:
+            covered = self._update(slot, repo_id, log, seg_ids, req)
+            assert slot.scorer is not None
+            scores = (slot.scorer.scores(req.query, [h.tag for h in covered]) if covered
+                      else ckks.pack_parts(ckks.KIND_SCORES, 0, 0, []))
+        kept = [h.seg_id for h in covered]
         return CkksAnswer(req.key_version, head, head_hash,
-                          segment_set_digest(repo_id, req.key_version, loaded.seg_ids),
-                          list(loaded.seg_ids), list(loaded.counts), loaded.image_ids,
+                          segment_set_digest(repo_id, req.key_version, kept),
+                          kept, [h.count for h in covered], [list(h.ids) for h in covered],
                           round((time.perf_counter() - started) * 1e6), scores)
 
-    def _scorer(self, repo_id: str, log: Any, seg_ids: list[str], req: CkksRequest) -> _Loaded:
-        key = (tuple(seg_ids), req.eval_digest)
-        with self._lock:
-            known = self._loaded.get((repo_id, req.key_version))
-        if known is not None and known.key == key:
-            return known
+    def _update(self, slot: _Version, repo_id: str, log: Any, seg_ids: list[str],
+                req: CkksRequest) -> list[_Held]:
+        """Bring ``slot`` to the request's segment set and evaluation keys; the covered
+        segments, sorted by id. Called with ``slot.lock`` held."""
+        sha = {o.id: o.sha256 for o in log.segments(req.key_version)} if log else {}
+        wanted = sorted(set(seg_ids))
+        key = (tuple((s, sha.get(s)) for s in wanted), req.eval_digest)
+        if slot.key == key and slot.scorer is not None:
+            return slot.covered
+        new_keys = slot.eval_digest != req.eval_digest or slot.scorer is None
+        body = self._eval_body(repo_id, req) if new_keys else slot.eval_body
+        covered: list[_Held] = []
+        fresh: dict[str, bytes] = {}  # blocks read now
+        for seg_id in wanted:  # read only what is not held under the log's digest now
+            known = slot.held.get(seg_id)
+            if known is not None and known.sha256 is not None \
+                    and known.sha256 == sha.get(seg_id):
+                covered.append(known)
+                continue
+            loaded = self._load(repo_id, seg_id, sha.get(seg_id), req.key_version)
+            if loaded is not None:
+                covered.append(loaded[0])
+                fresh[seg_id] = loaded[1]
+        try:
+            covered = self._rescore(slot, repo_id, req.key_version, body, new_keys,
+                                    covered, fresh)
+        except BaseException:
+            slot.drop()  # a worker died mid-update: start clean at the next query
+            raise
+        slot.key, slot.eval_digest, slot.eval_body = key, req.eval_digest, body
+        slot.held = {h.seg_id: h for h in covered}
+        slot.covered = covered
+        return covered
+
+    def _rescore(self, slot: _Version, repo_id: str, version: int, body: bytes,
+                 new_keys: bool, covered: list[_Held], fresh: dict[str, bytes]
+                 ) -> list[_Held]:
+        """Give ``slot`` a scorer holding exactly ``covered`` (``fresh``: the blocks just
+        read), and return what it holds. The old scorer is told what left and what
+        joined (and grows its worker processes when the set wants more); a new one is
+        built only for new evaluation keys or to leave this process for workers, reading
+        the held segments again (their bytes are not kept)."""
+        old = slot.scorer
+        target = workers_for(len(covered), self.workers)
+        if old is not None and not new_keys and not (old.workers == 1 and target > 1):
+            now = {h.tag for h in covered}
+            old.remove([t for t in old.tags if t not in now])
+            if target > old.workers:
+                old.grow(target)
+            old.add([(h.tag, fresh[h.seg_id]) for h in covered if h.seg_id in fresh])
+            return covered
+        kept, blocks = [], []
+        for held in covered:
+            block = fresh.get(held.seg_id)
+            if block is None:
+                again = self._load(repo_id, held.seg_id, held.sha256, version)
+                if again is None:
+                    continue  # gone or changed meanwhile: not covered
+                held, block = again
+            kept.append(held)
+            blocks.append(block)
+        slot.scorer = CkksScorer(body, blocks, workers=self.workers,
+                                 tags=[h.tag for h in kept])
+        if old is not None:
+            old.close()
+        return kept
+
+    def _eval_body(self, repo_id: str, req: CkksRequest) -> bytes:
         name = eval_keys_key(repo_id, req.key_version)
         try:
             blob = self.store.get(name)
         except ObjectNotFound:
             raise FormatError(f"the CKKS evaluation keys of key version {req.key_version} "
                               f"({name}) are missing from the store") from None
-        body = eval_body(blob, name, req.key_version, req.eval_digest)
-        sha = {o.id: o.sha256 for o in log.segments(req.key_version)} if log else {}
-        blocks, kept, counts, ids = [], [], [], []
-        for seg_id in sorted(seg_ids):
-            seg_key = layout.segment_key(repo_id, seg_id)
-            try:
-                segment = decode_segment(self.store.get(seg_key), seg_id,
-                                         expected_sha256=sha.get(seg_id))
-            except (ObjectNotFound, SegmentError):
-                continue  # not covered: the client's completeness check names it
-            block = getattr(segment, "ckks", None)
-            if block is None or segment.key_version != req.key_version:
-                continue
-            try:
-                if ckks.header(bytes(block[:ckks.HEADER_SIZE]), seg_key)[2] != len(segment):
-                    continue  # a block of other rows: not covered
-            except FormatError:
-                continue
-            blocks.append(bytes(block))
-            kept.append(seg_id)
-            counts.append(len(segment))
-            ids.append(segment.id_strings())
-        scorer = CkksScorer(body, blocks, workers=self.workers)
-        loaded = _Loaded(key, scorer, kept, counts, ids)
-        with self._lock:
-            old = self._loaded.get((repo_id, req.key_version))
-            self._loaded[(repo_id, req.key_version)] = loaded
-        if old is not None:
-            old.scorer.close()
-        return loaded
+        return eval_body(blob, name, req.key_version, req.eval_digest)
+
+    def _load(self, repo_id: str, seg_id: str, sha256: bytes | None, key_version: int
+              ) -> tuple[_Held, bytes] | None:
+        """One segment's block and what is held of it, None when it is not covered
+        (missing, not the log's SHA-256, no block, another key version, a block of other
+        rows): the client's completeness check names it."""
+        seg_key = layout.segment_key(repo_id, seg_id)
+        try:
+            segment = decode_segment(self.store.get(seg_key), seg_id, expected_sha256=sha256)
+        except (ObjectNotFound, SegmentError):
+            return None
+        block = getattr(segment, "ckks", None)
+        if block is None or segment.key_version != key_version:
+            return None
+        try:
+            if ckks.header(bytes(block[:ckks.HEADER_SIZE]), seg_key)[2] != len(segment):
+                return None
+        except FormatError:
+            return None
+        return (_Held(seg_id, sha256, len(segment), segment.id_strings(),
+                      (seg_id, next(_loads))), bytes(block))

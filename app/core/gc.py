@@ -24,6 +24,15 @@ Why it is safe:
 * before deleting, the log is read again: if its head moved (some writer committed
   during the run), gc stops and deletes nothing (run it again).
 
+In a CKKS repository (issue 19) gc also deletes the evaluation-keys object ``ckks/<v>``
+(about 1.6 MB) of a key version below the current one once no live segment of that
+version is left in the verified log (a revocation re-encrypted and removed them all),
+when the log entry that removed the last one is older than the grace period. Never while
+a segment of the version is live (a search of it needs the keys), never the current
+version's or a newer one's (an importer or a pending revocation writes under those). A
+stale client that later commits a segment of the old version writes the object again
+(app/core/ckks_blocks.ensure_eval_keys, create-if-absent).
+
 Who may run it: the repository's owner only (AccessDenied for anyone else). Members can
 write orphans, but deleting objects from the shared bucket is a maintenance act of the
 owner, like compaction's deletes of replaced objects would be if they could not be
@@ -44,7 +53,7 @@ from app.core.errors import AccessDenied, IntegrityError
 from app.core.locks import LockInfo, RepositoryLock
 from app.core.locks import exclusive as exclusive_lock
 from app.core.progress import ProgressCallback, ProgressEvent, no_progress
-from app.core.repo_check import RepoCheckReport, Stray, check_repository
+from app.core.repo_check import EVAL_KEYS, UNUSED, RepoCheckReport, Stray, check_repository
 from app.core.repository import Repository
 from app.core.settings import Settings
 from cloud.backend import Store
@@ -113,8 +122,21 @@ def is_owner(repo: Repository, user_id: str) -> bool:
 
 def orphans(report: RepoCheckReport) -> list[Stray]:
     """The strays of a check that no log entry names (an import died before its
-    commit, or a forgery): what gc may delete."""
-    return [s for s in report.strays if s.state == ORPHAN_STATE]
+    commit, or a forgery), and the evaluation keys of key versions without a live
+    segment (issue 19): what gc may delete."""
+    return [s for s in report.strays if s.state == ORPHAN_STATE or unused_eval_keys(s)]
+
+
+def unused_eval_keys(stray: Stray) -> bool:
+    """A ``ckks/<v>`` object of a version below the current one whose last live segment a
+    log entry removed (app/core/repo_check.py): aged by that entry, not by the object (an
+    object written at the version's creation is always old, while a reader that verified
+    the log just before the removal may still ask the service to score that version)."""
+    return stray.type == EVAL_KEYS and stray.state == UNUSED
+
+
+def _age(stray: Stray) -> float | None:
+    return stray.removed_age_s if unused_eval_keys(stray) else stray.age_s
 
 
 def collect_garbage(store: Store, settings: Settings | None, repo: Repository,
@@ -146,8 +168,8 @@ def collect_garbage(store: Store, settings: Settings | None, repo: Repository,
                                  f"problem(s) (first: {check.problems[0].line()}); gc "
                                  "deletes nothing until `radcrypt check` is clean")
         for stray in orphans(check):
-            old = (grace_seconds == 0) if stray.age_s is None else \
-                stray.age_s >= grace_seconds
+            age = _age(stray)
+            old = (grace_seconds == 0) if age is None else age >= grace_seconds
             (report.removed if old else report.kept).append(stray)
         _log_did_not_move(store, settings, repo, check)
         for done, stray in enumerate(report.removed, 1):

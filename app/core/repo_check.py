@@ -32,7 +32,9 @@ Storage format 2 (docs/FORMAT-2.md 4, 5, 7.4):
   (a block of another version or repository does not); the evaluation-keys object
   ``ckks/<v>`` of every key version with live segments (and of the current one) is present,
   its head's MAC verifies, its body's SHA-256 is the head's and the body parses. Problems
-  are named by segment id and by ``ckks/<v>`` (type "evaluation keys");
+  are named by segment id and by ``ckks/<v>`` (type "evaluation keys"). The object of a
+  version below the current one with no live segment left is listed among the strays
+  (state "unused", aged by the entry that removed the version's last segment): gc's;
 * every other object under ``segments/``, ``packs/`` and ``labels/`` is listed (``strays``):
   removed by a log entry and not yet deleted (grace period, FORMAT-2 7.4), named only by
   log entries after a break, or unreferenced (no entry added it: an import or a label
@@ -133,6 +135,8 @@ WIDTHS = "widths"                # segments of one key version with different ve
 FORGED_STRAY = "unauthenticated stray"  # an object outside the live set that is not authentic
 GRANT = "grant"                  # a member's grant missing or not signed by an owner
 WRONG_KEY = "wrong key"          # a CKKS block that does not decrypt under its key version
+EVAL_KEYS = "evaluation keys"    # the type word of a ckks/<v> object (issue 19)
+UNUSED = "unused"                # a stray state: evaluation keys of a version without segments
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,8 @@ class Stray:
     its base, ``base_sequence`` (it was written after that entry; the header is
     unauthenticated unless ``authentic``)."""
 
-    type: str          # "segment", "pack", "label", "format-1 segment", "original"
+    type: str          # "segment", "pack", "label", "format-1 segment", "original",
+    #                    "evaluation keys" (state "unused": no live segment of its version)
     id: str
     key: str
     size: int
@@ -798,6 +803,29 @@ class _Checker:
             if found is not None:
                 self.report.add(found[0], "evaluation keys", name, found[1])
         self.report.counts["evaluation keys"] = len(versions)
+        self._unused_eval_keys(state, versions)
+
+    def _unused_eval_keys(self, state: seglog.LogState, used: set[int]) -> None:
+        """The evaluation-keys objects of key versions below the current one with no live
+        segment left (a revocation re-encrypted and removed them all): strays of type
+        "evaluation keys", state "unused", aged by the log entry that removed the
+        version's last segment (None when the log kept no such entry: gc then keeps it
+        unless its grace period is 0). gc deletes them; no reader needs them."""
+        prefix = layout.repo_prefix(self.repo_id) + "ckks/"
+        for key, size, _modified in list_with_times(self.store, prefix):
+            tail = key[len(prefix):]
+            if not tail.isdigit() or int(tail) in used \
+                    or int(tail) >= self.repo.keys.version:
+                continue
+            version = int(tail)
+            removed = [at for (type_, _), (obj, at) in state.history.items()
+                       if type_ == seglog.TYPE_SEGMENT and obj.key_version == version]
+            entry = self.entries.get(max(removed)) if removed else None
+            age = None if entry is None else max(0.0, self.now - entry.time_ms / 1000)
+            self.report.strays.append(Stray(
+                EVAL_KEYS, f"ckks/{version}", key, size, UNUSED,
+                removed_at=max(removed) if removed else None, removed_age_s=age,
+                detail=f"no live segment of key version {version} is left"))
 
     def _segment_vs_entry(self, obj: seglog.LiveObject, segment: Segment) -> None:
         seq, disagree = obj.added_at, []
