@@ -878,16 +878,17 @@ def create_app(
         """Issue 19, search mode ckks: the encrypted scores of every live segment of the
         request's key version that carries a CKKS block, under the public evaluation keys
         whose SHA-256 the client authenticated; the covered segments listed, so the
-        client's completeness check holds. Nothing here can decrypt a score."""
+        client's completeness check holds. Nothing here can decrypt a score. On a
+        cluster front the shards score their own segments and the front merges
+        (cloud/cluster/ckks.py)."""
         repo_id = _repo_id(repo)
         not_warming(repo_id)
-        if cluster is not None:
-            raise HTTPException(status_code=501, detail="the CKKS search mode is not served "
-                                "by a cluster front; run a single service")
         try:
             req = ckks_decode_request(await request.body())
         except FormatError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
+        if cluster is not None:  # every shard scores its own segments' blocks
+            return await cluster.ckks_v2(repo_id, req, who, request, trail)
         try:
             snap = await run_in_threadpool(state.current, repo_id, req.key_version,
                                            req.min_head)

@@ -1,7 +1,8 @@
 """The front of a cluster: the shard actors, the fan-out with a deadline, the merge.
 
 cloud/service.py keeps doing what it does for one machine (the Gate: rate limits,
-protocol, authentication; audit; metrics) and hands the four repository routes, /readyz
+protocol, authentication; audit; metrics) and hands the repository routes (search, CKKS
+search, refresh; protocols 1 and 2), /readyz
 and the shards' part of /metrics (health.py) to a ClusterFront when it runs with
 ``--ray-address`` (its ``cluster`` hook). For a search, image or keyword, the front asks
 one replica of every shard, waits at most ``deadline`` seconds, and:
@@ -43,6 +44,9 @@ from fastapi.responses import JSONResponse
 
 from cloud import wire
 from cloud.backend import DirectoryConfig, Store
+from cloud.ckks_store import CkksRequest
+from cloud.ckks_store import encode_answer as ckks_encode_answer
+from cloud.cluster.ckks import MergeError, merge_answers
 from cloud.cluster.guard import Guard, SharedLimiter, SharedNonces
 from cloud.cluster.health import STATUS_SECONDS, Probe, metrics_lines, not_ready
 from cloud.cluster.merge import ShardAnswer, covered, merge_hits, merge_keywords, merge_stats
@@ -295,7 +299,7 @@ class ClusterFront:
                     replica = pending.pop(future)
                     try:
                         answer: ShardAnswer = future.result()
-                        if method in ("search", "keywords"):
+                        if method in ("search", "keywords", "ckks"):
                             self.latency.setdefault(slot, Histogram()).observe(
                                 time.monotonic() - sent)
                         return answer
@@ -445,6 +449,32 @@ class ClusterFront:
             raise HTTPException(status_code=503, detail=str(exc),
                                 headers={"Retry-After": "5"}) from None
         return answers, hits, matched
+
+    async def ckks_v2(self, repo_id: str, req: CkksRequest, who: str, request: Request,
+                      trail: Any) -> Response:
+        """POST /v2/repos/<repo>/ckks on the cluster (issue 19, docs/FORMAT-2.md 8.4):
+        every shard scores the CKKS blocks of its own segments with the single service's
+        scorer, the front merges the parts in segment order (cloud/cluster/ckks.py) and
+        names the segments scored, so the client cannot tell the answer from one
+        service's. A late shard is a 503 naming it, as for every route; a segment a shard
+        could not score is left out of the covered set, and the client names it."""
+        started = time.perf_counter()
+        await self._note(repo_id)
+        try:
+            answers = await self.fan_out("ckks", (repo_id, req), req.min_head)
+        except ShardUnavailable as exc:
+            raise _unavailable(exc) from None
+        try:
+            answer = merge_answers(repo_id, req.key_version, answers)
+        except MergeError as exc:  # a shard's part that does not add up: never merged
+            raise HTTPException(status_code=503, detail=str(exc),
+                                headers={"Retry-After": "5"}) from None
+        elapsed = (time.perf_counter() - started) * 1000
+        trail.record(who, repo_id, "search", 0, elapsed)
+        log.info("search ckks (cluster, %d shards) repo=%s user=%s segments=%d head=%d",
+                 len(answers), repo_id, who, answer.segments, answer.head_sequence)
+        request.scope.setdefault("state", {})["radcrypt_queries"] = 1
+        return Response(ckks_encode_answer(answer), media_type="application/octet-stream")
 
     async def search_v1(self, repo_id: str, token: QueryToken, k: int, key_version: int,
                         who: str, request: Request, trail: Any) -> dict[str, Any]:

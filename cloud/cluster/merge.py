@@ -38,7 +38,12 @@ class ShardAnswer:
     the 16-byte ids of the images counted as matched (numpy V16: keyword-only, each
     segment's matching rows' ids, segment after segment, ``counts[i]`` of them from
     ``segment_ids[i]``, not yet de-duplicated; combined, those the engine ranked among)
-    and ``images`` as the single service counts them."""
+    and ``images`` as the single service counts them.
+
+    A CKKS answer (issue 19, cloud/cluster/ckks.py) has ``ckks``: the shard's
+    cloud.ckks_store.CkksAnswer for the segments it scored (``segment_ids`` lists the
+    same), encrypted scores with one part per segment, merged by the front in segment
+    order."""
 
     shard: str
     layout: tuple[int, int]
@@ -57,6 +62,7 @@ class ShardAnswer:
     keywords: bool = False
     found: Any = None
     counts: tuple[int, ...] = ()
+    ckks: Any = None
 
 
 def merge_hits(per_shard: Sequence[Sequence[Hits]], queries: int, k: int) -> list[Hits]:

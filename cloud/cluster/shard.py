@@ -8,7 +8,9 @@ segments from the store itself (credentials from its own node's environment: the
 travel through Ray), and answers with its head, its searched segment ids and its images,
 so that the front can check that the shards agree and name the union it covered.
 Keyword and combined queries run the single service's code (cloud/keyword_views.py) on
-the shard's segments' dictionaries and the label objects naming them; ``status`` tells
+the shard's segments' dictionaries and the label objects naming them, CKKS requests
+(issue 19) the single service's scorer (cloud/ckks_store.py) on the CKKS blocks of the
+shard's segments (the front merges: cloud/cluster/ckks.py); ``status`` tells
 the front's /readyz and /metrics what the shard has loaded (health.py).
 
 ``Shard`` is a plain class; front.py makes it a Ray actor (restarted by Ray when its
@@ -39,6 +41,7 @@ import numpy as np
 
 from cloud import cpus, layout
 from cloud.backend import DirectoryConfig, Store, StoreError
+from cloud.ckks_store import CkksRequest, CkksScorers
 from cloud.cluster.assignment import owner, owns_key
 from cloud.cluster.merge import ShardAnswer
 from cloud.keyword_index import TokenQuery
@@ -136,13 +139,15 @@ def worker_store_config(config: StoreConfig | DirectoryConfig) -> StoreConfig | 
 
 @dataclass
 class ShardLayout:
-    """What a shard holds for one layout: its segments' index and keyword views, and
-    (while staged by a resize) the shard count it moves from (``previous``)."""
+    """What a shard holds for one layout: its segments' index, keyword views and CKKS
+    scorers (their blocks loaded once, per repository key version), and (while staged by
+    a resize) the shard count it moves from (``previous``)."""
 
     generation: int
     shards: int
     state: ShardState
     keyword_views: KeywordViews
+    ckks: CkksScorers
     previous: int | None = None
     loading: threading.Thread | None = None
 
@@ -210,7 +215,8 @@ class Shard:
                                self._refresh_interval, None if self._cache is None
                                else self._cache / f"g{generation}", self._owner_keys,
                                getattr(source, "capture", None))
-            made = ShardLayout(generation, shards, state, KeywordViews(source))
+            made = ShardLayout(generation, shards, state, KeywordViews(source),
+                               CkksScorers(self._opened))
             self._layouts[generation] = made
             return made
 
@@ -276,16 +282,19 @@ class Shard:
         lay = self._layout(generation, shards)
         with self._layouts_lock:
             self.generation, self.shards = lay.generation, lay.shards
-            for gen in [g for g in self._layouts if g != generation]:
-                del self._layouts[gen]
+            dropped = [self._layouts.pop(g) for g in list(self._layouts) if g != generation]
             self._owned = {k: v for k, v in self._owned.items() if k[0] == generation}
+        for old in dropped:  # their CKKS worker processes, if any were started
+            old.ckks.close()
 
     def abort(self, generation: int) -> None:
         """Drop the staged layout ``generation`` (a resize that failed); the committed one
         stays."""
         with self._layouts_lock:
-            if generation != self.generation:
-                self._layouts.pop(generation, None)
+            dropped = (self._layouts.pop(generation, None)
+                       if generation != self.generation else None)
+        if dropped is not None:
+            dropped.ckks.close()
 
     def _serving(self, layout: tuple[int, int] | None) -> ShardLayout:
         return self._layouts[self.generation] if layout is None else self._layout(*layout)
@@ -389,6 +398,34 @@ class Shard:
                            rejected=dict(snap.rejected),
                            key_versions=tuple(sorted(snap.versions)), keywords=True,
                            found=ids, counts=counts)
+
+    def ckks(self, repo_id: str, req: CkksRequest, min_head: int = 0,
+             layout: tuple[int, int] | None = None) -> ShardAnswer:
+        """The encrypted scores of the CKKS blocks of this shard's segments of
+        ``req.key_version`` (issue 19), by the single service's scorer: the segments it
+        could not score (unreadable, altered, without a block) are not in its answer, so
+        the merged answer leaves them uncovered and the client names them. 422 as the
+        single service (evaluation keys missing or not those the client authenticated,
+        a query that is no CKKS query), 503 when the store is down."""
+        current = self._current(repo_id, req.key_version, min_head, layout)
+        if isinstance(current, ShardAnswer):
+            return current
+        lay, snap = current
+        seg_ids = list(snap.segment_ids.get(req.key_version, []))
+        index = lay.state.repo(repo_id)
+        started = time.perf_counter()
+        try:
+            part = lay.ckks.answer(repo_id, getattr(index, "_log", None), seg_ids,
+                                   snap.head, snap.head_hash, req)
+        except FormatError as exc:
+            return self._error(422, str(exc), layout)
+        except StoreError as exc:
+            return self._error(503, f"object store unavailable: {exc}", layout)
+        return ShardAnswer(self.name, (self.slot, lay.shards), snap.head, snap.head_hash,
+                           list(part.segment_ids), sum(part.counts), [], [],
+                           time.perf_counter() - started, snap.log_error,
+                           rejected=dict(snap.rejected),
+                           key_versions=tuple(sorted(snap.versions)), ckks=part)
 
     def status(self, layout: tuple[int, int] | None = None) -> dict[str, Any]:
         """What the front's /readyz and /metrics report of this replica (and what a

@@ -1,8 +1,9 @@
 """The search service on a real local Ray cluster (issue 21, docs/SCALING.md).
 
-One module-scoped cluster: ``ray start --head`` and one ``ray start --address`` worker on
+One cluster, shared with the other modules of tests/cluster that use it (conftest.py
+``ray_cluster``): ``ray start --head`` and one ``ray start --address`` worker on
 127.0.0.1 (one CPU and a 100 MB object store each, tests/cluster/raycluster.py), stopped
-by PID at the end. A format-2 repository is written at the bucket level
+by PID after the last of them. A format-2 repository is written at the bucket level
 (tests/cluster/repo_builder.py); two shards split its segments. What is proved:
 
 * the cluster's answers equal the single service's on the same bucket (hits, scores, head,
@@ -42,10 +43,10 @@ from cloud.cluster.health import not_ready
 from cloud.service import create_app
 
 try:
-    from raycluster import MISSING, RAY, local_cluster
+    from raycluster import MISSING, RAY, LocalCluster
     from repo_builder import DIM, BucketRepo
 except ImportError:  # pragma: no cover
-    from tests.cluster.raycluster import MISSING, RAY, local_cluster
+    from tests.cluster.raycluster import MISSING, RAY, LocalCluster
     from tests.cluster.repo_builder import DIM, BucketRepo
 
 from app.core.service_client import signed_headers
@@ -133,7 +134,8 @@ def _keywords(rng: np.random.Generator, size: int) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(ray_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[World]:
     from fastapi.testclient import TestClient
 
     root = tmp_path_factory.mktemp("cluster")
@@ -146,13 +148,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for seg_id in list(repo.keywords)[:2]:  # labels, and a tombstone, on two segments
         repo.label(seg_id, repo.segments[seg_id][:6], "urgent")
     repo.label(seg_id, repo.segments[seg_id][:2], "urgent", remove=True)
-    with ExitStack() as stack:
-        cluster = stack.enter_context(local_cluster())
-        import ray
-
-        ray.init(address=cluster.address, namespace="radcrypt", logging_level="ERROR",
-                 log_to_driver=False)
-        stack.callback(ray.shutdown)
+    with ExitStack() as stack:  # the cluster is shared (tests/cluster/conftest.py)
         options = ClusterOptions(SERVICE_ID, shards=2, replicas=1, deadline=DEADLINE,
                                  shard_cpus=0.5, refresh_interval=1.0,
                                  rates={"user": (1000.0, 1000.0)})
@@ -163,7 +159,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         front_a.pids()  # the actors are up
         clients = [stack.enter_context(TestClient(_app(repo, root / f"cache-{n}", front)))
                    for n, front in enumerate((None, front_a, front_b))]
-        yield World(repo, *clients, front_a, rng, cluster.address)
+        yield World(repo, *clients, front_a, rng, ray_cluster.address)
 
 
 def test_answers_equal_the_single_service_and_the_shards_split_the_segments(
