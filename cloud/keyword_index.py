@@ -38,6 +38,8 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from cloud.keyword_kernels import decode_packed_many as compiled_decode
+from cloud.keyword_kernels import find_labels
 from crypto.errors import FormatError
 from crypto.sse import (
     LABEL_SIZE,
@@ -45,10 +47,9 @@ from crypto.sse import (
     PACKED_VALUE_SIZE,
     TOKEN_SIZE,
     Dictionary,
+    EntryStream,
     KeywordToken,
-    decode_packed_many,
 )
-from crypto.sse import _entry_stream as entry_stream
 
 U32 = NDArray[np.uint32]
 MAX_CLAUSES = 64
@@ -303,7 +304,7 @@ class _Merged:
     (one AES call each); one search of all the first labels; each found first entry's
     count says how many entries follow, whose labels and pads are computed exactly (one
     AES call per segment holding more than fifteen rows) and searched in one go; then
-    every entry is decoded and checked together (crypto.sse.decode_packed_many). An entry
+    every entry is decoded and checked together (cloud/keyword_kernels.py). An entry
     counts only in the segment it belongs to. The table keeps labels and where each entry
     lives, not the values (those stay in the segments' dictionaries, once in memory).
     Segments of the older layout (Pi_bas) are not in the table: searched one by one."""
@@ -336,29 +337,11 @@ class _Merged:
         self.starts = np.searchsorted(buckets, np.arange((1 << bits) + 1)).astype(np.int32)
 
     def _find(self, labels: NDArray[np.uint8], owners: NDArray[np.int32]) -> NDArray[np.int64]:
-        """Each label's place in the table (its owner's entry), -1 where absent."""
-        at = np.full(labels.shape[0], -1, dtype=np.int64)
-        if not self.hi.size:
-            return at
+        """Each label's place in the table (its owner's entry), -1 where absent: one
+        compiled walk of each label's bucket (cloud/keyword_kernels.py)."""
         needles = np.ascontiguousarray(labels).view(">u8").astype(np.uint64)
-        wanted = needles[:, 0]
-        bucket = (wanted >> self.shift).astype(np.intp)
-        place = self.starts[bucket].astype(np.int64)
-        end = self.starts[bucket + 1]
-        pending = np.arange(wanted.size)
-        while pending.size:  # a bucket's labels in increasing order: a few steps at most
-            here = place[pending]
-            inside = here < end[pending]
-            pending, here = pending[inside], here[inside]
-            found = self.hi[here]
-            equal = found == wanted[pending]
-            at[pending[equal]] = here[equal]
-            pending = pending[found < wanted[pending]]
-            place[pending] += 1
-        hit = at >= 0
-        chosen = at[hit]
-        hit[hit] = (self.lo[chosen] == needles[hit, 1]) & (self.owner[chosen] == owners[hit])
-        return np.where(hit, at, -1)
+        return find_labels(self.hi, self.lo, self.owner, self.starts, int(self.shift),
+                           needles, owners)
 
     def rows(self, token: KeywordToken, wanted: Sequence[str]) -> dict[str, U32]:
         """Rows of the token's keyword in each segment of ``wanted`` (all in this table)."""
@@ -367,9 +350,9 @@ class _Merged:
         out: dict[str, U32] = {s.segment_id: _NO_ROWS for s in segments}
         if not segments:
             return out
-        keys = [s.dictionary.keys(token, s.repo_id, s.segment_id, s.key_version)[0]
-                for s in segments]
-        firsts = np.concatenate([entry_stream(key, 0, 1) for key in keys])
+        keys = [EntryStream(s.dictionary.keys(token, s.repo_id, s.segment_id,
+                                              s.key_version)[0]) for s in segments]
+        firsts = np.concatenate([key.entries(0, 1) for key in keys])
         owners = np.asarray(chosen, dtype=np.int32)
         where = self._find(firsts[:, :LABEL_SIZE], owners)
         present = np.flatnonzero(where >= 0)
@@ -388,7 +371,7 @@ class _Merged:
         owner_of = [np.arange(present.size, dtype=np.int64)]
         more = np.flatnonzero(counts > 1)
         if more.size:
-            streams = [entry_stream(keys[int(present[m])], 1, int(counts[m]) - 1)
+            streams = [keys[int(present[m])].entries(1, int(counts[m]) - 1)
                        for m in more.tolist()]
             stream = np.concatenate(streams)
             extra = counts[more] - 1
@@ -405,7 +388,7 @@ class _Merged:
         order = np.argsort(owner_all, kind="stable")
         row_counts = np.asarray([segments[j].row_count for j in present.tolist()],
                                 dtype=np.int64)
-        rows, per_segment, bad = decode_packed_many(
+        rows, per_segment, bad = compiled_decode(
             self.values[np.concatenate(places)[order]], np.concatenate(pads)[order],
             owner_all[order], row_counts)
         if bad.any():
