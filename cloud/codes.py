@@ -301,17 +301,18 @@ def _prepared(t: F64) -> Prepared:
 
 @functools.cache
 def warm_up() -> threading.Thread:
-    """Compile (about 0.5 s) or load from numba's cache the one-query scan and the
-    float64 rescoring (cloud/rescore.py), in the background, so that neither a load nor
-    the first query after it waits for them."""
+    """Compile (about 0.5 s) or load from numba's cache the one-query scan, the float64
+    rescoring (cloud/rescore.py) and the keyword lookup's loops (cloud/keyword_kernels.py),
+    in the background, so that neither a load nor the first query after it waits for
+    them."""
 
     def compile_now() -> None:
-        from cloud import rescore  # on first use, as the engine itself does
+        from cloud import keyword_kernels, rescore  # on first use, as the engine does
 
         tiny = RowCodes.of(np.zeros((1, 2)))  # the quantizer
-        _bounds_one(tiny, 0, 1, np.zeros(2))  # and the scans
-        _bounds_rows(tiny, np.zeros(1, dtype=np.int64), np.zeros(2))
+        _bounds_one(tiny, 0, 1, np.zeros(2))  # and the scan
         rescore.row_scores(np.zeros((1, 2)), np.zeros(1, dtype=np.int64), np.zeros(2))
+        keyword_kernels.compile_now()
 
     thread = threading.Thread(target=compile_now, name="radcrypt-compile", daemon=True)
     thread.start()

@@ -57,6 +57,16 @@ def decode_packed_many(values: NDArray[np.uint8], pads: NDArray[np.uint8], owner
     return rows[:kept], counts, bad
 
 
+def compile_now() -> None:
+    """Both loops compiled (or loaded from numba's cache) on tiny inputs: called by the
+    engine's warm-up (cloud.codes.warm_up), so a first keyword query does not wait."""
+    one = np.ones(1, dtype=np.uint64)
+    find_labels(one, one, np.zeros(1, np.int32), np.zeros(3, np.int32), 63,
+                np.ones((1, 2), dtype=np.uint64), np.zeros(1, np.int32))
+    entry = np.zeros((1, PACKED_VALUE_SIZE), dtype=np.uint8)
+    decode_packed_many(entry, entry, np.zeros(1, np.int64), np.ones(1, np.int64))
+
+
 @functools.cache
 def _finder() -> Callable[..., None]:
     def find(hi: NDArray[np.uint64], lo: NDArray[np.uint64], owner: NDArray[np.int32],
