@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,10 +25,10 @@ import pytest
 
 try:
     import owned_repos
-    from workstation import sample_files
+    from workstation import ModeArchive, mode_archive, sample_files
 except ImportError:  # pragma: no cover
     from tests import owned_repos
-    from tests.workstation import sample_files
+    from tests.workstation import ModeArchive, mode_archive, sample_files
 
 from app.core import ckks_blocks
 from app.core.logstate import verified_log
@@ -43,12 +42,7 @@ from crypto.segment_mac import index_mac_key
 BATCH = 2
 
 
-@dataclass
-class Archive:
-    client: Any
-    repo: Any
-    root: Path
-    store: DirectoryStore
+Archive = ModeArchive
 
 
 class CountingStore:
@@ -73,18 +67,9 @@ class CountingStore:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    from app.core import client as facade
-    from app.core.settings import Settings
-
-    root = tmp_path_factory.mktemp("ckks-keys")
-    settings = Settings(store="directory", data_dir=str(root / "owner"), workers=1)
-    identity = owned_repos.identity_on_disk(settings.data_path, "Dr. Keys")
-    with facade.Client(settings, identity) as client:
-        repo = client.create_repository("hk", search="ckks")
-        report = client.import_files(repo, sample_files(2 * BATCH), batch_size=BATCH)
-        assert report.imported and not report.failed
-        yield Archive(client, client.repository("hk"), root,
-                      DirectoryStore(settings.objects_dir))
+    with mode_archive(tmp_path_factory.mktemp("ckks-keys"), "hk", "Dr. Keys", 2 * BATCH,
+                      BATCH) as made:
+        yield made
     ckks_blocks.forget()
 
 

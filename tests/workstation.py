@@ -9,7 +9,8 @@ a session is ``.store`` and ``.settings``. Used by tests/security/access_support
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,36 @@ def cli_runner(data_dir: Path, password: str, monkeypatch: Any, capsys: Any) -> 
         return code, out, err
 
     return run
+
+
+@dataclass
+class ModeArchive:
+    """A repository of one search mode, with its owner's client, for a test module."""
+
+    client: Any
+    repo: Any
+    root: Path
+    store: Any  # the DirectoryStore under the client's objects
+
+
+@contextmanager
+def mode_archive(root: Path, name: str, owner: str, files: int, batch: int,
+                 search: str = "ckks") -> Iterator[ModeArchive]:
+    """A client on a directory store under ``root`` whose owner (an identity on disk)
+    created repository ``name`` in ``search`` mode and imported ``files`` sample images in
+    batches of ``batch``: the module fixture the CKKS tests share."""
+    from app.core import client as facade
+    from cloud.directory_store import DirectoryStore
+
+    try:
+        import owned_repos
+    except ImportError:  # pragma: no cover
+        from tests import owned_repos
+    settings = Settings(store="directory", data_dir=str(root / "owner"), workers=1)
+    identity = owned_repos.identity_on_disk(settings.data_path, owner)
+    with facade.Client(settings, identity) as client:
+        repo = client.create_repository(name, search=search)
+        report = client.import_files(repo, sample_files(files), batch_size=batch)
+        assert report.imported and not report.failed
+        yield ModeArchive(client, client.repository(name), root,
+                          DirectoryStore(settings.objects_dir))

@@ -13,6 +13,12 @@ first importer when an older repository has none yet.
 CkksKey generation costs about a second (SEAL key generation at N = 8192): one key per
 (repository, key version, data key) is kept in this process, and forgotten with
 ``forget`` (the client's lock).
+
+The evaluation keys are anchored only by the version's MAC key, which every holder of the
+version's data key has: a member can write keys that make an honest service return wrong
+scores. ``trusted_eval_digest`` is what a search sends: the digest of keys this process has
+tested with its own secret key (crypto.ckks.CkksKey.evaluation_keys_work), once per
+(repository, key version, data key, digest).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from crypto.segment_mac import index_mac_key
 BLOCK_IMAGES = ckks.SLOTS  # rows per segment: one CKKS block (compaction's target here)
 _keys: dict[tuple[str, int, bytes], ckks.CkksKey] = {}
 _keys_lock = threading.Lock()
+# (repo_id, version, data-key tag, body digest) -> the keys passed the functional test
+_verdicts: dict[tuple[str, int, bytes, bytes], bool] = {}
 
 
 def is_ckks(manifest: Manifest) -> bool:
@@ -45,6 +53,7 @@ def forget() -> None:
     """Drop every CKKS key held in this process (the workstation lock, a closed client)."""
     with _keys_lock:
         _keys.clear()
+        _verdicts.clear()
 
 
 def key_of(repo: Repository, version: int) -> ckks.CkksKey:
@@ -102,18 +111,80 @@ def eval_digest(store: Store, repo: Repository, version: int) -> bytes:
     version)."""
     name = ckks_store.eval_keys_key(repo.repo_id, version)
     head = store.get_range(name, 0, ckks_store.EVAL_HEAD_SIZE)
+    return _authentic_head(repo, version, name, head).digest
+
+
+def trusted_eval_digest(store: Store, repo: Repository, version: int) -> bytes:
+    """The evaluation keys' digest a search may send: ``eval_digest``'s (one range read)
+    once the keys it names passed the functional test under this repository's CKKS key
+    (``eval_keys_work``, paid once per process and digest: the whole object, about 1.6 MB,
+    read and tested once). IntegrityError, naming the object, when they do not work:
+    they were written by someone holding the version's key, not by the service, and no
+    search uses them. ObjectNotFound when absent."""
+    digest = eval_digest(store, repo, version)
+    verdict = _verdicts.get(_verdict_key(repo, version, digest))
+    if verdict is None:
+        digest, verdict = _test_eval_keys(store, repo, version)
+    if not verdict:
+        raise IntegrityError(forged_eval_keys_message(repo, version))
+    return digest
+
+
+def forged_eval_keys_message(repo: Repository, version: int) -> str:
+    name = ckks_store.eval_keys_key(repo.repo_id, version)
+    return (f"{name}: evaluation keys do not work with this repository's CKKS key (key "
+            f"version {version}) — written by someone holding the version's key, not by "
+            "the service; not used, nothing was searched (`radcrypt check` names it; the "
+            "owner can delete the object and write it again)")
+
+
+def _verdict_key(repo: Repository, version: int, digest: bytes
+                 ) -> tuple[str, int, bytes, bytes]:
+    tag = hashlib.sha256(repo.ring.version(version).data_key).digest()
+    return repo.repo_id, version, tag, digest
+
+
+def _test_eval_keys(store: Store, repo: Repository, version: int) -> tuple[bytes, bool]:
+    """(digest, verdict) of the object as read now, whole: its head authenticated, its body
+    the head's digest, then tested with this client's secret key. The verdict is kept for
+    this process; a read or integrity failure is raised and not kept."""
+    name = ckks_store.eval_keys_key(repo.repo_id, version)
+    blob = store.get(name)
+    body = blob[ckks_store.EVAL_HEAD_SIZE:]
+    head = _authentic_head(repo, version, name, blob, body)
+    verdict = eval_keys_work(repo, version, body)
+    _verdicts[_verdict_key(repo, version, head.digest)] = verdict
+    return head.digest, verdict
+
+
+def _authentic_head(repo: Repository, version: int, name: str, data: bytes,
+                    body: bytes | None = None) -> ckks_store.EvalHead:
+    """The object's head (``data`` starts with it), parsed and authenticated under this
+    repository's key version; with ``body``, the body checked against the head's digest
+    too. IntegrityError naming the object otherwise."""
     try:
-        parsed = ckks_store.parse_eval_head(head, name)
+        head = ckks_store.parse_eval_head(data, name)
     except FormatError as exc:
         raise IntegrityError(f"the CKKS evaluation keys of {repo.repo_id!r} key version "
                              f"{version} ({name}) are damaged: {exc}; not used") from None
     mac_key = index_mac_key(repo.ring.version(version).data_key)
-    if parsed.key_version != version or not hmac.compare_digest(
-            parsed.mac, ckks_store.eval_mac(mac_key, repo.repo_id, head)):
+    if head.key_version != version or not hmac.compare_digest(
+            head.mac, ckks_store.eval_mac(mac_key, repo.repo_id, data)) or (
+            body is not None
+            and not hmac.compare_digest(hashlib.sha256(body).digest(), head.digest)):
         raise IntegrityError(f"the CKKS evaluation keys of {repo.repo_id!r} key version "
                              f"{version} ({name}) failed their integrity check (altered, "
                              "or moved from another repository or key version): not used")
-    return parsed.digest
+    return head
+
+
+def eval_keys_work(repo: Repository, version: int, body: bytes) -> bool:
+    """Whether an evaluation-keys body computes correctly under key version ``version``'s
+    CKKS key (crypto.ckks.CkksKey.evaluation_keys_work: what the service computes, on fresh
+    random encryptions, compared in every slot; why that is sound is said there). About
+    40 ms at d = 128."""
+    return key_of(repo, version).evaluation_keys_work(body,
+                                                      ckks.period_of(repo.manifest.dim))
 
 
 def features_from_packs(store: Store, repo: Repository, state: Any, version: int,
@@ -191,7 +262,9 @@ def eval_keys_problem(store: Store, repo: Repository, version: int
     """What is wrong with key version ``version``'s evaluation-keys object, as (kind word
     of app/core/repo_check.py, detail), None when it is whole: present, its head parses and
     names the version, its MAC verifies under the version's index MAC key, its body's
-    SHA-256 is the head's and the body is a CKKS evaluation-keys object of two key sets."""
+    SHA-256 is the head's, the body is a CKKS evaluation-keys object of two key sets, and
+    the keys work with the version's CKKS key ("wrong key" otherwise: ``eval_keys_work``,
+    about 40 ms, the verdict shared with searches in this process)."""
     name = ckks_store.eval_keys_key(repo.repo_id, version)
     try:
         blob = store.get(name)
@@ -216,4 +289,13 @@ def eval_keys_problem(store: Store, repo: Repository, version: int
         ckks.unpack_parts(body, ckks.KIND_EVAL, name)
     except FormatError as exc:
         return "damaged", f"its body does not parse: {exc}"
+    key = _verdict_key(repo, version, head.digest)
+    if key not in _verdicts:
+        _verdicts[key] = eval_keys_work(repo, version, body)
+    if not _verdicts[key]:
+        return "wrong key", ("its keys do not work with this repository's CKKS key of key "
+                             f"version {version} (tested: a product, relinearisation and "
+                             "rotations decrypt wrong) — written by someone holding the "
+                             "version's key, not by the service; every search refuses "
+                             "them")
     return None

@@ -7,6 +7,12 @@ decrypted, every image whose decrypted score is within twice the error bound of 
 (crypto.ckks.candidates) re-scored exactly from its AES-GCM features in the packs, and the
 exact top-k returned as in the other modes (app/core/searcher.py's QueryResult).
 
+The evaluation keys the service scores with are anchored only by the key version's MAC
+key, which every member holding the version has: before a key version's keys are first
+used in this process they are tested with this client's secret key
+(app/core/ckks_blocks.trusted_eval_digest; keys a member forged are refused, naming the
+object, and the service is not asked).
+
 Decrypted scores never leave this process: the Li-Micciancio attack on CKKS needs
 decryptions, and nothing decrypted is ever sent to the service. The answer names the
 segments it covered and the log head it read; the completeness check of FORMAT-2 6.3 is
@@ -107,7 +113,9 @@ def search_chunk(session: Session, repo: Repository, queries: np.ndarray, labels
             allowed = keyword_ids(session, repo, where, state, allow_incomplete)
             t1 = time.perf_counter()  # timed apart: "keywords"
         try:
-            digest = ckks_blocks.eval_digest(store, repo, version)
+            # tested with this client's secret key once per process and digest: keys forged
+            # by a holder of the version's key are refused here, never sent to be used
+            digest = ckks_blocks.trusted_eval_digest(store, repo, version)
         except ObjectNotFound:
             raise IntegrityError(f"repository {repo.repo_id!r} has segments of key version "
                                  f"{version} but no CKKS evaluation keys "

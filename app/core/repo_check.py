@@ -31,7 +31,9 @@ Storage format 2 (docs/FORMAT-2.md 4, 5, 7.4):
   repository's period, and its first ciphertext decrypts under its key version's CKKS key
   (a block of another version or repository does not); the evaluation-keys object
   ``ckks/<v>`` of every key version with live segments (and of the current one) is present,
-  its head's MAC verifies, its body's SHA-256 is the head's and the body parses. Problems
+  its head's MAC verifies, its body's SHA-256 is the head's, the body parses and its keys
+  work with the version's CKKS key (tested on fresh encryptions: "wrong key" otherwise,
+  keys a holder of the version's key forged; SECURITY.md 4.2). Problems
   are named by segment id and by ``ckks/<v>`` (type "evaluation keys"). The object of a
   version below the current one with no live segment left is listed among the strays
   (state "unused", aged by the entry that removed the version's last segment): gc's;
@@ -134,7 +136,8 @@ MISSING_OBJECT = "missing object"  # an indexed image without its original, meta
 WIDTHS = "widths"                # segments of one key version with different vector widths
 FORGED_STRAY = "unauthenticated stray"  # an object outside the live set that is not authentic
 GRANT = "grant"                  # a member's grant missing or not signed by an owner
-WRONG_KEY = "wrong key"          # a CKKS block that does not decrypt under its key version
+WRONG_KEY = "wrong key"          # a CKKS block that does not decrypt under its key version,
+#                                  or evaluation keys that do not work with its CKKS key
 EVAL_KEYS = "evaluation keys"    # the type word of a ckks/<v> object (issue 19)
 UNUSED = "unused"                # a stray state: evaluation keys of a version without segments
 
