@@ -36,7 +36,7 @@ from typing import Any
 from cloud import layout
 from cloud.backend import ObjectNotFound, Store
 from cloud.ckks_engine import CkksScorer, workers_for
-from cloud.segments import SegmentError, decode_segment
+from cloud.segments import ID_SIZE, SegmentError, decode_segment
 from cloud.wire import segment_set_digest
 from crypto import ckks
 from crypto.errors import FormatError
@@ -150,19 +150,43 @@ def decode_request(data: bytes) -> CkksRequest:
 
 @dataclass(frozen=True)
 class CkksAnswer:
+    """One CKKS answer (docs/FORMAT-2.md 8.4). ``id_bytes`` holds each segment's image ids
+    as raw 16-byte ids, concatenated in row order: what the answer carries on the wire, so
+    a shard sends, the front merges and the service encodes them without making a Python
+    string per id (at a million ids per shard, tens of MB of strings per query).
+    ``image_ids`` gives them as hex strings, for the client."""
+
     key_version: int
     head_sequence: int
     head_hash: bytes
     set_digest: bytes
     segment_ids: list[str]
     counts: list[int]
-    image_ids: list[list[str]]  # per segment, row order
+    id_bytes: list[bytes]  # per segment, 16 bytes an id, row order
     engine_us: int
     scores: bytes
 
     @property
     def segments(self) -> int:
         return len(self.segment_ids)
+
+    @property
+    def image_ids(self) -> list[list[str]]:
+        """Per segment, the image ids as 32-hex-character strings, row order."""
+        return [[raw[i : i + ID_SIZE].hex() for i in range(0, len(raw), ID_SIZE)]
+                for raw in self.id_bytes]
+
+
+def ids_from_hex(image_ids: list[list[str]]) -> list[bytes]:
+    """``id_bytes`` of per-segment lists of 32-hex-character ids (tests, callers that hold
+    strings); ValueError on an id that is not 16 bytes of hex."""
+    out = []
+    for seg in image_ids:
+        raw = b"".join(bytes.fromhex(i) for i in seg)
+        if len(raw) != ID_SIZE * len(seg):
+            raise ValueError("an image id is not 32 hex characters")
+        out.append(raw)
+    return out
 
 
 def encode_answer(answer: CkksAnswer) -> bytes:
@@ -171,9 +195,9 @@ def encode_answer(answer: CkksAnswer) -> bytes:
         "head_hash": answer.head_hash.hex(), "set_digest": answer.set_digest.hex(),
         "segment_ids": answer.segment_ids, "counts": answer.counts,
         "engine_us": answer.engine_us}, separators=(",", ":")).encode()
-    ids = b"".join(bytes.fromhex(i) for seg in answer.image_ids for i in seg)
-    return (ANSWER_MAGIC + struct.pack(">I", len(head)) + head + struct.pack(">Q", len(ids))
-            + ids + answer.scores)
+    size = sum(len(raw) for raw in answer.id_bytes)
+    return b"".join([ANSWER_MAGIC, struct.pack(">I", len(head)), head, struct.pack(">Q", size),
+                     *answer.id_bytes, answer.scores])
 
 
 def decode_answer(data: bytes) -> CkksAnswer:
@@ -184,12 +208,12 @@ def decode_answer(data: bytes) -> CkksAnswer:
         (size,) = struct.unpack_from(">Q", rest)
     except (KeyError, TypeError, ValueError, struct.error):
         raise FormatError("the CKKS answer's header lacks a field") from None
-    if len(counts) != len(seg_ids) or size != 16 * sum(counts) or 8 + size > len(rest):
+    if len(counts) != len(seg_ids) or size != ID_SIZE * sum(counts) or 8 + size > len(rest):
         raise FormatError("the CKKS answer's image ids do not match its counts")
     raw, at, ids = rest[8 : 8 + size], 0, []
     for count in counts:
-        ids.append([raw[i : i + 16].hex() for i in range(at, at + 16 * count, 16)])
-        at += 16 * count
+        ids.append(raw[at : at + ID_SIZE * count])
+        at += ID_SIZE * count
     try:
         return CkksAnswer(int(head["key_version"]), int(head["head_sequence"]),
                           bytes.fromhex(head["head_hash"]), bytes.fromhex(head["set_digest"]),
@@ -212,7 +236,7 @@ class _Held:
     seg_id: str
     sha256: bytes | None
     count: int
-    ids: list[str]
+    ids: bytes  # 16 bytes an id, row order (what the answer carries)
     tag: tuple[str, int]
 
 
@@ -251,9 +275,12 @@ class CkksScorers:
         self.workers = workers
         self._versions: dict[tuple[str, int], _Version] = {}
         self._lock = threading.Lock()
+        self._closed = False  # a warm-up that ends after close loads nothing more
+        self.warmed: dict[tuple[str, int], int] = {}  # blocks ``warm`` loaded (metrics, tests)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             held, self._versions = list(self._versions.values()), {}
         for item in held:
             with item.lock:
@@ -282,8 +309,36 @@ class CkksScorers:
         kept = [h.seg_id for h in covered]
         return CkksAnswer(req.key_version, head, head_hash,
                           segment_set_digest(repo_id, req.key_version, kept),
-                          kept, [h.count for h in covered], [list(h.ids) for h in covered],
+                          kept, [h.count for h in covered], [h.ids for h in covered],
                           round((time.perf_counter() - started) * 1e6), scores)
+
+    def warm(self, repo_id: str, log: Any, seg_ids: list[str], key_version: int) -> int:
+        """Load, before any request, the blocks of ``seg_ids`` (the live segments of
+        ``key_version``) with the evaluation keys the store holds for that version now, so
+        that a first query finds them loaded (a cluster shard after a start: its first
+        CKKS request would otherwise load every block and could pass the front's deadline).
+        Sound without the client's word: the keys are taken under the SHA-256 their own
+        head names, and a request is answered with them only when it names that same
+        SHA-256 (``_update``); a request naming other keys (these were replaced or
+        altered) rebuilds from its own, as without warming. The number of blocks held;
+        FormatError when the version has no readable evaluation keys (nothing loaded)."""
+        name = eval_keys_key(repo_id, key_version)
+        try:
+            head = parse_eval_head(self.store.get_range(name, 0, EVAL_HEAD_SIZE), name)
+        except ObjectNotFound:
+            raise FormatError(f"the CKKS evaluation keys of key version {key_version} "
+                              f"({name}) are missing from the store") from None
+        req = CkksRequest(key_version, 0, head.digest, b"")
+        with self._lock:
+            if self._closed:  # the layout was dropped meanwhile: start no worker for it
+                return 0
+            slot = self._versions.setdefault((repo_id, key_version), _Version())
+        with slot.lock:
+            if slot.scorer is not None:  # a request came first: it holds what it needs
+                return len(slot.covered)
+            held = len(self._update(slot, repo_id, log, seg_ids, req))
+        self.warmed[repo_id, key_version] = held
+        return held
 
     def _update(self, slot: _Version, repo_id: str, log: Any, seg_ids: list[str],
                 req: CkksRequest) -> list[_Held]:
@@ -379,5 +434,5 @@ class CkksScorers:
                 return None
         except FormatError:
             return None
-        return (_Held(seg_id, sha256, len(segment), segment.id_strings(),
+        return (_Held(seg_id, sha256, len(segment), segment.ids.tobytes(),
                       (seg_id, next(_loads))), bytes(block))

@@ -90,7 +90,7 @@ def test_request_and_answer_round_trip_and_refusals() -> None:
     for bad in (b"", b"XXXX" + bytes(8), ckks_store.encode_request(3, 7, digest, b"")[:9]):
         with pytest.raises(FormatError):
             ckks_store.decode_request(bad)
-    ids = [[os.urandom(16).hex() for _ in range(n)] for n in (2, 3)]
+    ids = [os.urandom(16 * n) for n in (2, 3)]  # per segment, 16 bytes an id
     answer = ckks_store.CkksAnswer(3, 9, os.urandom(32), os.urandom(32), ["a" * 32, "b" * 32],
                                    [2, 3], ids, 42, b"scores")
     back = ckks_store.decode_answer(ckks_store.encode_answer(answer))

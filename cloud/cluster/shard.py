@@ -10,8 +10,10 @@ so that the front can check that the shards agree and name the union it covered.
 Keyword and combined queries run the single service's code (cloud/keyword_views.py) on
 the shard's segments' dictionaries and the label objects naming them, CKKS requests
 (issue 19) the single service's scorer (cloud/ckks_store.py) on the CKKS blocks of the
-shard's segments (the front merges: cloud/cluster/ckks.py); ``status`` tells
-the front's /readyz and /metrics what the shard has loaded (health.py).
+shard's segments (the front merges: cloud/cluster/ckks.py), which it loads in the
+background once its segments are (``_warm_ckks``, for a repository whose manifest says
+mode ckks; readiness does not wait on it, as it waits on no keyword dictionary);
+``status`` tells the front's /readyz and /metrics what the shard has loaded (health.py).
 
 ``Shard`` is a plain class; front.py makes it a Ray actor (restarted by Ray when its
 process dies: __init__ then runs again and reloads, in the background, the repositories
@@ -43,6 +45,7 @@ from cloud import cpus, layout
 from cloud.backend import DirectoryConfig, Store, StoreError
 from cloud.ckks_store import CkksRequest, CkksScorers
 from cloud.cluster.assignment import owner, owns_key
+from cloud.cluster.ckks import ckks_version
 from cloud.cluster.merge import ShardAnswer
 from cloud.keyword_index import TokenQuery
 from cloud.keyword_store import default_keyword_source
@@ -245,7 +248,39 @@ class Shard:
                 self.commit(*current)
             except ValueError as exc:  # a resize moved on meanwhile: its prepare loads
                 log.warning("shard %s: layout %s not adopted: %s", self.name, current, exc)
-        self._load_all(self._layouts[self.generation], repos)
+        lay = self._layouts[self.generation]
+        self._load_all(lay, repos)
+        self._warm_ckks(lay, repos)
+
+    def _warm_ckks(self, lay: ShardLayout, repos: Sequence[str]) -> None:
+        """Load the CKKS blocks this shard owns of every repository in ``repos`` whose
+        manifest (verified with the owner keys) says mode ckks, for its current key
+        version, after their segments are loaded (so in a background thread: /readyz never
+        waits on it). Without it a big shard's first CKKS request loads them all and can
+        pass the front's deadline (one 503). Only for the committed layout (at a restart,
+        at a resize's commit): warming a staged one would hold every block twice during
+        the resize. A failure leaves the blocks to the first request, as before."""
+        for repo_id in repos:
+            try:
+                version = ckks_version(self._opened, repo_id, self._owner_keys)
+                if version is None:
+                    continue
+                index = lay.state.repo(repo_id)
+                seg_ids = list(index.snapshot.segment_ids.get(version, []))
+                if not seg_ids:
+                    continue
+                started = time.perf_counter()
+                held = lay.ckks.warm(repo_id, getattr(index, "_log", None), seg_ids, version)
+                log.info("shard %s: %d CKKS blocks of %s (key version %d) loaded in %.1f s",
+                         self.name, held, repo_id, version, time.perf_counter() - started)
+            except Exception as exc:  # the first CKKS request loads them and reports it
+                log.warning("shard %s: CKKS blocks of %s not loaded early: %s", self.name,
+                            repo_id, exc)
+
+    def ckks_warmed(self) -> dict[str, int]:
+        """Per "repository/key version", the blocks loaded before any request (tests)."""
+        lay = self._layouts[self.generation]
+        return {f"{r}/{v}": n for (r, v), n in lay.ckks.warmed.items()}
 
     def _load_all(self, lay: ShardLayout, repos: Sequence[str]) -> None:
         for repo_id in repos:
@@ -286,6 +321,10 @@ class Shard:
             self._owned = {k: v for k, v in self._owned.items() if k[0] == generation}
         for old in dropped:  # their CKKS worker processes, if any were started
             old.ckks.close()
+        if dropped:  # the new layout's blocks, now that the old ones are freed
+            threading.Thread(target=self._warm_ckks,
+                             args=(lay, [r for r, _ in lay.state.indexes()]), daemon=True,
+                             name="radcrypt-shard-ckks-warm").start()
 
     def abort(self, generation: int) -> None:
         """Drop the staged layout ``generation`` (a resize that failed); the committed one

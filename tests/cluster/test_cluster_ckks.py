@@ -17,8 +17,10 @@ proved:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from cloud.cluster.front import ClusterFront, ClusterOptions
 from cloud.segments import encode_segment_v2, parse_header
 from cloud.service import create_app
 from crypto import ckks
+from crypto.signed import open_json, sign_json
 
 try:
     from raycluster import MISSING, RAY, LocalCluster
@@ -96,6 +99,11 @@ def world(ray_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
     root = tmp_path_factory.mktemp("cluster-ckks")
     rng = np.random.default_rng(SEED)
     repo = BucketRepo.create(root / "bucket", REPO, SEED)
+    manifest = layout.manifest_key(REPO)  # search mode ckks: the shards load blocks early
+    payload = open_json(repo.store.get(manifest), "manifest", manifest,
+                        [repo.owner.sign_public])
+    repo.store.put(manifest, sign_json(repo.owner, "manifest", manifest,
+                                       {**payload, "search": "ckks"}))
     key = ckks.CkksKey(ckks.seed_from_data_key(DATA_KEY, REPO, 1))
     body = key.evaluation_keys(ckks.period_of(DIM))
     repo.store.put(ckks_store.eval_keys_key(REPO, 1),
@@ -128,11 +136,15 @@ def _post(http: Any, repo: BucketRepo, path: str, body: bytes, kind: str) -> Any
     return http.post(path, content=body, headers=headers)
 
 
-def _ckks(http: Any, world: World, request: bytes) -> ckks_store.CkksAnswer:
+def _ckks_bytes(http: Any, world: World, request: bytes) -> bytes:
     response = _post(http, world.repo, f"/v2/repos/{REPO}/{ckks_store.ROUTE}", request,
                      "application/octet-stream")
     assert response.status_code == 200, response.text
-    return ckks_store.decode_answer(response.content)
+    return bytes(response.content)
+
+
+def _ckks(http: Any, world: World, request: bytes) -> ckks_store.CkksAnswer:
+    return ckks_store.decode_answer(_ckks_bytes(http, world, request))
 
 
 def _request(world: World, query: np.ndarray, min_head: int = 0) -> bytes:
@@ -173,11 +185,27 @@ def test_ckks_answers_through_two_shards_equal_the_single_services(world: World)
     live = repo.live_segments()
     ids = list(repo.rows)
     queries = [repo.rows[ids[2]], repo.rows[ids[-3]], _unit(world.rng, 1)[0]]
+    # before any CKKS request, each shard loaded its own segments' blocks (manifest: ckks)
+    import ray
+
+    owned = assignment.split(live, 2)
+    until, warmed = time.monotonic() + DEADLINE, None
+    while time.monotonic() < until:
+        warmed = [ray.get(h[0].ckks_warmed.remote(), timeout=DEADLINE)
+                  for h in world.cluster_front.handles]
+        if all(warmed):
+            break
+        time.sleep(0.2)
+    assert warmed == [{f"{REPO}/1": len(mine)} for mine in owned]
     for q, query in enumerate(queries):
         request = _request(world, query)
-        cluster = _ckks(world.front, world, request)
+        sent = _ckks_bytes(world.front, world, request)
+        cluster = ckks_store.decode_answer(sent)
         single = _ckks(world.single, world, request)
         where = f"query {q}, seed {SEED}"
+        # the cluster's HTTP answer is the single service's, byte for byte, engine time aside
+        assert sent == ckks_store.encode_answer(
+            dataclasses.replace(single, engine_us=cluster.engine_us)), where
         assert cluster.segment_ids == single.segment_ids == live, where
         assert (cluster.key_version, cluster.head_sequence, cluster.head_hash,
                 cluster.set_digest, cluster.counts, cluster.image_ids) == (
@@ -251,8 +279,9 @@ def _part(shard: str, segments: dict[str, int], period: int = 16) -> Any:
     blobs = [ckks.pack_parts(ckks.KIND_ROWS, period, segments[s], [s.encode()])
              for s in seg_ids]
     part = ckks_store.CkksAnswer(1, 7, b"h" * 32, b"", seg_ids, [segments[s] for s in seg_ids],
-                                 [[f"{s[:30]}{n:02x}" for n in range(segments[s])]
-                                  for s in seg_ids], 5,
+                                 ckks_store.ids_from_hex([[f"{s[:30]}{n:02x}"
+                                                           for n in range(segments[s])]
+                                                          for s in seg_ids]), 5,
                                  ckks.pack_parts(ckks.KIND_SCORES, period, len(blobs), blobs))
     return ShardAnswer(shard, (0, 2), 7, b"h" * 32, seg_ids, sum(segments.values()), [], [],
                        0.0, ckks=part)
@@ -270,6 +299,8 @@ def test_the_merge_orders_segments_takes_each_once_and_refuses_parts_that_do_not
     a, b, c = "a" * 32, "b" * 32, "c" * 32
     merged = merge_answers(REPO, 1, [_part("s0", {c: 2, a: 3}), _part("s1", {b: 1, c: 2})])
     assert merged.segment_ids == [a, b, c] and merged.counts == [3, 1, 2]
+    assert merged.image_ids == [[f"{s[:30]}{n:02x}" for n in range(rows)]
+                                for s, rows in ((a, 3), (b, 1), (c, 2))]
     assert merged.set_digest == wire.segment_set_digest(REPO, 1, [a, b, c])
     _, count, parts = ckks.unpack_parts(merged.scores, ckks.KIND_SCORES, "merged")
     assert count == 3 and [ckks.unpack_parts(p, ckks.KIND_ROWS, "p")[2] for p in parts] == [
@@ -280,6 +311,8 @@ def test_the_merge_orders_segments_takes_each_once_and_refuses_parts_that_do_not
     short = replace(good, ckks=replace(good.ckks, counts=[2]))  # counts beyond the scores
     extra = replace(good, segment_ids=[b, c])  # claims a segment it sent no scores for
     other = _part("s1", {b: 1}, period=32)  # blocks of another period than s0's
-    for bad in (short, extra, other, replace(good, ckks=None)):
+    cut = replace(good, ckks=replace(good.ckks, id_bytes=[good.ckks.id_bytes[0][:-1]]))
+    hexed = replace(good, ckks=replace(good.ckks, id_bytes=[good.ckks.image_ids[0]]))
+    for bad in (short, extra, other, cut, hexed, replace(good, ckks=None)):
         with pytest.raises(MergeError):
             merge_answers(REPO, 1, [_part("s0", {a: 3}), bad])
