@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import count
@@ -138,6 +140,9 @@ class ClusterFront:
         self.latency: dict[int, Histogram] = {}  # slot -> its search answers' latency
         self._inflight: dict[int, int] = {}  # layout generation -> requests running
         self.attempted = 0  # the last layout generation a resize staged (resize.py)
+        self.resizing = threading.Lock()  # one resize at a time in this front (resize.py)
+        self.holder = uuid.uuid4().hex  # names this front's resize claim in the guard
+        self._guard_started: float | None = None  # to see that the guard restarted
         self._checked = time.monotonic()
         guard_class: Any = ray.remote(Guard)
         self.guard: Any = guard_class.options(
@@ -146,6 +151,7 @@ class ClusterFront:
                 options.max_nonces, options.rates)
         for repo_id in preload:  # before the shards start: they load these at once
             ray.get(self.guard.note_repo.remote(repo_id), timeout=60)
+        self._served.update(preload)
         # a deployment resized since: its layout, not --shards (cloud/cluster/resize.py)
         try:
             generation, shards = ray.get(self.guard.layout.remote(), timeout=60) or (
@@ -196,10 +202,22 @@ class ClusterFront:
             return False
         self._checked = now
         try:
-            found = await asyncio.wait_for(asyncio.wrap_future(
-                self.guard.layout.remote().future()), STATUS_SECONDS)
+            found, started = await asyncio.wait_for(asyncio.gather(
+                asyncio.wrap_future(self.guard.layout.remote().future()),
+                asyncio.wrap_future(self.guard.started_at.remote().future())), STATUS_SECONDS)
         except Exception:  # the guard restarting: keep serving what we have
-            found = None
+            found = started = None
+        if started is not None and started != self._guard_started:
+            if self._guard_started is not None:  # restarted: it forgot what it was told
+                log.warning("the guard restarted: telling it the repositories and layout")
+                for repo_id in sorted(self._served):
+                    self.guard.note_repo.remote(repo_id)
+            self._guard_started = started
+        if started is not None and found is None and self.layout.generation > 0:
+            # a restarted guard forgot the layout: this front's (set_layout keeps the
+            # newest any front tells it), and shard 0's, which may be newer still
+            self.guard.set_layout.remote(*self.layout.key)
+            found = await self._committed_layout()
         if ask_shards and (found is None or int(found[0]) <= self.layout.generation):
             found = await self._committed_layout()
         if found is None or int(found[0]) <= self.layout.generation:

@@ -9,12 +9,15 @@ below stand in for NonceCache and RateLimiter in SignatureVerifier and the Gate)
 A guard that restarts (its process died) has forgotten the nonces it had seen, so it
 refuses every request signed before it started (a 401: the client signs again with a
 fresh time), until those leave the window; a request that cannot reach the guard in time
-is a 503 "replay guard unavailable", never a request let through unchecked.
+is a 503 "replay guard unavailable", never a request let through unchecked. It has also
+forgotten the layout and the repositories served: the fronts tell it again (front.py
+``_sync_layout``). It also holds the one resize claim of the deployment (resize.py).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Any
 
@@ -41,6 +44,9 @@ class Guard:
                          rates.items()}
         self._repos: list[str] = []
         self._layout: tuple[int, int] | None = None
+        # the resize running: (front, generation, shards, lapses at, began), monotonic
+        self._claim: tuple[str, int, int, float, float] | None = None
+        self._lock = threading.Lock()  # the actor runs up to 16 calls at once (threads)
 
     def add_nonce(self, key: str, expires: float) -> int:
         """1: new; 0: seen (a replay) or signed before this guard started; -n: the cache
@@ -58,8 +64,9 @@ class Guard:
         return True if limiter is None else limiter.allow(key)
 
     def note_repo(self, repo_id: str) -> None:
-        if repo_id not in self._repos:
-            self._repos.append(repo_id)
+        with self._lock:
+            if repo_id not in self._repos:
+                self._repos.append(repo_id)
 
     def repos(self) -> list[str]:
         return list(self._repos)
@@ -70,10 +77,35 @@ class Guard:
     def set_layout(self, generation: int, shards: int) -> bool:
         """Record the layout a front switched to; False (nothing changed) when a layout
         of that generation or a later one is recorded already (two resizes at once)."""
-        if self._layout is not None and generation <= self._layout[0]:
-            return False
-        self._layout = (generation, shards)
-        return True
+        with self._lock:
+            if self._layout is not None and generation <= self._layout[0]:
+                return False
+            self._layout = (generation, shards)
+            return True
+
+    def claim_resize(self, front: str, generation: int, shards: int, seconds: float) -> str:
+        """Reserve the deployment's next resize (layout ``generation``) for ``front``
+        before it starts anything: "" when granted, else why not. Two fronts resizing at
+        once would stage the same generation on the same actors, and the loser's undo
+        would abort the winner's staged layout and stop the shard actor it started (the
+        actors are found by name). A claim lapses after ``seconds`` (its front died)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._layout is not None and generation <= self._layout[0]:
+                return (f"another front resized the deployment meanwhile (now layout "
+                        f"{self._layout[0]}, {self._layout[1]} shards)")
+            claim = self._claim
+            if claim is not None and claim[0] != front and claim[3] > now:
+                return (f"another front is resizing the deployment (to {claim[2]} shards, "
+                        f"for {now - claim[4]:.0f} s)")
+            self._claim = (front, generation, shards, now + seconds, now)
+            return ""
+
+    def release_resize(self, front: str) -> None:
+        """The resize of ``front`` ended (done or undone)."""
+        with self._lock:
+            if self._claim is not None and self._claim[0] == front:
+                self._claim = None
 
     def layout(self) -> tuple[int, int] | None:
         """The current (generation, shards); None: never resized (every front's

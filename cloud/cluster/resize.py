@@ -19,9 +19,14 @@ the one serving, then switched to in one step:
 4. once this front's requests of the old layout have ended (at most the deadline), the
    shards commit (drop the old layout's index) and the surplus actors are stopped.
 
-A failure before the switch (a shard that cannot load in time, the guard unreachable,
-another resize at once) drops what was staged, stops the actors started for it, and
-raises ResizeError saying why: the old layout never stopped serving. After the switch
+Before step 1 the front claims the resize in the guard (Guard.claim_resize): a second
+front resizing at once, or one whose layout is older than the guard's, is refused there
+and raises ResizeError saying so before it starts or stages anything (both staging the
+same generation on the same actors, found by name, the loser's undo would abort the
+winner's layout and stop the shard actor the winner started). A failure before the switch
+(a shard that cannot load in time, the guard unreachable) drops what was staged, stops
+the actors started for it, and raises ResizeError saying why: the old layout never
+stopped serving. After the switch
 nothing can fail the request path: a commit that does not arrive leaves a shard holding
 both layouts (memory, not answers) until it restarts.
 
@@ -34,7 +39,6 @@ their kept segments, not only the moved ones' load on the new shard.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -46,7 +50,6 @@ log = logging.getLogger("radcrypt.cluster.resize")
 RESIZE_SECONDS = 300.0  # the longest a resize waits for the new layout to load
 POLL_SECONDS = 0.25
 MAX_SHARDS = 256
-_RUNNING = threading.Lock()  # one resize at a time in this process
 
 
 class ResizeError(Exception):
@@ -75,16 +78,15 @@ def run(front: Any, shards: int, timeout: float) -> ResizeReport:
     """Resize ``front``'s deployment (a ClusterFront) to ``shards`` shards; blocking."""
     if not 1 <= shards <= MAX_SHARDS:
         raise ValueError(f"shards {shards}: must be 1..{MAX_SHARDS}")
-    if not _RUNNING.acquire(blocking=False):
+    if not front.resizing.acquire(blocking=False):
         raise ResizeError("another resize is running in this front; nothing changed")
     try:
         return _run(front, shards, timeout)
     finally:
-        _RUNNING.release()
+        front.resizing.release()
 
 
 def _run(front: Any, shards: int, timeout: float) -> ResizeReport:
-    layout_type = type(front.layout)  # cloud.cluster.front.Layout (importing it: a cycle)
     began = time.monotonic()
     old = front.layout
     if shards == old.shards:
@@ -96,6 +98,26 @@ def _run(front: Any, shards: int, timeout: float) -> ResizeReport:
                           f"unknown); the {old.shards} shards serve on")
     # never a generation a failed attempt staged (a shard may still hold it)
     generation = max(old.generation, getattr(front, "attempted", 0)) + 1
+    opts = front.options
+    try:  # one resize at a time in the deployment, held until the old actors are stopped
+        why = front.ray.get(front.guard.claim_resize.remote(
+            front.holder, generation, shards, timeout + opts.deadline + STATUS_SECONDS * 5
+            + 30), timeout=STATUS_SECONDS)
+    except Exception as exc:  # the guard restarting
+        why = f"the replay guard did not answer ({type(exc).__name__})"
+    if why:
+        raise ResizeError(f"resize from {old.shards} to {shards} shards not started: "
+                          f"{why}; the {old.shards} shards serve on")
+    try:
+        return _claimed(front, old, shards, generation, repos, timeout, began)
+    finally:
+        front.guard.release_resize.remote(front.holder)
+
+
+def _claimed(front: Any, old: Any, shards: int, generation: int, repos: list[str],
+             timeout: float, began: float) -> ResizeReport:
+    """The resize itself, once the guard granted this front the claim."""
+    layout_type = type(old)  # cloud.cluster.front.Layout (importing it: a cycle)
     front.attempted = generation
     opts = front.options
     started: list[tuple[int, int]] = []
