@@ -14,7 +14,9 @@
    unfiltered (cloud.search.search) and filtered (the service's path: evaluation, the
    engine's rows of the matching images, cloud.search.search_subset), median and p95 over
    the queries, and the filtered answer checked against plaintext brute force among the
-   matching rows (agreement must be 1.0). Goal: filtered no slower than unfiltered.
+   matching rows (agreement must be 1.0); a filter seen for the first time pays its
+   lookup, a repeated one (the same --where over several query images) is answered from
+   the view's cache. Goal: filtered no slower than unfiltered.
 3. Size: dictionary bytes per image against the bytes of an index row at d = 128 (the
    16-byte id, every level and the full vector as float64). Goal: under 20 %.
 
@@ -192,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
 
         times, answers = _timed(filtered, args.queries)
         subset = answers[0][0]
+
+        def repeated(i: int, q: TokenQuery = query) -> Any:
+            # The same filter again (one --where over many query images): the view
+            # answers it from its cache, the engine's part is paid in full.
+            rows = lookup.answer_positions(view.evaluate(q))
+            return search_subset(index, singles[i], 10, rows)[0]
+
+        again, _ = _timed(repeated, args.queries)
         engine_times, _ = _timed(lambda i, r=subset: search_subset(index, singles[i], 10, r),
                                  args.queries)
         agree = []
@@ -203,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             _, truth = datasets.plaintext_topk(data[rows], qs[i : i + 1], k)
             agree.append(datasets.agrees(result.positions, data, qs[i], truth[0]))
         combined[label] = {"rows": int(subset.size), **_summary(times),
+                           "repeated_filter": _summary(again),
                            "engine_only": _summary(engine_times),
                            "agreement": float(np.mean(agree))}
         print(f"combined {label}: {combined[label]['rows']} rows, median "
-              f"{combined[label]['median_ms']} ms (engine alone "
+              f"{combined[label]['median_ms']} ms (repeated filter "
+              f"{combined[label]['repeated_filter']['median_ms']} ms, engine alone "
               f"{combined[label]['engine_only']['median_ms']} ms), agreement "
               f"{combined[label]['agreement']}")
     report["combined_k10"] = combined
@@ -228,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             v["median_ms"] < GOAL_LOOKUP_MS for k, v in lookups.items() if "AND" not in k),
         "combined_no_slower_than_unfiltered":
             slowest_filtered <= combined["unfiltered"]["median_ms"],
+        "combined_repeated_filter_no_slower_than_unfiltered": all(
+            v["repeated_filter"]["median_ms"] <= combined["unfiltered"]["median_ms"]
+            for k, v in combined.items() if k != "unfiltered"),
         "combined_engine_alone_no_slower_than_unfiltered": all(
             v["engine_only"]["median_ms"] <= combined["unfiltered"]["median_ms"]
             for k, v in combined.items() if k != "unfiltered"),
