@@ -76,10 +76,12 @@ class BucketRepo:
         return cls(store, repo_id, key, owner, member, state)
 
     def add(self, data: np.ndarray, keywords: Mapping[str, Sequence[int]] | None = None,
-            ids: Sequence[str] | None = None) -> tuple[str, list[str]]:
+            ids: Sequence[str] | None = None, ckks: bytes | None = None
+            ) -> tuple[str, list[str]]:
         """An import batch: a segment, its pack, the log entry committing them.
         ``keywords``: keyword -> rows holding it (the segment's dictionary; None: a
-        segment written without one); ``ids``: the images' ids (default: new ones)."""
+        segment written without one); ``ids``: the images' ids (default: new ones);
+        ``ckks``: the segment's CKKS block of these rows (a ckks repository)."""
         seg_id = layout.new_id()
         ids = list(ids) if ids is not None else [layout.new_id() for _ in range(len(data))]
         dictionary = None if keywords is None else build_dictionary(
@@ -87,7 +89,8 @@ class BucketRepo:
         blob = encode_segment_v2(ids, self.key.encrypt(data), 1, seg_id=seg_id,
                                  writer=self.member.user_id,
                                  base_sequence=self.state.head.sequence,
-                                 repo_id=self.repo_id, mac_key=MAC_KEY, dictionary=dictionary)
+                                 repo_id=self.repo_id, mac_key=MAC_KEY, dictionary=dictionary,
+                                 ckks=ckks)
         self.store.put(layout.segment_key(self.repo_id, seg_id), blob)
         pack_id, pack = layout.new_id(), b"pack of " + seg_id.encode()
         self.store.put(layout.pack_key(self.repo_id, pack_id), pack)

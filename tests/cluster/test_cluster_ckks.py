@@ -35,7 +35,7 @@ from cloud.auth import SignatureVerifier
 from cloud.backend import DirectoryConfig
 from cloud.cluster import assignment
 from cloud.cluster.front import ClusterFront, ClusterOptions
-from cloud.segments import encode_segment_v2, parse_header
+from cloud.segments import parse_header
 from cloud.service import create_app
 from crypto import ckks
 from crypto.signed import open_json, sign_json
@@ -75,20 +75,7 @@ def _unit(rng: np.random.Generator, rows: int) -> np.ndarray:
 def _add(repo: BucketRepo, key: ckks.CkksKey, data: np.ndarray) -> str:
     """An import batch of a CKKS repository: BucketRepo.add with the segment's CKKS
     block of its rows inside the MAC'd body (app/core/ckks_blocks.py block_for)."""
-    seg_id, ids = layout.new_id(), [layout.new_id() for _ in range(len(data))]
-    blob = encode_segment_v2(ids, repo.key.encrypt(data), 1, seg_id=seg_id,
-                             writer=repo.member.user_id, base_sequence=repo.state.head.sequence,
-                             repo_id=repo.repo_id, mac_key=MAC_KEY,
-                             ckks=key.encrypt_block(data).data)
-    repo.store.put(layout.segment_key(repo.repo_id, seg_id), blob)
-    pack_id, pack = layout.new_id(), b"pack of " + seg_id.encode()
-    repo.store.put(layout.pack_key(repo.repo_id, pack_id), pack)
-    repo._commit(seglog.REASON_IMPORT, [
-        seglog.Added(seglog.TYPE_SEGMENT, seg_id, hashlib.sha256(blob).digest(), len(ids)),
-        seglog.Added(seglog.TYPE_PACK, pack_id, hashlib.sha256(pack).digest(), len(ids))])
-    repo.rows.update(zip(ids, data, strict=True))
-    repo.segments[seg_id] = ids
-    return seg_id
+    return repo.add(data, ckks=key.encrypt_block(data).data)[0]
 
 
 @pytest.fixture(scope="module")
