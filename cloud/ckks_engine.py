@@ -37,10 +37,9 @@ BLOCKS_PER_WORKER = 5
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(evaluation_keys: bytes, items: list[tuple[Hashable, bytes]]) -> None:
-    evaluator = ckks.CkksEvaluator(evaluation_keys)
-    _worker["evaluator"] = evaluator
-    _worker["blocks"] = {tag: evaluator.load_block(b) for tag, b in items}
+def _init_worker(evaluation_keys: bytes) -> None:
+    _worker["evaluator"] = ckks.CkksEvaluator(evaluation_keys)
+    _worker["blocks"] = {}  # filled by _add_blocks
 
 
 def _add_blocks(items: list[tuple[Hashable, bytes]]) -> int:
@@ -88,36 +87,26 @@ class CkksScorer:
         if len(names) != len(blocks) or len(set(names)) != len(names):
             raise ValueError("CkksScorer: one distinct tag per block")
         self.workers = workers_for(len(blocks), workers)
-        self.period = ckks.header(blocks[0], "a CKKS block")[1] if blocks else 0
-        self._order: list[Hashable] = list(names)  # scores' default order
+        self.period = 0  # set by the first block added
+        self._order: list[Hashable] = []         # scores' default order
         self._where: dict[Hashable, int] = {}      # tag -> worker index
         self._vectors = [0] * self.workers          # per worker, to place new blocks
         self._counts: dict[Hashable, int] = {}      # tag -> vectors of its block
         if self.workers == 1:
             self._evaluator = ckks.CkksEvaluator(evaluation_keys)
             self._blocks: dict[Hashable, Any] = {}
-            for tag, block in zip(names, blocks, strict=True):
-                self._blocks[tag] = self._evaluator.load_block(block)
-                self._placed(tag, 0, block)
-            return
-        # Round-robin shares: workers finish together when blocks are equally full.
-        shares: list[list[tuple[Hashable, bytes]]] = [[] for _ in range(self.workers)]
-        for index, (tag, block) in enumerate(zip(names, blocks, strict=True)):
-            shares[index % self.workers].append((tag, block))
-            self._placed(tag, index % self.workers, block)
-        self._evaluation_keys = evaluation_keys
-        self._pools = [self._pool() for _ in shares]
-        # Sent as tasks, not as the initializer's arguments, which the executor would keep
-        # (the blocks' bytes in this process for the scorer's life, besides the workers').
-        futures = [pool.submit(_add_blocks, share)
-                   for pool, share in zip(self._pools, shares, strict=True)]
-        for future in futures:
-            future.result()
+        else:
+            self._evaluation_keys = evaluation_keys
+            self._pools = [self._pool() for _ in range(self.workers)]
+        # Sent as tasks, not as the pools' initializer arguments, which the executor would
+        # keep (the blocks' bytes in this process for the scorer's life, besides the
+        # workers'). Equally full blocks land round-robin: workers finish together.
+        self.add(list(zip(names, blocks, strict=True)))
 
     def _pool(self) -> ProcessPoolExecutor:
         context = mp.get_context("spawn")  # SEAL objects are not fork-safe across threads
         return ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker,
-                                   initargs=(self._evaluation_keys, []))
+                                   initargs=(self._evaluation_keys,))
 
     def grow(self, workers: int) -> None:
         """Start worker processes, empty, up to ``workers`` in all (a scorer of one worker,
