@@ -36,7 +36,7 @@ import hmac
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
@@ -385,19 +385,31 @@ class SignatureVerifier:
             known = self._opened.get(name)
         if known is not None and hmac.compare_digest(known[0], digest):
             return known[1], known[2]
-        signer = json_signer(blob)
-        if signer is None:
+        opened = open_manifest(blob, name, self.owner_keys)
+        if opened is None:
             return None
-        payload = open_json(blob, "manifest", name, [signer])
-        owners = manifest_owners(payload, layout.parse_manifest_key(name), signer)
-        if not any(hmac.compare_digest(owners.root, k) for k in self.owner_keys):
-            return None
-        keys = tuple(owners.keys.values()) or (owners.root,)
+        keys, payload = opened
         with self._lock:
             if len(self._opened) >= MAX_CACHED_USERS:
                 self._opened.clear()
             self._opened[name] = (digest, keys, payload)
         return keys, payload
+
+
+def open_manifest(blob: bytes, name: str, owner_keys: Sequence[bytes]
+                  ) -> tuple[tuple[bytes, ...], Mapping[str, object]] | None:
+    """(owner keys, payload) of the manifest object ``name`` when it is signed by one of
+    ``owner_keys`` or by a co-owner one of them endorsed in it (crypto.identity
+    manifest_owners), else None; the owner keys are the root and its co-owners'.
+    FormatError (SignatureError) for a manifest that does not parse or verify."""
+    signer = json_signer(blob)
+    if signer is None:
+        return None
+    payload = open_json(blob, "manifest", name, [signer])
+    owners = manifest_owners(payload, layout.parse_manifest_key(name), signer)
+    if not any(hmac.compare_digest(owners.root, k) for k in owner_keys):
+        return None
+    return tuple(owners.keys.values()) or (owners.root,), payload
 
 
 def manifest_membership(payload: Mapping[str, object]

@@ -28,10 +28,10 @@ the front's deadline.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 
 from cloud import layout
+from cloud.auth import open_manifest
 from cloud.backend import ObjectNotFound, Store
 from cloud.ckks_store import CkksAnswer
 from cloud.cluster.merge import ShardAnswer
@@ -39,8 +39,6 @@ from cloud.segments import ID_SIZE
 from cloud.wire import segment_set_digest
 from crypto import ckks
 from crypto.errors import FormatError
-from crypto.identity import manifest_owners
-from crypto.signed import json_signer, open_json
 
 
 class MergeError(ValueError):
@@ -106,16 +104,12 @@ def ckks_version(store: Store, repo_id: str, owner_keys: Sequence[bytes]) -> int
     only a hint of what to load early, never what a request is answered with."""
     name = layout.manifest_key(repo_id)
     try:
-        blob = store.get(name)
-        signer = json_signer(blob)
-        if signer is None:
-            return None
-        payload = open_json(blob, "manifest", name, [signer])
-        owners = manifest_owners(payload, repo_id, signer)
+        opened = open_manifest(store.get(name), name, owner_keys)
     except (ObjectNotFound, FormatError, ValueError):
         return None
-    if not any(hmac.compare_digest(owners.root, k) for k in owner_keys):
+    if opened is None:
         return None
+    payload = opened[1]
     version = payload.get("key_version")
     if payload.get("search") != "ckks" or not isinstance(version, int) or version < 1:
         return None
