@@ -68,6 +68,15 @@ class ImageIds(Sequence[str]):
         return bytes(self._raw[index]).hex()
 
 
+def raw_ids(image_ids: Sequence[str]) -> NDArray[np.void]:
+    """The 16-byte ids of a key version's rows as one contiguous array, in row order:
+    ImageIds' own array, or made from a sequence of 32-hex-character strings."""
+    raw: NDArray[np.void] | None = getattr(image_ids, "_raw", None)
+    if raw is not None:
+        return np.ascontiguousarray(raw)
+    return np.frombuffer(b"".join(bytes.fromhex(i) for i in image_ids), dtype="V16")
+
+
 class Rows:
     """A 2-D array in memory that rows are appended to. A view of its first rows stays
     valid and unchanged while rows are appended, so a snapshot can hold one while the

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +23,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cloud import wire
+from cloud.index_rows import raw_ids
 from cloud.keyword_index import (
-    ID16,
     IdLookup,
     KeywordAnswer,
     KeywordSource,
@@ -71,7 +70,7 @@ class KeywordMatch:
             return self.found.ids
         if self.version is None:
             return self.found.ids[:0]
-        return _raw_ids(self.version.image_ids)[self.rows]
+        return raw_ids(self.version.image_ids)[self.rows]
 
 
 class KeywordViews:
@@ -105,7 +104,7 @@ class KeywordViews:
             known = self._lookups.get(key)
         if known is not None and known[0] is version:
             return known[1]
-        built = IdLookup(_raw_ids(version.image_ids))
+        built = IdLookup(raw_ids(version.image_ids))
         with self._lock:
             self._lookups[key] = (version, built)
         return built
@@ -154,12 +153,3 @@ class KeywordViews:
             stats=found.stats if req.flags & wire.FLAG_STATS else None,
             segment_ids=list(seg_ids) if req.flags & wire.FLAG_LIST_SEGMENTS else None,
             matched=found.matched), found.seconds
-
-
-def _raw_ids(image_ids: Sequence[str]) -> NDArray[np.void]:
-    """The 16-byte ids of a key version's rows as one array (cloud.index_rows.ImageIds
-    keeps them so; another sequence of hex strings is converted)."""
-    raw: NDArray[np.void] | None = getattr(image_ids, "_raw", None)
-    if raw is not None:
-        return raw
-    return np.frombuffer(b"".join(bytes.fromhex(i) for i in image_ids), dtype=ID16)

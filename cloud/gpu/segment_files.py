@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +36,7 @@ from numpy.typing import NDArray
 
 from cloud import layout
 from cloud.directory_store import DirectoryStore
+from cloud.index_rows import raw_ids
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +149,3 @@ def _not_a_plain_file(root: Path, path: Path) -> str | None:
         if stat.S_ISLNK(mode):
             return f"has a symbolic link on its way ({current})"
     return None if stat.S_ISREG(mode) else "is not a regular file"
-
-
-def raw_ids(image_ids: Sequence[str]) -> NDArray[np.void]:
-    """16-byte ids in row order: the array behind cloud/index_rows.py ImageIds, or made
-    from hex strings."""
-    raw: NDArray[np.void] | None = getattr(image_ids, "_raw", None)
-    if raw is not None:
-        return np.ascontiguousarray(raw)
-    return np.frombuffer(b"".join(bytes.fromhex(i) for i in image_ids), dtype="V16")
