@@ -2,9 +2,10 @@
 # Issue 19: what a 16-core server gives in the CKKS mode (bench.ckks, scheme level: the
 # service's scorer on every core against one worker, same run). The GPU machine's Python
 # 3.12 has numpy and threadpoolctl but not TenSEAL, and reaches no network: carry it.
-# Here, once (the wheel is Apache-2.0, about 1.3 MB):
+# Here, once (the wheel is Apache-2.0):
 #   .venv/bin/pip download tenseal==0.3.18 --only-binary=:all: --python-version 3.12 \
-#       --no-deps -d /tmp/tenseal-wheel
+#       --no-deps -d /tmp/tenseal-wheel     (a manylinux_2_28 wheel, about 5 MB; 14 MB
+#                                           unpacked)
 #   mkdir -p vendor/py312 && python3 -m zipfile -e /tmp/tenseal-wheel/tenseal-*.whl vendor/py312
 # Then with the run tool: command "OUT=$OUT bash bench/ckks_device.sh", carry
 # ["vendor/py312"], timeout_s 560. Writes $OUT/ckks-16cores.json, ckks-1worker.json and
@@ -17,6 +18,9 @@ QUERIES="${QUERIES:-200}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+# The realistic vectors: the shipped sample of real image features (bench/realistic.py
+# asks platformdirs for its cache otherwise, which a bare machine lacks).
+export RADCRYPT_BENCH_FEATURES="$PWD/bench/data/real-features-v1.npy"
 if [ -d vendor/py312 ]; then
   export PYTHONPATH="$PWD/vendor/py312${PYTHONPATH:+:$PYTHONPATH}"
 fi

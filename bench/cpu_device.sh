@@ -34,7 +34,7 @@ fi
   "$PY" -c "import numpy, numba, threadpoolctl; print('numpy', numpy.__version__, 'numba', numba.__version__)"
   "$PY" -m bench.engine --n "$N" --d 128 --queries "$QUERIES" --batch 64 \
     --cases realistic/near,realistic/fresh,gaussian/fresh \
-    --threads "$THREADS" --sweep 2 --json "$OUT/engine-${THREADS}threads.json"
+    --threads "$THREADS" --sweep "${SWEEP:-2,4,8}" --json "$OUT/engine-${THREADS}threads.json"
   echo "== done $(date -u +%FT%TZ), load $(cut -d' ' -f1-3 /proc/loadavg)"
 } 2>&1 | tee "$OUT/cpu_device.log"
 rm -rf "$shim"

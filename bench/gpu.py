@@ -182,23 +182,37 @@ def raw_scans(xp: Any, index: engine.DeviceIndex, batch: int) -> dict[str, float
 def segment_load(xp: Any, vectors: EncryptedVectors, rows: int, count: int,
                  threads_list: list[int]) -> dict[str, Any]:
     """Write ``count`` segments of ``rows`` rows to a temporary folder (page cache), then
-    load them into device memory with each thread count; check the arrays arrived."""
+    load them into device memory with each thread count; check the arrays arrived.
+
+    Then the service's own path (issue 20): the search service's DeviceSearcher loads
+    the same files as it loads a served index of a directory store, each file's SHA-256
+    compared with the one the service verified, a repeated id kept once, the rows' ids
+    compared with the snapshot's, on its own thread count; its DeviceLoad record gives
+    the figure ("service" below). Only the snapshot lookup of cloud/gpu/segment_files.py
+    (which files hold the index: a dictionary lookup per segment) is stood in for.
+    """
+    import hashlib
     import secrets
 
+    from cloud.gpu.backend import DeviceSearcher
     from cloud.gpu.loader import load_segments
+    from cloud.gpu.segment_files import Source
     from cloud.segments import encode_segment
 
     folder = Path(tempfile.mkdtemp(prefix="radcrypt-gpu-segments-"))
+    ids = [[secrets.token_bytes(16) for _ in range(rows)] for _ in range(count)]
 
-    def write(i: int) -> Path:
+    def write(i: int) -> tuple[Path, bytes]:
         part = EncryptedVectors(full=vectors.full[i * rows : (i + 1) * rows],
                                 levels=tuple(a[i * rows : (i + 1) * rows] for a in vectors.levels))
         path = folder / f"segment-{i}"
-        path.write_bytes(encode_segment([secrets.token_hex(16) for _ in range(rows)], part, 1))
-        return path
+        body = encode_segment([b.hex() for b in ids[i]], part, 1)
+        path.write_bytes(body)
+        return path, hashlib.sha256(body).digest()
 
     with ThreadPoolExecutor(8) as pool:
-        paths = list(pool.map(write, range(count)))
+        written = list(pool.map(write, range(count)))
+    paths = [path for path, _ in written]
     out: dict[str, Any] = {"segments": count, "rows_each": rows,
                            "bytes_each": paths[0].stat().st_size, "runs": []}
     for threads in threads_list:
@@ -207,10 +221,38 @@ def segment_load(xp: Any, vectors: EncryptedVectors, rows: int, count: int,
         out["runs"].append({"threads": threads, "seconds": loaded.seconds,
                             "gb_per_s": loaded.gigabytes_per_second, "arrived_intact": same})
         del loaded
+    source = Source("bench", 1, [p.name for p in paths], paths, [d for _, d in written],
+                    np.frombuffer(b"".join(b"".join(part) for part in ids), dtype="V16"))
+    served = _ServedIndex()
+    searcher = DeviceSearcher(xp, files=_KnownFiles(source))  # type: ignore[arg-type]
+    copy = searcher.device_index(served)  # type: ignore[arg-type]
+    record = searcher.loads[-1]
+    out["service"] = {
+        "origin": record.origin, "rows": record.rows, "segments": record.segments,
+        "bytes_read": record.bytes_read, "seconds": record.seconds,
+        "gb_per_s": record.bytes_read / record.seconds / 1e9, "refused": record.refused,
+        "arrived_intact": bool(xp.array_equal(copy.full[:rows], xp.asarray(vectors.full[:rows])))}
+    del copy, searcher
     for path in paths:
         path.unlink()
     folder.rmdir()
     return out
+
+
+class _ServedIndex:
+    """Stands for the service's EncryptedIndex: the searcher keys its device copies by it
+    (a weak reference) and, when the files pass, never reads its rows."""
+
+
+class _KnownFiles:
+    """What cloud/gpu/segment_files.SegmentFiles answers for a served index of a
+    directory store: its files, their verified SHA-256 and the snapshot's ids."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def source(self, index: object) -> Any:
+        return self._source
 
 
 def selfcheck(xp: Any, sample: np.ndarray) -> dict[str, Any]:
@@ -414,6 +456,11 @@ def print_table(report: dict[str, Any]) -> None:
         for run in load["runs"]:
             print(f"segments -> device: {run['threads']} threads {run['gb_per_s']:.2f} GB/s "
                   f"(intact {run['arrived_intact']})")
+        service = load.get("service")
+        if service:
+            print(f"segments -> device, the service's path: {service['segments']} files "
+                  f"from {service['origin']}, {service['gb_per_s']:.2f} GB/s "
+                  f"(intact {service['arrived_intact']}, refused {service['refused'] or 'none'})")
     if report.get("errors"):
         print(f"{len(report['errors'])} stage(s) failed: "
               + ", ".join(e["stage"] for e in report["errors"]))
