@@ -103,6 +103,7 @@ def run_size(n: int, d: int, queries: int, timed: int, workers: int, seed: int,
     t = time.perf_counter()
     scorer = CkksScorer(evaluation, [b.data for b in blocks], workers=workers)
     row["ckks_load_s"] = time.perf_counter() - t
+    row["scorer_workers"] = scorer.workers  # what the scorer's rule made of ``workers``
     enc_t, svc_t, dec_t, total_t, errors, wrong = [], [], [], [], [], []
     upload = download = candidates = 0
     try:
