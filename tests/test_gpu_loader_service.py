@@ -176,8 +176,15 @@ def _token(repo: Repo, queries: np.ndarray) -> QueryToken:
     return repo.key.query(queries)
 
 
+@pytest.mark.parametrize("single_mode_from_rows", [backend.F32_SINGLE_ROWS, 0],
+                         ids=["one-query-f32", "one-query-levels"])
 def test_the_gpu_service_loads_the_segment_files_and_answers_as_the_cpu(
-        repo: Repo, services: tuple[Service, Service]) -> None:
+        repo: Repo, services: tuple[Service, Service], single_mode_from_rows: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single query takes the float32 scan on a small index and the levels from
+    F32_SINGLE_ROWS rows on (moved to 0 here to reach the levels): both answer as the
+    CPU does."""
+    monkeypatch.setattr(backend, "F32_SINGLE_ROWS", single_mode_from_rows)
     cpu, gpu = services
     for service in services:
         service.refresh(repo)
@@ -187,7 +194,7 @@ def test_the_gpu_service_loads_the_segment_files_and_answers_as_the_cpu(
     queries = _queries(repo)
     token, one = _token(repo, queries), _token(repo, queries[1:2])
     assert _same(gpu.search(token), cpu.search(token))
-    assert _same(gpu.search(one), cpu.search(one))  # one query: the levels mode
+    assert _same(gpu.search(one), cpu.search(one))
     load = gpu.engine.loads[-1]
     assert (load.origin, load.segments, load.rows) == ("files", 4, 4 * ROWS - 1)
     assert load.bytes_read == sum(repo.path(k).stat().st_size for k in repo.keys)
@@ -278,6 +285,12 @@ def test_without_local_files_the_device_copies_the_host_rows(
     index = app.state.radcrypt.repo(repo.repo).snapshot.versions[1].index
     copy = engine.device_index(index)
     assert engine.loads[-1].origin == "host" and len(copy) == 2 * ROWS
+
+
+def test_one_query_takes_the_float32_scan_below_two_million_rows() -> None:
+    assert backend.single_query_mode(1_000_000) == "f32"
+    assert backend.single_query_mode(backend.F32_SINGLE_ROWS) == "levels"
+    assert backend.single_query_mode(4_000_000) == "levels"
 
 
 def test_the_gpu_hook_notes_each_segment_then_calls_the_keyword_side() -> None:

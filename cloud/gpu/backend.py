@@ -4,8 +4,9 @@ with cloud.search.search_batch's signature, so the service swaps engines in one 
 For ``cpu`` it is cloud.search.search_batch itself. For ``cuda[:N]`` it puts each
 index the service hands it (an index of cloud/repo_index.py's snapshot) into device
 memory once, on first use, keeps the copy while the index lives (a new snapshot is a new
-index: the old copy is freed with it), and answers one query with the ``levels`` mode
-and several with one batched scan (cloud/gpu/engine.py): the same exact results.
+index: the old copy is freed with it), and answers one query with the ``f32`` mode below
+two million rows and the ``levels`` mode from there (single_query_mode), and several
+with one batched scan (cloud/gpu/engine.py): the same exact results.
 
 Where the index's segments are files on local disk (a directory store; the service's
 ``service_searcher`` wires cloud/gpu/segment_files.py in), they are read from disk
@@ -39,6 +40,12 @@ from crypto.tokens import EncryptedVectors, QueryToken
 
 Searcher = Callable[[EncryptedIndex, QueryToken, int], list[SearchResult]]
 MIN_LOAD_THREADS = 4  # the loader's SHA-256 bounds a thread at 1-2 GB/s (docs/BENCHMARKS.md)
+# A single query on fewer rows than this is answered by the float32 scan of every full
+# ciphertext (mode f32), on more by the levels (float32 first level, float64 survivors):
+# measured at 1M, f32 1.14-1.22 ms against levels 1.35-1.68 on an H100 and 0.96-1.09
+# against 1.01-1.72 on an H200; at 4M, levels 1.02-1.62 against f32 2.26-2.30 (H100) and
+# 1.33-1.37 against 1.93-1.97 (H200) (docs/BENCHMARKS.md). Both are exact.
+F32_SINGLE_ROWS = 2_000_000
 log = logging.getLogger(__name__)
 
 
@@ -132,7 +139,7 @@ class DeviceSearcher:
         with self._current_device():
             copy = self.device_index(index)
             if len(token) == 1:
-                result = engine.search(copy, token, k, "levels")
+                result = engine.search(copy, token, k, single_query_mode(len(copy)))
                 result.stats.batch = 1
                 return [result]
             return engine.search_batch(copy, token, k, "f32")
@@ -142,6 +149,11 @@ class DeviceSearcher:
         if self.xp.__name__ == "cupy":
             return self.xp.cuda.Device(self.ordinal)  # type: ignore[no-any-return]
         return nullcontext()
+
+
+def single_query_mode(rows: int) -> str:
+    """The device engine's mode for one query on ``rows`` rows (F32_SINGLE_ROWS)."""
+    return "f32" if rows < F32_SINGLE_ROWS else "levels"
 
 
 def service_searcher(device: str, store: object, repo: Callable[[str], object],
