@@ -721,12 +721,14 @@ def _float32_floor(value: float) -> np.float32:
 
 
 def _first_level_scores(index: EncryptedIndex, tokens: F64, seed_k: int = 0,
-                        outside: NDArray[np.bool_] | None = None
+                        penalty: NDArray[np.float32] | None = None
                         ) -> tuple[NDArray[np.float32], I64 | None]:
     """(Q, n) float32 first-level scores (rows are fresh arrays the caller may mark)
     and, for one query with ``seed_k``, k rows with high scores to seed its threshold.
-    ``outside`` (one query): rows set to minus infinity, by each thread on its share
-    while its scores are in cache (a keyword filter's other rows).
+    ``penalty`` (one query): added to each row's score by each thread on its share while
+    its scores are in cache, 0 for a keyword filter's rows (a score plus 0 is the same
+    score) and minus infinity for the others (an addition costs 0.1 ms a million rows,
+    where copying minus infinity under a mask cost 2.8).
 
     From OWN_THREADS_ROWS on, computed by the engine's threads over shares of the rows
     (see _own_threads), each finding the seeds of its share while its scores are in
@@ -742,8 +744,8 @@ def _first_level_scores(index: EncryptedIndex, tokens: F64, seed_k: int = 0,
         begin, end = span
         if queries.shape[0] == 1:
             np.matmul(first32[begin:end], queries[0], out=scores[0, begin:end])
-            if outside is not None:
-                np.copyto(scores[0, begin:end], -np.inf, where=outside[begin:end])
+            if penalty is not None:
+                np.add(scores[0, begin:end], penalty[begin:end], out=scores[0, begin:end])
         else:
             scores[:, begin:end] = queries @ first32[begin:end].T
         if not seeding:
@@ -916,9 +918,9 @@ def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64, k: int
         first[rows] = index.first32[rows] @ t_first.astype(np.float32)
         return first, rows[_top_positions(first[rows], np.arange(rows.size, dtype=np.int64),
                                           k)]
-    outside = np.ones(n, dtype=bool)
-    outside[rows] = False
-    scores, seeds = _first_level_scores(index, t_first, seed_k=k, outside=outside)
+    penalty = np.full(n, -np.inf, dtype=np.float32)
+    penalty[rows] = 0.0
+    scores, seeds = _first_level_scores(index, t_first, seed_k=k, penalty=penalty)
     assert seeds is not None
     # A share with fewer than k of the subset's rows seeds masked rows too: never those.
     return scores[0], seeds[np.isfinite(scores[0][seeds])]
