@@ -32,7 +32,12 @@ from cloud.keyword_index import (
     TokenQuery,
 )
 from cloud.repo_index import RepoIndex, Snapshot
-from cloud.search import ConcurrentSearches, search_subset
+from cloud.search import (
+    ConcurrentSearches,
+    FirstLevelAhead,
+    first_level_ahead,
+    search_subset,
+)
 from crypto.tokens import QueryToken
 
 Hits = list[tuple[str, float]]
@@ -117,6 +122,20 @@ class KeywordViews:
         only (cloud.search.search_subset). The caller has checked the token's widths."""
         started = time.perf_counter()
         version = snap.versions.get(key_version)
+        # A combined query's first level needs no subset: it runs on another core while
+        # the keyword lookup runs on this one (cloud.search.first_level_ahead).
+        ahead = (first_level_ahead(version.index, token)
+                 if token is not None and version is not None else None)
+        try:
+            return self._match(index, snap, key_version, query, token, k, engine_threads,
+                               version, ahead, started)
+        finally:
+            if ahead is not None:
+                ahead.cancel()  # after a search it has finished: nothing left to stop
+
+    def _match(self, index: RepoIndex, snap: Snapshot, key_version: int, query: TokenQuery,
+               token: QueryToken | None, k: int, engine_threads: ConcurrentSearches,
+               version: Any, ahead: FirstLevelAhead | None, started: float) -> KeywordMatch:
         found = self.view(index, snap, key_version).evaluate(query)
         queries = 1 if token is None else len(token)
         stats: list[dict[str, object]] = wire.empty_stats(queries)
@@ -129,7 +148,7 @@ class KeywordViews:
         else:
             rows = self.lookup(index.repo_id, key_version, version).answer_positions(found)
             with engine_threads.running():
-                results = search_subset(version.index, token, k, rows)
+                results = search_subset(version.index, token, k, rows, ahead)
             hits = [wire.hits_of(version.image_ids, r.positions, r.scores) for r in results]
             stats = [r.stats.as_dict() for r in results]
             matched, images = int(rows.size), len(version.image_ids)

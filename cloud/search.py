@@ -816,8 +816,8 @@ SUBSET_DIRECT_ROWS = 1024
 directly: fewer bytes read than the first level of the subset plus the refinement."""
 
 
-def search_subset(index: EncryptedIndex, token: QueryToken, k: int, rows: I64
-                  ) -> list[SearchResult]:
+def search_subset(index: EncryptedIndex, token: QueryToken, k: int, rows: I64,
+                  ahead: FirstLevelAhead | None = None) -> list[SearchResult]:
     """Exact top-k of every query among the given rows only (a keyword filter's rows):
     a combined "keyword + nearest neighbour" query.
 
@@ -828,18 +828,25 @@ def search_subset(index: EncryptedIndex, token: QueryToken, k: int, rows: I64
     subset's rows best first through the finer levels, or, when the bounds prune too
     little, a scan of the subset's sixteen-bit codes (as an unfiltered search would scan
     every row's); should that ever leave the subset, the subset is scored in full
-    instead: exactness never depends on the pruning."""
+    instead: exactness never depends on the pruning. ``ahead`` (one query): its
+    first-level scores, started while the caller looked the subset up (first_level_ahead);
+    used by a wide subset, stopped otherwise."""
     _check(index, token, k)
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size > 1 and not bool(np.all(rows[1:] > rows[:-1])):
         rows = np.unique(rows)  # the service's rows are increasing already (IdLookup)
     if rows.size and (rows[0] < 0 or rows[-1] >= len(index)):
         raise ValueError("a row of the subset is outside the index")
+    if ahead is not None and len(token) != 1:
+        raise ValueError("first-level scores started ahead serve one query")
     direct = not index.levels or rows.size <= max(k, SUBSET_DIRECT_ROWS)
+    if ahead is not None and (direct or rows.size * SUBSET_WIDE_SHARE < len(index)):
+        ahead.cancel()  # a narrow subset gathers its own rows' scores
+        ahead = None
     results: list[SearchResult] = []
     for qi in range(len(token)):
         began = time.perf_counter()
-        result = None if direct else _subset_refine(index, token, qi, k, rows)
+        result = None if direct else _subset_refine(index, token, qi, k, rows, ahead)
         if result is None:
             result = _subset_scored(index, token.full[qi], k, rows)
         result.stats.milliseconds = (time.perf_counter() - began) * 1000.0
@@ -858,9 +865,9 @@ def _subset_scored(index: EncryptedIndex, t_full: F64, k: int, rows: I64) -> Sea
                                                        int(rows.size), 0.0))
 
 
-def _subset_refine(index: EncryptedIndex, token: QueryToken, qi: int, k: int, rows: I64
-                   ) -> SearchResult | None:
-    first, seeds = _subset_first_level(index, token.levels[0][qi], rows, k)
+def _subset_refine(index: EncryptedIndex, token: QueryToken, qi: int, k: int, rows: I64,
+                   ahead: FirstLevelAhead | None = None) -> SearchResult | None:
+    first, seeds = _subset_first_level(index, token.levels[0][qi], rows, k, ahead)
     refiner = _Refiner(index, token, qi, k)
     wide = rows.size * SUBSET_WIDE_SHARE >= len(index)
 
@@ -901,7 +908,8 @@ def _subset_refine(index: EncryptedIndex, token: QueryToken, qi: int, k: int, ro
     return result
 
 
-def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64, k: int
+def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64, k: int,
+                        ahead: FirstLevelAhead | None = None
                         ) -> tuple[NDArray[np.float32], I64]:
     """float32 first-level scores of the subset's rows, minus infinity elsewhere (never a
     candidate), within the float32 error bound of any summation order (_float32_error),
@@ -910,7 +918,8 @@ def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64, k: int
     quarter of the archive) scores every row with the engine's threads, contiguous reads
     as an unfiltered search makes, masks the others and picks its seeds while each share
     is in cache: gathering a quarter of a million rows cost more than scoring all of
-    them."""
+    them. ``ahead``: a wide subset's scores of every row, started before the subset was
+    known (then masked and seeded in a second pass over 4 bytes a row)."""
     assert index.first32 is not None
     n = len(index)
     if rows.size * SUBSET_WIDE_SHARE < n:
@@ -920,10 +929,90 @@ def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64, k: int
                                           k)]
     penalty = np.full(n, -np.inf, dtype=np.float32)
     penalty[rows] = 0.0
+    if ahead is not None:
+        scores, seeds = ahead.finish(), None
+        found = _threaded(lambda span: _masked_seeds(scores, penalty, span, k), _row_spans(n))
+        seeds = found[0] if len(found) == 1 else _top_positions(scores, np.concatenate(found), k)
+        return scores, seeds[np.isfinite(scores[seeds])]
     scores, seeds = _first_level_scores(index, t_first, seed_k=k, penalty=penalty)
     assert seeds is not None
     # A share with fewer than k of the subset's rows seeds masked rows too: never those.
     return scores[0], seeds[np.isfinite(scores[0][seeds])]
+
+
+def _masked_seeds(scores: NDArray[np.float32], penalty: NDArray[np.float32],
+                  span: tuple[int, int], k: int) -> I64:
+    """One share of scores computed ahead: the penalty added, then its seeds."""
+    begin, end = span
+    np.add(scores[begin:end], penalty[begin:end], out=scores[begin:end])
+    return _seed_positions(scores[begin:end], k) + begin
+
+
+AHEAD_CHUNK = 32768  # rows a chunk of the first level computed ahead
+
+
+class FirstLevelAhead:
+    """One query's float32 first-level scores of every row, computed while the caller
+    looks up the query's row subset (a keyword filter, cloud/keyword_views.py).
+
+    A wide subset's first level scores every row anyway (_subset_first_level), so none of
+    it needs the subset: started before the keyword lookup, it runs on another core while
+    the lookup (mostly one thread's work) runs on this one. A chunk of rows at a time in
+    one of the engine's threads; ``finish`` joins in from the caller's thread and returns
+    the scores; ``cancel`` stops after the chunk in hand (a narrow subset gathers its own
+    rows, a lookup that failed needs none). The same scores, within the same float32
+    error bound of any summation order, as _first_level_scores computes."""
+
+    def __init__(self, index: EncryptedIndex, t_first: F64) -> None:
+        assert index.first32 is not None
+        self._first32 = index.first32
+        self._query = np.ascontiguousarray(t_first, dtype=np.float32).reshape(-1)
+        n = len(index)
+        self.scores: NDArray[np.float32] = np.empty(n, dtype=np.float32)
+        self._chunks = [(b, min(n, b + AHEAD_CHUNK)) for b in range(0, n, AHEAD_CHUNK)]
+        self._next = 0
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._background = _pool(max(1, engine_threads() - 1)).submit(self._work)
+
+    def _take(self) -> tuple[int, int] | None:
+        with self._lock:
+            if self._stopped or self._next >= len(self._chunks):
+                return None
+            self._next += 1
+            return self._chunks[self._next - 1]
+
+    def _work(self) -> None:
+        with _BLAS_THREADS.hold(own=True):  # one BLAS thread: the other core is the lookup's
+            while (chunk := self._take()) is not None:
+                begin, end = chunk
+                np.matmul(self._first32[begin:end], self._query, out=self.scores[begin:end])
+
+    def finish(self) -> NDArray[np.float32]:
+        """Every row's score: the chunks left are shared with the background thread (if
+        it never started, behind other searches' work in the pool, this one does all)."""
+        self._work()
+        if not self._background.cancel():
+            self._background.result()  # the chunk in its hands
+        return self.scores
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self._background.cancel()
+
+
+AHEAD_ROWS = OWN_THREADS_ROWS  # smaller indexes: the lookup and the search are short
+
+
+def first_level_ahead(index: EncryptedIndex, token: QueryToken) -> FirstLevelAhead | None:
+    """A combined query's first level started before its keyword lookup: for one query on
+    an index of AHEAD_ROWS rows or more with levels and engine threads to spare; else
+    None. The caller passes it to search_subset, or cancels it when it will not search."""
+    if (len(token) != 1 or len(index) < AHEAD_ROWS or not index.levels
+            or index.first32 is None or engine_threads() < 2):
+        return None
+    return FirstLevelAhead(index, token.levels[0][0])
 
 
 def _all_within(positions: I64, rows: I64) -> bool:

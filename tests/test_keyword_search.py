@@ -111,6 +111,55 @@ def test_subset_search_equals_plaintext_brute_force(fraction: float, path: str,
                 f"seed {seed}, k {k}, query {qi}: {result.positions}")
 
 
+@pytest.mark.parametrize("fraction", [0.01, 0.4, 1.0])
+@pytest.mark.parametrize("path", ["refine", "scan"])
+def test_first_level_started_ahead_gives_the_same_answers(
+        fraction: float, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A combined query's first level started before its subset was known (in chunks,
+    shared between the engine's background thread and the caller's) answers exactly as
+    the first level computed after it; a narrow subset stops it and gathers its rows."""
+    monkeypatch.setattr(search_module, "AHEAD_CHUNK", 256)  # several chunks at 3,000 rows
+    monkeypatch.setattr(search_module, "SUBSET_DIRECT_ROWS", 0)
+    if path == "scan":
+        monkeypatch.setattr(search_module, "SCAN_FRACTION", 0.0)
+    rng = np.random.default_rng(int(fraction * 100) + len(path))
+    data = datasets.low_rank_varying(rng, 3000, DIM)
+    key = IndexKey.generate(DIM, sample=data[:500])
+    index = EncryptedIndex(key.encrypt(data))
+    subset = np.flatnonzero(rng.random(len(data)) < fraction)
+    queries = datasets.perturbed_queries(rng, data, 8, noise=0.3)
+    token = key.query(queries)
+    for qi in range(len(queries)):
+        one = token.select(qi)
+        ahead = search_module.FirstLevelAhead(index, one.levels[0][0])
+        got = search_subset(index, one, 10, subset, ahead)[0]
+        want = search_subset(index, one, 10, subset)[0]
+        assert got.positions.tolist() == want.positions.tolist(), (fraction, path, qi)
+        assert got.scores.tolist() == want.scores.tolist()
+        _, truth = datasets.plaintext_topk(data[subset], queries[qi:qi + 1], 10)
+        assert datasets.agrees(got.positions, data, queries[qi], truth[0])
+        if fraction * search_module.SUBSET_WIDE_SHARE >= 1:  # wide: every chunk scored
+            assert ahead._next == len(ahead._chunks)
+
+
+def test_first_level_ahead_only_for_one_query_on_a_large_index(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    data = datasets.low_rank_varying(rng, 600, DIM)
+    key = IndexKey.generate(DIM, sample=data)
+    index = EncryptedIndex(key.encrypt(data))
+    token = key.query(data[:2])
+    assert search_module.first_level_ahead(index, token.select(0)) is None  # small index
+    monkeypatch.setattr(search_module, "AHEAD_ROWS", 0)
+    monkeypatch.setattr(search_module, "engine_threads", lambda: 2)
+    assert search_module.first_level_ahead(index, token) is None  # two queries
+    ahead = search_module.first_level_ahead(index, token.select(0))
+    assert ahead is not None
+    with pytest.raises(ValueError, match="one query"):
+        search_subset(index, token, 1, np.arange(600), ahead)
+    ahead.cancel()
+
+
 def test_subset_outside_the_index_is_refused() -> None:
     rng = np.random.default_rng(1)
     data = datasets.gaussian(rng, 50, DIM)
@@ -514,6 +563,45 @@ def test_service_combined_query_is_exact_among_the_matching_images(world: World,
                                                min(k, rows.size))
             got = np.array([position[i] for i, _ in hits])
             assert datasets.agrees(got, world.features, queries[qi], truth[0]), terms
+
+
+@pytest.mark.parametrize("terms", ["modality=CT", "modality=XA", "-modality=US"])
+def test_service_combined_query_with_the_first_level_started_ahead(
+        world: World, terms: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service starts a combined query's first level before its keyword lookup on
+    indexes of AHEAD_ROWS rows and more (moved to 0 here): the same exact answers."""
+    monkeypatch.setattr(search_module, "AHEAD_ROWS", 0)
+    monkeypatch.setattr(search_module, "AHEAD_CHUNK", 64)
+    monkeypatch.setattr(search_module, "SUBSET_DIRECT_ROWS", 0)
+    monkeypatch.setattr(search_module, "engine_threads", lambda: 2)
+    started = []
+    real = search_module.FirstLevelAhead
+
+    class Counted(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object) -> None:
+            started.append(self)
+            super().__init__(*args)
+
+    monkeypatch.setattr(search_module, "FirstLevelAhead", Counted)
+    rng = np.random.default_rng(len(terms) + 1)
+    queries = datasets.perturbed_queries(rng, world.features, 3, noise=0.3)
+    tokens = parse_query(terms).tokens(world.keys.keyword_key, world.repo, 1)
+    matching = set(_plain(world.searched(), {}, terms))
+    rows = np.array([i for i, m in enumerate(world.metas) if m.image_id in matching],
+                    dtype=np.int64)
+    position = {m.image_id: i for i, m in enumerate(world.metas)}
+    for qi in range(len(queries)):
+        answer = world.client().search_v2(world.repo, world.key.query(queries[qi:qi + 1]),
+                                          10, 1, keywords=tokens)
+        assert answer.matched == rows.size
+        hits = answer.hits[0]
+        assert len(hits) == min(10, rows.size)
+        if rows.size:
+            _, truth = datasets.plaintext_topk(world.features[rows], queries[qi:qi + 1],
+                                               min(10, rows.size))
+            got = np.array([position[i] for i, _ in hits])
+            assert datasets.agrees(got, world.features, queries[qi], truth[0]), terms
+    assert len(started) == len(queries)  # the service's path did start it
 
 
 def test_service_refuses_a_malformed_keyword_query(world: World) -> None:
