@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         def filtered(i: int, q: TokenQuery = query) -> Any:
             view.forget_answers()  # each query pays its lookup (no repeated filter)
             # As the service does (cloud/keyword_views.py): the first level starts on
-            # the other core before the lookup.
-            ahead = first_level_ahead(index, singles[i])
+            # the other core before the lookup (not for an AND).
+            ahead = first_level_ahead(index, singles[i]) if len(q.clauses) == 1 else None
             rows = lookup.answer_positions(view.evaluate(q))
             return rows, search_subset(index, singles[i], 10, rows, ahead)[0]
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         def repeated(i: int, q: TokenQuery = query) -> Any:
             # The same filter again (one --where over many query images): the view
             # answers it from its cache, the engine's part is paid in full.
-            ahead = first_level_ahead(index, singles[i])
+            ahead = first_level_ahead(index, singles[i]) if len(q.clauses) == 1 else None
             rows = lookup.answer_positions(view.evaluate(q))
             return search_subset(index, singles[i], 10, rows, ahead)[0]
 
