@@ -531,6 +531,16 @@ class KeywordView:
         single = (len(query.clauses) == 1 and len(query.clauses[0].tokens) == 1
                   and not query.clauses[0].negated)
         token_bytes = query.clauses[0].tokens[0].to_bytes() if single else b""
+        together = (merged is not None and not single and len(found) == len(loaded_now)
+                    and not any(loaded.labels for _, loaded in loaded_now))
+        if together:
+            answer = _evaluate_together(query, loaded_now, found,
+                                        self._ids_distinct(loaded_now))
+            with self._lock:
+                if len(self._answers) >= ANSWERS_KEPT:
+                    self._answers.popitem(last=False)
+                self._answers[key] = answer
+            return answer
         segments: list[tuple[str, SegmentKeywords | U32, NDArray[np.void]]] = []
         for seg_id, loaded in loaded_now:
             view: SegmentKeywords | U32 = loaded.keywords
@@ -603,6 +613,49 @@ class KeywordView:
                 matched.append((seg_id, ids, rows))
         seg_ids = [s for s, _, _ in segments]
         return KeywordAnswer(seg_ids, images, tuple(matched), distinct)
+
+
+def _evaluate_together(query: TokenQuery, loaded: Sequence[tuple[str, _Loaded]],
+                       found: dict[str, dict[bytes, U32]], distinct: bool) -> KeywordAnswer:
+    """A query of several clauses (or a negation) over every segment at once, from the
+    merged lookup's rows of each token (``found``, every segment, no label objects): each
+    segment's rows numbered after those of the segments before it, then the same boolean
+    evaluation as SegmentKeywords.evaluate (the smallest positive clause first, each other
+    clause a mask of all the rows) in a few array operations, not a hundred segments'
+    Python calls (an AND of two keywords at 100 segments: about 2 ms of 10)."""
+    counts = np.asarray([x.keywords.row_count for _, x in loaded], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    total = int(starts[-1])
+
+    def clause_rows(clause: TokenClause) -> NDArray[np.int64]:
+        parts = [np.asarray(found[seg_id][t.to_bytes()], dtype=np.int64) + starts[i]
+                 for t in clause.tokens for i, (seg_id, _) in enumerate(loaded)]
+        every = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return every if len(clause.tokens) <= 1 else np.unique(every)
+
+    def mask_of(rows: NDArray[np.int64]) -> NDArray[np.bool_]:
+        mask = np.zeros(total, dtype=bool)
+        mask[rows] = True
+        return mask
+
+    positive = sorted((clause_rows(c) for c in query.clauses if not c.negated), key=len)
+    rows = positive[0] if positive else np.arange(total, dtype=np.int64)
+    for other in positive[1:]:
+        if not rows.size:
+            break
+        rows = rows[mask_of(other)[rows]]
+    for clause in (c for c in query.clauses if c.negated):
+        if not rows.size:
+            break
+        rows = rows[~mask_of(clause_rows(clause))[rows]]
+    bounds = np.searchsorted(rows, starts)
+    matched: list[tuple[str, NDArray[np.void], U32]] = []
+    for i, (seg_id, x) in enumerate(loaded):
+        if bounds[i + 1] > bounds[i]:
+            matched.append((seg_id, x.ids,
+                            (rows[bounds[i]:bounds[i + 1]] - starts[i]).astype(np.uint32)))
+    images = sum(len(x.ids) for _, x in loaded)
+    return KeywordAnswer([s for s, _ in loaded], images, tuple(matched), distinct)
 
 
 def _first_of_each(ids: NDArray[np.void]) -> NDArray[np.void]:

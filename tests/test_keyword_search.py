@@ -297,6 +297,44 @@ def test_view_equals_plaintext_filter_with_labels_and_tombstones(
         assert view._merged is not None and view._merged.usable and late in view._merged.index
 
 
+def test_queries_of_several_clauses_evaluated_over_every_segment_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without label objects, a merged lookup's AND, OR and NOT are evaluated over every
+    segment's rows at once (keyword_index._evaluate_together): the plaintext filter's
+    answer, the same as segment by segment, the engine's rows those of looking every id
+    up."""
+    monkeypatch.setattr(keyword_index, "MERGE_MIN", 1)
+    together = []
+    real = keyword_index._evaluate_together
+
+    def counted(*args: object, **kwargs: object) -> object:
+        together.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(keyword_index, "_evaluate_together", counted)
+    rng = np.random.default_rng(12)
+    repo_id, keys = "kw-" + layout.new_id()[:8], Keys(1)
+    segments = {layout.new_id(): synthetic_metas(rng, n) for n in (1, 64, 300, 143, 9)}
+    source = Source()
+    for seg_id, metas in segments.items():
+        source.add_segment(keys, repo_id, seg_id, metas)
+    ordered = [m for seg_id in sorted(segments) for m in segments[seg_id]]
+    view = KeywordView(repo_id, 1)
+    view.update(source, sorted(segments))
+    lookup = IdLookup(np.concatenate([source.segments[s].ids for s in sorted(segments)]))
+    several = 0
+    for terms in QUERIES:
+        query = parse_query(terms).tokens(keys.keyword_key, repo_id, 1)
+        found = view.evaluate(query)
+        assert [bytes(i).hex() for i in found.ids] == _plain(ordered, {}, terms), terms
+        assert found.images == len(ordered) and found.segment_ids == sorted(segments)
+        assert lookup.answer_positions(found).tolist() == \
+            lookup.positions(found.ids).tolist(), terms
+        several += len(query.clauses) > 1 or query.clauses[0].negated \
+            or len(query.clauses[0].tokens) > 1
+    assert several >= 5 and len(together) == several  # each such query took that path
+
+
 def test_an_image_in_two_segments_is_answered_once() -> None:
     """The same image imported twice (two segments hold its id): the keyword answer and
     the engine's rows name it once, the row the index keeps."""
