@@ -100,8 +100,19 @@ def _timed(fn: Any, count: int) -> tuple[list[float], list[Any]]:
 
 def _summary(times: list[float]) -> dict[str, float]:
     return {"median_ms": round(float(np.median(times)), 3),
+            "mean_ms": round(float(np.mean(times)), 3),
             "p95_ms": round(float(np.percentile(times, 95)), 3),
             "best_ms": round(float(np.min(times)), 3)}
+
+
+def _paired(filtered: list[float], unfiltered: list[float]) -> dict[str, float]:
+    """Each query image's filtered time against its own unfiltered time. The unfiltered
+    times are two groups (a query whose bounds prune: about 5 ms; one whose ten nearest
+    are far, so every row's codes are scanned: 25 ms and more), and a median of such a
+    mixture jumps between them with the queries drawn: the pairs say more."""
+    diff = np.asarray(filtered) - np.asarray(unfiltered)
+    return {"share_of_queries_slower": round(float(np.mean(diff > 0)), 3),
+            "median_difference_ms": round(float(np.median(diff)), 3)}
 
 
 def machine() -> dict[str, Any]:
@@ -217,13 +228,18 @@ def main(argv: list[str] | None = None) -> int:
             _, truth = datasets.plaintext_topk(data[rows], qs[i : i + 1], k)
             agree.append(datasets.agrees(result.positions, data, qs[i], truth[0]))
         combined[label] = {"rows": int(subset.size), **_summary(times),
+                           "against_unfiltered": _paired(times, unfiltered),
                            "repeated_filter": _summary(again),
                            "engine_only": _summary(engine_times),
                            "agreement": float(np.mean(agree))}
         print(f"combined {label}: {combined[label]['rows']} rows, median "
               f"{combined[label]['median_ms']} ms (repeated filter "
               f"{combined[label]['repeated_filter']['median_ms']} ms, engine alone "
-              f"{combined[label]['engine_only']['median_ms']} ms), agreement "
+              f"{combined[label]['engine_only']['median_ms']} ms; mean "
+              f"{combined[label]['mean_ms']} ms against {combined['unfiltered']['mean_ms']}, "
+              f"slower than unfiltered for "
+              f"{combined[label]['against_unfiltered']['share_of_queries_slower']:.0%} of the "
+              f"query images), agreement "
               f"{combined[label]['agreement']}")
     report["combined_k10"] = combined
 
@@ -244,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             v["median_ms"] < GOAL_LOOKUP_MS for k, v in lookups.items() if "AND" not in k),
         "combined_no_slower_than_unfiltered":
             slowest_filtered <= combined["unfiltered"]["median_ms"],
+        "combined_mean_no_slower_than_unfiltered_mean": all(
+            v["mean_ms"] <= combined["unfiltered"]["mean_ms"]
+            for k, v in combined.items() if k != "unfiltered"),
         "combined_repeated_filter_no_slower_than_unfiltered": all(
             v["repeated_filter"]["median_ms"] <= combined["unfiltered"]["median_ms"]
             for k, v in combined.items() if k != "unfiltered"),
