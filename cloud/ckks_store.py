@@ -177,6 +177,11 @@ class CkksAnswer:
                 for raw in self.id_bytes]
 
 
+def _eval_keys_missing(key_version: int, name: str) -> FormatError:
+    return FormatError(f"the CKKS evaluation keys of key version {key_version} ({name}) "
+                       "are missing from the store")
+
+
 def ids_from_hex(image_ids: list[list[str]]) -> list[bytes]:
     """``id_bytes`` of per-segment lists of 32-hex-character ids (tests, callers that hold
     strings); ValueError on an id that is not 16 bytes of hex."""
@@ -326,8 +331,7 @@ class CkksScorers:
         try:
             head = parse_eval_head(self.store.get_range(name, 0, EVAL_HEAD_SIZE), name)
         except ObjectNotFound:
-            raise FormatError(f"the CKKS evaluation keys of key version {key_version} "
-                              f"({name}) are missing from the store") from None
+            raise _eval_keys_missing(key_version, name) from None
         req = CkksRequest(key_version, 0, head.digest, b"")
         with self._lock:
             if self._closed:  # the layout was dropped meanwhile: start no worker for it
@@ -412,8 +416,7 @@ class CkksScorers:
         try:
             blob = self.store.get(name)
         except ObjectNotFound:
-            raise FormatError(f"the CKKS evaluation keys of key version {req.key_version} "
-                              f"({name}) are missing from the store") from None
+            raise _eval_keys_missing(req.key_version, name) from None
         return eval_body(blob, name, req.key_version, req.eval_digest)
 
     def _load(self, repo_id: str, seg_id: str, sha256: bytes | None, key_version: int
