@@ -930,10 +930,10 @@ def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64, k: int,
     penalty = np.full(n, -np.inf, dtype=np.float32)
     penalty[rows] = 0.0
     if ahead is not None:
-        scores, seeds = ahead.finish(), None
-        found = _threaded(lambda span: _masked_seeds(scores, penalty, span, k), _row_spans(n))
-        seeds = found[0] if len(found) == 1 else _top_positions(scores, np.concatenate(found), k)
-        return scores, seeds[np.isfinite(scores[seeds])]
+        ready = ahead.finish()
+        found = _threaded(lambda span: _masked_seeds(ready, penalty, span, k), _row_spans(n))
+        best = found[0] if len(found) == 1 else _top_positions(ready, np.concatenate(found), k)
+        return ready, best[np.isfinite(ready[best])]
     scores, seeds = _first_level_scores(index, t_first, seed_k=k, penalty=penalty)
     assert seeds is not None
     # A share with fewer than k of the subset's rows seeds masked rows too: never those.
