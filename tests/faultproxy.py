@@ -96,6 +96,7 @@ class FaultProxy:
         self.match = match
         self._rng = random.Random(seed)
         self._under_plan: Counter[str] = Counter()  # faults of each kind since set_plan
+        self._eligible = 0  # requests that could be faulted since set_plan
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -119,6 +120,7 @@ class FaultProxy:
         with self._lock:
             self._plan = plan
             self._under_plan = Counter()
+            self._eligible = 0
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -158,7 +160,13 @@ class FaultProxy:
             if self.match is not None and not self.match(method, target):
                 return None, plan.delay_s
             total = plan.total()
-            if self._rng.random() >= total:
+            self._eligible += 1
+            # Random, except that the faults never fall below 60 % of the plan's share of
+            # the requests so far (a request is then faulted to catch up): a binomial
+            # draw gave 12 faults in 251 requests at 10 % (seed 701923, about 3 runs in
+            # 1,000), under the half a test asserts to prove the faults were there.
+            behind = sum(self._under_plan.values()) + 1 < 0.6 * total * self._eligible
+            if not behind and self._rng.random() >= total:
                 return None, plan.delay_s
             # Whether a request is faulted is random; which fault, the kind furthest
             # below its share of the faults so far (ties in KINDS order): every kind of
