@@ -536,22 +536,18 @@ class KeywordView:
         if together:
             answer = _evaluate_together(query, loaded_now, found,
                                         self._ids_distinct(loaded_now))
-            with self._lock:
-                if len(self._answers) >= ANSWERS_KEPT:
-                    self._answers.popitem(last=False)
-                self._answers[key] = answer
-            return answer
-        segments: list[tuple[str, SegmentKeywords | U32, NDArray[np.void]]] = []
-        for seg_id, loaded in loaded_now:
-            view: SegmentKeywords | U32 = loaded.keywords
-            if single and not loaded.labels and seg_id in found:
-                view = found[seg_id][token_bytes]
-            elif seg_id in found:
-                view = _Prepared(loaded, found[seg_id])
-            elif loaded.labels:
-                view = _Labelled(loaded)
-            segments.append((seg_id, view, loaded.ids))
-        answer = self._evaluate(query, segments, self._ids_distinct(loaded_now))
+        else:
+            segments: list[tuple[str, SegmentKeywords | U32, NDArray[np.void]]] = []
+            for seg_id, loaded in loaded_now:
+                view: SegmentKeywords | U32 = loaded.keywords
+                if single and not loaded.labels and seg_id in found:
+                    view = found[seg_id][token_bytes]
+                elif seg_id in found:
+                    view = _Prepared(loaded, found[seg_id])
+                elif loaded.labels:
+                    view = _Labelled(loaded)
+                segments.append((seg_id, view, loaded.ids))
+            answer = self._evaluate(query, segments, self._ids_distinct(loaded_now))
         with self._lock:
             if len(self._answers) >= ANSWERS_KEPT:
                 self._answers.popitem(last=False)
