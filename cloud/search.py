@@ -721,14 +721,17 @@ def _float32_floor(value: float) -> np.float32:
 
 
 def _first_level_scores(index: EncryptedIndex, tokens: F64, seed_k: int = 0,
-                        penalty: NDArray[np.float32] | None = None
+                        penalty: NDArray[np.float32] | None = None,
+                        ready: NDArray[np.float32] | None = None
                         ) -> tuple[NDArray[np.float32], I64 | None]:
     """(Q, n) float32 first-level scores (rows are fresh arrays the caller may mark)
     and, for one query with ``seed_k``, k rows with high scores to seed its threshold.
     ``penalty`` (one query): added to each row's score by each thread on its share while
     its scores are in cache, 0 for a keyword filter's rows (a score plus 0 is the same
     score) and minus infinity for the others (an addition costs 0.1 ms a million rows,
-    where copying minus infinity under a mask cost 2.8).
+    where copying minus infinity under a mask cost 2.8). ``ready`` (one query): its
+    scores of every row, computed already (FirstLevelAhead): only the penalty and the
+    seeds are left, in the same shares.
 
     From OWN_THREADS_ROWS on, computed by the engine's threads over shares of the rows
     (see _own_threads), each finding the seeds of its share while its scores are in
@@ -737,13 +740,16 @@ def _first_level_scores(index: EncryptedIndex, tokens: F64, seed_k: int = 0,
     assert index.first32 is not None
     first32 = index.first32
     queries = np.atleast_2d(tokens).astype(np.float32)
-    scores: NDArray[np.float32] = np.empty((queries.shape[0], len(index)), dtype=np.float32)
+    assert ready is None or queries.shape[0] == 1  # search_subset refuses it otherwise
+    scores: NDArray[np.float32] = (ready[None, :] if ready is not None else
+                                   np.empty((queries.shape[0], len(index)), dtype=np.float32))
     seeding = seed_k > 0 and queries.shape[0] == 1
 
     def rows(span: tuple[int, int]) -> I64 | None:
         begin, end = span
         if queries.shape[0] == 1:
-            np.matmul(first32[begin:end], queries[0], out=scores[0, begin:end])
+            if ready is None:
+                np.matmul(first32[begin:end], queries[0], out=scores[0, begin:end])
             if penalty is not None:
                 np.add(scores[0, begin:end], penalty[begin:end], out=scores[0, begin:end])
         else:
@@ -929,23 +935,11 @@ def _subset_first_level(index: EncryptedIndex, t_first: F64, rows: I64, k: int,
                                           k)]
     penalty = np.full(n, -np.inf, dtype=np.float32)
     penalty[rows] = 0.0
-    if ahead is not None:
-        ready = ahead.finish()
-        found = _threaded(lambda span: _masked_seeds(ready, penalty, span, k), _row_spans(n))
-        best = found[0] if len(found) == 1 else _top_positions(ready, np.concatenate(found), k)
-        return ready, best[np.isfinite(ready[best])]
-    scores, seeds = _first_level_scores(index, t_first, seed_k=k, penalty=penalty)
+    scores, seeds = _first_level_scores(index, t_first, seed_k=k, penalty=penalty,
+                                        ready=None if ahead is None else ahead.finish())
     assert seeds is not None
     # A share with fewer than k of the subset's rows seeds masked rows too: never those.
     return scores[0], seeds[np.isfinite(scores[0][seeds])]
-
-
-def _masked_seeds(scores: NDArray[np.float32], penalty: NDArray[np.float32],
-                  span: tuple[int, int], k: int) -> I64:
-    """One share of scores computed ahead: the penalty added, then its seeds."""
-    begin, end = span
-    np.add(scores[begin:end], penalty[begin:end], out=scores[begin:end])
-    return _seed_positions(scores[begin:end], k) + begin
 
 
 AHEAD_CHUNK = 32768  # rows a chunk of the first level computed ahead
