@@ -47,7 +47,8 @@ from cloud.keyword_index import (
     TokenClause,
     TokenQuery,
 )
-from cloud.search import EncryptedIndex, first_level_ahead, search, search_subset
+from cloud.keyword_views import combined_first_level
+from cloud.search import EncryptedIndex, search, search_subset
 from crypto.csprng import random_bytes
 from crypto.sse import build_dictionary, keyword_token
 
@@ -200,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def filtered(i: int, q: TokenQuery = query) -> Any:
             view.forget_answers()  # each query pays its lookup (no repeated filter)
-            # As the service does (cloud/keyword_views.py): the first level starts on
-            # the other core before the lookup (not for an AND).
-            ahead = first_level_ahead(index, singles[i]) if len(q.clauses) == 1 else None
+            # As the service does: the first level starts on the other core before the
+            # lookup (not for an AND).
+            ahead = combined_first_level(index, singles[i], q)
             rows = lookup.answer_positions(view.evaluate(q))
             return rows, search_subset(index, singles[i], 10, rows, ahead)[0]
 
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         def repeated(i: int, q: TokenQuery = query) -> Any:
             # The same filter again (one --where over many query images): the view
             # answers it from its cache, the engine's part is paid in full.
-            ahead = first_level_ahead(index, singles[i]) if len(q.clauses) == 1 else None
+            ahead = combined_first_level(index, singles[i], q)
             rows = lookup.answer_positions(view.evaluate(q))
             return search_subset(index, singles[i], 10, rows, ahead)[0]
 

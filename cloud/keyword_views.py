@@ -78,6 +78,17 @@ class KeywordMatch:
         return raw_ids(self.version.image_ids)[self.rows]
 
 
+def combined_first_level(index: Any, token: QueryToken, query: TokenQuery
+                         ) -> FirstLevelAhead | None:
+    """A combined query's first level, started before its keyword lookup: it needs no
+    subset, and runs on another core while the lookup runs on this one
+    (cloud.search.first_level_ahead). Not for an AND: its answer is narrower than each
+    keyword's, most often too narrow for the first level of every row, and its lookup,
+    the longest, would share the memory's bandwidth with work thrown away (measured:
+    17.0 -> 23.9 ms). The service and bench.keywords both start it here."""
+    return first_level_ahead(index, token) if len(query.clauses) == 1 else None
+
+
 class KeywordViews:
     """The keyword side of every repository served (issue 17): per repository and key
     version a cloud.keyword_index.KeywordView, brought up to the snapshot a search reads
@@ -122,14 +133,8 @@ class KeywordViews:
         only (cloud.search.search_subset). The caller has checked the token's widths."""
         started = time.perf_counter()
         version = snap.versions.get(key_version)
-        # A combined query's first level needs no subset: it runs on another core while
-        # the keyword lookup runs on this one (cloud.search.first_level_ahead). Not for
-        # an AND: its answer is narrower than each keyword's, most often too narrow for
-        # the first level of every row, and its lookup, the longest, would share the
-        # memory's bandwidth with work thrown away (measured: 17.0 -> 23.9 ms).
-        ahead = (first_level_ahead(version.index, token)
-                 if token is not None and version is not None and len(query.clauses) == 1
-                 else None)
+        ahead = (combined_first_level(version.index, token, query)
+                 if token is not None and version is not None else None)
         try:
             return self._match(index, snap, key_version, query, token, k, engine_threads,
                                version, ahead, started)
