@@ -161,18 +161,20 @@ class FaultProxy:
                 return None, plan.delay_s
             total = plan.total()
             self._eligible += 1
-            # Random, except that the faults never fall below 60 % of the plan's share of
-            # the requests so far (a request is then faulted to catch up): a binomial
-            # draw gave 12 faults in 251 requests at 10 % (seed 701923, about 3 runs in
-            # 1,000), under the half a test asserts to prove the faults were there.
-            behind = sum(self._under_plan.values()) + 1 < 0.6 * total * self._eligible
+            faulted = sum(self._under_plan.values())
+            # Whether a request is faulted is random, except that the faults never fall
+            # below 60 % of the plan's share of the requests so far (a request is then
+            # faulted to catch up): a binomial draw gave 12 faults in 251 requests at
+            # 10 % (seed 701923, about 3 runs in 1,000), under the half a test asserts
+            # to prove the faults were there.
+            behind = faulted + 1 < 0.6 * total * self._eligible
             if not behind and self._rng.random() >= total:
                 return None, plan.delay_s
-            # Whether a request is faulted is random; which fault, the kind furthest
-            # below its share of the faults so far (ties in KINDS order): every kind of
-            # the plan comes early whatever the seed. A random kind left one out in
-            # about 1 % of 270-request imports (five kinds of 1.7 % each).
-            faults = sum(self._under_plan.values()) + 1
+            # Which fault: the kind furthest below its share of the faults so far (ties
+            # in KINDS order): every kind of the plan comes early whatever the seed. A
+            # random kind left one out in about 1 % of 270-request imports (five kinds
+            # of 1.7 % each).
+            faults = faulted + 1
             kind = max((k for k in KINDS if getattr(plan, k) > 0),
                        key=lambda k: getattr(plan, k) / total * faults - self._under_plan[k])
             self._under_plan[kind] += 1
